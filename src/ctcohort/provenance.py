@@ -1,0 +1,20 @@
+"""Software versions behind a run, for the report."""
+
+import platform
+import sys
+from importlib import metadata
+
+import pandas as pd
+
+PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "nibabel", "matplotlib",
+            "pyarrow", "jsonschema")
+
+
+def software_versions(packages=PACKAGES) -> pd.DataFrame:
+    rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
+    for name in packages:
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            rows.append((name, "not installed"))
+    return pd.DataFrame(rows, columns=["software", "version"])
