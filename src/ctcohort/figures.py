@@ -78,8 +78,9 @@ def plot_correlation_overview(
     Filled markers are significant under the configured correction.
     """
     order = {g: i for i, g in enumerate(GROUPS)}
+    tested = correlations[correlations["measure"].isin(measures) & correlations["rs"].notna()]
     structures = (
-        correlations.drop_duplicates("structure")
+        tested.drop_duplicates("structure")
         .assign(_group=lambda t: t["group"].map(order).fillna(len(order)))
         .sort_values(["_group", "structure"])["structure"].tolist()
     )

@@ -168,6 +168,11 @@ def measure_scan(
     return measure_structures(ct_hounsfield(ct), labels, voxel_volume_ml(ct.affine), table, **options)
 
 
+def empty_measurements() -> pd.DataFrame:
+    """The table of a scan that could not be measured: the columns, no rows."""
+    return pd.DataFrame(columns=MEASURE_COLUMNS)
+
+
 def write_measurements(frame: pd.DataFrame, path: str | Path) -> None:
     frame.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
 

@@ -93,6 +93,12 @@ def load_cohort_sheet(
             + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         )
     frame = pd.DataFrame(rows, columns=list(sheet.columns))
+    for column in set(frame.columns) - set(schema["properties"]):
+        # extra covariates: numbers where every filled cell is a number, text otherwise
+        try:
+            frame[column] = pd.to_numeric(frame[column])
+        except (ValueError, TypeError):
+            pass
     return frame.set_index("subject", drop=False)
 
 

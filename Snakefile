@@ -1,0 +1,26 @@
+# ctcohort: a cohort of CT scans -> per-structure volume and attenuation -> age statistics, figures, report.
+# This file only sets up; the rules live in workflow/rules/, the logic in src/ctcohort/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/stats.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        study_outputs(),
+    default_target: True

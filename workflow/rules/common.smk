@@ -1,0 +1,64 @@
+# Sheet loading, validation and input functions; every other .smk uses what is defined here.
+import re
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from ctcohort import phantom
+from ctcohort.sheet import CohortSheetError, load_cohort_sheet
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+SHEET_SCHEMA = workflow.source_path("../schemas/sheet.schema.yaml")
+DEMO = not config.get("cohort")
+DEMO_DIR = "results/demo"
+DEMO_SUBJECTS = phantom.subject_ids(config["demo"]["n_subjects"])
+PRECOMPUTED = config["segmentation"]["method"] == "precomputed"
+
+if DEMO:
+    # The demo sheet is written by rule demo_cohort; its rows are known from the config alone.
+    SHEET_PATH = f"{DEMO_DIR}/cohort.tsv"
+    SHEET = phantom.cohort_sheet(config["demo"]["n_subjects"], config["demo"]["seed"])
+    for column in ("ct", "seg", "reference"):
+        SHEET[column] = DEMO_DIR + "/" + SHEET[column]
+    SHEET = SHEET.set_index("subject", drop=False)
+else:
+    SHEET_PATH = config["cohort"]
+    try:
+        SHEET = load_cohort_sheet(
+            SHEET_PATH, SHEET_SCHEMA, required_files=("ct", "seg") if PRECOMPUTED else ("ct",)
+        )
+    except CohortSheetError as err:
+        raise WorkflowError(str(err)) from None
+
+SUBJECTS = SHEET.index.tolist()
+
+
+wildcard_constraints:
+    subject="|".join(re.escape(s) for s in SUBJECTS),
+
+
+def ct_path(wildcards):
+    return SHEET.at[wildcards.subject, "ct"]
+
+
+def segmentation_path(wildcards):
+    return SHEET.at[wildcards.subject, "seg"]
+
+
+def per_scan(pattern):
+    return expand(pattern, subject=SUBJECTS)
+
+
+def study_outputs():
+    return [
+        "results/tables/measurements.tsv",
+        "results/tables/measurements.parquet",
+        "results/tables/failures.tsv",
+        "results/tables/qc_summary.tsv",
+        "results/tables/software_versions.tsv",
+        "results/stats/age_correlations.tsv",
+        "results/figures/age_boxplots.png",
+        "results/figures/correlation_overview.png",
+    ]

@@ -1,0 +1,24 @@
+# The demo study: a phantom cohort with planted age effects (see src/ctcohort/phantom.py).
+
+
+rule demo_cohort:
+    output:
+        sheet=f"{DEMO_DIR}/cohort.tsv",
+        truth=f"{DEMO_DIR}/truth.tsv",
+        cts=expand(DEMO_DIR + "/ct/{subject}.nii.gz", subject=DEMO_SUBJECTS),
+        labels=expand(DEMO_DIR + "/labels/{subject}.nii.gz", subject=DEMO_SUBJECTS),
+    params:
+        n=config["demo"]["n_subjects"],
+        seed=config["demo"]["seed"],
+        spacing=config["demo"]["spacing"],
+        folder=DEMO_DIR,
+    threads: 4
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    log:
+        "results/logs/demo_cohort.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/demo_cohort.py"
