@@ -1,4 +1,5 @@
 # Sheet loading, validation and input functions; every other .smk uses what is defined here.
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
@@ -21,7 +22,7 @@ if DEMO:
     SHEET_PATH = f"{DEMO_DIR}/cohort.tsv"
     SHEET = phantom.cohort_sheet(config["demo"]["n_subjects"], config["demo"]["seed"])
     for column in ("ct", "seg", "reference"):
-        SHEET[column] = DEMO_DIR + "/" + SHEET[column]
+        SHEET[column] = [f"{DEMO_DIR}/{path}" for path in SHEET[column]]
     SHEET = SHEET.set_index("subject", drop=False)
 else:
     SHEET_PATH = config["cohort"]

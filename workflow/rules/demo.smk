@@ -5,13 +5,13 @@ rule demo_cohort:
     output:
         sheet=f"{DEMO_DIR}/cohort.tsv",
         truth=f"{DEMO_DIR}/truth.tsv",
-        cts=expand(DEMO_DIR + "/ct/{subject}.nii.gz", subject=DEMO_SUBJECTS),
-        labels=expand(DEMO_DIR + "/labels/{subject}.nii.gz", subject=DEMO_SUBJECTS),
+        cts=expand(f"{DEMO_DIR}/ct/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
+        labels=expand(f"{DEMO_DIR}/labels/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
     params:
         n=config["demo"]["n_subjects"],
         seed=config["demo"]["seed"],
         spacing=config["demo"]["spacing"],
-        folder=DEMO_DIR,
+        folder=lambda wildcards, output: os.path.dirname(output.sheet),
     threads: 4
     resources:
         mem_mb=2000,

@@ -1,0 +1,145 @@
+"""Real snakemake runs of the whole workflow on tiny cohorts."""
+
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from conftest import REPO, run_workflow
+from ctcohort import phantom
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_study(tmp_path_factory):
+    """The demo study at 40 scans, run once for the tests below, with its report."""
+    workdir = tmp_path_factory.mktemp("demo")
+    run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}})
+    run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--report", "results/report.html")
+    return workdir / "results"
+
+
+def test_demo_tables(demo_study):
+    measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
+    assert measurements["subject"].nunique() == 40
+    assert len(measurements) == 40 * 104
+    assert list(measurements.columns[:5]) == ["subject", "age", "sex", "contrast", "structure"]
+    parquet = pd.read_parquet(demo_study / "tables" / "measurements.parquet")
+    assert len(parquet) == len(measurements)
+    np.testing.assert_allclose(parquet["volume_ml"], measurements["volume_ml"], equal_nan=True)
+    # cut-off structures: NaN volume with a reason, never 0
+    cut = measurements["exclusion_reason"] == "cut_off"
+    assert cut.any() and measurements.loc[cut, "volume_ml"].isna().all()
+    assert not (measurements["volume_ml"] == 0).any()
+    assert pd.read_csv(demo_study / "tables" / "failures.tsv", sep="\t").empty
+    qc = pd.read_csv(demo_study / "tables" / "qc_summary.tsv", sep="\t").set_index("structure")
+    assert qc.at["clavicula_left", "cut_off"] == cut[measurements["structure"] == "clavicula_left"].sum()
+
+
+def test_demo_correlations_equal_scipy_on_the_measurement_table(demo_study):
+    measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
+    checked = 0
+    for row in correlations.itertuples():
+        block = measurements[measurements["structure"] == row.structure]
+        valid = block[["age", row.measure]].dropna()
+        assert row.n == len(valid)
+        if row.n < 3:
+            assert np.isnan(row.rs)
+            continue
+        result = stats.spearmanr(valid["age"], valid[row.measure])
+        assert row.rs == pytest.approx(result.statistic, abs=1e-5)
+        assert row.p == pytest.approx(result.pvalue, rel=1e-4, abs=1e-300)
+        checked += 1
+    assert checked >= 90
+
+
+def test_demo_recovers_planted_effects_and_keeps_nulls_null(demo_study):
+    truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t")
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
+    merged = truth.merge(correlations, on=["structure", "measure"], validate="one_to_one")
+    planted = merged[merged["direction"] != 0]
+    assert len(planted) >= 20
+    assert planted["significant"].all(), planted.loc[~planted["significant"], ["structure", "measure", "p_bonferroni"]]
+    assert (np.sign(planted["rs"]) == planted["direction"]).all()
+    nulls = truth.groupby("structure")["direction"].apply(lambda d: (d == 0).all())
+    null_rows = correlations[correlations["structure"].isin(nulls[nulls].index)]
+    assert len(null_rows) >= 15
+    assert not null_rows["significant"].any(), null_rows[null_rows["significant"]]
+
+
+def test_demo_figures_and_report(demo_study):
+    for name in ("age_boxplots", "correlation_overview"):
+        for suffix in ("png", "svg"):
+            path = demo_study / "figures" / f"{name}.{suffix}"
+            assert path.stat().st_size > 5000, path
+    report = (demo_study / "report.html").read_text(errors="replace")
+    for needle in ("age_correlations.tsv", "failures.tsv", "software_versions.tsv", "Spearman"):
+        assert needle in report
+    versions = pd.read_csv(demo_study / "tables" / "software_versions.tsv", sep="\t").set_index("software")
+    assert versions.at["snakemake", "version"][0].isdigit()
+
+
+@pytest.fixture
+def small_user_cohort(tmp_path):
+    """Six phantom scans written as a user's cohort (sheet with a seg column), two of them broken."""
+    cohort = tmp_path / "data"
+    phantom.write_cohort(cohort, 6, seed=3)
+    sheet = pd.read_csv(cohort / "cohort.tsv", sep="\t")
+    sheet["bmi"] = [21.5, 30.1, 25.0, 19.8, 27.3, 33.0]
+    sheet.to_csv(cohort / "cohort.tsv", sep="\t", index=False)
+    (cohort / "ct" / "demo002.nii.gz").write_bytes(b"truncated download")
+    labels = nib.load(cohort / "labels" / "demo004.nii.gz")
+    nib.save(labels.slicer[:, :, 5:], cohort / "labels" / "demo004.nii.gz")  # not on the CT's grid
+    return tmp_path, cohort / "cohort.tsv"
+
+
+def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
+    workdir, sheet = small_user_cohort
+    run_workflow(workdir, {"cohort": str(sheet)})
+    failures = pd.read_csv(workdir / "results" / "tables" / "failures.tsv", sep="\t")
+    assert list(failures["subject"]) == ["demo002", "demo004"]
+    assert set(failures["stage"]) == {"measure"}
+    assert "demo002.nii.gz" in failures.at[0, "error"] and "cannot read" in failures.at[0, "error"]
+    assert "grid does not match" in failures.at[1, "error"]
+    measurements = pd.read_csv(workdir / "results" / "tables" / "measurements.tsv", sep="\t")
+    assert sorted(measurements["subject"].unique()) == ["demo001", "demo003", "demo005", "demo006"]
+    assert measurements["bmi"].dtype.kind == "f"
+    assert (workdir / "results" / "stats" / "age_correlations.tsv").exists()
+
+
+def test_on_scan_error_fail_stops_the_study(small_user_cohort):
+    workdir, sheet = small_user_cohort
+    result = run_workflow(workdir, {"cohort": str(sheet), "on_scan_error": "fail"}, check=False)
+    assert result.returncode != 0
+    assert not (workdir / "results" / "tables" / "measurements.tsv").exists()
+    log = (workdir / "results" / "logs" / "measure" / "demo002.log").read_text()
+    assert "demo002" in log and "cannot read" in log
+
+
+def test_bad_sheet_stops_before_any_job(tmp_path):
+    data = tmp_path / "data"
+    phantom.write_cohort(data, 3, seed=3)
+    sheet = pd.read_csv(data / "cohort.tsv", sep="\t", dtype=str)
+    sheet.loc[1, "subject"] = "demo001"
+    sheet.loc[2, "age"] = "unknown"
+    sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
+    result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv")}, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "line 3 ('demo001')" in output or "line 3 (subject 'demo001')" in output
+    assert "duplicate subject" in output
+    assert "line 4" in output and "'age'" in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
