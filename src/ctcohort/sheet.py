@@ -4,6 +4,8 @@ Every problem is reported with the sheet's line number and the subject id, all
 at once, so a user fixes a 5,000-row sheet in one pass instead of fifty runs.
 """
 
+import csv
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pandas as pd
 import yaml
 
 PATH_COLUMNS = ("ct", "seg", "reference")
+# Columns of the measurement table: a covariate of the same name would be ambiguous there.
+RESERVED_COLUMNS = ("structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
+                    "hu_mean_eroded", "complete", "exclusion_reason")
 MAX_REPORTED_PROBLEMS = 30
 
 
@@ -28,6 +33,8 @@ def _convert(value: str, kind: str | list):
                 number = float(value)
             except ValueError:
                 return value
+            if not math.isfinite(number):
+                return value  # "nan", "inf": text, so the schema rejects it
             if target == "integer" and number.is_integer():
                 return int(number)
             return number
@@ -50,31 +57,43 @@ def load_cohort_sheet(
     if not path.is_file():
         raise CohortSheetError(f"cohort sheet {path} does not exist")
     schema = yaml.safe_load(Path(schema_path).read_text())
-    sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
-    sheet.columns = [c.strip() for c in sheet.columns]
-    missing = [c for c in [*schema.get("required", []), *required_files] if c not in sheet.columns]
+    header, records = _read_tsv(path)
+    missing = [c for c in [*schema.get("required", []), *required_files] if c not in header]
     if missing:
         raise CohortSheetError(
             f"cohort sheet {path}: missing column(s) {', '.join(dict.fromkeys(missing))} "
-            f"(found: {', '.join(sheet.columns)}); the sheet is tab-separated with a header line"
+            f"(found: {', '.join(header)}); the sheet is tab-separated with a header line"
         )
-    if sheet.empty:
+    reserved = [c for c in header if c in RESERVED_COLUMNS]
+    if reserved:
+        raise CohortSheetError(
+            f"cohort sheet {path}: column(s) {', '.join(reserved)} clash with the measurement table's "
+            "columns; rename them"
+        )
+    if not records:
         raise CohortSheetError(f"cohort sheet {path} has no rows")
 
     validator = jsonschema.Draft202012Validator(schema)
     kinds = {name: spec.get("type", "string") for name, spec in schema["properties"].items()}
     problems, rows = [], []
     first_line = {}
-    for position, record in enumerate(sheet.to_dict("records")):
-        line = position + 2  # header is line 1
-        subject = record.get("subject", "").strip()
+    for line, cells in records:
+        if len(cells) != len(header):
+            problems.append(f"line {line}: {len(cells)} cells, but the header has {len(header)} columns")
+            continue
+        record = dict(zip(header, cells))
+        subject = record.get("subject", "")
         where = f"line {line} (subject {subject!r})"
-        row = {k: _convert(v.strip(), kinds.get(k, "string")) for k, v in record.items() if v.strip() != ""}
+        row = {k: _convert(v, kinds.get(k, "string")) for k, v in record.items() if v != ""}
         for column in required_files:
-            if column not in row:
+            if column not in row and column not in schema.get("required", []):
                 problems.append(f"{where}: column {column!r} is empty")
+        reported = set()
         for error in sorted(validator.iter_errors(row), key=lambda e: list(e.path)):
             column = error.path[0] if error.path else None
+            if column in reported:
+                continue  # one problem per cell: a bad value may break several rules
+            reported.add(column)
             problems.append(f"{where}: " + (f"column {column!r}: " if column else "") + error.message)
         if subject in first_line:
             problems.append(f"{where}: duplicate subject, first seen on line {first_line[subject]}")
@@ -92,7 +111,7 @@ def load_cohort_sheet(
             f"cohort sheet {path}: {len(problems)} problem(s), nothing was run:\n  "
             + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         )
-    frame = pd.DataFrame(rows, columns=list(sheet.columns))
+    frame = pd.DataFrame(rows, columns=header)
     for column in set(frame.columns) - set(schema["properties"]):
         # extra covariates: numbers where every filled cell is a number, text otherwise
         try:
@@ -100,6 +119,20 @@ def load_cohort_sheet(
         except (ValueError, TypeError):
             pass
     return frame.set_index("subject", drop=False)
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, stripped cells) of each non-blank row; line numbers as an editor shows them."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            lines = list(enumerate(csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE), start=1))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CohortSheetError(f"cohort sheet {path}: not a readable tab-separated text file ({err})") from err
+    lines = [(n, [c.strip() for c in cells]) for n, cells in lines if any(c.strip() for c in cells)]
+    if not lines:
+        raise CohortSheetError(f"cohort sheet {path} is empty: expected a header line and one row per scan")
+    (_, header), records = lines[0], lines[1:]
+    return header, records
 
 
 def covariate_columns(sheet: pd.DataFrame) -> list[str]:
