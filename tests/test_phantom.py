@@ -94,7 +94,7 @@ def _find_subject(seed, predicate, limit=200):
 def test_cropped_field_of_view_is_flagged_cut_off(tmp_path, crop, cut):
     index, _ = _find_subject(1, lambda d: d.crop == crop)
     phantom.write_subject(tmp_path, 1, index)
-    name = phantom.subject_ids(index + 1)[index]
+    name = phantom.subject_id(index)
     got = measure_scan(tmp_path / "ct" / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz",
                        load_structure_table("total_v1")).set_index("structure")
     assert got.at[cut, "exclusion_reason"] == "cut_off"

@@ -117,8 +117,12 @@ def truth_table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["structure", "measure", "direction", "effect", "unit"])
 
 
+def subject_id(index: int) -> str:
+    return f"demo{index + 1:03d}"
+
+
 def subject_ids(n: int) -> list[str]:
-    return [f"demo{i + 1:03d}" for i in range(n)]
+    return [subject_id(i) for i in range(n)]
 
 
 def _subject_rng(seed: int, index: int) -> np.random.Generator:
@@ -267,7 +271,7 @@ def cohort_sheet(n: int, seed: int) -> pd.DataFrame:
 
 def write_subject(out_dir: str | Path, seed: int, index: int, spacing=DEFAULT_SPACING) -> None:
     out_dir = Path(out_dir)
-    subject = subject_ids(index + 1)[index]
+    subject = subject_id(index)
     ct, labels, affine = render_subject(draw_subject(seed, index), spacing)
     for folder, array in (("ct", ct), ("labels", labels)):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
