@@ -105,7 +105,7 @@ def test_unknown_labels_are_ignored_and_logged(caplog):
     assert "not in the structure table" in caplog.text
 
 
-def _save(array, affine, path, dtype=None, slope=None, inter=None):
+def save_nifti(array, affine, path, dtype=None, slope=None, inter=None):
     img = nib.Nifti1Image(array if dtype is None else array.astype(dtype), affine)
     if slope is not None:
         img.header.set_slope_inter(slope, inter)
@@ -122,11 +122,11 @@ def test_scan_files_with_scaling_float_labels_and_other_orientation(tmp_path):
 
     # CT stored as unsigned raw values with slope/intercept, as scanners write it
     raw = ((hu.astype(np.int32) + 1024) * 2).astype(np.uint16)
-    ct_path = _save(raw, affine, tmp_path / "ct.nii.gz", slope=0.5, inter=-1024)
+    ct_path = save_nifti(raw, affine, tmp_path / "ct.nii.gz", slope=0.5, inter=-1024)
     # labels as float64 (as TotalSegmentator writes them), flipped to an LPS-like grid
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:3, 3] = [(labels.shape[0] - 1), (labels.shape[1] - 1), 0]
-    seg_path = _save(labels[::-1, ::-1, :], affine @ flip, tmp_path / "seg.nii.gz", dtype=np.float64)
+    seg_path = save_nifti(labels[::-1, ::-1, :], affine @ flip, tmp_path / "seg.nii.gz", dtype=np.float64)
     got = measure_scan(ct_path, seg_path, table)
     # affines are stored as float32 in NIfTI: voxel volumes agree to ~1e-8
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6)
@@ -134,8 +134,8 @@ def test_scan_files_with_scaling_float_labels_and_other_orientation(tmp_path):
 
 def test_label_map_on_another_grid_is_rejected(tmp_path):
     hu, labels = random_scene(seed=2)
-    ct_path = _save(hu, np.eye(4), tmp_path / "ct.nii.gz")
-    seg_path = _save(labels[:-1], np.eye(4), tmp_path / "seg.nii.gz")
+    ct_path = save_nifti(hu, np.eye(4), tmp_path / "ct.nii.gz")
+    seg_path = save_nifti(labels[:-1], np.eye(4), tmp_path / "seg.nii.gz")
     with pytest.raises(GridMismatchError, match="grid does not match"):
         measure_scan(ct_path, seg_path, small_table())
 

@@ -31,7 +31,7 @@ def age_groups(age: pd.Series, edges: Sequence[float]) -> pd.Categorical:
     return pd.cut(age, bins=bins, right=False, labels=age_group_labels(edges))
 
 
-def _save(fig, outputs: Sequence[str | Path]) -> None:
+def save_figure(fig, outputs: Sequence[str | Path]) -> None:
     for path in outputs:
         fig.savefig(path, dpi=150 if str(path).endswith(".png") else None, bbox_inches="tight")
     plt.close(fig)
@@ -67,7 +67,7 @@ def plot_age_boxplots(
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    _save(fig, outputs)
+    save_figure(fig, outputs)
 
 
 def plot_correlation_overview(
@@ -105,4 +105,4 @@ def plot_correlation_overview(
     axes.flat[-1].legend(handles=handles, loc="lower right", fontsize=8, title="filled: significant",
                          title_fontsize=8)
     fig.tight_layout()
-    _save(fig, outputs)
+    save_figure(fig, outputs)

@@ -24,7 +24,7 @@ MEASURE_COLUMNS = [
 MAX_HISTOGRAM_BINS = 50_000_000
 
 
-def _interior_mask(labels: np.ndarray) -> np.ndarray:
+def interior_mask(labels: np.ndarray) -> np.ndarray:
     """Voxels whose six face neighbours all carry the same label (one-voxel erosion of every label)."""
     interior = labels != 0
     for axis in range(labels.ndim):
@@ -117,7 +117,7 @@ def measure_structures(
     medians = _medians(fg_labels, fg_hu, counts)
     del fg_labels, fg_hu
 
-    interior = _interior_mask(labels)
+    interior = interior_mask(labels)
     inner_labels = labels[interior]
     inner_counts = np.bincount(inner_labels, minlength=size)
     inner_sums = np.bincount(inner_labels, weights=hu[interior].astype(np.float64), minlength=size)
