@@ -143,3 +143,15 @@ def test_lint_is_clean():
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_demo_evaluates_segmentations_against_references(demo_study):
+    dice = pd.read_csv(demo_study / "evaluation" / "dice.tsv", sep="\t")
+    assert dice["subject"].nunique() == 40
+    # the demo measures the phantom's own label maps, which are also its references
+    present = dice.dropna(subset=["dice"])
+    assert len(present) >= 40 * 30
+    assert (present["dice"] == 1).all() and (present["nsd"] == 1).all()
+    summary = pd.read_csv(demo_study / "evaluation" / "dice_summary.tsv", sep="\t")
+    assert set(summary.dropna(subset=["dice_mean"])["structure"]) == set(present["structure"])
+    assert (demo_study / "figures" / "dice.png").stat().st_size > 5000

@@ -34,6 +34,10 @@ else:
         raise WorkflowError(str(err)) from None
 
 SUBJECTS = SHEET.index.tolist()
+# Scans with a reference segmentation are evaluated (Dice, NSD).
+EVALUATED_SUBJECTS = (
+    SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
+)
 
 
 wildcard_constraints:
@@ -46,6 +50,10 @@ def ct_path(wildcards):
 
 def segmentation_path(wildcards):
     return SHEET.at[wildcards.subject, "seg"]
+
+
+def reference_path(wildcards):
+    return SHEET.at[wildcards.subject, "reference"]
 
 
 def per_scan(pattern):
@@ -62,4 +70,5 @@ def study_outputs():
         "results/stats/age_correlations.tsv",
         "results/figures/age_boxplots.png",
         "results/figures/correlation_overview.png",
+        *(["results/evaluation/dice_summary.tsv"] if EVALUATED_SUBJECTS else []),
     ]
