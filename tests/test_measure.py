@@ -203,3 +203,12 @@ def test_real_v2_segmentation_with_v2_table(shared_data):
     assert len(got) == 117
     assert (got["n_voxels"] > 0).sum() > 10
     assert set(got["group"]) <= {"organ", "bone", "muscle", "vessel"}
+
+
+def test_memory_order_of_the_arrays_does_not_matter():
+    hu, labels = random_scene(seed=9)
+    table = small_table()
+    want = measure_structures(np.ascontiguousarray(hu), np.ascontiguousarray(labels), 1.0, table)
+    for hu_order, label_order in (("F", "F"), ("F", "C"), ("C", "F")):
+        got = measure_structures(np.asarray(hu, order=hu_order), np.asarray(labels, order=label_order), 1.0, table)
+        pd.testing.assert_frame_equal(got, want)

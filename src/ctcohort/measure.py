@@ -102,9 +102,14 @@ def measure_structures(
     if hu.shape != labels.shape:
         raise ValueError(f"CT shape {hu.shape} and label map shape {labels.shape} differ")
     size = int(max(table["label"].max(), labels.max())) + 1
-    foreground = labels != 0
-    fg_labels = labels[foreground]
-    fg_hu = hu[foreground]
+    # Work on flat views in the arrays' own memory order: boolean selection on a 3-D
+    # Fortran-ordered array (what nibabel returns) is ~50x slower than on its flat view.
+    order = "F" if labels.flags.f_contiguous and hu.flags.f_contiguous else "C"
+    flat_labels, flat_hu = labels.ravel(order=order), hu.ravel(order=order)
+    foreground = flat_labels != 0
+    # bincount casts small integer types to intp on every call; cast once
+    fg_labels = flat_labels[foreground].astype(np.intp)
+    fg_hu = flat_hu[foreground]
     counts = np.bincount(fg_labels, minlength=size)
     weights = fg_hu.astype(np.float64)
     sums = np.bincount(fg_labels, weights=weights, minlength=size)
@@ -117,10 +122,10 @@ def measure_structures(
     medians = _medians(fg_labels, fg_hu, counts)
     del fg_labels, fg_hu
 
-    interior = interior_mask(labels)
-    inner_labels = labels[interior]
+    interior = interior_mask(labels).ravel(order=order)
+    inner_labels = flat_labels[interior].astype(np.intp)
     inner_counts = np.bincount(inner_labels, minlength=size)
-    inner_sums = np.bincount(inner_labels, weights=hu[interior].astype(np.float64), minlength=size)
+    inner_sums = np.bincount(inner_labels, weights=flat_hu[interior].astype(np.float64), minlength=size)
     del interior, inner_labels
     with np.errstate(invalid="ignore", divide="ignore"):
         eroded_means = inner_sums / inner_counts
