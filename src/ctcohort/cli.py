@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ctcohort import phantom
 from ctcohort.measure import measure_scan, write_measurements
@@ -20,6 +21,42 @@ def _measure(args: argparse.Namespace) -> None:
     write_measurements(frame, args.out)
     present = (frame["n_voxels"] > 0).sum()
     print(f"measured {present} of {len(frame)} structures -> {args.out}")
+
+
+def _output_name(ct: str) -> str:
+    name = Path(ct).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _segment(args: argparse.Namespace) -> None:
+    from ctcohort.segment import Segmenter, segment_files  # needs the optional nnU-Net dependencies
+
+    names = [_output_name(ct) for ct in args.ct]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"several inputs would be written to the same output: {', '.join(duplicates)}")
+    segmenter = Segmenter(args.model, load_structure_table(args.structures), device=args.device,
+                          folds=args.folds, tile_step=args.tile_step, mirroring=args.mirroring,
+                          threads=args.threads)
+    segment_files(segmenter, args.ct, [Path(args.out) / f"{n}.nii.gz" for n in names])
+    print(f"segmented {len(names)} scan(s) into {args.out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ctcohort import train  # needs the optional nnU-Net dependencies
+
+    release = args.release
+    if release is None:
+        release = train.write_phantom_release(Path(args.work) / "release", args.phantom_n, args.phantom_seed)
+    model = train.train_from_release(
+        release, args.out, Path(args.work) / "nnunet", dataset_id=args.dataset_id, name=args.name,
+        epochs=args.epochs, iterations=args.iterations, threads=args.threads, structures=args.structures,
+        configuration=args.configuration, device=args.device,
+    )
+    print(f"trained model in {model}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--min-voxels", type=int, default=1,
                    help="fewer voxels than this is an implausible segmentation (default 1)")
     m.set_defaults(run=_measure)
+
+    s = commands.add_parser("segment", help="segment CT scans with an nnU-Net v2 model, loaded once")
+    s.add_argument("--ct", required=True, nargs="+", help="CT NIfTI file(s)")
+    s.add_argument("--model", required=True,
+                   help="nnU-Net v2 model folder, or a folder of parts such as TotalSegmentator's weights")
+    s.add_argument("--structures", default="total_v1",
+                   help="structure table the model's labels are named in (default total_v1)")
+    s.add_argument("-o", "--out", required=True, help="output folder: one <name>.nii.gz per input")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--folds", nargs="+", default=[0], help="folds to ensemble (default 0)")
+    s.add_argument("--tile-step", type=float, default=0.5, help="sliding-window step (default 0.5)")
+    s.add_argument("--mirroring", action="store_true", help="test-time mirroring (off by default)")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(run=_segment)
+
+    t = commands.add_parser("train", help="train an nnU-Net v2 model on data in the TotalSegmentator release layout")
+    t.add_argument("--release", help="release folder (<subject>/ct.nii.gz, <subject>/segmentations/*.nii.gz, "
+                   "meta.csv with a split column); default: a phantom release written to --work")
+    t.add_argument("-o", "--out", required=True, help="model folder to write (what inference needs only)")
+    t.add_argument("--work", required=True, help="working folder for nnU-Net's raw/preprocessed/results data")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
+    t.add_argument("--configuration", default="3d_cpu",
+                   help="nnU-Net configuration: 3d_cpu (a small network for CPUs, default) or 3d_fullres")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--dataset-id", type=int, default=901)
+    t.add_argument("--name", default="CTCohort", help="nnU-Net dataset name")
+    t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
+    t.add_argument("--phantom-n", type=int, default=40, help="phantom scans when no --release is given")
+    t.add_argument("--phantom-seed", type=int, default=1001)
+    t.set_defaults(run=_train)
     return parser
 
 

@@ -9,6 +9,7 @@ and the job fails as usual.
 import json
 import logging
 import traceback
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,3 +47,31 @@ def recording_failure(subject: str, stage: str, status_path: str | Path, policy:
             raise
         status.ok, status.error = False, f"{type(err).__name__}: {err}"
     status.write(status_path)
+
+
+def run_scan_step(
+    subject: str,
+    stage: str,
+    status_path: str | Path,
+    policy: str,
+    step: Callable[[], None],
+    placeholder: Callable[[], None],
+    upstream: Sequence[str | Path] = (),
+) -> ScanStatus:
+    """Run one scan's ``step``; if an earlier stage failed, or this one does, write ``placeholder`` outputs.
+
+    An upstream failure is passed on unchanged (its stage and error), so failures.tsv names the
+    stage where the scan really failed.
+    """
+    for path in upstream:
+        previous = read_status(path)
+        if not previous.ok:
+            log.info("scan %s skipped: %s failed earlier (%s)", subject, previous.stage, previous.error)
+            previous.write(status_path)
+            placeholder()
+            return previous
+    with recording_failure(subject, stage, status_path, policy) as status:
+        step()
+    if not status.ok:
+        placeholder()
+    return status

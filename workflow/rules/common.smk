@@ -6,7 +6,9 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctcohort import phantom
+from ctcohort.segment import ModelFolderError, find_model_parts
 from ctcohort.sheet import CohortSheetError, load_cohort_sheet
+from ctcohort.structures import load_structure_table
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -34,6 +36,16 @@ else:
         raise WorkflowError(str(err)) from None
 
 SUBJECTS = SHEET.index.tolist()
+
+if PRECOMPUTED:
+    SEGMENTATION_BATCHES = []
+else:
+    try:  # a missing or malformed model folder stops the run before any job
+        find_model_parts(config["segmentation"]["model"], load_structure_table(config["structures"]))
+    except ModelFolderError as err:
+        raise WorkflowError(str(err)) from None
+    size = config["segmentation"]["scans_per_job"]
+    SEGMENTATION_BATCHES = [SUBJECTS[i : i + size] for i in range(0, len(SUBJECTS), size)]
 # Scans with a reference segmentation are evaluated (Dice, NSD).
 EVALUATED_SUBJECTS = (
     SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
@@ -49,7 +61,14 @@ def ct_path(wildcards):
 
 
 def segmentation_path(wildcards):
-    return SHEET.at[wildcards.subject, "seg"]
+    if PRECOMPUTED:
+        return SHEET.at[wildcards.subject, "seg"]
+    return f"results/seg/{wildcards.subject}.nii.gz"
+
+
+def upstream_statuses(wildcards):
+    """Status files of the scan's earlier stages, whose failures its later stages pass on."""
+    return [] if PRECOMPUTED else [f"results/seg/{wildcards.subject}.status.json"]
 
 
 def reference_path(wildcards):

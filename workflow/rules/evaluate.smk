@@ -4,6 +4,7 @@
 rule evaluate_scan:
     input:
         seg=segmentation_path,
+        upstream=upstream_statuses,
         reference=reference_path,
     output:
         tsv="results/evaluation/scans/{subject}.tsv",

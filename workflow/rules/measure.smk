@@ -5,6 +5,7 @@ rule measure:
     input:
         ct=ct_path,
         seg=segmentation_path,
+        upstream=upstream_statuses,
     output:
         tsv="results/measure/{subject}.tsv",
         status="results/measure/{subject}.status.json",

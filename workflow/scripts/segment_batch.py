@@ -1,0 +1,21 @@
+"""Segment a batch of scans with the model loaded once; a scan that fails is recorded, not fatal."""
+
+from ctcohort.runlog import log_to
+from ctcohort.segment import segment_batch
+
+if __name__ == "__main__":  # nnU-Net starts worker processes
+    log_to(snakemake.log[0])
+    segment_batch(
+        snakemake.params.subjects,
+        snakemake.input.cts,
+        snakemake.output.segs,
+        snakemake.output.statuses,
+        model=snakemake.params.model,
+        structures=snakemake.params.structures,
+        on_error=snakemake.params.on_error,
+        device=snakemake.params.device,
+        folds=snakemake.params.folds,
+        tile_step=snakemake.params.tile_step,
+        mirroring=snakemake.params.mirroring,
+        threads=snakemake.threads,
+    )
