@@ -252,3 +252,21 @@ def test_exported_model_predicts(tiny):
     seg = predictor.predict_single_npy_array(image, properties, None, None, False)
     assert seg.shape == image.shape[1:]
     assert seg.min() >= 0 and seg.max() <= n_labels
+
+
+def test_cases_are_stored_canonical_like_inference_sees_them():
+    from ctcohort.train import canonical_case
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    labels = (hu > 500).astype(np.uint8)
+    affine = np.diag([-0.8, -0.9, 2.0, 1.0])  # LPS, anisotropic
+    ct = nib.Nifti1Image(hu, affine)
+    canonical, canonical_labels = canonical_case(ct, labels)
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(np.asanyarray(canonical.dataobj), hu[::-1, ::-1, :])
+    np.testing.assert_array_equal(canonical_labels, labels[::-1, ::-1, :])
+    # the same voxel keeps its world position
+    np.testing.assert_allclose(canonical.affine @ [0, 0, 0, 1], affine @ [4, 5, 0, 1])
+    ras = nib.Nifti1Image(hu, np.diag([0.8, 0.9, 2.0, 1.0]))
+    assert canonical_case(ras, labels)[0] is ras

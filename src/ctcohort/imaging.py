@@ -40,6 +40,8 @@ def _scaling(img: nib.Nifti1Image) -> tuple[float, float]:
 
 def ct_hounsfield(img: nib.Nifti1Image) -> np.ndarray:
     """CT voxel values in HU: an integer array where the scaling allows, else float32."""
+    if not nib.is_proxy(img.dataobj):  # an image built in memory holds its values already
+        return np.asanyarray(img.dataobj)
     raw = np.asanyarray(img.dataobj.get_unscaled())
     slope, inter = _scaling(img)
     if np.issubdtype(raw.dtype, np.integer) and slope.is_integer() and inter.is_integer():

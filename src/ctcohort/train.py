@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort import phantom
-from ctcohort.imaging import load_image, seg_on_ct_grid
+from ctcohort.imaging import ct_hounsfield, load_image, seg_on_ct_grid
 from ctcohort.structures import load_structure_table
 
 LOG = logging.getLogger(__name__)
@@ -194,6 +194,21 @@ def merge_masks(release_dir: Path, subject: str, structures: list[str], ct: nib.
     return labels
 
 
+def canonical_case(ct: nib.Nifti1Image, labels: np.ndarray) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """CT and labels in the closest canonical (RAS) orientation, the way ctcohort.segment feeds nnU-Net.
+
+    Training and inference must see the voxel axes in the same order; a permutation and flips, exact.
+    """
+    orientation = nib.orientations.io_orientation(ct.affine)
+    if np.array_equal(orientation, nib.orientations.axcodes2ornt("RAS")):
+        return ct, labels
+    hu = nib.orientations.apply_orientation(ct_hounsfield(ct), orientation)
+    affine = ct.affine @ nib.orientations.inv_ornt_aff(orientation, ct.shape)
+    canonical = nib.Nifti1Image(np.ascontiguousarray(hu), affine)
+    canonical.header.set_xyzt_units("mm", "sec")
+    return canonical, np.ascontiguousarray(nib.orientations.apply_orientation(labels, orientation))
+
+
 def _label_image(labels: np.ndarray, ct: nib.Nifti1Image) -> nib.Nifti1Image:
     """The label map with the CT's header geometry (sform and qform), so readers see the same grid."""
     header = ct.header.copy()
@@ -232,11 +247,11 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
         (dataset_dir / sub).mkdir(parents=True)
 
     for subject, split in zip(meta["image_id"], meta["split"]):
-        ct_path = release_dir / subject / "ct.nii.gz"
-        ct = load_image(ct_path)
+        ct = load_image(release_dir / subject / "ct.nii.gz")
         labels = merge_masks(release_dir, subject, structures, ct)
         image_file, label_file = _case_files(dataset_dir, subject, split)
-        shutil.copyfile(ct_path, image_file)
+        ct, labels = canonical_case(ct, labels)
+        nib.save(ct, image_file)
         nib.save(_label_image(labels, ct), label_file)
 
     trained = meta[meta["split"] != "test"]
