@@ -46,6 +46,7 @@ else:
         raise WorkflowError(str(err)) from None
     size = config["segmentation"]["scans_per_job"]
     SEGMENTATION_BATCHES = [SUBJECTS[i : i + size] for i in range(0, len(SUBJECTS), size)]
+
 # Scans with a reference segmentation are evaluated (Dice, NSD).
 EVALUATED_SUBJECTS = (
     SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
