@@ -317,3 +317,64 @@ def test_significance_is_strictly_below_alpha(table):
     assert clipped.any()  # the noise structures reach the cap
     assert not got.loc[clipped, "significant"].any()
     assert got.loc[got["p_bonferroni"] < 1.0, "significant"].all()
+
+
+# --- partial Spearman correlation ---------------------------------------------------------------
+
+
+def _partial_reference(x, y, z):
+    """Residuals of ranks on ranks by statsmodels OLS, then Pearson: an independent path."""
+    import statsmodels.api as sm
+
+    design = sm.add_constant(np.column_stack([stats.rankdata(c) for c in np.atleast_2d(z.T)]))
+    rx = sm.OLS(stats.rankdata(x), design).fit().resid
+    ry = sm.OLS(stats.rankdata(y), design).fit().resid
+    return stats.pearsonr(rx, ry).statistic
+
+
+def test_partial_spearman_removes_a_confounder_and_keeps_a_real_effect():
+    from ctcohort.stats import partial_spearman
+
+    rng = np.random.default_rng(11)
+    confounder = rng.normal(size=300)
+    age = confounder + 0.3 * rng.normal(size=300)
+    confounded = confounder + 0.3 * rng.normal(size=300)
+    independent = rng.integers(0, 2, 300).astype(float)
+    real = age + 0.5 * rng.normal(size=300)
+    assert stats.spearmanr(age, confounded).statistic > 0.8
+    r, p = partial_spearman(age, confounded, confounder[:, None])
+    assert abs(r) < 0.2 and p > 1e-3
+    r_real, p_real = partial_spearman(age, real, independent[:, None])
+    assert r_real == pytest.approx(stats.spearmanr(age, real).statistic, abs=0.02) and p_real < 1e-20
+    assert r == pytest.approx(_partial_reference(age, confounded, confounder[:, None]), abs=1e-10)
+    both = np.column_stack([confounder, independent])
+    assert partial_spearman(age, confounded, both)[0] == pytest.approx(_partial_reference(age, confounded, both),
+                                                                      abs=1e-10)
+
+
+def test_partial_spearman_p_uses_n_minus_2_minus_k_degrees_of_freedom():
+    from ctcohort.stats import partial_spearman
+
+    rng = np.random.default_rng(3)
+    x, y, z = rng.normal(size=(3, 25))
+    r, p = partial_spearman(x, y, z[:, None])
+    t = r * np.sqrt(22 / (1 - r * r))
+    assert p == pytest.approx(2 * stats.t.sf(abs(t), 22), rel=1e-12)
+    assert np.isnan(partial_spearman(x[:3], y[:3], z[:3, None])[0])
+
+
+def test_age_correlations_adjust_for_sex_and_contrast_in_the_table():
+    rng = np.random.default_rng(5)
+    n = 200
+    sex = rng.choice(["M", "F"], n)
+    age = rng.uniform(20, 60, n) + np.where(sex == "M", 30, 0)
+    table = pd.DataFrame({
+        "subject": [f"s{i}" for i in range(n)], "age": age, "sex": sex, "contrast": rng.integers(0, 2, n),
+        "structure": "liver", "group": "organ",
+        "volume_ml": np.where(sex == "M", 100.0, 0.0) + rng.normal(0, 5, n),  # sex, not age
+    })
+    out = age_correlations(table, ["volume_ml"], partial_covariates=["sex", "contrast", "missing_column"])
+    assert out.at[0, "rs"] > 0.3
+    assert abs(out.at[0, "rs_partial"]) < 0.15
+    plain = age_correlations(table, ["volume_ml"])
+    assert plain[["rs_partial", "p_partial"]].isna().all().all()

@@ -18,6 +18,7 @@ rule age_correlations:
         measures=config["statistics"]["measures"],
         correction=config["statistics"]["correction"],
         alpha=config["statistics"]["alpha"],
+        partial_covariates=config["statistics"]["partial_covariates"],
     log:
         "results/logs/age_correlations.log",
     conda:
