@@ -26,10 +26,16 @@ def test_shipped_config_validates_and_every_key_is_documented():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     jsonschema.validate(config, schema)
     documented = (REPO / "config" / "README.md").read_text()
-    for key, value in config.items():
-        names = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]
-        for name in names:
-            assert f"`{name}`" in documented, name
+
+    def leaf_keys(mapping, prefix=""):
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                yield from leaf_keys(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    for name in leaf_keys(config):
+        assert f"`{name}`" in documented, name
 
 
 def test_example_sheet_columns_follow_the_schema():

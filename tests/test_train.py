@@ -158,7 +158,7 @@ def test_missing_mask_and_bad_meta_are_errors(tmp_path):
 
 
 @needs_nnunet
-def test_cpu_configuration_is_consistent():
+def test_small_configuration_is_consistent():
     """On a plans dict like the planner's: patch divisible by the total stride, one entry per stage."""
     arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
@@ -169,7 +169,7 @@ def test_cpu_configuration_is_consistent():
         "data_identifier": "nnUNetPlans_3d_fullres", "spacing": [4.0, 2.5, 2.5],
         "median_image_size_in_voxels": [132, 112, 152], "patch_size": [96, 160, 160], "batch_size": 2,
         "architecture": arch}}}
-    config = train.make_cpu_configuration(plans)
+    config = train.make_small_configuration(plans)
     kwargs = config["architecture"]["arch_kwargs"]
     n = kwargs["n_stages"]
     assert len(kwargs["features_per_stage"]) == len(kwargs["kernel_sizes"]) == len(kwargs["strides"]) == n
@@ -203,7 +203,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_training_results_and_plans(tiny):
-    results = tiny / "nnunet" / "nnUNet_results" / "Dataset999_PhantomTiny" / "nnUNetTrainer__nnUNetPlans__3d_cpu"
+    results = tiny / "nnunet" / "nnUNet_results" / "Dataset999_PhantomTiny" / "nnUNetTrainer__nnUNetPlans__3d_small"
     assert (results / "fold_0" / "checkpoint_final.pth").is_file()
     preprocessed = tiny / "nnunet" / "nnUNet_preprocessed" / "Dataset999_PhantomTiny"
     splits = json.loads((preprocessed / "splits_final.json").read_text())
@@ -211,7 +211,7 @@ def test_tiny_training_results_and_plans(tiny):
     assert set(splits[0]["val"]) == set(meta["image_id"][meta["split"] == "val"])
     assert set(splits[0]["train"]) == set(meta["image_id"][meta["split"] == "train"])
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    cpu = plans["configurations"]["3d_cpu"]
+    cpu = plans["configurations"]["3d_small"]
     assert cpu["inherits_from"] == "3d_fullres"
     assert cpu["data_identifier"] == plans["configurations"]["3d_fullres"]["data_identifier"]
     assert (preprocessed / cpu["data_identifier"]).is_dir()
@@ -227,9 +227,9 @@ def test_exported_model_is_small_and_complete(tiny):
     checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(checkpoint) <= set(train.INFERENCE_CHECKPOINT_KEYS)
     assert checkpoint["trainer_name"] == "nnUNetTrainer"
-    assert checkpoint["init_args"]["configuration"] == "3d_cpu"
+    assert checkpoint["init_args"]["configuration"] == "3d_small"
     assert checkpoint["inference_allowed_mirroring_axes"] is None  # left/right structures: never mirror
-    full = tiny / "nnunet" / "nnUNet_results" / "Dataset999_PhantomTiny" / "nnUNetTrainer__nnUNetPlans__3d_cpu"
+    full = tiny / "nnunet" / "nnUNet_results" / "Dataset999_PhantomTiny" / "nnUNetTrainer__nnUNetPlans__3d_small"
     assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size < \
         0.6 * (full / "fold_0" / "checkpoint_final.pth").stat().st_size
 
@@ -270,3 +270,93 @@ def test_cases_are_stored_canonical_like_inference_sees_them():
     np.testing.assert_allclose(canonical.affine @ [0, 0, 0, 1], affine @ [4, 5, 0, 1])
     ras = nib.Nifti1Image(hu, np.diag([0.8, 0.9, 2.0, 1.0]))
     assert canonical_case(ras, labels)[0] is ras
+
+
+def test_release_written_in_parallel_is_identical(release, tmp_path):
+    parallel = train.write_phantom_release(tmp_path / "parallel", 6, seed=3, spacing=SPACING, val_fraction=0.2,
+                                           test_fraction=0.1, processes=2)
+    assert (parallel / "meta.csv").read_text() == (release / "meta.csv").read_text()
+    subject = train.release_subject_id(4)
+    for name in ("ct.nii.gz", "segmentations/kidney_left.nii.gz", "segmentations/femur_right.nii.gz"):
+        np.testing.assert_array_equal(read(parallel / subject / name), read(release / subject / name))
+
+
+def test_unknown_optimizer_is_an_error():
+    with pytest.raises(ValueError, match="optimizer 'rmsprop'"):
+        train._use_optimizer(object(), "rmsprop")
+
+
+@pytest.fixture(scope="module")
+def budgeted(release, tmp_path_factory):
+    """A real tiny training run with AdamW, a time budget far too small for its 5 epochs, float16 export."""
+    if NNUNET_MISSING:
+        pytest.skip(NNUNET_MISSING)
+    out = tmp_path_factory.mktemp("budgeted")
+    model = train.train_from_release(release, out / "model", out / "nnunet", dataset_id=998, name="Budgeted",
+                                     epochs=5, iterations=1, threads=2, validate=False, augmentation=False,
+                                     time_budget_min=1e-4, optimizer="adam", half=True,
+                                     small_configuration={"patch_voxels": 10 ** 8, "base_features": 8,
+                                                          "max_features": 32})
+    return out, model
+
+
+@pytest.mark.slow
+def test_time_budget_cuts_epochs_and_adam_is_used(budgeted):
+    import torch
+
+    out, _ = budgeted
+    results = out / "nnunet" / "nnUNet_results" / "Dataset998_Budgeted" / "nnUNetTrainer__nnUNetPlans__3d_small"
+    checkpoint = torch.load(results / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 1  # one epoch ran: the budget allowed no second
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    assert groups[0]["amsgrad"] is True and groups[0]["initial_lr"] == pytest.approx(1e-3)
+    plans = json.loads((results / "plans.json").read_text())
+    small = plans["configurations"]["3d_small"]
+    # whole-image patches: the patch covers the median image
+    assert all(p >= m for p, m in zip(small["patch_size"], plans["configurations"]["3d_fullres"]
+                                      ["median_image_size_in_voxels"]))
+    assert small["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
+    assert max(small["architecture"]["arch_kwargs"]["features_per_stage"]) == 32
+
+
+@pytest.mark.slow
+def test_half_export_stores_each_tensor_once_and_segments(budgeted, release):
+    import torch
+
+    from ctcohort.segment import Segmenter
+
+    _, model = budgeted
+    path = model / "fold_0" / "checkpoint_final.pth"
+    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float16}
+    unique_bytes = sum(w.numel() * w.element_size() for w in {w.data_ptr(): w for w in weights.values()}.values())
+    assert path.stat().st_size < unique_bytes + 200_000  # shared conv weights are not stored twice
+
+    ct = nib.load(release / train.release_subject_id(0) / "ct.nii.gz")
+    labels = Segmenter(model, load_structure_table("total_v1"), device="cpu").segment(ct)
+    assert labels.shape == ct.shape
+
+
+@pytest.mark.slow
+def test_training_continues_from_a_model_and_rejects_another_network(budgeted, release, tiny, tmp_path):
+    import torch
+
+    _, start = budgeted
+    small = {"patch_voxels": 10 ** 8, "base_features": 8, "max_features": 32}
+    continued = train.train_from_release(release, tmp_path / "model", tmp_path / "nnunet", dataset_id=997,
+                                         name="Continued", epochs=1, iterations=1, threads=2, validate=False,
+                                         augmentation=False, optimizer="adam", small_configuration=small,
+                                         initial_weights=start)
+
+    def weights(model):
+        return torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                          weights_only=False)["network_weights"]
+
+    before, after = weights(start), weights(continued)
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    # one AdamW step at lr 1e-3 moves a weight by about 1e-3; a fresh initialisation would differ by ~0.1
+    assert (after[key].float() - before[key].float()).abs().max() < 0.01
+    with pytest.raises(ValueError, match="not the network of this configuration"):
+        train.train_from_release(release, tmp_path / "model2", tmp_path / "nnunet2", dataset_id=996, name="Other",
+                                 epochs=1, iterations=1, threads=2, validate=False, small_configuration=small,
+                                 initial_weights=tiny / "model")

@@ -50,11 +50,16 @@ def _train(args: argparse.Namespace) -> None:
 
     release = args.release
     if release is None:
-        release = train.write_phantom_release(Path(args.work) / "release", args.phantom_n, args.phantom_seed)
+        release = train.write_phantom_release(Path(args.work) / "release", args.phantom_n, args.phantom_seed,
+                                              processes=max(args.threads, args.data_workers))
+    small = {"patch_voxels": args.patch_voxels, "base_features": args.base_features,
+             "max_features": args.max_features, "batch_size": args.batch_size}
     model = train.train_from_release(
         release, args.out, Path(args.work) / "nnunet", dataset_id=args.dataset_id, name=args.name,
         epochs=args.epochs, iterations=args.iterations, threads=args.threads, structures=args.structures,
-        configuration=args.configuration, device=args.device,
+        configuration=args.configuration, device=args.device, augmentation=not args.no_augmentation,
+        data_workers=args.data_workers, time_budget_min=args.time_budget_min, small_configuration=small,
+        half=args.half, optimizer=args.optimizer, initial_weights=args.initial_weights,
     )
     print(f"trained model in {model}")
 
@@ -86,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("segment", help="segment CT scans with an nnU-Net v2 model, loaded once")
     s.add_argument("--ct", required=True, nargs="+", help="CT NIfTI file(s)")
-    s.add_argument("--model", required=True,
-                   help="nnU-Net v2 model folder, or a folder of parts such as TotalSegmentator's weights")
+    s.add_argument("--model",
+                   help="nnU-Net v2 model folder, or a folder of parts such as TotalSegmentator's weights "
+                   "(default: the bundled demo model, trained on phantom scans)")
     s.add_argument("--structures", default="total_v1",
                    help="structure table the model's labels are named in (default total_v1)")
     s.add_argument("-o", "--out", required=True, help="output folder: one <name>.nii.gz per input")
@@ -105,10 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work", required=True, help="working folder for nnU-Net's raw/preprocessed/results data")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
-    t.add_argument("--configuration", default="3d_cpu",
-                   help="nnU-Net configuration: 3d_cpu (a small network for CPUs, default) or 3d_fullres")
+    t.add_argument("--configuration", default="3d_small",
+                   help="nnU-Net configuration: 3d_small (a slim network, default) or 3d_fullres")
+    t.add_argument("--patch-voxels", type=int, default=48 ** 3,
+                   help="3d_small: voxels per patch (default 48^3; clipped to the median image, so a large "
+                   "number means whole-image patches)")
+    t.add_argument("--base-features", type=int, default=16, help="3d_small: features of the first stage")
+    t.add_argument("--max-features", type=int, default=256, help="3d_small: most features of a stage")
+    t.add_argument("--batch-size", type=int, default=2, help="3d_small: patches per iteration")
+    t.add_argument("--no-augmentation", action="store_true",
+                   help="train without data augmentation (mirroring is always off)")
+    t.add_argument("--time-budget-min", type=float,
+                   help="fit the epochs into this many minutes (fewer epochs if needed)")
+    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="sgd: nnU-Net's default; adam: AdamW lr 1e-3 (faster in short runs)")
+    t.add_argument("--initial-weights", metavar="MODEL",
+                   help="continue training from this exported model folder (same structures and configuration)")
+    t.add_argument("--half", action="store_true", help="export the weights as float16 (half the size)")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--data-workers", type=int, default=0,
+                   help="data loading/augmentation processes (default 0: in the main process)")
     t.add_argument("--dataset-id", type=int, default=901)
     t.add_argument("--name", default="CTCohort", help="nnU-Net dataset name")
     t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")

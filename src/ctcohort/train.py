@@ -2,7 +2,7 @@
 
 The chain is: a release folder (``<subject>/ct.nii.gz``, ``<subject>/segmentations/<structure>.nii.gz``,
 ``meta.csv``; the phantom can write one) -> nnU-Net raw dataset -> fingerprint, plans and preprocessing
-(with an extra CPU-sized configuration) -> training with the built-in ``nnUNetTrainer`` -> an exported model
+(with an extra small configuration) -> training with the built-in ``nnUNetTrainer`` -> an exported model
 folder holding only what inference needs.
 
 nnU-Net is driven in-process through its Python API, with its folders and process counts set as
@@ -14,8 +14,9 @@ CPU machines shape the code:
   some of which need timm/torchvision. Changes to the training (no mirroring, optionally no augmentation)
   are therefore made on the trainer *instance*; the checkpoint still names ``nnUNetTrainer`` because
   ``save_checkpoint`` stores ``self.__class__.__name__``.
-* nnU-Net's default 3d_fullres plan is sized for a GPU (~7 s per iteration on 2 CPU cores). ``3d_cpu``
-  inherits the preprocessed data of 3d_fullres but has a smaller patch and a slimmer U-Net.
+* nnU-Net's default 3d_fullres plan is sized for a GPU (~7 s per iteration on 2 CPU cores). ``3d_small``
+  inherits the preprocessed data of 3d_fullres but has a slimmer U-Net and a patch of a chosen size: small
+  to train on a CPU, or the whole image for a model that segments a small scan in one tile.
 
 nnU-Net and torch are imported inside the functions that need them, so that ``ctcohort`` works without
 the optional ``segment`` dependencies. Code that calls into nnU-Net must run under an
@@ -53,7 +54,7 @@ SPLIT_STREAM = 0x5EED  # third element of the split generator's seed, apart from
 
 TRAINER = "nnUNetTrainer"
 PLANS_IDENTIFIER = "nnUNetPlans"
-CPU_CONFIGURATION = "3d_cpu"
+SMALL_CONFIGURATION = "3d_small"
 DEFAULT_DATASET_ID = 901
 DEFAULT_DATASET_NAME = "CTCohort"
 FILE_ENDING = ".nii.gz"
@@ -111,23 +112,28 @@ def write_release_subject(out_dir: Path, subject: str, draw: phantom.SubjectDraw
 
 
 def write_phantom_release(out_dir: str | Path, n: int, seed: int, spacing=phantom.DEFAULT_SPACING,
-                          val_fraction: float = 0.2, test_fraction: float = 0.0) -> Path:
+                          val_fraction: float = 0.2, test_fraction: float = 0.0, processes: int = 1) -> Path:
     """n phantom scans in the TotalSegmentator release layout under out_dir; returns out_dir.
 
     ``out_dir/<subject>/ct.nii.gz``, ``out_dir/<subject>/segmentations/<v1 name>.nii.gz`` and
     ``out_dir/meta.csv`` (image_id;age;gender;split). Subjects are drawn from the phantom at indices
     ``RELEASE_INDEX_OFFSET + i``, so a training release never contains a demo-cohort scan; still, pass a
-    seed other than the demo cohort's.
+    seed other than the demo cohort's. ``processes``: subjects written in parallel.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = assign_splits(n, seed, val_fraction, test_fraction)
-    rows = []
-    for index in range(n):
-        subject = release_subject_id(index)
-        draw = phantom.draw_subject(seed, RELEASE_INDEX_OFFSET + index)
-        write_release_subject(out_dir, subject, draw, spacing)
-        rows.append((subject, draw.age, draw.sex.lower(), splits[index]))
+    subjects = [release_subject_id(index) for index in range(n)]
+    draws = [phantom.draw_subject(seed, RELEASE_INDEX_OFFSET + index) for index in range(n)]
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(write_release_subject, [out_dir] * n, subjects, draws, [spacing] * n))
+    else:
+        for subject, draw in zip(subjects, draws):
+            write_release_subject(out_dir, subject, draw, spacing)
+    rows = [(subject, draw.age, draw.sex.lower(), split) for subject, draw, split in zip(subjects, draws, splits)]
     meta = pd.DataFrame(rows, columns=["image_id", "age", "gender", "split"])
     meta.to_csv(out_dir / META_FILE, sep=META_SEPARATOR, index=False)
     LOG.info("phantom release: %d subjects (%s) in %s", n,
@@ -223,14 +229,23 @@ def _case_files(dataset_dir: Path, case: str, split: str) -> tuple[Path, Path]:
     return dataset_dir / images / f"{case}_0000{FILE_ENDING}", dataset_dir / targets / f"{case}{FILE_ENDING}"
 
 
+def _convert_case(release_dir: Path, subject: str, split: str, structures: list[str], dataset_dir: Path) -> None:
+    ct = load_image(release_dir / subject / "ct.nii.gz")
+    labels = merge_masks(release_dir, subject, structures, ct)
+    image_file, label_file = _case_files(dataset_dir, subject, split)
+    ct, labels = canonical_case(ct, labels)
+    nib.save(ct, image_file)
+    nib.save(_label_image(labels, ct), label_file)
+
+
 def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset_id: int,
-                          dataset_name: str, structures: list[str] | None = None) -> Path:
+                          dataset_name: str, structures: list[str] | None = None, processes: int = 1) -> Path:
     """Convert a release into the nnU-Net raw dataset ``raw_root/DatasetXXX_<name>``; returns its folder.
 
     train and val subjects go to imagesTr/labelsTr (case id = image_id), test subjects to
     imagesTs/labelsTs, which nnU-Net never trains on. Labels are 1..K in the order of ``structures``
     (default: ``default_structures`` of the first subject). ``splits_final.json`` holds one fold, the
-    release's train/val; ``train`` makes it nnU-Net's fold 0.
+    release's train/val; ``train`` makes it nnU-Net's fold 0. ``processes``: cases converted in parallel.
     """
     release_dir = Path(release_dir)
     meta = read_release_meta(release_dir)
@@ -246,13 +261,15 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
         shutil.rmtree(dataset_dir / sub, ignore_errors=True)
         (dataset_dir / sub).mkdir(parents=True)
 
-    for subject, split in zip(meta["image_id"], meta["split"]):
-        ct = load_image(release_dir / subject / "ct.nii.gz")
-        labels = merge_masks(release_dir, subject, structures, ct)
-        image_file, label_file = _case_files(dataset_dir, subject, split)
-        ct, labels = canonical_case(ct, labels)
-        nib.save(ct, image_file)
-        nib.save(_label_image(labels, ct), label_file)
+    n = len(meta)
+    arguments = ([release_dir] * n, meta["image_id"], meta["split"], [structures] * n, [dataset_dir] * n)
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_convert_case, *arguments))
+    else:
+        list(map(_convert_case, *arguments))
 
     trained = meta[meta["split"] != "test"]
     dataset_json = {
@@ -261,7 +278,7 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
         "numTraining": int(len(trained)),
         "file_ending": FILE_ENDING,
         "name": dataset_name,
-        "description": f"converted from the release {release_dir.resolve()} by ctcohort",
+        "description": f"converted from the release {release_dir.name} by ctcohort",
     }
     (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     splits = [{"train": trained["image_id"][trained["split"] == "train"].tolist(),
@@ -352,10 +369,10 @@ def _dataset_name(dataset_id: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Fingerprint, plans (+ the CPU configuration), preprocessing
+# 3. Fingerprint, plans (+ the small configuration), preprocessing
 # ---------------------------------------------------------------------------------------------------------
 
-def make_cpu_configuration(plans: dict, parent: str = "3d_fullres", patch_voxels: int = 48 ** 3,
+def make_small_configuration(plans: dict, parent: str = "3d_fullres", patch_voxels: int = 48 ** 3,
                       base_features: int = 16, max_features: int = 256, batch_size: int = 2) -> dict:
     """A CPU-sized configuration that ``inherits_from`` ``parent`` and reuses its preprocessed data.
 
@@ -399,21 +416,21 @@ def make_cpu_configuration(plans: dict, parent: str = "3d_fullres", patch_voxels
     }
 
 
-def add_cpu_configuration(plans_file: str | Path, name: str = CPU_CONFIGURATION, **kwargs) -> dict:
-    """Write ``make_cpu_configuration(plans, **kwargs)`` into a plans JSON as configuration ``name``; returns it."""
+def add_small_configuration(plans_file: str | Path, name: str = SMALL_CONFIGURATION, **kwargs) -> dict:
+    """Write ``make_small_configuration(plans, **kwargs)`` into a plans JSON as configuration ``name``; returns it."""
     plans_file = Path(plans_file)
     plans = json.loads(plans_file.read_text())
-    plans["configurations"][name] = make_cpu_configuration(plans, **kwargs)
+    plans["configurations"][name] = make_small_configuration(plans, **kwargs)
     plans_file.write_text(json.dumps(plans, indent=4))
     return plans["configurations"][name]
 
 
 def plan_and_preprocess(dataset_id: int, work_dir: str | Path, threads: int = 1,
-                        cpu_configuration: bool = True, **cpu_kwargs) -> str:
+                        small_configuration: bool = True, **small_kwargs) -> str:
     """Fingerprint, plan and preprocess a raw dataset under ``work_dir/nnUNet_raw``; returns the plans identifier.
 
-    Only 3d_fullres is preprocessed: the CPU configuration (added when ``cpu_configuration``; keyword
-    arguments go to ``make_cpu_configuration()``) reads the same data, and 2d/3d_lowres are not used here.
+    Only 3d_fullres is preprocessed: the small configuration (added when ``small_configuration``; keyword
+    arguments go to ``make_small_configuration()``) reads the same data, and 2d/3d_lowres are not used here.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
@@ -429,9 +446,9 @@ def plan_and_preprocess(dataset_id: int, work_dir: str | Path, threads: int = 1,
         extract_fingerprints([dataset_id], num_processes=threads, check_dataset_integrity=True, clean=True,
                              verbose=False, show_progress_bar=False)
         plans_identifier = plan_experiments([dataset_id])
-        if cpu_configuration:
-            config = add_cpu_configuration(preprocessed_dir / f"{plans_identifier}.json", **cpu_kwargs)
-            LOG.info("plans: added %s (patch %s, features %s, batch %d)", CPU_CONFIGURATION, config["patch_size"],
+        if small_configuration:
+            config = add_small_configuration(preprocessed_dir / f"{plans_identifier}.json", **small_kwargs)
+            LOG.info("plans: added %s (patch %s, features %s, batch %d)", SMALL_CONFIGURATION, config["patch_size"],
                      config["architecture"]["arch_kwargs"]["features_per_stage"], config["batch_size"])
         preprocess([dataset_id], plans_identifier, configurations=["3d_fullres"], num_processes=[threads],
                    verbose=False, show_progress_bar=False)
@@ -490,6 +507,28 @@ def _without_mirroring(trainer, augmentation: bool) -> None:
         trainer.get_training_transforms = validation_transforms
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _use_optimizer(trainer, name: str) -> None:
+    """``adam``: AdamW (AMSGrad) at lr 1e-3 with nnU-Net's polynomial decay, as nnUNetTrainerAdam1en3 does;
+    set on the instance, so the checkpoint keeps the built-in trainer name. ``sgd``: nnU-Net's default."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name == "sgd":
+        return
+    from torch.optim import AdamW
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    def configure_optimizers(self):
+        optimizer = AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                          amsgrad=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    trainer.initial_lr = 1e-3
+    trainer.configure_optimizers = types.MethodType(configure_optimizers, trainer)
+
+
 @contextlib.contextmanager
 def _validation_processes(threads: int):
     """nnU-Net's final validation sizes its worker pool by a module constant read at import; set it."""
@@ -503,10 +542,78 @@ def _validation_processes(threads: int):
         trainer_module.default_num_processes = saved
 
 
-def train(dataset_id: int, work_dir: str | Path, configuration: str = CPU_CONFIGURATION, fold: int = 0,
+def load_initial_weights(trainer, model_dir: str | Path, fold: int = 0) -> None:
+    """Start training from an exported model's weights (all layers): to continue training a model.
+
+    The model must have the trainer's labels and network (same plans configuration); anything else is a
+    ValueError that says what differs.
+    """
+    import torch
+
+    model_dir = Path(model_dir)
+    checkpoint_file = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
+    if not checkpoint_file.is_file():
+        raise ValueError(f"initial weights: no {checkpoint_file}")
+    labels = json.loads((model_dir / "dataset.json").read_text())["labels"]
+    if labels != trainer.dataset_json["labels"]:
+        raise ValueError(f"initial weights {model_dir}: its labels differ from the training data's")
+    weights = torch.load(checkpoint_file, map_location="cpu", weights_only=False)["network_weights"]
+    try:
+        trainer.network.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"initial weights {model_dir}: not the network of this configuration ({err})") from None
+    LOG.info("training starts from the weights of %s", model_dir)
+
+
+def run_training_within(trainer, budget_s: float | None, initial_weights: str | Path | None = None) -> None:
+    """``trainer.run_training()``, with the number of epochs cut to fit ``budget_s`` seconds (None: no limit).
+
+    After each epoch the epochs still affordable are estimated from the mean duration of the epochs so far
+    (the first, with its warm-up, left out once there are others) and ``num_epochs`` is lowered to fit,
+    never raised; the learning-rate schedule (nnU-Net's polynomial decay over ``num_epochs``) is shortened
+    with it, so a cut run still ends at a low learning rate. The hooks are nnU-Net's own, in the order its
+    ``run_training`` calls them (2.8.1). ``initial_weights``: a model folder to start from
+    (``load_initial_weights``).
+    """
+    import torch
+
+    trainer.on_train_start()
+    if initial_weights is not None:
+        load_initial_weights(trainer, initial_weights)
+    started = time.perf_counter()
+    durations = []
+    while trainer.current_epoch < trainer.num_epochs:
+        epoch_started = time.perf_counter()
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(next(trainer.dataloader_train))
+                   for _ in range(trainer.num_iterations_per_epoch)]
+        trainer.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            outputs = [trainer.validation_step(next(trainer.dataloader_val))
+                       for _ in range(trainer.num_val_iterations_per_epoch)]
+            trainer.on_validation_epoch_end(outputs)
+        trainer.on_epoch_end()
+        durations.append(time.perf_counter() - epoch_started)
+        if budget_s is not None:
+            per_epoch = np.mean(durations[1:] if len(durations) > 1 else durations)
+            left = budget_s - (time.perf_counter() - started)
+            affordable = trainer.current_epoch + max(0, int(left // per_epoch))
+            if affordable < trainer.num_epochs:
+                LOG.info("time budget: %d epochs instead of %d (%.1f s per epoch)", affordable,
+                         trainer.num_epochs, per_epoch)
+                trainer.num_epochs = affordable
+                trainer.lr_scheduler.max_steps = affordable
+    trainer.on_train_end()
+
+
+def train(dataset_id: int, work_dir: str | Path, configuration: str = SMALL_CONFIGURATION, fold: int = 0,
           epochs: int = 20, iterations_per_epoch: int = 50, val_iterations_per_epoch: int | None = None,
           device: str = "cpu", threads: int = 1, augmentation: bool = True, validate: bool = False,
-          plans_identifier: str = PLANS_IDENTIFIER) -> Path:
+          plans_identifier: str = PLANS_IDENTIFIER, data_workers: int = 0,
+          time_budget_min: float | None = None, optimizer: str = "sgd",
+          initial_weights: str | Path | None = None) -> Path:
     """Train nnU-Net's built-in trainer in-process; returns the results folder
     (``nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__<configuration>``).
 
@@ -515,22 +622,28 @@ def train(dataset_id: int, work_dir: str | Path, configuration: str = CPU_CONFIG
     training iterations, at least 1) sets the per-epoch pseudo-Dice estimate. ``validate`` runs nnU-Net's
     full validation afterwards (``fold_<k>/validation/summary.json``: Dice per structure of the val cases).
 
-    ``threads`` (torch threads; augmentation runs in the main process) must not exceed the cores that are
-    really free: on 2 cores with another busy process, 2 threads made an iteration ~8x slower than 1.
+    ``threads`` (torch threads) must not exceed the cores that are really free: on 2 cores with another
+    busy process, 2 threads made an iteration ~8x slower than 1. ``data_workers``: nnU-Net's data loading
+    and augmentation processes (0: in the main process, best on a CPU; on a GPU machine give it cores).
+    ``time_budget_min``: train at most ``epochs``, fewer if they would not fit this wall-clock budget
+    (see ``run_training_within``); the log says how many ran. ``optimizer``: ``sgd`` (nnU-Net's SGD, lr 0.01,
+    Nesterov momentum 0.99) or ``adam`` (AdamW with AMSGrad, lr 1e-3: nnU-Net's nnUNetTrainerAdam1en3 recipe,
+    which learns much faster in short runs). ``initial_weights``: continue from an exported model folder of the
+    same labels and configuration.
     """
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     if val_iterations_per_epoch is None:
         val_iterations_per_epoch = max(1, iterations_per_epoch // 5)
-    with nnunet_environment(work_dir, threads, n_proc_da=0) as dirs:
+    with nnunet_environment(work_dir, threads, n_proc_da=data_workers) as dirs:
         dataset_name = _dataset_name(dataset_id)
         preprocessed_dir = dirs["preprocessed"] / dataset_name
         write_release_splits(dirs["raw"] / dataset_name, preprocessed_dir, fold)
         plans = json.loads((preprocessed_dir / f"{plans_identifier}.json").read_text())
         if configuration not in plans["configurations"]:
             raise ValueError(f"configuration {configuration!r} is not in the plans "
-                             f"({', '.join(plans['configurations'])}); plan with cpu_configuration=True?")
+                             f"({', '.join(plans['configurations'])}); plan with small_configuration=True?")
         plans["continue_training"] = False  # the 2.8.1 trainer pops this from the plans
         dataset_json = json.loads((preprocessed_dir / "dataset.json").read_text())
         trainer = nnUNetTrainer(plans, configuration, fold, dataset_json, device=torch.device(device))
@@ -538,14 +651,16 @@ def train(dataset_id: int, work_dir: str | Path, configuration: str = CPU_CONFIG
         trainer.num_iterations_per_epoch = iterations_per_epoch
         trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
         _without_mirroring(trainer, augmentation)
+        _use_optimizer(trainer, optimizer)
 
         started = time.perf_counter()
-        trainer.run_training()
+        run_training_within(trainer, None if time_budget_min is None else 60.0 * time_budget_min, initial_weights)
         seconds = time.perf_counter() - started
         dice = trainer.logger.get_value("mean_fg_dice", step=-1)
-        LOG.info("trained %s %s fold %d: %d epochs x %d iterations in %.1f s (%.2f s/iteration incl. "
-                 "validation), last pseudo Dice %.3f", dataset_name, configuration, fold, epochs,
-                 iterations_per_epoch, seconds, seconds / max(1, epochs * iterations_per_epoch), dice)
+        LOG.info("trained %s %s fold %d on %s: %d epochs x %d iterations in %.1f s (%.3f s/iteration incl. "
+                 "validation), last pseudo Dice %.3f", dataset_name, configuration, fold, device,
+                 trainer.num_epochs, iterations_per_epoch, seconds,
+                 seconds / max(1, trainer.num_epochs * iterations_per_epoch), dice)
         if validate:
             with _validation_processes(threads):
                 trainer.perform_actual_validation()
@@ -557,11 +672,13 @@ def train(dataset_id: int, work_dir: str | Path, configuration: str = CPU_CONFIG
 # ---------------------------------------------------------------------------------------------------------
 
 def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
-                 checkpoint_name: str = "checkpoint_final.pth") -> Path:
+                 checkpoint_name: str = "checkpoint_final.pth", half: bool = False) -> Path:
     """Copy what inference needs into out_dir, in nnU-Net's layout; returns out_dir.
 
     ``dataset.json``, ``plans.json`` and ``fold_<k>/<checkpoint_name>`` with only the keys the predictor
-    reads (``INFERENCE_CHECKPOINT_KEYS``): the optimizer state, about twice the weights, is dropped. Load
+    reads (``INFERENCE_CHECKPOINT_KEYS``): the optimizer state, about twice the weights, is dropped.
+    ``half`` stores floating-point weights as float16 (half the size; loading casts them back to the
+    network's float32, and a segmentation model loses nothing that shows in its argmax). Load
     with ``nnUNetPredictor.initialize_from_trained_model_folder(out_dir, use_folds=(fold,),
     checkpoint_name=checkpoint_name)``.
     """
@@ -579,6 +696,13 @@ def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
     if missing:
         raise ValueError(f"{source}: not an nnU-Net checkpoint (lacks {sorted(missing)})")
     slim = {key: checkpoint[key] for key in INFERENCE_CHECKPOINT_KEYS if key in checkpoint}
+    if half:
+        # nnU-Net's state dicts hold each conv weight under two names (one tensor): convert each tensor once,
+        # or torch.save would store both copies
+        converted = {}
+        slim["network_weights"] = {
+            key: converted.setdefault(value.data_ptr(), value.half()) if value.is_floating_point() else value
+            for key, value in slim["network_weights"].items()}
     target = out_dir / f"fold_{fold}" / checkpoint_name
     torch.save(slim, target)
     LOG.info("exported %s to %s: checkpoint %.2f MB (was %.2f MB)", results_folder, out_dir,
@@ -593,15 +717,25 @@ def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
 def train_from_release(release_dir: str | Path, out_dir: str | Path, work_dir: str | Path,
                        dataset_id: int = DEFAULT_DATASET_ID, name: str = DEFAULT_DATASET_NAME,
                        epochs: int = 20, iterations: int = 50, threads: int = 1,
-                       structures: list[str] | None = None, configuration: str = CPU_CONFIGURATION,
-                       device: str = "cpu", validate: bool = True) -> Path:
-    """Release folder -> exported nnU-Net model in out_dir (returned); nnU-Net's folders live in work_dir."""
+                       structures: list[str] | None = None, configuration: str = SMALL_CONFIGURATION,
+                       device: str = "cpu", validate: bool = True, augmentation: bool = True,
+                       data_workers: int = 0, time_budget_min: float | None = None,
+                       small_configuration: dict | None = None, half: bool = False,
+                       optimizer: str = "sgd", initial_weights: str | Path | None = None) -> Path:
+    """Release folder -> exported nnU-Net model in out_dir (returned); nnU-Net's folders live in work_dir.
+
+    ``small_configuration``: keyword arguments of ``make_small_configuration`` (patch size, features, batch);
+    ``half``: export the weights as float16. The other arguments are ``train()``'s.
+    """
     raw_root = nnunet_dirs(work_dir)["raw"]
-    release_to_nnunet_raw(release_dir, raw_root, dataset_id, name, structures)
-    plan_and_preprocess(dataset_id, work_dir, threads, cpu_configuration=configuration == CPU_CONFIGURATION)
+    release_to_nnunet_raw(release_dir, raw_root, dataset_id, name, structures, processes=max(threads, data_workers))
+    plan_and_preprocess(dataset_id, work_dir, threads, small_configuration=configuration == SMALL_CONFIGURATION,
+                        **(small_configuration or {}))
     results = train(dataset_id, work_dir, configuration, fold=0, epochs=epochs, iterations_per_epoch=iterations,
-                    device=device, threads=threads, validate=validate)
-    return export_model(results, out_dir, fold=0)
+                    device=device, threads=threads, validate=validate, augmentation=augmentation,
+                    data_workers=data_workers, time_budget_min=time_budget_min, optimizer=optimizer,
+                    initial_weights=initial_weights)
+    return export_model(results, out_dir, fold=0, half=half)
 
 
 TINY_SPACING = (6.0, 6.0, 8.0)
@@ -614,7 +748,7 @@ def train_tiny_model(out_dir: str | Path, n: int = 6, seed: int = 7, spacing=TIN
 
     Writes ``out_dir/release`` (n coarse phantom scans, one val case), ``out_dir/nnunet`` (nnU-Net's
     folders) and returns ``out_dir/model``, an exported model folder with fold_0/checkpoint_final.pth and
-    the CPU configuration; its labels are the phantom's structures (``structures``: a subset, in order).
+    the small configuration; its labels are the phantom's structures (``structures``: a subset, in order).
     Call it under an ``if __name__ == "__main__":`` guard or from pytest.
     """
     out_dir = Path(out_dir)

@@ -15,6 +15,12 @@ rule train:
         configuration=config["training"]["configuration"],
         device=config["training"]["device"],
         dataset_id=config["training"]["dataset_id"],
+        optimizer=config["training"]["optimizer"],
+        augmentation=config["training"]["augmentation"],
+        time_budget_min=config["training"]["time_budget_min"],
+        data_workers=config["training"]["data_workers"],
+        half=config["training"]["half"],
+        small_configuration=config["training"]["small_configuration"],
     threads: 2
     resources:
         mem_mb=16000,

@@ -9,7 +9,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
     log_to(snakemake.log[0])
     params = snakemake.params
     release = params.release or train.write_phantom_release(
-        Path(params.work) / "release", params.phantom_n, params.phantom_seed
+        Path(params.work) / "release", params.phantom_n, params.phantom_seed, processes=snakemake.threads
     )
     train.train_from_release(
         release,
@@ -21,4 +21,10 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         configuration=params.configuration,
         device=params.device,
         threads=snakemake.threads,
+        optimizer=params.optimizer,
+        augmentation=params.augmentation,
+        time_budget_min=params.time_budget_min,
+        data_workers=params.data_workers,
+        half=params.half,
+        small_configuration=dict(params.small_configuration),
     )
