@@ -9,9 +9,13 @@ A model folder is one of
 Parts run in turn on the same scan and are merged into one label map; where two parts
 claim a voxel, the later part (in dataset id order) wins, as in TotalSegmentator.
 
-Geometry: the CT is reoriented to the closest canonical (RAS) orientation and handed to
-nnU-Net in its SimpleITK axis order (z, y, x) with the scan's own spacing; nnU-Net resamples to
-the model's spacing and back. The label map is returned on the input's exact grid.
+Geometry: the CT is reoriented to the closest canonical (RAS) orientation and taken in nnU-Net's
+SimpleITK axis order (z, y, x). Preprocessing and postprocessing run on the predictor's device
+(the GPU where there is one) instead of nnU-Net's numpy/scipy code: CT normalisation with the
+model's intensity statistics, trilinear resampling to the model's spacing, nnU-Net's own sliding
+window, then the logits resampled trilinearly onto the input grid in slabs and argmaxed. On the
+model's own spacing no resampling happens and the result equals nnU-Net's. The label map is
+returned on the input's exact grid.
 
 The networks are built with nnU-Net's default architecture builder rather than by looking up
 the trainer class named in the checkpoint: TotalSegmentator's trainers differ from the default
@@ -76,9 +80,15 @@ def _describe_expected(model_dir: Path) -> str:
     )
 
 
-def find_model_parts(model_dir: str | Path, table: pd.DataFrame) -> list[ModelPart]:
-    """The models under ``model_dir`` with their label -> structure label maps (against ``table``)."""
-    model_dir = Path(model_dir)
+def bundled_model_dir() -> Path:
+    """The bundled demo model (resources/models/demo), trained on phantom scans by ``ctcohort train``."""
+    return resources_dir() / "models" / "demo"
+
+
+def find_model_parts(model_dir: str | Path | None, table: pd.DataFrame) -> list[ModelPart]:
+    """The models under ``model_dir`` (empty or None: the bundled demo model) with their label -> structure
+    label maps (against ``table``)."""
+    model_dir = Path(model_dir) if model_dir else bundled_model_dir()
     if not model_dir.is_dir():
         raise ModelFolderError(_describe_expected(model_dir) + " (it does not exist)")
     if _is_trained_model(model_dir):
@@ -173,7 +183,70 @@ def _load_predictor(part: ModelPart, device, folds: Sequence, checkpoint: str, t
         network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
         first.get("inference_allowed_mirroring_axes"),
     )
+    _check_normalization(part, configuration)
     return predictor
+
+
+NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
+
+
+def _check_normalization(part: ModelPart, configuration) -> None:
+    schemes = configuration.normalization_schemes
+    if len(schemes) != 1 or schemes[0] not in NORMALIZATIONS or any(configuration.use_mask_for_norm):
+        raise ModelFolderError(f"model {part.folder}: one CT channel with {' or '.join(NORMALIZATIONS)} "
+                               f"(no mask) is supported, not {schemes}")
+
+
+def _normalized_input(hu, spacing: Sequence[float], predictor):
+    """CT (z, y, x) as the network's input (1, z', y', x'): normalised as nnU-Net does, on the model's spacing."""
+    import torch
+    import torch.nn.functional as F
+
+    configuration = predictor.configuration_manager
+    if configuration.normalization_schemes[0] == "CTNormalization":
+        props = predictor.plans_manager.foreground_intensity_properties_per_channel["0"]
+        hu = hu.clamp(props["percentile_00_5"], props["percentile_99_5"])
+        image = (hu - props["mean"]) / max(props["std"], 1e-8)
+    else:
+        image = (hu - hu.mean()) / torch.clamp(hu.std(), min=1e-8)
+    # nnU-Net's compute_new_shape: round(old spacing / new spacing * old shape)
+    shape = [int(round(sp / t * n)) for sp, t, n in zip(spacing, configuration.spacing, hu.shape)]
+    if list(hu.shape) != shape:
+        image = F.interpolate(image[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
+    return image[None]
+
+
+def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
+    """argmax of (K, z', y', x') logits resampled trilinearly onto ``shape`` (z, y, x), in slabs of output z."""
+    import torch
+    import torch.nn.functional as F
+
+    if list(logits.shape[1:]) == list(shape):
+        return logits.argmax(0)
+    labels = torch.empty(tuple(shape), dtype=torch.int64, device=logits.device)
+    # with align_corners=False, output voxel o of n lies at normalised coordinate 2 (o + 0.5) / n - 1
+    y, x = (2 * (torch.arange(n, device=logits.device, dtype=torch.float32) + 0.5) / n - 1 for n in shape[1:])
+    slab = max(1, max_bytes // (4 * logits.shape[0] * shape[1] * shape[2]))
+    source = logits[None].float()
+    for z0 in range(0, shape[0], slab):
+        z = 2 * (torch.arange(z0, min(shape[0], z0 + slab), device=logits.device, dtype=torch.float32) + 0.5) \
+            / shape[0] - 1
+        grid = torch.stack(torch.meshgrid(z, y, x, indexing="ij")[::-1], dim=-1)[None]  # (x, y, z) last
+        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels[z0:z0 + len(z)] = values[0].argmax(0)
+    return labels
+
+
+def _predict_part(predictor, hu, spacing: Sequence[float]):
+    """Part labels (z, y, x) of a CT tensor on the predictor's device: its folds' mean logits, argmaxed."""
+    image = _normalized_input(hu, spacing, predictor)
+    logits = None
+    for parameters in predictor.list_of_parameters:
+        if len(predictor.list_of_parameters) > 1:
+            predictor.network.load_state_dict(parameters)
+        fold_logits = predictor.predict_sliding_window_return_logits(image)
+        logits = fold_logits if logits is None else logits + fold_logits
+    return _labels_on_grid(logits, hu.shape)  # the fold mean has the same argmax as the sum
 
 
 class Segmenter:
@@ -181,7 +254,7 @@ class Segmenter:
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | None,
         table: pd.DataFrame,
         *,
         device: str = "auto",
@@ -201,7 +274,8 @@ class Segmenter:
             _load_predictor(part, self.device, folds, checkpoint, tile_step, mirroring) for part in self.parts
         ]
         self.dtype = np.uint8 if int(table["label"].max()) <= 255 else np.uint16
-        log.info("loaded %d model part(s) from %s on %s", len(self.parts), model_dir, self.device)
+        log.info("loaded %d model part(s) from %s on %s", len(self.parts), model_dir or bundled_model_dir(),
+                 self.device)
 
     def segment(self, ct: nib.Nifti1Image) -> np.ndarray:
         """Label map of ``ct`` on its own grid (same shape, same affine)."""
@@ -210,16 +284,19 @@ class Segmenter:
         hu = nib.orientations.apply_orientation(ct_hounsfield(ct), orientation).astype(np.float32)
         spacing = np.empty(3)
         spacing[orientation[:, 0].astype(int)] = voxel_spacing_mm(ct.affine)
-        spacing = spacing.tolist()
-        image = hu.transpose(2, 1, 0)[None]  # nnU-Net's SimpleITK order: (channel, z, y, x)
-        merged = np.zeros(hu.shape, self.dtype)
-        for part, predictor in zip(self.parts, self.predictors):
-            local = predictor.predict_single_npy_array(image, {"spacing": spacing[::-1]}, None, None, False)
-            lookup = np.zeros(max(part.global_labels, default=0) + 1, self.dtype)
-            for part_label, label in part.global_labels.items():
-                lookup[part_label] = label
-            claimed = lookup[np.asarray(local).transpose(2, 1, 0)]
-            merged[claimed != 0] = claimed[claimed != 0]
+        import torch
+
+        # nnU-Net's SimpleITK axis order (z, y, x)
+        image = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0))).to(self.device)
+        merged = torch.zeros(image.shape, dtype=torch.int32, device=self.device)
+        with torch.inference_mode():
+            for part, predictor in zip(self.parts, self.predictors):
+                lookup = torch.zeros(max(part.global_labels, default=0) + 1, dtype=torch.int32, device=self.device)
+                for part_label, label in part.global_labels.items():
+                    lookup[part_label] = label
+                claimed = lookup[_predict_part(predictor, image, spacing[::-1])]
+                merged = torch.where(claimed != 0, claimed, merged)  # the later part wins
+        merged = merged.cpu().numpy().astype(self.dtype).transpose(2, 1, 0)
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), orientation)
         return np.ascontiguousarray(nib.orientations.apply_orientation(merged, back))
 
