@@ -8,8 +8,9 @@ over a batch of CT scans are timed side by side in one run, on the same scans an
   file with ``predict_from_files`` (nnU-Net's own image reader/writer, its preprocessing and export
   worker processes); the parts' label maps are then read back with nibabel and merged (a later part
   overwrites an earlier one) into one file. Time per scan, end to end.
-* ctcohort: ``ctcohort.segment.Segmenter`` loads every part once; ``segment_files`` then segments each
-  scan (all parts in memory, merged in memory, one file written), as the workflow's batch job does.
+* ctcohort: ``ctcohort.segment.Segmenter`` loads every part once; a ``ScanPipeline`` then segments the
+  scans (all parts on the device, merged there, one file written; the next scan is read and the last label
+  map written in background threads), as the workflow's batch job does.
   The load is timed separately and also spread over the scans.
 
 The model is synthetic, with random weights (speed does not depend on the weight values): ``--parts``
@@ -276,9 +277,11 @@ def run_anchor(args, device, model_dir: Path, scans: list[Path], out_dir: Path, 
 
 
 def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Path], out_dir: Path, report):
-    """ctcohort's way: every part loaded once, then segment_files scan by scan (as segment_batch does)."""
+    """ctcohort's way: every part loaded once, then the scans through a ScanPipeline, as segment_batch runs them
+    (the next scan read and the last label map written while a scan is segmented). A scan's time is the
+    interval between consecutive scans' completion; the last includes waiting for the outstanding writes."""
     import torch
-    from ctcohort.segment import Segmenter, segment_files
+    from ctcohort.segment import ScanPipeline, Segmenter
     from ctcohort.structures import load_structure_table
 
     started = time.perf_counter()
@@ -288,15 +291,22 @@ def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Pa
         torch.cuda.synchronize()
     load = time.perf_counter() - started
     report(f"  ctcohort load ({len(segmenter.parts)} parts): {load:.1f} s")
-    times = []
-    for scan in scans:
-        case = scan.name.replace("_0000.nii.gz", "")
-        started = time.perf_counter()
-        segment_files(segmenter, [scan], [out_dir / f"{case}.nii.gz"])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        report(f"  ctcohort {case}: {times[-1]:.1f} s")
+    times, writes = [], []
+    previous = time.perf_counter()
+    with ScanPipeline(segmenter, scans) as pipeline:
+        for i, scan in enumerate(scans):
+            case = scan.name.replace("_0000.nii.gz", "")
+            ct, labels = pipeline.segment(i)
+            writes.append(pipeline.write(labels, ct, out_dir / f"{case}.nii.gz"))
+            if i == len(scans) - 1:
+                for write in writes:
+                    write.result()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - previous)
+            previous = now
+            report(f"  ctcohort {case}: {times[-1]:.1f} s")
     del segmenter
     return load, times
 

@@ -277,11 +277,12 @@ class Segmenter:
         log.info("loaded %d model part(s) from %s on %s", len(self.parts), model_dir or bundled_model_dir(),
                  self.device)
 
-    def segment(self, ct: nib.Nifti1Image) -> np.ndarray:
-        """Label map of ``ct`` on its own grid (same shape, same affine)."""
+    def segment(self, ct: nib.Nifti1Image, hu: np.ndarray | None = None) -> np.ndarray:
+        """Label map of ``ct`` on its own grid (same shape, same affine); ``hu``: its HU array, if read already."""
         # closest canonical (RAS) orientation: a permutation and flips of the voxel axes, exact both ways
         orientation = nib.orientations.io_orientation(ct.affine)
-        hu = nib.orientations.apply_orientation(ct_hounsfield(ct), orientation).astype(np.float32)
+        hu = ct_hounsfield(ct) if hu is None else hu
+        hu = nib.orientations.apply_orientation(hu, orientation).astype(np.float32)
         spacing = np.empty(3)
         spacing[orientation[:, 0].astype(int)] = voxel_spacing_mm(ct.affine)
         import torch
@@ -326,16 +327,71 @@ def recorded_label_names(img: nib.Nifti1Image) -> dict[int, str]:
     return {}
 
 
+def _read_scan(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    ct = load_image(path)
+    return ct, ct_hounsfield(ct)
+
+
+def _write_label_map(labels: np.ndarray, ct: nib.Nifti1Image, table: pd.DataFrame, out_path: str | Path) -> None:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(label_map_image(labels, ct, table), out_path)
+
+
+class ScanPipeline:
+    """Segments scans in order while a thread reads (and decompresses) the next scan and another writes
+    (and compresses) finished label maps, so that file I/O overlaps the models' work.
+
+    ``segment(i)`` returns scan i's label map (a read error surfaces here, for scan i); ``write(...)``
+    returns the write's future; at most two writes are pending, which bounds memory.
+    """
+
+    def __init__(self, segmenter: "Segmenter", cts: Sequence[str | Path]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.segmenter, self.cts = segmenter, list(cts)
+        self._reader, self._writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self._reads = {0: self._reader.submit(_read_scan, self.cts[0])} if self.cts else {}
+        self._writes = []
+
+    def __enter__(self) -> "ScanPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._reader.shutdown(cancel_futures=True)
+        self._writer.shutdown()
+
+    def segment(self, i: int) -> tuple[nib.Nifti1Image, np.ndarray]:
+        """(CT, label map on its grid) of scan i."""
+        read = self._reads.pop(i, None) or self._reader.submit(_read_scan, self.cts[i])
+        if i + 1 < len(self.cts):
+            self._reads[i + 1] = self._reader.submit(_read_scan, self.cts[i + 1])
+        ct, hu = read.result()
+        return ct, self.segmenter.segment(ct, hu)
+
+    def write(self, labels: np.ndarray, ct: nib.Nifti1Image, out_path: str | Path):
+        while len(self._writes) >= 2:
+            self._writes.pop(0).exception()  # wait; the caller sees errors through its own future
+        future = self._writer.submit(_write_label_map, labels, ct, self.segmenter.table, out_path)
+        self._writes.append(future)
+        return future
+
+
 def segment_files(segmenter: Segmenter, cts: Sequence[str | Path], outputs: Sequence[str | Path]) -> None:
     """Segment each CT into its output file, the models staying loaded between scans."""
     if len(cts) != len(outputs):
         raise ValueError(f"{len(cts)} CT files but {len(outputs)} output paths")
-    for ct_path, out_path in zip(cts, outputs):
-        ct = load_image(ct_path)
-        labels = segmenter.segment(ct)
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(label_map_image(labels, ct, segmenter.table), out_path)
-        log.info("segmented %s -> %s", ct_path, out_path)
+    with ScanPipeline(segmenter, cts) as pipeline:
+        writes = []
+        for i, out_path in enumerate(outputs):
+            ct, labels = pipeline.segment(i)
+            writes.append(pipeline.write(labels, ct, out_path))
+        for ct_path, out_path, write in zip(cts, outputs, writes):
+            write.result()
+            log.info("segmented %s -> %s", ct_path, out_path)
+
+
+def _write_placeholder(out_path: str | Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.eye(4)), out_path)
 
 
 def segment_batch(
@@ -351,13 +407,24 @@ def segment_batch(
 ) -> None:
     """The workflow's batch job: load the model once, segment every scan, record each scan's status.
 
-    A scan that fails gets an empty label map (so the batch's outputs exist) and a failed status,
-    which the scan's later stages pass on to failures.tsv.
+    A scan that fails (reading, segmenting or writing) gets an empty label map (so the batch's outputs
+    exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
+    final once its label map is written.
     """
     table = load_structure_table(structures)
     segmenter = Segmenter(model, table, **settings)
-    for subject, ct_path, out_path, status_path in zip(subjects, cts, outputs, statuses):
-        with recording_failure(subject, "segment", status_path, on_error) as status:
-            segment_files(segmenter, [ct_path], [out_path])
-        if not status.ok:
-            nib.save(nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.eye(4)), out_path)
+    writes = []
+    with ScanPipeline(segmenter, cts) as pipeline:
+        for i, (subject, ct_path, out_path, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
+            with recording_failure(subject, "segment", status_path, on_error) as status:
+                ct, labels = pipeline.segment(i)
+            if status.ok:
+                writes.append((subject, ct_path, out_path, status_path, pipeline.write(labels, ct, out_path)))
+            else:
+                _write_placeholder(out_path)
+        for subject, ct_path, out_path, status_path, write in writes:
+            with recording_failure(subject, "segment", status_path, on_error) as status:
+                write.result()
+                log.info("segmented %s -> %s", ct_path, out_path)
+            if not status.ok:
+                _write_placeholder(out_path)
