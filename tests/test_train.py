@@ -360,3 +360,26 @@ def test_training_continues_from_a_model_and_rejects_another_network(budgeted, r
         train.train_from_release(release, tmp_path / "model2", tmp_path / "nnunet2", dataset_id=996, name="Other",
                                  epochs=1, iterations=1, threads=2, validate=False, small_configuration=small,
                                  initial_weights=tiny / "model")
+
+
+@pytest.mark.slow
+def test_snakemake_train_target_writes_a_model(tmp_path):
+    import torch
+    from conftest import run_workflow
+
+    if NNUNET_MISSING:
+        pytest.skip(NNUNET_MISSING)
+    training = {"phantom_n": 5, "epochs": 1, "iterations": 1, "optimizer": "adam", "augmentation": False,
+                "half": True, "time_budget_min": 10,
+                "small_configuration": {"patch_voxels": 32 ** 3, "base_features": 8, "max_features": 32,
+                                        "batch_size": 1}}
+    run_workflow(tmp_path, {"training": training}, "train")
+    model = tmp_path / "results" / "train" / "model"
+    files = sorted(str(p.relative_to(model)) for p in model.rglob("*") if p.is_file())
+    assert files == [".snakemake_timestamp", "dataset.json", "fold_0/checkpoint_final.pth", "plans.json"]
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["init_args"]["configuration"] == "3d_small"
+    assert next(iter(checkpoint["network_weights"].values())).dtype == torch.float16
+    labels = json.loads((model / "dataset.json").read_text())["labels"]
+    assert set(labels) == {"background", *STRUCTURE_NAMES}
+    assert "trained Dataset901_CTCohort 3d_small" in (tmp_path / "results" / "logs" / "train.log").read_text()
