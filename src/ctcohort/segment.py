@@ -279,14 +279,14 @@ class Segmenter:
 
     def segment(self, ct: nib.Nifti1Image, hu: np.ndarray | None = None) -> np.ndarray:
         """Label map of ``ct`` on its own grid (same shape, same affine); ``hu``: its HU array, if read already."""
+        import torch
+
         # closest canonical (RAS) orientation: a permutation and flips of the voxel axes, exact both ways
         orientation = nib.orientations.io_orientation(ct.affine)
         hu = ct_hounsfield(ct) if hu is None else hu
         hu = nib.orientations.apply_orientation(hu, orientation).astype(np.float32)
         spacing = np.empty(3)
         spacing[orientation[:, 0].astype(int)] = voxel_spacing_mm(ct.affine)
-        import torch
-
         # nnU-Net's SimpleITK axis order (z, y, x)
         image = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0))).to(self.device)
         merged = torch.zeros(image.shape, dtype=torch.int32, device=self.device)
@@ -341,8 +341,8 @@ class ScanPipeline:
     """Segments scans in order while a thread reads (and decompresses) the next scan and another writes
     (and compresses) finished label maps, so that file I/O overlaps the models' work.
 
-    ``segment(i)`` returns scan i's label map (a read error surfaces here, for scan i); ``write(...)``
-    returns the write's future; at most two writes are pending, which bounds memory.
+    ``segment(i)`` returns scan i's CT and label map (a read error surfaces here, for scan i);
+    ``write(...)`` returns the write's future; at most two writes are pending, which bounds memory.
     """
 
     def __init__(self, segmenter: "Segmenter", cts: Sequence[str | Path]):
