@@ -281,27 +281,30 @@ def test_release_written_in_parallel_is_identical(release, tmp_path):
         np.testing.assert_array_equal(read(parallel / subject / name), read(release / subject / name))
 
 
-def test_unknown_optimizer_is_an_error():
+def test_unknown_optimizer_or_loss_is_an_error():
     with pytest.raises(ValueError, match="optimizer 'rmsprop'"):
         train._use_optimizer(object(), "rmsprop")
+    with pytest.raises(ValueError, match="loss 'focal'"):
+        train._use_loss(object(), "focal")
 
 
 @pytest.fixture(scope="module")
 def budgeted(release, tmp_path_factory):
-    """A real tiny training run with AdamW, a time budget far too small for its 5 epochs, float16 export."""
+    """A real tiny training run with AdamW and the top-k loss, a time budget far too small for its 5 epochs,
+    float16 export."""
     if NNUNET_MISSING:
         pytest.skip(NNUNET_MISSING)
     out = tmp_path_factory.mktemp("budgeted")
     model = train.train_from_release(release, out / "model", out / "nnunet", dataset_id=998, name="Budgeted",
                                      epochs=5, iterations=1, threads=2, validate=False, augmentation=False,
-                                     time_budget_min=1e-4, optimizer="adam", half=True,
+                                     time_budget_min=1e-4, optimizer="adam", loss="dice_topk10", half=True,
                                      small_configuration={"patch_voxels": 10 ** 8, "base_features": 8,
                                                           "max_features": 32})
     return out, model
 
 
 @pytest.mark.slow
-def test_time_budget_cuts_epochs_and_adam_is_used(budgeted):
+def test_time_budget_cuts_epochs_and_adam_and_topk_are_used(budgeted):
     import torch
 
     out, _ = budgeted
@@ -310,6 +313,7 @@ def test_time_budget_cuts_epochs_and_adam_is_used(budgeted):
     assert checkpoint["current_epoch"] == 1  # one epoch ran: the budget allowed no second
     groups = checkpoint["optimizer_state"]["param_groups"]
     assert groups[0]["amsgrad"] is True and groups[0]["initial_lr"] == pytest.approx(1e-3)
+    assert "TopKLoss" in json.loads((results / "fold_0" / "debug.json").read_text())["loss"]
     plans = json.loads((results / "plans.json").read_text())
     small = plans["configurations"]["3d_small"]
     # whole-image patches: the patch covers the median image

@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> None:
         epochs=args.epochs, iterations=args.iterations, threads=args.threads, structures=args.structures,
         configuration=args.configuration, device=args.device, augmentation=not args.no_augmentation,
         data_workers=args.data_workers, time_budget_min=args.time_budget_min, small_configuration=small,
-        half=args.half, optimizer=args.optimizer, initial_weights=args.initial_weights,
+        half=args.half, optimizer=args.optimizer, initial_weights=args.initial_weights, loss=args.loss,
     )
     print(f"trained model in {model}")
 
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the epochs into this many minutes (fewer epochs if needed)")
     t.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
                    help="sgd: nnU-Net's default; adam: AdamW lr 1e-3 (faster in short runs)")
+    t.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice_topk10"),
+                   help="dice_ce: nnU-Net's Dice + cross-entropy; dice_topk10: cross-entropy over the hardest 10%% "
+                   "of voxels (small structures get learned sooner)")
     t.add_argument("--initial-weights", metavar="MODEL",
                    help="continue training from this exported model folder (same structures and configuration)")
     t.add_argument("--half", action="store_true", help="export the weights as float16 (half the size)")

@@ -542,6 +542,20 @@ def _validation_processes(threads: int):
         trainer_module.default_num_processes = saved
 
 
+LOSSES = ("dice_ce", "dice_topk10")
+
+
+def _use_loss(trainer, name: str) -> None:
+    """``dice_ce``: nnU-Net's Dice + cross-entropy. ``dice_topk10``: Dice + cross-entropy over the 10% hardest
+    voxels (nnU-Net's nnUNetTrainerDiceTopK10Loss), set on the instance like the optimizer."""
+    if name not in LOSSES:
+        raise ValueError(f"loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if name == "dice_topk10":
+        from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerTopkLoss import nnUNetTrainerDiceTopK10Loss
+
+        trainer._build_loss = types.MethodType(nnUNetTrainerDiceTopK10Loss._build_loss, trainer)
+
+
 def load_initial_weights(trainer, model_dir: str | Path, fold: int = 0) -> None:
     """Start training from an exported model's weights (all layers): to continue training a model.
 
@@ -613,7 +627,7 @@ def train(dataset_id: int, work_dir: str | Path, configuration: str = SMALL_CONF
           device: str = "cpu", threads: int = 1, augmentation: bool = True, validate: bool = False,
           plans_identifier: str = PLANS_IDENTIFIER, data_workers: int = 0,
           time_budget_min: float | None = None, optimizer: str = "sgd",
-          initial_weights: str | Path | None = None) -> Path:
+          initial_weights: str | Path | None = None, loss: str = "dice_ce") -> Path:
     """Train nnU-Net's built-in trainer in-process; returns the results folder
     (``nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__<configuration>``).
 
@@ -652,6 +666,7 @@ def train(dataset_id: int, work_dir: str | Path, configuration: str = SMALL_CONF
         trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
         _without_mirroring(trainer, augmentation)
         _use_optimizer(trainer, optimizer)
+        _use_loss(trainer, loss)
 
         started = time.perf_counter()
         run_training_within(trainer, None if time_budget_min is None else 60.0 * time_budget_min, initial_weights)
@@ -721,7 +736,8 @@ def train_from_release(release_dir: str | Path, out_dir: str | Path, work_dir: s
                        device: str = "cpu", validate: bool = True, augmentation: bool = True,
                        data_workers: int = 0, time_budget_min: float | None = None,
                        small_configuration: dict | None = None, half: bool = False,
-                       optimizer: str = "sgd", initial_weights: str | Path | None = None) -> Path:
+                       optimizer: str = "sgd", initial_weights: str | Path | None = None,
+                       loss: str = "dice_ce") -> Path:
     """Release folder -> exported nnU-Net model in out_dir (returned); nnU-Net's folders live in work_dir.
 
     ``small_configuration``: keyword arguments of ``make_small_configuration`` (patch size, features, batch);
@@ -734,7 +750,7 @@ def train_from_release(release_dir: str | Path, out_dir: str | Path, work_dir: s
     results = train(dataset_id, work_dir, configuration, fold=0, epochs=epochs, iterations_per_epoch=iterations,
                     device=device, threads=threads, validate=validate, augmentation=augmentation,
                     data_workers=data_workers, time_budget_min=time_budget_min, optimizer=optimizer,
-                    initial_weights=initial_weights)
+                    initial_weights=initial_weights, loss=loss)
     return export_model(results, out_dir, fold=0, half=half)
 
 

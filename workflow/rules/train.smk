@@ -16,6 +16,7 @@ rule train:
         device=config["training"]["device"],
         dataset_id=config["training"]["dataset_id"],
         optimizer=config["training"]["optimizer"],
+        loss=config["training"]["loss"],
         augmentation=config["training"]["augmentation"],
         time_budget_min=config["training"]["time_budget_min"],
         data_workers=config["training"]["data_workers"],

@@ -22,6 +22,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         device=params.device,
         threads=snakemake.threads,
         optimizer=params.optimizer,
+        loss=params.loss,
         augmentation=params.augmentation,
         time_budget_min=params.time_budget_min,
         data_workers=params.data_workers,
