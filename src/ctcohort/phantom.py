@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from ctcohort.parallel import map_processes
 from ctcohort.structures import load_structure_table
 
 REFERENCE_AGE = 55.0
@@ -284,13 +285,6 @@ def write_cohort(out_dir: str | Path, n: int, seed: int, spacing=DEFAULT_SPACING
     """Scans, label maps, cohort.tsv and truth.tsv of an n-subject phantom cohort under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if processes > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(write_subject, [out_dir] * n, [seed] * n, range(n), [spacing] * n))
-    else:
-        for index in range(n):
-            write_subject(out_dir, seed, index, spacing)
+    map_processes(write_subject, [out_dir] * n, [seed] * n, range(n), [spacing] * n, processes=processes)
     cohort_sheet(n, seed).to_csv(out_dir / "cohort.tsv", sep="\t", index=False)
     truth_table().to_csv(out_dir / "truth.tsv", sep="\t", index=False)

@@ -39,6 +39,7 @@ import pandas as pd
 
 from ctcohort import phantom
 from ctcohort.imaging import ct_hounsfield, load_image, seg_on_ct_grid
+from ctcohort.parallel import map_processes
 from ctcohort.structures import load_structure_table
 
 LOG = logging.getLogger(__name__)
@@ -125,14 +126,7 @@ def write_phantom_release(out_dir: str | Path, n: int, seed: int, spacing=phanto
     splits = assign_splits(n, seed, val_fraction, test_fraction)
     subjects = [release_subject_id(index) for index in range(n)]
     draws = [phantom.draw_subject(seed, RELEASE_INDEX_OFFSET + index) for index in range(n)]
-    if processes > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(write_release_subject, [out_dir] * n, subjects, draws, [spacing] * n))
-    else:
-        for subject, draw in zip(subjects, draws):
-            write_release_subject(out_dir, subject, draw, spacing)
+    map_processes(write_release_subject, [out_dir] * n, subjects, draws, [spacing] * n, processes=processes)
     rows = [(subject, draw.age, draw.sex.lower(), split) for subject, draw, split in zip(subjects, draws, splits)]
     meta = pd.DataFrame(rows, columns=["image_id", "age", "gender", "split"])
     meta.to_csv(out_dir / META_FILE, sep=META_SEPARATOR, index=False)
@@ -263,13 +257,7 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
 
     n = len(meta)
     arguments = ([release_dir] * n, meta["image_id"], meta["split"], [structures] * n, [dataset_dir] * n)
-    if processes > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(_convert_case, *arguments))
-    else:
-        list(map(_convert_case, *arguments))
+    map_processes(_convert_case, *arguments, processes=processes)
 
     trained = meta[meta["split"] != "test"]
     dataset_json = {
