@@ -15,6 +15,9 @@ from ctcohort import phantom
 
 pytestmark = pytest.mark.slow
 
+# A user's cohort measured from the sheet's seg column (the demo segments with the bundled model).
+PRECOMPUTED = {"method": "precomputed"}
+
 
 @pytest.fixture(scope="module")
 def demo_study(tmp_path_factory):
@@ -102,7 +105,7 @@ def small_user_cohort(tmp_path):
 
 def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
     workdir, sheet = small_user_cohort
-    run_workflow(workdir, {"cohort": str(sheet)})
+    run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED})
     failures = pd.read_csv(workdir / "results" / "tables" / "failures.tsv", sep="\t")
     assert list(failures["subject"]) == ["demo002", "demo004"]
     assert set(failures["stage"]) == {"measure"}
@@ -116,7 +119,8 @@ def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
 
 def test_on_scan_error_fail_stops_the_study(small_user_cohort):
     workdir, sheet = small_user_cohort
-    result = run_workflow(workdir, {"cohort": str(sheet), "on_scan_error": "fail"}, check=False)
+    result = run_workflow(workdir, {"cohort": str(sheet), "on_scan_error": "fail", "segmentation": PRECOMPUTED},
+                          check=False)
     assert result.returncode != 0
     assert not (workdir / "results" / "tables" / "measurements.tsv").exists()
     log = (workdir / "results" / "logs" / "measure" / "demo002.log").read_text()
@@ -130,12 +134,22 @@ def test_bad_sheet_stops_before_any_job(tmp_path):
     sheet.loc[1, "subject"] = "demo001"
     sheet.loc[2, "age"] = "unknown"
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
-    result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv")}, check=False)
+    result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv"), "segmentation": PRECOMPUTED}, check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "line 3 ('demo001')" in output or "line 3 (subject 'demo001')" in output
     assert "duplicate subject" in output
     assert "line 4" in output and "'age'" in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_user_cohort_needs_a_model_to_segment(tmp_path):
+    data = tmp_path / "data"
+    phantom.write_cohort(data, 2, seed=3)
+    result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "nnunet"}},
+                          check=False)
+    assert result.returncode != 0
+    assert "segmentation.model is empty" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
 
 

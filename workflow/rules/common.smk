@@ -40,6 +40,14 @@ SUBJECTS = SHEET.index.tolist()
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
+    if not DEMO and not config["segmentation"]["model"]:
+        # The bundled model knows phantoms only; on real scans it would give plausible-looking nonsense.
+        raise WorkflowError(
+            "segmentation.model is empty: the bundled model is trained on phantom scans and serves the demo "
+            "only. Set segmentation.model to your model folder (e.g. TotalSegmentator's weights, "
+            "Dataset291_.. to Dataset295_..), or segmentation.method: precomputed to measure the sheet's "
+            "seg column."
+        )
     try:  # a missing or malformed model folder stops the run before any job
         find_model_parts(config["segmentation"]["model"], load_structure_table(config["structures"]))
     except ModelFolderError as err:
