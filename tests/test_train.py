@@ -281,6 +281,26 @@ def test_release_written_in_parallel_is_identical(release, tmp_path):
         np.testing.assert_array_equal(read(parallel / subject / name), read(release / subject / name))
 
 
+def test_bfloat16_autocast_applies_to_nnunets_cpu_steps_only_within():
+    if NNUNET_MISSING:
+        pytest.skip(NNUNET_MISSING)
+    import sys
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer_module = sys.modules[nnUNetTrainer.__module__]
+    conv = torch.nn.Conv3d(1, 2, 3)
+    x = torch.randn(1, 1, 5, 5, 5)
+    with train.bfloat16_autocast_on_cpu():
+        with trainer_module.dummy_context():  # what nnU-Net's train_step enters on the CPU
+            assert conv(x).dtype == torch.bfloat16
+    with trainer_module.dummy_context():
+        assert conv(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="bf16 is for CPU training"):
+        train.train(901, "unused", device="cuda", bf16=True)
+
+
 def test_unknown_optimizer_or_loss_is_an_error():
     with pytest.raises(ValueError, match="optimizer 'rmsprop'"):
         train._use_optimizer(object(), "rmsprop")
@@ -290,14 +310,14 @@ def test_unknown_optimizer_or_loss_is_an_error():
 
 @pytest.fixture(scope="module")
 def budgeted(release, tmp_path_factory):
-    """A real tiny training run with AdamW and the top-k loss, a time budget far too small for its 5 epochs,
-    float16 export."""
+    """A real tiny training run with AdamW, the top-k loss and bfloat16 mixed precision, a time budget far too
+    small for its 5 epochs, float16 export."""
     if NNUNET_MISSING:
         pytest.skip(NNUNET_MISSING)
     out = tmp_path_factory.mktemp("budgeted")
     model = train.train_from_release(release, out / "model", out / "nnunet", dataset_id=998, name="Budgeted",
                                      epochs=5, iterations=1, threads=2, validate=False, augmentation=False,
-                                     time_budget_min=1e-4, optimizer="adam", loss="dice_topk10", half=True,
+                                     time_budget_min=1e-4, optimizer="adam", loss="dice_topk10", half=True, bf16=True,
                                      small_configuration={"patch_voxels": 10 ** 8, "base_features": 8,
                                                           "max_features": 32})
     return out, model
@@ -311,6 +331,7 @@ def test_time_budget_cuts_epochs_and_adam_and_topk_are_used(budgeted):
     results = out / "nnunet" / "nnUNet_results" / "Dataset998_Budgeted" / "nnUNetTrainer__nnUNetPlans__3d_small"
     checkpoint = torch.load(results / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["current_epoch"] == 1  # one epoch ran: the budget allowed no second
+    assert np.isfinite(checkpoint["logging"]["train_losses"]).all()  # bfloat16 steps gave real losses
     groups = checkpoint["optimizer_state"]["param_groups"]
     assert groups[0]["amsgrad"] is True and groups[0]["initial_lr"] == pytest.approx(1e-3)
     assert "TopKLoss" in json.loads((results / "fold_0" / "debug.json").read_text())["loss"]

@@ -17,6 +17,7 @@ rule train:
         dataset_id=config["training"]["dataset_id"],
         optimizer=config["training"]["optimizer"],
         loss=config["training"]["loss"],
+        bf16=config["training"]["bf16"],
         augmentation=config["training"]["augmentation"],
         time_budget_min=config["training"]["time_budget_min"],
         data_workers=config["training"]["data_workers"],

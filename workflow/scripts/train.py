@@ -23,6 +23,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         threads=snakemake.threads,
         optimizer=params.optimizer,
         loss=params.loss,
+        bf16=params.bf16,
         augmentation=params.augmentation,
         time_budget_min=params.time_budget_min,
         data_workers=params.data_workers,
