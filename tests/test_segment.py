@@ -15,6 +15,7 @@ from ctcohort.segment import (  # noqa: E402
     ModelFolderError,
     Segmenter,
     find_model_parts,
+    missing_segmentation_packages,
     recorded_label_names,
     segment_batch,
 )
@@ -125,6 +126,12 @@ def test_missing_or_empty_model_folder_says_what_to_provide(tmp_path, make, mess
     make(folder)
     with pytest.raises(ModelFolderError, match=message):
         find_model_parts(folder, V1)
+
+
+def test_missing_segmentation_packages_say_what_to_install():
+    assert missing_segmentation_packages(("json",)) is None
+    message = missing_segmentation_packages(("json", "no_such_package_here"))
+    assert "no_such_package_here" in message and "pip install -e '.[segment]'" in message
 
 
 def test_labels_not_in_the_structure_table_are_named(two_part_model):

@@ -22,6 +22,7 @@ the trainer class named in the checkpoint: TotalSegmentator's trainers differ fr
 only in training (epochs, mirroring), and the lookup imports every trainer module nnU-Net has.
 """
 
+import importlib.util
 import json
 import logging
 import re
@@ -56,6 +57,16 @@ class ModelPart:
     folder: Path
     dataset_id: int | None
     global_labels: dict[int, int] = field(default_factory=dict)  # part label -> structure label
+
+
+def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2")) -> str | None:
+    """What to install when nnU-Net inference cannot run here (None: all there). Checked without importing
+    them, so that a workflow stops at start-up, not in its first segmentation job."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"segmentation.method nnunet needs {' and '.join(missing)}, which this environment lacks: "
+            "pip install -e '.[segment]' (or set segmentation.method: precomputed)")
 
 
 def _is_trained_model(folder: Path) -> bool:

@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctcohort import phantom
-from ctcohort.segment import ModelFolderError, find_model_parts
+from ctcohort.segment import ModelFolderError, find_model_parts, missing_segmentation_packages
 from ctcohort.sheet import CohortSheetError, load_cohort_sheet
 from ctcohort.structures import load_structure_table
 
@@ -40,6 +40,8 @@ SUBJECTS = SHEET.index.tolist()
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
+    if missing_segmentation_packages():
+        raise WorkflowError(missing_segmentation_packages())
     if not DEMO and not config["segmentation"]["model"]:
         # The bundled model knows phantoms only; on real scans it would give plausible-looking nonsense.
         raise WorkflowError(
