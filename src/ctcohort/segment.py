@@ -22,7 +22,9 @@ the trainer class named in the checkpoint: TotalSegmentator's trainers differ fr
 only in training (epochs, mirroring), and the lookup imports every trainer module nnU-Net has.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import re
@@ -57,6 +59,14 @@ class ModelPart:
     folder: Path
     dataset_id: int | None
     global_labels: dict[int, int] = field(default_factory=dict)  # part label -> structure label
+
+
+def model_files(parts: Sequence[ModelPart], folds: Sequence[int], checkpoint: str = "checkpoint_final.pth") -> list[Path]:
+    """The files a segmentation depends on: each part's dataset.json, plans.json and fold checkpoints.
+    The workflow's segmentation jobs take them as inputs, so that new weights segment the scans again."""
+    return [path for part in parts
+            for path in [part.folder / name for name in MODEL_FILES]
+            + [part.folder / f"fold_{fold}" / checkpoint for fold in folds]]
 
 
 def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2")) -> str | None:
@@ -186,10 +196,13 @@ def _load_predictor(part: ModelPart, device, folds: Sequence, checkpoint: str, t
         enable_deep_supervision=False,
     )
     network.load_state_dict(parameters[0])
-    predictor = nnUNetPredictor(
-        tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
-        perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
-    )
+    # 2.8.1 prints "perform_everything_on_device=True is only supported for cuda" for any non-CUDA device,
+    # even when it is False: kept out of the job logs, where it would read as a problem
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(
+            tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+            perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
+        )
     predictor.manual_initialization(
         network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
         first.get("inference_allowed_mirroring_axes"),
@@ -430,12 +443,13 @@ def segment_batch(
             with recording_failure(subject, "segment", status_path, on_error) as status:
                 ct, labels = pipeline.segment(i)
             if status.ok:
+                log.info("segmented %s (%d of %d)", ct_path, i + 1, len(cts))  # progress, as it happens
                 writes.append((subject, ct_path, out_path, status_path, pipeline.write(labels, ct, out_path)))
             else:
                 _write_placeholder(out_path)
         for subject, ct_path, out_path, status_path, write in writes:
             with recording_failure(subject, "segment", status_path, on_error) as status:
                 write.result()
-                log.info("segmented %s -> %s", ct_path, out_path)
+                log.info("wrote %s", out_path)
             if not status.ok:
                 _write_placeholder(out_path)

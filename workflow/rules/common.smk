@@ -6,7 +6,12 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctcohort import phantom
-from ctcohort.segment import ModelFolderError, find_model_parts, missing_segmentation_packages
+from ctcohort.segment import (
+    ModelFolderError,
+    find_model_parts,
+    missing_segmentation_packages,
+    model_files,
+)
 from ctcohort.sheet import CohortSheetError, load_cohort_sheet
 from ctcohort.structures import load_structure_table
 
@@ -51,9 +56,10 @@ else:
             "seg column."
         )
     try:  # a missing or malformed model folder stops the run before any job
-        find_model_parts(config["segmentation"]["model"], load_structure_table(config["structures"]))
+        parts = find_model_parts(config["segmentation"]["model"], load_structure_table(config["structures"]))
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
+    SEGMENTATION_MODEL_FILES = [str(path) for path in model_files(parts, config["segmentation"]["folds"])]
     size = config["segmentation"]["scans_per_job"]
     SEGMENTATION_BATCHES = [SUBJECTS[i : i + size] for i in range(0, len(SUBJECTS), size)]
 
