@@ -21,7 +21,8 @@ PRECOMPUTED = {"method": "precomputed"}
 
 @pytest.fixture(scope="module")
 def demo_study(tmp_path_factory):
-    """The demo study at 40 scans, run once for the tests below, with its report."""
+    """The demo study at 40 scans, segmented by the bundled nnU-Net model, run once for the tests below,
+    with its report."""
     workdir = tmp_path_factory.mktemp("demo")
     run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}})
     run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--report", "results/report.html")
@@ -159,13 +160,15 @@ def test_lint_is_clean():
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_demo_evaluates_segmentations_against_references(demo_study):
+def test_demo_segments_with_the_bundled_model_as_well_as_its_truth(demo_study):
+    """The demo's scans are segmented by nnU-Net (results/seg) and scored against the phantom's truth."""
+    assert len(list((demo_study / "seg").glob("*.nii.gz"))) == 40
     dice = pd.read_csv(demo_study / "evaluation" / "dice.tsv", sep="\t")
     assert dice["subject"].nunique() == 40
-    # the demo measures the phantom's own label maps, which are also its references
     present = dice.dropna(subset=["dice"])
-    assert len(present) >= 40 * 30
-    assert (present["dice"] == 1).all() and (present["nsd"] == 1).all()
-    summary = pd.read_csv(demo_study / "evaluation" / "dice_summary.tsv", sep="\t")
-    assert set(summary.dropna(subset=["dice_mean"])["structure"]) == set(present["structure"])
+    assert present["structure"].nunique() == len(phantom.ANATOMY)
+    summary = pd.read_csv(demo_study / "evaluation" / "dice_summary.tsv", sep="\t").dropna(subset=["dice_mean"])
+    assert set(summary["structure"]) == set(present["structure"])
+    assert (summary["dice_mean"] >= 0.9).all(), summary.loc[summary["dice_mean"] < 0.9, ["structure", "dice_mean"]]
+    assert (summary["dice_ci_low"] <= summary["dice_mean"]).all()
     assert (demo_study / "figures" / "dice.png").stat().st_size > 5000
