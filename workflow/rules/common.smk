@@ -45,8 +45,9 @@ SUBJECTS = SHEET.index.tolist()
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
-    if missing_segmentation_packages():
-        raise WorkflowError(missing_segmentation_packages())
+    MISSING_PACKAGES = missing_segmentation_packages()
+    if MISSING_PACKAGES:
+        raise WorkflowError(MISSING_PACKAGES)
     if not DEMO and not config["segmentation"]["model"]:
         # The bundled model knows phantoms only; on real scans it would give plausible-looking nonsense.
         raise WorkflowError(
