@@ -9,7 +9,6 @@ update, on a random CT-like batch. The two precisions alternate so that both see
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -40,18 +39,14 @@ def build(model_dir, configuration):
     return network, loss, config, classes
 
 
-def trainer_module():
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    return sys.modules[nnUNetTrainer.__module__]
-
-
 def step_seconds(network, loss, optimizer, image, targets, bf16: bool) -> float:
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     # what ctcohort's training does: nnU-Net's CPU step enters its module's dummy_context(), which
     # bfloat16_autocast_on_cpu swaps for torch's bfloat16 autocast
-    with bfloat16_autocast_on_cpu(bf16), trainer_module().dummy_context():
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    with bfloat16_autocast_on_cpu(bf16), trainer_module.dummy_context():
         value = loss(network(image), targets)
     value.backward()
     optimizer.step()

@@ -284,12 +284,9 @@ def test_release_written_in_parallel_is_identical(release, tmp_path):
 def test_bfloat16_autocast_applies_to_nnunets_cpu_steps_only_within():
     if NNUNET_MISSING:
         pytest.skip(NNUNET_MISSING)
-    import sys
-
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
     import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    trainer_module = sys.modules[nnUNetTrainer.__module__]
     conv = torch.nn.Conv3d(1, 2, 3)
     x = torch.randn(1, 1, 5, 5, 5)
     with train.bfloat16_autocast_on_cpu():
