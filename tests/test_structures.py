@@ -38,3 +38,23 @@ def test_bad_tables_are_rejected(tmp_path, rows, message):
 def test_unknown_table_name():
     with pytest.raises(FileNotFoundError, match="total_v1"):
         load_structure_table("total_v9")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("label,name\nx,a\n", "integers"),
+    ("label,name\n1.5,a\n", "integers"),
+    ("label,name\n1,\n", "needs a name"),
+    ("label,name\n", "no rows"),
+    ("label,name,group\n1,a,organ\n2,a,organ\n", "duplicate name"),
+])
+def test_malformed_tables_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_structure_table(path)
+
+
+def test_group_may_be_left_blank_per_row(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("label,name,group\n1,a,organ\n2,b,\n")
+    assert load_structure_table(path)["group"].tolist() == ["organ", ""]

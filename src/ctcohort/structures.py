@@ -26,19 +26,30 @@ def load_structure_table(spec: str | Path) -> pd.DataFrame:
             f"structure table {spec!r}: not a built-in table ({', '.join(BUILTIN_TABLES)}) "
             f"and no such file {path}"
         )
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"structure table {path}: not a readable CSV ({err})") from err
+    table.columns = [str(c).strip() for c in table.columns]
     missing = {"label", "name"} - set(table.columns)
     if missing:
-        raise ValueError(f"structure table {path}: missing column(s) {sorted(missing)}")
+        raise ValueError(f"structure table {path}: missing column(s) {sorted(missing)} (found {list(table.columns)})")
     if "group" not in table.columns:
         table["group"] = ""
-    table = table[["label", "name", "group"]].copy()
-    table["group"] = table["group"].fillna("").astype(str)
-    if (table["label"] <= 0).any():
+    table = table[["label", "name", "group"]].apply(lambda column: column.str.strip())
+    if table.empty:
+        raise ValueError(f"structure table {path}: no rows")
+    labels = pd.to_numeric(table["label"], errors="coerce")
+    bad = table.loc[labels.isna() | (labels % 1 != 0), "label"].tolist()
+    if bad:
+        raise ValueError(f"structure table {path}: labels must be integers, not {bad[:5]}")
+    if (labels <= 0).any():
         raise ValueError(f"structure table {path}: labels must be positive (0 is background)")
+    if (table["name"] == "").any():
+        raise ValueError(f"structure table {path}: every label needs a name (rows {list(table.index[table['name'] == ''] + 2)})")
+    table["label"] = labels.astype(int)
     for column in ("label", "name"):
         dupes = table[column][table[column].duplicated()].tolist()
         if dupes:
             raise ValueError(f"structure table {path}: duplicate {column} {dupes}")
-    table["label"] = table["label"].astype(int)
     return table.sort_values("label").reset_index(drop=True)

@@ -18,7 +18,9 @@ from ctcohort.structures import load_structure_table
 
 validate(config, "../schemas/config.schema.yaml")
 
-SHEET_SCHEMA = workflow.source_path("../schemas/sheet.schema.yaml")
+# A plain path, not workflow.source_path(): that resolves to a new cache path on every run, and the
+# aggregate rule's params would change each time, so nothing would ever be up to date.
+SHEET_SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "sheet.schema.yaml")
 DEMO = not config.get("cohort")
 DEMO_DIR = "results/demo"
 DEMO_SUBJECTS = phantom.subject_ids(config["demo"]["n_subjects"])
@@ -42,6 +44,11 @@ else:
 
 SUBJECTS = SHEET.index.tolist()
 
+try:  # a bad structure table would otherwise fail every scan, one job at a time
+    STRUCTURE_TABLE = load_structure_table(config["structures"])
+except (ValueError, FileNotFoundError) as err:
+    raise WorkflowError(f"config key structures: {err}") from None
+
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
@@ -57,7 +64,7 @@ else:
             "seg column."
         )
     try:  # a missing or malformed model folder stops the run before any job
-        parts = find_model_parts(config["segmentation"]["model"], load_structure_table(config["structures"]))
+        parts = find_model_parts(config["segmentation"]["model"], STRUCTURE_TABLE)
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
     SEGMENTATION_MODEL_FILES = [str(path) for path in model_files(parts, config["segmentation"]["folds"])]
