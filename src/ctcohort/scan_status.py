@@ -4,8 +4,14 @@ A per-scan step runs inside ``recording_failure``: with policy "record" an
 exception becomes a status file naming the subject, the stage and the cause,
 and the cohort rules list it in failures.tsv; with policy "fail" it propagates
 and the job fails as usual.
+
+Resource errors (out of memory on the host or the GPU, a full disk) are not a
+property of the scan: they always fail the job, which Snakemake can retry
+(``--retries``), so that big scans are not excluded from the cohort for the
+machine's sake.
 """
 
+import errno
 import json
 import logging
 import traceback
@@ -33,6 +39,28 @@ def read_status(path: str | Path) -> ScanStatus:
     return ScanStatus(**json.loads(Path(path).read_text()))
 
 
+RESOURCE_ERRNOS = (errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)
+
+
+def is_resource_error(err: BaseException) -> bool:
+    """Out of memory (host or GPU) or out of disk: the machine's limit, not the scan's fault."""
+    if isinstance(err, MemoryError):
+        return True
+    if isinstance(err, OSError) and err.errno in RESOURCE_ERRNOS:
+        return True
+    # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError, without importing torch here;
+    # older torch raises a RuntimeError whose message says so
+    if type(err).__name__ == "OutOfMemoryError":
+        return True
+    message = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def one_line(text: str) -> str:
+    """A message as one line of a table (tracebacks and printed matrices span several)."""
+    return " ".join(text.split())
+
+
 @contextmanager
 def recording_failure(subject: str, stage: str, status_path: str | Path, policy: str = "record"):
     """Run a scan's step; on error write a failed status (policy "record") or re-raise ("fail")."""
@@ -45,7 +73,11 @@ def recording_failure(subject: str, stage: str, status_path: str | Path, policy:
         log.error("%s failed for scan %s:\n%s", stage, subject, traceback.format_exc())
         if policy == "fail":
             raise
-        status.ok, status.error = False, f"{type(err).__name__}: {err}"
+        if is_resource_error(err):
+            log.error("scan %s: %s is a resource error; the job fails so that it can be retried with more "
+                      "resources, and the scan is not excluded", subject, type(err).__name__)
+            raise
+        status.ok, status.error = False, one_line(f"{type(err).__name__}: {err}")
     status.write(status_path)
 
 
