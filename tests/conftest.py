@@ -12,11 +12,20 @@ SHARED_DATA = Path(os.environ.get("CTCOHORT_TEST_DATA", REPO.parent / "shared" /
 SHEET_SCHEMA = REPO / "workflow" / "schemas" / "sheet.schema.yaml"
 
 
+def require_shared_data(folder: Path = SHARED_DATA, ci: bool = bool(os.environ.get("CI"))) -> Path:
+    """The real-CT data folder; where it is missing, a skip on a user's machine and an error in CI
+    (where it is always laid beside the checkout), so that CI cannot pass without the real-CT tests."""
+    if (folder / "totalseg-example").is_dir():
+        return folder
+    message = f"real CT test data not found at {folder} (set CTCOHORT_TEST_DATA)"
+    if ci:
+        pytest.fail(message + "; CI is set, where the data must be there")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    if not (SHARED_DATA / "totalseg-example").is_dir():
-        pytest.skip(f"real CT test data not found at {SHARED_DATA} (set CTCOHORT_TEST_DATA)")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool = True):

@@ -359,10 +359,6 @@ def test_sheet_path_is_a_folder(tmp_path):
         load(tmp_path)
 
 
-def test_error_is_a_value_error():
-    assert issubclass(CohortSheetError, ValueError)
-
-
 # --- malformed files and values that slipped through once --------------------------------------
 
 

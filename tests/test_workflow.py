@@ -118,6 +118,31 @@ def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
     assert (workdir / "results" / "stats" / "age_correlations.tsv").exists()
 
 
+def test_a_second_run_with_nothing_changed_has_nothing_to_do(small_user_cohort):
+    workdir, sheet = small_user_cohort
+    config = {"cohort": str(sheet), "segmentation": PRECOMPUTED}
+    run_workflow(workdir, config)
+    again = run_workflow(workdir, config, "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+
+
+@pytest.mark.parametrize("table, message", [
+    ("label,name,group\n1,spleen,organ\n1,kidney_right,organ\n", "duplicate label"),
+    (None, "no such file"),
+])
+def test_a_bad_structure_table_stops_before_any_job(small_user_cohort, table, message):
+    workdir, sheet = small_user_cohort
+    path = workdir / "structures.csv"
+    if table is not None:
+        path.write_text(table)
+    result = run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED, "structures": str(path)},
+                          check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "config key structures" in output and message in output
+    assert not (workdir / "results").exists()
+
+
 def test_on_scan_error_fail_stops_the_study(small_user_cohort):
     workdir, sheet = small_user_cohort
     result = run_workflow(workdir, {"cohort": str(sheet), "on_scan_error": "fail", "segmentation": PRECOMPUTED},
@@ -138,7 +163,7 @@ def test_bad_sheet_stops_before_any_job(tmp_path):
     result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv"), "segmentation": PRECOMPUTED}, check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "line 3 ('demo001')" in output or "line 3 (subject 'demo001')" in output
+    assert "line 3 (subject 'demo001')" in output
     assert "duplicate subject" in output
     assert "line 4" in output and "'age'" in output
     assert not (tmp_path / "results").exists()
