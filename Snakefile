@@ -23,6 +23,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 
 
+onsuccess:
+    print_failure_summary()
+
+
 rule all:
     input:
         study_outputs(),

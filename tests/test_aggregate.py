@@ -14,6 +14,9 @@ from ctcohort.aggregate import (
     FAILURE_COLUMNS,
     cohort_measurements,
     collect_failures,
+    exclusion_counts,
+    failure_summary,
+    measurement_summary,
     qc_summary,
 )
 from ctcohort.measure import MEASURE_COLUMNS, empty_measurements, write_measurements
@@ -291,6 +294,60 @@ def test_qc_summary_on_a_hand_made_table():
     a = summary.iloc[1]
     assert (b["n_scans"], b["measured"], b["absent"], b["cut_off"], b["too_small"]) == (4, 2, 0, 1, 1)
     assert (a["n_scans"], a["measured"], a["absent"], a["cut_off"], a["too_small"]) == (3, 1, 2, 0, 0)
+
+
+# --- summaries for the report and the console ------------------------------------------------
+
+
+def test_measurement_summary_against_numpy(cohort, sheet):
+    table = cohort_measurements(sheet, cohort["measurements"], {FAILED})
+    summary = measurement_summary(table).set_index(["structure", "measure"])
+    for structure in STRUCTURES:
+        for measure in ("volume_ml", "hu_mean"):
+            values = np.array([
+                volume_of(s, structure) if measure == "volume_ml" else 40.0 + STRUCTURES[structure][0]
+                for s in REASONS if s != FAILED
+                and (REASONS[s][structure] == "" if measure == "volume_ml"
+                     else REASONS[s][structure] in ("", "cut_off"))
+            ])
+            row = summary.loc[(structure, measure)]
+            assert row["n"] == len(values)
+            assert row["mean"] == pytest.approx(values.mean())
+            assert row["median"] == pytest.approx(np.median(values))
+            assert row["q25"] == pytest.approx(np.percentile(values, 25))
+            if len(values) > 1:
+                assert row["sd"] == pytest.approx(values.std(ddof=1))
+
+
+def test_measurement_summary_has_no_subject_level_data(cohort, sheet):
+    summary = measurement_summary(cohort_measurements(sheet, cohort["measurements"], {FAILED}))
+    assert not {"subject", "age", "sex", "bmi", "ct"} & set(summary.columns)
+    assert len(summary) <= len(STRUCTURES) * 5
+
+
+def test_exclusion_counts_add_up(cohort, sheet):
+    failures = collect_failures(cohort["statuses"])
+    table = cohort_measurements(sheet, cohort["measurements"], set(failures["subject"]))
+    counts = exclusion_counts(len(REASONS), failures, table).set_index(["level", "kind"])["count"]
+    assert counts[("scans", "in the sheet")] == 4
+    assert counts[("scans", "measured")] == 3
+    assert counts[("scans", "failed: measure")] == 1
+    measured_scans = [s for s in REASONS if s != FAILED]
+    for reason in ("", *EXCLUSION_REASONS):
+        expected = sum(r == reason for s in measured_scans for r in REASONS[s].values())
+        assert counts[("structures", reason or "measured")] == expected
+    assert counts.loc["structures"].sum() == 3 * len(STRUCTURES)
+
+
+def test_failure_summary_names_the_count_stages_and_table(cohort):
+    failures = pd.concat([
+        collect_failures(cohort["statuses"]),
+        pd.DataFrame([("s9", "segment", "x"), ("s8", "segment", "y")], columns=FAILURE_COLUMNS),
+    ])
+    line = failure_summary(failures, 10, "results/tables/failures.tsv")
+    assert line.startswith("ctcohort: 3 of 10 scans failed")
+    assert "segment: 2" in line and "measure: 1" in line and "results/tables/failures.tsv" in line
+    assert failure_summary(failures.iloc[:0], 10, "f.tsv") is None
 
 
 # --- recording_failure ---------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Real snakemake runs of the whole workflow on tiny cohorts."""
 
+import base64
+import io
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +30,19 @@ def demo_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}})
     run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--report", "results/report.html")
+    # a second run with nothing changed has nothing to do
+    again = run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
     return workdir / "results"
+
+
+def embedded_files(report_path) -> dict[str, str]:
+    """File name -> decoded text of every file a snakemake report embeds (as base64 data URIs)."""
+    html = report_path.read_text(errors="replace")
+    return {
+        name: base64.b64decode(data).decode("utf-8", errors="replace")
+        for name, data in re.findall(r"filename=([^;\"]+);base64,([A-Za-z0-9+/=]+)", html)
+    }
 
 
 def test_demo_tables(demo_study):
@@ -86,6 +102,15 @@ def test_demo_figures_and_report(demo_study):
     report = (demo_study / "report.html").read_text(errors="replace")
     for needle in ("age_correlations.tsv", "failures.tsv", "software_versions.tsv", "Spearman"):
         assert needle in report
+    # summaries, not the per-subject table; no folder of this machine, no kernel build string
+    files = embedded_files(demo_study / "report.html")
+    assert {"measurement_summary.tsv", "exclusion_counts.tsv", "qc_summary.tsv"} <= set(files)
+    assert "measurements.tsv" not in files
+    for text in [report, *files.values()]:
+        assert str(demo_study.parent) not in text and str(REPO) not in text
+        assert platform.release() not in text
+    counts = pd.read_csv(io.StringIO(files["exclusion_counts.tsv"]), sep="\t").set_index(["level", "kind"])
+    assert counts.at[("scans", "measured"), "count"] == 40
     versions = pd.read_csv(demo_study / "tables" / "software_versions.tsv", sep="\t").set_index("software")
     assert versions.at["snakemake", "version"][0].isdigit()
 
@@ -106,7 +131,10 @@ def small_user_cohort(tmp_path):
 
 def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
     workdir, sheet = small_user_cohort
-    run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED})
+    result = run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED})
+    # said on the console at the end, not only in a table
+    assert ("ctcohort: 2 of 6 scans failed and are left out of the study (measure: 2); "
+            "the causes are in results/tables/failures.tsv") in result.stderr
     failures = pd.read_csv(workdir / "results" / "tables" / "failures.tsv", sep="\t")
     assert list(failures["subject"]) == ["demo002", "demo004"]
     assert set(failures["stage"]) == {"measure"}

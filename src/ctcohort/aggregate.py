@@ -11,6 +11,8 @@ from ctcohort.sheet import covariate_columns
 
 FAILURE_COLUMNS = ["subject", "stage", "error"]
 EXCLUSION_REASONS = ("absent", "cut_off", "too_small")
+SUMMARY_MEASURES = ("volume_ml", "hu_mean", "hu_median", "hu_std", "hu_mean_eroded")
+SUMMARY_COLUMNS = ["structure", "group", "measure", "n", "mean", "sd", "q25", "median", "q75"]
 
 
 def collect_failures(status_paths: Sequence[str | Path]) -> pd.DataFrame:
@@ -49,3 +51,43 @@ def qc_summary(measurements: pd.DataFrame) -> pd.DataFrame:
     counts.insert(2, "n_scans", counts[["measured", *EXCLUSION_REASONS]].sum(axis=1))
     order = measurements.drop_duplicates("structure")["structure"]
     return counts.set_index("structure").loc[order].reset_index()
+
+
+def measurement_summary(measurements: pd.DataFrame, measures=SUMMARY_MEASURES) -> pd.DataFrame:
+    """Per structure and measure: n (finite values), mean, SD, quartiles. What the report shows in place
+    of the full table, which at thousands of scans is too big to embed and carries every covariate."""
+    long = measurements.melt(id_vars=["structure", "group"], value_vars=list(measures), var_name="measure")
+    long = long[pd.to_numeric(long["value"], errors="coerce").notna()].astype({"value": float})
+    if long.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    stats = long.groupby(["structure", "group", "measure"], sort=False, dropna=False)["value"].agg(
+        n="count", mean="mean", sd="std",
+        q25=lambda v: v.quantile(0.25), median="median", q75=lambda v: v.quantile(0.75),
+    ).reset_index()
+    return stats[SUMMARY_COLUMNS]
+
+
+def exclusion_counts(n_scans: int, failures: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
+    """How many scans were measured or failed (by stage), and how many structure measurements were
+    excluded (by reason): the counts a reader of the report checks first."""
+    rows = [("scans", "in the sheet", n_scans),
+            ("scans", "measured", n_scans - failures["subject"].nunique())]
+    rows += [("scans", f"failed: {stage}", int(count)) for stage, count in failures["stage"].value_counts().items()]
+    reasons = measurements["exclusion_reason"].fillna("").replace("", "measured").value_counts()
+    rows += [("structures", reason, int(reasons.get(reason, 0))) for reason in ("measured", *EXCLUSION_REASONS)]
+    rows += [("structures", reason, int(count)) for reason, count in reasons.items()
+             if reason not in ("measured", *EXCLUSION_REASONS)]
+    return pd.DataFrame(rows, columns=["level", "kind", "count"])
+
+
+def failure_summary(failures: pd.DataFrame, n_scans: int, table_path: str | Path) -> str | None:
+    """One line for the console at the end of a run that left scans out (None when none failed)."""
+    if failures.empty:
+        return None
+    stages = ", ".join(f"{stage}: {count}" for stage, count in failures["stage"].value_counts().items())
+    return (f"ctcohort: {failures['subject'].nunique()} of {n_scans} scans failed and are left out of the study "
+            f"({stages}); the causes are in {table_path}")
+
+
+def read_failures(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)

@@ -7,11 +7,12 @@ from importlib import metadata
 import pandas as pd
 
 PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "nibabel", "matplotlib",
-            "pyarrow", "jsonschema")
+            "pyarrow", "jsonschema", "torch", "nnunetv2")
 
 
 def software_versions(packages=PACKAGES) -> pd.DataFrame:
-    rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
+    # the operating system and processor kind, not the kernel build string (the report is shared widely)
+    rows = [("python", sys.version.split()[0]), ("platform", f"{platform.system()} {platform.machine()}")]
     for name in packages:
         try:
             rows.append((name, metadata.version(name)))

@@ -42,7 +42,11 @@ def _convert(value: str, kind: str | list):
 
 
 def _resolve(path: str, base: Path) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(base / path)
+    """The path relative to the working directory where it lies below it (jobs run there, and tables and
+    reports then name no folders of the machine), absolute otherwise."""
+    absolute = os.path.abspath(path if os.path.isabs(path) else base / path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative.split(os.sep)[0] == os.pardir else relative
 
 
 def load_cohort_sheet(

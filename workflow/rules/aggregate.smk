@@ -1,4 +1,6 @@
 # Cohort tables: measurements joined with covariates, per-scan failures, exclusion counts.
+# The full measurement table is linked from the report, not embedded: at thousands of scans it is
+# half a million rows, and a report is shared more widely than the data.
 
 
 localrules:
@@ -8,14 +10,11 @@ localrules:
 rule aggregate:
     input:
         sheet=SHEET_PATH,
+        schema=SHEET_SCHEMA,
         measurements=per_scan("results/measure/{subject}.tsv"),
         statuses=per_scan("results/measure/{subject}.status.json"),
     output:
-        measurements=report(
-            "results/tables/measurements.tsv",
-            caption="../report/measurements.rst",
-            category="Tables",
-        ),
+        measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",
         failures=report(
             "results/tables/failures.tsv",
@@ -27,9 +26,16 @@ rule aggregate:
             caption="../report/qc_summary.rst",
             category="Quality control",
         ),
-    params:
-        subjects=SUBJECTS,
-        schema=SHEET_SCHEMA,
+        exclusions=report(
+            "results/tables/exclusion_counts.tsv",
+            caption="../report/exclusion_counts.rst",
+            category="Quality control",
+        ),
+        summary=report(
+            "results/tables/measurement_summary.tsv",
+            caption="../report/measurement_summary.rst",
+            category="Tables",
+        ),
     log:
         "results/logs/aggregate.log",
     conda:

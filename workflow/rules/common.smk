@@ -1,11 +1,13 @@
 # Sheet loading, validation and input functions; every other .smk uses what is defined here.
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctcohort import phantom
+from ctcohort.aggregate import failure_summary, read_failures
 from ctcohort.segment import (
     ModelFolderError,
     find_model_parts,
@@ -116,3 +118,13 @@ def study_outputs():
         "results/figures/correlation_overview.png",
         *(["results/evaluation/dice_summary.tsv"] if EVALUATED_SUBJECTS else []),
     ]
+
+
+def print_failure_summary():
+    """At the end of a run: how many scans were left out and where the causes are (a run that
+    records failures exits 0, so without this a user would not notice)."""
+    for path in ("results/tables/failures.tsv", "results/evaluation/failures.tsv"):
+        if os.path.exists(path):
+            line = failure_summary(read_failures(path), len(SUBJECTS), path)
+            if line:
+                print(line, file=sys.stderr)

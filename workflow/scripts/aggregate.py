@@ -1,16 +1,25 @@
-"""Join every scan's measurements with the sheet's covariates; list failed scans."""
+"""Join every scan's measurements with the sheet's covariates; list failed scans; summaries for the report."""
 
 from ctcohort import aggregate
 from ctcohort.runlog import log_to
+from ctcohort.scan_status import read_status
 from ctcohort.sheet import load_cohort_sheet
 
 log_to(snakemake.log[0])
-sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.params.schema)
+sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.input.schema)
 failures = aggregate.collect_failures(snakemake.input.statuses)
-paths = dict(zip(snakemake.params.subjects, snakemake.input.measurements))
+# subjects from their status files: a 10,000-subject list in params would be copied into the report
+subjects = [read_status(path).subject for path in snakemake.input.statuses]
+paths = dict(zip(subjects, snakemake.input.measurements))
 measurements = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 
 measurements.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
 measurements.to_parquet(snakemake.output.parquet, index=False)
 failures.to_csv(snakemake.output.failures, sep="\t", index=False)
 aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=False)
+aggregate.measurement_summary(measurements).to_csv(
+    snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
+)
+aggregate.exclusion_counts(len(subjects), failures, measurements).to_csv(
+    snakemake.output.exclusions, sep="\t", index=False
+)
