@@ -1,32 +1,45 @@
-"""age_correlations and fisher_ci, checked against scipy/statsmodels/numpy recomputed here."""
+"""ctcohort.stats against references that do not share its code: scipy.stats.spearmanr on the raw
+data, statsmodels' multipletests, pairings enumerated here, exact P values known by hand,
+pingouin.partial_corr, and a coverage simulation of the confidence interval."""
 
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
+import pingouin
 import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from ctcohort.stats import CORRELATION_COLUMNS, age_correlations, fisher_ci
+from ctcohort.stats import CORRELATION_COLUMNS, MIN_N, age_correlations, partial_spearman, spearman_ci
 
 Z975 = 1.959963984540054  # standard normal 97.5 % quantile
 MEASURES = ["volume_ml", "hu_mean"]
 KEY = ["structure", "group", "measure"]
+UNTESTED = [  # rows of long_table() without a test, and why
+    ("rare", "other", "volume_ml", "too_few_scans"), ("rare", "other", "hu_mean", "too_few_scans"),
+    ("sparse", "other", "volume_ml", "too_few_scans"), ("sparse", "other", "hu_mean", "too_few_scans"),
+    ("flat", "other", "volume_ml", "constant"),
+]
 
 
 def long_table(seed: int = 0, n_subjects: int = 40) -> pd.DataFrame:
-    """Subjects x structures with age-dependent, noisy and degenerate measures, NaNs sprinkled in."""
+    """Subjects x structures with age-dependent, noisy and degenerate measures, NaNs sprinkled in.
+
+    Ages are whole years, so they are tied as in real cohorts.
+    """
     rng = np.random.default_rng(seed)
     subjects = [f"sub{i:03d}" for i in range(n_subjects)]
-    age = rng.uniform(20, 90, n_subjects)
+    age = rng.integers(20, 90, n_subjects).astype(float)
     age[[3, 17]] = np.nan  # two subjects without a usable age
     structures = {
         "liver": ("abdomen", 8.0, -0.3),  # strong trends: significant
         "spleen": ("abdomen", 0.0, 0.0),  # noise only
         "brain": ("head", -5.0, 0.05),
         "aorta": ("vessels", 0.5, 0.0),  # weak
-        "rare": ("other", 1.0, 1.0),  # almost always missing: n < 3
+        "rare": ("other", 1.0, 1.0),  # almost always missing: n = 2
+        "sparse": ("other", 8.0, -0.3),  # strong trend, but n = 6 < MIN_N
         "flat": ("other", 0.0, 0.0),  # constant measure
     }
     rows = []
@@ -35,11 +48,11 @@ def long_table(seed: int = 0, n_subjects: int = 40) -> pd.DataFrame:
         hu = 50 + hu_slope * age + rng.normal(0, 4, n_subjects)
         volume[rng.random(n_subjects) < 0.15] = np.nan
         hu[rng.random(n_subjects) < 0.1] = np.nan
-        if name == "rare":
+        if name in ("rare", "sparse"):
             keep = np.zeros(n_subjects, dtype=bool)
-            keep[[0, 1]] = True  # two finite pairs only (ages 0 and 1 are finite)
-            volume[~keep] = np.nan
-            hu[~keep] = np.nan
+            keep[[0, 1] if name == "rare" else [0, 1, 2, 4, 5, 6]] = True  # these ages are finite
+            volume = np.where(keep, 1000 + volume_slope * age + rng.normal(0, 60, n_subjects), np.nan)
+            hu = np.where(keep, 50 + hu_slope * age + rng.normal(0, 4, n_subjects), np.nan)
         if name == "flat":
             volume[:] = 123.0
             volume[5] = np.nan
@@ -53,34 +66,50 @@ def long_table(seed: int = 0, n_subjects: int = 40) -> pd.DataFrame:
     return table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
-def expected_correlations(table: pd.DataFrame, measures) -> pd.DataFrame:
-    """The reference computation, written out independently of ctcohort.stats."""
+def expected_correlations(table: pd.DataFrame, measures, min_n: int = MIN_N) -> pd.DataFrame:
+    """n, rs, p by scipy.stats.spearmanr on the raw rows; corrections by statsmodels' multipletests.
+
+    Only valid where every tested n is above the exact-enumeration range (these tables: n >= 10).
+    """
     rows = []
     for (structure, group), block in table.groupby(["structure", "group"]):
         for measure in measures:
-            x = block["age"].to_numpy(float)
-            y = block[measure].to_numpy(float)
-            finite = np.isfinite(x) & np.isfinite(y)
-            n = int(finite.sum())
-            xs, ys = x[finite], y[finite]
-            if n >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
-                rs, p = stats.spearmanr(xs, ys)
+            valid = block[["age", measure]].dropna()
+            n = len(valid)
+            if n < min_n:
+                rs, p, note = np.nan, np.nan, "too_few_scans"
+            elif valid["age"].nunique() == 1 or valid[measure].nunique() == 1:
+                rs, p, note = np.nan, np.nan, "constant"
             else:
-                rs, p = np.nan, np.nan
-            if n > 3 and np.isfinite(rs):
-                z, se = math.atanh(rs), 1 / math.sqrt(n - 3)
-                low, high = math.tanh(z - Z975 * se), math.tanh(z + Z975 * se)
-            else:
-                low = high = np.nan
-            rows.append((structure, group, measure, n, rs, low, high, p))
-    out = pd.DataFrame(rows, columns=[*KEY, "n", "rs", "ci_low", "ci_high", "p"])
-    finite_p = out["p"].notna()
-    m = int(finite_p.sum())
-    out["p_bonferroni"] = [min(1.0, p * m) if np.isfinite(p) else np.nan for p in out["p"]]
-    out["q_fdr"] = np.nan
-    if m:
-        out.loc[finite_p, "q_fdr"] = multipletests(out.loc[finite_p, "p"].to_numpy(), method="fdr_bh")[1]
+                rs, p = stats.spearmanr(valid["age"], valid[measure])
+                note = ""
+            rows.append({"structure": structure, "group": group, "measure": measure, "n": n, "rs": rs, "p": p,
+                         "note": note})
+    out = pd.DataFrame(rows)
+    tested = out["p"].notna()
+    for column, method in (("p_bonferroni", "bonferroni"), ("q_fdr", "fdr_bh")):
+        out[column] = np.nan
+        if tested.any():
+            out.loc[tested, column] = multipletests(out.loc[tested, "p"].to_numpy(), method=method)[1]
     return out.set_index(KEY).sort_index()
+
+
+def enumerated_p(x, y) -> float:
+    """Two-sided P(|rs*| >= |rs|) by re-pairing y with x in every order, rs by scipy each time."""
+    observed = abs(stats.spearmanr(x, y).statistic)
+    y = np.asarray(y)
+    hits = total = 0
+    for order in itertools.permutations(range(len(y))):
+        total += 1
+        hits += abs(stats.spearmanr(x, y[list(order)]).statistic) >= observed - 1e-9
+    return hits / total
+
+
+def one_structure(age, values, **kwargs) -> pd.Series:
+    table = pd.DataFrame({"subject": range(len(age)), "age": age, "structure": "x", "group": "g", "v": values})
+    out = age_correlations(table, ["v"], **{"correction": "bonferroni", "alpha": 0.05, **kwargs})
+    assert len(out) == 1
+    return out.iloc[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +137,15 @@ def test_columns_and_one_row_per_structure_and_measure(table, expected, correcti
     assert result["significant"].dtype == bool
 
 
-def test_n_rs_and_p_match_scipy_on_finite_rows(table, expected):
+def test_n_rs_p_and_note_match_scipy_on_the_raw_rows(table, expected):
     got = by_key(age_correlations(table, MEASURES))
     np.testing.assert_array_equal(got["n"].to_numpy(), expected["n"].to_numpy())
+    np.testing.assert_array_equal(got["note"].to_numpy(), expected["note"].to_numpy())
     np.testing.assert_allclose(got["rs"], expected["rs"], rtol=1e-12, atol=1e-14, equal_nan=True)
     np.testing.assert_allclose(got["p"], expected["p"], rtol=1e-10, atol=0, equal_nan=True)
-    # sanity of the fixture: the strong trends are really there
+    assert {(*key, note) for key, note in got.loc[got["note"] != "", "note"].items()} == set(UNTESTED)
+    # sanity of the fixture: ties in age, and the strong trends are really there
+    assert table.drop_duplicates("subject")["age"].dropna().duplicated().any()
     assert got.loc[("liver", "abdomen", "volume_ml"), "rs"] > 0.8
     assert got.loc[("brain", "head", "volume_ml"), "rs"] < -0.8
 
@@ -127,28 +159,30 @@ def test_n_counts_pairs_with_finite_age_and_measure(table):
     assert got["n"].max() <= table["subject"].nunique() - 2
 
 
-def test_fisher_confidence_interval(table, expected):
+def test_bonferroni_and_fdr_equal_statsmodels_on_independent_p_values(table, expected):
     got = by_key(age_correlations(table, MEASURES))
-    np.testing.assert_allclose(got["ci_low"], expected["ci_low"], rtol=1e-9, equal_nan=True)
-    np.testing.assert_allclose(got["ci_high"], expected["ci_high"], rtol=1e-9, equal_nan=True)
-    finite = got["rs"].notna()
-    assert (got.loc[finite, "ci_low"] < got.loc[finite, "rs"]).all()
-    assert (got.loc[finite, "rs"] < got.loc[finite, "ci_high"]).all()
-    assert got.loc[finite, ["ci_low", "ci_high"]].abs().le(1).all().all()
-
-
-def test_bonferroni_and_fdr_adjustments(table, expected):
-    got = by_key(age_correlations(table, MEASURES))
-    m = int(got["p"].notna().sum())
-    assert m == len(got) - 3  # rare x 2 measures and flat volume have no p value
-    np.testing.assert_allclose(
-        got["p_bonferroni"], np.minimum(1.0, got["p"] * m), rtol=1e-12, equal_nan=True
-    )
+    assert int(expected["p"].notna().sum()) == len(got) - len(UNTESTED)
     np.testing.assert_allclose(got["p_bonferroni"], expected["p_bonferroni"], rtol=1e-10, equal_nan=True)
     np.testing.assert_allclose(got["q_fdr"], expected["q_fdr"], rtol=1e-10, equal_nan=True)
     assert (got["p_bonferroni"].dropna() <= 1.0).all()
     assert (got["q_fdr"].dropna() >= got["p"].dropna()).all()
     assert (got["q_fdr"].dropna() <= got["p_bonferroni"].dropna() + 1e-15).all()
+
+
+def test_bonferroni_by_hand():
+    """Two structures, P known: the multiplier is 2; a third one with 5 scans changes nothing."""
+    age = np.arange(20.0, 32.0)  # 12 scans
+    rows = []
+    for name, values in {"a": age[::-1].copy(), "b": np.tile([1.0, 2.0], 6)}.items():
+        rows += [{"subject": i, "age": a, "structure": name, "group": "g", "v": v} for i, (a, v) in
+                 enumerate(zip(age, values))]
+    rows += [{"subject": i, "age": age[i], "structure": "c", "group": "g", "v": float(i)} for i in range(5)]
+    got = age_correlations(pd.DataFrame(rows), ["v"], "bonferroni", 0.05).set_index("structure")
+    p_b = stats.spearmanr(age, np.tile([1.0, 2.0], 6)).pvalue
+    assert got.at["a", "p"] == pytest.approx(2 / math.factorial(12))  # perfect order: exact P 2/n!
+    assert got.at["b", "p_bonferroni"] == pytest.approx(min(1.0, 2 * p_b))
+    assert got.at["a", "p_bonferroni"] == pytest.approx(4 / math.factorial(12))
+    assert got.at["c", "note"] == "too_few_scans" and np.isnan(got.at["c", "p_bonferroni"])
 
 
 @pytest.mark.parametrize("correction", ["bonferroni", "fdr_bh"])
@@ -182,44 +216,52 @@ def test_the_correction_changes_the_verdict():
     assert fdr["significant"].sum() > bonf["significant"].sum()  # the family was built for this
 
 
-def test_undefined_correlations_are_nan_uncounted_and_not_significant(table):
-    got = by_key(age_correlations(table, MEASURES, correction="fdr_bh", alpha=1.0))
-    rare = got.loc[("rare", "other")]
-    assert (rare["n"] == 2).all()  # n < 3
-    flat = got.loc[("flat", "other", "volume_ml")]
-    assert flat["n"] > 3  # plenty of pairs, but the measure is constant
-    for row in [*[r for _, r in rare.iterrows()], flat]:
-        for column in ("rs", "p", "ci_low", "ci_high", "p_bonferroni", "q_fdr"):
+def test_untested_rows_are_nan_uncounted_and_not_significant(table):
+    got = by_key(age_correlations(table, MEASURES, correction="fdr_bh", alpha=1.0,
+                                  partial_covariates=["sex"]))
+    assert (got.loc[("rare", "other"), "n"] == 2).all()
+    assert (got.loc[("sparse", "other"), "n"] == 6).all()
+    assert got.loc[("flat", "other", "volume_ml"), "n"] >= MIN_N  # plenty of pairs, but a constant measure
+    for structure, group, measure, note in UNTESTED:
+        row = got.loc[(structure, group, measure)]
+        assert row["note"] == note
+        for column in ("rs", "p", "ci_low", "ci_high", "p_bonferroni", "q_fdr", "rs_partial", "p_partial"):
             assert np.isnan(row[column]), column
         assert not row["significant"]
-    # alpha 1: every tested structure is significant, the untested ones are not
-    assert got["significant"].sum() == got["p"].notna().sum()
+    # alpha 1: every tested row is significant, the untested ones are not
+    assert got["significant"].sum() == (got["note"] == "").sum() == got["p"].notna().sum()
+    assert got.loc[got["note"] == "", "rs_partial"].notna().all()
 
 
-def test_undefined_rows_do_not_change_the_multiplier(table):
-    """Structures without a p value (rare: n < 3, flat: constant volume) leave every adjustment unchanged."""
+def test_untested_rows_do_not_change_the_multiplier(table):
+    """Rows without a test (rare, sparse: too few scans; flat: constant) leave every adjustment unchanged."""
+    untested = ["rare", "sparse", "flat"]
     with_untested = by_key(age_correlations(table, ["volume_ml"], "fdr_bh", 0.05))
-    tested_only = by_key(
-        age_correlations(table[~table["structure"].isin(["rare", "flat"])], ["volume_ml"], "fdr_bh", 0.05)
-    )
-    assert len(with_untested) == len(tested_only) + 2
+    tested_only = by_key(age_correlations(table[~table["structure"].isin(untested)], ["volume_ml"], "fdr_bh", 0.05))
+    assert len(with_untested) == len(tested_only) + 3
     shared = with_untested.loc[tested_only.index]
     for column in ("p", "p_bonferroni", "q_fdr", "significant"):
         np.testing.assert_array_equal(shared[column].to_numpy(), tested_only[column].to_numpy())
     # with a single tested structure the multiplier is 1
-    got = by_key(age_correlations(table[table["structure"].isin(["liver", "rare"])], ["volume_ml"]))
+    got = by_key(age_correlations(table[table["structure"].isin(["liver", "rare", "sparse"])], ["volume_ml"]))
     liver = got.loc[("liver", "abdomen", "volume_ml")]
     assert liver["p_bonferroni"] == liver["p"]
     assert liver["q_fdr"] == pytest.approx(liver["p"], rel=1e-12)
 
 
+def test_min_n_lowered_tests_the_small_structure(table):
+    got = by_key(age_correlations(table, ["volume_ml"], min_n=6))
+    sparse = got.loc[("sparse", "other", "volume_ml")]
+    assert sparse["n"] == 6 and sparse["note"] == ""
+    valid = table.loc[table["structure"] == "sparse", ["age", "volume_ml"]].dropna()
+    assert sparse["rs"] == pytest.approx(stats.spearmanr(valid["age"], valid["volume_ml"]).statistic)
+    assert sparse["p"] == pytest.approx(enumerated_p(valid["age"].to_numpy(), valid["volume_ml"].to_numpy()))
+    assert (got["note"] == "").sum() == (by_key(age_correlations(table, ["volume_ml"]))["note"] == "").sum() + 1
+
+
 def test_constant_age_gives_nan():
-    table = pd.DataFrame(
-        {"subject": range(6), "age": [50.0] * 6, "structure": "x", "group": "g",
-         "v": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
-    )
-    got = age_correlations(table, ["v"], "bonferroni", 0.05).iloc[0]
-    assert got["n"] == 6
+    got = one_structure([50.0] * 12, np.arange(12.0))
+    assert got["n"] == 12 and got["note"] == "constant"
     assert np.isnan(got["rs"]) and np.isnan(got["p"]) and not got["significant"]
 
 
@@ -232,82 +274,97 @@ def test_nothing_testable():
         got = age_correlations(table, ["v"], correction, 0.05)
         assert len(got) == 1
         row = got.iloc[0]
-        assert row["n"] == 0
+        assert row["n"] == 0 and row["note"] == "too_few_scans"
         assert row[["rs", "p", "p_bonferroni", "q_fdr"]].isna().all()
         assert not row["significant"]
 
 
-def test_small_hand_checked_example():
-    # age and measure in the same order except one swap: rs = 1 - 6*sum(d^2)/(n(n^2-1)) with sum d^2 = 2
-    age = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0]
-    v = [1.0, 2.0, 4.0, 3.0, 5.0, 6.0]
-    table = pd.DataFrame({"subject": range(6), "age": age, "structure": "x", "group": "g", "v": v})
-    row = age_correlations(table, ["v"], "bonferroni", 0.05).iloc[0]
-    n = 6
-    rs = 1 - 6 * 2 / (n * (n * n - 1))
-    assert row["n"] == n
-    assert row["rs"] == pytest.approx(rs)
-    # two-sided p of the t approximation scipy uses
-    t = rs * math.sqrt((n - 2) / (1 - rs * rs))
-    assert row["p"] == pytest.approx(2 * stats.t.sf(t, n - 2), rel=1e-9)
-    assert row["p_bonferroni"] == pytest.approx(row["p"])  # one test
-    assert row["ci_low"] == pytest.approx(math.tanh(math.atanh(rs) - Z975 / math.sqrt(3)))
-    assert row["ci_high"] == pytest.approx(math.tanh(math.atanh(rs) + Z975 / math.sqrt(3)))
+# --- small samples: minimum n and exact P --------------------------------------------------------
+
+
+def test_a_tiny_cohort_is_not_significant():
+    """The issue's case: 4 scans in perfect order used to give rs 1, P 0, significant under Bonferroni."""
+    age, values = [30.0, 45.0, 60.0, 75.0], [1.0, 2.0, 3.0, 4.0]
+    row = one_structure(age, values, alpha=1.0)
+    assert row["n"] == 4 and row["note"] == "too_few_scans" and not row["significant"]
+    assert row[["rs", "ci_low", "ci_high", "p", "p_bonferroni", "q_fdr"]].isna().all()
+    tested = one_structure(age, values, min_n=4)
+    assert tested["rs"] == 1.0
+    assert tested["p"] == pytest.approx(1 / 12)  # 2 of the 24 pairings are as extreme
+    assert tested["p_bonferroni"] == pytest.approx(1 / 12)
+    assert not tested["significant"]
+    assert np.isnan(tested["ci_low"]) and np.isnan(tested["ci_high"])  # no interval at |rs| = 1
+
+
+def test_exact_p_of_one_swap_by_hand():
+    # one adjacent swap: sum d^2 = 2, rs = 1 - 6*2/(6*35); as extreme: the identity, the 5 adjacent swaps
+    # and their 6 mirror images, 12 of 720 pairings
+    row = one_structure([30.0, 40.0, 50.0, 60.0, 70.0, 80.0], [1.0, 2.0, 4.0, 3.0, 5.0, 6.0], min_n=6)
+    assert row["rs"] == pytest.approx(1 - 12 / 210)
+    assert row["p"] == pytest.approx(12 / 720)
+    assert row["p"] > 1.5 * stats.spearmanr([1, 2, 3, 4, 5, 6], [1, 2, 4, 3, 5, 6]).pvalue  # t says 0.0048
+
+
+@pytest.mark.parametrize("age, values", [
+    ([30, 30, 40, 50, 50, 60], [1.0, 2.0, 2.0, 3.0, 5.0, 4.0]),  # ties in both
+    ([30, 40, 40, 40, 50, 60], [3.0, 1.0, 2.0, 2.0, 4.0, 6.0]),  # a triple tie
+    ([30, 35, 40, 45, 50, 55, 60], [1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]),  # n = 7, few distinct values
+    ([60, 30, 45, 45, 20, 70], [5.0, 5.0, 1.0, 9.0, 2.0, 2.0]),  # weak relation, asymmetric null
+])
+def test_exact_p_equals_enumerated_pairings_with_ties(age, values):
+    age = np.asarray(age, dtype=float)
+    row = one_structure(age, values, min_n=len(age))
+    assert row["note"] == ""
+    assert row["rs"] == pytest.approx(stats.spearmanr(age, values).statistic, abs=1e-12)
+    assert row["p"] == pytest.approx(enumerated_p(age, values), abs=1e-12)
+
+
+def test_from_ten_scans_the_t_approximation_takes_over_but_never_says_zero():
+    rng = np.random.default_rng(4)
+    age = rng.integers(20, 90, 10).astype(float)
+    values = age + rng.normal(0, 15, 10)
+    row = one_structure(age, values)
+    assert row["note"] == "" and row["p"] == pytest.approx(stats.spearmanr(age, values).pvalue, rel=1e-12)
+    perfect = one_structure(np.arange(10.0), np.arange(10.0) ** 2)
+    assert perfect["p"] == pytest.approx(2 / math.factorial(10))  # the exact P of a perfect order; t says 0
+
+
+@pytest.mark.parametrize("min_n", [2, 0, -1, 3.5, True, "10"])
+def test_invalid_min_n(table, min_n):
+    with pytest.raises(ValueError, match="min_n"):
+        age_correlations(table, MEASURES, min_n=min_n)
+
+
+# --- structure tables without groups -------------------------------------------------------------
+
+
+def test_structures_without_group_survive_a_tsv_round_trip(table, tmp_path):
+    """An empty group is written as an empty cell and read back as NaN; no row may get lost."""
+    path = tmp_path / "measurements.tsv"
+    table.assign(group="").to_csv(path, sep="\t", index=False)
+    read_back = pd.read_csv(path, sep="\t")
+    assert read_back["group"].isna().all()  # what the workflow's script reads
+    got = age_correlations(read_back, MEASURES)
+    assert len(got) == table["structure"].nunique() * len(MEASURES)
+    assert (got["group"] == "").all()
+    want = age_correlations(table.assign(group=""), MEASURES)
+    pd.testing.assert_frame_equal(got, want)
+    assert got["p"].notna().sum() == len(got) - len(UNTESTED)
+    without_column = age_correlations(table.drop(columns="group"), MEASURES)
+    pd.testing.assert_frame_equal(without_column, want)
+
+
+def test_some_structures_without_group(table):
+    mixed = table.assign(group=table["group"].where(table["structure"] != "liver"))
+    got = by_key(age_correlations(mixed, MEASURES))
+    assert ("liver", "", "volume_ml") in got.index
+    assert len(got) == table["structure"].nunique() * len(MEASURES)
 
 
 @pytest.mark.parametrize("correction", ["holm", "Bonferroni", "fdr", "", None])
 def test_unknown_correction(table, correction):
     with pytest.raises(ValueError, match="correction"):
         age_correlations(table, MEASURES, correction=correction)
-
-
-# --- fisher_ci --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [-1, 0, 1, 2, 3])
-def test_fisher_ci_needs_more_than_three(n):
-    low, high = fisher_ci(0.5, n)
-    assert np.isnan(low) and np.isnan(high)
-
-
-@pytest.mark.parametrize("rs", [np.nan, np.inf, -np.inf])
-def test_fisher_ci_undefined_correlation(rs):
-    low, high = fisher_ci(rs, 50)
-    assert np.isnan(low) and np.isnan(high)
-
-
-@pytest.mark.parametrize("rs, n", [(0.0, 4), (0.3, 10), (-0.7, 25), (0.95, 200)])
-def test_fisher_ci_values(rs, n):
-    low, high = fisher_ci(rs, n)
-    z, se = np.arctanh(rs), 1 / np.sqrt(n - 3)
-    assert low == pytest.approx(np.tanh(z - 1.959964 * se), abs=1e-6)
-    assert high == pytest.approx(np.tanh(z + 1.959964 * se), abs=1e-6)
-    assert -1 <= low < rs < high <= 1
-    # symmetric around rs on the z scale
-    assert np.arctanh(high) - z == pytest.approx(z - np.arctanh(low))
-
-
-def test_fisher_ci_zero_is_symmetric_and_narrows_with_n():
-    low, high = fisher_ci(0.0, 20)
-    assert low == pytest.approx(-high)
-    widths = [np.subtract(*fisher_ci(0.2, n)[::-1]) for n in (5, 20, 100, 1000)]
-    assert all(a > b > 0 for a, b in zip(widths, widths[1:]))
-
-
-def test_fisher_ci_level():
-    low95, high95 = fisher_ci(0.4, 30)
-    low90, high90 = fisher_ci(0.4, 30, level=0.90)
-    assert low95 < low90 < 0.4 < high90 < high95
-    z90 = stats.norm.ppf(0.95)
-    assert high90 == pytest.approx(np.tanh(np.arctanh(0.4) + z90 / np.sqrt(27)))
-
-
-@pytest.mark.parametrize("rs", [1.0, -1.0])
-def test_fisher_ci_perfect_correlation_is_finite(rs):
-    low, high = fisher_ci(rs, 10)
-    assert np.isfinite(low) and np.isfinite(high)
-    assert -1 <= low <= high <= 1
-    assert min(abs(low), abs(high)) > 0.99  # the interval hugs the boundary
 
 
 def test_significance_is_strictly_below_alpha(table):
@@ -319,22 +376,109 @@ def test_significance_is_strictly_below_alpha(table):
     assert got.loc[got["p_bonferroni"] < 1.0, "significant"].all()
 
 
+# --- spearman_ci --------------------------------------------------------------------------------
+
+
+def rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    rx = stats.rankdata(x, axis=1)
+    ry = stats.rankdata(y, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    return (rx * ry).sum(axis=1) / np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+
+
+def test_spearman_ci_covers_the_population_rho_95_percent_of_the_time():
+    """Bivariate normal samples: population Spearman rho = (6/pi) arcsin(r/2) (Pearson r)."""
+    rng = np.random.default_rng(20000)
+    draws = 4000
+    old_style_coverage = []
+    for n in (10, 30, 100):
+        for r in (0.0, 0.5, 0.9):
+            x = rng.normal(size=(draws, n))
+            y = r * x + math.sqrt(1 - r * r) * rng.normal(size=(draws, n))
+            rho = 6 / math.pi * math.asin(r / 2)
+            rs = rowwise_spearman(x, y)
+            intervals = np.array([spearman_ci(value, n) for value in rs])
+            coverage = np.mean((intervals[:, 0] <= rho) & (rho <= intervals[:, 1]))
+            # binomial SE of a coverage over 4000 draws is 0.0034; at n = 10 the interval is a little
+            # conservative (0.963 over 20,000 draws)
+            assert 0.93 <= coverage <= 0.975, (n, r, coverage)
+            z = np.arctanh(np.clip(rs, -0.999999, 0.999999))
+            pearson_se = 1 / math.sqrt(n - 3)
+            old_style_coverage.append(np.mean((np.tanh(z - Z975 * pearson_se) <= rho)
+                                              & (rho <= np.tanh(z + Z975 * pearson_se))))
+    # the simulation can tell: Pearson's standard error undercovers at rho 0.9
+    assert max(old_style_coverage[2::3]) < 0.93
+
+
+@pytest.mark.parametrize("n", [-1, 0, 1, 2, 3])
+def test_spearman_ci_needs_more_than_three(n):
+    low, high = spearman_ci(0.5, n)
+    assert np.isnan(low) and np.isnan(high)
+
+
+@pytest.mark.parametrize("rs", [np.nan, np.inf, -np.inf, 1.0, -1.0])
+def test_spearman_ci_undefined(rs):
+    low, high = spearman_ci(rs, 50)
+    assert np.isnan(low) and np.isnan(high)
+
+
+@pytest.mark.parametrize("rs, n", [(0.0, 4), (0.3, 10), (-0.7, 25), (0.95, 200), (0.999, 12)])
+def test_spearman_ci_contains_rs_and_stays_inside(rs, n):
+    low, high = spearman_ci(rs, n)
+    assert -1 < low < rs < high < 1
+    # symmetric around rs on Fisher's z scale
+    assert np.arctanh(high) - np.arctanh(rs) == pytest.approx(np.arctanh(rs) - np.arctanh(low))
+
+
+def test_spearman_ci_is_wider_than_pearsons_except_at_zero():
+    # at rs = 0 Bonett & Wright's standard error is Fisher's 1/sqrt(n - 3): here 1/5
+    low, high = spearman_ci(0.0, 28)
+    assert high == pytest.approx(math.tanh(Z975 / 5)) and low == pytest.approx(-high)
+    for rs in (0.3, -0.6, 0.9):
+        low, high = spearman_ci(rs, 28)
+        assert math.atanh(high) - math.atanh(low) > 2 * Z975 / 5 * 1.02
+
+
+def test_spearman_ci_narrows_with_n_and_level():
+    widths = [np.subtract(*spearman_ci(0.2, n)[::-1]) for n in (5, 20, 100, 1000)]
+    assert all(a > b > 0 for a, b in zip(widths, widths[1:]))
+    low95, high95 = spearman_ci(0.4, 30)
+    low90, high90 = spearman_ci(0.4, 30, level=0.90)
+    assert low95 < low90 < 0.4 < high90 < high95
+
+
 # --- partial Spearman correlation ---------------------------------------------------------------
 
 
-def _partial_reference(x, y, z):
-    """Residuals of ranks on ranks by statsmodels OLS, then Pearson: an independent path."""
-    import statsmodels.api as sm
+def pingouin_partial(frame: pd.DataFrame, covariates: list[str]) -> tuple[float, float]:
+    result = pingouin.partial_corr(frame, x="age", y="v", covar=covariates, method="spearman")
+    p_column = "p_val" if "p_val" in result.columns else "p-val"
+    return float(result["r"].iloc[0]), float(result[p_column].iloc[0])
 
-    design = sm.add_constant(np.column_stack([stats.rankdata(c) for c in np.atleast_2d(z.T)]))
-    rx = sm.OLS(stats.rankdata(x), design).fit().resid
-    ry = sm.OLS(stats.rankdata(y), design).fit().resid
-    return stats.pearsonr(rx, ry).statistic
+
+def test_partial_spearman_equals_pingouin():
+    rng = np.random.default_rng(3)
+    n = 60
+    sex = rng.choice(["M", "F"], n)
+    contrast = rng.integers(0, 2, n).astype(float)
+    bmi = np.round(rng.normal(26, 4, n))  # tied values
+    bmi[[4, 9]] = np.nan
+    age = rng.integers(20, 90, n).astype(float) + 10 * (sex == "M")
+    values = 0.3 * age + 20 * (sex == "M") + 5 * contrast + bmi + rng.normal(0, 8, n)
+    values[[2, 30]] = np.nan
+    table = pd.DataFrame({"subject": range(n), "age": age, "sex": sex, "contrast": contrast, "bmi": bmi,
+                          "structure": "liver", "group": "organ", "v": values})
+    reference = table.assign(sex_M=(table["sex"] == "M").astype(float))
+    for covariates, reference_covariates in ((["sex"], ["sex_M"]), (["contrast", "bmi"], ["contrast", "bmi"]),
+                                             (["sex", "contrast", "bmi"], ["sex_M", "contrast", "bmi"])):
+        row = age_correlations(table, ["v"], partial_covariates=covariates).iloc[0]
+        r, p = pingouin_partial(reference, reference_covariates)
+        assert row["rs_partial"] == pytest.approx(r, abs=1e-10), covariates
+        assert row["p_partial"] == pytest.approx(p, rel=1e-8), covariates
 
 
 def test_partial_spearman_removes_a_confounder_and_keeps_a_real_effect():
-    from ctcohort.stats import partial_spearman
-
     rng = np.random.default_rng(11)
     confounder = rng.normal(size=300)
     age = confounder + 0.3 * rng.normal(size=300)
@@ -346,21 +490,11 @@ def test_partial_spearman_removes_a_confounder_and_keeps_a_real_effect():
     assert abs(r) < 0.2 and p > 1e-3
     r_real, p_real = partial_spearman(age, real, independent[:, None])
     assert r_real == pytest.approx(stats.spearmanr(age, real).statistic, abs=0.02) and p_real < 1e-20
-    assert r == pytest.approx(_partial_reference(age, confounded, confounder[:, None]), abs=1e-10)
-    both = np.column_stack([confounder, independent])
-    assert partial_spearman(age, confounded, both)[0] == pytest.approx(_partial_reference(age, confounded, both),
-                                                                      abs=1e-10)
-
-
-def test_partial_spearman_p_uses_n_minus_2_minus_k_degrees_of_freedom():
-    from ctcohort.stats import partial_spearman
-
-    rng = np.random.default_rng(3)
-    x, y, z = rng.normal(size=(3, 25))
-    r, p = partial_spearman(x, y, z[:, None])
-    t = r * np.sqrt(22 / (1 - r * r))
-    assert p == pytest.approx(2 * stats.t.sf(abs(t), 22), rel=1e-12)
-    assert np.isnan(partial_spearman(x[:3], y[:3], z[:3, None])[0])
+    frame = pd.DataFrame({"age": age, "v": confounded, "c": confounder, "i": independent})
+    assert (r, p) == pytest.approx(pingouin_partial(frame, ["c"]), rel=1e-8, abs=1e-10)
+    both = partial_spearman(age, confounded, np.column_stack([confounder, independent]))
+    assert both == pytest.approx(pingouin_partial(frame, ["c", "i"]), rel=1e-8, abs=1e-10)
+    assert np.isnan(partial_spearman(age[:3], confounded[:3], confounder[:3, None])[0])
 
 
 def test_age_correlations_adjust_for_sex_and_contrast_in_the_table():

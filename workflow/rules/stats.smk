@@ -19,6 +19,7 @@ rule age_correlations:
         correction=config["statistics"]["correction"],
         alpha=config["statistics"]["alpha"],
         partial_covariates=config["statistics"]["partial_covariates"],
+        min_n=config["statistics"]["min_n"],
     log:
         "results/logs/age_correlations.log",
     conda:

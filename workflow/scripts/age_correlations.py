@@ -6,12 +6,14 @@ from ctcohort.runlog import log_to
 from ctcohort.stats import age_correlations
 
 log_to(snakemake.log[0])
+# An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
 measurements = pd.read_csv(snakemake.input[0], sep="\t")
 table = age_correlations(
     measurements,
     snakemake.params.measures,
-    snakemake.params.correction,
-    snakemake.params.alpha,
-    snakemake.params.partial_covariates,
+    correction=snakemake.params.correction,
+    alpha=snakemake.params.alpha,
+    partial_covariates=snakemake.params.partial_covariates,
+    min_n=snakemake.params.min_n,
 )
 table.to_csv(snakemake.output[0], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
