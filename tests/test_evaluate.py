@@ -1,15 +1,40 @@
-"""Dice, NSD and bootstrap summaries against independent per-structure computations, on synthetic and real maps."""
+"""Dice, NSD and bootstrap summaries against independent computations, on synthetic and real maps.
+
+Independent references: a slow full-volume computation of our NSD definition; DeepMind's
+``surface-distance`` package (Nikolov et al.'s reference implementation, used by the TotalSegmentator
+paper's evaluation script) for Dice and for what its NSD implies about ours; scipy.stats.bootstrap and
+the normal approximation for the bootstrap CIs.
+"""
+
+import runpy
+from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import ndimage
+import surface_distance
+from scipy import ndimage, stats
 
-from ctcohort import evaluate
-from ctcohort.evaluate import METRIC_COLUMNS, SUMMARY_COLUMNS, evaluate_scan, plot_dice, summarize, surface_metrics
+from ctcohort import evaluate, runlog
+from ctcohort.evaluate import (
+    COHORT_METRIC_COLUMNS,
+    METRIC_COLUMNS,
+    SUMMARY_COLUMNS,
+    evaluate_scan,
+    plot_dice,
+    summarize,
+    surface_metrics,
+    write_evaluation_summary,
+)
 from ctcohort.imaging import GridMismatchError
+from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table
+
+REPO = Path(__file__).resolve().parents[1]
+# surface-distance 0.1 imports scipy.ndimage's deprecated submodules
+pytestmark = pytest.mark.filterwarnings("ignore:Please import `:DeprecationWarning")
 
 SIX_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
 
@@ -88,6 +113,81 @@ def test_nsd_matches_full_volume_computation(spacing, tolerance):
     np.testing.assert_allclose(got["dice"], want["dice"], rtol=1e-12)
     np.testing.assert_allclose(got["nsd"], want["nsd"], rtol=1e-12)
     assert ((got["nsd"] > 0) & (got["nsd"] < 1)).sum() >= 3, "the jitter must make a difference"
+
+
+# Random cases for the comparison with DeepMind's surface-distance: anisotropic grids, blobs cut by the
+# image border, predictions off by a few voxels.
+DEEPMIND_CASES = [(30, (1.0, 1.0, 1.0)), (31, (0.7, 1.3, 3.0)), (32, (2.5, 0.8, 1.1)), (33, (0.6, 0.6, 2.0)),
+                  (34, (1.6, 2.9, 0.9)), (35, (3.0, 3.0, 3.0))]
+
+
+def deepmind_cases(tolerances):
+    """(our row, DeepMind's surface distances, spacing, tolerance, pred mask, ref mask) per structure in both maps."""
+    for seed, spacing in DEEPMIND_CASES:
+        ref = blobs(seed=seed, n_labels=8)
+        pred = blobs(seed=seed, n_labels=8, jitter=2.0)
+        for tolerance in tolerances:
+            got = surface_metrics(pred, ref, spacing, table_of(8), tolerance_mm=tolerance)
+            for i, label in enumerate(range(1, 9)):
+                p, r = pred == label, ref == label
+                if p.any() and r.any():
+                    distances = surface_distance.compute_surface_distances(r, p, spacing)
+                    yield got.iloc[i], distances, spacing, tolerance, p, r
+
+
+def test_dice_equals_deepmind_dice():
+    checked = 0
+    for row, _, _, _, p, r in deepmind_cases(tolerances=[3.0]):
+        assert row["dice"] == pytest.approx(surface_distance.compute_dice_coefficient(r, p), rel=1e-12, abs=1e-15)
+        checked += 1
+    assert checked >= 40
+
+
+def test_nsd_is_one_exactly_when_deepmind_hausdorff_says_so_within_a_voxel_diagonal():
+    """Where the two NSD definitions provably agree.
+
+    Ours puts surface points at the centres of boundary voxels and counts them; surface-distance puts them on
+    the voxel-corner grid (every corner whose 2x2x2 neighbourhood is mixed) and weights them by surfel area.
+    Every point of either kind lies within half a voxel diagonal of a point of the other kind, on the same
+    structure (a mixed 2x2x2 cube holds a boundary voxel; a boundary voxel's outer face has mixed corners).
+    So with D the largest surface-distance distance (the Hausdorff distance of its surfaces) and d the voxel
+    diagonal: tolerance >= D + d forces our NSD to 1, and our NSD = 1 forces D <= tolerance + d.
+    A wrong spacing axis, a wrong surface or a wrong distance breaks one of the two on these anisotropic cases.
+    """
+    forced, excluded = 0, 0
+    for row, distances, spacing, tolerance, _, _ in deepmind_cases(tolerances=[1.0, 2.0, 3.0, 5.0, 8.0]):
+        hausdorff = max(distances["distances_gt_to_pred"].max(), distances["distances_pred_to_gt"].max())
+        diagonal = float(np.linalg.norm(spacing))
+        if tolerance >= hausdorff + diagonal + 1e-9:
+            assert row["nsd"] == 1.0, (spacing, tolerance, hausdorff)
+            forced += 1
+        if hausdorff > tolerance + diagonal + 1e-9:
+            assert row["nsd"] < 1.0, (spacing, tolerance, hausdorff)
+            excluded += 1
+    assert forced >= 10 and excluded >= 40, (forced, excluded)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.3, 3.0)])
+def test_identical_maps_score_one_for_deepmind_too(spacing):
+    labels = blobs(seed=36)
+    got = surface_metrics(labels, labels.copy(), spacing, table_of(8), tolerance_mm=0.0)
+    for i, label in enumerate(range(1, 9)):
+        mask = labels == label
+        if mask.any():
+            distances = surface_distance.compute_surface_distances(mask, mask, spacing)
+            assert surface_distance.compute_surface_dice_at_tolerance(distances, 0.0) == 1.0
+            assert got.at[i, "nsd"] == 1.0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known definitional difference, reported to the lead: our NSD counts boundary-voxel centres, "
+    "surface-distance (the TotalSegmentator paper's evaluation) weights voxel-corner surfels by area; "
+    "at 3 mm ours is lower by 0.02-0.05 on average and by up to ~0.2 per structure. "
+    "If NSD is switched to surfel areas, this passes: remove the mark."))
+def test_nsd_agrees_with_deepmind_surface_dice_at_3_mm():
+    differences = [row["nsd"] - surface_distance.compute_surface_dice_at_tolerance(distances, tolerance)
+                   for row, distances, _, tolerance, _, _ in deepmind_cases(tolerances=[3.0])]
+    assert np.max(np.abs(differences)) <= 0.02
 
 
 def test_structures_cut_by_the_image_border_have_their_border_as_surface():
@@ -203,7 +303,7 @@ def per_scan_frame(values_by_structure):
     return pd.DataFrame(rows)
 
 
-def test_summarize_bootstrap_ci():
+def test_summarize_means_groups_and_counts():
     rng = np.random.default_rng(11)
     dice = rng.uniform(0.6, 0.95, 30)
     nsd = rng.uniform(0.7, 1.0, 30)
@@ -215,21 +315,58 @@ def test_summarize_bootstrap_ci():
     assert list(got["structure"]) == ["liver", "femur_left"]
     assert list(got["group"]) == ["organ", "bone"]
     assert (got["n"] == 28).all()
-    row = got.iloc[0]
-    for metric, values in (("dice", dice), ("nsd", nsd)):
-        finite = values[~np.isnan(values)]
-        assert row[f"{metric}_mean"] == pytest.approx(finite.mean(), rel=1e-12)
-        assert row[f"{metric}_ci_low"] < row[f"{metric}_mean"] < row[f"{metric}_ci_high"]
-        # the same bootstrap, recomputed by hand
-        draws = np.random.default_rng(7).integers(0, len(finite), size=(2000, len(finite)))
-        means = finite[draws].mean(axis=1)
-        assert row[f"{metric}_ci_low"] == pytest.approx(np.percentile(means, 2.5), abs=1e-12)
-        assert row[f"{metric}_ci_high"] == pytest.approx(np.percentile(means, 97.5), abs=1e-12)
-        # and it is a sensible CI: close to the normal approximation
-        half = 1.96 * finite.std(ddof=1) / np.sqrt(len(finite))
-        assert row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"] == pytest.approx(2 * half, rel=0.2)
-    wider = summarize(frame, n_resamples=2000, seed=7, level=0.99).iloc[0]
-    assert wider["dice_ci_low"] < row["dice_ci_low"] and wider["dice_ci_high"] > row["dice_ci_high"]
+    for row, scale, values_of in ((got.iloc[0], 1.0, lambda v: v), (got.iloc[1], 0.9, lambda v: v[::-1])):
+        for metric, values in (("dice", dice * scale), ("nsd", nsd)):
+            finite = values_of(values)[~np.isnan(values_of(values))]
+            assert row[f"{metric}_mean"] == pytest.approx(np.mean(finite), rel=1e-12)
+            assert row[f"{metric}_ci_low"] < row[f"{metric}_mean"] < row[f"{metric}_ci_high"]
+
+
+# The bootstrap CI is checked against scipy.stats.bootstrap (percentile method), an independent
+# implementation with its own random stream. Both estimate the same quantiles of the bootstrap distribution
+# from B resamples; an estimated p-quantile has a Monte-Carlo standard error of sqrt(p(1-p)/B)/f(q), which
+# for a near-normal bootstrap distribution of the mean (sd s) is 0.019 s at p = 0.025 and B = 20,000: 0.5% of
+# the CI width (3.92 s). The difference of the two estimates has a standard error of 0.7% of the width, so a
+# tolerance of 3% of the width is over 4 standard errors, while a wrong level, a wrong percentile, resampling
+# without replacement or a shift by one resample's worth of spread is far outside it.
+RESAMPLES = 20_000
+MC_TOLERANCE = 0.03  # of the CI width
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9])
+def test_summarize_ci_agrees_with_scipy_bootstrap(level):
+    rng = np.random.default_rng(11)
+    n = 25
+    dice = 1 - rng.beta(1.2, 10.0, n)  # skewed towards 1, like real Dice: the percentile CI is asymmetric
+    nsd = rng.uniform(0.7, 1.0, n)
+    dice[[3, 17]] = np.nan
+    nsd[[3, 9, 17]] = np.nan  # NSD missing where Dice is not: dropped per metric
+    frame = per_scan_frame({"liver": ("organ", dice, nsd), "aorta": ("vessel", np.sqrt(dice), nsd**2)})
+    got = summarize(frame, n_resamples=RESAMPLES, seed=3, level=level).set_index("structure")
+    for structure, values_by_metric in (("liver", {"dice": dice, "nsd": nsd}),
+                                        ("aorta", {"dice": np.sqrt(dice), "nsd": nsd**2})):
+        for metric, values in values_by_metric.items():
+            finite = values[np.isfinite(values)]
+            want = stats.bootstrap((finite,), np.mean, n_resamples=RESAMPLES, confidence_level=level,
+                                   method="percentile", rng=np.random.default_rng(2024)).confidence_interval
+            width = want.high - want.low
+            assert got.at[structure, f"{metric}_ci_low"] == pytest.approx(want.low, abs=MC_TOLERANCE * width)
+            assert got.at[structure, f"{metric}_ci_high"] == pytest.approx(want.high, abs=MC_TOLERANCE * width)
+
+
+def test_summarize_ci_of_a_large_sample_is_the_normal_interval():
+    """Percentile bootstrap CI of a mean of n = 400 normal values ~ mean +- z * sd_plugin / sqrt(n).
+
+    The bootstrap distribution of the mean has sd sd_plugin / sqrt(n) (plug-in sd, ddof=0) and, for normal data,
+    negligible skew at n = 400; the Monte-Carlo error at the default 10,000 resamples is 0.7% of the width.
+    """
+    values = np.random.default_rng(5).normal(0.8, 0.05, 400)
+    frame = per_scan_frame({"liver": ("organ", values, values)})
+    for level in (0.95, 0.8):
+        row = summarize(frame, level=level).iloc[0]
+        half = stats.norm.ppf(0.5 + level / 2) * values.std(ddof=0) / np.sqrt(len(values))
+        for bound, want in (("dice_ci_low", values.mean() - half), ("dice_ci_high", values.mean() + half)):
+            assert row[bound] == pytest.approx(want, abs=0.03 * 2 * half)
 
 
 def test_summarize_degenerate_small_and_empty_inputs():
@@ -260,6 +397,91 @@ def test_plot_dice_writes_png_and_svg(tmp_path):
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = outputs[1].read_text()
     assert "<svg" in svg and "liver" in svg and "aorta" in svg
+
+
+def write_scan_outputs(folder, subject, ok, table=None, stage="evaluate"):
+    """A scan's per-scan TSV and status file as evaluate_scan.py leaves them (placeholder table if failed)."""
+    tsv, status = folder / f"{subject}.tsv", folder / f"{subject}.status.json"
+    (table if ok else pd.DataFrame(columns=METRIC_COLUMNS)).to_csv(tsv, sep="\t", index=False, na_rep="NaN")
+    ScanStatus(subject, stage, ok=ok, error="" if ok else f"RuntimeError: {subject} broke in {stage}").write(status)
+    return tsv, status
+
+
+def run_summary(tmp_path, scans):
+    """write_evaluation_summary on ``scans`` ({subject: (tsv, status)}); returns the outputs read back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = {"dice_path": out / "dice.tsv", "summary_path": out / "summary.tsv", "failures_path": out / "failures.tsv",
+             "figure_paths": [out / "dice.png", out / "dice.svg"]}
+    write_evaluation_summary({s: tsv for s, (tsv, _) in scans.items()}, [st for _, st in scans.values()],
+                             n_resamples=500, **paths)
+    read = {name: pd.read_csv(paths[f"{name}_path"], sep="\t") for name in ("dice", "summary", "failures")}
+    return read, paths["figure_paths"]
+
+
+FAILED = {"a01": "segment", "b02": "evaluate", "c03": "import_ct"}
+
+
+def test_evaluation_summary_when_every_scan_failed(tmp_path):
+    from test_figures import svg_text
+
+    scans = {subject: write_scan_outputs(tmp_path, subject, ok=False, stage=stage) for subject, stage in FAILED.items()}
+    read, (png, svg) = run_summary(tmp_path, scans)
+    assert list(read["dice"].columns) == ["subject", "structure", "group", "dice", "nsd", "n_pred", "n_ref"]
+    assert len(read["dice"]) == 0
+    assert list(read["summary"].columns) == SUMMARY_COLUMNS and len(read["summary"]) == 0
+    failures = read["failures"]
+    assert list(failures.columns) == ["subject", "stage", "error"]
+    assert dict(zip(failures["subject"], failures["stage"])) == FAILED
+    assert all(subject in error for subject, error in zip(failures["subject"], failures["error"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "no structure evaluable" in svg_text(svg)
+
+
+def test_evaluation_summary_leaves_out_failed_scans(tmp_path):
+    table = table_of(8)
+    ref = blobs(seed=40)
+    scans, tables = {}, {}
+    for k, subject in enumerate(["ok1", "bad", "ok2", "ok3"]):
+        tables[subject] = surface_metrics(blobs(seed=40, jitter=1.0 + k), ref, (1.0, 1.0, 2.0), table)
+        scans[subject] = write_scan_outputs(tmp_path, subject, ok=subject != "bad", table=tables[subject])
+    read, _ = run_summary(tmp_path, scans)
+    dice = read["dice"]
+    assert list(dice.columns) == COHORT_METRIC_COLUMNS
+    assert sorted(dice["subject"].unique()) == ["ok1", "ok2", "ok3"]
+    assert list(read["failures"]["subject"]) == ["bad"]
+    for subject in ("ok1", "ok2", "ok3"):
+        got = dice[dice["subject"] == subject].reset_index(drop=True)
+        np.testing.assert_allclose(got["dice"], tables[subject]["dice"], rtol=1e-5)  # %.6g on disk
+    summary = read["summary"].set_index("structure")
+    for structure, rows in dice.groupby("structure"):
+        finite = rows["dice"].dropna()
+        assert summary.at[structure, "n"] == len(finite)
+        if len(finite):
+            assert summary.at[structure, "dice_mean"] == pytest.approx(finite.mean(), rel=1e-5)
+
+
+class Snakemake(SimpleNamespace):
+    """The parts of Snakemake's ``snakemake`` object that scripts use (attribute access, log[0])."""
+
+
+def test_evaluation_summary_script_runs_when_every_scan_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlog, "log_to", lambda path: None)  # keep pytest's stderr and logging
+    scans = {subject: write_scan_outputs(tmp_path, subject, ok=False) for subject in FAILED}
+    out = tmp_path / "results"
+    out.mkdir()
+    snakemake = Snakemake(
+        input=SimpleNamespace(scans=[str(t) for t, _ in scans.values()], statuses=[str(s) for _, s in scans.values()]),
+        output=SimpleNamespace(dice=str(out / "dice.tsv"), summary=str(out / "summary.tsv"),
+                               failures=str(out / "failures.tsv"), png=str(out / "dice.png"),
+                               svg=str(out / "dice.svg")),
+        params=SimpleNamespace(subjects=list(scans), resamples=100),
+        log=[str(out / "log.txt")],
+    )
+    runpy.run_path(str(REPO / "workflow" / "scripts" / "evaluation_summary.py"), init_globals={"snakemake": snakemake})
+    for name in ("dice.tsv", "summary.tsv", "failures.tsv", "dice.png", "dice.svg"):
+        assert (out / name).is_file(), name
+    assert sorted(pd.read_csv(out / "failures.tsv", sep="\t")["subject"]) == sorted(FAILED)
 
 
 def test_real_fast_model_against_full_resolution_model(shared_data):

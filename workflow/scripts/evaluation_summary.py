@@ -1,24 +1,15 @@
-"""Per-scan Dice/NSD into one table, per-structure means with bootstrap CIs, and the Dice figure."""
+"""Per-scan Dice/NSD into one table, per-structure means with bootstrap CIs, failures, and the Dice figure."""
 
-import pandas as pd
-
-from ctcohort import evaluate
-from ctcohort.aggregate import collect_failures
+from ctcohort.evaluate import write_evaluation_summary
 from ctcohort.runlog import log_to
 
 log_to(snakemake.log[0])
-failures = collect_failures(snakemake.input.statuses)
-per_scan = pd.concat(
-    [
-        pd.read_csv(path, sep="\t").assign(subject=subject)
-        for subject, path in zip(snakemake.params.subjects, snakemake.input.scans)
-        if subject not in set(failures["subject"])
-    ],
-    ignore_index=True,
+write_evaluation_summary(
+    dict(zip(snakemake.params.subjects, snakemake.input.scans, strict=True)),
+    snakemake.input.statuses,
+    dice_path=snakemake.output.dice,
+    summary_path=snakemake.output.summary,
+    failures_path=snakemake.output.failures,
+    figure_paths=[snakemake.output.png, snakemake.output.svg],
+    n_resamples=snakemake.params.resamples,
 )
-dice = per_scan[["subject", "structure", "group", "dice", "nsd", "n_pred", "n_ref"]]
-dice.to_csv(snakemake.output.dice, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-summary = evaluate.summarize(dice, n_resamples=snakemake.params.resamples)
-summary.to_csv(snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-failures.to_csv(snakemake.output.failures, sep="\t", index=False)
-evaluate.plot_dice(summary, [snakemake.output.png, snakemake.output.svg])
