@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctcohort.measure import MEASURE_COLUMNS, read_measurements
+from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, read_measurements
 from ctcohort.scan_status import read_status
 from ctcohort.sheet import covariate_columns
 
 FAILURE_COLUMNS = ["subject", "stage", "error"]
-EXCLUSION_REASONS = ("absent", "cut_off", "too_small")
 SUMMARY_MEASURES = ("volume_ml", "hu_mean", "hu_median", "hu_std", "hu_mean_eroded")
 SUMMARY_COLUMNS = ["structure", "group", "measure", "n", "mean", "sd", "q25", "median", "q75"]
 

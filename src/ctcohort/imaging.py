@@ -4,18 +4,172 @@ CT: int16/int32/float on disk, possibly with scl_slope/scl_inter; we return HU
 without inflating to float64 when the scaling keeps values integral.
 Label maps: often stored as float (nnU-Net and TotalSegmentator outputs are);
 we cast to an integer type after checking the values really are integers.
+Plausibility: ``check_ct`` rejects a CT whose header or intensities cannot be a
+CT in HU (see ``ScanChecks``), so that it fails instead of entering the cohort
+as a plausible-looking number.
+
+Every error message is one line that names the file and the cause: the
+workflow records it in failures.tsv.
 """
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 AFFINE_TOLERANCE_MM = 1e-3
+# |det| / product of the voxel sizes below this: the axes are (nearly) parallel, no 3-D grid
+MIN_AFFINE_ORTHOGONALITY = 1e-6
+CT_CHECKS_KEY = "measure.ct_checks"
 
 
 class GridMismatchError(ValueError):
     """The segmentation does not lie on the CT's voxel grid."""
+
+
+class ImplausibleScanError(ValueError):
+    """The CT's header or intensities cannot be those of a CT in HU."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+@dataclass(frozen=True)
+class ScanChecks:
+    """Thresholds of ``check_ct`` (config: ``measure.ct_checks``); ``None`` disables a check.
+
+    ``min_spacing_mm``, ``max_spacing_mm``: plausible voxel size of a CT along each axis.
+    Thin-slice CT is 0.2-0.5 mm, old thick-slice CT up to 10 mm; the defaults (0.1 and 15 mm)
+    catch headers whose zooms are in the wrong unit (metres, micrometres) or broken.
+    ``lowest_hu_at_most``: the lowest finite voxel must be at most this (default -500 HU).
+    Every CT in HU holds air, outside the body or in lungs and bowel, near -1000 HU; a minimum
+    >= 0 is the classic missing rescale intercept (raw 0..4095 scanner values stored without
+    the -1024; with padding below -1024 the shifted minimum can stay negative, so the message
+    asks about the intercept whenever this check fails). Raise it (or disable it) only for a
+    field of view cropped inside the body.
+    A constant image (every finite voxel the same value) always fails, and so does a CT whose
+    voxels are all non-finite.
+    """
+
+    min_spacing_mm: float | None = 0.1
+    max_spacing_mm: float | None = 15.0
+    lowest_hu_at_most: float | None = -500.0
+
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{CT_CHECKS_KEY}.{field.name} must be a finite number or null, not {value!r}")
+            object.__setattr__(self, field.name, float(value))
+        for name in ("min_spacing_mm", "max_spacing_mm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{CT_CHECKS_KEY}.{name} must be positive, not {value!r}")
+        low, high = self.min_spacing_mm, self.max_spacing_mm
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"{CT_CHECKS_KEY}.min_spacing_mm ({low:g}) is above {CT_CHECKS_KEY}.max_spacing_mm ({high:g})"
+            )
+
+    @classmethod
+    def from_config(cls, mapping: Mapping | None) -> "ScanChecks":
+        """From the config's ``measure.ct_checks`` (missing keys keep their defaults; null disables)."""
+        mapping = {} if mapping is None else dict(mapping)
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ValueError(
+                f"{CT_CHECKS_KEY}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**mapping)
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
+
+
+def finite_range(values: np.ndarray) -> tuple[float | None, float | None, int]:
+    """(lowest, highest, number of non-finite voxels) over the finite voxels of ``values``.
+
+    Integer arrays cannot hold NaN: two reductions. Float arrays: two reductions too unless
+    they hold NaN or inf; then one boolean mask and two masked reductions (no float copy).
+    Lowest and highest are None when no voxel is finite.
+    """
+    if values.size == 0:
+        return None, None, 0
+    if not np.issubdtype(values.dtype, np.floating):
+        return values.min().item(), values.max().item(), 0
+    with np.errstate(invalid="ignore"):
+        lowest, highest = values.min(), values.max()
+    if np.isfinite(lowest) and np.isfinite(highest):
+        return lowest.item(), highest.item(), 0
+    finite = np.isfinite(values)
+    n_finite = int(np.count_nonzero(finite))
+    if n_finite == 0:
+        return None, None, values.size
+    lowest = values.min(where=finite, initial=np.inf)
+    highest = values.max(where=finite, initial=-np.inf)
+    return lowest.item(), highest.item(), values.size - n_finite
+
+
+def check_affine(affine: np.ndarray, source: str | Path, checks: ScanChecks = ScanChecks()) -> None:
+    """Raise ImplausibleScanError for a broken voxel-to-world matrix or an implausible voxel size."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)):
+        raise ImplausibleScanError(f"{source}: the header's affine holds non-finite values: {one_line(linear.tolist())}")
+    spacing = voxel_spacing_mm(linear)
+    determinant = abs(float(np.linalg.det(linear)))
+    if determinant == 0 or determinant < MIN_AFFINE_ORTHOGONALITY * float(np.prod(spacing)):
+        raise ImplausibleScanError(
+            f"{source}: the header's affine is not invertible (voxel volume {determinant:.3g} mm3, "
+            f"voxel axes {one_line(np.round(linear, 4).tolist())}): no voxel grid to measure on"
+        )
+    if checks.min_spacing_mm is not None and spacing.min() < checks.min_spacing_mm:
+        raise ImplausibleScanError(
+            f"{source}: implausible voxel size {_mm(spacing)} mm: {spacing.min():.4g} mm is below "
+            f"{checks.min_spacing_mm:g} mm (header zooms in the wrong unit?) ({CT_CHECKS_KEY}.min_spacing_mm)"
+        )
+    if checks.max_spacing_mm is not None and spacing.max() > checks.max_spacing_mm:
+        raise ImplausibleScanError(
+            f"{source}: implausible voxel size {_mm(spacing)} mm: {spacing.max():.4g} mm is above "
+            f"{checks.max_spacing_mm:g} mm (header zooms in the wrong unit?) ({CT_CHECKS_KEY}.max_spacing_mm)"
+        )
+
+
+def check_ct(hu: np.ndarray, affine: np.ndarray, source: str | Path, checks: ScanChecks = ScanChecks()) -> None:
+    """Raise ImplausibleScanError (one line naming ``source``) if ``hu`` on ``affine`` is not plausibly a CT in HU.
+
+    Header: a finite, invertible affine with voxel sizes within ``checks``' spacing range.
+    Intensities, over the finite voxels only: at least one finite voxel, not constant, and the
+    lowest at most ``checks.lowest_hu_at_most``. Non-finite voxels themselves are measure's
+    business (outside every structure they are ignored, inside one its HU is excluded).
+    No float64 copy of the volume: min/max reductions, plus one boolean mask for float CTs
+    that hold NaN or inf.
+    """
+    check_affine(affine, source, checks)
+    if hu.size == 0:
+        raise ImplausibleScanError(f"{source}: the CT holds no voxel (shape {hu.shape})")
+    lowest, highest, _ = finite_range(hu)
+    if lowest is None:
+        raise ImplausibleScanError(f"{source}: not plausibly in HU: all {hu.size} voxels are NaN or infinite")
+    if lowest == highest:
+        raise ImplausibleScanError(
+            f"{source}: not plausibly in HU: constant image (every finite voxel is {lowest:g})"
+        )
+    limit = checks.lowest_hu_at_most
+    if limit is not None and lowest > limit:
+        # the hint also when the minimum is negative: padding below -1024 HU (common) shifted by +1024
+        raise ImplausibleScanError(
+            f"{source}: not plausibly in HU: lowest value {lowest:g} is above {limit:g} HU (no air); "
+            f"was the rescale intercept (-1024) not applied? ({CT_CHECKS_KEY}.lowest_hu_at_most)"
+        )
 
 
 def load_image(path: str | Path) -> nib.Nifti1Image:
@@ -25,7 +179,7 @@ def load_image(path: str | Path) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise ValueError(f"cannot read {path} as NIfTI: {err}") from err
+        raise ValueError(f"cannot read {path} as NIfTI: {one_line(err)}") from err
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}")
     return img
@@ -97,6 +251,6 @@ def seg_on_ct_grid(seg: nib.Nifti1Image, ct: nib.Nifti1Image, source: str | Path
         return np.ascontiguousarray(reoriented)
     raise GridMismatchError(
         f"{source}: grid does not match the CT (shape {seg.shape} vs {ct.shape}, "
-        f"affine\n{np.round(seg.affine, 3)}\nvs\n{np.round(ct.affine, 3)}); "
+        f"affine {np.round(seg.affine, 3).tolist()} vs {np.round(ct.affine, 3).tolist()}); "
         "segment the CT itself or resample the label map onto it (nearest neighbour)"
     )

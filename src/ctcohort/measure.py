@@ -4,6 +4,12 @@ Everything is computed for all labels at once: a handful of bincounts over the
 foreground voxels, a joint label x HU histogram for exact medians, and one
 interior mask (6-neighbourhood) for the eroded means. No boolean mask per
 structure: at 104 structures that is 104 passes over a 512x512x300 volume.
+
+A value that cannot be trusted never enters the table as a number: a scan
+whose CT is not plausibly in HU (``imaging.check_ct``), whose label map holds
+ids the structure table does not know, or no labelled voxel at all, fails with
+a one-line error naming the file; a structure that cannot be measured gets NaN
+and one of EXCLUSION_REASONS (see ``measure_structures``).
 """
 
 import logging
@@ -12,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctcohort.imaging import ct_hounsfield, load_image, seg_on_ct_grid, voxel_volume_ml
+from ctcohort.imaging import (
+    ScanChecks,
+    check_ct,
+    ct_hounsfield,
+    load_image,
+    seg_on_ct_grid,
+    voxel_volume_ml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +33,17 @@ MEASURE_COLUMNS = [
     "structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
     "hu_mean_eroded", "complete", "exclusion_reason",
 ]
+HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
+# Every exclusion_reason, in order of precedence: a structure gets the first that applies.
+EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
 # Above this many label x HU bins the exact median falls back to sorting.
 MAX_HISTOGRAM_BINS = 50_000_000
+# Unknown label ids listed in an error message; the rest are counted.
+MAX_LISTED_LABELS = 5
+
+
+class LabelMapError(ValueError):
+    """The label map cannot be measured with the structure table: unknown label ids, or no labelled voxel."""
 
 
 def interior_mask(labels: np.ndarray) -> np.ndarray:
@@ -67,7 +89,13 @@ def _medians(labels: np.ndarray, hu: np.ndarray, counts: np.ndarray) -> np.ndarr
     lowest, highest = (int(hu.min()), int(hu.max())) if integral else (0, 0)
     width = highest - lowest + 1
     if integral and width * size <= MAX_HISTOGRAM_BINS:
-        histogram = np.bincount(labels.astype(np.int64) * width + (hu - lowest), minlength=size * width)
+        # bin index in int64: ``hu - lowest`` in the CT's own type wraps when the values span
+        # more than the type holds (int16 from -3000 to +31000: metal, extended-range scanners)
+        index = np.multiply(labels, width, dtype=np.int64)
+        np.add(index, hu, out=index, casting="unsafe")
+        index -= lowest
+        histogram = np.bincount(index, minlength=size * width)
+        del index
         cumulative = np.cumsum(histogram)  # global ranks: label blocks follow each other
         present = np.flatnonzero(counts)
         low = np.searchsorted(cumulative, starts[present] + low_rank[present], side="right") % width
@@ -83,6 +111,64 @@ def _medians(labels: np.ndarray, hu: np.ndarray, counts: np.ndarray) -> np.ndarr
     return medians
 
 
+def _check_labels(counts: np.ndarray, table: pd.DataFrame, source: str | Path) -> None:
+    """LabelMapError if the label map holds no labelled voxel, or ids that ``table`` does not know."""
+    labelled = np.flatnonzero(counts[1:]) + 1
+    if labelled.size == 0:
+        raise LabelMapError(
+            f"{source}: the segmentation holds no labelled voxel (every voxel is 0): nothing to measure; "
+            "did the segmentation fail, or was it run on another scan?"
+        )
+    known = table["label"].to_numpy()
+    unknown = np.setdiff1d(labelled, known)
+    if unknown.size:
+        listed = ", ".join(f"{i} ({counts[i]} voxels)" for i in unknown[:MAX_LISTED_LABELS])
+        more = f" and {unknown.size - MAX_LISTED_LABELS} more" if unknown.size > MAX_LISTED_LABELS else ""
+        raise LabelMapError(
+            f"{source}: {unknown.size} label id(s) not in the structure table ({len(known)} structures, "
+            f"ids {known.min()}-{known.max()}): {listed}{more}; the structure table probably does not match "
+            "the segmentation model (e.g. a TotalSegmentator v2 segmentation measured with the v1 table): "
+            "set the config key structures to the model's table"
+        )
+
+
+def _nonfinite_labels(
+    flat_hu: np.ndarray, fg_labels: np.ndarray, fg_hu: np.ndarray, size: int, table: pd.DataFrame,
+    source: str | Path,
+) -> np.ndarray:
+    """Boolean per label id: the structure holds a NaN or infinite voxel.
+
+    Those voxels of ``fg_hu`` (the foreground copy) are set to 0 so that the other
+    structures' statistics are computed as usual; the flagged structures' HU is
+    discarded by the caller. Non-finite voxels outside every structure are only logged.
+    Integer CTs cannot hold NaN: no pass. Float CTs: one summing pass (no copy); the
+    masks below only when that sum is not finite.
+    """
+    flagged = np.zeros(size, dtype=bool)
+    if not np.issubdtype(flat_hu.dtype, np.floating):
+        return flagged
+    # A NaN or inf voxel makes the sum NaN or inf; a finite sum means every voxel is finite.
+    # (An overflowing sum of huge finite values only sends us down the exact path below.)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(flat_hu.sum()):
+            return flagged
+    bad = ~np.isfinite(fg_hu)
+    inside = int(np.count_nonzero(bad))
+    outside = flat_hu.size - int(np.count_nonzero(np.isfinite(flat_hu))) - inside
+    if inside:
+        flagged[np.unique(fg_labels[bad])] = True
+        fg_hu[bad] = 0
+        names = dict(zip(table["label"], table["name"]))
+        ids = np.flatnonzero(flagged)
+        log.warning(
+            "%s: %d non-finite (NaN/inf) voxels inside %d structure(s) (%s): their HU is excluded (hu_nonfinite)",
+            source, inside, ids.size, ", ".join(str(names.get(i, i)) for i in ids),
+        )
+    if outside:
+        log.warning("%s: %d non-finite (NaN/inf) voxels outside every structure are ignored", source, outside)
+    return flagged
+
+
 def measure_structures(
     hu: np.ndarray,
     labels: np.ndarray,
@@ -90,17 +176,35 @@ def measure_structures(
     table: pd.DataFrame,
     *,
     border_margin: int = 3,
-    min_voxels: int = 1,
+    min_voxels: int = 10,
+    source: str | Path = "segmentation",
+    ct_source: str | Path = "CT",
 ) -> pd.DataFrame:
     """One row per structure of ``table`` (columns MEASURE_COLUMNS).
 
-    Absent structures (no voxel), structures below ``min_voxels`` and structures
-    with a voxel within ``border_margin`` voxels of the image border (cut off by
-    the field of view) get NaN volume and an exclusion_reason, never 0. Cut-off
-    structures keep their HU statistics: the visible part is real tissue.
+    A structure that cannot be measured gets NaN, never 0, and the first of
+    EXCLUSION_REASONS that applies:
+
+    - ``absent``: no voxel. Volume and HU NaN, ``complete`` NA.
+    - ``too_small``: fewer than ``min_voxels`` voxels. Volume and HU NaN.
+    - ``hu_nonfinite``: a NaN or infinite CT voxel inside the structure (float CTs).
+      All HU columns NaN; the volume, which depends on the labels only, is kept.
+    - ``cut_off``: a voxel within ``border_margin`` voxels of the image border (cut by
+      the field of view). Volume NaN; HU kept: the visible part is real tissue.
+
+    ``complete`` (False: touches the border) is reported for every present structure
+    whatever its reason, and an incomplete structure never has a volume. So a
+    structure both cut off and holding non-finite voxels reads ``hu_nonfinite`` with
+    ``complete`` False: volume NaN (cut off) and HU NaN (non-finite), both said;
+    ``cut_off`` would claim its HU is usable.
+    Non-finite voxels outside every structure (e.g. NaN padding outside the field
+    of view) change no number; they are logged as a warning with their count.
+
+    Raises LabelMapError (naming ``source``, the segmentation) if the label map
+    holds no labelled voxel, or label ids that ``table`` does not list.
     """
     if hu.shape != labels.shape:
-        raise ValueError(f"CT shape {hu.shape} and label map shape {labels.shape} differ")
+        raise ValueError(f"{source}: CT shape {hu.shape} and label map shape {labels.shape} differ")
     size = int(max(table["label"].max(), labels.max())) + 1
     # Work on flat views in the arrays' own memory order: boolean selection on a 3-D
     # Fortran-ordered array (what nibabel returns) is ~50x slower than on its flat view.
@@ -109,8 +213,10 @@ def measure_structures(
     foreground = flat_labels != 0
     # bincount casts small integer types to intp on every call; cast once
     fg_labels = flat_labels[foreground].astype(np.intp)
-    fg_hu = flat_hu[foreground]
     counts = np.bincount(fg_labels, minlength=size)
+    _check_labels(counts, table, source)
+    fg_hu = flat_hu[foreground]  # a copy: _nonfinite_labels may zero its NaN voxels
+    nonfinite = _nonfinite_labels(flat_hu, fg_labels, fg_hu, size, table, ct_source)
     weights = fg_hu.astype(np.float64)
     sums = np.bincount(fg_labels, weights=weights, minlength=size)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -124,16 +230,16 @@ def measure_structures(
 
     interior = interior_mask(labels).ravel(order=order)
     inner_labels = flat_labels[interior].astype(np.intp)
+    inner_values = flat_hu[interior].astype(np.float64)
+    del interior
+    if nonfinite.any():
+        inner_values[~np.isfinite(inner_values)] = 0  # only in flagged structures, whose HU is dropped
     inner_counts = np.bincount(inner_labels, minlength=size)
-    inner_sums = np.bincount(inner_labels, weights=flat_hu[interior].astype(np.float64), minlength=size)
-    del interior, inner_labels
+    inner_sums = np.bincount(inner_labels, weights=inner_values, minlength=size)
+    del inner_labels, inner_values
     with np.errstate(invalid="ignore", divide="ignore"):
         eroded_means = inner_sums / inner_counts
     touching = _labels_near_border(labels, border_margin, size)
-
-    unknown = sorted(set(np.flatnonzero(counts[1:]) + 1) - set(table["label"]))
-    if unknown:
-        log.warning("label ids %s are not in the structure table and are ignored", unknown)
 
     ids = table["label"].to_numpy()
     n = counts[ids]
@@ -152,25 +258,40 @@ def measure_structures(
     })
     absent = n == 0
     too_small = ~absent & (n < min_voxels)
-    cut_off = ~absent & ~too_small & touching[ids]
-    out.loc[absent, "exclusion_reason"] = "absent"
-    out.loc[too_small, "exclusion_reason"] = "too_small"
-    out.loc[cut_off, "exclusion_reason"] = "cut_off"
+    hu_nonfinite = ~absent & ~too_small & nonfinite[ids]
+    cut_off = ~absent & ~too_small & ~hu_nonfinite & touching[ids]
+    rows = {"absent": absent, "too_small": too_small, "hu_nonfinite": hu_nonfinite, "cut_off": cut_off}
+    for reason in EXCLUSION_REASONS:
+        out.loc[rows[reason], "exclusion_reason"] = reason
     out.loc[absent, "complete"] = pd.NA
-    out.loc[absent | too_small | cut_off, "volume_ml"] = np.nan
-    hu_columns = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
-    out.loc[absent | too_small, hu_columns] = np.nan
+    out.loc[absent | too_small | touching[ids], "volume_ml"] = np.nan
+    out.loc[absent | too_small | hu_nonfinite, HU_COLUMNS] = np.nan
     return out[MEASURE_COLUMNS]
 
 
 def measure_scan(
-    ct_path: str | Path, seg_path: str | Path, table: pd.DataFrame, **options
+    ct_path: str | Path,
+    seg_path: str | Path,
+    table: pd.DataFrame,
+    *,
+    border_margin: int = 3,
+    min_voxels: int = 10,
+    checks: ScanChecks = ScanChecks(),
 ) -> pd.DataFrame:
-    """Read a CT and its segmentation (any dtype, any orientation of the same grid) and measure."""
+    """Read a CT and its segmentation (any dtype, any orientation of the same grid) and measure.
+
+    The CT must pass ``imaging.check_ct`` with ``checks`` (ImplausibleScanError otherwise);
+    see ``measure_structures`` for the rest. Every error names the file at fault.
+    """
     ct = load_image(ct_path)
     seg = load_image(seg_path)
+    hu = ct_hounsfield(ct)
+    check_ct(hu, ct.affine, ct_path, checks)
     labels = seg_on_ct_grid(seg, ct, seg_path)
-    return measure_structures(ct_hounsfield(ct), labels, voxel_volume_ml(ct.affine), table, **options)
+    return measure_structures(
+        hu, labels, voxel_volume_ml(ct.affine), table,
+        border_margin=border_margin, min_voxels=min_voxels, source=seg_path, ct_source=ct_path,
+    )
 
 
 def empty_measurements() -> pd.DataFrame:
@@ -179,6 +300,11 @@ def empty_measurements() -> pd.DataFrame:
 
 
 def write_measurements(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a measurement table as TSV (NaN as "NaN"); an infinite value is an error, never written."""
+    numbers = frame.select_dtypes("number")
+    if np.isinf(numbers.to_numpy(dtype=np.float64)).any():
+        columns = [c for c in numbers.columns if np.isinf(numbers[c].to_numpy(dtype=np.float64)).any()]
+        raise ValueError(f"{path}: refusing to write infinite values (columns {', '.join(columns)})")
     frame.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
 
 

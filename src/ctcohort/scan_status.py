@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ctcohort.imaging import one_line  # a message as one line of failures.tsv
+
 POLICIES = ("record", "fail")
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,6 @@ def is_resource_error(err: BaseException) -> bool:
         return True
     message = str(err).lower()
     return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
-def one_line(text: str) -> str:
-    """A message as one line of a table (tracebacks and printed matrices span several)."""
-    return " ".join(text.split())
 
 
 @contextmanager

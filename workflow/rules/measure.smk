@@ -13,6 +13,7 @@ rule measure:
         structures=config["structures"],
         border_margin=config["measure"]["border_margin"],
         min_voxels=config["measure"]["min_voxels"],
+        ct_checks=config["measure"]["ct_checks"],
         on_error=config["on_scan_error"],
     resources:
         mem_mb=4000,

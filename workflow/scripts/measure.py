@@ -1,5 +1,6 @@
 """Measure every structure of one scan; a failure is recorded, not fatal, unless on_scan_error: fail."""
 
+from ctcohort.imaging import ScanChecks
 from ctcohort.measure import empty_measurements, measure_scan, write_measurements
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import run_scan_step
@@ -18,6 +19,7 @@ run_scan_step(
             load_structure_table(snakemake.params.structures),
             border_margin=snakemake.params.border_margin,
             min_voxels=snakemake.params.min_voxels,
+            checks=ScanChecks.from_config(snakemake.params.ct_checks),
         ),
         snakemake.output.tsv,
     ),
