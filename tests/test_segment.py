@@ -1,7 +1,10 @@
-"""nnU-Net inference with real (tiny, barely trained) models: model folders, geometry, part merging."""
+"""nnU-Net inference with real models: tiny, barely trained ones (slow: they are trained first) and tiny random
+ones (tests/totalseg_models.py, seconds), compared with nnU-Net's own predictor: model folders and task
+selection, readers and axis order, part merging, folds, mirroring."""
 
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +16,7 @@ pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
+    TASKS,
     ModelFolderError,
     Segmenter,
     find_model_parts,
@@ -23,11 +27,22 @@ from ctcohort.segment import (  # noqa: E402
 )
 from ctcohort.structures import load_structure_table  # noqa: E402
 from ctcohort.train import train_tiny_model  # noqa: E402
+from totalseg_models import (  # noqa: E402
+    RELEASE_FOLDERS,
+    nnunet_own_labels,
+    release_labels,
+    release_model_dir,
+    write_model,
+    write_release,
+)
 
-pytestmark = pytest.mark.slow
 V1 = load_structure_table("total_v1")
+V2 = load_structure_table("total_v2")
+PARTS_TABLE = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "resources", "structures",
+                                       "total_v2_parts.csv"))
 PART_A = ["liver", "spleen", "kidney_left", "kidney_right"]
 PART_B = ["hip_left", "hip_right", "sacrum", "kidney_left"]  # kidney_left claimed by both parts
+TWO_PARTS = [998, 999]  # segmentation.task of two_part_model
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +68,9 @@ def phantom_scan(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_parts_map_their_labels_to_global_structures(two_part_model):
-    parts = find_model_parts(two_part_model, V1)
+    parts = find_model_parts(two_part_model, V1, TWO_PARTS)
     assert [p.dataset_id for p in parts] == [998, 999]
     label_of = dict(zip(V1["name"], V1["label"]))
     assert sorted(parts[0].global_labels.values()) == sorted(label_of[s] for s in PART_A)
@@ -66,9 +82,10 @@ def test_parts_map_their_labels_to_global_structures(two_part_model):
             assert parts[1].global_labels[local] == label_of[name]
 
 
+@pytest.mark.slow
 def test_merged_map_is_the_parts_merged_later_part_winning(two_part_model, phantom_scan):
     ct = nib.load(phantom_scan)
-    merged = Segmenter(two_part_model, V1, device="cpu").segment(ct)
+    merged = Segmenter(two_part_model, V1, task=TWO_PARTS, device="cpu").segment(ct)
     assert merged.shape == ct.shape and merged.dtype == np.uint8
     singles = []
     for part_folder in sorted(two_part_model.glob("Dataset*/*")):
@@ -81,6 +98,7 @@ def test_merged_map_is_the_parts_merged_later_part_winning(two_part_model, phant
     assert len(set(np.unique(merged)) - {0}) >= 2, "the tiny models should label something for this test to bite"
 
 
+@pytest.mark.slow
 def test_output_lies_on_the_input_grid_in_any_orientation(two_part_model, phantom_scan, tmp_path):
     """The same scan stored RAS and LPS (anisotropic spacing) gets the same labels, each on its own grid."""
     ras = nib.load(phantom_scan)
@@ -93,7 +111,7 @@ def test_output_lies_on_the_input_grid_in_any_orientation(two_part_model, phanto
     nib.save(lps, lps_path)
     out = tmp_path / "out"
     assert main(["segment", "--ct", str(phantom_scan), str(lps_path), "--model", str(two_part_model),
-                 "--structures", "total_v1", "--device", "cpu", "-o", str(out)]) == 0
+                 "--task", *map(str, TWO_PARTS), "--structures", "total_v1", "--device", "cpu", "-o", str(out)]) == 0
     seg_ras, seg_lps = nib.load(out / "ct.nii.gz"), nib.load(out / "lps.nii.gz")
     assert seg_lps.shape == lps.shape
     np.testing.assert_allclose(seg_lps.affine, lps.affine)
@@ -106,13 +124,14 @@ def test_output_lies_on_the_input_grid_in_any_orientation(two_part_model, phanto
     assert set(names) == set(np.unique(np.asanyarray(seg_ras.dataobj)).tolist()) - {0}
 
 
+@pytest.mark.slow
 def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phantom_scan, tmp_path):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"no image here")
     outputs = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
     statuses = [tmp_path / "a.json", tmp_path / "b.json"]
     segment_batch(["good", "bad"], [phantom_scan, broken], outputs, statuses, model=two_part_model,
-                  structures="total_v1", device="cpu")
+                  structures="total_v1", task=TWO_PARTS, device="cpu")
     good, bad = (json.loads(p.read_text()) for p in statuses)
     assert good["ok"] and not bad["ok"]
     assert bad["stage"] == "segment" and "broken.nii.gz" in bad["error"]
@@ -130,8 +149,9 @@ def test_missing_or_empty_model_folder_says_what_to_provide(tmp_path, make, mess
         find_model_parts(folder, V1)
 
 
+@pytest.mark.slow
 def test_model_files_are_each_parts_plans_and_fold_checkpoints(two_part_model):
-    files = model_files(find_model_parts(two_part_model, V1), folds=[0])
+    files = model_files(find_model_parts(two_part_model, V1, TWO_PARTS), folds=[0])
     assert len(files) == 2 * 3 and all(path.is_file() for path in files)
     assert {path.name for path in files} == {"dataset.json", "plans.json", "checkpoint_final.pth"}
 
@@ -142,12 +162,14 @@ def test_missing_segmentation_packages_say_what_to_install():
     assert "no_such_package_here" in message and "pip install -e '.[segment]'" in message
 
 
+@pytest.mark.slow
 def test_labels_not_in_the_structure_table_are_named(two_part_model):
     table = pd.DataFrame({"label": [1], "name": ["liver"], "group": ["organ"]})
     with pytest.raises(ModelFolderError, match="spleen"):
-        find_model_parts(two_part_model, table)
+        find_model_parts(two_part_model, table, TWO_PARTS)
 
 
+@pytest.mark.slow
 def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp_path):
     from conftest import run_workflow
 
@@ -156,8 +178,8 @@ def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp
     (data / "ct" / "demo003.nii.gz").write_bytes(b"not a scan")
     config = {
         "cohort": str(data / "cohort.tsv"),
-        "segmentation": {"method": "nnunet", "model": str(two_part_model), "device": "cpu", "threads": 1,
-                         "scans_per_job": 2},
+        "segmentation": {"method": "nnunet", "model": str(two_part_model), "task": TWO_PARTS, "device": "cpu",
+                         "threads": 1, "scans_per_job": 2},
     }
     result = run_workflow(tmp_path, config)
     assert result.stderr.count("rule segment_batch_") == 3  # 5 scans, 2 per job
@@ -181,6 +203,7 @@ def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp
     assert (dry.stdout + dry.stderr).count("rule segment_batch_") == 3
 
 
+@pytest.mark.slow
 def test_bundled_model_segments_an_lps_phantom_scan_on_its_grid(tmp_path):
     """The default model, on an unseen demo scan stored LPS with 2.5 x 2.5 x 4 mm voxels: the label map lies
     on exactly that grid and matches the phantom's truth."""
@@ -218,6 +241,7 @@ def _nnunet_own_labels(segmenter, ct):
     return lookup[np.asarray(local).transpose(2, 1, 0)]
 
 
+@pytest.mark.slow
 def test_device_side_processing_matches_nnunets_own(tmp_path):
     """On the model's spacing the device-side pre/postprocessing gives nnU-Net's labels; on another spacing
     (resampled both ways, trilinear here, nnU-Net's spline/linear there) nearly the same."""
@@ -232,3 +256,281 @@ def test_device_side_processing_matches_nnunets_own(tmp_path):
     assert ours.shape == coarse.shape
     foreground = (ours != 0) | (theirs != 0)
     assert np.mean(ours[foreground] == theirs[foreground]) > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny random models (tests/totalseg_models.py): seconds each, compared with nnU-Net's own predictor
+# ---------------------------------------------------------------------------------------------------------
+
+SCAN_SHAPE = (24, 20, 16)  # RAS voxel axes (x, y, z)
+SCAN_SPACING = (4.0, 1.5, 2.0)  # mm along them: anisotropic, the largest along x
+ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
+
+
+def _write_scan(path, orientation="RAS", spacing=SCAN_SPACING, shape=SCAN_SHAPE, seed=0):
+    """A smooth random CT (HU, int16) whose RAS form has ``shape`` and ``spacing``, stored in ``orientation``
+    (axis codes); no voxel is exactly 0, where nnU-Net's preprocessing would crop a border. Returns the
+    stored image."""
+    from scipy.ndimage import gaussian_filter
+
+    data = gaussian_filter(np.random.default_rng(seed).normal(0.0, 2400.0, shape), 1.5)
+    data = np.round(data).astype(np.int16)
+    data[data == 0] = 1
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-30.0, 12.0, 40.0]
+    ras = nib.Nifti1Image(data, affine)
+    stored = ras.as_reoriented(nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(orientation))))
+    assert nib.aff2axcodes(stored.affine) == tuple(orientation)
+    stored.set_qform(stored.affine, code=1)
+    stored.set_sform(stored.affine, code=1)
+    nib.save(stored, path)
+    return nib.load(path)
+
+
+def _network_spacing(transpose_forward, spacing=SCAN_SPACING):
+    """The scan's spacing in nnU-Net's order (z, y, x) after ``transpose_forward``: a model on it resamples nothing."""
+    zyx = spacing[::-1]
+    return tuple(zyx[i] for i in transpose_forward)
+
+
+def _several_labels(labels, at_least=3):
+    assert len(np.unique(labels)) >= at_least, "the random model should predict several labels for this test to bite"
+
+
+@pytest.mark.parametrize("reader, orientation, transpose_forward", [
+    ("SimpleITKIO", "RAS", (0, 1, 2)),
+    ("NibabelIO", "RAS", (0, 1, 2)),
+    ("SimpleITKIO", "RAS", (2, 0, 1)),  # planned with the largest spacing first, as nnU-Net's planner does
+    ("NibabelIOWithReorient", "LPS", (0, 1, 2)),
+    ("NibabelIOWithReorient", "SLP", (2, 0, 1)),
+    ("SimpleITKIOWithReorient", "PSL", (1, 2, 0)),
+])
+def test_each_reader_gets_the_array_its_nnunet_reader_gives(tmp_path, reader, orientation, transpose_forward):
+    """ctcohort's labels equal nnU-Net's own (the plans' reader class reads the file and writes the labels,
+    nnU-Net preprocesses, predicts and exports) on an anisotropic, non-cubic scan, on the model's spacing."""
+    ct = _write_scan(tmp_path / "ct.nii.gz", orientation)
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader=reader,
+                        spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
+                        patch=(8, 12, 16), active_labels=(0, 1, 3, 5), seed=3)
+    ours = Segmenter(model, V2, device="cpu").segment(ct)
+    theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path)
+    assert ours.shape == ct.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+    _several_labels(ours)
+
+
+def test_a_non_reorienting_reader_gets_the_scan_in_ras_as_totalsegmentator_feeds_it(tmp_path):
+    """ctcohort reorients every scan to RAS first, also for SimpleITKIO models (nnU-Net itself would feed the
+    stored LPS order): the labels of an LPS scan are nnU-Net's labels of its RAS copy."""
+    lps = _write_scan(tmp_path / "lps.nii.gz", "LPS")
+    nib.save(nib.as_closest_canonical(lps), tmp_path / "ras.nii.gz")
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader="SimpleITKIO",
+                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=3)
+    ours = Segmenter(model, V2, device="cpu").segment(lps)
+    theirs_ras = nnunet_own_labels(model, tmp_path / "ras.nii.gz", tmp_path)
+    np.testing.assert_array_equal(ours[::-1, ::-1, :], theirs_ras)
+    assert not np.array_equal(ours, nnunet_own_labels(model, tmp_path / "lps.nii.gz", tmp_path))
+    _several_labels(ours)
+
+
+@pytest.mark.parametrize("reader", ["Tiff3DIO", "NaturalImage2DIO", "MyOwnReader", None])
+def test_a_reader_ctcohort_cannot_honour_is_refused(tmp_path, reader):
+    model = write_model(tmp_path / "Dataset501_Organs", ORGANS, dataset_name="Dataset501_Organs")
+    plans = json.loads((model / "plans.json").read_text())
+    plans["image_reader_writer"] = reader
+    if reader is None:
+        del plans["image_reader_writer"]
+    (model / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelFolderError, match=f"{model}.*image_reader_writer {reader!r}"):
+        find_model_parts(model, V2)
+
+
+def test_folds_are_ensembled_as_nnunet_does(tmp_path):
+    ct = _write_scan(tmp_path / "ct.nii.gz")
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1),
+                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=5)
+    ours = Segmenter(model, V2, device="cpu", folds=[0, 1]).segment(ct)
+    theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0, 1))
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0,)))
+    _several_labels(ours)
+
+
+def test_mirroring_is_nnunets_own(tmp_path):
+    ct = _write_scan(tmp_path / "ct.nii.gz")
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", mirror_axes=(0, 1, 2),
+                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=7)
+    ours = Segmenter(model, V2, device="cpu", mirroring=True).segment(ct)
+    theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=True)
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=False))
+    _several_labels(ours)
+
+
+# TotalSegmentator's release layout: 291 random over a few labels, 292 one label everywhere (local 4,
+# vertebrae_L4, global 28), 293 and 295 random over a few labels (background among them), 294 background
+# everywhere, 297 random over a few of the 117 classes.
+RELEASE_SETTINGS = {291: {"active_labels": (0, 2, 5, 7)}, 292: {"force_label": 4}, 293: {"active_labels": (0, 1, 3, 6)},
+                    294: {"force_label": 0}, 295: {"active_labels": (0, 2, 9, 14)},
+                    297: {"active_labels": (0, 5, 28, 51, 80)}}
+TOTAL = TASKS["total"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A weights folder like TotalSegmentator's: the 5 parts of total (1.5 mm) and total_fast (297, 3 mm)."""
+    return write_release(tmp_path_factory.mktemp("weights"), settings=RELEASE_SETTINGS, patch=(16, 16, 16))
+
+
+def _global_labels(dataset_id):
+    """A part's label -> global total_v2 label, from the part table (297: its labels are the v2 ids)."""
+    part = PARTS_TABLE[PARTS_TABLE["task_id"] == dataset_id]
+    if not len(part):
+        return {label: label for label in release_labels(dataset_id).values()}
+    return dict(zip(part["part_label"].astype(int), part["global_label"].astype(int)))
+
+
+def _copy_release(release, target, dataset_ids):
+    for dataset_id in dataset_ids:
+        shutil.copytree(release / RELEASE_FOLDERS[dataset_id], target / RELEASE_FOLDERS[dataset_id])
+    return target
+
+
+@pytest.mark.parametrize("task", ["total", ["total"], list(TOTAL), [str(i) for i in TOTAL]])
+def test_task_total_selects_the_five_parts_in_order(release, task):
+    parts = find_model_parts(release, V2, task)
+    assert [part.dataset_id for part in parts] == [291, 292, 293, 294, 295]
+    assert [part.folder for part in parts] == [release_model_dir(release, i) for i in TOTAL]
+    assert {part.reader for part in parts} == {"NibabelIOWithReorient"}
+
+
+@pytest.mark.parametrize("task", ["total_fast", 297, [297], ["297"]])
+def test_task_total_fast_selects_the_3mm_model(release, task):
+    parts = find_model_parts(release, V2, task)
+    assert [(part.dataset_id, part.folder) for part in parts] == [(297, release_model_dir(release, 297))]
+
+
+def test_a_folder_of_several_tasks_without_a_task_is_refused_with_what_it_holds(release, tmp_path, capsys):
+    with pytest.raises(ModelFolderError) as error:
+        find_model_parts(release, V2)
+    message = str(error.value)
+    assert str(release) in message and "segmentation.task" in message
+    for dataset_id in TOTAL:
+        assert (f"{RELEASE_FOLDERS[dataset_id]}/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres: "
+                f"dataset {dataset_id}, part of task total") in message
+    assert (f"{RELEASE_FOLDERS[297]}/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres: dataset 297, "
+            "task total_fast") in message
+    assert "total (datasets 291-295) or total_fast (dataset 297)" in message
+    # the command line says the same and stops
+    scan = tmp_path / "ct.nii.gz"
+    _write_scan(scan, spacing=(1.5, 1.5, 1.5))
+    assert main(["segment", "--ct", str(scan), "--model", str(release), "--structures", "total_v2",
+                 "--device", "cpu", "-o", str(tmp_path / "out")]) == 1
+    assert "total_fast (dataset 297)" in capsys.readouterr().err
+    assert main(["segment", "--ct", str(scan), "--model", str(release), "--task", "total_fast", "--structures",
+                 "total_v2", "--device", "cpu", "-o", str(tmp_path / "out")]) == 0
+    assert nib.load(tmp_path / "out" / "ct.nii.gz").shape == SCAN_SHAPE
+
+
+def test_a_folder_of_one_task_needs_no_task(release, tmp_path):
+    only_total = _copy_release(release, tmp_path / "total", TOTAL)
+    assert [part.dataset_id for part in find_model_parts(only_total, V2)] == list(TOTAL)
+    only_fast = _copy_release(release, tmp_path / "fast", [297])
+    assert [part.dataset_id for part in find_model_parts(only_fast, V2)] == [297]
+    # and a single model's own folder
+    assert [part.dataset_id for part in find_model_parts(release_model_dir(release, 297), V2)] == [297]
+
+
+def test_an_incomplete_task_names_the_missing_datasets(release, tmp_path):
+    weights = _copy_release(release, tmp_path / "weights", [291, 292, 293, 295, 297])
+    with pytest.raises(ModelFolderError, match=r"task total needs datasets 291, 292, 293, 294, 295; missing 294 "):
+        find_model_parts(weights, V2, "total")
+    alone = _copy_release(release, tmp_path / "total_only", [291, 292, 293, 295])
+    with pytest.raises(ModelFolderError, match=r"task total \(the only task found.*missing 294 "):
+        find_model_parts(alone, V2)
+    with pytest.raises(ModelFolderError, match=r"task \[297, 298\] needs datasets 297, 298; missing 298 "):
+        find_model_parts(weights, V2, [297, 298])
+    with pytest.raises(ModelFolderError, match="not a known task"):
+        find_model_parts(weights, V2, "total_v2")
+
+
+def test_models_of_no_known_task_are_chosen_by_dataset_id(tmp_path):
+    for dataset_id in (601, 602):
+        write_model(tmp_path / f"Dataset{dataset_id}_Mine" / "nnUNetTrainer__nnUNetPlans__3d_fullres", ORGANS,
+                    dataset_name=f"Dataset{dataset_id}_Mine")
+    with pytest.raises(ModelFolderError, match=r"(?s)dataset 601, no known task.*dataset ids, e.g. \[601, 602\]"):
+        find_model_parts(tmp_path, V2)
+    assert [part.dataset_id for part in find_model_parts(tmp_path, V2, [601, 602])] == [601, 602]
+    assert [part.dataset_id for part in find_model_parts(tmp_path, V2, 602)] == [602]
+    # two models of one dataset (e.g. two trainers) are ambiguous however selected
+    write_model(tmp_path / "Dataset602_Mine" / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres", ORGANS,
+                dataset_name="Dataset602_Mine")
+    with pytest.raises(ModelFolderError, match="several models of dataset 602"):
+        find_model_parts(tmp_path, V2, [601, 602])
+
+
+def test_part_labels_map_to_total_v2_through_the_part_table(release, tmp_path):
+    for part in find_model_parts(release, V2, "total") + find_model_parts(release, V2, "total_fast"):
+        assert part.global_labels == _global_labels(part.dataset_id)
+    assert find_model_parts(release, V2, [292])[0].global_labels[4] == 28  # vertebrae_L4
+    # a dataset numbered like a part whose dataset.json disagrees with the published labels is not that part
+    weights = _copy_release(release, tmp_path / "weights", [292])
+    dataset_json = release_model_dir(weights, 292) / "dataset.json"
+    dataset = json.loads(dataset_json.read_text())
+    dataset["labels"]["vertebrae_L4"], dataset["labels"]["vertebrae_L5"] = 3, 4
+    dataset_json.write_text(json.dumps(dataset))
+    with pytest.raises(ModelFolderError, match=r"dataset 292 .*3: vertebrae_L4 \(published: vertebrae_L5\)"):
+        find_model_parts(weights, V2)
+
+
+def test_total_merges_its_parts_later_dataset_winning(release, tmp_path):
+    """ctcohort's merged map equals the parts as nnU-Net predicts them, each mapped through the part table and
+    laid over the earlier ones where it claims a voxel."""
+    ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(1.5, 1.5, 1.5))
+    ours = Segmenter(release, V2, task="total", device="cpu").segment(ct)
+    expected = np.zeros(ct.shape, np.int64)
+    claims = {}
+    for dataset_id in TOTAL:
+        local = nnunet_own_labels(release_model_dir(release, dataset_id), tmp_path / "ct.nii.gz", tmp_path)
+        lookup = np.zeros(local.max() + 1, np.int64)
+        for part_label, label in _global_labels(dataset_id).items():
+            if part_label <= local.max():
+                lookup[part_label] = label
+        claims[dataset_id] = lookup[local]
+        expected = np.where(claims[dataset_id] != 0, claims[dataset_id], expected)
+    np.testing.assert_array_equal(ours, expected)
+    # the construction bites: 292 claims every voxel, hiding 291; 293 and 295 claim some, overlapping; 294 none
+    assert (claims[291] != 0).any() and (claims[292] == 28).all() and not claims[294].any()
+    both = (claims[293] != 0) & (claims[295] != 0)
+    assert both.any() and (ours[both] == claims[295][both]).all()
+    assert ((claims[293] != 0) & (claims[295] == 0)).any()
+    assert (ours == 28).any() and not np.isin(ours, list(range(1, 25))).any()
+
+
+def test_total_fast_segments_as_nnunet_does(release, tmp_path):
+    ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(3.0, 3.0, 3.0))
+    ours = Segmenter(release, V2, task="total_fast", device="cpu").segment(ct)
+    theirs = nnunet_own_labels(release_model_dir(release, 297), tmp_path / "ct.nii.gz", tmp_path)
+    np.testing.assert_array_equal(ours, theirs)
+    _several_labels(ours, 4)
+
+
+@pytest.mark.parametrize("task, valid", [
+    (None, True), ("", True), ("total", True), ("total_fast", True), ("total_fastest", True), (297, True),
+    ([291, 292, 293], True), ("totl", False), ([], False), (0, False), ([291, 291], False), (["total"], False),
+])
+def test_the_config_schema_takes_the_tasks_the_code_knows(task, valid):
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "workflow", "schemas",
+                                              "config.schema.yaml")).read())
+    task_schema = schema["properties"]["segmentation"]["properties"]["task"]
+    names = {name for option in task_schema["anyOf"] for name in option.get("enum", [])} - {""}
+    assert names == set(TASKS)
+    if valid:
+        jsonschema.validate(task, task_schema)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(task, task_schema)

@@ -3,19 +3,30 @@
 A model folder is one of
 - an nnU-Net v2 trained model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth),
   label names from its dataset.json;
-- a folder of several such models (TotalSegmentator's weights: Dataset291_... to Dataset295_...
-  for the 5-part 1.5 mm model, Dataset297_... for the 3 mm one), each a part whose labels map to
-  global structures (TotalSegmentator's part tables for its dataset ids, label names otherwise).
-Parts run in turn on the same scan and are merged into one label map; where two parts
-claim a voxel, the later part (in dataset id order) wins, as in TotalSegmentator.
+- a folder of such models (one or two levels down), e.g. TotalSegmentator's weights folder, which holds
+  several tasks side by side: Dataset291_... to Dataset295_... (the 5-part 1.5 mm "total"), Dataset297_...
+  (3 mm, "total_fast"), Dataset298_... (6 mm, "total_fastest") and others. ``task`` (segmentation.task)
+  selects the models of one task: a name from ``TASKS`` (every dataset id of it required) or dataset ids.
+  Without it the folder must hold a single model or the models of exactly one known task; anything else is
+  refused with a list of what is there. Labels of TotalSegmentator's 5 parts map to global structures
+  through its part table (checked against each part's dataset.json), other models' through dataset.json.
+Parts run in turn on the same scan and are merged into one label map; where two parts claim a voxel,
+the later part (in dataset id order) wins, as in TotalSegmentator.
 
-Geometry: the CT is reoriented to the closest canonical (RAS) orientation and taken in nnU-Net's
-SimpleITK axis order (z, y, x). Preprocessing and postprocessing run on the predictor's device
-(the GPU where there is one) instead of nnU-Net's numpy/scipy code: CT normalisation with the
-model's intensity statistics, trilinear resampling to the model's spacing, nnU-Net's own sliding
-window, then the logits resampled trilinearly onto the input grid in slabs and argmaxed. On the
-model's own spacing no resampling happens and the result equals nnU-Net's. The label map is
-returned on the input's exact grid.
+Geometry: the CT is reoriented to the closest canonical (RAS) orientation, for every model: what
+TotalSegmentator does before nnU-Net (its datasets name the NibabelIOWithReorient reader) and what
+``ctcohort train`` trains on. Then each part gets the array the way its plans' image_reader_writer hands
+it to nnU-Net (``READER_AXES``: every supported reader gives (z, y, x), spacing likewise) and its plans'
+transpose_forward, and its labels go back the same way. For the readers that do not reorient (SimpleITKIO,
+NibabelIO) this equals nnU-Net's own file-based prediction for scans stored in RAS; a model trained on
+scans stored in another orientation would see them mirrored (nnU-Net feeds the stored voxel order).
+Preprocessing and postprocessing run on the predictor's device (the GPU where there is one) instead of
+nnU-Net's numpy/scipy code: CT normalisation with the model's intensity statistics, trilinear resampling
+to the model's spacing, nnU-Net's own sliding window (with test-time mirroring if asked, over the axes the
+checkpoint allows; several folds' logits summed, the argmax of their mean), then the logits resampled
+trilinearly onto the input grid in slabs and argmaxed. On the model's own spacing no resampling happens
+and the result equals nnU-Net's (nnU-Net also crops to the bounding box of non-zero voxels, which a scan
+with a border of exact zeros would show). The label map is returned on the input's exact grid.
 
 The networks are built with nnU-Net's default architecture builder rather than by looking up
 the trainer class named in the checkpoint: TotalSegmentator's trainers differ from the default
@@ -47,9 +58,28 @@ MODEL_FILES = ("dataset.json", "plans.json")
 LABELS_EXTENSION_KEY = "ctcohort_labels"
 TOTALSEG_PARTS_TABLE = "total_v2_parts.csv"
 
+# TotalSegmentator's published v2 CT tasks by nnU-Net dataset id; segmentation.task names one of them.
+TASKS = {
+    "total": (291, 292, 293, 294, 295),  # 1.5 mm in five parts: organs, vertebrae, cardiac, muscles, ribs
+    "total_fast": (297,),  # 3 mm, the same 117 classes in one model
+    "total_fastest": (298,),  # 6 mm, the same
+}
+
+# nnU-Net v2.8.1's readers of 3D images (nnunetv2/imageio), by the name plans.json records as image_reader_writer.
+# Each hands the network the voxel array with NIfTI's index order reversed, (k, j, i), spacing likewise:
+# sitk.GetArrayFromImage's order, which NibabelIO and NibabelIOWithReorient reach by transposing nibabel's
+# (i, j, k) array. The *WithReorient ones first reorient to the closest canonical (RAS) orientation, which
+# ctcohort does for every model. Value: the RAS voxel axis behind each axis of the reader's array.
+READER_AXES = {
+    "SimpleITKIO": (2, 1, 0),
+    "SimpleITKIOWithReorient": (2, 1, 0),
+    "NibabelIO": (2, 1, 0),
+    "NibabelIOWithReorient": (2, 1, 0),
+}
+
 
 class ModelFolderError(ValueError):
-    """The model folder is missing or does not hold an nnU-Net v2 model."""
+    """The model folder is missing, does not hold an nnU-Net v2 model, or does not say which one to use."""
 
 
 @dataclass
@@ -59,6 +89,13 @@ class ModelPart:
     folder: Path
     dataset_id: int | None
     global_labels: dict[int, int] = field(default_factory=dict)  # part label -> structure label
+    reader: str = "SimpleITKIO"  # plans.json's image_reader_writer
+    transpose_forward: tuple[int, ...] = (0, 1, 2)  # plans.json's: reader array axes -> network axes
+
+    @property
+    def network_axes(self) -> tuple[int, ...]:
+        """The RAS voxel axis behind each axis of the network's input."""
+        return tuple(READER_AXES[self.reader][axis] for axis in self.transpose_forward)
 
 
 def model_files(parts: Sequence[ModelPart], folds: Sequence[int], checkpoint: str = "checkpoint_final.pth") -> list[Path]:
@@ -83,9 +120,21 @@ def _is_trained_model(folder: Path) -> bool:
     return all((folder / name).is_file() for name in MODEL_FILES) and any(folder.glob("fold_*/checkpoint*.pth"))
 
 
-def _dataset_id(folder: Path) -> int | None:
-    for part in (folder.name, folder.parent.name):
-        match = re.match(r"Dataset(\d+)_", part)
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"model {path.parent}: {path.name} is not readable JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise ModelFolderError(f"model {path.parent}: {path.name} is not a JSON object")
+    return content
+
+
+def _dataset_id(folder: Path, plans: dict | None = None) -> int | None:
+    """The nnU-Net dataset id a model was trained on: its plans' dataset_name, else its folder's name."""
+    names = [str(plans.get("dataset_name", ""))] if plans else []
+    for name in names + [folder.name, folder.parent.name]:
+        match = re.match(r"Dataset(\d+)_", name)
         if match:
             return int(match.group(1))
     return None
@@ -106,29 +155,126 @@ def bundled_model_dir() -> Path:
     return resources_dir() / "models" / "demo"
 
 
-def find_model_parts(model_dir: str | Path | None, table: pd.DataFrame) -> list[ModelPart]:
-    """The models under ``model_dir`` (empty or None: the bundled demo model) with their label -> structure
-    label maps (against ``table``)."""
-    model_dir = Path(model_dir) if model_dir else bundled_model_dir()
-    if not model_dir.is_dir():
-        raise ModelFolderError(_describe_expected(model_dir) + " (it does not exist)")
+def task_dataset_ids(task) -> tuple[str, tuple[int, ...]] | None:
+    """(description, dataset ids) of a segmentation.task value; None for none given (None or "").
+
+    A task is a name from ``TASKS``, a dataset id, or a list of dataset ids (ints or digit strings, as the
+    command line gives them; a one-element list may also hold a name)."""
+    if task is None or (isinstance(task, str) and not task.strip()):
+        return None
+    if isinstance(task, (list, tuple)) and len(task) == 1:
+        task = task[0]
+    if isinstance(task, str) and task.strip() in TASKS:
+        return f"segmentation.task {task.strip()}", TASKS[task.strip()]
+    values = list(task) if isinstance(task, (list, tuple)) else [task]
+    ids = []
+    for value in values:
+        is_id = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+        if isinstance(value, bool) or not is_id:
+            raise ModelFolderError(
+                f"segmentation.task {task!r}: not a known task ({', '.join(TASKS)}) nor a list of nnU-Net dataset ids")
+        ids.append(int(value))
+    if not ids:
+        return None
+    ids = tuple(sorted(set(ids)))
+    return f"segmentation.task [{', '.join(map(str, ids))}]", ids
+
+
+def _known_task(dataset_id: int | None) -> str | None:
+    return next((name for name, ids in TASKS.items() if dataset_id in ids), None)
+
+
+def _id_range(ids: Sequence[int]) -> str:
+    ids = sorted(ids)
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"datasets {ids[0]}-{ids[-1]}"
+    return f"dataset{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+
+
+def _found_models(model_dir: Path) -> list[tuple[Path, dict]]:
+    """(folder, plans) of every trained model: ``model_dir`` itself, or those one or two levels below it."""
     if _is_trained_model(model_dir):
         folders = [model_dir]
     else:
-        folders = sorted(
-            (f for f in model_dir.glob("*") if f.is_dir() and _is_trained_model(f)),
-            key=lambda f: (_dataset_id(f) or 0, f.name),
-        ) or sorted(
-            (f for f in model_dir.glob("*/*") if f.is_dir() and _is_trained_model(f)),
-            key=lambda f: (_dataset_id(f) or 0, str(f)),
-        )
-    if not folders:
+        folders = [folder for pattern in ("*", "*/*") for folder in model_dir.glob(pattern)
+                   if folder.is_dir() and _is_trained_model(folder)]
+    found = [(folder, _read_json(folder / "plans.json")) for folder in folders]
+    return sorted(found, key=lambda item: (_dataset_id(*item) is None, _dataset_id(*item) or 0, str(item[0])))
+
+
+def _listing(model_dir: Path, found: Sequence[tuple[Path, dict]]) -> str:
+    lines = []
+    for folder, plans in found:
+        dataset_id = _dataset_id(folder, plans)
+        name = folder.relative_to(model_dir) if folder != model_dir else folder.name
+        task = _known_task(dataset_id)
+        what = "no dataset id" if dataset_id is None else f"dataset {dataset_id}, " + (
+            f"part of task {task}" if task and len(TASKS[task]) > 1 else f"task {task}" if task else "no known task")
+        lines.append(f"  {name}: {what}")
+    return "\n".join(lines)
+
+
+def _select(model_dir: Path, found: list[tuple[Path, dict]], task) -> list[tuple[Path, dict]]:
+    """The models of ``task`` among those found (see the module docstring); ModelFolderError where unclear."""
+    wanted = task_dataset_ids(task)
+    ids = [_dataset_id(folder, plans) for folder, plans in found]
+    if wanted is None:
+        if len(found) == 1:
+            return found
+        tasks = {_known_task(i) for i in ids}
+        if len(tasks) == 1 and None not in tasks:
+            name = tasks.pop()
+            wanted = f"task {name} (the only task found; segmentation.task not given)", TASKS[name]
+        else:
+            known = sorted({i for i in ids if i is not None})
+            values = []
+            for name in (name for name in TASKS if set(TASKS[name]) & set(known)):
+                absent = sorted(set(TASKS[name]) - set(known))
+                values.append(f"{name} ({_id_range(TASKS[name])}"
+                              + (f"; {', '.join(map(str, absent))} missing here" if absent else "") + ")")
+            others = [str(i) for i in known if _known_task(i) is None]
+            if others:
+                values.append(f"dataset ids, e.g. [{', '.join(others)}]")
+            raise ModelFolderError(
+                f"model folder {model_dir} holds {len(found)} models, not one model or the models of one task, and "
+                "segmentation.task (ctcohort segment --task) does not say which to run:\n"
+                f"{_listing(model_dir, found)}\n"
+                f"set segmentation.task to {' or '.join(values) if values else 'their dataset ids'}"
+                + ("; a model without a dataset id is run by pointing segmentation.model at its own folder"
+                   if None in ids else ""))
+    description, wanted_ids = wanted
+    selected = [(f, p) for (f, p), i in zip(found, ids) if i in wanted_ids]
+    missing = sorted(set(wanted_ids) - {i for i in ids if i is not None})
+    if missing:
+        present = sorted({i for i in ids if i is not None})
+        raise ModelFolderError(
+            f"model folder {model_dir}: {description} needs dataset{'s' if len(wanted_ids) > 1 else ''} "
+            f"{', '.join(map(str, wanted_ids))}; missing {', '.join(map(str, missing))} "
+            f"(found: {', '.join(map(str, present)) or 'no model with a dataset id'}):\n{_listing(model_dir, found)}")
+    chosen = [i for i in ids if i in wanted_ids]
+    doubled = sorted({i for i in chosen if chosen.count(i) > 1})
+    if doubled:
+        raise ModelFolderError(
+            f"model folder {model_dir}: several models of dataset {', '.join(map(str, doubled))}; keep one, or point "
+            f"segmentation.model at a folder that holds one:\n{_listing(model_dir, selected)}")
+    return selected
+
+
+def find_model_parts(model_dir: str | Path | None, table: pd.DataFrame, task=None) -> list[ModelPart]:
+    """The models under ``model_dir`` (empty or None: the bundled demo model) that ``task`` selects (see
+    ``task_dataset_ids``; None: the folder's only model or only known task), in dataset id order, with their
+    label -> structure label maps (against ``table``) and readers. ModelFolderError where anything is amiss."""
+    model_dir = Path(model_dir) if model_dir else bundled_model_dir()
+    if not model_dir.is_dir():
+        raise ModelFolderError(_describe_expected(model_dir) + " (it does not exist)")
+    found = _found_models(model_dir)
+    if not found:
         raise ModelFolderError(_describe_expected(model_dir))
-    return [_part(folder, table) for folder in folders]
+    return [_part(folder, plans, table) for folder, plans in _select(model_dir, found, task)]
 
 
-def _part(folder: Path, table: pd.DataFrame) -> ModelPart:
-    dataset_id = _dataset_id(folder)
+def _part(folder: Path, plans: dict, table: pd.DataFrame) -> ModelPart:
+    dataset_id = _dataset_id(folder, plans)
     names = _part_label_names(folder, dataset_id)
     label_of = dict(zip(table["name"], table["label"]))
     unknown = sorted(name for name in names.values() if name not in label_of)
@@ -137,19 +283,24 @@ def _part(folder: Path, table: pd.DataFrame) -> ModelPart:
             f"model {folder}: label(s) {', '.join(unknown)} are not in the structure table; "
             "choose the table that matches the model (config key structures)"
         )
-    return ModelPart(folder, dataset_id, {local: int(label_of[name]) for local, name in names.items()})
+    reader = plans.get("image_reader_writer")
+    if reader not in READER_AXES:
+        raise ModelFolderError(
+            f"model {folder}: plans.json's image_reader_writer {reader!r} is not supported; ctcohort feeds "
+            f"3D CT as nnU-Net's {', '.join(READER_AXES)} do")
+    forward = plans.get("transpose_forward", [0, 1, 2])
+    backward = plans.get("transpose_backward", [0, 1, 2])
+    if sorted(forward) != [0, 1, 2] or [list(forward).index(i) for i in range(3)] != list(backward):
+        raise ModelFolderError(f"model {folder}: plans.json's transpose_forward {forward} and transpose_backward "
+                               f"{backward} are not a 3D axis permutation and its inverse")
+    return ModelPart(folder, dataset_id, {local: int(label_of[name]) for local, name in names.items()},
+                     reader, tuple(int(i) for i in forward))
 
 
-def _part_label_names(folder: Path, dataset_id: int | None) -> dict[int, str]:
-    """Part label -> structure name: TotalSegmentator's part table for its datasets, dataset.json otherwise."""
-    parts = pd.read_csv(resources_dir() / "structures" / TOTALSEG_PARTS_TABLE)
-    known = parts[parts["task_id"] == dataset_id]
-    if len(known):
-        return dict(zip(known["part_label"].astype(int), known["name"]))
-    try:
-        labels = json.loads((folder / "dataset.json").read_text())["labels"]
-    except (KeyError, json.JSONDecodeError) as err:
-        raise ModelFolderError(f"model {folder}: dataset.json has no readable 'labels' ({err})") from err
+def _dataset_json_labels(folder: Path) -> dict[int, str]:
+    labels = _read_json(folder / "dataset.json").get("labels")
+    if not isinstance(labels, dict):
+        raise ModelFolderError(f"model {folder}: dataset.json has no 'labels'")
     names = {}
     for name, value in labels.items():
         if name == "background":
@@ -158,6 +309,25 @@ def _part_label_names(folder: Path, dataset_id: int | None) -> dict[int, str]:
             raise ModelFolderError(f"model {folder}: region-based labels ({name}) are not supported")
         names[int(value)] = name
     return names
+
+
+def _part_label_names(folder: Path, dataset_id: int | None) -> dict[int, str]:
+    """Part label -> structure name: TotalSegmentator's part table for its datasets (which dataset.json must
+    agree with: another model numbered 291 would otherwise get its names), dataset.json otherwise."""
+    names = _dataset_json_labels(folder)
+    parts = pd.read_csv(resources_dir() / "structures" / TOTALSEG_PARTS_TABLE)
+    known = parts[parts["task_id"] == dataset_id]
+    if not len(known):
+        return names
+    expected = dict(zip(known["part_label"].astype(int), known["name"]))
+    if names != expected:
+        differ = sorted(set(names) ^ set(expected) | {k for k in set(names) & set(expected) if names[k] != expected[k]})
+        shown = ", ".join(f"{k}: {names.get(k, '-')} (published: {expected.get(k, '-')})" for k in differ[:5])
+        raise ModelFolderError(
+            f"model {folder}: dataset {dataset_id} is a part of TotalSegmentator's 'total' model, but its dataset.json "
+            f"labels differ from that part's ({len(names)} labels, published {len(expected)}; {shown}"
+            f"{', ...' if len(differ) > 5 else ''}): not the published weights")
+    return expected
 
 
 def resolve_device(device: str):
@@ -188,7 +358,9 @@ def _load_predictor(part: ModelPart, device, folds: Sequence, checkpoint: str, t
         state = torch.load(path, map_location="cpu", weights_only=False)
         first = first or state
         parameters.append(state["network_weights"])
-    configuration = plans_manager.get_configuration(first["init_args"]["configuration"])
+    configuration_name = first["init_args"]["configuration"]
+    configuration = plans_manager.get_configuration(configuration_name)
+    _check_configuration(part, configuration, configuration_name)
     network = nnUNetTrainer.build_network_architecture(
         plans_manager, configuration,
         determine_num_input_channels(plans_manager, configuration, dataset_json),
@@ -207,14 +379,16 @@ def _load_predictor(part: ModelPart, device, folds: Sequence, checkpoint: str, t
         network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
         first.get("inference_allowed_mirroring_axes"),
     )
-    _check_normalization(part, configuration)
     return predictor
 
 
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
 
 
-def _check_normalization(part: ModelPart, configuration) -> None:
+def _check_configuration(part: ModelPart, configuration, name: str) -> None:
+    if len(configuration.patch_size) != 3 or configuration.previous_stage_name is not None:
+        raise ModelFolderError(f"model {part.folder}: configuration {name!r} is not a "
+                               "single-stage 3D one (3d_fullres, 3d_lowres, ...), the only kind supported")
     schemes = configuration.normalization_schemes
     if len(schemes) != 1 or schemes[0] not in NORMALIZATIONS or any(configuration.use_mask_for_norm):
         raise ModelFolderError(f"model {part.folder}: one CT channel with {' or '.join(NORMALIZATIONS)} "
@@ -222,7 +396,8 @@ def _check_normalization(part: ModelPart, configuration) -> None:
 
 
 def _normalized_input(hu, spacing: Sequence[float], predictor):
-    """CT (z, y, x) as the network's input (1, z', y', x'): normalised as nnU-Net does, on the model's spacing."""
+    """CT in the network's axis order as its input (1, z', y', x'): normalised as nnU-Net does, on the model's
+    spacing (``spacing``: of ``hu``'s axes)."""
     import torch
     import torch.nn.functional as F
 
@@ -237,7 +412,7 @@ def _normalized_input(hu, spacing: Sequence[float], predictor):
     shape = [int(round(sp / t * n)) for sp, t, n in zip(spacing, configuration.spacing, hu.shape)]
     if list(hu.shape) != shape:
         image = F.interpolate(image[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
-    return image[None]
+    return image.contiguous()[None]
 
 
 def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
@@ -262,7 +437,7 @@ def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
 
 
 def _predict_part(predictor, hu, spacing: Sequence[float]):
-    """Part labels (z, y, x) of a CT tensor on the predictor's device: its folds' mean logits, argmaxed."""
+    """Part labels of a CT tensor (network axis order) on the predictor's device: its folds' mean logits, argmaxed."""
     image = _normalized_input(hu, spacing, predictor)
     logits = None
     for parameters in predictor.list_of_parameters:
@@ -281,6 +456,7 @@ class Segmenter:
         model_dir: str | Path | None,
         table: pd.DataFrame,
         *,
+        task=None,
         device: str = "auto",
         folds: Sequence = (0,),
         checkpoint: str = "checkpoint_final.pth",
@@ -292,7 +468,7 @@ class Segmenter:
 
         torch.set_num_threads(max(1, threads))
         self.table = table
-        self.parts = find_model_parts(model_dir, table)
+        self.parts = find_model_parts(model_dir, table, task)
         self.device = resolve_device(device)
         self.predictors = [
             _load_predictor(part, self.device, folds, checkpoint, tile_step, mirroring) for part in self.parts
@@ -311,17 +487,19 @@ class Segmenter:
         hu = nib.orientations.apply_orientation(hu, orientation).astype(np.float32)
         spacing = np.empty(3)
         spacing[orientation[:, 0].astype(int)] = voxel_spacing_mm(ct.affine)
-        # nnU-Net's SimpleITK axis order (z, y, x)
-        image = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0))).to(self.device)
+        image = torch.from_numpy(np.ascontiguousarray(hu)).to(self.device)  # RAS voxel order (x, y, z)
         merged = torch.zeros(image.shape, dtype=torch.int32, device=self.device)
         with torch.inference_mode():
             for part, predictor in zip(self.parts, self.predictors):
                 lookup = torch.zeros(max(part.global_labels, default=0) + 1, dtype=torch.int32, device=self.device)
                 for part_label, label in part.global_labels.items():
                     lookup[part_label] = label
-                claimed = lookup[_predict_part(predictor, image, spacing[::-1])]
+                # the axes as the part's reader and transpose_forward give them to its network, and back
+                axes = list(part.network_axes)
+                labels = _predict_part(predictor, image.permute(axes), spacing[axes])
+                claimed = lookup[labels.permute(np.argsort(axes).tolist())]
                 merged = torch.where(claimed != 0, claimed, merged)  # the later part wins
-        merged = merged.cpu().numpy().astype(self.dtype).transpose(2, 1, 0)
+        merged = merged.cpu().numpy().astype(self.dtype)
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), orientation)
         return np.ascontiguousarray(nib.orientations.apply_orientation(merged, back))
 
@@ -426,6 +604,7 @@ def segment_batch(
     *,
     model: str | Path,
     structures: str,
+    task=None,
     on_error: str = "record",
     **settings,
 ) -> None:
@@ -436,7 +615,7 @@ def segment_batch(
     final once its label map is written.
     """
     table = load_structure_table(structures)
-    segmenter = Segmenter(model, table, **settings)
+    segmenter = Segmenter(model, table, task=task, **settings)
     writes = []
     with ScanPipeline(segmenter, cts) as pipeline:
         for i, (subject, ct_path, out_path, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):

@@ -66,7 +66,9 @@ else:
             "seg column."
         )
     try:  # a missing or malformed model folder stops the run before any job
-        parts = find_model_parts(config["segmentation"]["model"], STRUCTURE_TABLE)
+        parts = find_model_parts(
+            config["segmentation"]["model"], STRUCTURE_TABLE, config["segmentation"]["task"]
+        )
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
     SEGMENTATION_MODEL_FILES = [str(path) for path in model_files(parts, config["segmentation"]["folds"])]

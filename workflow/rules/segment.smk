@@ -15,6 +15,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
         params:
             subjects=subjects,
             model=config["segmentation"]["model"],
+            task=config["segmentation"]["task"],
             structures=config["structures"],
             device=config["segmentation"]["device"],
             folds=config["segmentation"]["folds"],

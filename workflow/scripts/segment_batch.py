@@ -11,6 +11,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         snakemake.output.segs,
         snakemake.output.statuses,
         model=snakemake.params.model,
+        task=snakemake.params.task,
         structures=snakemake.params.structures,
         on_error=snakemake.params.on_error,
         device=snakemake.params.device,
