@@ -176,6 +176,8 @@ def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp
     data = tmp_path / "data"
     phantom.write_cohort(data, 5, seed=5, spacing=(6.0, 5.0, 8.0))
     (data / "ct" / "demo003.nii.gz").write_bytes(b"not a scan")
+    raw = nib.load(data / "ct" / "demo004.nii.gz")  # stored without its -1024 intercept: not HU
+    nib.save(nib.Nifti1Image(np.asanyarray(raw.dataobj).astype(np.int16) + 1024, raw.affine), raw.get_filename())
     config = {
         "cohort": str(data / "cohort.tsv"),
         "segmentation": {"method": "nnunet", "model": str(two_part_model), "task": TWO_PARTS, "device": "cpu",
@@ -184,14 +186,15 @@ def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp
     result = run_workflow(tmp_path, config)
     assert result.stderr.count("rule segment_batch_") == 3  # 5 scans, 2 per job
     failures = pd.read_csv(tmp_path / "results" / "tables" / "failures.tsv", sep="\t")
-    assert list(failures["subject"]) == ["demo003"] and list(failures["stage"]) == ["segment"]
+    assert list(failures["subject"]) == ["demo003", "demo004"] and set(failures["stage"]) == {"segment"}
+    assert "not plausibly in HU" in failures.at[1, "error"]  # checked before the model sees it
     measurements = pd.read_csv(tmp_path / "results" / "tables" / "measurements.tsv", sep="\t")
-    assert sorted(measurements["subject"].unique()) == ["demo001", "demo002", "demo004", "demo005"]
+    assert sorted(measurements["subject"].unique()) == ["demo001", "demo002", "demo005"]
     seg = nib.load(tmp_path / "results" / "seg" / "demo001.nii.gz")
     ct = nib.load(data / "ct" / "demo001.nii.gz")
     assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine)
     dice = pd.read_csv(tmp_path / "results" / "evaluation" / "dice.tsv", sep="\t")
-    assert set(dice["subject"]) == {"demo001", "demo002", "demo004", "demo005"}
+    assert set(dice["subject"]) == {"demo001", "demo002", "demo005"}
     assert dice["dice"].dropna().between(0, 1).all()
     # the weights are inputs of the segmentation jobs: replacing them segments every batch again
     dry = run_workflow(tmp_path, config, "-n")

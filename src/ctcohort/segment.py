@@ -47,7 +47,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ctcohort.imaging import ct_hounsfield, load_image, voxel_spacing_mm
+from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, voxel_spacing_mm
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import recording_failure
 from ctcohort.structures import load_structure_table
@@ -529,9 +529,14 @@ def recorded_label_names(img: nib.Nifti1Image) -> dict[int, str]:
     return {}
 
 
-def _read_scan(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+def _read_scan(path: str | Path, checks: ScanChecks | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A CT and its HU; with ``checks``, a CT that is not plausibly one fails here, before the model sees it
+    (a model fed raw scanner values or a broken header returns a confident label map all the same)."""
     ct = load_image(path)
-    return ct, ct_hounsfield(ct)
+    hu = ct_hounsfield(ct)
+    if checks is not None:
+        check_ct(hu, ct.affine, path, checks)
+    return ct, hu
 
 
 def _write_label_map(labels: np.ndarray, ct: nib.Nifti1Image, table: pd.DataFrame, out_path: str | Path) -> None:
@@ -547,12 +552,12 @@ class ScanPipeline:
     ``write(...)`` returns the write's future; at most two writes are pending, which bounds memory.
     """
 
-    def __init__(self, segmenter: "Segmenter", cts: Sequence[str | Path]):
+    def __init__(self, segmenter: "Segmenter", cts: Sequence[str | Path], checks: ScanChecks | None = ScanChecks()):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.segmenter, self.cts = segmenter, list(cts)
+        self.segmenter, self.cts, self.checks = segmenter, list(cts), checks
         self._reader, self._writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        self._reads = {0: self._reader.submit(_read_scan, self.cts[0])} if self.cts else {}
+        self._reads = {0: self._reader.submit(_read_scan, self.cts[0], checks)} if self.cts else {}
         self._writes = []
 
     def __enter__(self) -> "ScanPipeline":
@@ -564,9 +569,9 @@ class ScanPipeline:
 
     def segment(self, i: int) -> tuple[nib.Nifti1Image, np.ndarray]:
         """(CT, label map on its grid) of scan i."""
-        read = self._reads.pop(i, None) or self._reader.submit(_read_scan, self.cts[i])
+        read = self._reads.pop(i, None) or self._reader.submit(_read_scan, self.cts[i], self.checks)
         if i + 1 < len(self.cts):
-            self._reads[i + 1] = self._reader.submit(_read_scan, self.cts[i + 1])
+            self._reads[i + 1] = self._reader.submit(_read_scan, self.cts[i + 1], self.checks)
         ct, hu = read.result()
         return ct, self.segmenter.segment(ct, hu)
 
@@ -606,18 +611,19 @@ def segment_batch(
     structures: str,
     task=None,
     on_error: str = "record",
+    ct_checks: ScanChecks = ScanChecks(),
     **settings,
 ) -> None:
     """The workflow's batch job: load the model once, segment every scan, record each scan's status.
 
     A scan that fails (reading, segmenting or writing) gets an empty label map (so the batch's outputs
     exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
-    final once its label map is written.
+    final once its label map is written. A CT that fails ``ct_checks`` fails here, at stage segment.
     """
     table = load_structure_table(structures)
     segmenter = Segmenter(model, table, task=task, **settings)
     writes = []
-    with ScanPipeline(segmenter, cts) as pipeline:
+    with ScanPipeline(segmenter, cts, ct_checks) as pipeline:
         for i, (subject, ct_path, out_path, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
             with recording_failure(subject, "segment", status_path, on_error) as status:
                 ct, labels = pipeline.segment(i)

@@ -22,6 +22,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             tile_step=config["segmentation"]["tile_step"],
             mirroring=config["segmentation"]["mirroring"],
             on_error=config["on_scan_error"],
+            ct_checks=config["measure"]["ct_checks"],
         threads: config["segmentation"]["threads"]
         resources:
             mem_mb=config["segmentation"]["mem_mb"],

@@ -1,5 +1,6 @@
 """Segment a batch of scans with the model loaded once; a scan that fails is recorded, not fatal."""
 
+from ctcohort.imaging import ScanChecks
 from ctcohort.runlog import log_to
 from ctcohort.segment import segment_batch
 
@@ -14,6 +15,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         task=snakemake.params.task,
         structures=snakemake.params.structures,
         on_error=snakemake.params.on_error,
+        ct_checks=ScanChecks.from_config(snakemake.params.ct_checks),
         device=snakemake.params.device,
         folds=snakemake.params.folds,
         tile_step=snakemake.params.tile_step,
