@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctcohort.nnunet_adapter import bfloat16_autocast_on_cpu
 from ctcohort.segment import bundled_model_dir
-from ctcohort.train import SMALL_CONFIGURATION, bfloat16_autocast_on_cpu
+from ctcohort.train import SMALL_CONFIGURATION
 
 
 def build(model_dir, configuration):

@@ -26,7 +26,7 @@ from ctcohort.segment import (  # noqa: E402
     segment_batch,
 )
 from ctcohort.structures import load_structure_table  # noqa: E402
-from ctcohort.train import train_tiny_model  # noqa: E402
+from tiny_model import train_tiny_model  # noqa: E402
 from totalseg_models import (  # noqa: E402
     RELEASE_FOLDERS,
     nnunet_own_labels,

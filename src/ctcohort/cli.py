@@ -1,13 +1,19 @@
 """The ``ctcohort`` command: the workflow's per-scan steps, outside Snakemake."""
 
 import argparse
+import inspect
 import logging
 import sys
 from pathlib import Path
 
 from ctcohort import phantom
+from ctcohort.imaging import ScanChecks
 from ctcohort.measure import measure_scan, write_measurements
 from ctcohort.structures import load_structure_table
+
+# the CLI's defaults are measure_scan's, so that the two cannot disagree
+MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_scan).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -17,7 +23,9 @@ def _phantom(args: argparse.Namespace) -> None:
 
 def _measure(args: argparse.Namespace) -> None:
     table = load_structure_table(args.structures)
-    frame = measure_scan(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels)
+    checks = ScanChecks(args.min_spacing_mm, args.max_spacing_mm, args.lowest_hu_at_most)
+    frame = measure_scan(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
+                         checks=checks)
     write_measurements(frame, args.out)
     present = (frame["n_voxels"] > 0).sum()
     print(f"measured {present} of {len(frame)} structures -> {args.out}")
@@ -38,7 +46,7 @@ def _segment(args: argparse.Namespace) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"several inputs would be written to the same output: {', '.join(duplicates)}")
-    segmenter = Segmenter(args.model, load_structure_table(args.structures), device=args.device,
+    segmenter = Segmenter(args.model, load_structure_table(args.structures), task=args.task, device=args.device,
                           folds=args.folds, tile_step=args.tile_step, mirroring=args.mirroring,
                           threads=args.threads)
     segment_files(segmenter, args.ct, [Path(args.out) / f"{n}.nii.gz" for n in names])
@@ -48,21 +56,62 @@ def _segment(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from ctcohort import train  # needs the optional nnU-Net dependencies
 
-    release = args.release
-    if release is None:
-        release = train.write_phantom_release(Path(args.work) / "release", args.phantom_n, args.phantom_seed,
-                                              processes=max(args.threads, args.data_workers))
-    small = {"patch_voxels": args.patch_voxels, "base_features": args.base_features,
-             "max_features": args.max_features, "batch_size": args.batch_size}
-    model = train.train_from_release(
-        release, args.out, Path(args.work) / "nnunet", dataset_id=args.dataset_id, name=args.name,
-        epochs=args.epochs, iterations=args.iterations, threads=args.threads, structures=args.structures,
-        configuration=args.configuration, device=args.device, augmentation=not args.no_augmentation,
-        data_workers=args.data_workers, time_budget_min=args.time_budget_min, small_configuration=small,
-        half=args.half, optimizer=args.optimizer, initial_weights=args.initial_weights, loss=args.loss,
-        bf16=args.bf16,
-    )
+    model = train.train_model(args.out, args.work, train.TrainingSettings.from_options(vars(args)),
+                              threads=args.threads, structures=args.structures, initial_weights=args.initial_weights)
     print(f"trained model in {model}")
+
+
+def _add_train_parser(commands) -> None:
+    from ctcohort import train  # the settings' defaults (imports neither nnU-Net nor torch)
+
+    defaults, small = train.DEFAULTS, train.DEFAULTS.small_configuration
+    t = commands.add_parser("train", help="train an nnU-Net v2 model on data in the TotalSegmentator release layout")
+    t.add_argument("--release", default=defaults.release,
+                   help="release folder (<subject>/ct.nii.gz, <subject>/segmentations/*.nii.gz, "
+                   "meta.csv with a split column); default: a phantom release written to --work")
+    t.add_argument("-o", "--out", required=True, help="model folder to write (what inference needs only)")
+    t.add_argument("--work", required=True, help="working folder for nnU-Net's raw/preprocessed/results data")
+    t.add_argument("--epochs", type=int, default=defaults.epochs, help="(default %(default)s)")
+    t.add_argument("--iterations", type=int, default=defaults.iterations,
+                   help="iterations per epoch (default %(default)s)")
+    t.add_argument("--configuration", default=defaults.configuration,
+                   help="nnU-Net configuration: 3d_small (a slim network) or 3d_fullres (default %(default)s)")
+    t.add_argument("--patch-voxels", type=int, default=small.patch_voxels,
+                   help="3d_small: voxels per patch (default %(default)s; clipped to the median image, so a large "
+                   "number means whole-image patches)")
+    t.add_argument("--base-features", type=int, default=small.base_features,
+                   help="3d_small: features of the first stage (default %(default)s)")
+    t.add_argument("--max-features", type=int, default=small.max_features,
+                   help="3d_small: most features of a stage (default %(default)s)")
+    t.add_argument("--batch-size", type=int, default=small.batch_size,
+                   help="3d_small: patches per iteration (default %(default)s)")
+    t.add_argument("--no-augmentation", dest="augmentation", action="store_false", default=defaults.augmentation,
+                   help="train without data augmentation (mirroring is always off)")
+    t.add_argument("--time-budget-min", type=float, default=defaults.time_budget_min,
+                   help="fit the epochs into this many minutes (fewer epochs if needed)")
+    t.add_argument("--optimizer", default=defaults.optimizer, choices=train.OPTIMIZERS,
+                   help="sgd: nnU-Net's default; adam: AdamW lr 1e-3 (faster in short runs; default %(default)s)")
+    t.add_argument("--loss", default=defaults.loss, choices=train.LOSSES,
+                   help="dice_ce: nnU-Net's Dice + cross-entropy; dice_topk10: cross-entropy over the hardest 10%% "
+                   "of voxels (small structures get learned sooner; default %(default)s)")
+    t.add_argument("--initial-weights", metavar="MODEL",
+                   help="continue training from this exported model folder (same structures and configuration)")
+    t.add_argument("--bf16", action="store_true", default=defaults.bf16,
+                   help="CPU: train in bfloat16 mixed precision (faster on CPUs with bfloat16 instructions; "
+                   "CUDA always uses nnU-Net's float16)")
+    t.add_argument("--half", action="store_true", default=defaults.half,
+                   help="export the weights as float16 (half the size)")
+    t.add_argument("--device", default=defaults.device, choices=train.DEVICES)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--data-workers", type=int, default=defaults.data_workers,
+                   help="data loading/augmentation processes (default %(default)s: in the main process)")
+    t.add_argument("--dataset-id", type=int, default=defaults.dataset_id)
+    t.add_argument("--name", default=defaults.name, help="nnU-Net dataset name (default %(default)s)")
+    t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
+    t.add_argument("--phantom-n", type=int, default=defaults.phantom_n,
+                   help="phantom scans when no --release is given (default %(default)s)")
+    t.add_argument("--phantom-seed", type=int, default=defaults.phantom_seed)
+    t.set_defaults(run=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--structures", default="total_v1",
                    help="total_v1, total_v2 or a CSV with label,name[,group] (default total_v1)")
     m.add_argument("-o", "--out", required=True, help="output TSV, one row per structure")
-    m.add_argument("--border-margin", type=int, default=3,
-                   help="voxels from the image border within which a structure counts as cut off (default 3)")
-    m.add_argument("--min-voxels", type=int, default=1,
-                   help="fewer voxels than this is an implausible segmentation (default 1)")
+    m.add_argument("--border-margin", type=int, default=MEASURE_DEFAULTS["border_margin"],
+                   help="voxels from the image border within which a structure counts as cut off (default %(default)s)")
+    m.add_argument("--min-voxels", type=int, default=MEASURE_DEFAULTS["min_voxels"],
+                   help="fewer voxels than this is an implausible segmentation (default %(default)s)")
+    defaults = ScanChecks()
+    m.add_argument("--min-spacing-mm", type=float, default=defaults.min_spacing_mm,
+                   help="a voxel size below this fails the scan (default %(default)s mm)")
+    m.add_argument("--max-spacing-mm", type=float, default=defaults.max_spacing_mm,
+                   help="a voxel size above this fails the scan (default %(default)s mm)")
+    m.add_argument("--lowest-hu-at-most", type=float, default=defaults.lowest_hu_at_most,
+                   help="a CT whose lowest value is above this is not in HU and fails (default %(default)s)")
     m.set_defaults(run=_measure)
 
     s = commands.add_parser("segment", help="segment CT scans with an nnU-Net v2 model, loaded once")
@@ -95,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model",
                    help="nnU-Net v2 model folder, or a folder of parts such as TotalSegmentator's weights "
                    "(default: the bundled demo model, trained on phantom scans)")
+    s.add_argument("--task", nargs="+", metavar="TASK",
+                   help="which models of a folder holding several to run: total (TotalSegmentator's 5 parts, "
+                   "datasets 291-295), total_fast (297), total_fastest (298), or nnU-Net dataset ids (default: the "
+                   "folder's only model or only task; anything else is an error listing what is there)")
     s.add_argument("--structures", default="total_v1",
                    help="structure table the model's labels are named in (default total_v1)")
     s.add_argument("-o", "--out", required=True, help="output folder: one <name>.nii.gz per input")
@@ -105,46 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(run=_segment)
 
-    t = commands.add_parser("train", help="train an nnU-Net v2 model on data in the TotalSegmentator release layout")
-    t.add_argument("--release", help="release folder (<subject>/ct.nii.gz, <subject>/segmentations/*.nii.gz, "
-                   "meta.csv with a split column); default: a phantom release written to --work")
-    t.add_argument("-o", "--out", required=True, help="model folder to write (what inference needs only)")
-    t.add_argument("--work", required=True, help="working folder for nnU-Net's raw/preprocessed/results data")
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
-    t.add_argument("--configuration", default="3d_small",
-                   help="nnU-Net configuration: 3d_small (a slim network, default) or 3d_fullres")
-    t.add_argument("--patch-voxels", type=int, default=48 ** 3,
-                   help="3d_small: voxels per patch (default 48^3; clipped to the median image, so a large "
-                   "number means whole-image patches)")
-    t.add_argument("--base-features", type=int, default=16, help="3d_small: features of the first stage")
-    t.add_argument("--max-features", type=int, default=256, help="3d_small: most features of a stage")
-    t.add_argument("--batch-size", type=int, default=2, help="3d_small: patches per iteration")
-    t.add_argument("--no-augmentation", action="store_true",
-                   help="train without data augmentation (mirroring is always off)")
-    t.add_argument("--time-budget-min", type=float,
-                   help="fit the epochs into this many minutes (fewer epochs if needed)")
-    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
-                   help="sgd: nnU-Net's default; adam: AdamW lr 1e-3 (faster in short runs)")
-    t.add_argument("--loss", default="dice_ce", choices=("dice_ce", "dice_topk10"),
-                   help="dice_ce: nnU-Net's Dice + cross-entropy; dice_topk10: cross-entropy over the hardest 10%% "
-                   "of voxels (small structures get learned sooner)")
-    t.add_argument("--initial-weights", metavar="MODEL",
-                   help="continue training from this exported model folder (same structures and configuration)")
-    t.add_argument("--bf16", action="store_true",
-                   help="CPU: train in bfloat16 mixed precision (faster on CPUs with bfloat16 instructions; "
-                   "CUDA always uses nnU-Net's float16)")
-    t.add_argument("--half", action="store_true", help="export the weights as float16 (half the size)")
-    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--data-workers", type=int, default=0,
-                   help="data loading/augmentation processes (default 0: in the main process)")
-    t.add_argument("--dataset-id", type=int, default=901)
-    t.add_argument("--name", default="CTCohort", help="nnU-Net dataset name")
-    t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
-    t.add_argument("--phantom-n", type=int, default=40, help="phantom scans when no --release is given")
-    t.add_argument("--phantom-seed", type=int, default=1001)
-    t.set_defaults(run=_train)
+    _add_train_parser(commands)
     return parser
 
 
@@ -153,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. an unsupported nnunetv2 version
         print(f"ctcohort {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

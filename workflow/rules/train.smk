@@ -6,23 +6,8 @@ rule train:
     output:
         directory("results/train/model"),
     params:
-        release=config["training"]["release"],
+        training=config["training"],
         work="results/train/work",
-        phantom_n=config["training"]["phantom_n"],
-        phantom_seed=config["training"]["phantom_seed"],
-        epochs=config["training"]["epochs"],
-        iterations=config["training"]["iterations"],
-        configuration=config["training"]["configuration"],
-        device=config["training"]["device"],
-        dataset_id=config["training"]["dataset_id"],
-        optimizer=config["training"]["optimizer"],
-        loss=config["training"]["loss"],
-        bf16=config["training"]["bf16"],
-        augmentation=config["training"]["augmentation"],
-        time_budget_min=config["training"]["time_budget_min"],
-        data_workers=config["training"]["data_workers"],
-        half=config["training"]["half"],
-        small_configuration=config["training"]["small_configuration"],
     threads: 2
     resources:
         mem_mb=16000,
