@@ -1,4 +1,5 @@
-"""The nnU-Net adapter: the version check (on use, never on import), and its changes to nnU-Net's trainer."""
+"""The nnU-Net adapter: the version check (on use, never on import, and at the workflow's start-up), and its
+changes to nnU-Net's trainer."""
 
 import os
 import subprocess
@@ -50,16 +51,42 @@ def test_another_version_is_an_error_when_the_adapter_is_used(monkeypatch, tmp_p
     with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
         with adapter.bfloat16_autocast_on_cpu():
             pass
+    with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
+        adapter.load_predictor(tmp_path / "no_model", [tmp_path / "no_model" / "fold_0" / "checkpoint_final.pth"],
+                               None, 0.5, False)
+    with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
+        adapter.predict_labels(None, None, (1.0, 1.0, 1.0))
+
+
+@needs_nnunet
+def test_the_workflow_start_up_check_stops_at_another_version(monkeypatch):
+    """``missing_segmentation_packages`` (the workflow's start-up check) returns the version problem when
+    nnunetv2 is there but of another version, and nothing for the supported one."""
+    from ctcohort.segment import missing_segmentation_packages
+
+    monkeypatch.setattr(adapter, "installed_nnunet_version", lambda: adapter.SUPPORTED_NNUNET_VERSION)
+    assert missing_segmentation_packages() is None
+    monkeypatch.setattr(adapter, "installed_nnunet_version", lambda: "2.9.0")
+    assert missing_segmentation_packages() == adapter.nnunet_version_problem("2.9.0")
+    assert "nnunetv2 2.9.0 is installed" in missing_segmentation_packages()
+    assert missing_segmentation_packages(("torch",)) is None  # nnunetv2 not asked for: no version check
+
+
+def test_segment_raises_the_adapters_model_folder_error():
+    from ctcohort import segment
+
+    assert segment.ModelFolderError is adapter.ModelFolderError
+    assert segment.READER_AXES is adapter.READER_AXES
 
 
 def test_importing_ctcohort_needs_neither_nnunet_nor_a_supported_version():
-    """Importing the package, the training modules and the command line imports neither nnunetv2 nor torch and
-    does not check the version: with a wrong one, the error comes when the adapter is used."""
+    """Importing the package, the training and segmentation modules and the command line imports neither
+    nnunetv2 nor torch and does not check the version: with a wrong one, the error comes when the adapter is used."""
     code = (
         "import importlib.metadata, sys\n"
         "version = importlib.metadata.version\n"
         "importlib.metadata.version = lambda name: '0.0.1' if name == 'nnunetv2' else version(name)\n"
-        "import ctcohort, ctcohort.train, ctcohort.release, ctcohort.nnunet_adapter, ctcohort.cli\n"
+        "import ctcohort, ctcohort.train, ctcohort.release, ctcohort.nnunet_adapter, ctcohort.segment, ctcohort.cli\n"
         "ctcohort.cli.build_parser().parse_args(['train', '-o', 'm', '--work', 'w'])\n"
         "print(sorted(m for m in ('nnunetv2', 'torch') if m in sys.modules))\n"
         "try:\n"

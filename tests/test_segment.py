@@ -360,6 +360,18 @@ def test_folds_are_ensembled_as_nnunet_does(tmp_path):
     _several_labels(ours)
 
 
+def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(tmp_path):
+    """Checked before any weights are loaded (missing fold) and when the predictor is built (configuration)."""
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1))
+    with pytest.raises(ModelFolderError, match=r"model .*model: no fold_2/checkpoint_final\.pth \(segmentation\.folds\)"):
+        Segmenter(model, V2, device="cpu", folds=[0, 2])
+    plans = json.loads((model / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["RescaleTo01Normalization"]
+    (model / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelFolderError, match="one CT channel with CTNormalization or ZScoreNormalization"):
+        Segmenter(model, V2, device="cpu")
+
+
 def test_mirroring_is_nnunets_own(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", mirror_axes=(0, 1, 2),

@@ -11,9 +11,9 @@ is an ``UnsupportedNnunetError`` naming both versions.
 
 Sections: 1. version; 2. environment (folders, process counts, console output); 3. planning (fingerprint,
 plans, preprocessing, the network topology rule); 4. training (the trainer, changes made on its instance,
-its module's globals, the training loop, validation); 5. checkpoints. Inference (the predictor built from a
-model folder, pre- and postprocessing around its sliding window) is still in ``ctcohort.segment`` and is to
-move into a section 6 here, using the same check.
+its module's globals, the training loop, validation); 5. checkpoints; 6. inference (the readers' axis order,
+the predictor built from a model folder, pre- and postprocessing around its sliding window on the
+predictor's device), which ``ctcohort.segment`` drives.
 
 Constraints of nnunetv2 2.8.1 on CPU machines shape the training side: only the built-in trainer class
 ``nnUNetTrainer`` is used, because any other trainer name makes nnU-Net (and the predictor, which looks the
@@ -33,6 +33,7 @@ import logging
 import os
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +433,149 @@ def inference_checkpoint(checkpoint: dict, half: bool = False, source: str | Pat
             key: converted.setdefault(value.data_ptr(), value.half()) if value.is_floating_point() else value
             for key, value in slim["network_weights"].items()}
     return slim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Inference
+# ---------------------------------------------------------------------------------------------------------
+
+class ModelFolderError(ValueError):
+    """The model folder is missing, does not hold an nnU-Net v2 model, or does not say which one to use."""
+
+
+# nnU-Net v2.8.1's readers of 3D images (nnunetv2/imageio), by the name plans.json records as image_reader_writer.
+# Each hands the network the voxel array with NIfTI's index order reversed, (k, j, i), spacing likewise:
+# sitk.GetArrayFromImage's order, which NibabelIO and NibabelIOWithReorient reach by transposing nibabel's
+# (i, j, k) array. The *WithReorient ones first reorient to the closest canonical (RAS) orientation, which
+# ctcohort does for every model. Value: the RAS voxel axis behind each axis of the reader's array.
+READER_AXES = {
+    "SimpleITKIO": (2, 1, 0),
+    "SimpleITKIOWithReorient": (2, 1, 0),
+    "NibabelIO": (2, 1, 0),
+    "NibabelIOWithReorient": (2, 1, 0),
+}
+
+# The intensity normalisations ``predict_labels`` reproduces (nnU-Net's, of one CT channel).
+NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
+
+
+def load_predictor(folder: str | Path, checkpoint_files: Sequence[str | Path], device, tile_step: float,
+                   mirroring: bool):
+    """An nnUNetPredictor for the model in ``folder``, the weights of ``checkpoint_files`` (its folds, which
+    must exist) loaded once, on ``device`` (a torch.device).
+
+    The network is built with nnU-Net's default architecture builder rather than by looking up the trainer
+    class named in the checkpoint: TotalSegmentator's trainers differ from the default only in training
+    (epochs, mirroring), and the lookup imports every trainer module nnU-Net has. ModelFolderError for a
+    configuration that ``predict_labels`` cannot serve.
+    """
+    predictor_class = _nnunet("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
+    trainer_class = getattr(_nnunet(TRAINER_MODULE), TRAINER)
+    label_handling = _nnunet("nnunetv2.utilities.label_handling.label_handling")
+    plans_manager_class = _nnunet("nnunetv2.utilities.plans_handling.plans_handler").PlansManager
+    import torch
+
+    folder = Path(folder)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans_manager = plans_manager_class(json.loads((folder / "plans.json").read_text()))
+    parameters, first = [], None
+    for path in checkpoint_files:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        first = first or state
+        parameters.append(state["network_weights"])
+    configuration_name = first["init_args"]["configuration"]
+    configuration = plans_manager.get_configuration(configuration_name)
+    _check_configuration(folder, configuration, configuration_name)
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration,
+        label_handling.determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        enable_deep_supervision=False,
+    )
+    network.load_state_dict(parameters[0])
+    # 2.8.1 prints "perform_everything_on_device=True is only supported for cuda" for any non-CUDA device,
+    # even when it is False: kept out of the job logs, where it would read as a problem
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = predictor_class(
+            tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+            perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
+        )
+    predictor.manual_initialization(
+        network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
+        first.get("inference_allowed_mirroring_axes"),
+    )
+    return predictor
+
+
+def _check_configuration(folder: Path, configuration, name: str) -> None:
+    if len(configuration.patch_size) != 3 or configuration.previous_stage_name is not None:
+        raise ModelFolderError(f"model {folder}: configuration {name!r} is not a "
+                               "single-stage 3D one (3d_fullres, 3d_lowres, ...), the only kind supported")
+    schemes = configuration.normalization_schemes
+    if len(schemes) != 1 or schemes[0] not in NORMALIZATIONS or any(configuration.use_mask_for_norm):
+        raise ModelFolderError(f"model {folder}: one CT channel with {' or '.join(NORMALIZATIONS)} "
+                               f"(no mask) is supported, not {schemes}")
+
+
+def predict_labels(predictor, hu, spacing: Sequence[float]):
+    """Labels of a CT tensor ``hu`` (HU, float32, in the network's axis order, on the predictor's device;
+    ``spacing``: of its axes) from a ``load_predictor`` predictor, on ``hu``'s grid and device.
+
+    This replaces nnU-Net's numpy/scipy pre- and postprocessing around its sliding window with the same steps
+    on the predictor's device (the GPU where there is one): CT normalisation with the model's intensity
+    statistics, trilinear resampling to the model's spacing, nnU-Net's own sliding window (with test-time
+    mirroring if asked, over the axes the checkpoint allows; several folds' logits summed, the argmax of their
+    mean), then the logits resampled trilinearly onto the input grid in slabs and argmaxed. On the model's own
+    spacing no resampling happens and the result equals nnU-Net's (nnU-Net also crops to the bounding box of
+    non-zero voxels, which a scan with a border of exact zeros would show).
+    """
+    require_supported_nnunet()
+    image = _normalized_input(hu, spacing, predictor)
+    logits = None
+    for parameters in predictor.list_of_parameters:
+        if len(predictor.list_of_parameters) > 1:
+            predictor.network.load_state_dict(parameters)
+        fold_logits = predictor.predict_sliding_window_return_logits(image)
+        logits = fold_logits if logits is None else logits + fold_logits
+    return _labels_on_grid(logits, hu.shape)  # the fold mean has the same argmax as the sum
+
+
+def _normalized_input(hu, spacing: Sequence[float], predictor):
+    """CT in the network's axis order as its input (1, z', y', x'): normalised as nnU-Net does, on the model's
+    spacing (``spacing``: of ``hu``'s axes)."""
+    import torch
+    import torch.nn.functional as F
+
+    configuration = predictor.configuration_manager
+    if configuration.normalization_schemes[0] == "CTNormalization":
+        props = predictor.plans_manager.foreground_intensity_properties_per_channel["0"]
+        hu = hu.clamp(props["percentile_00_5"], props["percentile_99_5"])
+        image = (hu - props["mean"]) / max(props["std"], 1e-8)
+    else:
+        image = (hu - hu.mean()) / torch.clamp(hu.std(), min=1e-8)
+    # nnU-Net's compute_new_shape: round(old spacing / new spacing * old shape)
+    shape = [int(round(sp / t * n)) for sp, t, n in zip(spacing, configuration.spacing, hu.shape)]
+    if list(hu.shape) != shape:
+        image = F.interpolate(image[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
+    return image.contiguous()[None]
+
+
+def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
+    """argmax of (K, z', y', x') logits resampled trilinearly onto ``shape`` (z, y, x), in slabs of output z."""
+    import torch
+    import torch.nn.functional as F
+
+    if list(logits.shape[1:]) == list(shape):
+        return logits.argmax(0)
+    labels = torch.empty(tuple(shape), dtype=torch.int64, device=logits.device)
+    # with align_corners=False, output voxel o of n lies at normalised coordinate 2 (o + 0.5) / n - 1
+    y, x = (2 * (torch.arange(n, device=logits.device, dtype=torch.float32) + 0.5) / n - 1 for n in shape[1:])
+    slab = max(1, max_bytes // (4 * logits.shape[0] * shape[1] * shape[2]))
+    source = logits[None].float()
+    for z0 in range(0, shape[0], slab):
+        z = 2 * (torch.arange(z0, min(shape[0], z0 + slab), device=logits.device, dtype=torch.float32) + 0.5) \
+            / shape[0] - 1
+        grid = torch.stack(torch.meshgrid(z, y, x, indexing="ij")[::-1], dim=-1)[None]  # (x, y, z) last
+        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels[z0:z0 + len(z)] = values[0].argmax(0)
+    return labels

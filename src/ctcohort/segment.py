@@ -16,26 +16,19 @@ the later part (in dataset id order) wins, as in TotalSegmentator.
 Geometry: the CT is reoriented to the closest canonical (RAS) orientation, for every model: what
 TotalSegmentator does before nnU-Net (its datasets name the NibabelIOWithReorient reader) and what
 ``ctcohort train`` trains on. Then each part gets the array the way its plans' image_reader_writer hands
-it to nnU-Net (``READER_AXES``: every supported reader gives (z, y, x), spacing likewise) and its plans'
-transpose_forward, and its labels go back the same way. For the readers that do not reorient (SimpleITKIO,
-NibabelIO) this equals nnU-Net's own file-based prediction for scans stored in RAS; a model trained on
-scans stored in another orientation would see them mirrored (nnU-Net feeds the stored voxel order).
-Preprocessing and postprocessing run on the predictor's device (the GPU where there is one) instead of
-nnU-Net's numpy/scipy code: CT normalisation with the model's intensity statistics, trilinear resampling
-to the model's spacing, nnU-Net's own sliding window (with test-time mirroring if asked, over the axes the
-checkpoint allows; several folds' logits summed, the argmax of their mean), then the logits resampled
-trilinearly onto the input grid in slabs and argmaxed. On the model's own spacing no resampling happens
-and the result equals nnU-Net's (nnU-Net also crops to the bounding box of non-zero voxels, which a scan
-with a border of exact zeros would show). The label map is returned on the input's exact grid.
+it to nnU-Net (``nnunet_adapter.READER_AXES``: every supported reader gives (z, y, x), spacing likewise) and
+its plans' transpose_forward, and its labels go back the same way. For the readers that do not reorient
+(SimpleITKIO, NibabelIO) this equals nnU-Net's own file-based prediction for scans stored in RAS; a model
+trained on scans stored in another orientation would see them mirrored (nnU-Net feeds the stored voxel order).
+The label map is returned on the input's exact grid.
 
-The networks are built with nnU-Net's default architecture builder rather than by looking up
-the trainer class named in the checkpoint: TotalSegmentator's trainers differ from the default
-only in training (epochs, mirroring), and the lookup imports every trainer module nnU-Net has.
+nnU-Net's internals live in ``ctcohort.nnunet_adapter`` (section 6, inference), which checks the installed
+nnunetv2 version: building each part's predictor (``load_predictor``) and the pre- and postprocessing around
+its sliding window, run on the predictor's device (``predict_labels``). This module finds and selects the
+model folders, maps labels, merges parts, and reads and writes the files.
 """
 
-import contextlib
 import importlib.util
-import io
 import json
 import logging
 import re
@@ -47,7 +40,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from ctcohort import nnunet_adapter
 from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, voxel_spacing_mm
+from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import recording_failure
 from ctcohort.structures import load_structure_table
@@ -64,22 +59,6 @@ TASKS = {
     "total_fast": (297,),  # 3 mm, the same 117 classes in one model
     "total_fastest": (298,),  # 6 mm, the same
 }
-
-# nnU-Net v2.8.1's readers of 3D images (nnunetv2/imageio), by the name plans.json records as image_reader_writer.
-# Each hands the network the voxel array with NIfTI's index order reversed, (k, j, i), spacing likewise:
-# sitk.GetArrayFromImage's order, which NibabelIO and NibabelIOWithReorient reach by transposing nibabel's
-# (i, j, k) array. The *WithReorient ones first reorient to the closest canonical (RAS) orientation, which
-# ctcohort does for every model. Value: the RAS voxel axis behind each axis of the reader's array.
-READER_AXES = {
-    "SimpleITKIO": (2, 1, 0),
-    "SimpleITKIOWithReorient": (2, 1, 0),
-    "NibabelIO": (2, 1, 0),
-    "NibabelIOWithReorient": (2, 1, 0),
-}
-
-
-class ModelFolderError(ValueError):
-    """The model folder is missing, does not hold an nnU-Net v2 model, or does not say which one to use."""
 
 
 @dataclass
@@ -98,22 +77,28 @@ class ModelPart:
         return tuple(READER_AXES[self.reader][axis] for axis in self.transpose_forward)
 
 
+def _checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str) -> list[Path]:
+    return [part.folder / f"fold_{fold}" / checkpoint for fold in folds]
+
+
 def model_files(parts: Sequence[ModelPart], folds: Sequence[int], checkpoint: str = "checkpoint_final.pth") -> list[Path]:
     """The files a segmentation depends on: each part's dataset.json, plans.json and fold checkpoints.
     The workflow's segmentation jobs take them as inputs, so that new weights segment the scans again."""
     return [path for part in parts
-            for path in [part.folder / name for name in MODEL_FILES]
-            + [part.folder / f"fold_{fold}" / checkpoint for fold in folds]]
+            for path in [part.folder / name for name in MODEL_FILES] + _checkpoint_files(part, folds, checkpoint)]
 
 
 def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2")) -> str | None:
-    """What to install when nnU-Net inference cannot run here (None: all there). Checked without importing
-    them, so that a workflow stops at start-up, not in its first segmentation job."""
+    """What to install when nnU-Net inference cannot run here (None: all there, nnunetv2 of the version the
+    adapter supports). Checked without importing them, so that a workflow stops at start-up, not in its first
+    segmentation job."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    return (f"segmentation.method nnunet needs {' and '.join(missing)}, which this environment lacks: "
-            "pip install -e '.[segment]' (or set segmentation.method: precomputed)")
+    if missing:
+        return (f"segmentation.method nnunet needs {' and '.join(missing)}, which this environment lacks: "
+                "pip install -e '.[segment]' (or set segmentation.method: precomputed)")
+    if "nnunetv2" in packages:  # present, but maybe not the version the adapter is written against
+        return nnunet_adapter.nnunet_version_problem(nnunet_adapter.installed_nnunet_version())
+    return None
 
 
 def _is_trained_model(folder: Path) -> bool:
@@ -340,112 +325,13 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
-def _load_predictor(part: ModelPart, device, folds: Sequence, checkpoint: str, tile_step: float, mirroring: bool):
-    """An nnUNetPredictor for one part, its weights loaded once."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    dataset_json = json.loads((part.folder / "dataset.json").read_text())
-    plans_manager = PlansManager(json.loads((part.folder / "plans.json").read_text()))
-    parameters, first = [], None
-    for fold in folds:
-        path = part.folder / f"fold_{fold}" / checkpoint
+def _existing_checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str) -> list[Path]:
+    """The part's checkpoint of each fold; ModelFolderError naming the first that is missing."""
+    paths = _checkpoint_files(part, folds, checkpoint)
+    for path in paths:
         if not path.is_file():
             raise ModelFolderError(f"model {part.folder}: no {path.relative_to(part.folder)} (segmentation.folds)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        first = first or state
-        parameters.append(state["network_weights"])
-    configuration_name = first["init_args"]["configuration"]
-    configuration = plans_manager.get_configuration(configuration_name)
-    _check_configuration(part, configuration, configuration_name)
-    network = nnUNetTrainer.build_network_architecture(
-        plans_manager, configuration,
-        determine_num_input_channels(plans_manager, configuration, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-        enable_deep_supervision=False,
-    )
-    network.load_state_dict(parameters[0])
-    # 2.8.1 prints "perform_everything_on_device=True is only supported for cuda" for any non-CUDA device,
-    # even when it is False: kept out of the job logs, where it would read as a problem
-    with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(
-            tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
-            perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
-        )
-    predictor.manual_initialization(
-        network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
-        first.get("inference_allowed_mirroring_axes"),
-    )
-    return predictor
-
-
-NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
-
-
-def _check_configuration(part: ModelPart, configuration, name: str) -> None:
-    if len(configuration.patch_size) != 3 or configuration.previous_stage_name is not None:
-        raise ModelFolderError(f"model {part.folder}: configuration {name!r} is not a "
-                               "single-stage 3D one (3d_fullres, 3d_lowres, ...), the only kind supported")
-    schemes = configuration.normalization_schemes
-    if len(schemes) != 1 or schemes[0] not in NORMALIZATIONS or any(configuration.use_mask_for_norm):
-        raise ModelFolderError(f"model {part.folder}: one CT channel with {' or '.join(NORMALIZATIONS)} "
-                               f"(no mask) is supported, not {schemes}")
-
-
-def _normalized_input(hu, spacing: Sequence[float], predictor):
-    """CT in the network's axis order as its input (1, z', y', x'): normalised as nnU-Net does, on the model's
-    spacing (``spacing``: of ``hu``'s axes)."""
-    import torch
-    import torch.nn.functional as F
-
-    configuration = predictor.configuration_manager
-    if configuration.normalization_schemes[0] == "CTNormalization":
-        props = predictor.plans_manager.foreground_intensity_properties_per_channel["0"]
-        hu = hu.clamp(props["percentile_00_5"], props["percentile_99_5"])
-        image = (hu - props["mean"]) / max(props["std"], 1e-8)
-    else:
-        image = (hu - hu.mean()) / torch.clamp(hu.std(), min=1e-8)
-    # nnU-Net's compute_new_shape: round(old spacing / new spacing * old shape)
-    shape = [int(round(sp / t * n)) for sp, t, n in zip(spacing, configuration.spacing, hu.shape)]
-    if list(hu.shape) != shape:
-        image = F.interpolate(image[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
-    return image.contiguous()[None]
-
-
-def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
-    """argmax of (K, z', y', x') logits resampled trilinearly onto ``shape`` (z, y, x), in slabs of output z."""
-    import torch
-    import torch.nn.functional as F
-
-    if list(logits.shape[1:]) == list(shape):
-        return logits.argmax(0)
-    labels = torch.empty(tuple(shape), dtype=torch.int64, device=logits.device)
-    # with align_corners=False, output voxel o of n lies at normalised coordinate 2 (o + 0.5) / n - 1
-    y, x = (2 * (torch.arange(n, device=logits.device, dtype=torch.float32) + 0.5) / n - 1 for n in shape[1:])
-    slab = max(1, max_bytes // (4 * logits.shape[0] * shape[1] * shape[2]))
-    source = logits[None].float()
-    for z0 in range(0, shape[0], slab):
-        z = 2 * (torch.arange(z0, min(shape[0], z0 + slab), device=logits.device, dtype=torch.float32) + 0.5) \
-            / shape[0] - 1
-        grid = torch.stack(torch.meshgrid(z, y, x, indexing="ij")[::-1], dim=-1)[None]  # (x, y, z) last
-        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        labels[z0:z0 + len(z)] = values[0].argmax(0)
-    return labels
-
-
-def _predict_part(predictor, hu, spacing: Sequence[float]):
-    """Part labels of a CT tensor (network axis order) on the predictor's device: its folds' mean logits, argmaxed."""
-    image = _normalized_input(hu, spacing, predictor)
-    logits = None
-    for parameters in predictor.list_of_parameters:
-        if len(predictor.list_of_parameters) > 1:
-            predictor.network.load_state_dict(parameters)
-        fold_logits = predictor.predict_sliding_window_return_logits(image)
-        logits = fold_logits if logits is None else logits + fold_logits
-    return _labels_on_grid(logits, hu.shape)  # the fold mean has the same argmax as the sum
+    return paths
 
 
 class Segmenter:
@@ -471,7 +357,9 @@ class Segmenter:
         self.parts = find_model_parts(model_dir, table, task)
         self.device = resolve_device(device)
         self.predictors = [
-            _load_predictor(part, self.device, folds, checkpoint, tile_step, mirroring) for part in self.parts
+            load_predictor(part.folder, _existing_checkpoint_files(part, folds, checkpoint), self.device, tile_step,
+                           mirroring)
+            for part in self.parts
         ]
         self.dtype = np.uint8 if int(table["label"].max()) <= 255 else np.uint16
         log.info("loaded %d model part(s) from %s on %s", len(self.parts), model_dir or bundled_model_dir(),
@@ -496,7 +384,7 @@ class Segmenter:
                     lookup[part_label] = label
                 # the axes as the part's reader and transpose_forward give them to its network, and back
                 axes = list(part.network_axes)
-                labels = _predict_part(predictor, image.permute(axes), spacing[axes])
+                labels = predict_labels(predictor, image.permute(axes), spacing[axes])
                 claimed = lookup[labels.permute(np.argsort(axes).tolist())]
                 merged = torch.where(claimed != 0, claimed, merged)  # the later part wins
         merged = merged.cpu().numpy().astype(self.dtype)
