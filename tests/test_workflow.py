@@ -17,6 +17,7 @@ import yaml
 from scipy import stats
 
 from conftest import REPO, run_workflow
+from test_figures import svg_text
 from ctcohort import phantom
 
 pytestmark = pytest.mark.slow
@@ -104,10 +105,19 @@ def test_demo_recovers_planted_effects_and_keeps_nulls_null(demo_study):
 
 
 def test_demo_figures_and_report(demo_study):
-    for name in ("age_boxplots", "correlation_overview"):
-        for suffix in ("png", "svg"):
-            path = demo_study / "figures" / f"{name}.{suffix}"
-            assert path.stat().st_size > 5000, path
+    # what the figures show, read from their SVGs: every configured panel with its group sizes, and every
+    # tested structure in the rs overview
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    boxplots = svg_text(demo_study / "figures" / "age_boxplots.svg")
+    for panel in config["figures"]["boxplots"]:
+        assert panel["structure"].replace("_", " ") in boxplots
+    assert boxplots.count("(n=") == len(config["figures"]["boxplots"]) * (len(config["figures"]["age_edges"]) + 1)
+    overview = svg_text(demo_study / "figures" / "correlation_overview.svg")
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
+    tested = correlations.loc[correlations["rs"].notna(), "structure"].unique()
+    assert len(tested) >= 30
+    for structure in tested:
+        assert structure.replace("_", " ") in overview, structure
     report = (demo_study / "report.html").read_text(errors="replace")
     for needle in ("age_correlations.tsv", "failures.tsv", "software_versions.tsv", "Spearman"):
         assert needle in report
@@ -233,4 +243,6 @@ def test_demo_segments_with_the_bundled_model_as_well_as_its_truth(demo_study):
     assert set(summary["structure"]) == set(present["structure"])
     assert (summary["dice_mean"] >= 0.9).all(), summary.loc[summary["dice_mean"] < 0.9, ["structure", "dice_mean"]]
     assert (summary["dice_ci_low"] <= summary["dice_mean"]).all()
-    assert (demo_study / "figures" / "dice.png").stat().st_size > 5000
+    dice_figure = svg_text(demo_study / "figures" / "dice.svg")
+    for structure in summary["structure"]:
+        assert structure.replace("_", " ") in dice_figure, structure

@@ -8,11 +8,13 @@ localrules:
 
 
 rule aggregate:
+    # Input functions, not lists: the report prints a rule's declared inputs, which would be every
+    # scan's path (20,000 at 10,000 scans) and folders of this machine.
     input:
-        sheet=SHEET_PATH,
-        schema=SHEET_SCHEMA,
-        measurements=per_scan("results/measure/{subject}.tsv"),
-        statuses=per_scan("results/measure/{subject}.status.json"),
+        sheet=lambda wildcards: SHEET_PATH,
+        schema=lambda wildcards: SHEET_SCHEMA,
+        measurements=lambda wildcards: per_scan("results/measure/{subject}.tsv"),
+        statuses=lambda wildcards: per_scan("results/measure/{subject}.status.json"),
     output:
         measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",

@@ -100,6 +100,12 @@ def upstream_statuses(wildcards):
     return [] if PRECOMPUTED else [f"results/seg/{wildcards.subject}.status.json"]
 
 
+def batch_cts(subjects):
+    """The CTs of a segmentation batch, as an input function: the report prints a rule's declared inputs,
+    and a list would put every scan's path there."""
+    return lambda wildcards: [SHEET.at[s, "ct"] for s in subjects]
+
+
 def reference_path(wildcards):
     return SHEET.at[wildcards.subject, "reference"]
 

@@ -31,9 +31,11 @@ localrules:
 
 
 rule evaluation_summary:
-    input:
-        scans=expand("results/evaluation/scans/{subject}.tsv", subject=EVALUATED_SUBJECTS),
-        statuses=expand("results/evaluation/scans/{subject}.status.json", subject=EVALUATED_SUBJECTS),
+    input:  # functions: see rule aggregate
+        scans=lambda wildcards: expand("results/evaluation/scans/{subject}.tsv", subject=EVALUATED_SUBJECTS),
+        statuses=lambda wildcards: expand(
+            "results/evaluation/scans/{subject}.status.json", subject=EVALUATED_SUBJECTS
+        ),
     output:
         dice=report(
             "results/evaluation/dice.tsv",

@@ -7,8 +7,8 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
         name:
             f"segment_batch_{batch:05d}"
         input:
-            cts=[SHEET.at[s, "ct"] for s in subjects],
-            model=SEGMENTATION_MODEL_FILES,  # new weights segment again
+            cts=batch_cts(subjects),
+            model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # new weights segment again
         output:
             segs=[f"results/seg/{s}.nii.gz" for s in subjects],
             statuses=[f"results/seg/{s}.status.json" for s in subjects],
