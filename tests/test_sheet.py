@@ -247,6 +247,16 @@ def test_missing_file(scans):
     assert problem.endswith(str(scans / "ct" / "nothere.nii.gz"))
 
 
+def test_cluster_jobs_skip_the_file_checks_but_not_the_values(scans):
+    """A cluster job re-parses the workflow: the main process has checked the files already."""
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", "M"), ("s2", "ct/nothere.nii.gz", "40", "F")])
+    sheet = load_cohort_sheet(path, SCHEMA, check_files=False)
+    assert sheet.at["s2", "ct"] == str(scans / "ct" / "nothere.nii.gz")
+    bad_age = write_sheet(scans, [("s1", "ct/s1.nii.gz", "old", "M")], name="bad.tsv")
+    with pytest.raises(CohortSheetError, match="'age'"):
+        load_cohort_sheet(bad_age, SCHEMA, check_files=False)
+
+
 def test_missing_optional_file_is_checked_too(scans):
     path = write_sheet(
         scans, [("s1", "ct/s1.nii.gz", "30", "M", "ref/s1.nii.gz")], header=(*HEADER, "reference")

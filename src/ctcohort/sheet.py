@@ -50,12 +50,13 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def load_cohort_sheet(
-    path: str | Path, schema_path: str | Path, required_files: tuple[str, ...] = ("ct",)
+    path: str | Path, schema_path: str | Path, required_files: tuple[str, ...] = ("ct",), check_files: bool = True
 ) -> pd.DataFrame:
     """Read and validate a cohort sheet; return it with paths resolved, indexed by subject.
 
     ``required_files``: path columns that must be filled in on every row; every
-    path given (required or not) must exist.
+    path given (required or not) must exist, unless ``check_files`` is False (cluster jobs re-parse
+    the workflow: the main process has checked the files once, thousands of stats per job are waste).
     """
     path = Path(path)
     if not path.is_file():
@@ -105,7 +106,7 @@ def load_cohort_sheet(
         for column in PATH_COLUMNS:
             if isinstance(row.get(column), str):
                 row[column] = _resolve(row[column], path.parent)
-                if not os.path.exists(row[column]):
+                if check_files and not os.path.exists(row[column]):
                     problems.append(f"{where}: column {column!r}: file not found: {row[column]}")
         rows.append(row)
     if problems:

@@ -1,7 +1,8 @@
 # Sheet loading, validation and input functions; every other .smk uses what is defined here.
 import os
-import re
 import sys
+
+import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -39,12 +40,17 @@ else:
     SHEET_PATH = config["cohort"]
     try:
         SHEET = load_cohort_sheet(
-            SHEET_PATH, SHEET_SCHEMA, required_files=("ct", "seg") if PRECOMPUTED else ("ct",)
+            SHEET_PATH,
+            SHEET_SCHEMA,
+            required_files=("ct", "seg") if PRECOMPUTED else ("ct",),
+            check_files=workflow.is_main_process,
         )
     except CohortSheetError as err:
         raise WorkflowError(str(err)) from None
 
 SUBJECTS = SHEET.index.tolist()
+with open(SHEET_SCHEMA) as stream:
+    SUBJECT_PATTERN = yaml.safe_load(stream)["properties"]["subject"]["pattern"].strip("^$")
 
 try:  # a bad structure table would otherwise fail every scan, one job at a time
     STRUCTURE_TABLE = load_structure_table(config["structures"])
@@ -54,7 +60,8 @@ except (ValueError, FileNotFoundError) as err:
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
-    MISSING_PACKAGES = missing_segmentation_packages()
+    # checked by the main process only: a cluster job may run in its own (conda) environment
+    MISSING_PACKAGES = missing_segmentation_packages() if workflow.is_main_process else None
     if MISSING_PACKAGES:
         raise WorkflowError(MISSING_PACKAGES)
     if not DEMO and not config["segmentation"]["model"]:
@@ -82,7 +89,9 @@ EVALUATED_SUBJECTS = (
 
 
 wildcard_constraints:
-    subject="|".join(re.escape(s) for s in SUBJECTS),
+    # the sheet's id pattern, not an alternation of every id: that regex is matched against every file
+    # name in every job, and at 10,000 scans it is a 100 kB regular expression
+    subject=SUBJECT_PATTERN,
 
 
 def ct_path(wildcards):
