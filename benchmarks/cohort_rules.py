@@ -1,0 +1,125 @@
+"""How long the cohort rules take at 10,000 scans: aggregation, statistics, figures and the report.
+
+The per-scan work is not what is timed here: the script writes a synthetic study whose per-scan
+measurement tables and status files already exist (N scans x 104 structures of ``total_v1``, volumes and
+HU drawn with an age trend, a few structures absent or cut off, 1% of the scans failed), with empty CT and
+segmentation files older than them, then runs the real workflow (``segmentation.method: precomputed``,
+``--rerun-triggers mtime`` so that only the cohort rules run) and ``snakemake --report``. It prints the
+wall time of each and the peak memory of the largest process (the cohort rules run as local jobs).
+Two sizes run side by side; the ratio per scan says whether the cohort rules grow linearly.
+
+Run:  python benchmarks/cohort_rules.py [--sizes 1000 10000] [--workdir DIR]
+"""
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ctcohort.measure import MEASURE_COLUMNS, write_measurements
+from ctcohort.scan_status import ScanStatus
+from ctcohort.structures import load_structure_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_study(folder: Path, n: int, seed: int = 0) -> Path:
+    """Sheet, empty image files, then per-scan tables and statuses (newer than the images)."""
+    rng = np.random.default_rng(seed)
+    table = load_structure_table("total_v1")
+    data, measure = folder / "data", folder / "results" / "measure"
+    data.mkdir(parents=True)
+    measure.mkdir(parents=True)
+    subjects = [f"sub{i:06d}" for i in range(n)]
+    ages = rng.uniform(18, 95, n).round(1)
+    sheet = pd.DataFrame({"subject": subjects, "ct": [f"{s}_ct.nii.gz" for s in subjects],
+                          "seg": [f"{s}_seg.nii.gz" for s in subjects], "age": ages,
+                          "sex": rng.choice(["M", "F"], n), "contrast": rng.integers(0, 2, n)})
+    for path in [*sheet["ct"], *sheet["seg"]]:
+        (data / path).touch()
+    sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
+    time.sleep(1.1)  # the measurements must be newer than their inputs
+    base_volume = rng.uniform(5, 1500, len(table))
+    base_hu = rng.uniform(-100, 400, len(table))
+    failed = set(rng.choice(subjects, max(1, n // 100), replace=False))
+    for subject, age in zip(subjects, ages):
+        status = ScanStatus(subject, "measure")
+        if subject in failed:
+            status.ok, status.error = False, "ValueError: synthetic failure"
+            write_measurements(pd.DataFrame(columns=MEASURE_COLUMNS), measure / f"{subject}.tsv")
+        else:
+            n_voxels = (base_volume * (1 + 0.002 * (age - 50)) * rng.lognormal(0, 0.1, len(table)) * 1000).astype(int)
+            hu = base_hu - 0.5 * (age - 50) + rng.normal(0, 20, len(table))
+            reason = np.where(rng.random(len(table)) < 0.05, "absent",
+                              np.where(rng.random(len(table)) < 0.05, "cut_off", ""))
+            frame = pd.DataFrame({
+                "structure": table["name"], "label": table["label"], "group": table["group"],
+                "n_voxels": np.where(reason == "absent", 0, n_voxels),
+                "volume_ml": np.where(reason == "", n_voxels / 1000.0, np.nan),
+                "hu_mean": np.where(reason == "absent", np.nan, hu),
+                "hu_median": np.where(reason == "absent", np.nan, hu + 1),
+                "hu_std": np.where(reason == "absent", np.nan, 30.0),
+                "hu_mean_eroded": np.where(reason == "absent", np.nan, hu + 2),
+                "complete": pd.array(np.where(reason == "absent", None, reason != "cut_off"), dtype="boolean"),
+                "exclusion_reason": reason,
+            })
+            write_measurements(frame, measure / f"{subject}.tsv")
+        status.write(measure / f"{subject}.status.json")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["cohort"] = str(data / "cohort.tsv")
+    config["segmentation"]["method"] = "precomputed"
+    config["figures"]["boxplots"] = config["figures"]["boxplots"][:6]
+    (folder / "config").mkdir()
+    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def timed_snakemake(folder: Path, *args: str) -> float:
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(folder), "--cores", "2", "--rerun-triggers", "mtime", *args]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed in {folder}:\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 10000])
+    parser.add_argument("--workdir", help="where the synthetic studies go (default: a temporary folder)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        for n in args.sizes:
+            folder = write_study(root / f"study{n}", n)
+            run = timed_snakemake(folder)
+            jobs = sorted(p.stem for p in (folder / "results" / "logs").glob("*.log"))
+            report = timed_snakemake(folder, "--report", "results/report.html")
+            size_mb = (folder / "results" / "report.html").stat().st_size / 1e6
+            rows.append((n, run, report, size_mb))
+            print(f"  {n} scans: cohort rules {run:.1f} s ({', '.join(jobs)}), report {report:.1f} s, "
+                  f"report {size_mb:.1f} MB", flush=True)
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2  # kB on Linux
+    print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(f"{'scans':>8} {'cohort rules s':>15} {'report s':>9} {'report MB':>10}")
+    for n, run, report, size_mb in rows:
+        print(f"{n:>8} {run:>15.1f} {report:>9.1f} {size_mb:>10.1f}")
+    (small, run_small, *_), (large, run_large, *_) = rows
+    print(f"cohort rules per scan, {large} vs {small} scans: {(run_large / large) / (run_small / small):.2f}x "
+          "(1.0: linear; Snakemake's start-up favours the larger cohort)")
+    print(f"peak memory of the largest process: {peak_gb:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
