@@ -14,8 +14,6 @@ Run:  python benchmarks/cohort_rules.py [--sizes 1000 10000] [--workdir DIR]
 import argparse
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +25,7 @@ import yaml
 from ctcohort.measure import MEASURE_COLUMNS, write_measurements
 from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table
-
-REPO = Path(__file__).resolve().parents[1]
+from snakemake_runs import REPO, timed_snakemake
 
 
 def write_study(folder: Path, n: int, seed: int = 0) -> Path:
@@ -82,17 +79,6 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
-def timed_snakemake(folder: Path, *args: str) -> float:
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(folder), "--cores", "2", "--rerun-triggers", "mtime", *args]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"snakemake {' '.join(args)} failed in {folder}:\n{result.stderr[-3000:]}")
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 10000])
@@ -103,9 +89,9 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         for n in args.sizes:
             folder = write_study(root / f"study{n}", n)
-            run = timed_snakemake(folder)
+            run = timed_snakemake(folder, "--rerun-triggers", "mtime")
             jobs = sorted(p.stem for p in (folder / "results" / "logs").glob("*.log"))
-            report = timed_snakemake(folder, "--report", "results/report.html")
+            report = timed_snakemake(folder, "--rerun-triggers", "mtime", "--report", "results/report.html")
             size_mb = (folder / "results" / "report.html").stat().st_size / 1e6
             rows.append((n, run, report, size_mb))
             print(f"  {n} scans: cohort rules {run:.1f} s ({', '.join(jobs)}), report {report:.1f} s, "

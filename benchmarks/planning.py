@@ -13,15 +13,12 @@ Run:  python benchmarks/planning.py [--sizes 1000 10000] [--repeats 2] [--workdi
 import argparse
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from snakemake_runs import REPO, timed_snakemake
 
 
 def write_study(folder: Path, n: int) -> Path:
@@ -43,17 +40,6 @@ def write_study(folder: Path, n: int) -> Path:
     return folder
 
 
-def dry_run_seconds(folder: Path) -> float:
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(folder), "--cores", "2", "--dry-run", "--quiet", "all"]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"dry run failed in {folder}:\n{result.stderr[-3000:]}")
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 10000])
@@ -66,7 +52,7 @@ def main() -> None:
         times = {n: [] for n in args.sizes}
         for repeat in range(args.repeats):
             for n in args.sizes if repeat % 2 == 0 else args.sizes[::-1]:
-                times[n].append(dry_run_seconds(studies[n]))
+                times[n].append(timed_snakemake(studies[n], "--dry-run", "--quiet", "all"))
                 print(f"  dry run, {n} scans: {times[n][-1]:.1f} s", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print(f"{'scans':>8} {'dry run s':>10} {'ms per scan':>12}")

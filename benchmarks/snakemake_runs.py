@@ -1,0 +1,20 @@
+"""Timed runs of this checkout's workflow in a study folder, shared by the planning and cohort benchmarks."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed_snakemake(folder: Path, *args: str) -> float:
+    """Wall seconds of ``snakemake --cores 2 ARGS`` on the checkout's Snakefile in ``folder``; exits on failure."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(folder), "--cores", "2", *args]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed in {folder}:\n{result.stderr[-3000:]}")
+    return elapsed
