@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, read_measurements
-from ctcohort.scan_status import read_status
+from ctcohort.scan_status import ScanStatus, read_status
 from ctcohort.sheet import covariate_columns
 
 FAILURE_COLUMNS = ["subject", "stage", "error"]
@@ -16,7 +16,11 @@ SUMMARY_COLUMNS = ["structure", "group", "measure", "n", "mean", "sd", "q25", "m
 
 def collect_failures(status_paths: Sequence[str | Path]) -> pd.DataFrame:
     """subject, stage, error of every failed per-scan step."""
-    statuses = [read_status(p) for p in status_paths]
+    return failure_table([read_status(p) for p in status_paths])
+
+
+def failure_table(statuses: Sequence[ScanStatus]) -> pd.DataFrame:
+    """subject, stage, error of the failed ones among ``statuses``."""
     rows = [(s.subject, s.stage, s.error) for s in statuses if not s.ok]
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
 

@@ -7,9 +7,10 @@ from ctcohort.sheet import load_cohort_sheet
 
 log_to(snakemake.log[0])
 sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.input.schema)
-failures = aggregate.collect_failures(snakemake.input.statuses)
+statuses = [read_status(path) for path in snakemake.input.statuses]
+failures = aggregate.failure_table(statuses)
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
-subjects = [read_status(path).subject for path in snakemake.input.statuses]
+subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
 measurements = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 
