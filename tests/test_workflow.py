@@ -5,7 +5,6 @@ import io
 import math
 import platform
 import re
-import shutil
 import subprocess
 import sys
 
