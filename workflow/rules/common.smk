@@ -24,6 +24,8 @@ validate(config, "../schemas/config.schema.yaml")
 # A plain path, not workflow.source_path(): that resolves to a new cache path on every run, and the
 # aggregate rule's params would change each time, so nothing would ever be up to date.
 SHEET_SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "sheet.schema.yaml")
+# envs/*.post-deploy.sh install ctcohort from this checkout into the rules' conda environments (--sdm conda)
+os.environ["CTCOHORT_CHECKOUT"] = workflow.basedir
 DEMO = not config.get("cohort")
 DEMO_DIR = "results/demo"
 DEMO_SUBJECTS = phantom.subject_ids(config["demo"]["n_subjects"])
@@ -60,8 +62,14 @@ except (ValueError, FileNotFoundError) as err:
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
 else:
-    # checked by the main process only: a cluster job may run in its own (conda) environment
-    MISSING_PACKAGES = missing_segmentation_packages() if workflow.is_main_process else None
+    # Checked by the main process only, and not where rules run in their own conda environments (--sdm conda):
+    # there envs/segmentation.yaml brings torch and nnunetv2, which the driver's environment need not have.
+    MISSING_PACKAGES = (
+        missing_segmentation_packages()
+        if workflow.is_main_process
+        and not any(method.name == "CONDA" for method in workflow.deployment_settings.deployment_method)
+        else None
+    )
     if MISSING_PACKAGES:
         raise WorkflowError(MISSING_PACKAGES)
     if not DEMO and not config["segmentation"]["model"]:
