@@ -292,3 +292,28 @@ def test_plot_dice_says_when_no_structure_is_evaluable(tmp_path, saved):
         assert tick_texts(ax, "y") == [] and markers(ax) == []
         assert "no structure evaluable" in svg_text(paths[1])
         assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ same bytes
+
+def test_every_figure_is_the_same_bytes_each_time_it_is_drawn(tmp_path, measurements, correlations):
+    """A rerun (after a crash, or on another day) redraws a figure from the same tables: the files must
+    not differ, so that a rerun changes no output and two runs can be compared file by file."""
+    summary = summary_table([("liver", "organ", 30, 0.95, 0.93, 0.97), ("aorta", "vessel", 28, 0.88, 0.80, 0.92)])
+    draw = {
+        "boxplots": lambda paths: figures.plot_age_boxplots(measurements, PANELS, EDGES, paths),
+        "overview": lambda paths: figures.plot_correlation_overview(correlations, ["volume_ml", "hu_mean"], paths),
+        "dice": lambda paths: evaluate.plot_dice(summary, paths),
+    }
+    for name, plot in draw.items():
+        drawn = []
+        for run in ("first", "second"):
+            (tmp_path / run).mkdir(exist_ok=True)
+            paths = outputs_in(tmp_path / run, name)
+            plot(paths)
+            drawn.append([path.read_bytes() for path in paths])
+        assert drawn[0] == drawn[1], name
+        svg = drawn[0][1].decode()
+        assert "<dc:date>" not in svg, name
+        ids = re.findall(r'\bid="([^"]+)"', svg)  # salted, not random: still one element each
+        assert ids and len(ids) == len(set(ids)), name

@@ -31,9 +31,20 @@ def age_groups(age: pd.Series, edges: Sequence[float]) -> pd.Categorical:
     return pd.cut(age, bins=bins, right=False, labels=age_group_labels(edges))
 
 
+# Same figure, same bytes: matplotlib stamps an SVG with the time it was written and names its clip paths
+# and glyphs with random ids unless given a salt. (A PNG carries only the matplotlib version.)
+REPRODUCIBLE_SVG = {"svg.hashsalt": "ctcohort"}
+SVG_METADATA = {"Date": None}
+
+
 def save_figure(fig, outputs: Sequence[str | Path]) -> None:
-    for path in outputs:
-        fig.savefig(path, dpi=150 if str(path).endswith(".png") else None, bbox_inches="tight")
+    """Write ``fig`` to each of ``outputs`` (the format from the suffix) and close it; the bytes depend on
+    the figure only, never on when or in which run it was saved."""
+    with matplotlib.rc_context(REPRODUCIBLE_SVG):
+        for path in outputs:
+            suffix = Path(path).suffix
+            fig.savefig(path, dpi=150 if suffix == ".png" else None, bbox_inches="tight",
+                        metadata=SVG_METADATA if suffix == ".svg" else None)
     plt.close(fig)
 
 
