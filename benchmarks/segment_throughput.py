@@ -297,7 +297,7 @@ def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Pa
     with ScanPipeline(segmenter, scans) as pipeline:
         for i, scan in enumerate(scans):
             case = scan.name.replace("_0000.nii.gz", "")
-            ct, labels = pipeline.segment(i)
+            ct, _, labels = pipeline.segment(i)
             writes.append(pipeline.write(labels, ct, out_dir / f"{case}.nii.gz"))
             if i == len(scans) - 1:
                 for write in writes:

@@ -28,8 +28,9 @@ def shared_data() -> Path:
     return require_shared_data()
 
 
-def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool = True):
-    """Run the real workflow with snakemake in ``workdir``, with config/config.yaml overridden."""
+def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[str]:
+    """The snakemake command line that runs the real workflow in ``workdir``, whose config/config.yaml it
+    writes: the shipped config with ``config_overrides``."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     for key, value in config_overrides.items():
         if isinstance(value, dict):
@@ -38,8 +39,13 @@ def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool 
             config[key] = value
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-               "--directory", str(workdir), "--cores", "2", *args]
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(workdir), "--cores", "2", *args]
+
+
+def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool = True):
+    """Run the real workflow with snakemake in ``workdir``, with config/config.yaml overridden."""
+    command = workflow_command(workdir, config_overrides, *args)
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1200)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")

@@ -23,11 +23,13 @@ from ctcohort.evaluate import (
     COHORT_METRIC_COLUMNS,
     METRIC_COLUMNS,
     SUMMARY_COLUMNS,
+    empty_metrics,
     evaluate_scan,
     plot_dice,
     summarize,
     surface_metrics,
     write_evaluation_summary,
+    write_metrics,
 )
 from ctcohort.imaging import GridMismatchError
 from ctcohort.scan_status import ScanStatus
@@ -364,9 +366,9 @@ def test_plot_dice_writes_png_and_svg(tmp_path):
 
 
 def write_scan_outputs(folder, subject, ok, table=None, stage="evaluate"):
-    """A scan's per-scan TSV and status file as evaluate_scan.py leaves them (placeholder table if failed)."""
+    """A scan's per-scan TSV and status file as an evaluation job leaves them (placeholder table if failed)."""
     tsv, status = folder / f"{subject}.tsv", folder / f"{subject}.status.json"
-    (table if ok else pd.DataFrame(columns=METRIC_COLUMNS)).to_csv(tsv, sep="\t", index=False, na_rep="NaN")
+    write_metrics(table if ok else empty_metrics(), tsv)
     ScanStatus(subject, stage, ok=ok, error="" if ok else f"RuntimeError: {subject} broke in {stage}").write(status)
     return tsv, status
 

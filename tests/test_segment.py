@@ -15,8 +15,10 @@ pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment
 
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
+from ctcohort.measure import measure_scan, read_measurements, write_measurements  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
     TASKS,
+    BatchMeasurement,
     ModelFolderError,
     Segmenter,
     find_model_parts,
@@ -130,12 +132,23 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     broken.write_bytes(b"no image here")
     outputs = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
     statuses = [tmp_path / "a.json", tmp_path / "b.json"]
+    measurement = BatchMeasurement([tmp_path / "a.tsv", tmp_path / "b.tsv"],
+                                   [tmp_path / "a.measure.json", tmp_path / "b.measure.json"], min_voxels=5)
     segment_batch(["good", "bad"], [phantom_scan, broken], outputs, statuses, model=two_part_model,
-                  structures="total_v1", task=TWO_PARTS, device="cpu")
+                  structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement)
     good, bad = (json.loads(p.read_text()) for p in statuses)
     assert good["ok"] and not bad["ok"]
     assert bad["stage"] == "segment" and "broken.nii.gz" in bad["error"]
     assert nib.load(outputs[0]).shape == nib.load(phantom_scan).shape
+    # measured in the job, from memory: the same table as measuring the written files afterwards
+    measured_good, measured_bad = (json.loads(p.read_text()) for p in measurement.statuses)
+    assert measured_good == {"subject": "good", "stage": "measure", "ok": True, "error": ""}
+    assert measured_bad == bad  # the segmentation failure passed on, not a measure failure
+    from_files = measure_scan(phantom_scan, outputs[0], V1, min_voxels=5)
+    assert (from_files["n_voxels"] > 0).any()
+    write_measurements(from_files, tmp_path / "from_files.tsv")
+    assert measurement.outputs[0].read_bytes() == (tmp_path / "from_files.tsv").read_bytes()
+    assert read_measurements(measurement.outputs[1]).empty
 
 
 @pytest.mark.parametrize("make, message", [

@@ -195,7 +195,7 @@ def test_on_scan_error_fail_stops_the_study(small_user_cohort):
                           check=False)
     assert result.returncode != 0
     assert not (workdir / "results" / "tables" / "measurements.tsv").exists()
-    log = (workdir / "results" / "logs" / "measure" / "demo002.log").read_text()
+    log = (workdir / "results" / "logs" / "measure" / "batch_00000.log").read_text()
     assert "demo002" in log and "cannot read" in log
 
 

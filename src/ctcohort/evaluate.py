@@ -260,6 +260,15 @@ def evaluate_scan(
     return surface_metrics(pred, ref, voxel_spacing_mm(pred_img.affine), table, tolerance_mm)
 
 
+def empty_metrics() -> pd.DataFrame:
+    """The table of a scan that could not be evaluated: the columns, no rows."""
+    return pd.DataFrame(columns=METRIC_COLUMNS)
+
+
+def write_metrics(table: pd.DataFrame, path: str | Path) -> None:
+    table.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+
+
 def _bootstrap_mean(values: np.ndarray, n_resamples: int, seed: int, level: float) -> tuple[float, float, float]:
     """Mean and bootstrap percentile CI of the mean (NaN CI below two values)."""
     n = len(values)
@@ -346,9 +355,9 @@ def write_evaluation_summary(
     log.info("%d scans evaluated, %d failed", n_evaluated, len(failures))
     if n_evaluated == 0:
         log.warning("no scan could be evaluated: the summary has no rows (see %s)", failures_path)
-    per_scan.to_csv(dice_path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    write_metrics(per_scan, dice_path)
     summary = summarize(per_scan, n_resamples=n_resamples)
-    summary.to_csv(summary_path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    write_metrics(summary, summary_path)
     failures.to_csv(failures_path, sep="\t", index=False)
     plot_dice(summary, figure_paths)
     return summary

@@ -1,4 +1,5 @@
 # Sheet loading, validation and input functions; every other .smk uses what is defined here.
+import math
 import os
 import sys
 
@@ -9,6 +10,7 @@ from snakemake.utils import validate
 
 from ctcohort import phantom
 from ctcohort.aggregate import failure_summary, read_failures
+from ctcohort.batches import in_batches
 from ctcohort.segment import (
     ModelFolderError,
     find_model_parts,
@@ -25,7 +27,7 @@ validate(config, "../schemas/config.schema.yaml")
 # aggregate rule's params would change each time, so nothing would ever be up to date.
 SHEET_SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "sheet.schema.yaml")
 # envs/*.post-deploy.sh install ctcohort from this checkout into the rules' conda environments (--sdm conda)
-os.environ["CTCOHORT_CHECKOUT"] = workflow.basedir
+os.environ.update(CTCOHORT_CHECKOUT=workflow.basedir)
 DEMO = not config.get("cohort")
 DEMO_DIR = "results/demo"
 DEMO_SUBJECTS = phantom.subject_ids(config["demo"]["n_subjects"])
@@ -87,13 +89,15 @@ else:
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
     SEGMENTATION_MODEL_FILES = [str(path) for path in model_files(parts, config["segmentation"]["folds"])]
-    size = config["segmentation"]["scans_per_job"]
-    SEGMENTATION_BATCHES = [SUBJECTS[i : i + size] for i in range(0, len(SUBJECTS), size)]
+    SEGMENTATION_BATCHES = in_batches(SUBJECTS, config["segmentation"]["scans_per_job"])
 
 # Scans with a reference segmentation are evaluated (Dice, NSD).
 EVALUATED_SUBJECTS = (
     SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
 )
+# Measurement of precomputed segmentations and evaluation run in batches: one job per batch, not per scan.
+MEASURE_BATCHES = in_batches(SUBJECTS, config["measure"]["scans_per_job"]) if PRECOMPUTED else []
+EVALUATION_BATCHES = in_batches(EVALUATED_SUBJECTS, config["evaluation"]["scans_per_job"])
 
 
 wildcard_constraints:
@@ -102,29 +106,29 @@ wildcard_constraints:
     subject=SUBJECT_PATTERN,
 
 
-def ct_path(wildcards):
-    return SHEET.at[wildcards.subject, "ct"]
+def segmentation_file(subject):
+    return SHEET.at[subject, "seg"] if PRECOMPUTED else f"results/seg/{subject}.nii.gz"
 
 
-def segmentation_path(wildcards):
-    if PRECOMPUTED:
-        return SHEET.at[wildcards.subject, "seg"]
-    return f"results/seg/{wildcards.subject}.nii.gz"
+def segmentation_status_file(subject):
+    """The status of the scan's segmentation, whose failure its later stages pass on."""
+    return f"results/seg/{subject}.status.json"
 
 
-def upstream_statuses(wildcards):
-    """Status files of the scan's earlier stages, whose failures its later stages pass on."""
-    return [] if PRECOMPUTED else [f"results/seg/{wildcards.subject}.status.json"]
+def sheet_file(column):
+    return lambda subject: SHEET.at[subject, column]
 
 
-def batch_cts(subjects):
-    """The CTs of a segmentation batch, as an input function: the report prints a rule's declared inputs,
+def batch_files(file_of, subjects):
+    """The files of a batch's scans, as an input function: the report prints a rule's declared inputs,
     and a list would put every scan's path there."""
-    return lambda wildcards: [SHEET.at[s, "ct"] for s in subjects]
+    return lambda wildcards: [file_of(s) for s in subjects]
 
 
-def reference_path(wildcards):
-    return SHEET.at[wildcards.subject, "reference"]
+def batch_runtime_min(n_scans):
+    """Run time (minutes) of a job measuring or evaluating ``n_scans`` scans; a retried job gets attempt x."""
+    per_scan = config["resources"]["per_scan_runtime_min"]
+    return lambda wildcards, attempt: attempt * (10 + math.ceil(n_scans * per_scan))
 
 
 def per_scan(pattern):

@@ -1,29 +1,35 @@
-# Optional: Dice and NSD of the segmentations against the sheet's reference segmentations.
+# Optional: Dice and NSD of the segmentations against the sheet's reference segmentations, a batch of
+# scans per job (evaluation.scans_per_job).
 
 
-rule evaluate_scan:
-    input:
-        seg=segmentation_path,
-        upstream=upstream_statuses,
-        reference=reference_path,
-    output:
-        tsv="results/evaluation/scans/{subject}.tsv",
-        status="results/evaluation/scans/{subject}.status.json",
-    params:
-        structures=config["structures"],
-        tolerance_mm=config["evaluation"]["nsd_tolerance_mm"],
-        on_error=config["on_scan_error"],
-    resources:
-        mem_mb=4000,
-        runtime=20,
-    log:
-        "results/logs/evaluate/{subject}.log",
-    benchmark:
-        "results/benchmarks/evaluate/{subject}.tsv"
-    conda:
-        "../../envs/analysis.yaml"
-    script:
-        "../scripts/evaluate_scan.py"
+for batch, subjects in enumerate(EVALUATION_BATCHES):
+
+    rule:
+        name:
+            f"evaluate_batch_{batch:05d}"
+        input:  # functions: see batch_files
+            segs=batch_files(segmentation_file, subjects),
+            upstream=batch_files(segmentation_status_file, [] if PRECOMPUTED else subjects),
+            references=batch_files(sheet_file("reference"), subjects),
+        output:
+            tables=[f"results/evaluation/scans/{s}.tsv" for s in subjects],
+            statuses=[f"results/evaluation/scans/{s}.status.json" for s in subjects],
+        params:
+            subjects=subjects,
+            structures=config["structures"],
+            tolerance_mm=config["evaluation"]["nsd_tolerance_mm"],
+            on_error=config["on_scan_error"],
+        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
+            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
+            runtime=batch_runtime_min(len(subjects)),
+        log:
+            f"results/logs/evaluate/batch_{batch:05d}.log",
+        benchmark:
+            f"results/benchmarks/evaluate/batch_{batch:05d}.tsv"
+        conda:
+            "../../envs/analysis.yaml"
+        script:
+            "../scripts/evaluate_batch.py"
 
 
 localrules:

@@ -1,28 +1,33 @@
 # Per scan: volume and attenuation of every structure, in one pass over CT and label map.
+# Scans segmented by the workflow are measured in their segmentation job (segment.smk); these rules
+# measure precomputed segmentations, a batch of scans per job (measure.scans_per_job).
 
+for batch, subjects in enumerate(MEASURE_BATCHES):
 
-rule measure:
-    input:
-        ct=ct_path,
-        seg=segmentation_path,
-        upstream=upstream_statuses,
-    output:
-        tsv="results/measure/{subject}.tsv",
-        status="results/measure/{subject}.status.json",
-    params:
-        structures=config["structures"],
-        border_margin=config["measure"]["border_margin"],
-        min_voxels=config["measure"]["min_voxels"],
-        ct_checks=config["measure"]["ct_checks"],
-        on_error=config["on_scan_error"],
-    resources:
-        mem_mb=4000,
-        runtime=10,
-    log:
-        "results/logs/measure/{subject}.log",
-    benchmark:
-        "results/benchmarks/measure/{subject}.tsv"
-    conda:
-        "../../envs/analysis.yaml"
-    script:
-        "../scripts/measure.py"
+    rule:
+        name:
+            f"measure_batch_{batch:05d}"
+        input:  # functions: see batch_files
+            cts=batch_files(sheet_file("ct"), subjects),
+            segs=batch_files(segmentation_file, subjects),
+        output:
+            tables=[f"results/measure/{s}.tsv" for s in subjects],
+            statuses=[f"results/measure/{s}.status.json" for s in subjects],
+        params:
+            subjects=subjects,
+            structures=config["structures"],
+            border_margin=config["measure"]["border_margin"],
+            min_voxels=config["measure"]["min_voxels"],
+            ct_checks=config["measure"]["ct_checks"],
+            on_error=config["on_scan_error"],
+        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
+            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
+            runtime=batch_runtime_min(len(subjects)),
+        log:
+            f"results/logs/measure/batch_{batch:05d}.log",
+        benchmark:
+            f"results/benchmarks/measure/batch_{batch:05d}.tsv"
+        conda:
+            "../../envs/analysis.yaml"
+        script:
+            "../scripts/measure_batch.py"

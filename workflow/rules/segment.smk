@@ -1,5 +1,7 @@
-# Segmentation with nnU-Net v2: one job per batch of scans, the model loaded once per job.
-# Batches are consecutive sheet rows, so appending rows only touches the last batch.
+# Segmentation with nnU-Net v2: one job per batch of scans, the model loaded once per job. The job also
+# measures each scan while its CT and label map are in memory (the measure stage; rule measure serves
+# precomputed segmentations). Batches are consecutive sheet rows, so appending rows only touches the
+# last batch.
 
 for batch, subjects in enumerate(SEGMENTATION_BATCHES):
 
@@ -7,11 +9,13 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
         name:
             f"segment_batch_{batch:05d}"
         input:
-            cts=batch_cts(subjects),
+            cts=batch_files(sheet_file("ct"), subjects),
             model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # new weights segment again
         output:
             segs=[f"results/seg/{s}.nii.gz" for s in subjects],
             statuses=[f"results/seg/{s}.status.json" for s in subjects],
+            measurements=[f"results/measure/{s}.tsv" for s in subjects],
+            measure_statuses=[f"results/measure/{s}.status.json" for s in subjects],
         params:
             subjects=subjects,
             model=config["segmentation"]["model"],
@@ -21,13 +25,23 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             folds=config["segmentation"]["folds"],
             tile_step=config["segmentation"]["tile_step"],
             mirroring=config["segmentation"]["mirroring"],
+            precision=config["segmentation"]["precision"],
             on_error=config["on_scan_error"],
             ct_checks=config["measure"]["ct_checks"],
+            border_margin=config["measure"]["border_margin"],
+            min_voxels=config["measure"]["min_voxels"],
         threads: config["segmentation"]["threads"]
         resources:
-            mem_mb=config["segmentation"]["mem_mb"],
+            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory
+            mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
             runtime=config["segmentation"]["runtime_per_scan_min"] * len(subjects),
             gpu=int(config["segmentation"]["device"] == "cuda"),
+            # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
+            **(
+                {"slurm_partition": config["segmentation"]["slurm_partition"]}
+                if config["segmentation"]["slurm_partition"]
+                else {}
+            ),
         log:
             f"results/logs/segment/batch_{batch:05d}.log",
         benchmark:

@@ -1,8 +1,9 @@
-"""Segment a batch of scans with the model loaded once; a scan that fails is recorded, not fatal."""
+"""Segment a batch of scans with the model loaded once and measure each; a scan that fails is recorded,
+not fatal."""
 
 from ctcohort.imaging import ScanChecks
 from ctcohort.runlog import log_to
-from ctcohort.segment import segment_batch
+from ctcohort.segment import BatchMeasurement, segment_batch
 
 if __name__ == "__main__":  # nnU-Net starts worker processes
     log_to(snakemake.log[0])
@@ -16,9 +17,16 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         structures=snakemake.params.structures,
         on_error=snakemake.params.on_error,
         ct_checks=ScanChecks.from_config(snakemake.params.ct_checks),
+        measurement=BatchMeasurement(
+            snakemake.output.measurements,
+            snakemake.output.measure_statuses,
+            border_margin=snakemake.params.border_margin,
+            min_voxels=snakemake.params.min_voxels,
+        ),
         device=snakemake.params.device,
         folds=snakemake.params.folds,
         tile_step=snakemake.params.tile_step,
         mirroring=snakemake.params.mirroring,
+        precision=snakemake.params.precision,
         threads=snakemake.threads,
     )
