@@ -1,9 +1,13 @@
 """check_ct and ScanChecks: a CT that cannot be in HU, or whose header is broken, fails with one line."""
 
+import gzip
+
+import nibabel as nib
 import numpy as np
 import pytest
 
-from ctcohort.imaging import ImplausibleScanError, ScanChecks, check_ct, finite_range
+from ctcohort import imaging
+from ctcohort.imaging import ImplausibleScanError, ScanChecks, check_ct, finite_range, load_image
 
 SOURCE = "/data/cohort/sub-01_ct.nii.gz"
 
@@ -163,3 +167,96 @@ def test_scan_checks_from_config():
         ScanChecks.from_config({"lowest_hu_at_most": "-500"})
     with pytest.raises(AttributeError):
         checks.min_spacing_mm = 1.0  # frozen
+
+
+# Reading: gzipped NIfTI inflates with ISA-L; the image must be the one nibabel's own reader gives.
+
+def nibabel_reference(path):
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img.get_fdata(), img.affine, img.header
+
+
+def assert_same_image(img, path):
+    data, scaled, affine, header = nibabel_reference(path)
+    values = np.asanyarray(img.dataobj)
+    assert values.dtype == data.dtype and values.shape == data.shape
+    np.testing.assert_array_equal(values, data)
+    np.testing.assert_array_equal(img.get_fdata(), scaled)
+    np.testing.assert_array_equal(img.affine, affine)
+    assert img.header.binaryblock == header.binaryblock
+    assert values.flags.writeable, "nibabel's arrays are writeable; so must ours be"
+
+
+def scan_file(tmp_path, name, array, affine, image_class=nib.Nifti1Image, slope=None, inter=None):
+    img = image_class(array, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, tmp_path / name)
+    return tmp_path / name
+
+
+def example_files(tmp_path):
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = (-10, 20, 5)
+    hu = body(shape=(31, 28, 17))
+    return [
+        scan_file(tmp_path, "ct.nii.gz", hu, affine),
+        scan_file(tmp_path, "ct.nii", hu, affine),  # plain: nibabel's own reader (memory-mapped)
+        scan_file(tmp_path, "scaled.nii.gz", (hu.astype(np.int32) + 1024).astype(np.uint16), affine, slope=0.5,
+                  inter=-1024),
+        scan_file(tmp_path, "float.nii.gz", hu.astype(np.float32), affine),
+        scan_file(tmp_path, "labels.nii.gz", (hu > 0).astype(np.uint8), affine),
+        scan_file(tmp_path, "nifti2.nii.gz", hu, affine, nib.Nifti2Image),
+    ]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_reader_gives_nibabels_image(tmp_path, in_memory):
+    for path in example_files(tmp_path):
+        img = load_image(path, in_memory=in_memory)
+        assert type(img) is type(nib.load(path))
+        assert_same_image(img, path)
+
+
+def test_gzipped_nifti_inflates_with_isal(tmp_path, monkeypatch):
+    assert imaging.fast_gzip is not None, "isal is a dependency"
+    calls = []
+    real = imaging.fast_gzip
+
+    class Spy:
+        def open(self, *args, **kwargs):
+            calls.append("open")
+            return real.open(*args, **kwargs)
+
+        def decompress(self, *args, **kwargs):
+            calls.append("decompress")
+            return real.decompress(*args, **kwargs)
+
+    monkeypatch.setattr(imaging, "fast_gzip", Spy())
+    path = example_files(tmp_path)[0]
+    assert_same_image(load_image(path), path)
+    assert_same_image(load_image(path, in_memory=True), path)
+    assert calls == ["open", "decompress"]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_reader_without_isal_is_nibabels(tmp_path, monkeypatch, in_memory):
+    monkeypatch.setattr(imaging, "fast_gzip", None)
+    for path in example_files(tmp_path):
+        assert_same_image(load_image(path, in_memory=in_memory), path)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_gzip_that_is_not_nifti_names_the_file(tmp_path, in_memory):
+    path = tmp_path / "notes.nii.gz"
+    with gzip.open(path, "wb") as out:
+        out.write(b"not a NIfTI header at all" * 40)
+    with pytest.raises(ValueError, match="cannot read .*notes.nii.gz as NIfTI"):
+        load_image(path, in_memory=in_memory)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_reader_on_the_real_ct_and_segmentation(shared_data, in_memory):
+    folder = shared_data / "totalseg-example"
+    for name in ("example_ct.nii.gz", "example_seg_v1.nii.gz", "example_seg.nii.gz"):
+        assert_same_image(load_image(folder / name, in_memory=in_memory), folder / name)

@@ -2,6 +2,8 @@
 
 import logging
 import re
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -66,9 +68,11 @@ def small_table(n_labels=12, extra_absent=2):
     return pd.DataFrame({"label": range(1, len(names) + 1), "name": names, "group": "organ"})
 
 
-@pytest.mark.parametrize("hu_dtype", [np.int16, np.int32, np.float32])
+@pytest.mark.parametrize("hu_dtype", [np.int16, np.int32, np.float32])  # integers: the joint histogram
 @pytest.mark.parametrize("margin", [0, 3])
-def test_matches_per_structure_computation(hu_dtype, margin):
+@pytest.mark.parametrize("slab_voxels", [measure.SLAB_VOXELS, 1, 2000])  # one slab; a row each; several rows
+def test_matches_per_structure_computation(monkeypatch, hu_dtype, margin, slab_voxels):
+    monkeypatch.setattr(measure, "SLAB_VOXELS", slab_voxels)
     hu, labels = random_scene(seed=3, hu_dtype=hu_dtype)
     table = small_table()
     got = measure_structures(hu, labels, 0.125, table, border_margin=margin, min_voxels=1)
@@ -536,3 +540,84 @@ def test_real_ct_with_metal_has_exact_medians(real_scan, tmp_path):
         mask = labels == label
         assert median == np.median(hu[mask]) if mask.any() else np.isnan(median), label
     assert got.set_index("structure").at["femur_left", "hu_median"] == 347
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_histogram_and_sorting_give_the_same_numbers(monkeypatch, order):
+    """Integer CTs: the joint histogram's numbers are the sorting path's (exact counts, sums and medians)."""
+    hu, labels = random_scene(seed=11, shape=(37, 29, 23))
+    hu, labels = np.asarray(hu, order=order), np.asarray(labels, order=order)
+    table = small_table()
+    histogram = measure_structures(hu, labels, 0.5, table, border_margin=2, min_voxels=1)
+    monkeypatch.setattr(measure, "MAX_HISTOGRAM_BINS", 0)
+    monkeypatch.setattr(measure, "SLAB_VOXELS", 3 * 29 * 23)
+    sorting = measure_structures(hu, labels, 0.5, table, border_margin=2, min_voxels=1)
+    exact = [c for c in MEASURE_COLUMNS if c != "hu_std"]
+    pd.testing.assert_frame_equal(histogram[exact], sorting[exact], check_exact=True)
+    np.testing.assert_allclose(histogram["hu_std"], sorting["hu_std"], rtol=1e-12)
+
+
+def test_unknown_labels_fail_on_both_paths(monkeypatch):
+    hu, labels = random_scene(seed=1)
+    labels[0, 0, 0] = 200
+    for bins in (measure.MAX_HISTOGRAM_BINS, 0):
+        monkeypatch.setattr(measure, "MAX_HISTOGRAM_BINS", bins)
+        with pytest.raises(LabelMapError, match="label id"):
+            measure_structures(hu, labels, 1.0, small_table())
+
+
+def test_scan_read_and_measured_from_files_equals_the_arrays(tmp_path):
+    hu, labels = random_scene(seed=12)
+    affine = np.diag([0.75, 0.5, 2.0, 1.0])  # exact in the header's float32
+    ct_path = save_nifti(hu, affine, tmp_path / "ct.nii.gz")
+    seg_path = save_nifti(labels, affine, tmp_path / "seg.nii.gz")
+    scan = measure.read_scan(ct_path, seg_path)
+    np.testing.assert_array_equal(scan.hu, hu)
+    np.testing.assert_array_equal(scan.labels, labels)
+    np.testing.assert_array_equal(scan.affine, affine)
+    table = small_table()
+    want = measure_structures(hu, labels, 0.75 * 0.5 * 2.0 / 1000, table, min_voxels=1,
+                              source=seg_path, ct_source=ct_path)
+    pd.testing.assert_frame_equal(measure_scan(ct_path, seg_path, table, min_voxels=1), want)
+    pd.testing.assert_frame_equal(measure_scan(ct_path, seg_path, lambda: table, min_voxels=1), want)
+
+
+def test_errors_come_in_the_order_of_a_sequential_read(tmp_path):
+    """The two files are read in two threads; the CT's errors still come before the label map's,
+    and a structure table that cannot be loaded before either."""
+    hu, labels = random_scene(seed=2)
+    raw = save_nifti(hu.astype(np.int32) + 3000, np.eye(4), tmp_path / "raw.nii.gz")  # no air: not in HU
+    other_grid = save_nifti(labels[:-1], np.eye(4), tmp_path / "seg.nii.gz")
+    with pytest.raises(ImplausibleScanError, match="raw.nii.gz"):
+        measure_scan(raw, other_grid, small_table())
+    good = save_nifti(hu, np.eye(4), tmp_path / "ct.nii.gz")
+    with pytest.raises(GridMismatchError, match="seg.nii.gz"):
+        measure_scan(good, other_grid, small_table())
+
+    def broken_table():
+        raise ValueError("structure table broken.csv: no rows")
+
+    with pytest.raises(ValueError, match="broken.csv"):
+        measure_scan(raw, other_grid, broken_table)
+
+
+def test_measure_command_starts_without_the_heavy_modules(tmp_path):
+    """Start-up is paid by every per-scan job: `ctcohort measure` imports neither scipy's image
+    processing, matplotlib, torch, statsmodels nor the segmentation and training modules."""
+    hu, labels = random_scene(seed=4)
+    ct_path = save_nifti(hu, np.eye(4), tmp_path / "ct.nii.gz")
+    seg_path = save_nifti(labels, np.eye(4), tmp_path / "seg.nii.gz")
+    table_path = tmp_path / "table.csv"
+    small_table().to_csv(table_path, index=False)
+    code = (
+        "import sys; from ctcohort.cli import main; "
+        f"assert main(['measure', '--ct', {str(ct_path)!r}, '--seg', {str(seg_path)!r}, "
+        f"'--structures', {str(table_path)!r}, '--min-voxels', '1', '-o', {str(tmp_path / 'm.tsv')!r}]) == 0; "
+        "print(' '.join(sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = set(result.stdout.split())
+    heavy = {"scipy.ndimage", "matplotlib", "torch", "statsmodels", "nnunetv2", "ctcohort.phantom",
+             "ctcohort.train", "ctcohort.segment", "ctcohort.release"}
+    assert not heavy & modules
+    assert len(read_measurements(tmp_path / "m.tsv")) == len(small_table())

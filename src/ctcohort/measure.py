@@ -1,9 +1,15 @@
 """Per-structure volume and attenuation from one CT and its label map.
 
-Everything is computed for all labels at once: a handful of bincounts over the
-foreground voxels, a joint label x HU histogram for exact medians, and one
-interior mask (6-neighbourhood) for the eroded means. No boolean mask per
-structure: at 104 structures that is 104 passes over a 512x512x300 volume.
+Everything is computed for all labels at once, in one pass over the volume in
+slabs of rows (a few million voxels: the slab's temporaries stay small and are
+reused, instead of full-volume copies). Per slab: the foreground voxels, a
+joint label x HU histogram (integer CTs) and the interior voxels (6-neighbourhood)
+for the eroded means. From the histogram come each structure's voxel count,
+mean, standard deviation and exact median. No boolean mask per structure: at
+104 structures that is 104 passes over a 512x512x300 volume.
+
+``measure_structures`` measures arrays already in memory; ``measure_scan`` reads
+the two files and measures them.
 
 A value that cannot be trusted never enters the table as a number: a scan
 whose CT is not plausibly in HU (``imaging.check_ct``), whose label map holds
@@ -12,11 +18,15 @@ a one-line error naming the file; a structure that cannot be measured gets NaN
 and one of EXCLUSION_REASONS (see ``measure_structures``).
 """
 
+from __future__ import annotations
+
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from ctcohort.imaging import (
     ScanChecks,
@@ -27,6 +37,9 @@ from ctcohort.imaging import (
     voxel_volume_ml,
 )
 
+if TYPE_CHECKING:  # pandas is imported where a table is built: `ctcohort measure` starts without it
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 MEASURE_COLUMNS = [
@@ -36,8 +49,11 @@ MEASURE_COLUMNS = [
 HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
 # Every exclusion_reason, in order of precedence: a structure gets the first that applies.
 EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
-# Above this many label x HU bins the exact median falls back to sorting.
-MAX_HISTOGRAM_BINS = 50_000_000
+# Above this many label x HU bins (integer CTs) medians, means and SDs come from sorting the foreground.
+MAX_HISTOGRAM_BINS = 1 << 23
+# Voxels per slab of the pass over the volume (at least the histogram's bins, whose per-slab cost
+# is then no more than the voxels').
+SLAB_VOXELS = 1 << 22
 # Unknown label ids listed in an error message; the rest are counted.
 MAX_LISTED_LABELS = 5
 
@@ -77,36 +93,55 @@ def _labels_near_border(labels: np.ndarray, margin: int, size: int) -> np.ndarra
     return touching
 
 
-def _medians(labels: np.ndarray, hu: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Median HU per label (numpy's definition: mean of the two middle values for even counts)."""
-    size = len(counts)
-    medians = np.full(size, np.nan)
+def _same_memory_order(hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays C-contiguous, as views where they can be: Fortran-ordered arrays (what nibabel returns)
+    are transposed, which changes no measure (all are symmetric in the axes); a label map in the other
+    order than the CT is copied into the CT's."""
+    if hu.flags.f_contiguous and not hu.flags.c_contiguous:
+        return _same_memory_order(hu.T, labels.T)
+    return np.ascontiguousarray(hu), np.ascontiguousarray(labels)
+
+
+def _slabs(hu: np.ndarray, labels: np.ndarray, at_least: int = 0):
+    """Per slab of rows along the first axis: the labels (intp, which np.bincount takes without a copy)
+    and HU of its foreground voxels, and which of them are interior (``interior_mask``)."""
+    rows = max(1, max(SLAB_VOXELS, at_least) // max(1, labels[0].size))
+    for start in range(0, labels.shape[0], rows):
+        stop = min(start + rows, labels.shape[0])
+        # one row beyond each side of the slab decides its first and last rows' interior
+        low, high = max(start - 1, 0), min(stop + 1, labels.shape[0])
+        interior = interior_mask(labels[low:high])[start - low : stop - low]
+        block = labels[start:stop]
+        foreground = block != 0
+        yield block[foreground].astype(np.intp), hu[start:stop][foreground], interior[foreground]
+
+
+def _medians_from_histogram(histogram: np.ndarray, counts: np.ndarray, lowest: int) -> np.ndarray:
+    """Median per label from the joint label x value histogram (numpy's definition: mean of the two
+    middle values for even counts)."""
+    medians = np.full(len(counts), np.nan)
+    width = histogram.shape[1]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    cumulative = np.cumsum(histogram, axis=None)  # global ranks: label blocks follow each other
+    present = np.flatnonzero(counts)
+    low_rank, high_rank = (counts[present] - 1) // 2, counts[present] // 2
+    low = np.searchsorted(cumulative, starts[present] + low_rank, side="right") % width
+    high = np.searchsorted(cumulative, starts[present] + high_rank, side="right") % width
+    medians[present] = (low + high) / 2.0 + lowest
+    return medians
+
+
+def _medians_by_sorting(labels: np.ndarray, hu: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median per label of the foreground voxels ``labels``, ``hu`` (any dtype, any span)."""
+    medians = np.full(len(counts), np.nan)
     if labels.size == 0:
         return medians
-    low_rank, high_rank = (counts - 1) // 2, counts // 2
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    integral = np.issubdtype(hu.dtype, np.integer)
-    lowest, highest = (int(hu.min()), int(hu.max())) if integral else (0, 0)
-    width = highest - lowest + 1
-    if integral and width * size <= MAX_HISTOGRAM_BINS:
-        # bin index in int64: ``hu - lowest`` in the CT's own type wraps when the values span
-        # more than the type holds (int16 from -3000 to +31000: metal, extended-range scanners)
-        index = np.multiply(labels, width, dtype=np.int64)
-        np.add(index, hu, out=index, casting="unsafe")
-        index -= lowest
-        histogram = np.bincount(index, minlength=size * width)
-        del index
-        cumulative = np.cumsum(histogram)  # global ranks: label blocks follow each other
-        present = np.flatnonzero(counts)
-        low = np.searchsorted(cumulative, starts[present] + low_rank[present], side="right") % width
-        high = np.searchsorted(cumulative, starts[present] + high_rank[present], side="right") % width
-        medians[present] = (low + high) / 2.0 + lowest
-        return medians
     ordered = hu[np.lexsort((hu, labels))]
     present = np.flatnonzero(counts)
+    low_rank, high_rank = (counts[present] - 1) // 2, counts[present] // 2
     medians[present] = (
-        ordered[starts[present] + low_rank[present]].astype(np.float64)
-        + ordered[starts[present] + high_rank[present]]
+        ordered[starts[present] + low_rank].astype(np.float64) + ordered[starts[present] + high_rank]
     ) / 2.0
     return medians
 
@@ -133,7 +168,7 @@ def _check_labels(counts: np.ndarray, table: pd.DataFrame, source: str | Path) -
 
 
 def _nonfinite_labels(
-    flat_hu: np.ndarray, fg_labels: np.ndarray, fg_hu: np.ndarray, size: int, table: pd.DataFrame,
+    hu: np.ndarray, fg_labels: np.ndarray, fg_hu: np.ndarray, size: int, table: pd.DataFrame,
     source: str | Path,
 ) -> np.ndarray:
     """Boolean per label id: the structure holds a NaN or infinite voxel.
@@ -145,16 +180,16 @@ def _nonfinite_labels(
     masks below only when that sum is not finite.
     """
     flagged = np.zeros(size, dtype=bool)
-    if not np.issubdtype(flat_hu.dtype, np.floating):
+    if not np.issubdtype(hu.dtype, np.floating):
         return flagged
     # A NaN or inf voxel makes the sum NaN or inf; a finite sum means every voxel is finite.
     # (An overflowing sum of huge finite values only sends us down the exact path below.)
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(flat_hu.sum()):
+        if np.isfinite(hu.sum()):
             return flagged
     bad = ~np.isfinite(fg_hu)
     inside = int(np.count_nonzero(bad))
-    outside = flat_hu.size - int(np.count_nonzero(np.isfinite(flat_hu))) - inside
+    outside = hu.size - int(np.count_nonzero(np.isfinite(hu))) - inside
     if inside:
         flagged[np.unique(fg_labels[bad])] = True
         fg_hu[bad] = 0
@@ -167,6 +202,66 @@ def _nonfinite_labels(
     if outside:
         log.warning("%s: %d non-finite (NaN/inf) voxels outside every structure are ignored", source, outside)
     return flagged
+
+
+def _histogram_statistics(
+    hu: np.ndarray, labels: np.ndarray, size: int, table: pd.DataFrame, source: str | Path,
+) -> tuple[np.ndarray, ...] | None:
+    """Per label id: counts, means, variances, medians, eroded means, non-finite flags (none) of an
+    integer CT, from one joint histogram of (label, interior or not, HU) over the foreground: exact
+    sums and medians. None where the CT is not integer or its values span more than
+    MAX_HISTOGRAM_BINS / (2 ``size``) bins."""
+    if hu.size == 0 or not np.can_cast(hu.dtype, np.intp):
+        return None
+    lowest, highest = int(hu.min()), int(hu.max())
+    width = highest - lowest + 1
+    if 2 * size * width > MAX_HISTOGRAM_BINS:
+        return None
+    histogram = np.zeros(2 * size * width, dtype=np.intp)
+    for index, fg_hu, fg_interior in _slabs(hu, labels, at_least=histogram.size):
+        # bin of ((interior, label), HU), computed in intp: the CT's own type wraps when its values
+        # span more than it holds (int16 from -3000 to +31000: metal, extended-range scanners)
+        index += fg_interior * size
+        index *= width
+        index += fg_hu
+        index -= lowest
+        histogram += np.bincount(index, minlength=histogram.size)
+    edge, interior = histogram.reshape(2, size, width)
+    histogram = edge + interior
+    counts = histogram.sum(axis=1)
+    _check_labels(counts, table, source)
+    values = np.arange(lowest, highest + 1, dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (histogram @ values) / counts
+        deviations = values - means[:, None]
+        variances = (histogram * deviations * deviations).sum(axis=1) / counts
+        eroded_means = (interior @ values) / interior.sum(axis=1)
+    medians = _medians_from_histogram(histogram, counts, lowest)
+    return counts, means, variances, medians, eroded_means, np.zeros(size, dtype=bool)
+
+
+def _statistics_by_sorting(
+    hu: np.ndarray, labels: np.ndarray, size: int, table: pd.DataFrame, source: str | Path, ct_source: str | Path,
+) -> tuple[np.ndarray, ...]:
+    """What ``_histogram_statistics`` gives, for any CT: from the foreground voxels gathered from every
+    slab, medians by sorting; float CTs may hold non-finite voxels (``_nonfinite_labels``)."""
+    fg_labels, fg_hu, fg_interior = (np.concatenate(part) for part in zip(*_slabs(hu, labels)))
+    counts = np.bincount(fg_labels, minlength=size)
+    _check_labels(counts, table, source)
+    nonfinite = _nonfinite_labels(hu, fg_labels, fg_hu, size, table, ct_source)  # zeroes them in fg_hu
+    weights = fg_hu.astype(np.float64)
+    sums = np.bincount(fg_labels, weights=weights, minlength=size)
+    inner_labels = fg_labels[fg_interior]
+    inner_sums = np.bincount(inner_labels, weights=weights[fg_interior], minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+        deviations = weights - means[fg_labels]
+        del weights
+        variances = np.bincount(fg_labels, weights=deviations * deviations, minlength=size) / counts
+        eroded_means = inner_sums / np.bincount(inner_labels, minlength=size)
+    del deviations
+    medians = _medians_by_sorting(fg_labels, fg_hu, counts)
+    return counts, means, variances, medians, eroded_means, nonfinite
 
 
 def measure_structures(
@@ -203,42 +298,16 @@ def measure_structures(
     Raises LabelMapError (naming ``source``, the segmentation) if the label map
     holds no labelled voxel, or label ids that ``table`` does not list.
     """
+    import pandas as pd
+
     if hu.shape != labels.shape:
         raise ValueError(f"{source}: CT shape {hu.shape} and label map shape {labels.shape} differ")
     size = int(max(table["label"].max(), labels.max())) + 1
-    # Work on flat views in the arrays' own memory order: boolean selection on a 3-D
-    # Fortran-ordered array (what nibabel returns) is ~50x slower than on its flat view.
-    order = "F" if labels.flags.f_contiguous and hu.flags.f_contiguous else "C"
-    flat_labels, flat_hu = labels.ravel(order=order), hu.ravel(order=order)
-    foreground = flat_labels != 0
-    # bincount casts small integer types to intp on every call; cast once
-    fg_labels = flat_labels[foreground].astype(np.intp)
-    counts = np.bincount(fg_labels, minlength=size)
-    _check_labels(counts, table, source)
-    fg_hu = flat_hu[foreground]  # a copy: _nonfinite_labels may zero its NaN voxels
-    nonfinite = _nonfinite_labels(flat_hu, fg_labels, fg_hu, size, table, ct_source)
-    weights = fg_hu.astype(np.float64)
-    sums = np.bincount(fg_labels, weights=weights, minlength=size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts
-        deviations = weights - means[fg_labels]
-        del weights
-        variances = np.bincount(fg_labels, weights=deviations * deviations, minlength=size) / counts
-    del deviations
-    medians = _medians(fg_labels, fg_hu, counts)
-    del fg_labels, fg_hu
-
-    interior = interior_mask(labels).ravel(order=order)
-    inner_labels = flat_labels[interior].astype(np.intp)
-    inner_values = flat_hu[interior].astype(np.float64)
-    del interior
-    if nonfinite.any():
-        inner_values[~np.isfinite(inner_values)] = 0  # only in flagged structures, whose HU is dropped
-    inner_counts = np.bincount(inner_labels, minlength=size)
-    inner_sums = np.bincount(inner_labels, weights=inner_values, minlength=size)
-    del inner_labels, inner_values
-    with np.errstate(invalid="ignore", divide="ignore"):
-        eroded_means = inner_sums / inner_counts
+    hu, labels = _same_memory_order(hu, labels)
+    stats = _histogram_statistics(hu, labels, size, table, source)
+    if stats is None:  # a float CT, or an integer one whose values span too many histogram bins
+        stats = _statistics_by_sorting(hu, labels, size, table, source, ct_source)
+    counts, means, variances, medians, eroded_means, nonfinite = stats
     touching = _labels_near_border(labels, border_margin, size)
 
     ids = table["label"].to_numpy()
@@ -269,33 +338,63 @@ def measure_structures(
     return out[MEASURE_COLUMNS]
 
 
+class Scan(NamedTuple):
+    """A CT in HU and its label map on the CT's grid, in memory (``read_scan``)."""
+
+    hu: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray  # the CT's voxel-to-world matrix (mm)
+    ct_path: str | Path
+    seg_path: str | Path
+
+
+def read_scan(ct_path: str | Path, seg_path: str | Path, checks: ScanChecks = ScanChecks()) -> Scan:
+    """Read a CT and its segmentation (any dtype, any orientation of the same grid); the CT must pass
+    ``imaging.check_ct`` with ``checks`` (ImplausibleScanError otherwise).
+
+    The two files inflate in two threads (the decompressor releases the GIL); errors come in the order of
+    a sequential read: the CT's header, the label map's header, the CT's data and checks, the label map's
+    data and grid. Every error names the file at fault.
+    """
+    ct = load_image(ct_path, in_memory=True)
+    seg = load_image(seg_path, in_memory=True)
+    with ThreadPoolExecutor(2) as pool:
+        hu = pool.submit(ct_hounsfield, ct)
+        labels = pool.submit(seg_on_ct_grid, seg, ct, seg_path)
+        hu = hu.result()
+        check_ct(hu, ct.affine, ct_path, checks)
+        return Scan(hu, labels.result(), ct.affine, ct_path, seg_path)
+
+
 def measure_scan(
     ct_path: str | Path,
     seg_path: str | Path,
-    table: pd.DataFrame,
+    table: pd.DataFrame | Callable[[], pd.DataFrame],
     *,
     border_margin: int = 3,
     min_voxels: int = 10,
     checks: ScanChecks = ScanChecks(),
 ) -> pd.DataFrame:
-    """Read a CT and its segmentation (any dtype, any orientation of the same grid) and measure.
+    """Read a CT and its segmentation (``read_scan``) and measure them (``measure_structures``).
 
-    The CT must pass ``imaging.check_ct`` with ``checks`` (ImplausibleScanError otherwise);
-    see ``measure_structures`` for the rest. Every error names the file at fault.
+    ``table``: the structure table, or a function that returns it, called while the scan is read (so
+    ``ctcohort measure`` imports pandas while the CT inflates); its errors come first.
     """
-    ct = load_image(ct_path)
-    seg = load_image(seg_path)
-    hu = ct_hounsfield(ct)
-    check_ct(hu, ct.affine, ct_path, checks)
-    labels = seg_on_ct_grid(seg, ct, seg_path)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_scan, ct_path, seg_path, checks)
+        if callable(table):
+            table = table()
+        scan = reading.result()
     return measure_structures(
-        hu, labels, voxel_volume_ml(ct.affine), table,
+        scan.hu, scan.labels, voxel_volume_ml(scan.affine), table,
         border_margin=border_margin, min_voxels=min_voxels, source=seg_path, ct_source=ct_path,
     )
 
 
 def empty_measurements() -> pd.DataFrame:
     """The table of a scan that could not be measured: the columns, no rows."""
+    import pandas as pd
+
     return pd.DataFrame(columns=MEASURE_COLUMNS)
 
 
@@ -309,6 +408,8 @@ def write_measurements(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def read_measurements(path: str | Path) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["NaN"])
     frame["complete"] = frame["complete"].map({"True": True, "False": False, True: True, False: False}).astype("boolean")
     return frame
