@@ -287,7 +287,8 @@ def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Pa
     started = time.perf_counter()
     segmenter = Segmenter(model_dir, load_structure_table(table_path), device=device.type,
                           task=[FIRST_DATASET_ID + p for p in range(1, args.parts + 1)],
-                          tile_step=args.tile_step, mirroring=False, threads=args.threads)
+                          tile_step=args.tile_step, mirroring=False, threads=args.threads,
+                          precision="float32")  # as the anchor computes on the CPU (a GPU autocasts both alike)
     if device.type == "cuda":
         torch.cuda.synchronize()
     load = time.perf_counter() - started

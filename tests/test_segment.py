@@ -21,6 +21,7 @@ from ctcohort.segment import (  # noqa: E402
     BatchMeasurement,
     ModelFolderError,
     Segmenter,
+    cpu_bfloat16,
     find_model_parts,
     missing_segmentation_packages,
     model_files,
@@ -87,11 +88,11 @@ def test_parts_map_their_labels_to_global_structures(two_part_model):
 @pytest.mark.slow
 def test_merged_map_is_the_parts_merged_later_part_winning(two_part_model, phantom_scan):
     ct = nib.load(phantom_scan)
-    merged = Segmenter(two_part_model, V1, task=TWO_PARTS, device="cpu").segment(ct)
+    merged = Segmenter(two_part_model, V1, task=TWO_PARTS, device="cpu", precision="float32").segment(ct)
     assert merged.shape == ct.shape and merged.dtype == np.uint8
     singles = []
     for part_folder in sorted(two_part_model.glob("Dataset*/*")):
-        singles.append(Segmenter(part_folder, V1, device="cpu").segment(ct))
+        singles.append(Segmenter(part_folder, V1, device="cpu", precision="float32").segment(ct))
     expected = singles[0].copy()
     expected[singles[1] != 0] = singles[1][singles[1] != 0]
     np.testing.assert_array_equal(merged, expected)
@@ -167,6 +168,18 @@ def test_model_files_are_each_parts_plans_and_fold_checkpoints(two_part_model):
     files = model_files(find_model_parts(two_part_model, V1, TWO_PARTS), folds=[0])
     assert len(files) == 2 * 3 and all(path.is_file() for path in files)
     assert {path.name for path in files} == {"dataset.json", "plans.json", "checkpoint_final.pth"}
+
+
+def test_bfloat16_runs_on_the_cpu_only_and_auto_where_it_is_native():
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_bfloat16("auto", cpu) == native
+    assert cpu_bfloat16("bfloat16", cpu) and not cpu_bfloat16("float32", cpu)
+    assert not cpu_bfloat16("bfloat16", cuda)  # nnU-Net autocasts to float16 on the GPU itself
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        cpu_bfloat16("half", cpu)
 
 
 def test_missing_segmentation_packages_say_what_to_install():
@@ -261,10 +274,15 @@ def _nnunet_own_labels(segmenter, ct):
 def test_device_side_processing_matches_nnunets_own(tmp_path):
     """On the model's spacing the device-side pre/postprocessing gives nnU-Net's labels; on another spacing
     (resampled both ways, trilinear here, nnU-Net's spline/linear there) nearly the same."""
-    segmenter = Segmenter(None, V1, device="cpu", threads=2)
+    segmenter = Segmenter(None, V1, device="cpu", precision="float32", threads=2)
     ct_data, _, affine = phantom.render_subject(phantom.draw_subject(seed=1, index=1))
     native = nib.Nifti1Image(ct_data, affine)
     np.testing.assert_array_equal(segmenter.segment(native), _nnunet_own_labels(segmenter, native))
+
+    # bfloat16 (segmentation.precision: auto on CPUs that compute it natively): the same labels but for a few
+    # voxels at structure borders
+    in_bfloat16 = Segmenter(None, V1, device="cpu", threads=2, precision="bfloat16").segment(native)
+    assert np.mean(in_bfloat16 == segmenter.segment(native)) > 0.9999
 
     coarse_data, _, coarse_affine = phantom.render_subject(phantom.draw_subject(seed=1, index=1), spacing=(3.0, 3.0, 5.0))
     coarse = nib.Nifti1Image(coarse_data, coarse_affine)
@@ -329,7 +347,7 @@ def test_each_reader_gets_the_array_its_nnunet_reader_gives(tmp_path, reader, or
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader=reader,
                         spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
                         patch=(8, 12, 16), active_labels=(0, 1, 3, 5), seed=3)
-    ours = Segmenter(model, V2, device="cpu").segment(ct)
+    ours = Segmenter(model, V2, device="cpu", precision="float32").segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path)
     assert ours.shape == ct.shape == theirs.shape
     np.testing.assert_array_equal(ours, theirs)
@@ -343,7 +361,7 @@ def test_a_non_reorienting_reader_gets_the_scan_in_ras_as_totalsegmentator_feeds
     nib.save(nib.as_closest_canonical(lps), tmp_path / "ras.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader="SimpleITKIO",
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=3)
-    ours = Segmenter(model, V2, device="cpu").segment(lps)
+    ours = Segmenter(model, V2, device="cpu", precision="float32").segment(lps)
     theirs_ras = nnunet_own_labels(model, tmp_path / "ras.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours[::-1, ::-1, :], theirs_ras)
     assert not np.array_equal(ours, nnunet_own_labels(model, tmp_path / "lps.nii.gz", tmp_path))
@@ -366,7 +384,7 @@ def test_folds_are_ensembled_as_nnunet_does(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1),
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=5)
-    ours = Segmenter(model, V2, device="cpu", folds=[0, 1]).segment(ct)
+    ours = Segmenter(model, V2, device="cpu", precision="float32", folds=[0, 1]).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0, 1))
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0,)))
@@ -377,19 +395,19 @@ def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(
     """Checked before any weights are loaded (missing fold) and when the predictor is built (configuration)."""
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1))
     with pytest.raises(ModelFolderError, match=r"model .*model: no fold_2/checkpoint_final\.pth \(segmentation\.folds\)"):
-        Segmenter(model, V2, device="cpu", folds=[0, 2])
+        Segmenter(model, V2, device="cpu", precision="float32", folds=[0, 2])
     plans = json.loads((model / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["RescaleTo01Normalization"]
     (model / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(ModelFolderError, match="one CT channel with CTNormalization or ZScoreNormalization"):
-        Segmenter(model, V2, device="cpu")
+        Segmenter(model, V2, device="cpu", precision="float32")
 
 
 def test_mirroring_is_nnunets_own(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", mirror_axes=(0, 1, 2),
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=7)
-    ours = Segmenter(model, V2, device="cpu", mirroring=True).segment(ct)
+    ours = Segmenter(model, V2, device="cpu", precision="float32", mirroring=True).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=True)
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=False))
@@ -516,7 +534,7 @@ def test_total_merges_its_parts_later_dataset_winning(release, tmp_path):
     """ctcohort's merged map equals the parts as nnU-Net predicts them, each mapped through the part table and
     laid over the earlier ones where it claims a voxel."""
     ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(1.5, 1.5, 1.5))
-    ours = Segmenter(release, V2, task="total", device="cpu").segment(ct)
+    ours = Segmenter(release, V2, task="total", device="cpu", precision="float32").segment(ct)
     expected = np.zeros(ct.shape, np.int64)
     claims = {}
     for dataset_id in TOTAL:
@@ -538,7 +556,7 @@ def test_total_merges_its_parts_later_dataset_winning(release, tmp_path):
 
 def test_total_fast_segments_as_nnunet_does(release, tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(3.0, 3.0, 3.0))
-    ours = Segmenter(release, V2, task="total_fast", device="cpu").segment(ct)
+    ours = Segmenter(release, V2, task="total_fast", device="cpu", precision="float32").segment(ct)
     theirs = nnunet_own_labels(release_model_dir(release, 297), tmp_path / "ct.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours, theirs)
     _several_labels(ours, 4)

@@ -240,7 +240,9 @@ def test_demo_segments_with_the_bundled_model_as_well_as_its_truth(demo_study):
     assert present["structure"].nunique() == len(phantom.ANATOMY)
     summary = pd.read_csv(demo_study / "evaluation" / "dice_summary.tsv", sep="\t").dropna(subset=["dice_mean"])
     assert set(summary["structure"]) == set(present["structure"])
-    assert (summary["dice_mean"] >= 0.9).all(), summary.loc[summary["dice_mean"] < 0.9, ["structure", "dice_mean"]]
+    # the bundled model segments its phantoms near-perfectly (resources/models/demo/README.md), in float32 and
+    # in bfloat16 (segmentation.precision: auto takes bfloat16 on CPUs that compute it natively)
+    assert (summary["dice_mean"] >= 0.99).all(), summary.loc[summary["dice_mean"] < 0.99, ["structure", "dice_mean"]]
     assert (summary["dice_ci_low"] <= summary["dice_mean"]).all()
     dice_figure = svg_text(demo_study / "figures" / "dice.svg")
     for structure in summary["structure"]:

@@ -1,4 +1,9 @@
-"""The ``ctcohort`` command: the workflow's per-scan steps, outside Snakemake."""
+"""The ``ctcohort`` command: the workflow's per-scan steps, outside Snakemake.
+
+Start-up is part of every per-scan job: a command imports what it needs when it
+runs, and only its own options are built (``ctcohort measure`` imports numpy and
+nibabel, and pandas for its table, but neither scipy nor the training modules).
+"""
 
 import argparse
 import inspect
@@ -6,10 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ctcohort import phantom
 from ctcohort.imaging import ScanChecks
-from ctcohort.measure import measure_scan, write_measurements
-from ctcohort.structures import load_structure_table
+from ctcohort.measure import measure_scan
 
 # the CLI's defaults are measure_scan's, so that the two cannot disagree
 MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_scan).parameters.items()
@@ -17,12 +20,20 @@ MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_sca
 
 
 def _phantom(args: argparse.Namespace) -> None:
+    from ctcohort import phantom
+
     phantom.write_cohort(args.out, args.n, args.seed, tuple(args.spacing), processes=args.processes)
     print(f"wrote {args.n} phantom scans, cohort.tsv and truth.tsv to {args.out}")
 
 
 def _measure(args: argparse.Namespace) -> None:
-    table = load_structure_table(args.structures)
+    from ctcohort.measure import write_measurements
+
+    def table():  # imports pandas, while the scan is read
+        from ctcohort.structures import load_structure_table
+
+        return load_structure_table(args.structures)
+
     checks = ScanChecks(args.min_spacing_mm, args.max_spacing_mm, args.lowest_hu_at_most)
     frame = measure_scan(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
                          checks=checks)
@@ -41,6 +52,7 @@ def _output_name(ct: str) -> str:
 
 def _segment(args: argparse.Namespace) -> None:
     from ctcohort.segment import Segmenter, segment_files  # needs the optional nnU-Net dependencies
+    from ctcohort.structures import load_structure_table
 
     names = [_output_name(ct) for ct in args.ct]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -48,7 +60,7 @@ def _segment(args: argparse.Namespace) -> None:
         raise ValueError(f"several inputs would be written to the same output: {', '.join(duplicates)}")
     segmenter = Segmenter(args.model, load_structure_table(args.structures), task=args.task, device=args.device,
                           folds=args.folds, tile_step=args.tile_step, mirroring=args.mirroring,
-                          threads=args.threads)
+                          threads=args.threads, precision=args.precision)
     segment_files(segmenter, args.ct, [Path(args.out) / f"{n}.nii.gz" for n in names])
     print(f"segmented {len(names)} scan(s) into {args.out}")
 
@@ -61,11 +73,10 @@ def _train(args: argparse.Namespace) -> None:
     print(f"trained model in {model}")
 
 
-def _add_train_parser(commands) -> None:
+def _train_arguments(t: argparse.ArgumentParser) -> None:
     from ctcohort import train  # the settings' defaults (imports neither nnU-Net nor torch)
 
     defaults, small = train.DEFAULTS, train.DEFAULTS.small_configuration
-    t = commands.add_parser("train", help="train an nnU-Net v2 model on data in the TotalSegmentator release layout")
     t.add_argument("--release", default=defaults.release,
                    help="release folder (<subject>/ct.nii.gz, <subject>/segmentations/*.nii.gz, "
                    "meta.csv with a split column); default: a phantom release written to --work")
@@ -114,11 +125,9 @@ def _add_train_parser(commands) -> None:
     t.set_defaults(run=_train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctcohort", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _phantom_arguments(p: argparse.ArgumentParser) -> None:
+    from ctcohort import phantom
 
-    p = commands.add_parser("phantom", help="write a synthetic CT cohort with planted age effects")
     p.add_argument("-n", type=int, default=80, help="number of scans (default 80)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("-o", "--out", required=True, help="output folder")
@@ -127,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="scans written in parallel")
     p.set_defaults(run=_phantom)
 
-    m = commands.add_parser("measure", help="volume and attenuation of every structure of one scan")
+
+def _measure_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--ct", required=True, help="CT NIfTI (HU)")
     m.add_argument("--seg", required=True, help="label map on the CT's grid (any orientation, any dtype)")
     m.add_argument("--structures", default="total_v1",
@@ -146,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a CT whose lowest value is above this is not in HU and fails (default %(default)s)")
     m.set_defaults(run=_measure)
 
-    s = commands.add_parser("segment", help="segment CT scans with an nnU-Net v2 model, loaded once")
+
+def _segment_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ct", required=True, nargs="+", help="CT NIfTI file(s)")
     s.add_argument("--model",
                    help="nnU-Net v2 model folder, or a folder of parts such as TotalSegmentator's weights "
@@ -162,16 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", nargs="+", default=[0], help="folds to ensemble (default 0)")
     s.add_argument("--tile-step", type=float, default=0.5, help="sliding-window step (default 0.5)")
     s.add_argument("--mirroring", action="store_true", help="test-time mirroring (off by default)")
+    s.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="on the CPU: bfloat16 where the CPU computes it natively (auto, the default), float32 or "
+                   "bfloat16")
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(run=_segment)
 
-    _add_train_parser(commands)
+
+# command: (help, function adding its options)
+COMMANDS = {
+    "phantom": ("write a synthetic CT cohort with planted age effects", _phantom_arguments),
+    "measure": ("volume and attenuation of every structure of one scan", _measure_arguments),
+    "segment": ("segment CT scans with an nnU-Net v2 model, loaded once", _segment_arguments),
+    "train": ("train an nnU-Net v2 model on data in the TotalSegmentator release layout", _train_arguments),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line parser; where ``argv`` names a command first, only that command's options are
+    built (the others' modules are not imported)."""
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = argparse.ArgumentParser(prog="ctcohort", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add_arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=text)
+        if chosen in (None, name):
+            add_arguments(command)
     return parser
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    # the commands import pandas after this, and pandas' numexpr would log its thread count
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         args.run(args)
     except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. an unsupported nnunetv2 version

@@ -439,8 +439,9 @@ def recorded_label_names(img: nib.Nifti1Image) -> dict[int, str]:
 
 def _read_scan(path: str | Path, checks: ScanChecks | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     """A CT and its HU; with ``checks``, a CT that is not plausibly one fails here, before the model sees it
-    (a model fed raw scanner values or a broken header returns a confident label map all the same)."""
-    ct = load_image(path)
+    (a model fed raw scanner values or a broken header returns a confident label map all the same).
+    Inflated in one call that lets the segmenting thread run (a streamed read holds the GIL per chunk)."""
+    ct = load_image(path, in_memory=True)
     hu = ct_hounsfield(ct)
     if checks is not None:
         check_ct(hu, ct.affine, path, checks)
