@@ -337,6 +337,11 @@ def test_exclusion_counts_add_up(cohort, sheet):
         expected = sum(r == reason for s in measured_scans for r in REASONS[s].values())
         assert counts[("structures", reason or "measured")] == expected
     assert counts.loc["structures"].sum() == 3 * len(STRUCTURES)
+    assert counts[("scans", "measured, no age")] == 0 and counts[("scans", "measured, no sex")] == 0
+    # a measured scan whose sheet row leaves age blank is counted (one scan, whatever its rows)
+    blank_age = table.assign(age=table["age"].where(table["subject"] != measured_scans[0]))
+    counts = exclusion_counts(len(REASONS), failures, blank_age).set_index(["level", "kind"])["count"]
+    assert counts[("scans", "measured, no age")] == 1 and counts[("scans", "measured, no sex")] == 0
 
 
 def test_failure_summary_names_the_count_stages_and_table(cohort):

@@ -52,6 +52,18 @@ def test_a_failing_scan_is_recorded_and_the_rest_of_the_batch_goes_on(tmp_path):
     assert [scan.table.read_text() for scan in scans] == ["aa\n", "empty\n", "cc\n", "empty\n"]
 
 
+def test_scans_without_an_earlier_stage_run_beside_those_whose_earlier_stage_failed(tmp_path):
+    # a batch of NIfTI scans ("": no import stage) and DICOM scans (an import status each)
+    imported = tmp_path / "b.import.json"
+    ScanStatus("b", "import_ct", ok=False, error="DicomImportError: no CT image").write(imported)
+    scans = batch_outputs(["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"],
+                          [tmp_path / "a.json", tmp_path / "b.json"], ["", imported])
+    assert [scan.upstream for scan in scans] == [(), [imported]]
+    statuses = run_batch("measure", scans, lambda i: "measured", write_text, lambda: "empty")
+    assert [(s.stage, s.ok) for s in statuses] == [("measure", True), ("import_ct", False)]
+    assert [scan.table.read_text() for scan in scans] == ["measured\n", "empty\n"]
+
+
 def test_policy_fail_stops_the_batch_and_resource_errors_always_do(tmp_path):
     scans = batch_outputs(["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"],
                           [tmp_path / "a.json", tmp_path / "b.json"])

@@ -28,6 +28,7 @@ from ctcohort.segment import (  # noqa: E402
     recorded_label_names,
     segment_batch,
 )
+from ctcohort.scan_status import ScanStatus  # noqa: E402
 from ctcohort.structures import load_structure_table  # noqa: E402
 from tiny_model import train_tiny_model  # noqa: E402
 from totalseg_models import (  # noqa: E402
@@ -131,18 +132,26 @@ def test_output_lies_on_the_input_grid_in_any_orientation(two_part_model, phanto
 def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phantom_scan, tmp_path):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"no image here")
-    outputs = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
-    statuses = [tmp_path / "a.json", tmp_path / "b.json"]
-    measurement = BatchMeasurement([tmp_path / "a.tsv", tmp_path / "b.tsv"],
-                                   [tmp_path / "a.measure.json", tmp_path / "b.measure.json"], min_voxels=5)
-    segment_batch(["good", "bad"], [phantom_scan, broken], outputs, statuses, model=two_part_model,
-                  structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement)
-    good, bad = (json.loads(p.read_text()) for p in statuses)
+    # a DICOM series whose import failed: its placeholder CT is not segmented, its failure is passed on
+    unimported, import_status = tmp_path / "unimported.nii.gz", tmp_path / "c.import.json"
+    nib.save(nib.Nifti1Image(np.zeros((1, 1, 1), np.int16), np.eye(4)), unimported)
+    ScanStatus("unimported", "import_ct", ok=False, error="DicomImportError: a single slice").write(import_status)
+    outputs = [tmp_path / f"{s}.nii.gz" for s in "abc"]
+    statuses = [tmp_path / f"{s}.json" for s in "abc"]
+    measurement = BatchMeasurement([tmp_path / f"{s}.tsv" for s in "abc"],
+                                   [tmp_path / f"{s}.measure.json" for s in "abc"], min_voxels=5)
+    segment_batch(["good", "bad", "unimported"], [phantom_scan, broken, unimported], outputs, statuses,
+                  model=two_part_model, structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement,
+                  upstream=["", "", import_status])
+    good, bad, not_imported = (json.loads(p.read_text()) for p in statuses)
+    assert not_imported == json.loads(import_status.read_text())
+    assert json.loads(measurement.statuses[2].read_text()) == not_imported
+    assert nib.load(outputs[2]).shape == (1, 1, 1) and read_measurements(measurement.outputs[2]).empty
     assert good["ok"] and not bad["ok"]
     assert bad["stage"] == "segment" and "broken.nii.gz" in bad["error"]
     assert nib.load(outputs[0]).shape == nib.load(phantom_scan).shape
     # measured in the job, from memory: the same table as measuring the written files afterwards
-    measured_good, measured_bad = (json.loads(p.read_text()) for p in measurement.statuses)
+    measured_good, measured_bad, _ = (json.loads(p.read_text()) for p in measurement.statuses)
     assert measured_good == {"subject": "good", "stage": "measure", "ok": True, "error": ""}
     assert measured_bad == bad  # the segmentation failure passed on, not a measure failure
     from_files = measure_scan(phantom_scan, outputs[0], V1, min_voxels=5)

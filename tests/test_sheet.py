@@ -106,6 +106,17 @@ def test_valid_sheet_with_blank_optional_cells(scans):
     assert pd.isna(sheet.at["s2", "score"])
 
 
+def test_blank_age_and_sex_load_as_missing_but_a_bad_age_is_an_error(scans):
+    """De-identified exports blank age and sex: the scan stays in the sheet, its value missing."""
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "", ""), ("s2", "ct/s2.nii.gz", "40", "F")])
+    sheet = load(path)
+    assert pd.isna(sheet.at["s1", "age"]) and pd.isna(sheet.at["s1", "sex"])
+    assert sheet.at["s2", "age"] == 40
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "forty", "")])
+    with pytest.raises(CohortSheetError, match="line 2 .*age"):
+        load(path)
+
+
 def test_cells_and_header_are_stripped(scans):
     path = scans / "cohort.tsv"
     path.write_text(" subject \tct\t age\tsex\n s1 \t ct/s1.nii.gz \t 50 \t F \n")
@@ -216,14 +227,6 @@ def test_bad_sex(scans, sex):
     (problem,) = problems(info)
     assert problem.startswith("line 2 (subject 's1')")
     assert "'sex'" in problem and repr(sex) in problem
-
-
-def test_empty_sex(scans):
-    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", "")])
-    with pytest.raises(CohortSheetError) as info:
-        load(path)
-    (problem,) = problems(info)
-    assert problem.startswith("line 2 (subject 's1')") and "'sex'" in problem
 
 
 @pytest.mark.parametrize("contrast", ["2", "yes", "0.5"])
@@ -415,3 +418,23 @@ def test_one_problem_per_bad_cell(scans):
     with pytest.raises(CohortSheetError) as error:
         load(path)
     assert len(problems(error)) == 1
+
+
+def test_ct_may_name_a_dicom_series_but_a_nifti_or_segmentation_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # paths below the working directory are given relative to it
+    (tmp_path / "dicom" / "s1").mkdir(parents=True)  # a DICOM series' folder
+    touch(tmp_path / "s2.zip")
+    touch(tmp_path / "lists" / "s3.txt")
+    (tmp_path / "s4.nii.gz").mkdir()  # a folder named like a NIfTI
+    (tmp_path / "segs").mkdir()
+    header = ("subject", "ct", "seg", "age", "sex")
+    rows = [("s1", "dicom/s1", "s2.zip", 40, "M"), ("s2", "s2.zip", "", 41, "F"), ("s3", "lists/s3.txt", "", 42, "M"),
+            ("s4", "s4.nii.gz", "segs", 43, "F")]
+    with pytest.raises(CohortSheetError) as error:
+        load(write_sheet(tmp_path, rows, header))
+    assert problems(error) == [
+        "line 5 (subject 's4'): column 'ct': a folder, not a NIfTI file: s4.nii.gz",
+        "line 5 (subject 's4'): column 'seg': a folder, not a NIfTI file: segs",
+    ]
+    sheet = load(write_sheet(tmp_path, rows[:3], header))
+    assert sheet["ct"].tolist() == ["dicom/s1", "s2.zip", "lists/s3.txt"]

@@ -76,6 +76,11 @@ def exclusion_counts(n_scans: int, failures: pd.DataFrame, measurements: pd.Data
     rows = [("scans", "in the sheet", n_scans),
             ("scans", "measured", n_scans - failures["subject"].nunique())]
     rows += [("scans", f"failed: {stage}", int(count)) for stage, count in failures["stage"].value_counts().items()]
+    # a sheet may leave age or sex blank (de-identified exports): such scans are measured and left out of
+    # the analyses that need the value
+    scans = measurements.drop_duplicates("subject")
+    rows += [("scans", f"measured, no {column}", int(scans[column].isna().sum()))
+             for column in ("age", "sex") if column in scans.columns]
     reasons = measurements["exclusion_reason"].fillna("").replace("", "measured").value_counts()
     rows += [("structures", reason, int(reasons.get(reason, 0))) for reason in ("measured", *EXCLUSION_REASONS)]
     rows += [("structures", reason, int(count)) for reason, count in reasons.items()

@@ -33,12 +33,12 @@ class ScanOutputs:
 
 def batch_outputs(subjects: Sequence[str], tables: Sequence, statuses: Sequence,
                   upstream: Sequence = ()) -> list[ScanOutputs]:
-    """``ScanOutputs`` of a batch from the job's parallel lists (``upstream``: one status file per scan,
-    or none at all)."""
+    """``ScanOutputs`` of a batch from the job's parallel lists (``upstream``: one status file per scan, ""
+    for a scan without that earlier stage, or none at all)."""
     lists = [subjects, tables, statuses] + ([upstream] if upstream else [])
     if len({len(items) for items in lists}) != 1:
         raise ValueError(f"a batch needs one table and status per scan: {[len(items) for items in lists]}")
-    before = [[path] for path in upstream] if upstream else [()] * len(subjects)
+    before = [[path] if path else () for path in upstream] if upstream else [()] * len(subjects)
     return [ScanOutputs(*paths, upstream=up) for *paths, up in zip(subjects, tables, statuses, before)]
 
 

@@ -180,12 +180,81 @@ def _segment_arguments(s: argparse.ArgumentParser) -> None:
     s.set_defaults(run=_segment)
 
 
+def _sheet(args: argparse.Namespace) -> None:
+    from ctcohort import dicom_series
+
+    inventory = dicom_series.write_inventory(
+        args.dicom_root, args.out, series_table=args.series_table, key_out=args.key_out, secret=args.secret,
+        series_uids=args.series_uid, processes=args.processes, min_slices=args.min_slices, file_lists=args.file_lists)
+    studies = {(s.patient_key, s.study_key) for s in inventory.series}
+    print(f"{inventory.images:,} DICOM images of {inventory.files:,} files: {len(inventory.series):,} series in "
+          f"{len(studies):,} studies; a CT series chosen for {len(inventory.sheet_rows):,} -> {args.out}")
+    without = len(studies) - len(inventory.sheet_rows)
+    if without:
+        print(f"{without:,} {'study' if without == 1 else 'studies'} without a usable CT series"
+              + (f": see the reason column of {args.series_table}" if args.series_table else
+                 " (--series-table says why)"), file=sys.stderr)
+
+
+def _sheet_arguments(s: argparse.ArgumentParser) -> None:
+    import os
+
+    from ctcohort import dicom_series
+
+    s.description = ("Reads the headers of every file under DICOM_ROOT, groups them into series and writes a cohort "
+                     "sheet with one CT series per study. " + dicom_series.CHOICE_RULE)
+    s.add_argument("dicom_root", metavar="DICOM_ROOT", help="folder to search (all sub-folders) for DICOM files")
+    s.add_argument("-o", "--out", required=True,
+                   help="cohort sheet to write (TSV): one row per study with a usable CT series; file lists for "
+                   f"series that share a folder go to <sheet name>{dicom_series.LIST_FOLDER_SUFFIX}/ beside it")
+    s.add_argument("--series-table", help="also write this TSV: one row per series, chosen or why not")
+    s.add_argument("--key-out", metavar="FILE",
+                   help="write the pseudonym -> PatientID/StudyInstanceUID key here (never in a results folder; "
+                   "keep it apart from the data)")
+    s.add_argument("--secret",
+                   help=f"key of the pseudonyms (default: the environment variable {dicom_series.SECRET_VARIABLE}, "
+                   "which keeps it out of the shell history); the same secret gives the same pseudonyms")
+    s.add_argument("--series-uid", nargs="+", action="extend", metavar="UID",
+                   help="SeriesInstanceUID(s) to take for their study instead of the rule's choice")
+    s.add_argument("--file-lists", action="store_true",
+                   help="name every series by a file list, never by its folder (the sheet then names no folder of "
+                   "the export, whose names may hold patient names or IDs)")
+    s.add_argument("--min-slices", type=int, default=dicom_series.DEFAULT_MIN_SLICES,
+                   help="fewer slices than this makes a series unusable (default %(default)s)")
+    s.add_argument("--processes", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes reading headers (default %(default)s)")
+    s.set_defaults(run=_sheet)
+
+
+def _import_ct(args: argparse.Namespace) -> None:
+    from ctcohort.dicom_import import import_series
+
+    source = args.src[0] if len(args.src) == 1 else args.src
+    record = import_series(source, args.out, allow_corrected=args.allow_corrected)
+    print(f"imported {record.describe()} -> {args.out}")
+
+
+def _import_ct_arguments(i: argparse.ArgumentParser) -> None:
+    i.add_argument("src", nargs="+", metavar="SRC",
+                   help="one DICOM CT series: a folder (all sub-folders), a .zip, a .txt list of files (one path a "
+                   "line), or the files themselves")
+    i.add_argument("-o", "--out", required=True, help="NIfTI file to write (.nii.gz), in HU")
+    i.add_argument("--allow-corrected", action="store_true",
+                   help="take dcm2niix's corrected volume for a series with uneven slice spacing (a missing slice) "
+                   "or a gantry tilt; without it such a series is an error")
+    i.set_defaults(run=_import_ct)
+
+
 # command: (help, function adding its options)
 COMMANDS = {
     "phantom": ("write a synthetic CT cohort with planted age effects", _phantom_arguments),
     "measure": ("volume and attenuation of every structure of one scan", _measure_arguments),
     "segment": ("segment CT scans with an nnU-Net v2 model, loaded once", _segment_arguments),
     "train": ("train an nnU-Net v2 model on data in the TotalSegmentator release layout", _train_arguments),
+    "import-ct": ("convert one DICOM CT series to NIfTI in HU (dcm2niix), refusing broken series",
+                  _import_ct_arguments),
+    "sheet": ("a cohort sheet from a tree of DICOM files: one CT series chosen per study, pseudonyms",
+              _sheet_arguments),
 }
 
 

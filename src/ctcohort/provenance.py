@@ -7,7 +7,7 @@ from importlib import metadata
 import pandas as pd
 
 PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "nibabel", "matplotlib",
-            "pyarrow", "jsonschema", "torch", "nnunetv2")
+            "pyarrow", "jsonschema", "pydicom", "dcm2niix", "torch", "nnunetv2")
 
 
 def software_versions(packages=PACKAGES) -> pd.DataFrame:

@@ -78,6 +78,18 @@ def recording_failure(subject: str, stage: str, status_path: str | Path, policy:
     status.write(status_path)
 
 
+def passed_on_failure(subject: str, upstream: Sequence[str | Path], status_path: str | Path) -> ScanStatus | None:
+    """The failed status of an earlier stage among ``upstream`` (status files; "" stands for none), written
+    unchanged to ``status_path``; None where every earlier stage succeeded."""
+    for path in upstream:
+        previous = read_status(path) if path else None
+        if previous is not None and not previous.ok:
+            log.info("scan %s skipped: %s failed earlier (%s)", subject, previous.stage, previous.error)
+            previous.write(status_path)
+            return previous
+    return None
+
+
 def run_scan_step(
     subject: str,
     stage: str,
@@ -92,13 +104,10 @@ def run_scan_step(
     An upstream failure is passed on unchanged (its stage and error), so failures.tsv names the
     stage where the scan really failed.
     """
-    for path in upstream:
-        previous = read_status(path)
-        if not previous.ok:
-            log.info("scan %s skipped: %s failed earlier (%s)", subject, previous.stage, previous.error)
-            previous.write(status_path)
-            placeholder()
-            return previous
+    previous = passed_on_failure(subject, upstream, status_path)
+    if previous is not None:
+        placeholder()
+        return previous
     with recording_failure(subject, stage, status_path, policy) as status:
         step()
     if not status.ok:

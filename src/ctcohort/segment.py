@@ -45,7 +45,7 @@ from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, vo
 from ctcohort.measure import empty_measurements, measure_structures, write_measurements
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
 from ctcohort.resources import resources_dir
-from ctcohort.scan_status import recording_failure, run_scan_step
+from ctcohort.scan_status import passed_on_failure, recording_failure, run_scan_step
 from ctcohort.structures import load_structure_table
 
 log = logging.getLogger(__name__)
@@ -546,6 +546,7 @@ def segment_batch(
     on_error: str = "record",
     ct_checks: ScanChecks = ScanChecks(),
     measurement: BatchMeasurement | None = None,
+    upstream: Sequence[str | Path] = (),
     **settings,
 ) -> None:
     """The workflow's batch job: load the model once, segment every scan, record each scan's status;
@@ -555,7 +556,9 @@ def segment_batch(
     exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
     final once its label map is written. A CT that fails ``ct_checks`` fails here, at stage segment.
     A scan that fails to segment gets that failure as its measure status (and an empty table); one that
-    fails to measure fails at stage measure.
+    fails to measure fails at stage measure. ``upstream``: per scan, the status file of an earlier stage (the
+    DICOM import; "" for a scan without one), or none at all: a scan that failed there is not segmented, and
+    its failure is passed on.
     """
     table = load_structure_table(structures)
     segmenter = Segmenter(model, table, task=task, **settings)
@@ -563,6 +566,9 @@ def segment_batch(
     with ScanPipeline(segmenter, cts, ct_checks) as pipeline:
         for i, (subject, ct_path, out_path, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
             write = measured = None
+            if upstream and passed_on_failure(subject, upstream[i:i + 1], status_path) is not None:
+                done.append((i, subject, out_path, status_path, write, measured))
+                continue
             with recording_failure(subject, "segment", status_path, on_error) as status:
                 ct, hu, labels = pipeline.segment(i)
             if status.ok:

@@ -13,11 +13,16 @@ import jsonschema
 import pandas as pd
 import yaml
 
+from ctcohort.dicom_import import is_nifti
+
 PATH_COLUMNS = ("ct", "seg", "reference")
 # Columns of the measurement table: a covariate of the same name would be ambiguous there.
 RESERVED_COLUMNS = ("structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
                     "hu_mean_eroded", "complete", "exclusion_reason")
 MAX_REPORTED_PROBLEMS = 30
+# Columns every sheet has, though a cell may be blank (de-identified exports blank age and sex): the scan is
+# measured and left out of the analyses that need the value.
+COVARIATE_COLUMNS = ("age", "sex")
 
 
 class CohortSheetError(ValueError):
@@ -63,7 +68,7 @@ def load_cohort_sheet(
         raise CohortSheetError(f"cohort sheet {path} does not exist")
     schema = yaml.safe_load(Path(schema_path).read_text())
     header, records = _read_tsv(path)
-    missing = [c for c in [*schema.get("required", []), *required_files] if c not in header]
+    missing = [c for c in [*schema.get("required", []), *COVARIATE_COLUMNS, *required_files] if c not in header]
     if missing:
         raise CohortSheetError(
             f"cohort sheet {path}: missing column(s) {', '.join(dict.fromkeys(missing))} "
@@ -108,6 +113,9 @@ def load_cohort_sheet(
                 row[column] = _resolve(row[column], path.parent)
                 if check_files and not os.path.exists(row[column]):
                     problems.append(f"{where}: column {column!r}: file not found: {row[column]}")
+                elif check_files and os.path.isdir(row[column]) and (column != "ct" or is_nifti(row[column])):
+                    # a folder in ct is a DICOM series; a NIfTI, a segmentation or a reference is a file
+                    problems.append(f"{where}: column {column!r}: a folder, not a NIfTI file: {row[column]}")
         rows.append(row)
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 from ctcohort import phantom
 from ctcohort.aggregate import failure_summary, read_failures
 from ctcohort.batches import in_batches
+from ctcohort.dicom_import import is_dicom_source
 from ctcohort.segment import (
     ModelFolderError,
     find_model_parts,
@@ -53,6 +54,10 @@ else:
         raise WorkflowError(str(err)) from None
 
 SUBJECTS = SHEET.index.tolist()
+# Scans whose ct names a DICOM series (a folder, a zip, a file list): imported to results/ct/ (import_ct.smk)
+DICOM_SUBJECTS = [s for s in SUBJECTS if is_dicom_source(SHEET.at[s, "ct"])]
+IMPORTED = set(DICOM_SUBJECTS)
+IMPORT_BATCHES = in_batches(DICOM_SUBJECTS, config["import_ct"]["scans_per_job"])
 with open(SHEET_SCHEMA) as stream:
     SUBJECT_PATTERN = yaml.safe_load(stream)["properties"]["subject"]["pattern"].strip("^$")
 
@@ -119,6 +124,21 @@ def sheet_file(column):
     return lambda subject: SHEET.at[subject, column]
 
 
+def ct_file(subject):
+    """The scan's CT as NIfTI: the sheet's file, or the import of the sheet's DICOM series."""
+    return f"results/ct/{subject}.nii.gz" if subject in IMPORTED else SHEET.at[subject, "ct"]
+
+
+def import_status_file(subject):
+    """The status of the scan's DICOM import, whose failure its later stages pass on; "" for a NIfTI CT."""
+    return f"results/ct/{subject}.status.json" if subject in IMPORTED else ""
+
+
+def import_statuses(subjects):
+    """Input function: the import status files of a batch's DICOM scans (see batch_files)."""
+    return batch_files(import_status_file, [s for s in subjects if s in IMPORTED])
+
+
 def batch_files(file_of, subjects):
     """The files of a batch's scans, as an input function: the report prints a rule's declared inputs,
     and a list would put every scan's path there."""
@@ -142,6 +162,7 @@ def study_outputs():
         "results/tables/failures.tsv",
         "results/tables/qc_summary.tsv",
         "results/tables/software_versions.tsv",
+        *(["results/tables/ct_import.tsv"] if DICOM_SUBJECTS else []),
         "results/stats/age_correlations.tsv",
         "results/figures/age_boxplots.png",
         "results/figures/correlation_overview.png",

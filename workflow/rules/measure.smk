@@ -8,13 +8,15 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
         name:
             f"measure_batch_{batch:05d}"
         input:  # functions: see batch_files
-            cts=batch_files(sheet_file("ct"), subjects),
+            cts=batch_files(ct_file, subjects),
             segs=batch_files(segmentation_file, subjects),
+            upstream=import_statuses(subjects),
         output:
             tables=[f"results/measure/{s}.tsv" for s in subjects],
             statuses=[f"results/measure/{s}.status.json" for s in subjects],
         params:
             subjects=subjects,
+            upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             structures=config["structures"],
             border_margin=config["measure"]["border_margin"],
             min_voxels=config["measure"]["min_voxels"],

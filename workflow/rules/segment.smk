@@ -9,7 +9,8 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
         name:
             f"segment_batch_{batch:05d}"
         input:
-            cts=batch_files(sheet_file("ct"), subjects),
+            cts=batch_files(ct_file, subjects),
+            upstream=import_statuses(subjects),
             model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # new weights segment again
         output:
             segs=[f"results/seg/{s}.nii.gz" for s in subjects],
@@ -18,6 +19,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             measure_statuses=[f"results/measure/{s}.status.json" for s in subjects],
         params:
             subjects=subjects,
+            upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             model=config["segmentation"]["model"],
             task=config["segmentation"]["task"],
             structures=config["structures"],

@@ -11,7 +11,8 @@ table = load_structure_table(snakemake.params.structures)
 checks = ScanChecks.from_config(snakemake.params.ct_checks)
 run_batch(
     "measure",
-    batch_outputs(snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses),
+    batch_outputs(snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses,
+                  snakemake.params.upstream),
     step=lambda i: measure_scan(
         snakemake.input.cts[i],
         snakemake.input.segs[i],

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         task=snakemake.params.task,
         structures=snakemake.params.structures,
         on_error=snakemake.params.on_error,
+        upstream=snakemake.params.upstream,
         ct_checks=ScanChecks.from_config(snakemake.params.ct_checks),
         measurement=BatchMeasurement(
             snakemake.output.measurements,
