@@ -1,8 +1,14 @@
-"""A cohort of real-CT copies, some broken the ways real scans break, run through the real workflow.
+"""A cohort of real-CT copies, some broken the ways real scans break, run through the real workflow once.
 
-Good copies are measured exactly as the CT says; each broken one fails with its reason or has the
-affected values excluded with a reason; none of them reaches the statistics as a plain number.
+Good copies are measured exactly as the CT says; each broken one fails with its stage and a reason a person
+can act on (naming the file or series and the cause), or has the affected values excluded with a reason; none
+of them reaches the statistics as a plain number. Broken NIfTIs fail at stage measure (they are read where
+they are); broken DICOM series (copies of the shared real series, headers edited) fail at stage import_ct.
+Problems of the sheet itself (missing file, duplicate or unsafe id, bad age or sex, the file's format) stop
+the run before any job: tests/test_sheet.py and tests/test_workflow.py.
 """
+
+import gzip
 
 import nibabel as nib
 import numpy as np
@@ -11,11 +17,31 @@ import pytest
 
 from conftest import run_workflow
 from ctcohort.structures import load_structure_table
+from dicom_edits import series_files, tilt, write_copies
 
 pytestmark = pytest.mark.slow
 
 KIDNEY_LEFT, LIVER, FEMUR_LEFT = 3, 5, 88  # v1 label ids; the liver is cut off by the field of view
 GOOD = ["good1", "good2", "good3"]
+# subject -> (stage, words its failure message must hold: the file or series, and the cause)
+FAILING = {
+    "zero": ("measure", ["zero_ct.nii.gz", "constant"]),  # all-zero image
+    "raw": ("measure", ["raw_ct.nii.gz", "-500", "intercept"]),  # intensities not in HU
+    "zoomed": ("measure", ["zoomed_ct.nii.gz", "voxel size"]),
+    "label250": ("measure", ["label250_seg.nii.gz", "250"]),  # label ids not in the structure table
+    "emptyseg": ("measure", ["emptyseg_seg.nii.gz", "no labelled voxel"]),
+    "flat": ("measure", ["flat_ct.nii.gz", "expected a 3-D volume", "(122, 101)"]),  # a 2-D image
+    "fourd": ("measure", ["fourd_ct.nii.gz", "expected a 3-D volume", "(122, 101, 112, 2)"]),  # a 4-D image
+    "truncated": ("measure", ["truncated_ct.nii.gz", "cannot read", "ended before"]),  # gzip cut short
+    "webpage": ("measure", ["webpage_ct.nii.gz", "cannot read", "as NIfTI"]),  # not a NIfTI: an error page
+    "seggrid": ("measure", ["seggrid_seg.nii.gz", "grid does not match"]),  # segmentation on another grid
+    "nodicom": ("import_ct", ["nodicom", "holds no DICOM image"]),  # a folder of other files
+    "notct": ("import_ct", ["notct", "holds no CT image: modality MR (20)"]),
+    "twoseries": ("import_ct", ["twoseries", "more than one series: SeriesNumber 2 (20 images), 3 (20 images)"]),
+    "localizer": ("import_ct", ["localizer", "1 localizer image (ImageType LOCALIZER) mixed in with the 20"]),
+    "missingslice": ("import_ct", ["missingslice", "uneven slice spacing", "1 gap of 4 mm"]),
+    "tilt": ("import_ct", ["tilt", "gantry tilt of 15.0 degrees"]),
+}
 
 
 def save(array, affine, path, dtype):
@@ -24,7 +50,8 @@ def save(array, affine, path, dtype):
 
 @pytest.fixture(scope="module")
 def real_ct_cohort(tmp_path_factory):
-    """Copies of the real example CT and its v1 segmentation: three good, one with metal, six broken."""
+    """Copies of the real example CT and its v1 segmentation: three good, one with metal, one with non-finite
+    voxels, the others broken (FAILING); and copies of the real DICOM series, broken."""
     from conftest import require_shared_data
 
     folder = require_shared_data() / "totalseg-example"
@@ -59,6 +86,10 @@ def real_ct_cohort(tmp_path_factory):
         "nonfinite": (nan_ct, affine, np.float32),
         "label250": (hu, affine, np.int16),
         "emptyseg": (hu, affine, np.int16),
+        "flat": (hu[:, :, 10], affine, np.int16),
+        "fourd": (np.stack([hu, hu], axis=-1), affine, np.int16),
+        "truncated": (hu, affine, np.int16),
+        "seggrid": (hu, affine, np.int16),
     }
     segs = {"label250": with_250, "emptyseg": np.zeros_like(labels)}
     rows = []
@@ -66,6 +97,35 @@ def real_ct_cohort(tmp_path_factory):
         save(values, grid, data / f"{subject}_ct.nii.gz", dtype)
         save(segs.get(subject, labels), grid, data / f"{subject}_seg.nii.gz", np.uint8)
         rows.append((subject, f"{subject}_ct.nii.gz", f"{subject}_seg.nii.gz", 30 + 5 * i, "MF"[i % 2], i % 2))
+    whole = (data / "truncated_ct.nii.gz").read_bytes()
+    (data / "truncated_ct.nii.gz").write_bytes(whole[: len(whole) // 2])  # the header reads, the voxels do not
+    with pytest.raises(EOFError):
+        gzip.decompress((data / "truncated_ct.nii.gz").read_bytes())
+    (data / "webpage_ct.nii.gz").write_text("<html><body>502 Bad Gateway</body></html>\n")
+    save(labels, affine, data / "webpage_seg.nii.gz", np.uint8)
+    rows.append(("webpage", "webpage_ct.nii.gz", "webpage_seg.nii.gz", 70, "F", 0))
+    save(labels[:, :, 5:], affine, data / "seggrid_seg.nii.gz", np.uint8)  # 107 of the CT's 112 slices
+
+    # DICOM series: copies of the shared real series, headers edited (tests/dicom_edits.py)
+    files = series_files(folder.parent)
+    dicom = data / "dicom"
+    (dicom / "nodicom").mkdir(parents=True)
+    (dicom / "nodicom" / "README.txt").write_text("the export's index, not an image\n")
+    (dicom / "nodicom" / "IM0001.dcm").write_bytes(b"\0" * 300)
+    write_copies(files, dicom / "notct", lambda ds, i: setattr(ds, "Modality", "MR"))
+    for prefix, number in (("soft", 2), ("bone", 3)):  # two reconstructions, blank UIDs as in the shared series
+        write_copies(files, dicom / "twoseries", lambda ds, i, n=number: setattr(ds, "SeriesNumber", n), prefix)
+    write_copies(files, dicom / "localizer")
+
+    def scout(ds, index):  # a coronal scout with the series' (blank) UIDs
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    write_copies(files[:1], dicom / "localizer", scout, prefix="scout")
+    write_copies(files[:9] + files[10:], dicom / "missingslice")
+    write_copies(files, dicom / "tilt", tilt(15.0))
+    dicom_seg = folder / "example_seg_dicom.nii.gz"  # never read: the import fails first
+    for subject in ("nodicom", "notct", "twoseries", "localizer", "missingslice", "tilt"):
+        rows.append((subject, f"dicom/{subject}", str(dicom_seg), 50, "M", 1))
     sheet = pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"])
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
     result = run_workflow(workdir, {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"}})
@@ -73,17 +133,18 @@ def real_ct_cohort(tmp_path_factory):
             "voxel_ml": abs(np.linalg.det(affine[:3, :3])) / 1000, "console": result.stderr}
 
 
-def test_broken_scans_fail_with_their_reason(real_ct_cohort):
+def test_broken_scans_fail_with_their_stage_and_reason(real_ct_cohort):
     failures = pd.read_csv(real_ct_cohort["results"] / "tables" / "failures.tsv", sep="\t").set_index("subject")
-    assert set(failures.index) == {"zero", "raw", "zoomed", "label250", "emptyseg"}
-    assert (failures["stage"] == "measure").all()
-    errors = failures["error"]
-    assert "zero_ct.nii.gz" in errors["zero"] and "constant" in errors["zero"]
-    assert "raw_ct.nii.gz" in errors["raw"] and "-500" in errors["raw"] and "intercept" in errors["raw"]
-    assert "zoomed_ct.nii.gz" in errors["zoomed"] and "voxel size" in errors["zoomed"]
-    assert "label250_seg.nii.gz" in errors["label250"] and "250" in errors["label250"]
-    assert "emptyseg_seg.nii.gz" in errors["emptyseg"] and "no labelled voxel" in errors["emptyseg"]
-    assert "5 of 10 scans failed" in real_ct_cohort["console"]
+    assert sorted(failures.index) == sorted(FAILING)
+    for subject, (stage, words) in FAILING.items():
+        error = failures.at[subject, "error"]
+        assert failures.at[subject, "stage"] == stage, (subject, error)
+        for word in words:
+            assert word in error, (subject, word, error)
+        assert "Traceback" not in error and "\n" not in error
+    n = len(FAILING)
+    assert (f"{n} of {n + 5} scans failed and are left out of the study (measure: 10, import_ct: 6)"
+            in real_ct_cohort["console"])
 
 
 def test_failed_scans_reach_no_table_or_statistic(real_ct_cohort):
@@ -95,7 +156,8 @@ def test_failed_scans_reach_no_table_or_statistic(real_ct_cohort):
     correlations = pd.read_csv(results / "stats" / "age_correlations.tsv", sep="\t")
     assert correlations["n"].max() <= 5
     counts = pd.read_csv(results / "tables" / "exclusion_counts.tsv", sep="\t").set_index(["level", "kind"])
-    assert counts.at[("scans", "failed: measure"), "count"] == 5
+    assert counts.at[("scans", "failed: measure"), "count"] == 10
+    assert counts.at[("scans", "failed: import_ct"), "count"] == 6
 
 
 def test_good_copies_are_measured_as_the_ct_says(real_ct_cohort):

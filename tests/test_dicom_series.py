@@ -4,7 +4,7 @@ The tree is built from copies of the shared real CT series (20 axial slices, JPE
 2 mm apart with SliceThickness 3 mm): two reconstructions and a localizer in one folder with blank UIDs,
 series with UIDs in folders of their own, a thinner series with a missing slice, a series with slices
 twice over, ages as D/W/M/Y, a bare number, birth dates and blanks, sexes, contrast. Only headers are
-edited; the pixel data are the real ones.
+edited; the pixel data are the real ones. The tree is built by tests/dicom_edits.py (build_export_tree).
 """
 
 import hmac
@@ -23,23 +23,16 @@ from ctcohort.cli import main
 from ctcohort.sheet import load_cohort_sheet
 
 pydicom = pytest.importorskip("pydicom")
+from dicom_edits import (  # noqa: E402 (needs pydicom)
+    ACCESSION,
+    EXPORT_UID_ROOT,
+    PATIENTS,
+    build_export_tree,
+    export_phi,
+)
 
 SECRET = "test secret: not for real data"
-UID_ROOT = "1.2.826.0.1.3680043.8.498.77"  # planted UIDs all start with this
-ORIGINAL_UID_ROOT = "1.3.12.2.1107.5.1.4.60064"  # UIDs of the shared series (frame of reference, file meta)
-INSTITUTION, ACCESSION, PHYSICIAN = "St Phiberg Hospital", "ACC93817", "Phimaker^Doctor"
-
-# PatientID -> what is planted in the headers, and what the sheet must say
-PATIENTS = {
-    "PHIA-4711": dict(name="Doe^Janetta", birth="19600315", sex="F"),
-    "PHIB-0815": dict(name="Roe^Richardo", age="018M", sex="M"),
-    "PHIC-1001": dict(name="Coe^Carlotta", age="003W", sex="O"),
-    "PHID-2002": dict(name="Poe^Dorianne", age="010D", sex="M"),
-    "PHIE-3003": dict(name="Moe^Emmerich", age="45", birth="19000101", sex="F"),
-    "PHIF-4004": dict(name="Zoe^Fridolin"),
-    "PHIG-5005": dict(name="Loe^Gundula", age="070Y", sex="M"),
-}
-STUDY_DATES = {"A1": "20221208", "A2": "20230301"}
+UID_ROOT = EXPORT_UID_ROOT
 
 
 def shared_series() -> list[Path]:
@@ -51,73 +44,9 @@ def original_positions() -> list[tuple[float, float, float]]:
             for f in shared_series()]
 
 
-def plant(folder: Path, prefix: str, patient: str, n: int = 20, step: float | None = None, skip: int | None = None,
-          uids: tuple[str, str] | None = None, sop_start: int = 0, study_date: str = "20221208", **tags) -> None:
-    """Copies of the first ``n`` shared slices into ``folder`` with the patient's headers planted; ``step``:
-    slice positions that far apart instead of the real 2 mm; ``skip``: leave out that slice; ``uids``:
-    (StudyInstanceUID, SeriesInstanceUID), blank as in the shared series when None."""
-    folder.mkdir(parents=True, exist_ok=True)
-    person = PATIENTS[patient]
-    with pydicom.config.disable_value_validation():  # a bare number in PatientAge, as some exports have
-        _plant(folder, prefix, person, patient, n, step, skip, uids, sop_start, study_date, tags)
-
-
-def _plant(folder, prefix, person, patient, n, step, skip, uids, sop_start, study_date, tags):
-    for i, source in enumerate(shared_series()[:n]):
-        if i == skip:
-            continue
-        ds = pydicom.dcmread(source)
-        ds.PatientID, ds.PatientName = patient, person["name"]
-        ds.PatientBirthDate = person.get("birth", "")
-        ds.PatientAge = person.get("age", "")
-        ds.PatientSex = person.get("sex", "")
-        ds.InstitutionName, ds.AccessionNumber, ds.ReferringPhysicianName = INSTITUTION, ACCESSION, PHYSICIAN
-        ds.StudyDate = study_date
-        if uids:
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = uids
-            ds.SOPInstanceUID = f"{uids[1]}.{sop_start + i + 1}"
-        if step is not None:
-            x, y, z = (float(v) for v in ds.ImagePositionPatient)
-            ds.ImagePositionPatient = [x, y, -766.5 - step * i]
-            ds.SliceLocation = -766.5 - step * i
-        for keyword, value in tags.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-        ds.save_as(folder / f"{prefix}{i:03d}.dcm")
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export") / "dicom"
-    # patient A, study 1: blank UIDs (as shared); soft and bone reconstructions and a localizer in one folder
-    plant(root / "A" / "1", "soft", "PHIA-4711")
-    plant(root / "A" / "1", "bone", "PHIA-4711", step=1.0, SliceThickness=1, ConvolutionKernel="Br64f",
-          SeriesDescription="CT Bone 1.0")
-    plant(root / "A" / "1", "loc", "PHIA-4711", n=1, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-          ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
-    # patient A, study 2: UIDs; a 2 mm series alone in its folder, a thinner one with a missing slice, no contrast
-    study = f"{UID_ROOT}.2"
-    plant(root / "A" / "2" / "ct", "im", "PHIA-4711", uids=(study, f"{study}.1"), study_date=STUDY_DATES["A2"],
-          ContrastBolusAgent=None, SeriesNumber=2, PatientAge="062Y")
-    plant(root / "A" / "2" / "thin", "im", "PHIA-4711", step=1.0, skip=10, uids=(study, f"{study}.2"),
-          study_date=STUDY_DATES["A2"], ContrastBolusAgent=None, SeriesNumber=3, SliceThickness=1)
-    # patient B: a 2 mm series (the rule's) and a 4 mm one (every other slice) in folders of their own
-    study = f"{UID_ROOT}.3"
-    plant(root / "B" / "s2", "im", "PHIB-0815", uids=(study, f"{study}.1"), SeriesNumber=2)
-    plant(root / "B" / "s4", "im", "PHIB-0815", step=4.0, n=10, uids=(study, f"{study}.2"), SeriesNumber=3)
-    # patients C-F: one series each, ages and sexes of every kind; C with blank UIDs
-    plant(root / "C", "im", "PHIC-1001", n=12)
-    for patient, number in (("PHID-2002", 5), ("PHIE-3003", 6), ("PHIF-4004", 7)):
-        study = f"{UID_ROOT}.{number}"
-        plant(root / patient[3], "im", patient, n=12, uids=(study, f"{study}.1"))
-    # patient G: the same slices twice under one series UID (two exports merged): no usable series
-    study = f"{UID_ROOT}.8"
-    for copy in ("a", "b"):
-        plant(root / "G", copy, "PHIG-5005", n=12, uids=(study, f"{study}.1"), sop_start=100 * (copy == "b"))
-    (root / "README.txt").write_text("not a DICOM file\n")
-    return root
+    return build_export_tree(tmp_path_factory.mktemp("export") / "dicom", require_shared_data())
 
 
 def run_sheet(tree: Path, out: Path, secret: str = SECRET, **options) -> dicom_series.Inventory:
@@ -252,9 +181,7 @@ def test_pseudonyms_stable_with_the_secret_and_no_phi_out(tree, tmp_path, monkey
     assert set(mapping["PatientID"]) == set(PATIENTS)
 
     # no planted PHI in any byte of what is written beside the sheet
-    phi = [*PATIENTS, *(p["name"] for p in PATIENTS.values()), *(p["name"].split("^")[1] for p in PATIENTS.values()),
-           "19600315", "19000101", *STUDY_DATES.values(), INSTITUTION, ACCESSION, PHYSICIAN, UID_ROOT,
-           ORIGINAL_UID_ROOT]
+    phi = export_phi()
     written = [p for p in first.rglob("*") if p.is_file()]
     assert {p.suffix for p in written} == {".tsv", ".txt"}
     for path in written:

@@ -2,10 +2,15 @@
 headers (names, IDs, birth date, institution, physician, accession number, UIDs), imported and measured by the
 real workflow beside a NIfTI row and a broken series. The DICOM scans are measured on the reference grid with
 the HU of an independent pydicom conversion; the broken one is listed at stage import_ct; and no planted value
-reaches any byte of any file under results/ (decompressed NIfTIs, tables, logs and the report included)."""
+reaches any byte of any file under results/ (decompressed NIfTIs, tables, logs and the report included).
+
+And the whole path from a PACS export: `ctcohort sheet` on a tree of planted copies (two patients, a localizer
+and a second kernel beside the chosen series, blank UIDs), the sheet it writes run as a study: one series per
+study, age and sex from the headers in the measurement table, no planted value under results/."""
 
 import base64
 import binascii
+import contextlib
 import gzip
 import io
 import logging
@@ -20,7 +25,8 @@ pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2
 
 from conftest import require_shared_data, run_workflow  # noqa: E402
 from ctcohort.dicom_import import DicomImportError, _read_image_header, _warnings, convert_series  # noqa: E402
-from dicom_edits import reference_volume, series_files, write_copies  # noqa: E402
+from ctcohort.cli import main  # noqa: E402
+from dicom_edits import build_export_tree, export_phi, reference_volume, series_files, write_copies  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.9.7139"
 PLANTED = {
@@ -228,3 +234,57 @@ def test_dcm2niix_messages_are_passed_on_without_header_values(planted, tmp_path
                      "Error: series <uid> and <uid> differ",
                      "Warning: name <header value> <header value>",
                      "Warning: <header value>, accession <header value>"]
+
+
+@pytest.fixture(scope="module")
+def export_study(tmp_path_factory):
+    """`ctcohort sheet` on a planted export tree, a seg column added to the sheet it writes (the reference labels
+    of the shared series: every chosen series is on its grid), and one study run on that sheet."""
+    data = require_shared_data()
+    tree = build_export_tree(tmp_path_factory.mktemp("pacs") / "dicom", data, everything=False)
+    out = tmp_path_factory.mktemp("pacs_sheet")
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        code = main(["sheet", str(tree), "-o", str(out / "cohort.tsv"), "--series-table", str(out / "series.tsv"),
+                     "--secret", "test secret: not for real data", "--processes", "1"])
+    assert code == 0, console.getvalue()
+    written = pd.read_csv(out / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    written["seg"] = str(data / "totalseg-example" / "example_seg_dicom.nii.gz")
+    written.to_csv(out / "cohort.tsv", sep="\t", index=False)
+    workdir = tmp_path_factory.mktemp("pacs_study")
+    run = run_workflow(workdir, {**STUDY, "cohort": str(out / "cohort.tsv")})
+    return workdir / "results", out, console.getvalue() + run.stdout + run.stderr, tree
+
+
+@pytest.mark.slow
+def test_a_sheet_from_a_planted_export_runs_with_header_age_and_sex_and_no_phi(export_study):
+    results, out, console, tree = export_study
+    sheet = pd.read_csv(out / "cohort.tsv", sep="\t")
+    series = pd.read_csv(out / "series.tsv", sep="\t")
+    # one series per study: of A's soft and bone reconstructions and localizer (one folder, blank UIDs) the soft one
+    assert len(sheet) == 2 and (series.groupby("study")["chosen"].sum() == 1).all()
+    assert len(series) == 4 and sorted(sheet["kernel"]) == ["Br38f/3", "Br38f/3"]
+    assert sorted(sheet["slices"]) == [20, 20]
+
+    # measured, each with the age and sex of its headers: A by birth and study date, B by PatientAge 018M
+    assert pd.read_csv(results / "tables" / "failures.tsv", sep="\t").empty
+    table = pd.read_csv(results / "tables" / "measurements.tsv", sep="\t")
+    assert set(table["subject"]) == set(sheet["subject"])
+    assert table["n_voxels"].groupby(table["subject"]).sum().gt(0).all()
+    carried = table.groupby("subject")[["age", "sex"]].agg(set)
+    assert (carried["age"].map(len) == 1).all() and (carried["sex"].map(len) == 1).all()
+    people = sorted((next(iter(age)), next(iter(sex))) for age, sex in zip(carried["age"], carried["sex"]))
+    assert people[0] == (1.5, "M")
+    assert people[1][0] == pytest.approx(62 + 268 / 365, abs=0.01) and people[1][1] == "F"
+
+    # no planted value in any byte under results/, nor on the console
+    needles = export_phi()
+    files = [p for p in results.rglob("*") if p.is_file()]
+    assert sum(p.parent.name == "ct" and p.name.endswith(".nii.gz") for p in files) == 2
+    found = [(str(path.relative_to(results)), needle) for path in files for view in searchable(path)
+             for needle in needles if needle.encode() in view or needle.upper().encode() in view]
+    assert not found
+    assert not [needle for needle in needles if needle in console or needle.upper() in console.upper()]
+    # where they are, they are found: patient A's values in a file of the export
+    planted = searchable(tree / "A" / "1" / "soft000.dcm")
+    assert all(any(n.encode() in view for view in planted) for n in ["PHIA-4711", "Doe^Janetta", "19600315"])

@@ -2,6 +2,7 @@
 
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -438,3 +439,137 @@ def test_ct_may_name_a_dicom_series_but_a_nifti_or_segmentation_is_a_file(tmp_pa
     ]
     sheet = load(write_sheet(tmp_path, rows[:3], header))
     assert sheet["ct"].tolist() == ["dicom/s1", "s2.zip", "lists/s3.txt"]
+
+
+# --- what spreadsheets and editors write -------------------------------------------------------
+
+SHEET_TEXT = "subject\tct\tage\tsex\ns1\tct/s1.nii.gz\t40\tM\ns2\tct/s2.nii.gz\t\tF\n"
+
+
+@pytest.mark.parametrize("encode", [
+    pytest.param(lambda text: text.replace("\n", "\r\n").encode(), id="crlf"),
+    pytest.param(lambda text: text.replace("\n", "\r").encode(), id="cr"),
+    pytest.param(lambda text: b"\xef\xbb\xbf" + text.encode(), id="utf8-bom"),
+    pytest.param(lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(), id="utf8-bom-crlf"),
+    pytest.param(lambda text: text.replace("\n", "\r\n").encode("utf-16"), id="utf16-bom"),  # Excel's "Unicode text"
+    pytest.param(lambda text: text.replace("\n", "\t\n").encode(), id="trailing-empty-column"),
+])
+def test_unambiguous_encodings_and_line_ends_read_as_plain_utf8(scans, encode):
+    path = scans / "cohort.tsv"
+    path.write_bytes(encode(SHEET_TEXT))
+    sheet = load(path)
+    assert list(sheet.columns) == list(HEADER)  # no BOM in the first name, no '\r' in the last, no empty column
+    assert list(sheet.index) == ["s1", "s2"]
+    assert sheet.at["s1", "sex"] == "M" and sheet.at["s2", "sex"] == "F"  # not 'M\r'
+    assert sheet.at["s1", "age"] == 40 and pd.isna(sheet.at["s2", "age"])
+    assert Path(sheet.at["s2", "ct"]) == scans / "ct" / "s2.nii.gz"
+
+
+def test_crlf_line_numbers_are_those_an_editor_shows(scans):
+    path = scans / "cohort.tsv"
+    path.write_bytes(b"subject\tct\tage\tsex\r\ns1\tct/s1.nii.gz\t40\tM\r\n\r\ns2\tct/s2.nii.gz\t40\tQ\r\n")
+    with pytest.raises(CohortSheetError) as error:
+        load(path)
+    assert problems(error) == ["line 4 (subject 's2'): column 'sex': 'Q': accepted values are M or F, or a blank "
+                               "cell where unknown"]
+
+
+@pytest.mark.parametrize("separator, name", [(",", "commas"), (";", "semicolons")])
+def test_a_comma_or_semicolon_separated_sheet_is_refused_naming_the_separator(scans, separator, name):
+    path = scans / "cohort.tsv"
+    path.write_text("\r\n".join(separator.join(cells) for cells in [HEADER, ("s1", "ct/s1.nii.gz", "40", "M")]))
+    with pytest.raises(CohortSheetError) as error:
+        load(path)
+    message = str(error.value)
+    assert f"line 1: the header is separated by {name}, not tabs" in message and "tab-separated" in message
+
+
+def test_a_cell_holding_a_comma_is_fine_in_a_tab_separated_sheet(scans):
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "40", "M", "north, ward 3")], header=(*HEADER, "site"))
+    assert load(path).at["s1", "site"] == "north, ward 3"
+
+
+def test_text_not_in_utf8_is_named_by_its_line(scans):
+    path = scans / "cohort.tsv"
+    path.write_bytes("subject\tct\tage\tsex\tsite\ns1\tct/s1.nii.gz\t40\tM\tZ\u00fcrich\n".encode("latin-1"))
+    with pytest.raises(CohortSheetError, match=r"line 2: byte 0xfc is not UTF-8 text; save the sheet as UTF-8"):
+        load(path)
+
+
+@pytest.mark.parametrize("header, message", [
+    ("subject\tct\tage\tsex\tage", "column 'age' appears 2 times"),
+    ("subject\tct\t\tage\tsex", "column 3 has no name"),
+])
+def test_a_header_with_a_repeated_or_unnamed_column_is_refused(scans, header, message):
+    path = scans / "cohort.tsv"
+    path.write_text(f"{header}\ns1\tct/s1.nii.gz\t40\tM\t41\n")
+    with pytest.raises(CohortSheetError, match=f"line 1: {message}"):
+        load(path)
+
+
+@pytest.mark.parametrize("subject", ["a b", "a;b", "x/y", "../x", "..", "a..b", "x\\y", "a*", "s1;rm", "a" * 101])
+def test_ids_that_are_unsafe_as_file_names_are_refused_with_the_line(scans, subject):
+    path = write_sheet(scans, [("ok1", "ct/s1.nii.gz", "30", "M"), (subject, "ct/s2.nii.gz", "40", "F")])
+    with pytest.raises(CohortSheetError) as info:
+        load(path)
+    (problem,) = problems(info)
+    assert problem.startswith(f"line 3 (subject {subject!r}): column 'subject': ")
+
+
+def test_ids_that_differ_in_case_only_are_duplicates(scans):
+    """On a case-insensitive file system results/ct/S1.nii.gz and results/ct/s1.nii.gz are one file."""
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", "M"), ("S1", "ct/s2.nii.gz", "40", "F")])
+    with pytest.raises(CohortSheetError) as info:
+        load(path)
+    assert problems(info) == ["line 3 (subject 'S1'): subject differs from 's1' in case only, first seen on line 2"]
+
+
+@pytest.mark.parametrize("age", ["-1", "-0.5", "130.5", "131", "250", "inf", "45Y", "4O"])
+def test_an_age_out_of_range_or_not_a_number_names_the_cell_and_the_range(scans, age):
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", age, "M")])
+    with pytest.raises(CohortSheetError) as info:
+        load(path)
+    assert problems(info) == [f"line 2 (subject 's1'): column 'age': {age!r}: accepted values are a number of years "
+                              "from 0 to 130, or a blank cell where unknown"]
+
+
+@pytest.mark.parametrize("sex", ["m", "O", "U", "W", "male", "1", "M/F"])
+def test_an_unknown_sex_code_names_the_accepted_values(scans, sex):
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", sex)])
+    with pytest.raises(CohortSheetError) as info:
+        load(path)
+    assert problems(info) == [f"line 2 (subject 's1'): column 'sex': {sex!r}: accepted values are M or F, or a blank "
+                              "cell where unknown"]
+
+
+def test_a_workbook_is_refused_with_what_to_save_instead(tmp_path):
+    path = tmp_path / "cohort.tsv"
+    with zipfile.ZipFile(path, "w") as workbook:  # what an .xlsx file is
+        workbook.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(CohortSheetError, match=r"a spreadsheet workbook \(zip\), not text: save the sheet as tab-sep"):
+        load(path)
+
+
+@pytest.mark.slow
+def test_sheet_problems_stop_the_workflow_before_any_job_naming_line_and_column(tmp_path):
+    """Through the real workflow: a sheet as a Windows spreadsheet writes it (BOM, CRLF) is read, and its
+    problems stop the run before any job, each with its line, subject and column."""
+    from conftest import run_workflow
+
+    for name in ("s1", "s2", "s3", "s4", "s5"):
+        touch(tmp_path / "data" / f"{name}.nii.gz")
+        touch(tmp_path / "data" / f"{name}_seg.nii.gz")
+    rows = [("s1", 40, "M"), ("a;b", 41, "F"), ("s3", 131, "F"), ("s4", 42, "O"), ("S1", 43, "M")]
+    lines = ["subject\tct\tseg\tage\tsex", *(f"{s}\ts{i}.nii.gz\ts{i}_seg.nii.gz\t{age}\t{sex}"
+                                              for i, (s, age, sex) in enumerate(rows, start=1))]
+    sheet = tmp_path / "data" / "cohort.tsv"
+    sheet.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    result = run_workflow(tmp_path, {"cohort": str(sheet), "segmentation": {"method": "precomputed"}}, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "4 problem(s), nothing was run" in output
+    assert "line 3 (subject 'a;b'): column 'subject'" in output
+    assert "line 4 (subject 's3'): column 'age': '131': accepted values are a number of years from 0 to 130" in output
+    assert "line 5 (subject 's4'): column 'sex': 'O': accepted values are M or F" in output
+    assert "line 6 (subject 'S1'): subject differs from 's1' in case only, first seen on line 2" in output
+    assert not (tmp_path / "results").exists()

@@ -2,11 +2,20 @@
 
 Every problem is reported with the sheet's line number and the subject id, all
 at once, so a user fixes a 5,000-row sheet in one pass instead of fifty runs.
+
+What a spreadsheet or an editor writes is accepted where it is unambiguous: UTF-8 with or without a byte-order
+mark, UTF-16 with one (Excel's "Unicode text"), Windows (CRLF) or old Mac (CR) line ends, blank lines, spaces
+around cells, empty columns at the end of the header. A sheet separated by commas or semicolons is refused with
+the separator named: paths and covariates may hold those characters, and quoting rules differ between
+programs, so such a sheet cannot be read the same way everywhere.
 """
 
+import codecs
 import csv
+import io
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import jsonschema
@@ -20,6 +29,11 @@ PATH_COLUMNS = ("ct", "seg", "reference")
 RESERVED_COLUMNS = ("structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
                     "hu_mean_eroded", "complete", "exclusion_reason")
 MAX_REPORTED_PROBLEMS = 30
+# Separators a header written by a spreadsheet's "CSV" export may hold instead of tabs.
+OTHER_SEPARATORS = {",": "commas", ";": "semicolons", "|": "vertical bars"}
+# What each enumerated column accepts, said in the message when a cell holds something else.
+ACCEPTED_VALUES = {"age": "a number of years from 0 to 130, or a blank cell where unknown",
+                   "sex": "M or F, or a blank cell where unknown", "contrast": "1 or 0, or a blank cell where unknown"}
 # Columns every sheet has, though a cell may be blank (de-identified exports blank age and sex): the scan is
 # measured and left out of the analyses that need the value.
 COVARIATE_COLUMNS = ("age", "sex")
@@ -65,7 +79,8 @@ def load_cohort_sheet(
     """
     path = Path(path)
     if not path.is_file():
-        raise CohortSheetError(f"cohort sheet {path} does not exist")
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CohortSheetError(f"cohort sheet {path} {problem}")
     schema = yaml.safe_load(Path(schema_path).read_text())
     header, records = _read_tsv(path)
     missing = [c for c in [*schema.get("required", []), *COVARIATE_COLUMNS, *required_files] if c not in header]
@@ -104,10 +119,21 @@ def load_cohort_sheet(
             if column in reported:
                 continue  # one problem per cell: a bad value may break several rules
             reported.add(column)
-            problems.append(f"{where}: " + (f"column {column!r}: " if column else "") + error.message)
-        if subject in first_line:
-            problems.append(f"{where}: duplicate subject, first seen on line {first_line[subject]}")
-        first_line.setdefault(subject, line)
+            message = error.message
+            if column == "subject" and error.validator == "pattern":
+                message += " (letters, digits, '_', '.' and '-', starting with a letter or digit)"
+            elif column in ACCEPTED_VALUES and error.validator in ("enum", "type", "minimum", "maximum"):
+                message = f"{record[column]!r}: accepted values are {ACCEPTED_VALUES[column]}"
+            problems.append(f"{where}: " + (f"column {column!r}: " if column else "") + message)
+        if ".." in subject and "subject" not in reported:
+            problems.append(f"{where}: column 'subject': '..' in an id (ids name files and folders)")
+        # ids that differ in case only name the same files on case-insensitive file systems (macOS, Windows)
+        key = subject.casefold()
+        if key in first_line:
+            seen_line, seen = first_line[key]
+            same = "duplicate subject" if seen == subject else f"subject differs from {seen!r} in case only"
+            problems.append(f"{where}: {same}, first seen on line {seen_line}")
+        first_line.setdefault(key, (line, subject))
         for column in PATH_COLUMNS:
             if isinstance(row.get(column), str):
                 row[column] = _resolve(row[column], path.parent)
@@ -134,17 +160,60 @@ def load_cohort_sheet(
     return frame.set_index("subject", drop=False)
 
 
+def _decode(path: Path) -> str:
+    """The sheet's text: UTF-8 (a byte-order mark dropped), or UTF-16 where a byte-order mark says so."""
+    raw = path.read_bytes()
+    if raw[:4] == b"PK\x03\x04":
+        raise CohortSheetError(
+            f"cohort sheet {path}: a spreadsheet workbook (zip), not text: save the sheet as tab-separated text "
+            "(a spreadsheet's 'Text (tab-delimited)' export)"
+        )
+    if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise CohortSheetError(f"cohort sheet {path}: starts as UTF-16 text but is not ({err.reason})") from err
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise CohortSheetError(
+            f"cohort sheet {path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 text; save the sheet as "
+            "UTF-8 (a spreadsheet's 'UTF-8 text' or 'Unicode' export)"
+        ) from err
+
+
 def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, stripped cells) of each non-blank row; line numbers as an editor shows them."""
+    text = _decode(path)
+    if "\x00" in text:
+        raise CohortSheetError(f"cohort sheet {path}: holds NUL characters, not a tab-separated text file")
+    # CRLF, CR and LF line ends alike (quoting is off: a quote is a character of its cell)
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as stream:
-            lines = list(enumerate(csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE), start=1))
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise CohortSheetError(f"cohort sheet {path}: not a readable tab-separated text file ({err})") from err
-    lines = [(n, [c.strip() for c in cells]) for n, cells in lines if any(c.strip() for c in cells)]
+        lines = [(n, [c.strip() for c in cells]) for n, cells in enumerate(rows, start=1)
+                 if any(c.strip() for c in cells)]
+    except csv.Error as err:
+        raise CohortSheetError(f"cohort sheet {path}: line {rows.line_num}: {err}") from err
     if not lines:
         raise CohortSheetError(f"cohort sheet {path} is empty: expected a header line and one row per scan")
-    (_, header), records = lines[0], lines[1:]
+    (header_line, header), records = lines[0], lines[1:]
+    while len(header) > 1 and header[-1] == "":
+        header = header[:-1]  # a spreadsheet's trailing empty columns; their cells must be blank (checked below)
+    if len(header) == 1:
+        used = [name for separator, name in OTHER_SEPARATORS.items() if separator in header[0]]
+        if used:
+            raise CohortSheetError(
+                f"cohort sheet {path}: line {header_line}: the header is separated by {used[0]}, not tabs: "
+                "save the sheet as tab-separated text (a spreadsheet's 'Text (tab-delimited)' export); a sheet "
+                "separated by commas or semicolons is not read, because paths and values may hold them"
+            )
+    unnamed = [f"column {i} has no name" for i, name in enumerate(header, start=1) if not name]
+    repeated = [f"column {name!r} appears {n} times" for name, n in Counter(header).items() if name and n > 1]
+    if unnamed or repeated:
+        raise CohortSheetError(f"cohort sheet {path}: line {header_line}: " + "; ".join(unnamed + repeated))
+    width = len(header)
+    records = [(n, cells[:width] if len(cells) > width and not any(cells[width:]) else cells) for n, cells in records]
     return header, records
 
 
