@@ -478,6 +478,19 @@ def test_partial_spearman_equals_pingouin():
         assert row["p_partial"] == pytest.approx(p, rel=1e-8), covariates
 
 
+def test_a_covariate_with_one_category_adjusts_for_nothing():
+    """A study of one sex: sex carries no information, and the partial rs is the plain rs (no crash)."""
+    rng = np.random.default_rng(5)
+    n = 40
+    age = rng.integers(20, 90, n).astype(float)
+    table = pd.DataFrame({"subject": range(n), "age": age, "sex": "F", "structure": "liver", "group": "organ",
+                          "v": 0.2 * age + rng.normal(0, 5, n)})
+    row = age_correlations(table, ["v"], partial_covariates=["sex"]).iloc[0]
+    plain = stats.spearmanr(table["age"], table["v"])
+    assert row["rs_partial"] == pytest.approx(plain.statistic, abs=1e-12)
+    assert row["p_partial"] == pytest.approx(plain.pvalue, rel=1e-6)
+
+
 def test_partial_spearman_removes_a_confounder_and_keeps_a_real_effect():
     rng = np.random.default_rng(11)
     confounder = rng.normal(size=300)

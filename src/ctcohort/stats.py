@@ -124,7 +124,9 @@ def covariate_matrix(block: pd.DataFrame, covariates: list[str]) -> np.ndarray:
     frame = pd.get_dummies(block[covariates], drop_first=True, dummy_na=False, dtype=float)
     for column in covariates:
         if block[column].dtype == object or isinstance(block[column].dtype, pd.StringDtype):
-            frame.loc[block[column].isna().to_numpy(), frame.columns.str.startswith(f"{column}_")] = np.nan
+            # (a list, not frame.columns.str: a category with one value, e.g. every scan F, leaves no column)
+            indicators = [str(name).startswith(f"{column}_") for name in frame.columns]
+            frame.loc[block[column].isna().to_numpy(), indicators] = np.nan
     return frame.to_numpy(dtype=float)
 
 
