@@ -15,6 +15,7 @@ from ctcohort import measure
 from ctcohort.imaging import GridMismatchError, ImplausibleScanError, ScanChecks, ct_hounsfield, label_array
 from ctcohort.measure import (
     EXCLUSION_REASONS,
+    SCAN_EXCLUSION_REASONS,
     MEASURE_COLUMNS,
     LabelMapError,
     measure_scan,
@@ -243,10 +244,13 @@ def test_huge_finite_values_are_not_taken_for_nonfinite(caplog):
 
 
 def test_exclusion_reasons_in_order_of_precedence():
-    assert EXCLUSION_REASONS == ("absent", "too_small", "hu_nonfinite", "cut_off")
+    assert SCAN_EXCLUSION_REASONS == ("absent", "too_small", "hu_nonfinite", "cut_off")
+    # the cohort's plausibility checks (qc.apply_plausibility) add two, implausible_hu before cut_off
+    assert EXCLUSION_REASONS == ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off",
+                                 "implausible_volume")
     hu, labels, _, _ = nonfinite_scene()
     got = measure_structures(hu, labels, 1.0, small_table(), border_margin=1, min_voxels=5)
-    assert set(got["exclusion_reason"]) - {""} == set(EXCLUSION_REASONS)
+    assert set(got["exclusion_reason"]) - {""} == set(SCAN_EXCLUSION_REASONS)
 
 
 def save_nifti(array, affine, path, dtype=None, slope=None, inter=None):

@@ -10,12 +10,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment' dependencies")
 
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
-from ctcohort.measure import measure_scan, read_measurements, write_measurements  # noqa: E402
+from ctcohort.measure import measure_and_check, measure_scan, read_measurements, write_measurements  # noqa: E402
+from ctcohort.qc import QCSettings, read_qc  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
     TASKS,
     BatchMeasurement,
@@ -139,7 +141,9 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     outputs = [tmp_path / f"{s}.nii.gz" for s in "abc"]
     statuses = [tmp_path / f"{s}.json" for s in "abc"]
     measurement = BatchMeasurement([tmp_path / f"{s}.tsv" for s in "abc"],
-                                   [tmp_path / f"{s}.measure.json" for s in "abc"], min_voxels=5)
+                                   [tmp_path / f"{s}.measure.json" for s in "abc"], min_voxels=5,
+                                   qc_tables=[tmp_path / f"{s}.qc.tsv" for s in "abc"],
+                                   previews=[tmp_path / f"{s}.png" for s in "abc"], preview_width=300)
     segment_batch(["good", "bad", "unimported"], [phantom_scan, broken, unimported], outputs, statuses,
                   model=two_part_model, structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement,
                   upstream=["", "", import_status])
@@ -159,6 +163,13 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     write_measurements(from_files, tmp_path / "from_files.tsv")
     assert measurement.outputs[0].read_bytes() == (tmp_path / "from_files.tsv").read_bytes()
     assert read_measurements(measurement.outputs[1]).empty
+    # quality control beside each table: the scan's own, placeholders for the failed ones
+    checked = measure_and_check(phantom_scan, outputs[0], V1, qc=QCSettings(3, 5, 300))
+    assert measurement.qc_tables[0].read_text() == checked.qc.table.to_csv(sep="\t", index=False)
+    assert measurement.previews[0].read_bytes() == checked.qc.preview
+    assert Image.open(measurement.previews[0]).size == (300, 100)
+    for i in (1, 2):
+        assert read_qc(measurement.qc_tables[i]).empty and Image.open(measurement.previews[i]).size == (1, 1)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -3,15 +3,25 @@
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, read_measurements
+from ctcohort.qc import read_qc
 from ctcohort.scan_status import ScanStatus, read_status
 from ctcohort.sheet import covariate_columns
 
 FAILURE_COLUMNS = ["subject", "stage", "error"]
 SUMMARY_MEASURES = ("volume_ml", "hu_mean", "hu_median", "hu_std", "hu_mean_eroded")
 SUMMARY_COLUMNS = ["structure", "group", "measure", "n", "mean", "sd", "q25", "median", "q75"]
+# Stages a scan can fail at, in the order it meets them (failures at other stages follow)
+STAGES = ("import_ct", "segment", "measure")
+QC_TABLE_COLUMNS = [
+    "subject", "structure", "label", "group", "n_voxels", "volume_ml_measured", "hu_mean_measured", "complete",
+    "cut_faces", "volume_implausible", "hu_implausible", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
+]
+# Why a measure is NaN: per measure, the exclusion reasons that remove it (in order of precedence)
+HU_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu")
 
 
 def collect_failures(status_paths: Sequence[str | Path]) -> pd.DataFrame:
@@ -99,3 +109,66 @@ def failure_summary(failures: pd.DataFrame, n_scans: int, table_path: str | Path
 
 def read_failures(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str, str | Path]) -> pd.DataFrame:
+    """One row per subject x structure of the cohort (QC_TABLE_COLUMNS): the values as measured, the
+    faces that cut the structure (qc.cut_faces), the plausibility flags and final exclusion reason of
+    ``checked`` (``qc.apply_plausibility`` of ``measured``), the scan's vertebral coverage."""
+    subjects = set(measured["subject"])
+    frames = [read_qc(path).assign(subject=subject) for subject, path in qc_paths.items() if subject in subjects]
+    table = checked[["subject", "structure", "label", "group", "n_voxels", "complete", "volume_implausible",
+                     "hu_implausible", "exclusion_reason"]].copy()
+    table["volume_ml_measured"] = measured["volume_ml"].to_numpy()
+    table["hu_mean_measured"] = measured["hu_mean"].to_numpy()
+    if frames:
+        qc = pd.concat(frames, ignore_index=True).drop(columns="label")
+        table = table.merge(qc, on=["subject", "structure"], how="left", validate="one_to_one")
+    else:
+        table = table.assign(cut_faces="", cranial_vertebra="", caudal_vertebra="")
+    return table[QC_TABLE_COLUMNS]
+
+
+def value_exclusions(checked: pd.DataFrame, measure: str) -> pd.Series:
+    """Per row of ``checked`` (measurements after ``qc.apply_plausibility``): why ``measure`` is NaN, one of
+    EXCLUSION_REASONS or "other" (e.g. an eroded mean of a structure without interior voxels); "" where
+    it is a number. The row's exclusion_reason names one cause; a value can be NaN for another one (a
+    cut-off structure whose HU is implausible: reason implausible_hu, volume NaN as cut_off)."""
+    reason = checked["exclusion_reason"].fillna("")
+    missing = pd.to_numeric(checked[measure], errors="coerce").isna()
+    if measure == "volume_ml":
+        cause = reason.where(reason.isin(["absent", "too_small"]), "other")
+        cause = cause.mask((cause == "other") & checked["complete"].eq(False).fillna(False), "cut_off")
+        cause = cause.mask((cause == "other") & checked["volume_implausible"].astype(bool), "implausible_volume")
+    elif measure.startswith("hu_"):
+        cause = reason.where(reason.isin(HU_REASONS), "other")
+    else:
+        cause = reason.where(reason.isin(["absent", "too_small"]), "other")
+    return cause.where(missing, "")
+
+
+def exclusion_flow(n_scans: int, failures: pd.DataFrame, checked: pd.DataFrame, measures) -> pd.DataFrame:
+    """Per structure and measure, what happened to every scan of the sheet: scans in, failed (by stage),
+    measured, excluded (by reason: the value is NaN), measured without an age, analysed (a finite value
+    and an age: the n of the age correlation). Each row adds up: scans_in = failed + measured, and
+    measured = excluded + no_age + analysed."""
+    stages = [*STAGES, *sorted(set(failures["stage"]) - set(STAGES))]
+    failed = failures.drop_duplicates("subject")["stage"].value_counts()
+    head = {"scans_in": n_scans, **{f"failed_{stage}": int(failed.get(stage, 0)) for stage in stages}}
+    head["measured"] = n_scans - int(failed.sum())
+    reasons = [*EXCLUSION_REASONS, "other"]
+    age = checked["age"] if "age" in checked else pd.Series(np.nan, checked.index)
+    has_age = pd.to_numeric(age, errors="coerce").notna()
+    rows = []
+    for measure in measures:
+        cause = value_exclusions(checked, measure)
+        frame = pd.DataFrame({"structure": checked["structure"], "group": checked["group"], "cause": cause,
+                              "no_age": (cause == "") & ~has_age, "analysed": (cause == "") & has_age})
+        for (structure, group), block in frame.groupby(["structure", "group"], sort=False, dropna=False):
+            counts = block["cause"].value_counts()
+            rows.append({"structure": structure, "group": group, "measure": measure, **head,
+                         **{f"excluded_{r}": int(counts.get(r, 0)) for r in reasons},
+                         "no_age": int(block["no_age"].sum()), "analysed": int(block["analysed"].sum())})
+    columns = ["structure", "group", "measure", "scans_in", *[f"failed_{s}" for s in stages], "measured",
+               *[f"excluded_{r}" for r in reasons], "no_age", "analysed"]
+    return pd.DataFrame(rows, columns=columns)

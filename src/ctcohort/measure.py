@@ -36,6 +36,7 @@ from ctcohort.imaging import (
     seg_on_ct_grid,
     voxel_volume_ml,
 )
+from ctcohort.qc import QCSettings, ScanQC, empty_qc, labels_touching_faces, scan_qc, write_qc
 
 if TYPE_CHECKING:  # pandas is imported where a table is built: `ctcohort measure` starts without it
     import pandas as pd
@@ -47,8 +48,12 @@ MEASURE_COLUMNS = [
     "hu_mean_eroded", "complete", "exclusion_reason",
 ]
 HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
-# Every exclusion_reason, in order of precedence: a structure gets the first that applies.
-EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
+# Every exclusion_reason, in order of precedence: a structure gets the first that applies. The two
+# implausible_* reasons are given where the cohort is joined (qc.apply_plausibility), not per scan;
+# implausible_hu comes before cut_off for the reason hu_nonfinite does (cut_off says the HU is usable).
+EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off", "implausible_volume")
+# The reasons measure_structures gives
+SCAN_EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
 # Above this many label x HU bins (integer CTs) medians, means and SDs come from sorting the foreground.
 MAX_HISTOGRAM_BINS = 1 << 23
 # Voxels per slab of the pass over the volume (at least the histogram's bins, whose per-slab cost
@@ -82,15 +87,7 @@ def interior_mask(labels: np.ndarray) -> np.ndarray:
 
 def _labels_near_border(labels: np.ndarray, margin: int, size: int) -> np.ndarray:
     """Boolean per label id: has a voxel within ``margin`` voxels of any image face."""
-    touching = np.zeros(size, dtype=bool)
-    if margin <= 0:
-        return touching
-    for axis in range(labels.ndim):
-        for part in (slice(None, margin), slice(-margin, None)):
-            index = [slice(None)] * labels.ndim
-            index[axis] = part
-            touching[np.unique(labels[tuple(index)])] = True
-    return touching
+    return labels_touching_faces(labels, margin, size).any(axis=(0, 1))
 
 
 def _same_memory_order(hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +275,7 @@ def measure_structures(
     """One row per structure of ``table`` (columns MEASURE_COLUMNS).
 
     A structure that cannot be measured gets NaN, never 0, and the first of
-    EXCLUSION_REASONS that applies:
+    SCAN_EXCLUSION_REASONS that applies:
 
     - ``absent``: no voxel. Volume and HU NaN, ``complete`` NA.
     - ``too_small``: fewer than ``min_voxels`` voxels. Volume and HU NaN.
@@ -330,7 +327,7 @@ def measure_structures(
     hu_nonfinite = ~absent & ~too_small & nonfinite[ids]
     cut_off = ~absent & ~too_small & ~hu_nonfinite & touching[ids]
     rows = {"absent": absent, "too_small": too_small, "hu_nonfinite": hu_nonfinite, "cut_off": cut_off}
-    for reason in EXCLUSION_REASONS:
+    for reason in SCAN_EXCLUSION_REASONS:
         out.loc[rows[reason], "exclusion_reason"] = reason
     out.loc[absent, "complete"] = pd.NA
     out.loc[absent | too_small | touching[ids], "volume_ml"] = np.nan
@@ -366,6 +363,15 @@ def read_scan(ct_path: str | Path, seg_path: str | Path, checks: ScanChecks = Sc
         return Scan(hu, labels.result(), ct.affine, ct_path, seg_path)
 
 
+def _read_with_table(ct_path, seg_path, table, checks: ScanChecks) -> tuple[Scan, pd.DataFrame]:
+    """``read_scan``, and the structure table (calling ``table`` while the scan is read, if a function)."""
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_scan, ct_path, seg_path, checks)
+        if callable(table):
+            table = table()
+        return reading.result(), table
+
+
 def measure_scan(
     ct_path: str | Path,
     seg_path: str | Path,
@@ -380,15 +386,53 @@ def measure_scan(
     ``table``: the structure table, or a function that returns it, called while the scan is read (so
     ``ctcohort measure`` imports pandas while the CT inflates); its errors come first.
     """
-    with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(read_scan, ct_path, seg_path, checks)
-        if callable(table):
-            table = table()
-        scan = reading.result()
+    scan, table = _read_with_table(ct_path, seg_path, table, checks)
     return measure_structures(
         scan.hu, scan.labels, voxel_volume_ml(scan.affine), table,
         border_margin=border_margin, min_voxels=min_voxels, source=seg_path, ct_source=ct_path,
     )
+
+
+class CheckedScan(NamedTuple):
+    """A scan's measurements and its quality control (``measure_and_check``)."""
+
+    measurements: pd.DataFrame
+    qc: ScanQC
+
+
+def measure_and_check(
+    ct_path: str | Path,
+    seg_path: str | Path,
+    table: pd.DataFrame | Callable[[], pd.DataFrame],
+    *,
+    checks: ScanChecks = ScanChecks(),
+    qc: QCSettings = QCSettings(),
+) -> CheckedScan:
+    """``measure_scan``, then ``qc.scan_qc`` on the arrays already in memory (``qc`` carries the border
+    margin and the minimum voxel count the measurement uses)."""
+    scan, table = _read_with_table(ct_path, seg_path, table, checks)
+    return checked_scan(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path)
+
+
+def checked_scan(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, table: pd.DataFrame,
+                 qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT") -> CheckedScan:
+    """Measure arrays in memory (``measure_structures``) and check them (``qc.scan_qc``)."""
+    measured = measure_structures(hu, labels, voxel_volume_ml(affine), table, border_margin=qc.border_margin,
+                                  min_voxels=qc.min_voxels, source=source, ct_source=ct_source)
+    return CheckedScan(measured, scan_qc(hu, labels, affine, measured, qc))
+
+
+def empty_checked_scan() -> CheckedScan:
+    """What a scan that could not be measured leaves: no rows, no preview (a placeholder is written)."""
+    return CheckedScan(empty_measurements(), empty_qc())
+
+
+def write_checked_scan(result: CheckedScan, table_path: str | Path, qc_path: str | Path | None,
+                       preview_path: str | Path | None) -> None:
+    """The measurement table, and the QC table and preview where their paths are given."""
+    write_measurements(result.measurements, table_path)
+    if qc_path:
+        write_qc(result.qc, qc_path, preview_path)
 
 
 def empty_measurements() -> pd.DataFrame:

@@ -41,8 +41,9 @@ import numpy as np
 import pandas as pd
 
 from ctcohort import nnunet_adapter
-from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, voxel_spacing_mm, voxel_volume_ml
-from ctcohort.measure import empty_measurements, measure_structures, write_measurements
+from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, voxel_spacing_mm
+from ctcohort.measure import checked_scan, empty_checked_scan, write_checked_scan
+from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import passed_on_failure, recording_failure, run_scan_step
@@ -524,14 +525,19 @@ class BatchMeasurement:
     statuses: Sequence[str | Path]  # the scans' measure-stage status files
     border_margin: int = 3
     min_voxels: int = 10
+    qc_tables: Sequence[str | Path] = ()  # per scan: the QC table (TSV, qc.scan_qc); empty: none written
+    previews: Sequence[str | Path] = ()  # per scan: the QC preview (PNG); empty: none made
+    preview_width: int = 600
+
+    @property
+    def qc(self) -> QCSettings:
+        return QCSettings(self.border_margin, self.min_voxels, self.preview_width if self.previews else None)
 
 
 def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
-                       measurement: BatchMeasurement, ct_path, seg_path) -> pd.DataFrame:
+                       measurement: BatchMeasurement, ct_path, seg_path):
     # the CT passed the same checks when it was read for segmentation
-    return measure_structures(hu, labels, voxel_volume_ml(ct.affine), table,
-                              border_margin=measurement.border_margin, min_voxels=measurement.min_voxels,
-                              source=seg_path, ct_source=ct_path)
+    return checked_scan(hu, labels, ct.affine, table, measurement.qc, source=seg_path, ct_source=ct_path)
 
 
 def segment_batch(
@@ -593,9 +599,15 @@ def segment_batch(
 def _record_measurement(subject, seg_status_path, measured, measurement: BatchMeasurement, i: int,
                         on_error: str) -> None:
     out_path, status_path = measurement.outputs[i], measurement.statuses[i]
+    qc_path = measurement.qc_tables[i] if measurement.qc_tables else None
+    preview = measurement.previews[i] if measurement.previews else None
+
+    def write(result):
+        write_checked_scan(result, out_path, qc_path, preview)
+
     run_scan_step(
         subject, "measure", status_path, on_error,
-        step=lambda: write_measurements(measured.result(), out_path),
-        placeholder=lambda: write_measurements(empty_measurements(), out_path),
+        step=lambda: write(measured.result()),
+        placeholder=lambda: write(empty_checked_scan()),
         upstream=[seg_status_path],
     )

@@ -1,4 +1,5 @@
-# Cohort tables: measurements joined with covariates, per-scan failures, exclusion counts.
+# Cohort tables: measurements joined with covariates, plausibility exclusions applied (qc.py), per-scan
+# failures, exclusion counts and the flow from scans in to scans analysed; the cohort's QC table.
 # The full measurement table is linked from the report, not embedded: at thousands of scans it is
 # half a million rows, and a report is shared more widely than the data.
 
@@ -15,6 +16,8 @@ rule aggregate:
         schema=lambda wildcards: SHEET_SCHEMA,
         measurements=lambda wildcards: per_scan("results/measure/{subject}.tsv"),
         statuses=lambda wildcards: per_scan("results/measure/{subject}.status.json"),
+        qc=lambda wildcards: per_scan("results/qc/{subject}.tsv"),
+        plausible_volumes=lambda wildcards: PLAUSIBLE_VOLUMES,  # [] where the check is off
     output:
         measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",
@@ -33,11 +36,20 @@ rule aggregate:
             caption="../report/exclusion_counts.rst",
             category="Quality control",
         ),
+        flow=report(
+            "results/tables/exclusion_flow.tsv",
+            caption="../report/exclusion_flow.rst",
+            category="Quality control",
+        ),
+        qc_table="results/tables/qc.tsv",
         summary=report(
             "results/tables/measurement_summary.tsv",
             caption="../report/measurement_summary.rst",
             category="Tables",
         ),
+    params:
+        hu_window=config["qc"]["hu_window"],
+        measures=config["statistics"]["measures"],
     log:
         "results/logs/aggregate.log",
     conda:

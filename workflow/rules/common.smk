@@ -12,6 +12,7 @@ from ctcohort import phantom
 from ctcohort.aggregate import failure_summary, read_failures
 from ctcohort.batches import in_batches
 from ctcohort.dicom_import import is_dicom_source
+from ctcohort.qc import load_plausible_volumes, plausible_volumes_path
 from ctcohort.segment import (
     ModelFolderError,
     find_model_parts,
@@ -151,6 +152,24 @@ def batch_runtime_min(n_scans):
     return lambda wildcards, attempt: attempt * (10 + math.ceil(n_scans * per_scan))
 
 
+# Quality control (qc.py): written beside each scan's measurement by the job that measures it
+QC_PREVIEW_WIDTH = config["qc"]["preview_width"] if config["qc"]["preview"] else 0
+try:  # a bad table would otherwise fail the cohort's aggregation at the end of the run
+    PLAUSIBLE_VOLUMES = plausible_volumes_path(config["qc"]["plausible_volumes"])
+    load_plausible_volumes(PLAUSIBLE_VOLUMES)
+    PLAUSIBLE_VOLUMES = [str(PLAUSIBLE_VOLUMES)] if PLAUSIBLE_VOLUMES else []
+except (ValueError, FileNotFoundError) as err:
+    raise WorkflowError(f"config key qc.plausible_volumes: {err}") from None
+
+
+def qc_outputs(subjects):
+    """A measuring job's QC outputs per scan: the table, and the preview where previews are on."""
+    outputs = {"qc": [f"results/qc/{s}.tsv" for s in subjects]}
+    if QC_PREVIEW_WIDTH:
+        outputs["previews"] = [f"results/qc/{s}.png" for s in subjects]
+    return outputs
+
+
 def per_scan(pattern):
     return expand(pattern, subject=SUBJECTS)
 
@@ -161,6 +180,9 @@ def study_outputs():
         "results/tables/measurements.parquet",
         "results/tables/failures.tsv",
         "results/tables/qc_summary.tsv",
+        "results/tables/qc.tsv",
+        "results/tables/exclusion_flow.tsv",
+        *(per_scan("results/qc/{subject}.png") if QC_PREVIEW_WIDTH else []),
         "results/tables/software_versions.tsv",
         *(["results/tables/ct_import.tsv"] if DICOM_SUBJECTS else []),
         "results/stats/age_correlations.tsv",

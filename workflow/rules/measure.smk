@@ -1,4 +1,5 @@
-# Per scan: volume and attenuation of every structure, in one pass over CT and label map.
+# Per scan: volume and attenuation of every structure, in one pass over CT and label map, and its quality
+# control (results/qc/: faces that cut structures off, vertebral coverage, preview).
 # Scans segmented by the workflow are measured in their segmentation job (segment.smk); these rules
 # measure precomputed segmentations, a batch of scans per job (measure.scans_per_job).
 
@@ -14,12 +15,14 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
         output:
             tables=[f"results/measure/{s}.tsv" for s in subjects],
             statuses=[f"results/measure/{s}.status.json" for s in subjects],
+            **qc_outputs(subjects),
         params:
             subjects=subjects,
             upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             structures=config["structures"],
             border_margin=config["measure"]["border_margin"],
             min_voxels=config["measure"]["min_voxels"],
+            preview_width=QC_PREVIEW_WIDTH,
             ct_checks=config["measure"]["ct_checks"],
             on_error=config["on_scan_error"],
         resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more

@@ -17,6 +17,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             statuses=[f"results/seg/{s}.status.json" for s in subjects],
             measurements=[f"results/measure/{s}.tsv" for s in subjects],
             measure_statuses=[f"results/measure/{s}.status.json" for s in subjects],
+            **qc_outputs(subjects),
         params:
             subjects=subjects,
             upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
@@ -32,6 +33,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             ct_checks=config["measure"]["ct_checks"],
             border_margin=config["measure"]["border_margin"],
             min_voxels=config["measure"]["min_voxels"],
+            preview_width=QC_PREVIEW_WIDTH,
         threads: config["segmentation"]["threads"]
         resources:
             # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory

@@ -1,6 +1,8 @@
-"""Join every scan's measurements with the sheet's covariates; list failed scans; summaries for the report."""
+"""Join every scan's measurements with the sheet's covariates and apply the plausibility exclusions; list
+failed scans; QC and summaries for the report."""
 
 from ctcohort import aggregate
+from ctcohort.qc import apply_plausibility, load_plausible_volumes
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import read_status
 from ctcohort.sheet import load_cohort_sheet
@@ -12,15 +14,24 @@ failures = aggregate.failure_table(statuses)
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
-measurements = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
+measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
+volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
+checked = apply_plausibility(measured, volumes, snakemake.params.hu_window)
+measurements = checked.drop(columns=["volume_implausible", "hu_implausible"])
 
 measurements.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
 measurements.to_parquet(snakemake.output.parquet, index=False)
 failures.to_csv(snakemake.output.failures, sep="\t", index=False)
+aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc))).to_csv(
+    snakemake.output.qc_table, sep="\t", index=False, na_rep="NaN", float_format="%.10g"
+)
 aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=False)
 aggregate.measurement_summary(measurements).to_csv(
     snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
 )
 aggregate.exclusion_counts(len(subjects), failures, measurements).to_csv(
     snakemake.output.exclusions, sep="\t", index=False
+)
+aggregate.exclusion_flow(len(subjects), failures, checked, snakemake.params.measures).to_csv(
+    snakemake.output.flow, sep="\t", index=False
 )
