@@ -232,9 +232,12 @@ def load_image(path: str | Path, *, in_memory: bool = False) -> nib.Nifti1Image:
     try:
         img = _load_gzipped_nifti(path, in_memory) or nib.load(path)
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise ValueError(f"cannot read {path} as NIfTI: {one_line(err)}") from err
+        hint = "; the file is cut short (an interrupted copy or download?): copy it again" if isinstance(
+            err, EOFError) or "ended before" in str(err) else ""
+        raise ValueError(f"cannot read {path} as NIfTI: {one_line(err)}{hint}") from err
     if len(img.shape) != 3:
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}")
+        raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}: give one CT volume (not a slice, "
+                         "not a series of volumes)")
     return img
 
 
