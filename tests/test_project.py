@@ -27,9 +27,11 @@ def test_shipped_config_validates_and_every_key_is_documented():
     jsonschema.validate(config, schema)
     documented = (REPO / "config" / "README.md").read_text()
 
+    named_by_the_user = {"statistics.combined"}  # a mapping of names the user chooses: one documented key
+
     def leaf_keys(mapping, prefix=""):
         for key, value in mapping.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and f"{prefix}{key}" not in named_by_the_user:
                 yield from leaf_keys(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}"

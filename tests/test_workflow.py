@@ -50,7 +50,9 @@ def embedded_files(report_path) -> dict[str, str]:
 def test_demo_tables(demo_study):
     measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
     assert measurements["subject"].nunique() == 40
-    assert len(measurements) == 40 * 104
+    combined = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["statistics"]["combined"]
+    assert len(measurements) == 40 * (104 + len(combined))
+    assert set(measurements.loc[measurements["label"].isna(), "structure"]) == set(combined)
     assert list(measurements.columns[:5]) == ["subject", "age", "sex", "contrast", "structure"]
     parquet = pd.read_parquet(demo_study / "tables" / "measurements.parquet")
     assert len(parquet) == len(measurements)
@@ -101,6 +103,51 @@ def test_demo_recovers_planted_effects_and_keeps_nulls_null(demo_study):
     null_rows = correlations[correlations["structure"].isin(nulls[nulls].index)]
     assert len(null_rows) >= 15
     assert not null_rows["significant"].any(), null_rows[null_rows["significant"]]
+
+
+def test_demo_paper_comparison_has_the_papers_rows_in_its_directions(demo_study):
+    """The phantom's planted effects follow the paper: each of its 12 rows, combined ones included, has
+    an rs of the paper's sign, and the report shows the table."""
+    paper = pd.read_csv(REPO / "resources" / "paper" / "aging_correlations.tsv", sep="\t", comment="#")
+    table = pd.read_csv(demo_study / "stats" / "paper_comparison.tsv", sep="\t", keep_default_na=False,
+                        na_values=["NaN"])
+    assert list(zip(table["structure"], table["measure"])) == list(zip(paper["structure"], paper["measure"]))
+    assert table["rs"].notna().all() and (table["note"] == "").all()
+    assert (table["same_direction"].astype(str) == "True").all(), table[["structure", "rs", "rs_paper"]]
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t").set_index(
+        ["structure", "measure"])
+    for row in table.itertuples():
+        assert row.rs == correlations.at[(row.structure, row.measure), "rs"]
+        assert row.n == correlations.at[(row.structure, row.measure), "n"]
+    assert "paper_comparison.tsv" in embedded_files(demo_study / "report.html")
+
+
+def test_demo_adjusted_by_sex_and_regression_tables_against_pingouin_and_statsmodels(demo_study):
+    """The demo's partial correlations equal pingouin's, its regression coefficients a direct statsmodels
+    fit, and every planted effect has the planted sign per decade; all three tables are in the report."""
+    import pingouin
+    import statsmodels.formula.api as smf
+
+    measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
+    partial = pd.read_csv(demo_study / "stats" / "partial_correlations.tsv", sep="\t").set_index(
+        ["structure", "measure"])
+    regression = pd.read_csv(demo_study / "stats" / "regression.tsv", sep="\t").set_index(["structure", "measure"])
+    by_sex = pd.read_csv(demo_study / "stats" / "by_sex.tsv", sep="\t")
+    for structure, measure in (("kidney_left", "volume_ml"), ("hip_left", "hu_mean"), ("liver", "hu_mean")):
+        rows = measurements[measurements["structure"] == structure].dropna(subset=[measure, "age", "sex"])
+        rows = rows.assign(sex_m=(rows["sex"] == "M").astype(float))
+        reference = pingouin.partial_corr(rows, x="age", y=measure, covar=["sex_m", "contrast"], method="spearman")
+        assert partial.at[(structure, measure), "rs_partial"] == pytest.approx(float(reference["r"].iloc[0]), abs=1e-6)
+        fit = smf.ols(f"{measure} ~ I(age / 10) + sex_m + contrast", data=rows).fit(cov_type="HC3")
+        assert regression.at[(structure, measure), "coef_per_decade"] == pytest.approx(
+            fit.params["I(age / 10)"], rel=1e-6)
+        assert regression.at[(structure, measure), "p"] == pytest.approx(fit.pvalues["I(age / 10)"], rel=1e-4)
+    truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t")
+    planted = truth[truth["direction"] != 0].set_index(["structure", "measure"])
+    assert (np.sign(regression.loc[planted.index, "coef_per_decade"]) == planted["direction"]).all()
+    assert len(by_sex) == len(partial) and by_sex["n_M"].add(by_sex["n_F"]).max() <= 40
+    embedded = embedded_files(demo_study / "report.html")
+    assert {"partial_correlations.tsv", "by_sex.tsv", "regression.tsv"} <= set(embedded)
 
 
 def test_demo_figures_and_report(demo_study):

@@ -1,6 +1,7 @@
 """Cohort tables: every scan's measurements joined with the sheet's covariates."""
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,11 @@ QC_TABLE_COLUMNS = [
 ]
 # Why a measure is NaN: per measure, the exclusion reasons that remove it (in order of precedence)
 HU_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu")
+# exclusion_reason of a combined structure's row with a NaN measure (combine_structures)
+MEMBER_MISSING = "member_missing"
+# the measures of a combined row that need every member; its hu_median is always NaN
+COMBINED_MEASURES = ("volume_ml", "hu_mean", "hu_std", "hu_mean_eroded")
+log = logging.getLogger(__name__)
 
 
 def collect_failures(status_paths: Sequence[str | Path]) -> pd.DataFrame:
@@ -49,6 +55,89 @@ def cohort_measurements(
         return pd.DataFrame(columns=[*covariates.columns, *MEASURE_COLUMNS])
     measured = pd.concat(frames, ignore_index=True)
     return covariates.merge(measured, on="subject", how="inner", validate="one_to_many")
+
+
+def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Rows of combined structures (e.g. kidneys = kidney_left + kidney_right), one per subject and
+    combination, with the columns of ``measurements`` (a cohort table: subject, covariates, the
+    MEASURE_COLUMNS), computed from the member rows of the same subject:
+
+    - ``volume_ml``: the sum of the members' volumes.
+    - ``hu_mean``: the voxel-weighted mean of the members' means (weights ``n_voxels``): the mean over
+      the union of the members' voxels, exactly.
+    - ``hu_std``: the pooled standard deviation over the union, exact from each member's n, mean and
+      (population) standard deviation: sqrt(sum n_i (std_i^2 + (mean_i - mean)^2) / sum n_i).
+    - ``hu_mean_eroded``: the members' eroded means weighted by ``n_voxels`` too. The members' interior
+      voxel counts are not in the table, so this equals the eroded mean of the union only where the
+      members have the same share of interior voxels (left and right of a pair nearly do); it is an
+      approximation.
+    - ``hu_median``: NaN. A median of a union cannot be computed from the members' medians.
+    - ``n_voxels``: the sum of the members' voxel counts (an absent member counts 0, as its own row says).
+    - ``complete``: every member complete (NA where a member is absent).
+
+    A measure is defined only when every member has a finite value for it; otherwise it is NaN and
+    the row's ``exclusion_reason`` is MEMBER_MISSING (it is "" where all of COMBINED_MEASURES are
+    numbers). So a combination with a member cut off by the field of view has no volume, and its HU
+    measures where the members' are kept. ``label`` is NaN (no label id), ``group`` the members'
+    group where they share one, else "". A combination with a member that the structure table does not
+    list at all is skipped with a warning; a name that is already a structure is an error.
+    """
+    known = set(measurements["structure"])
+    clash = sorted(set(combined) & known)
+    if clash:
+        raise ValueError(f"combined structure name(s) {clash} are structures of the table already; choose other names")
+    covariates = [c for c in measurements.columns if c not in MEASURE_COLUMNS]
+    subjects = measurements.drop_duplicates("subject")[covariates].reset_index(drop=True)
+    frames = []
+    for name, members in combined.items():
+        members = list(members)
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            log.warning("combined structure %s left out: member(s) %s not in the measurements", name, unknown)
+            continue
+        rows = measurements[measurements["structure"].isin(members)]
+        wide = rows.set_index(["subject", "structure"])
+        def values(column, wide=wide, members=members):
+            return (wide[column].unstack().reindex(index=subjects["subject"], columns=members)
+                    .to_numpy(dtype=float))
+        n = values("n_voxels")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = n.sum(axis=1)
+            volume, mean, std, eroded = (values(c) for c in ("volume_ml", "hu_mean", "hu_std", "hu_mean_eroded"))
+            combined_mean = (n * mean).sum(axis=1) / total
+            pooled = (n * (std ** 2 + (mean - combined_mean[:, None]) ** 2)).sum(axis=1) / total
+            out = {
+                "volume_ml": np.where(np.isfinite(volume).all(axis=1), volume.sum(axis=1), np.nan),
+                "hu_mean": np.where(np.isfinite(mean).all(axis=1), combined_mean, np.nan),
+                "hu_std": np.where(np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1),
+                                   np.sqrt(pooled), np.nan),
+                "hu_mean_eroded": np.where(np.isfinite(eroded).all(axis=1),
+                                           (n * eroded).sum(axis=1) / total, np.nan),
+            }
+        complete = wide["complete"].astype("boolean").unstack().reindex(
+            index=subjects["subject"], columns=members)
+        groups = set(rows["group"].fillna("").astype(str))
+        frame = subjects.assign(
+            structure=name, label=np.nan, group=groups.pop() if len(groups) == 1 else "",
+            n_voxels=total, volume_ml=out["volume_ml"], hu_mean=out["hu_mean"], hu_median=np.nan,
+            hu_std=out["hu_std"], hu_mean_eroded=out["hu_mean_eroded"],
+            complete=pd.array(np.where(complete.isna().any(axis=1), pd.NA, complete.fillna(True).all(axis=1)),
+                              dtype="boolean"),
+            exclusion_reason=np.where(np.isnan(np.column_stack(list(out.values()))).any(axis=1), MEMBER_MISSING, ""),
+        )
+        frames.append(frame[list(measurements.columns)])
+    if not frames:
+        return measurements.iloc[:0].copy()
+    return pd.concat(frames, ignore_index=True)
+
+
+def add_combined(measurements: pd.DataFrame, combined: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """``measurements`` followed by the rows of ``combine_structures``, which the statistics then treat
+    like any structure."""
+    rows = combine_structures(measurements, combined)
+    if rows.empty:
+        return measurements
+    return pd.concat([measurements, rows], ignore_index=True)
 
 
 def qc_summary(measurements: pd.DataFrame) -> pd.DataFrame:

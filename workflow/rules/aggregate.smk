@@ -1,5 +1,6 @@
 # Cohort tables: measurements joined with covariates, plausibility exclusions applied (qc.py), per-scan
-# failures, exclusion counts and the flow from scans in to scans analysed; the cohort's QC table.
+# failures, exclusion counts and the flow from scans in to scans analysed; the cohort's QC table. The
+# measurement table and its summary also hold the combined structures (statistics.combined).
 # The full measurement table is linked from the report, not embedded: at thousands of scans it is
 # half a million rows, and a report is shared more widely than the data.
 
@@ -50,6 +51,7 @@ rule aggregate:
     params:
         hu_window=config["qc"]["hu_window"],
         measures=config["statistics"]["measures"],
+        combined=config["statistics"]["combined"],
     log:
         "results/logs/aggregate.log",
     conda:

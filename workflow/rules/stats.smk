@@ -26,3 +26,106 @@ rule age_correlations:
         "../../envs/analysis.yaml"
     script:
         "../scripts/age_correlations.py"
+
+
+# The paper's 12 reported correlations (resources/paper/aging_correlations.tsv) beside the study's own.
+from ctcohort.paper import paper_table_path
+
+PAPER_CORRELATIONS = paper_table_path()
+
+
+localrules:
+    paper_comparison,
+
+
+rule paper_comparison:
+    input:
+        correlations="results/stats/age_correlations.tsv",
+        paper=lambda wildcards: str(PAPER_CORRELATIONS),
+    output:
+        report(
+            "results/stats/paper_comparison.tsv",
+            caption="../report/paper_comparison.rst",
+            category="Age correlations",
+        ),
+    log:
+        "results/logs/paper_comparison.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/paper_comparison.py"
+
+
+# Age and each measure adjusted for the covariates, per sex, and as a regression per decade with a
+# spline test of non-linearity (ctcohort.models).
+
+
+localrules:
+    partial_correlations,
+    by_sex,
+    regression,
+
+
+rule partial_correlations:
+    input:
+        rules.aggregate.output.measurements,
+    output:
+        report(
+            "results/stats/partial_correlations.tsv",
+            caption="../report/partial_correlations.rst",
+            category="Age correlations",
+        ),
+    params:
+        measures=config["statistics"]["measures"],
+        covariates=config["statistics"]["partial_covariates"],
+        correction=config["statistics"]["correction"],
+        alpha=config["statistics"]["alpha"],
+        min_n=config["statistics"]["min_n"],
+    log:
+        "results/logs/partial_correlations.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/partial_correlations.py"
+
+
+rule by_sex:
+    input:
+        rules.aggregate.output.measurements,
+    output:
+        report(
+            "results/stats/by_sex.tsv",
+            caption="../report/by_sex.rst",
+            category="Age correlations",
+        ),
+    params:
+        measures=config["statistics"]["measures"],
+        min_n=config["statistics"]["min_n"],
+    log:
+        "results/logs/by_sex.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/by_sex.py"
+
+
+rule regression:
+    input:
+        rules.aggregate.output.measurements,
+    output:
+        report(
+            "results/stats/regression.tsv",
+            caption="../report/regression.rst",
+            category="Age regression",
+        ),
+    params:
+        measures=config["statistics"]["measures"],
+        covariates=config["statistics"]["partial_covariates"],
+        spline_df=config["statistics"]["spline_df"],
+        min_n=config["statistics"]["min_n"],
+    log:
+        "results/logs/regression.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/regression.py"

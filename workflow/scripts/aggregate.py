@@ -18,15 +18,18 @@ measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
 checked = apply_plausibility(measured, volumes, snakemake.params.hu_window)
 measurements = checked.drop(columns=["volume_implausible", "hu_implausible"])
+# combined structures (kidneys = left + right, ...) from the members' excluded-as-needed values; the QC
+# tables below count the structures of the segmentation only
+study = aggregate.add_combined(measurements, snakemake.params.combined)
 
-measurements.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
-measurements.to_parquet(snakemake.output.parquet, index=False)
+study.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
+study.to_parquet(snakemake.output.parquet, index=False)
 failures.to_csv(snakemake.output.failures, sep="\t", index=False)
 aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc))).to_csv(
     snakemake.output.qc_table, sep="\t", index=False, na_rep="NaN", float_format="%.10g"
 )
 aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=False)
-aggregate.measurement_summary(measurements).to_csv(
+aggregate.measurement_summary(study).to_csv(
     snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
 )
 aggregate.exclusion_counts(len(subjects), failures, measurements).to_csv(

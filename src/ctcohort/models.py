@@ -1,0 +1,332 @@
+"""Covariate-adjusted, sex-stratified and regression statistics of each structure's measures with age.
+
+Three tables, one row per structure x group x measure, each tested on exactly the rows counted in its n.
+Rows below ``min_n`` (note ``too_few_scans``) or with a constant age or measure (note ``constant``) are not
+tested, as in ``ctcohort.stats.age_correlations``; their statistics are NaN and they do not count in the
+corrections.
+
+Covariates (``statistics.partial_covariates``): a numeric column (age-independent numbers such as contrast
+0/1) enters as it is; a text column (sex) enters as indicator columns, one per category except the first in
+sorted order (M/F: one column, "M"). A covariate or indicator column that is constant over a row's scans
+(every scan F, every scan native) adjusts for nothing and is left out; ``k`` counts the covariate columns
+used. A scan with a missing covariate value is left out of the adjusted statistics (complete cases).
+
+partial_correlations (``partial_table``)
+    Partial Spearman correlation of age and the measure given the covariates: age, the measure and every
+    covariate column are ranked (midranks), and rs_partial is the Pearson correlation of the residuals of
+    the age ranks and the measure ranks, each regressed on the covariate ranks with an intercept (the
+    same number as the partial correlation from the inverse correlation matrix of the ranks). P: two-sided,
+    t = r sqrt((n - 2 - k) / (1 - r^2)) on n - 2 - k degrees of freedom. 95% CI: Fisher z,
+    atanh(r) +- 1.96 / sqrt(n - 3 - k). p_bonferroni and q_fdr (Benjamini-Hochberg) over the tested rows of
+    this table only.
+
+by_sex (``by_sex_table``)
+    Spearman rs per sex (M, F) with P as in age_correlations and Bonett & Wright's CI (``spearman_ci``), and
+    a test of the difference: z = (atanh rs_M - atanh rs_F) / sqrt(se_M^2 + se_F^2) with the Bonett-Wright
+    variance se^2 = (1 + rs^2 / 2) / (n - 3) of each sex, two-sided normal P (p_diff), corrected over the
+    rows where both sexes are tested. A sex below min_n or constant is not tested (note_M / note_F); the
+    difference needs both, and neither rs at +-1 (atanh infinite).
+
+regression (``regression_table``)
+    OLS (statsmodels formula API) of the measure on age in decades plus the covariates (numeric as they
+    are; text as categories with treatment coding, the first in sorted order the reference, as patsy's
+    C() codes them), heteroscedasticity-consistent HC3 standard errors: coef_per_decade with its 95% CI
+    and P (normal reference, as statsmodels reports for robust covariances), and percent_per_decade =
+    100 x coef_per_decade / the median of the measure over the row's scans. The spline model replaces age
+    by a natural cubic regression spline (patsy ``cr(age, df=spline_df, constraints="center")``:
+    spline_df columns, spline_df + 1 knots at the quantiles of age, linear beyond the boundary knots, so the
+    linear model is nested in it); p_nonlinear is the likelihood-ratio test of the spline model against the
+    linear one, 2 (llf_spline - llf_linear) on spline_df - 1 degrees of freedom (chi-squared). Where a
+    scan has leverage 1 (a covariate category held by a single scan) HC3 is undefined: note
+    ``leverage_one``, the coefficient and the spline test are kept, CI and P are NaN and the row is not in
+    the corrections. peak_age
+    and trough_age: the age where the fitted spline curve has its maximum / minimum over the observed ages
+    (a grid of 1001 ages), when that lies strictly inside the range; NaN where it lies at an end (a
+    monotone curve). Read them together with p_nonlinear: a linear trend plus noise can bend the spline.
+"""
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ctcohort.stats import CONSTANT, MIN_N, TOO_FEW_SCANS, spearman, spearman_ci
+
+PARTIAL_COLUMNS = [
+    "structure", "group", "measure", "n", "k", "rs_partial", "ci_low", "ci_high", "p", "p_bonferroni",
+    "q_fdr", "significant", "note",
+]
+SEXES = ("M", "F")
+BY_SEX_COLUMNS = [
+    "structure", "group", "measure",
+    *(f"{name}_{sex}" for sex in SEXES for name in ("n", "rs", "ci_low", "ci_high", "p")),
+    "z_diff", "p_diff", "p_diff_bonferroni", "q_diff_fdr", "note_M", "note_F",
+]
+REGRESSION_COLUMNS = [
+    "structure", "group", "measure", "n", "covariates", "median", "coef_per_decade", "ci_low", "ci_high",
+    "p", "percent_per_decade", "p_bonferroni", "q_fdr", "llr_nonlinear", "df_nonlinear", "p_nonlinear",
+    "peak_age", "trough_age", "note",
+]
+SPLINE_DF = 3
+LEVERAGE_ONE = "leverage_one"
+GRID_POINTS = 1001
+log = logging.getLogger(__name__)
+
+
+def _blocks(measurements: pd.DataFrame):
+    """(structure, group, block) in table order; a missing group is the group "" (as age_correlations)."""
+    group = measurements["group"] if "group" in measurements.columns else pd.Series("", measurements.index)
+    measurements = measurements.assign(group=group.astype(object).fillna("").astype(str))
+    for (structure, group), block in measurements.groupby(["structure", "group"], sort=False):
+        yield structure, group, block
+
+
+def _present(measurements: pd.DataFrame, covariates) -> list[str]:
+    present = [c for c in covariates if c in measurements.columns]
+    if len(present) < len(covariates):
+        log.warning("covariates not in the table: %s", sorted(set(covariates) - set(present)))
+    return present
+
+
+def _is_categorical(column: pd.Series) -> bool:
+    return column.dtype == object or isinstance(column.dtype, (pd.StringDtype, pd.CategoricalDtype))
+
+
+def encode_covariates(block: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
+    """Covariates as numeric columns: numbers as they are; a text column as one indicator per category
+    except the first in sorted order (named ``column[category]``); NaN where the value is missing."""
+    columns = {}
+    for name in covariates:
+        values = block[name]
+        if _is_categorical(values):
+            missing = values.isna().to_numpy()
+            categories = sorted(values.dropna().astype(str).unique())
+            for category in categories[1:]:
+                indicator = (values.astype(str) == category).to_numpy(dtype=float)
+                indicator[missing] = np.nan
+                columns[f"{name}[{category}]"] = indicator
+        else:
+            columns[name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    return pd.DataFrame(columns, index=block.index)
+
+
+def _varying(frame: pd.DataFrame) -> list[str]:
+    """Columns that are not constant (a constant covariate adjusts for nothing)."""
+    return [c for c in frame.columns if np.ptp(frame[c].to_numpy()) > 0]
+
+
+def _correct(table: pd.DataFrame, p: str, bonferroni: str, fdr: str, tested: pd.Series) -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    table[bonferroni] = np.nan
+    table[fdr] = np.nan
+    if tested.any():
+        table.loc[tested, bonferroni] = np.minimum(1.0, table.loc[tested, p] * tested.sum())
+        table.loc[tested, fdr] = multipletests(table.loc[tested, p], method="fdr_bh")[1]
+
+
+def _check(correction: str, min_n) -> None:
+    if correction not in ("bonferroni", "fdr_bh"):
+        raise ValueError(f"unknown correction {correction!r}; choose bonferroni or fdr_bh")
+    if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
+        raise ValueError(f"min_n must be an integer >= 3, got {min_n!r}")
+
+
+def partial_spearman_ci(rs: float, n: int, k: int, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval of a partial correlation with k covariates: atanh(r) +- z / sqrt(n - 3 - k)."""
+    if n - 3 - k <= 0 or not np.isfinite(rs) or abs(rs) >= 1:
+        return np.nan, np.nan
+    half_width = stats.norm.ppf(0.5 + level / 2) / np.sqrt(n - 3 - k)
+    return float(np.tanh(np.arctanh(rs) - half_width)), float(np.tanh(np.arctanh(rs) + half_width))
+
+
+def partial_rank_correlation(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tuple[float, float]:
+    """(r, P) of the ranks of x and y given the ranks of the covariate columns; all values finite."""
+    n, k = covariates.shape
+    design = np.column_stack([np.ones(n), *(stats.rankdata(c) for c in covariates.T)])
+    residuals = []
+    for values in (x, y):
+        ranks = stats.rankdata(values)
+        residuals.append(ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0])
+    rx, ry = residuals
+    denominator = np.sqrt((rx @ rx) * (ry @ ry))
+    dof = n - 2 - k
+    if dof < 1 or denominator <= 1e-12 * n:
+        return np.nan, np.nan
+    r = float(np.clip(rx @ ry / denominator, -1.0, 1.0))
+    t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
+    return r, float(2 * stats.t.sf(abs(t), dof))
+
+
+def partial_table(
+    measurements: pd.DataFrame, measures: list[str], covariates: list[str], correction: str = "bonferroni",
+    alpha: float = 0.0001, min_n: int = MIN_N,
+) -> pd.DataFrame:
+    """results/stats/partial_correlations.tsv (columns PARTIAL_COLUMNS; module docstring)."""
+    _check(correction, min_n)
+    present = _present(measurements, covariates)
+    rows = []
+    for structure, group, block in _blocks(measurements):
+        encoded = encode_covariates(block, present)
+        complete = encoded.notna().all(axis=1).to_numpy() & block["age"].notna().to_numpy()
+        for measure in measures:
+            keep = complete & np.isfinite(block[measure].to_numpy(dtype=float))
+            n = int(keep.sum())
+            age = block["age"].to_numpy(dtype=float)[keep]
+            values = block[measure].to_numpy(dtype=float)[keep]
+            used = encoded.loc[keep, _varying(encoded.loc[keep])] if n else encoded.iloc[:0, :0]
+            k = used.shape[1]
+            r = p = np.nan
+            if n < max(min_n, k + 4):
+                note = TOO_FEW_SCANS
+            elif np.ptp(age) == 0 or np.ptp(values) == 0:
+                note = CONSTANT
+            else:
+                r, p = partial_rank_correlation(age, values, used.to_numpy(dtype=float))
+                note = "" if np.isfinite(r) else CONSTANT
+            rows.append((structure, group, measure, n, k, r, *partial_spearman_ci(r, n, k), p, note))
+    table = pd.DataFrame(rows, columns=[*PARTIAL_COLUMNS[:9], "note"])
+    tested = table["note"] == ""
+    _correct(table, "p", "p_bonferroni", "q_fdr", tested)
+    adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
+    table["significant"] = (adjusted < alpha).fillna(False).astype(bool)
+    log.info("partial correlations given %s: %d of %d rows tested", present, tested.sum(), len(table))
+    return table[PARTIAL_COLUMNS]
+
+
+def spearman_difference(rs_a: float, n_a: int, rs_b: float, n_b: int) -> tuple[float, float]:
+    """(z, two-sided P) of rs_a - rs_b on Fisher's z with Bonett & Wright's variance of each rs."""
+    if min(n_a, n_b) <= 3 or not (np.isfinite(rs_a) and np.isfinite(rs_b)) or max(abs(rs_a), abs(rs_b)) >= 1:
+        return np.nan, np.nan
+    variance = (1 + rs_a**2 / 2) / (n_a - 3) + (1 + rs_b**2 / 2) / (n_b - 3)
+    z = (np.arctanh(rs_a) - np.arctanh(rs_b)) / np.sqrt(variance)
+    return float(z), float(2 * stats.norm.sf(abs(z)))
+
+
+def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = MIN_N) -> pd.DataFrame:
+    """results/stats/by_sex.tsv (columns BY_SEX_COLUMNS; module docstring). Without a sex column every
+    row is untested (note_M / note_F "no_sex")."""
+    _check("bonferroni", min_n)
+    rows = []
+    for structure, group, block in _blocks(measurements):
+        sex = block["sex"].astype(object) if "sex" in block.columns else pd.Series(np.nan, block.index)
+        for measure in measures:
+            row, results = [structure, group, measure], {}
+            for s in SEXES:
+                part = block[(sex == s).to_numpy()]
+                n, rs, p, note = spearman(part["age"].to_numpy(dtype=float), part[measure].to_numpy(dtype=float),
+                                          min_n)
+                if "sex" not in block.columns:
+                    note = "no_sex"
+                results[s] = (n, rs, note)
+                row += [n, rs, *spearman_ci(rs, n), p]
+            (n_m, rs_m, note_m), (n_f, rs_f, note_f) = results["M"], results["F"]
+            z, p_diff = spearman_difference(rs_m, n_m, rs_f, n_f) if note_m == note_f == "" else (np.nan, np.nan)
+            rows.append((*row, z, p_diff, note_m, note_f))
+    table = pd.DataFrame(rows, columns=[*BY_SEX_COLUMNS[:-4], "note_M", "note_F"])
+    _correct(table, "p_diff", "p_diff_bonferroni", "q_diff_fdr", table["p_diff"].notna())
+    log.info("by sex: %d of %d rows with both sexes tested", table["p_diff"].notna().sum(), len(table))
+    return table[BY_SEX_COLUMNS]
+
+
+def _curve_extrema(spline, frame: pd.DataFrame) -> tuple[float, float]:
+    """(peak_age, trough_age) of the fitted spline's age curve over the observed ages; NaN at an end."""
+    grid = np.linspace(frame["age"].min(), frame["age"].max(), GRID_POINTS)
+    new = pd.DataFrame({c: np.repeat(frame[c].iloc[:1].to_numpy(), GRID_POINTS) for c in frame.columns})
+    new["age"] = grid
+    curve = np.asarray(spline.predict(new), dtype=float)
+    ages = []
+    for index in (int(np.argmax(curve)), int(np.argmin(curve))):
+        ages.append(float(grid[index]) if 0 < index < GRID_POINTS - 1 else np.nan)
+    return ages[0], ages[1]
+
+
+def fit_age_models(frame: pd.DataFrame, spline_df: int = SPLINE_DF):
+    """(linear, spline) statsmodels OLS results on ``frame`` (columns y, age and covariates c0, c1, ...;
+    text covariates as pandas Categorical columns):
+    y ~ age_decades + covariates and y ~ cr(age, df=spline_df) + covariates (classical covariance; the
+    caller asks the linear one for HC3)."""
+    import statsmodels.formula
+    import statsmodels.formula.api as smf
+
+    # a categorical column (pandas Categorical) is coded as C() codes it: treatment, first level the
+    # reference; unwrapped, patsy takes the codes as they are instead of looking at every value
+    terms = "".join(f" + {c}" for c in frame.columns if c not in ("y", "age"))
+    # cr() is patsy's; statsmodels picks its formula engine from the environment (SM_FORMULA_ENGINE)
+    engine = statsmodels.formula.options.formula_engine
+    statsmodels.formula.options.formula_engine = "patsy"
+    try:
+        linear = smf.ols(f"y ~ I(age / 10){terms}", data=frame).fit()
+        spline = smf.ols(f"y ~ cr(age, df={spline_df}, constraints='center'){terms}", data=frame).fit()
+    finally:
+        statsmodels.formula.options.formula_engine = engine
+    return linear, spline
+
+
+def regression_table(
+    measurements: pd.DataFrame, measures: list[str], covariates: list[str], spline_df: int = SPLINE_DF,
+    min_n: int = MIN_N,
+) -> pd.DataFrame:
+    """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
+    _check("bonferroni", min_n)
+    if isinstance(spline_df, bool) or not isinstance(spline_df, (int, np.integer)) or spline_df < 2:
+        raise ValueError(f"spline_df must be an integer >= 2, got {spline_df!r}")
+    present = _present(measurements, covariates)
+    rows = []
+    for structure, group, block in _blocks(measurements):
+        for measure in measures:
+            frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
+            categorical = []
+            for i, name in enumerate(present):
+                if _is_categorical(block[name]):
+                    values = pd.Categorical(block[name].to_numpy(dtype=object))
+                    categorical.append(f"c{i}")
+                else:
+                    values = pd.to_numeric(block[name], errors="coerce").to_numpy(dtype=float)
+                frame[f"c{i}"] = values
+            frame = frame.dropna().reset_index(drop=True)
+            frame = frame[[c for c in frame.columns if c in ("y", "age") or frame[c].nunique() > 1]]
+            names = [present[int(c[1:])] for c in frame.columns if c not in ("y", "age")]
+            n = len(frame)
+            median = float(frame["y"].median()) if n else np.nan
+            result = dict.fromkeys(REGRESSION_COLUMNS[6:], np.nan)
+            n_parameters = 1 + spline_df + sum(frame[c].nunique() - 1 if c in categorical else 1
+                                               for c in frame.columns if c not in ("y", "age"))
+            if n < min_n:
+                note = TOO_FEW_SCANS
+            elif np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
+                note = CONSTANT
+            elif n < n_parameters + 2 or frame["age"].nunique() < spline_df + 2:
+                note = TOO_FEW_SCANS
+            else:
+                note = ""
+                linear, spline = fit_age_models(frame, spline_df)
+                term = "I(age / 10)"
+                exog = linear.model.exog
+                leverage = np.einsum("ij,jk,ik->i", exog, linear.normalized_cov_params, exog)
+                if leverage.max() > 1 - 1e-8:
+                    # a scan fitted exactly (a covariate category held by one scan): its HC3 weight
+                    # e^2 / (1 - h)^2 is 0/0, and so is every robust standard error
+                    note = LEVERAGE_ONE
+                else:
+                    linear = linear.get_robustcov_results(cov_type="HC3", use_t=False)
+                index = linear.model.exog_names.index(term)
+                coef = float(np.asarray(linear.params)[index])
+                llr = max(0.0, 2 * (spline.llf - linear.llf))
+                dof = spline.df_model - linear.df_model
+                result.update(
+                    coef_per_decade=coef, percent_per_decade=100 * coef / median if median != 0 else np.nan,
+                    llr_nonlinear=llr, df_nonlinear=dof, p_nonlinear=float(stats.chi2.sf(llr, dof)),
+                )
+                if note == "":
+                    low, high = np.asarray(linear.conf_int())[index]
+                    result.update(ci_low=float(low), ci_high=float(high), p=float(np.asarray(linear.pvalues)[index]))
+                result["peak_age"], result["trough_age"] = _curve_extrema(spline, frame)
+            rows.append({"structure": structure, "group": group, "measure": measure, "n": n,
+                         "covariates": ",".join(names), "median": median, **result, "note": note})
+    table = pd.DataFrame(rows, columns=REGRESSION_COLUMNS)
+    tested = table["note"] == ""
+    _correct(table, "p", "p_bonferroni", "q_fdr", tested)
+    log.info("regression on age given %s: %d of %d rows fitted", present, tested.sum(), len(table))
+    return table[REGRESSION_COLUMNS]

@@ -1,0 +1,62 @@
+"""The paper's reported age correlations beside the study's own (``results/stats/paper_comparison.tsv``).
+
+The paper's table is ``resources/paper/aging_correlations.tsv`` (Wasserthal et al., TotalSegmentator,
+Radiology: Artificial Intelligence 2023, doi:10.1148/ryai.230024). A row the study cannot give (the
+structure or measure is not in ``age_correlations.tsv``: a structure the segmentation does not have, a
+combined structure whose members are missing, a measure not in statistics.measures) or does not test
+(too few scans, a constant measure) keeps the paper's value with rs, CI, P NaN and ``same_direction``
+NA: never a value made up for it. ``note`` says which.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctcohort.resources import resources_dir
+
+PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
+COMPARISON_COLUMNS = [
+    "structure", "measure", "rs_paper", "rs", "ci_low", "ci_high", "p", "n", "same_direction",
+    "paper_structure", "paper_measure", "note",
+]
+NOT_IN_STUDY = "not_in_study"
+
+
+def paper_table_path() -> Path:
+    return resources_dir() / "paper" / "aging_correlations.tsv"
+
+
+def load_paper_correlations(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's rows (PAPER_COLUMNS); ``#`` lines are the citation."""
+    table = pd.read_csv(path or paper_table_path(), sep="\t", comment="#", dtype={"rs_paper": float})
+    missing = set(PAPER_COLUMNS) - set(table.columns)
+    if missing:
+        raise ValueError(f"{path or paper_table_path()}: missing column(s) {sorted(missing)}")
+    return table[PAPER_COLUMNS]
+
+
+def paper_comparison(correlations: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """One row per row of ``paper``, in its order (COMPARISON_COLUMNS): the study's rs, 95% CI, P and n
+    from ``correlations`` (``stats.age_correlations``' table) for the same structure and measure.
+    ``same_direction`` (boolean, NA where rs is NaN): rs and rs_paper have the same sign (an rs of
+    exactly 0 agrees with no direction). ``note``: NOT_IN_STUDY where ``correlations`` has no such row,
+    else its own note (e.g. too_few_scans; "" where tested)."""
+    ours = correlations[["structure", "measure", "n", "rs", "ci_low", "ci_high", "p", "note"]]
+    ours = ours.drop_duplicates(["structure", "measure"])  # one group per structure
+    table = paper.merge(ours, on=["structure", "measure"], how="left", validate="one_to_one", indicator=True)
+    present = (table["_merge"] == "both").to_numpy()
+    table["note"] = np.where(present, table["note"].fillna("").astype(str), NOT_IN_STUDY)
+    table["n"] = table["n"].fillna(0).astype(int)
+    rs = table["rs"].to_numpy(dtype=float)
+    same = pd.array(np.sign(rs) == np.sign(table["rs_paper"].to_numpy(dtype=float)), dtype="boolean")
+    same[~np.isfinite(rs)] = pd.NA
+    table["same_direction"] = same
+    return table[COMPARISON_COLUMNS]
+
+
+def write_paper_comparison(table: pd.DataFrame, path: str | Path) -> None:
+    """TSV; NaN numbers as NaN, an undecided same_direction as NA."""
+    out = table.copy()
+    out["same_direction"] = out["same_direction"].astype(object).where(out["same_direction"].notna(), "NA")
+    out.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")

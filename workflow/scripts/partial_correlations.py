@@ -1,0 +1,18 @@
+"""Partial Spearman correlation of each structure x measure with age given the configured covariates."""
+
+import pandas as pd
+
+from ctcohort.models import partial_table
+from ctcohort.runlog import log_to
+
+log_to(snakemake.log[0])
+measurements = pd.read_csv(snakemake.input[0], sep="\t")
+table = partial_table(
+    measurements,
+    snakemake.params.measures,
+    snakemake.params.covariates,
+    correction=snakemake.params.correction,
+    alpha=snakemake.params.alpha,
+    min_n=snakemake.params.min_n,
+)
+table.to_csv(snakemake.output[0], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
