@@ -196,7 +196,11 @@ def test_non_finite_voxels_exclude_only_the_structure_that_holds_them(real_ct_co
     assert kidney["exclusion_reason"] == "hu_nonfinite"
     assert kidney[["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]].isna().all()
     assert kidney["volume_ml"] == pytest.approx(good.loc["kidney_left", "volume_ml"])  # the labels are intact
-    others = nan_scan.index != "kidney_left"
+    # the kidneys combined (statistics.combined) lose their HU with their member; nothing else changes
+    kidneys = nan_scan.loc["kidneys"]
+    assert kidneys["exclusion_reason"] == "member_missing" and np.isnan(kidneys["hu_mean"])
+    assert kidneys["volume_ml"] == pytest.approx(good.loc["kidneys", "volume_ml"])
+    others = ~nan_scan.index.isin(["kidney_left", "kidneys"])
     covariates = ["subject", "age", "sex", "contrast"]
     pd.testing.assert_frame_equal(nan_scan[others].drop(columns=covariates), good[others].drop(columns=covariates),
                                   check_dtype=False, check_exact=False)
