@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from ctcohort.measure import MEASURE_COLUMNS, write_measurements
+from ctcohort.qc import QC_COLUMNS, ScanQC, empty_qc, write_qc
 from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table
 from snakemake_runs import REPO, timed_snakemake
@@ -32,9 +33,9 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     """Sheet, empty image files, then per-scan tables and statuses (newer than the images)."""
     rng = np.random.default_rng(seed)
     table = load_structure_table("total_v1")
-    data, measure = folder / "data", folder / "results" / "measure"
-    data.mkdir(parents=True)
-    measure.mkdir(parents=True)
+    data, measure, qc = folder / "data", folder / "results" / "measure", folder / "results" / "qc"
+    for made in (data, measure, qc):
+        made.mkdir(parents=True)
     subjects = [f"sub{i:06d}" for i in range(n)]
     ages = rng.uniform(18, 95, n).round(1)
     sheet = pd.DataFrame({"subject": subjects, "ct": [f"{s}_ct.nii.gz" for s in subjects],
@@ -52,6 +53,7 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
         if subject in failed:
             status.ok, status.error = False, "ValueError: synthetic failure"
             write_measurements(pd.DataFrame(columns=MEASURE_COLUMNS), measure / f"{subject}.tsv")
+            write_qc(empty_qc(), qc / f"{subject}.tsv", qc / f"{subject}.png")
         else:
             n_voxels = (base_volume * (1 + 0.002 * (age - 50)) * rng.lognormal(0, 0.1, len(table)) * 1000).astype(int)
             hu = base_hu - 0.5 * (age - 50) + rng.normal(0, 20, len(table))
@@ -69,6 +71,11 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
                 "exclusion_reason": reason,
             })
             write_measurements(frame, measure / f"{subject}.tsv")
+            # what the measuring job writes beside the table (the preview as the placeholder pixel)
+            faces = pd.DataFrame({"structure": table["name"], "label": table["label"],
+                                  "cut_faces": np.where(reason == "cut_off", "z+", ""),
+                                  "cranial_vertebra": "vertebrae_T12", "caudal_vertebra": "vertebrae_L5"})
+            write_qc(ScanQC(faces[QC_COLUMNS], None), qc / f"{subject}.tsv", qc / f"{subject}.png")
         status.write(measure / f"{subject}.status.json")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["cohort"] = str(data / "cohort.tsv")
