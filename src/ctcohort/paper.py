@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort.resources import resources_dir
+from ctcohort.stats import write_table
 
 PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
 COMPARISON_COLUMNS = [
@@ -59,4 +60,4 @@ def write_paper_comparison(table: pd.DataFrame, path: str | Path) -> None:
     """TSV; NaN numbers as NaN, an undecided same_direction as NA."""
     out = table.copy()
     out["same_direction"] = out["same_direction"].astype(object).where(out["same_direction"].notna(), "NA")
-    out.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    write_table(out, path)

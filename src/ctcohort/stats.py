@@ -130,6 +130,11 @@ def covariate_matrix(block: pd.DataFrame, covariates: list[str]) -> np.ndarray:
     return frame.to_numpy(dtype=float)
 
 
+def write_table(table: pd.DataFrame, path) -> None:
+    """A statistics table as the workflow writes them all: TSV, NaN as "NaN", 6 significant digits."""
+    table.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+
+
 def age_correlations(
     measurements: pd.DataFrame,
     measures: list[str],

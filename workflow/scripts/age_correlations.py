@@ -3,7 +3,7 @@
 import pandas as pd
 
 from ctcohort.runlog import log_to
-from ctcohort.stats import age_correlations
+from ctcohort.stats import age_correlations, write_table
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
@@ -16,4 +16,4 @@ table = age_correlations(
     partial_covariates=snakemake.params.partial_covariates,
     min_n=snakemake.params.min_n,
 )
-table.to_csv(snakemake.output[0], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+write_table(table, snakemake.output[0])

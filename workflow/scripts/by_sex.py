@@ -4,8 +4,9 @@ import pandas as pd
 
 from ctcohort.models import by_sex_table
 from ctcohort.runlog import log_to
+from ctcohort.stats import write_table
 
 log_to(snakemake.log[0])
 measurements = pd.read_csv(snakemake.input[0], sep="\t")
 table = by_sex_table(measurements, snakemake.params.measures, min_n=snakemake.params.min_n)
-table.to_csv(snakemake.output[0], sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+write_table(table, snakemake.output[0])
