@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from ctcohort.resources import resources_dir
-from ctcohort.stats import write_table
 
 PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
 COMPARISON_COLUMNS = [
@@ -58,6 +57,8 @@ def paper_comparison(correlations: pd.DataFrame, paper: pd.DataFrame) -> pd.Data
 
 def write_paper_comparison(table: pd.DataFrame, path: str | Path) -> None:
     """TSV; NaN numbers as NaN, an undecided same_direction as NA."""
+    from ctcohort.stats import write_table  # here: the workflow imports this module at start-up, scipy.stats is slow
+
     out = table.copy()
     out["same_direction"] = out["same_direction"].astype(object).where(out["same_direction"].notna(), "NA")
     write_table(out, path)
