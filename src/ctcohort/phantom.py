@@ -50,6 +50,9 @@ class Structure:
     hu_per_decade: float = 0.0
     hu_contrast: float = 0.0  # HU added in contrast-enhanced scans
     hu_subject_sd: float = 6.0
+    # HU added per squared decade away from REFERENCE_AGE: a curved (non-linear) trajectory, negative
+    # for a peak at REFERENCE_AGE; it has no monotone trend over the phantom's ages (18-95)
+    hu_per_decade_squared: float = 0.0
 
 
 def _pair(name, shape, geometry, **kwargs):
@@ -79,7 +82,10 @@ ANATOMY: tuple[Structure, ...] = (
               hu_contrast=160),
     Structure("inferior_vena_cava", "tube", ((-10, 8, -95), (-10, 8, 70), (10,)), hu=40, hu_contrast=90),
     Structure("liver", "ellipsoid", ((-85, 30, 30), (48, 45, 38)), hu=55, hu_contrast=50),
-    Structure("spleen", "ellipsoid", ((95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60),
+    # the non-linear control: attenuation peaks in mid-life and falls on both sides, a trajectory that
+    # Spearman's rs and a linear age term miss and the spline test of results/stats/regression.tsv finds
+    Structure("spleen", "ellipsoid", ((95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60,
+              hu_per_decade_squared=-1.5),
     Structure("gallbladder", "ellipsoid", ((-60, 85, -40), (14, 14, 20)), hu=5),
     *_pair("kidney", "ellipsoid", ((75, -55, -10), (26, 22, 45)), volume_per_decade=-0.07, hu=30,
            hu_contrast=110),
@@ -109,13 +115,21 @@ VOLUME_SUBJECT_SD = 0.05  # log-normal spread of volumes between subjects
 
 
 def truth_table() -> pd.DataFrame:
-    """structure, measure, direction (+1/-1/0), effect (per decade), unit: what the phantom plants."""
+    """What the phantom plants: structure, measure, direction (+1/-1/0: the linear trend), effect (per
+    decade), unit, trajectory ("none", "linear", or "peak"/"trough": a curve with its extremum at
+    ``extremum_age`` and no linear trend), extremum_age, curvature (unit per squared decade)."""
     rows = []
     for s in ANATOMY:
         rows.append((s.name, "volume_ml", int(np.sign(s.volume_per_decade)), s.volume_per_decade,
-                     "relative change per decade"))
-        rows.append((s.name, "hu_mean", int(np.sign(s.hu_per_decade)), s.hu_per_decade, "HU per decade"))
-    return pd.DataFrame(rows, columns=["structure", "measure", "direction", "effect", "unit"])
+                     "relative change per decade", "linear" if s.volume_per_decade else "none", np.nan, 0.0))
+        if s.hu_per_decade_squared:
+            trajectory, extremum = "peak" if s.hu_per_decade_squared < 0 else "trough", REFERENCE_AGE
+        else:
+            trajectory, extremum = ("linear" if s.hu_per_decade else "none"), np.nan
+        rows.append((s.name, "hu_mean", int(np.sign(s.hu_per_decade)), s.hu_per_decade, "HU per decade",
+                     trajectory, extremum, s.hu_per_decade_squared))
+    return pd.DataFrame(rows, columns=["structure", "measure", "direction", "effect", "unit", "trajectory",
+                                       "extremum_age", "curvature"])
 
 
 def subject_id(index: int) -> str:
@@ -166,7 +180,8 @@ def _volume_factor(s: Structure, group: str, draw: SubjectDraw, k: int) -> float
 
 
 def _attenuation(s: Structure, draw: SubjectDraw, k: int) -> float:
-    hu = s.hu + s.hu_per_decade * (draw.age - REFERENCE_AGE) / 10.0 + SEX_HU_OFFSET[draw.sex]
+    decades = (draw.age - REFERENCE_AGE) / 10.0
+    hu = s.hu + s.hu_per_decade * decades + s.hu_per_decade_squared * decades**2 + SEX_HU_OFFSET[draw.sex]
     return hu + s.hu_contrast * draw.contrast + s.hu_subject_sd * draw.hu_noise[k]
 
 
