@@ -12,7 +12,9 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from ctcohort.stats import CORRELATION_COLUMNS, MIN_N, age_correlations, partial_spearman, spearman_ci
+from ctcohort.stats import (
+    CORRELATION_COLUMNS, MIN_N, age_correlations, group_summary, partial_spearman, spearman_ci,
+)
 
 Z975 = 1.959963984540054  # standard normal 97.5 % quantile
 MEASURES = ["volume_ml", "hu_mean"]
@@ -525,3 +527,27 @@ def test_age_correlations_adjust_for_sex_and_contrast_in_the_table():
     assert abs(out.at[0, "rs_partial"]) < 0.15
     plain = age_correlations(table, ["volume_ml"])
     assert plain[["rs_partial", "p_partial"]].isna().all().all()
+
+
+def test_group_summary_counts_by_hand_and_leaves_combined_structures_out():
+    """Counts and medians of a hand-made table, written out by hand; a combined structure is not counted."""
+    rows = [
+        # structure, group, measure, rs, significant, note
+        ("liver", "organ", "volume_ml", 0.5, True, ""),
+        ("spleen", "organ", "volume_ml", -0.6, True, ""),
+        ("pancreas", "organ", "volume_ml", -0.1, False, ""),
+        ("gallbladder", "organ", "volume_ml", np.nan, False, "too_few_scans"),
+        ("kidneys", "organ", "volume_ml", -0.7, True, ""),  # combined: left out
+        ("hip_left", "bone", "volume_ml", 0.2, False, ""),
+        ("liver", "organ", "hu_mean", -0.3, False, ""),
+        ("mystery", np.nan, "volume_ml", 0.9, True, ""),
+    ]
+    correlations = pd.DataFrame(rows, columns=["structure", "group", "measure", "rs", "significant", "note"])
+    summary = group_summary(correlations, combined=["kidneys"]).set_index(["group", "measure"])
+    assert list(summary.index) == [("organ", "volume_ml"), ("organ", "hu_mean"), ("bone", "volume_ml"),
+                                   ("", "volume_ml")]
+    organ = summary.loc[("organ", "volume_ml")]
+    assert (organ["structures"], organ["tested"], organ["significant_up"], organ["significant_down"]) == (4, 3, 1, 1)
+    assert organ["median_abs_rs"] == pytest.approx(0.5)  # median of 0.5, 0.6, 0.1
+    assert summary.loc[("organ", "hu_mean"), "significant_down"] == 0
+    assert summary.loc[("", "volume_ml"), "significant_up"] == 1

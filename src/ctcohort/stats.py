@@ -187,3 +187,47 @@ def age_correlations(
     log.info("%d of %d structure x measure rows tested (min_n %d); not tested: %s", tested.sum(), len(table),
              min_n, untested or "none")
     return table[CORRELATION_COLUMNS]
+
+
+GROUP_SUMMARY_COLUMNS = [
+    "group", "measure", "structures", "tested", "significant_up", "significant_down", "median_abs_rs",
+]
+
+
+def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
+    """Per structure group (organ, bone, muscle, vessel, then any other group; "" last) and measure, from
+    ``age_correlations``' table: structures (rows of the table), tested (note ""), significant_up /
+    significant_down (significant with rs > 0 / rs < 0) and median_abs_rs (median |rs| over the tested
+    rows; NaN where none is tested). The structures named in ``combined`` are left out: a combined
+    structure repeats its members, and counting both would count one effect twice."""
+    from ctcohort.structures import GROUPS
+
+    table = correlations[~correlations["structure"].isin(list(combined))].copy()
+    table["group"] = table["group"].astype(object).fillna("").astype(str)
+    table["tested"] = table["note"].astype(object).fillna("").astype(str) == ""
+    significant = table["significant"].astype(str).str.lower() == "true"
+    table["up"] = significant & (table["rs"] > 0)
+    table["down"] = significant & (table["rs"] < 0)
+    table["abs_rs"] = table["rs"].abs().where(table["tested"])
+    present = set(table["group"])
+    order = [g for g in GROUPS if g in present] + sorted(present - set(GROUPS) - {""}) + (
+        [""] if "" in present else [])
+    rows = []
+    for group in order:
+        for measure in pd.unique(table["measure"]):
+            block = table[(table["group"] == group) & (table["measure"] == measure)]
+            if block.empty:
+                continue
+            rows.append((group, measure, len(block), int(block["tested"].sum()), int(block["up"].sum()),
+                         int(block["down"].sum()), float(block["abs_rs"].median())))
+    return pd.DataFrame(rows, columns=GROUP_SUMMARY_COLUMNS)
+
+
+def read_table(path) -> pd.DataFrame:
+    """A table as ``write_table`` wrote it: "NaN" is a missing number; an empty cell of a text column
+    (note, group, members) stays an empty string."""
+    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["NaN"])
+    for column in ("note", "group", "members"):
+        if column in table.columns:
+            table[column] = table[column].astype(object).where(table[column].notna(), "").astype(str)
+    return table
