@@ -245,6 +245,67 @@ def _import_ct_arguments(i: argparse.ArgumentParser) -> None:
     i.set_defaults(run=_import_ct)
 
 
+def _covariate_values(pairs: list[str]) -> dict[str, float]:
+    values = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--covariate takes NAME=NUMBER, got {pair!r}") from None
+        if not name.strip():
+            raise ValueError(f"--covariate takes NAME=NUMBER, got {pair!r}")
+    return values
+
+
+def _zscore(args: argparse.Namespace) -> None:
+    import math
+
+    from ctcohort import normative
+    from ctcohort.stats import read_table, write_table
+
+    try:
+        age = float(args.age)
+    except ValueError:
+        raise ValueError(f"--age must be a number (years), got {args.age!r}") from None
+    if not math.isfinite(age):
+        raise ValueError(f"--age must be a finite number (years), got {args.age!r}")
+    covariates = _covariate_values(args.covariate)
+    tables = {}
+    for option, path in (("--charts", args.charts), ("--coefficients", args.coefficients),
+                         ("--measurements", args.measurements)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{option}: no such file: {path}")
+        tables[option] = read_table(path)
+    placement = normative.place_on_charts(tables["--charts"], tables["--coefficients"], tables["--measurements"],
+                                          age, args.sex, covariates)
+    chart_sex = placement["sex"].iloc[0] if len(placement) else args.sex
+    write_table(placement, args.out or sys.stdout)
+    notes = placement.loc[~placement["note"].isin(["", *normative.BEYOND_CHART]), "note"].value_counts()
+    reasons = ", ".join(f"{count} {note}" for note, count in notes.items())
+    beyond = placement["note"].isin(normative.BEYOND_CHART).sum()
+    # with the table on standard output the summary goes to standard error
+    print(f"placed {placement['z'].notna().sum()} of {len(placement)} structure x measures on the {chart_sex} charts"
+          f" ({beyond} beyond the outer percentiles)" + (f"; not placed: {reasons}" if reasons else "")
+          + (f" -> {args.out}" if args.out else ""), file=sys.stdout if args.out else sys.stderr)
+
+
+def _zscore_arguments(z: argparse.ArgumentParser) -> None:
+    z.description = ("Places one scan's measurements on the cohort's normative charts: the percentile and z of every "
+                     "structure x measure at the scan's age, sex and covariates.")
+    z.add_argument("--charts", required=True, help="normative charts (results/stats/normative_charts.tsv)")
+    z.add_argument("--coefficients", required=True,
+                   help="their covariate coefficients (results/stats/normative_covariates.tsv)")
+    z.add_argument("--measurements", required=True,
+                   help="the scan's measurements: a TSV with one row per structure (ctcohort measure's output)")
+    z.add_argument("--age", required=True, help="the subject's age at the scan, in years")
+    z.add_argument("--sex", help="M or F (charts by sex); not needed where the charts are over every scan")
+    z.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
+                   help="a covariate of the scan, e.g. contrast=1 (repeat for several)")
+    z.add_argument("-o", "--out", help="output TSV (default: standard output)")
+    z.set_defaults(run=_zscore)
+
+
 # command: (help, function adding its options)
 COMMANDS = {
     "phantom": ("write a synthetic CT cohort with planted age effects", _phantom_arguments),
@@ -255,6 +316,7 @@ COMMANDS = {
                   _import_ct_arguments),
     "sheet": ("a cohort sheet from a tree of DICOM files: one CT series chosen per study, pseudonyms",
               _sheet_arguments),
+    "zscore": ("one scan's percentiles and z on the cohort's normative (centile) charts", _zscore_arguments),
 }
 
 
@@ -269,8 +331,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if chosen in (None, name):
             add_arguments(command)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,458 @@
+"""Age- and sex-specific normative (centile) charts of each structure's measures, and one scan placed on them.
+
+charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
+    One chart per structure x measure x sex: sexes M and F where ``by_sex`` and the table has a sex column
+    (a scan whose sex is missing or neither M nor F is in no chart), else one chart ``all`` over every scan.
+    A chart is fitted on exactly the n scans with a finite age, a finite measure and every covariate present
+    (complete cases). Covariates must be numeric columns (contrast 0/1); one not in the table is left out
+    with a warning, and one that is constant over a chart's scans is left out of that chart's model (the
+    chart then holds for that value only).
+
+    Model: linear quantile regression (statsmodels ``quantreg``, one fit per percentile p at q = p / 100)
+    of the measure on a natural cubic regression spline of age plus the covariates,
+    ``y ~ cr(age, df=spline_df, constraints="center") + covariates``: patsy's spline with spline_df + 1
+    knots at the quantiles of age, linear beyond the boundary knots; "center" only makes it identifiable
+    beside the intercept (the uncentred basis spans the constant), the curves are those of
+    ``cr(age, df=spline_df)``. Each fit minimises the check (pinball) loss
+    sum(max(q r, (q - 1) r)) of the residuals r; statsmodels solves it by iteratively reweighted least
+    squares, up to MAX_ITER iterations. Where the minimum is flat or nearly so (not unique, as for n q an
+    integer without covariates) IRLS can crawl along it until the limit: a fit that stops at the limit (or
+    in a cycle) stands only if its check loss is within a relative LOSS_TOLERANCE of the least possible,
+    found as a linear program (scipy's HiGHS); otherwise the whole chart is ``not_converged`` rather than a
+    number nobody can trust.
+
+    Non-crossing: percentile curves fitted one at a time can cross (the 25th above the 50th at some age).
+    At every age the predicted values are sorted across the percentile levels (monotone rearrangement;
+    Chernozhukov, Fernandez-Val & Galichon 2010, Econometrica 78:1093): the sorted values are monotone in
+    the level, and at every age no farther (in any Lp norm over the levels) from the true percentiles than
+    the fitted values are. The fits themselves, and the coefficients, are not changed; where no curves
+    cross, sorting changes nothing.
+
+    Columns: structure, group (from the table; a missing group is ""), members (a combined structure's
+    members joined by "+", e.g. kidney_left+kidney_right; "" for a structure of its own), measure, sex
+    (M, F or all), n, age,
+    one column per percentile p named f"p{p:g}" (p5, p25, p50, p75, p95), then one column per configured
+    covariate holding the value the curves are drawn at: 0 where the covariate varies and enters the model
+    (the curves are those of a scan with the covariate 0, e.g. native), the constant value where it is
+    constant over the chart's scans, NaN where it is not in the table (or the chart is not fitted); then
+    note. Ages: from the chart's youngest to its oldest scan in steps of age_step, both ends included (the
+    last step may be shorter). A chart that is not fitted has one row, age and percentiles NaN, and a
+    note: ``too_few_scans`` (n < min_n, n < the model's parameters + 2, or fewer distinct ages than
+    spline_df + 2), ``constant`` (age or the measure takes one value) or ``not_converged``. Fitted rows:
+    note "".
+
+coefficients (results/stats/normative_covariates.tsv)
+    structure, measure, sex, covariate and one column per percentile: the quantile regression coefficient
+    of the covariate, i.e. the additive shift of that percentile per unit of the covariate. One row per
+    covariate that entered a chart's model.
+
+placement (``place_on_charts``)
+    For every structure of the scan x every charted measure in its columns: the percentile curves at the
+    scan's age (linear interpolation between the chart's ages; never extrapolated in age), each shifted by
+    coefficient x (covariate value - the chart's reference value) for every covariate of the chart's model,
+    and sorted again (the shifts differ between percentiles and could make them cross; the charts hold the
+    values already sorted at the reference, so where the fits cross there this is the rearrangement of the
+    sorted curves plus the shifts, not of the raw fits at the scan's covariates). The scan's z comes
+    from interpolating its value among the curves in normal-score space: the levels' z_i = Phi^-1(p_i / 100)
+    are interpolated linearly against the curve values; percentile = 100 Phi(z). A value equal to a run of
+    equal (tied) curve values gets the middle of their z; a value below the lowest curve (above the
+    highest) is extrapolated along the line through the lowest (highest) curve and the nearest curve with a
+    different value, i.e. along the outermost segment, and noted ``below_chart`` (``above_chart``): such a
+    z rests on the straight-line extension, not on fitted percentiles. Where every curve has the same
+    value at that age there is no line to extrapolate with: z NaN.
+
+    Columns: structure, measure, value, age, sex (the chart's: M, F or all), percentile, z, note. Notes,
+    in order of precedence: ``no_chart`` (no fitted chart for this structure, measure and sex),
+    ``no_value`` (the measure is NaN), ``age_outside_chart`` (outside the chart's ages),
+    ``covariate_missing`` (a covariate of the chart's model was not given), ``covariate_outside_chart``
+    (a covariate constant over the chart's scans was given with another value); with any of these,
+    percentile and z are NaN. Otherwise "", ``below_chart`` or ``above_chart``. A charted combined
+    structure that the scan's table lacks is made from its members first (``with_combined_structures``).
+
+The tables are written with ``ctcohort.stats.write_table`` (NaN as "NaN") and read back with
+``ctcohort.stats.read_table``.
+"""
+
+import logging
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ctcohort.stats import CONSTANT, TOO_FEW_SCANS
+
+PERCENTILES = (5, 25, 50, 75, 95)
+COVARIATES = ("contrast",)
+SPLINE_DF = 3
+MIN_N = 15
+AGE_STEP = 1.0
+# IRLS converges slowly near the optimum of small samples; the limit is rarely reached
+MAX_ITER = 5000
+# a fit stopped at MAX_ITER stands if its check loss exceeds the least possible by at most this fraction
+LOSS_TOLERANCE = 1e-5
+SEXES = ("M", "F")
+ALL = "all"
+NOT_CONVERGED = "not_converged"
+BELOW_CHART = "below_chart"
+ABOVE_CHART = "above_chart"
+BEYOND_CHART = (BELOW_CHART, ABOVE_CHART)  # placed, z extrapolated
+AGE_OUTSIDE_CHART = "age_outside_chart"
+NO_CHART = "no_chart"
+NO_VALUE = "no_value"
+COVARIATE_MISSING = "covariate_missing"
+COVARIATE_OUTSIDE_CHART = "covariate_outside_chart"
+LEADING_COLUMNS = ["structure", "group", "members", "measure", "sex", "n", "age"]
+PLACEMENT_COLUMNS = ["structure", "measure", "value", "age", "sex", "percentile", "z", "note"]
+_PERCENTILE_NAME = re.compile(r"^p(\d+(?:\.\d+)?)$")
+log = logging.getLogger(__name__)
+
+
+def percentile_column(p: float) -> str:
+    """The column of percentile p: p5, p25, p2.5."""
+    return f"p{p:g}"
+
+
+def chart_columns(percentiles=PERCENTILES, covariates=COVARIATES) -> list[str]:
+    return [*LEADING_COLUMNS, *(percentile_column(p) for p in percentiles), *covariates, "note"]
+
+
+def coefficient_columns(percentiles=PERCENTILES) -> list[str]:
+    return ["structure", "measure", "sex", "covariate", *(percentile_column(p) for p in percentiles)]
+
+
+def _check_percentiles(percentiles) -> tuple[float, ...]:
+    levels = tuple(float(p) for p in percentiles)
+    if not levels or not all(0 < p < 100 for p in levels) or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"percentiles must be strictly increasing and within (0, 100), got {tuple(percentiles)}")
+    return levels
+
+
+def _check_integer(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def age_grid(youngest: float, oldest: float, step: float = AGE_STEP) -> np.ndarray:
+    """youngest, youngest + step, ... and oldest itself (the last step may be shorter)."""
+    count = int(np.floor((oldest - youngest) / step + 1e-9))
+    grid = youngest + step * np.arange(count + 1)
+    if oldest - grid[-1] > 1e-9 * max(1.0, abs(oldest)):
+        grid = np.append(grid, oldest)
+    return grid
+
+
+def quantile_fits(frame: pd.DataFrame, percentiles=PERCENTILES, spline_df: int = SPLINE_DF,
+                  max_iter: int | None = None) -> tuple[list, bool]:
+    """(results, converged): one statsmodels QuantReg result per percentile of
+    y ~ cr(age, df=spline_df, constraints="center") + the other columns of ``frame`` (numeric covariates
+    with formula-safe names); converged is False where a fit stopped at max_iter (default MAX_ITER) or in
+    a cycle with a check loss more than LOSS_TOLERANCE above the linear program's minimum."""
+    import statsmodels.formula
+    import statsmodels.formula.api as smf
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, IterationLimitWarning
+
+    terms = "".join(f" + {c}" for c in frame.columns if c not in ("y", "age"))
+    # cr() is patsy's; statsmodels picks its formula engine from the environment (as models.fit_age_models)
+    engine = statsmodels.formula.options.formula_engine
+    statsmodels.formula.options.formula_engine = "patsy"
+    try:
+        model = smf.quantreg(f"y ~ cr(age, df={spline_df}, constraints='center'){terms}", data=frame)
+    finally:
+        statsmodels.formula.options.formula_engine = engine
+    results, converged = [], True
+    for p in percentiles:
+        with warnings.catch_warnings(record=True) as caught:
+            # the standard errors' kernel density (not used here) can divide by zero on small samples
+            warnings.simplefilter("always")
+            with np.errstate(all="ignore"):
+                result = model.fit(q=p / 100, max_iter=MAX_ITER if max_iter is None else max_iter)
+        if any(issubclass(w.category, (IterationLimitWarning, ConvergenceWarning)) for w in caught):
+            # IRLS crawls along a flat minimum: the parameters still move, the loss hardly does. The fit
+            # stands if its loss is the linear program's minimum (module docstring).
+            loss = check_loss(model.endog - model.exog @ np.asarray(result.params), p / 100)
+            least = minimum_check_loss(model.exog, model.endog, p / 100)
+            if not loss <= least + LOSS_TOLERANCE * max(abs(least), 1e-12):
+                converged = False
+            log.debug("q %g: stopped after %d iterations, check loss %.10g, minimum %.10g", p / 100,
+                      result.iterations, loss, least)
+        results.append(result)
+    return results, converged
+
+
+def check_loss(residuals: np.ndarray, q: float) -> float:
+    """The quantile regression's objective: sum of q r over r >= 0 and (q - 1) r over r < 0."""
+    return float(np.sum(np.maximum(q * residuals, (q - 1) * residuals)))
+
+
+def minimum_check_loss(exog: np.ndarray, endog: np.ndarray, q: float) -> float:
+    """The least check loss of a linear fit, as a linear program (scipy's HiGHS): minimise q 1'u + (1 - q) 1'v
+    subject to exog b + u - v = endog, u, v >= 0; NaN where the solver fails."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    n, k = exog.shape
+    identity = sparse.identity(n, format="csr")
+    constraints = sparse.hstack([sparse.csr_matrix(exog), identity, -identity], format="csr")
+    cost = np.concatenate([np.zeros(k), np.full(n, q), np.full(n, 1 - q)])
+    solution = linprog(cost, A_eq=constraints, b_eq=endog, bounds=[(None, None)] * k + [(0, None)] * (2 * n),
+                       method="highs")
+    return float(solution.fun) if solution.status == 0 else np.nan
+
+
+def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
+    present = [c for c in covariates if c in measurements.columns]
+    if len(present) < len(covariates):
+        log.warning("covariates not in the table: %s", sorted(set(covariates) - set(present)))
+    for name in present:
+        if not pd.api.types.is_numeric_dtype(measurements[name]):
+            raise ValueError(f"covariate {name!r} is not a numeric column (dtype {measurements[name].dtype})")
+    return present
+
+
+def fit_normative_charts(
+    measurements: pd.DataFrame, structures, measures, percentiles=PERCENTILES, covariates=COVARIATES,
+    by_sex: bool = True, spline_df: int = SPLINE_DF, min_n: int = MIN_N, age_step: float = AGE_STEP,
+    combined: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(charts, coefficients); columns ``chart_columns(percentiles, covariates)`` and
+    ``coefficient_columns(percentiles)``, see the module docstring. ``structures``: the structures to chart,
+    in this order (None: every structure of the table, in table order); one not in the table gets one
+    too_few_scans row with n 0. ``combined``: the study's combined structures (statistics.combined); a
+    charted one carries its members in ``members``, so that a new scan's own combination can be made."""
+    levels = _check_percentiles(percentiles)
+    _check_integer("min_n", min_n, 5)
+    _check_integer("spline_df", spline_df, 2)
+    if not (isinstance(age_step, (int, float, np.number)) and np.isfinite(age_step) and age_step > 0):
+        raise ValueError(f"age_step must be a positive number, got {age_step!r}")
+    measures = list(measures)
+    missing = [m for m in ["structure", "age", *measures] if m not in measurements.columns]
+    if missing:
+        raise ValueError(f"the measurement table has no column {', '.join(missing)}")
+    covariates = list(covariates)
+    present = _numeric_covariates(measurements, covariates)
+    if by_sex and "sex" not in measurements.columns:
+        log.warning("no sex column: one chart over every scan (sex %s)", ALL)
+    sexes = SEXES if by_sex and "sex" in measurements.columns else (ALL,)
+    sex = measurements["sex"].astype(object) if sexes == SEXES else pd.Series(ALL, measurements.index)
+    group = measurements["group"] if "group" in measurements.columns else pd.Series("", measurements.index)
+    group = group.astype(object).where(group.notna(), "").astype(str)
+    if structures is None:
+        structures = list(dict.fromkeys(measurements["structure"]))
+    names = [percentile_column(p) for p in levels]
+    chart_rows, coefficient_rows = [], []
+    for structure in structures:
+        in_structure = (measurements["structure"] == structure).to_numpy()
+        structure_group = group[in_structure].iloc[0] if in_structure.any() else ""
+        for measure in measures:
+            for s in sexes:
+                block = measurements[in_structure & (sex == s).to_numpy()]
+                frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float),
+                                      "age": block["age"].to_numpy(dtype=float)})
+                for i, name in enumerate(present):
+                    frame[f"c{i}"] = block[name].to_numpy(dtype=float)
+                # complete cases; an infinite value is no measurement either
+                frame = frame[np.isfinite(frame.to_numpy()).all(axis=1)].reset_index(drop=True)
+                n = len(frame)
+                varying = [f"c{i}" for i in range(len(present)) if frame[f"c{i}"].nunique() > 1]
+                key = {"structure": structure, "group": structure_group,
+                       "members": "+".join((combined or {}).get(structure, ())), "measure": measure, "sex": s, "n": n}
+                reference = dict.fromkeys(covariates, np.nan)
+                for i, name in enumerate(present):
+                    if n:
+                        reference[name] = 0.0 if f"c{i}" in varying else float(frame[f"c{i}"].iloc[0])
+                if n < min_n:
+                    note = TOO_FEW_SCANS
+                elif np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
+                    note = CONSTANT
+                elif n < 1 + spline_df + len(varying) + 2 or frame["age"].nunique() < spline_df + 2:
+                    note = TOO_FEW_SCANS
+                else:
+                    fits, converged = quantile_fits(frame[["y", "age", *varying]], levels, spline_df)
+                    note = "" if converged else NOT_CONVERGED
+                if note:
+                    chart_rows.append({**key, "age": np.nan, **dict.fromkeys(names, np.nan),
+                                       **dict.fromkeys(covariates, np.nan), "note": note})
+                    continue
+                ages = age_grid(float(frame["age"].min()), float(frame["age"].max()), float(age_step))
+                new = pd.DataFrame({"age": ages, **{c: np.zeros(len(ages)) for c in varying}})
+                predicted = np.column_stack([np.asarray(fit.predict(new), dtype=float) for fit in fits])
+                # monotone rearrangement: the curves' values sorted across the levels at every age
+                predicted = np.sort(predicted, axis=1)
+                for age, values in zip(ages, predicted):
+                    chart_rows.append({**key, "age": float(age), **dict(zip(names, values)), **reference, "note": ""})
+                for column in varying:
+                    coefficient_rows.append({
+                        "structure": structure, "measure": measure, "sex": s, "covariate": present[int(column[1:])],
+                        **{name: float(fit.params[column]) for name, fit in zip(names, fits)},
+                    })
+    charts = pd.DataFrame(chart_rows, columns=chart_columns(levels, covariates))
+    coefficients = pd.DataFrame(coefficient_rows, columns=coefficient_columns(levels))
+    keys = charts.drop_duplicates(["structure", "measure", "sex"])
+    notes = keys.loc[keys["note"] != "", "note"].value_counts()
+    untested = ", ".join(f"{count} {note}" for note, count in notes.items())
+    log.info("normative charts given %s: %d of %d fitted; not fitted: %s", present, (keys["note"] == "").sum(),
+             len(keys), untested or "none")
+    return charts, coefficients
+
+
+def chart_layout(charts: pd.DataFrame) -> tuple[tuple[float, ...], list[str]]:
+    """(percentile levels, covariate names) of a charts table: the p<number> columns after age, and the
+    columns between them and note."""
+    columns = list(charts.columns)
+    missing = [c for c in [*LEADING_COLUMNS, "note"] if c not in columns and c != "members"]  # members: optional
+    if missing:
+        raise ValueError(f"not a charts table: no column {', '.join(missing)}")
+    middle = columns[columns.index("age") + 1:columns.index("note")]
+    levels = []
+    for name in middle:
+        match = _PERCENTILE_NAME.match(str(name))
+        if not match:
+            break
+        levels.append(float(match.group(1)))
+    return _check_percentiles(levels), middle[len(levels):]
+
+
+def normal_score(value: float, curves, percentiles) -> tuple[float, str]:
+    """(z, note) of ``value`` among percentile curve values at one age (module docstring, placement):
+    note "" inside the curves, below_chart / above_chart where z is extrapolated."""
+    v = np.sort(np.asarray(curves, dtype=float))
+    z = stats.norm.ppf(np.asarray(percentiles, dtype=float) / 100)
+    if not (np.isfinite(value) and np.isfinite(v).all()):
+        return np.nan, ""
+    if value < v[0] or value > v[-1]:
+        below = value < v[0]
+        end = 0 if below else len(v) - 1
+        other = np.flatnonzero(v != v[end])
+        if not len(other):  # every curve equal: no slope
+            return np.nan, BELOW_CHART if below else ABOVE_CHART
+        j = other[0] if below else other[-1]
+        slope = (z[j] - z[end]) / (v[j] - v[end])
+        return float(z[end] + slope * (value - v[end])), BELOW_CHART if below else ABOVE_CHART
+    tied = np.flatnonzero(v == value)
+    if len(tied):
+        return float((z[tied[0]] + z[tied[-1]]) / 2), ""
+    i = int(np.searchsorted(v, value)) - 1  # v[i] < value < v[i + 1], so v[i + 1] > v[i]
+    return float(z[i] + (z[i + 1] - z[i]) * (value - v[i]) / (v[i + 1] - v[i])), ""
+
+
+def _chart_sex(charts: pd.DataFrame, sex) -> str:
+    sexes = set(charts["sex"].astype(str))
+    if sexes & set(SEXES) and sex != ALL:
+        if sex not in SEXES:
+            raise ValueError(f"the charts are by sex: sex must be M or F, got {sex!r}")
+        return sex
+    if ALL not in sexes:
+        raise ValueError(f"the charts have no sex {ALL!r} chart; give sex M or F")
+    return ALL
+
+
+def with_combined_structures(scan: pd.DataFrame, charts: pd.DataFrame) -> pd.DataFrame:
+    """``scan`` plus a row for each charted combined structure (``members`` not empty) it lacks, made from
+    its members' rows as the workflow makes them (``aggregate.combine_structures``: summed volume,
+    voxel-weighted HU, NaN unless every member is measured). A combination with a member the scan's table
+    does not list is left out (its chart then finds no row of the scan)."""
+    if "members" not in charts.columns or "structure" not in scan.columns:
+        return scan
+    have = set(scan["structure"])
+    wanted = {structure: members.split("+") for structure, members in
+              charts[["structure", "members"]].drop_duplicates().itertuples(index=False)
+              if isinstance(members, str) and members and structure not in have}
+    if not wanted:
+        return scan
+    from ctcohort.aggregate import combine_structures
+    from ctcohort.measure import MEASURE_COLUMNS
+
+    lacking = [c for c in MEASURE_COLUMNS if c not in scan.columns]
+    if lacking:
+        raise ValueError(f"the scan's table has no column {', '.join(lacking)}, needed to combine "
+                         f"{', '.join(wanted)} from their members (ctcohort measure's table has them)")
+    rows = combine_structures(scan[MEASURE_COLUMNS].assign(subject="scan"), wanted)
+    return pd.concat([scan, rows.reindex(columns=scan.columns)], ignore_index=True)
+
+
+def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.DataFrame, age: float, sex,
+                    covariates: dict | None = None) -> pd.DataFrame:
+    """One scan on the normative charts (columns PLACEMENT_COLUMNS; module docstring, placement).
+
+    ``scan``: one row per structure, with a structure column and measure columns (``ctcohort measure``'s
+    table, or one scan's rows of measurements.tsv). ``sex``: M or F for charts by sex (``all``, or anything,
+    where the charts are over every scan). ``covariates``: {name: value} of the scan, e.g. {"contrast": 1};
+    a name the charts do not have is an error.
+    """
+    levels, names = chart_layout(charts)
+    if charts.empty:
+        raise ValueError("the charts table has no rows")
+    scan = with_combined_structures(scan, charts)
+    columns = [percentile_column(p) for p in levels]
+    if not set(columns) <= set(coefficients.columns):
+        raise ValueError(f"the coefficients table has not the charts' percentile columns {', '.join(columns)}")
+    try:
+        age = float(age)
+    except (TypeError, ValueError):
+        raise ValueError(f"age must be a number, got {age!r}") from None
+    if not np.isfinite(age):
+        raise ValueError(f"age must be a finite number, got {age!r}")
+    # a covariate given as NaN is not given
+    covariates = {str(k): float(v) for k, v in (covariates or {}).items() if pd.notna(v)}
+    unknown = sorted(set(covariates) - set(names))
+    if unknown:
+        raise ValueError(f"the charts have no covariate {', '.join(unknown)} (they have: {', '.join(names) or 'none'})")
+    chart_sex = _chart_sex(charts, sex)
+    if "structure" not in scan.columns:
+        raise ValueError("the scan's table has no structure column")
+    duplicated = scan["structure"][scan["structure"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"the scan's table has several rows of {', '.join(map(str, duplicated[:5]))}: one scan, "
+                         "one row per structure")
+    measures = list(dict.fromkeys(charts["measure"]))
+    if not any(m in scan.columns for m in measures):
+        raise ValueError(f"the scan's table has none of the charted measures {', '.join(measures)}")
+    lacking = [m for m in measures if m not in scan.columns]
+    if lacking:
+        log.warning("measures charted but not in the scan's table: %s", ", ".join(lacking))
+    note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
+    fitted = charts[(note == "").to_numpy() & (charts["sex"].astype(str) == chart_sex).to_numpy()
+                    & np.isfinite(charts["age"].to_numpy(dtype=float))]
+    chart_of = {key: block.sort_values("age") for key, block in fitted.groupby(["structure", "measure"], sort=False)}
+    shifts = {}
+    for _, row in coefficients[coefficients["sex"].astype(str) == chart_sex].iterrows():
+        shifts.setdefault((row["structure"], row["measure"]), {})[row["covariate"]] = row[columns].to_numpy(dtype=float)
+    rows = []
+    for record in scan.to_dict("records"):
+        structure = record["structure"]
+        for measure in (m for m in measures if m in scan.columns):
+            value = pd.to_numeric(record[measure], errors="coerce")
+            value = float(value) if pd.notna(value) else np.nan
+            z, row_note = np.nan, ""
+            chart = chart_of.get((structure, measure))
+            if chart is None:
+                row_note = NO_CHART
+            elif not np.isfinite(value):
+                row_note = NO_VALUE
+            else:
+                ages = chart["age"].to_numpy(dtype=float)
+                if age < ages[0] or age > ages[-1]:
+                    row_note = AGE_OUTSIDE_CHART
+                else:
+                    curves = np.array([np.interp(age, ages, chart[c].to_numpy(dtype=float)) for c in columns])
+                    model = shifts.get((structure, measure), {})
+                    for name in names:
+                        reference = float(chart[name].iloc[0])
+                        if name in model:
+                            if name not in covariates:
+                                row_note = COVARIATE_MISSING
+                                break
+                            curves = curves + model[name] * (covariates[name] - reference)
+                        elif np.isfinite(reference) and name in covariates and not np.isclose(
+                                covariates[name], reference, rtol=1e-6, atol=1e-9):
+                            row_note = COVARIATE_OUTSIDE_CHART
+                            break
+                    if not row_note:
+                        # the shifts differ between percentiles: sorted again (monotone rearrangement)
+                        z, row_note = normal_score(value, np.sort(curves), levels)
+            percentile = 100 * stats.norm.cdf(z) if np.isfinite(z) else np.nan
+            rows.append((structure, measure, value, age, chart_sex, percentile, z, row_note))
+    return pd.DataFrame(rows, columns=PLACEMENT_COLUMNS)

@@ -1,0 +1,347 @@
+"""Normative charts: percentiles against the analytic ones of a normal cohort, the quantile fits against a
+linear program, the rearrangement, placement of a scan and its notes, the tables' round trip and the CLI."""
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import patsy
+import pytest
+from scipy import stats
+from scipy.optimize import linprog
+
+from conftest import REPO
+from ctcohort import normative
+from ctcohort.cli import main
+from ctcohort.stats import read_table, write_table
+
+# the analytic cohort: volume_ml ~ Normal(A + B age + DELTA contrast, SD) per sex
+A = {"M": 1500.0, "F": 1300.0}
+B = {"M": -4.0, "F": -2.5}
+SD = {"M": 120.0, "F": 90.0}
+DELTA = 60.0
+LEVELS = (5, 25, 50, 75, 95)
+COLUMNS = [f"p{p}" for p in LEVELS]
+
+
+def analytic_cohort(n: int = 40000, seed: int = 7) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    sex = rng.choice(["M", "F"], n)
+    age = rng.uniform(20, 85, n)
+    contrast = rng.integers(0, 2, n).astype(float)
+    mean = np.array([A[s] + B[s] * x for s, x in zip(sex, age)]) + DELTA * contrast
+    sd = np.array([SD[s] for s in sex])
+    return pd.DataFrame({"subject": [f"s{i:05d}" for i in range(n)], "age": age, "sex": sex, "contrast": contrast,
+                         "structure": "liver", "group": "abdomen", "volume_ml": mean + sd * rng.standard_normal(n)})
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return normative.fit_normative_charts(analytic_cohort(), ["liver"], ["volume_ml"])
+
+
+def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
+    """The chart's percentiles at ``age``, interpolated linearly between its rows."""
+    chart = charts[charts["sex"] == sex]
+    return np.array([np.interp(age, chart["age"], chart[c]) for c in COLUMNS])
+
+
+def test_charts_match_the_analytic_percentiles(fitted):
+    charts, coefficients = fitted
+    assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast", "note"]
+    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS]
+    assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
+    z = stats.norm.ppf(np.array(LEVELS) / 100)
+    for sex in ("M", "F"):
+        chart = charts[charts["sex"] == sex]
+        # the grid: youngest to oldest scan of this sex in steps of 1 year, both ends included
+        cohort = analytic_cohort()
+        ages = cohort.loc[cohort["sex"] == sex, "age"]
+        assert chart["age"].iloc[0] == ages.min() and chart["age"].iloc[-1] == ages.max()
+        assert np.allclose(np.diff(chart["age"])[:-1], 1.0) and 0 < np.diff(chart["age"])[-1] <= 1.0
+        assert (chart["n"] == len(ages)).all()
+        for age in (30.0, 50.0, 70.0):
+            expected = A[sex] + B[sex] * age + SD[sex] * z  # native (contrast 0) scans
+            np.testing.assert_allclose(at_age(charts, sex, age), expected, atol=0.1 * SD[sex])
+        shift = coefficients[(coefficients["sex"] == sex) & (coefficients["covariate"] == "contrast")]
+        assert len(shift) == 1
+        np.testing.assert_allclose(shift[COLUMNS].to_numpy()[0], DELTA, atol=0.1 * SD[sex])
+
+
+def check_loss(residuals: np.ndarray, q: float) -> float:
+    return float(np.sum(np.maximum(q * residuals, (q - 1) * residuals)))
+
+
+@pytest.mark.parametrize("n", [25, 80])
+def test_quantile_fits_reach_the_linear_programs_minimum(n):
+    rng = np.random.default_rng(n)
+    age = rng.uniform(20, 85, n)
+    contrast = rng.integers(0, 2, n).astype(float)
+    y = 50 + 0.4 * age + 5 * contrast + rng.standard_normal(n) * (3 + 0.1 * age)
+    frame = pd.DataFrame({"y": y, "age": age, "c0": contrast})
+    fits, converged = normative.quantile_fits(frame, LEVELS)
+    assert converged
+    design = np.asarray(patsy.dmatrix("cr(age, df=3, constraints='center') + c0", frame))
+    k = design.shape[1]
+    for p, fit in zip(LEVELS, fits):
+        q = p / 100
+        # min q 1'u + (1 - q) 1'v subject to X b + u - v = y, u, v >= 0, b free
+        lp = linprog(np.concatenate([np.zeros(k), np.full(n, q), np.full(n, 1 - q)]),
+                     A_eq=np.hstack([design, np.eye(n), -np.eye(n)]), b_eq=y,
+                     bounds=[(None, None)] * k + [(0, None)] * (2 * n), method="highs")
+        assert lp.status == 0
+        loss = check_loss(y - design @ np.asarray(fit.params), q)
+        assert lp.fun <= loss + 1e-9 * lp.fun  # the LP is the minimum
+        assert loss == pytest.approx(lp.fun, rel=1e-6)
+
+
+def noisy_sample(n: int = 20, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"age": rng.uniform(20, 80, n), "structure": "spleen", "group": "abdomen",
+                         "hu_mean": 100 + 10 * rng.standard_normal(n)})
+
+
+def test_rearranged_charts_do_not_cross_where_the_fits_do():
+    sample = noisy_sample()
+    charts, coefficients = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], covariates=())
+    assert (charts["note"] == "").all() and (charts["sex"] == "all").all() and coefficients.empty
+    fits, converged = normative.quantile_fits(sample[["age"]].assign(y=sample["hu_mean"])[["y", "age"]])
+    assert converged
+    grid = pd.DataFrame({"age": charts["age"].to_numpy()})
+    unsorted = np.column_stack([np.asarray(fit.predict(grid)) for fit in fits])
+    assert (np.diff(unsorted, axis=1) < 0).any(axis=1).sum() >= 5  # the fitted curves cross at several ages
+    values = charts[COLUMNS].to_numpy()
+    assert (np.diff(values, axis=1) >= 0).all()
+    # at every age the charted values are the fitted ones, reordered
+    np.testing.assert_allclose(np.sort(values, axis=1), np.sort(unsorted, axis=1), rtol=1e-12)
+
+
+def scan_table(**values) -> pd.DataFrame:
+    return pd.DataFrame({"structure": list(values), "volume_ml": list(values.values())})
+
+
+def placed(charts, coefficients, value, age=50.0, sex="F", structure="liver", **covariates):
+    placement = normative.place_on_charts(charts, coefficients, scan_table(**{structure: value}), age, sex,
+                                          covariates or {"contrast": 0})
+    assert list(placement.columns) == ["structure", "measure", "value", "age", "sex", "percentile", "z", "note"]
+    return placement.iloc[0]
+
+
+def test_a_scan_on_the_charts(fitted):
+    charts, coefficients = fitted
+    row = charts[charts["sex"] == "F"].iloc[30]  # a charted age
+    at_median = placed(charts, coefficients, row["p50"], age=row["age"])
+    assert at_median["z"] == pytest.approx(0, abs=1e-12) and at_median["percentile"] == pytest.approx(50)
+    assert at_median["note"] == "" and at_median["sex"] == "F" and at_median["age"] == row["age"]
+    assert placed(charts, coefficients, row["p95"], age=row["age"])["percentile"] == pytest.approx(95)
+    assert placed(charts, coefficients, row["p25"], age=row["age"])["percentile"] == pytest.approx(25)
+    # a contrast scan: the curves shifted by the contrast coefficients
+    shift = coefficients[coefficients["sex"] == "F"].iloc[0]
+    assert placed(charts, coefficients, row["p50"] + shift["p50"], age=row["age"], contrast=1)["z"] == pytest.approx(0)
+    # between the curves, at mean + 1 SD of the analytic cohort
+    for sex, age, contrast in (("F", 40.0, 0), ("M", 62.5, 1), ("F", 75.0, 1)):
+        value = A[sex] + B[sex] * age + DELTA * contrast + SD[sex]
+        one_sd = placed(charts, coefficients, value, age=age, sex=sex, contrast=contrast)
+        assert one_sd["z"] == pytest.approx(1, abs=0.1) and one_sd["note"] == ""
+        assert one_sd["percentile"] == pytest.approx(100 * stats.norm.cdf(1), abs=3)
+
+
+def test_a_combined_structure_is_made_from_the_scans_members():
+    """Charts of a combined structure (kidneys = left + right) place a scan measured per side: its
+    volume is the sum of the two sides (added here by hand), and a missing side leaves it unplaced."""
+    rng = np.random.default_rng(3)
+    n = 200
+    age = rng.uniform(20, 80, n)
+    cohort = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": age, "sex": "F", "structure": "kidneys",
+                           "group": "organ", "volume_ml": 300 - age + rng.normal(0, 20, n)})
+    charts, coefficients = normative.fit_normative_charts(
+        cohort, ["kidneys"], ["volume_ml"], covariates=[], combined={"kidneys": ["kidney_left", "kidney_right"]})
+    assert set(charts["members"]) == {"kidney_left+kidney_right"}
+    columns = ["structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
+               "hu_mean_eroded", "complete", "exclusion_reason"]
+    scan = pd.DataFrame([("kidney_left", 2, "organ", 1000, 120.0, 30.0, 30.0, 5.0, 31.0, True, ""),
+                         ("kidney_right", 3, "organ", 1100, 130.0, 32.0, 32.0, 5.0, 33.0, True, "")], columns=columns)
+    placement = normative.place_on_charts(charts, coefficients, scan, age=50, sex="F").set_index("structure")
+    assert placement.at["kidneys", "value"] == 120.0 + 130.0
+    assert placement.at["kidneys", "note"] == "" and np.isfinite(placement.at["kidneys", "z"])
+    assert placement.at["kidney_left", "note"] == normative.NO_CHART
+    one_side = scan.assign(volume_ml=[120.0, np.nan])
+    placement = normative.place_on_charts(charts, coefficients, one_side, age=50, sex="F").set_index("structure")
+    assert placement.at["kidneys", "note"] == normative.NO_VALUE and np.isnan(placement.at["kidneys", "z"])
+
+
+def test_placement_notes(fitted):
+    charts, coefficients = fitted
+    oldest = charts.loc[charts["sex"] == "M", "age"].max()
+    outside = placed(charts, coefficients, 1200.0, age=oldest + 0.5, sex="M")
+    assert outside["note"] == "age_outside_chart" and np.isnan(outside["z"]) and np.isnan(outside["percentile"])
+    assert outside["value"] == 1200.0
+    assert placed(charts, coefficients, 1200.0, age=oldest, sex="M")["note"] in ("", "below_chart", "above_chart")
+    none = placed(charts, coefficients, 100.0, structure="spleen")
+    assert none["note"] == "no_chart" and np.isnan(none["z"])
+    missing = normative.place_on_charts(charts, coefficients, scan_table(liver=1200.0), 50, "F")
+    assert missing["note"].tolist() == ["covariate_missing"] and missing["z"].isna().all()
+    no_value = placed(charts, coefficients, np.nan)
+    assert no_value["note"] == "no_value" and np.isnan(no_value["percentile"])
+    low = placed(charts, coefficients, 900.0)  # F at 50: mean 1175, SD 90
+    high = placed(charts, coefficients, 1500.0)
+    assert low["note"] == "below_chart" and low["z"] < stats.norm.ppf(0.05)
+    assert high["note"] == "above_chart" and high["z"] > stats.norm.ppf(0.95)
+    assert 0 < low["percentile"] < 5 and 95 < high["percentile"] < 100
+    with pytest.raises(ValueError, match="sex must be M or F"):
+        normative.place_on_charts(charts, coefficients, scan_table(liver=1.0), 50, None, {"contrast": 0})
+    with pytest.raises(ValueError, match="no covariate kvp"):
+        normative.place_on_charts(charts, coefficients, scan_table(liver=1.0), 50, "F", {"kvp": 120})
+    with pytest.raises(ValueError, match="age must be a number"):
+        normative.place_on_charts(charts, coefficients, scan_table(liver=1.0), "old", "F")
+
+
+def test_a_covariate_constant_in_the_chart():
+    cohort = analytic_cohort(1200).assign(contrast=1.0)
+    charts, coefficients = normative.fit_normative_charts(cohort, ["liver"], ["volume_ml"])
+    assert coefficients.empty and (charts["contrast"] == 1.0).all() and (charts["note"] == "").all()
+    value = A["M"] + B["M"] * 50 + DELTA
+    assert placed(charts, coefficients, value, sex="M", contrast=0)["note"] == "covariate_outside_chart"
+    assert np.isnan(placed(charts, coefficients, value, sex="M", contrast=0)["z"])
+    at_one = placed(charts, coefficients, value, sex="M", contrast=1)
+    assert at_one["note"] == "" and at_one["z"] == pytest.approx(0, abs=0.15)
+    # a covariate outside the model is not needed
+    alone = normative.place_on_charts(charts, coefficients, scan_table(liver=value), 50, "M")
+    assert alone["note"].tolist() == [""]
+
+
+def test_normal_score_by_hand():
+    z = stats.norm.ppf(np.array(LEVELS) / 100)
+    curves = [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert normative.normal_score(2.5, curves, LEVELS) == (pytest.approx((z[1] + z[2]) / 2), "")
+    assert normative.normal_score(5.0, curves, LEVELS) == (pytest.approx((z[3] + z[4]) / 2), "")
+    # beyond the curves: along the outermost segment
+    assert normative.normal_score(8.0, curves, LEVELS) == (pytest.approx(z[4] + 2 * (z[4] - z[3]) / 2), "above_chart")
+    assert normative.normal_score(0.0, curves, LEVELS) == (pytest.approx(z[0] - (z[1] - z[0])), "below_chart")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero
+        tied = [1.0, 2.0, 2.0, 3.0, 4.0]
+        assert normative.normal_score(2.0, tied, LEVELS)[0] == pytest.approx((z[1] + z[2]) / 2)
+        assert normative.normal_score(2.5, tied, LEVELS)[0] == pytest.approx((z[2] + z[3]) / 2)
+        low_tie = [1.0, 1.0, 2.0, 3.0, 4.0]
+        assert normative.normal_score(0.0, low_tie, LEVELS) == (pytest.approx(z[0] - (z[2] - z[0])), "below_chart")
+        flat = [2.0] * 5
+        assert normative.normal_score(2.0, flat, LEVELS) == (pytest.approx(0), "")
+        z_flat, note = normative.normal_score(1.0, flat, LEVELS)
+        assert np.isnan(z_flat) and note == "below_chart"
+
+
+def test_charts_that_are_not_fitted(caplog, monkeypatch):
+    sample = noisy_sample(40)
+    sample["sex"] = ["M"] * 10 + ["F"] * 25 + [np.nan] * 5
+    sample["volume_ml"] = 5.0
+    with caplog.at_level(logging.WARNING, logger="ctcohort.normative"):
+        charts, coefficients = normative.fit_normative_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
+    assert "contrast" in caplog.text  # not in the table: left out, with a warning
+    assert coefficients.empty and charts["contrast"].isna().all()
+    keys = charts.set_index(["structure", "measure", "sex"])
+    assert keys.loc[("spleen", "hu_mean", "M"), "note"] == "too_few_scans"
+    assert keys.loc[("spleen", "hu_mean", "M"), "n"] == 10
+    assert keys.loc[("spleen", "volume_ml", "F"), "note"] == "constant"
+    assert (keys.loc[("spleen", "hu_mean", "F"), "note"] == "").all()
+    assert (keys.loc[("spleen", "hu_mean", "F"), "n"] == 25).all()  # the scans without a sex are in no chart
+    assert keys.loc[("kidney", "hu_mean", "F"), "n"] == 0
+    unfitted = charts[charts["note"] != ""]
+    assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
+    # without a sex column: one chart over every scan
+    charts, _ = normative.fit_normative_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"], covariates=())
+    assert (charts["sex"] == "all").all() and (charts["n"] == 40).all() and (charts["note"] == "").all()
+    placement = normative.place_on_charts(charts, _, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
+                                          50, "F")
+    assert placement["sex"].tolist() == ["all"] and placement["note"].tolist() == [""]
+    # a fit that stops at the iteration limit away from the minimum is no chart
+    monkeypatch.setattr(normative, "MAX_ITER", 2)
+    charts, _ = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], by_sex=False, covariates=())
+    assert charts["note"].tolist() == ["not_converged"] and charts["age"].isna().all()
+
+
+def test_a_fit_at_the_iteration_limit_stands_at_the_minimum(caplog, monkeypatch):
+    # the 25th percentile of 40 scans (n q = 10): IRLS crawls along the flat minimum until MAX_ITER
+    sample = noisy_sample(40)
+    frame = pd.DataFrame({"y": sample["hu_mean"], "age": sample["age"]})
+    with caplog.at_level(logging.DEBUG, logger="ctcohort.normative"):
+        fits, converged = normative.quantile_fits(frame)
+    assert converged and f"stopped after {normative.MAX_ITER} iterations" in caplog.text
+    design = np.asarray(patsy.dmatrix("cr(age, df=3, constraints='center')", frame))
+    n, k = design.shape
+    lp = linprog(np.concatenate([np.zeros(k), np.full(n, 0.25), np.full(n, 0.75)]),
+                 A_eq=np.hstack([design, np.eye(n), -np.eye(n)]), b_eq=frame["y"].to_numpy(),
+                 bounds=[(None, None)] * k + [(0, None)] * (2 * n), method="highs")
+    loss = check_loss(frame["y"].to_numpy() - design @ np.asarray(fits[1].params), 0.25)
+    assert lp.fun < loss <= lp.fun * (1 + normative.LOSS_TOLERANCE)
+    monkeypatch.setattr(normative, "LOSS_TOLERANCE", 1e-7)
+    assert not normative.quantile_fits(frame)[1]
+
+
+def test_bad_arguments():
+    sample = noisy_sample().assign(kind="native")
+    with pytest.raises(ValueError, match="'kind'"):
+        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], covariates=("kind",))
+    for bad in ((5, 5, 50), (0, 50), (50, 100), (50, 25)):
+        with pytest.raises(ValueError, match="percentiles"):
+            normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], percentiles=bad)
+    with pytest.raises(ValueError, match="min_n"):
+        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], min_n=4)
+    with pytest.raises(ValueError, match="spline_df"):
+        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], spline_df=1)
+    with pytest.raises(ValueError, match="volume_ml"):
+        normative.fit_normative_charts(sample, ["spleen"], ["volume_ml"])
+
+
+def test_tables_round_trip(fitted, tmp_path):
+    charts, coefficients = fitted
+    sample = noisy_sample(12)  # one row not fitted: a note and NaNs
+    small, _ = normative.fit_normative_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
+    charts = pd.concat([charts, small], ignore_index=True)
+    write_table(charts, tmp_path / "charts.tsv")
+    write_table(coefficients, tmp_path / "covariates.tsv")
+    read = read_table(tmp_path / "charts.tsv")
+    assert list(read.columns) == list(charts.columns)
+    assert read["note"].tolist() == charts["note"].tolist() and read["group"].tolist() == charts["group"].tolist()
+    pd.testing.assert_frame_equal(read, charts, check_dtype=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "covariates.tsv"), coefficients, rtol=1e-5)
+    assert normative.chart_layout(read) == (tuple(map(float, LEVELS)), ["contrast"])
+
+
+def test_zscore_command(fitted, tmp_path, capsys):
+    charts, coefficients = fitted
+    write_table(charts, tmp_path / "charts.tsv")
+    write_table(coefficients, tmp_path / "covariates.tsv")
+    age = 50.0
+    value = A["F"] + B["F"] * age + DELTA + SD["F"]
+    scan = pd.DataFrame({"structure": ["liver", "spleen"], "volume_ml": [value, 200.0], "hu_mean": [60.0, np.nan]})
+    scan.to_csv(tmp_path / "scan.tsv", sep="\t", index=False, na_rep="NaN")
+    common = ["zscore", "--charts", str(tmp_path / "charts.tsv"), "--coefficients", str(tmp_path / "covariates.tsv"),
+              "--measurements", str(tmp_path / "scan.tsv"), "--sex", "F"]
+    out = tmp_path / "z.tsv"
+    assert main([*common, "--age", "50", "--covariate", "contrast=1", "--out", str(out)]) == 0
+    assert "placed 1 of 2" in capsys.readouterr().out
+    placement = read_table(out)
+    assert placement["note"].tolist() == ["", "no_chart"]
+    assert placement.loc[0, "z"] == pytest.approx(1, abs=0.1) and placement.loc[0, "sex"] == "F"
+    assert out.read_text().splitlines()[2].split("\t")[-3:] == ["NaN", "NaN", "no_chart"]
+    assert main([*common, "--age", "fifty", "--covariate", "contrast=1", "--out", str(out)]) == 1
+    assert "--age must be a number" in capsys.readouterr().err
+    assert main([*common, "--age", "50", "--covariate", "contrast", "--out", str(out)]) == 1
+    assert "NAME=NUMBER" in capsys.readouterr().err
+    common[common.index("--measurements") + 1] = str(tmp_path / "absent.tsv")
+    assert main([*common, "--age", "50", "--out", str(out)]) == 1
+    assert "--measurements: no such file" in capsys.readouterr().err
+    # as a module, the table on standard output
+    run = subprocess.run([sys.executable, "-m", "ctcohort", "zscore", *common[1:-4], "--measurements",
+                          str(tmp_path / "scan.tsv"), "--age", "50", "--covariate", "contrast=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 1 and "sex must be M or F" in run.stderr  # --sex left off
+    run = subprocess.run([sys.executable, "-m", "ctcohort", "zscore", *common[1:-4], "--measurements",
+                          str(tmp_path / "scan.tsv"), "--sex", "F", "--age", "50", "--covariate", "contrast=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].split("\t") == normative.PLACEMENT_COLUMNS and "placed 1 of 2" in run.stderr
