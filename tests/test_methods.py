@@ -1,0 +1,88 @@
+"""The Methods paragraph says what the run's tables count and what the configuration set, and nothing else."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ctcohort.methods import methods_paragraphs, model_description, write_methods
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def settings():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["segmentation"].pop("model")
+    return {**config, "demo": False, "bundled_model": False}
+
+
+COUNTS = pd.DataFrame(
+    [("scans", "in the sheet", 120), ("scans", "measured", 117), ("scans", "failed: segment", 2),
+     ("scans", "failed: import_ct", 1), ("scans", "measured, no age", 4), ("scans", "measured, no sex", 0),
+     ("structures", "measured", 3500), ("structures", "absent", 40), ("structures", "too_small", 0),
+     ("structures", "cut_off", 61), ("structures", "implausible_volume", 3)],
+    columns=["level", "kind", "count"],
+)
+VERSIONS = pd.DataFrame([("python", "3.11.9"), ("snakemake", "9.1.0"), ("scipy", "1.14.1"),
+                         ("nnunetv2", "2.6.2"), ("pydicom", "not installed")], columns=["software", "version"])
+
+
+def correlations():
+    # 6 rows: 4 tested, 2 significant positive, 1 significant negative, 1 row too small to test
+    return pd.DataFrame({
+        "structure": ["a", "b", "c", "d", "e", "f"], "measure": ["volume_ml"] * 6,
+        "rs": [0.5, 0.6, -0.4, 0.1, float("nan"), float("nan")],
+        "significant": [True, True, True, False, False, False],
+        "note": ["", "", "", "", "too_few_scans", "constant"],
+    })
+
+
+def test_methods_quote_the_runs_counts_and_the_settings(settings):
+    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, model="the nnU-Net model X"))
+    assert "The cohort comprised 120 scans." in text
+    assert "3 scans could not be processed (2 at segment and 1 at import_ct)" in text
+    assert "117 scans were measured, of which 113 scans with a recorded age" in text
+    assert "Of 3604 structure measurements, 40 absent, 61 cut off" in text and "3 with a volume outside" in text
+    assert "Of 6 pairs, 4 were tested" in text and "these 4 tests (Bonferroni)" in text
+    assert "3 were (2 positive, 1 negative)" in text
+    assert f"below {settings['statistics']['alpha']:g}" in text
+    assert "adjusted for sex and contrast" in text
+    assert f"({settings['statistics']['spline_df']} degrees of freedom)" in text
+    assert "nnunetv2 2.6.2" in text and "snakemake 9.1.0" in text and "Python 3.11.9" in text
+    assert "pydicom" not in text  # not installed: not cited
+    assert "the nnU-Net model X" in text
+    assert "(the 5th, 25th, 50th, 75th and 95th) by sex" in text
+
+
+def test_methods_follow_the_configuration(settings):
+    settings["statistics"].update(correction="fdr_bh", alpha=0.05, partial_covariates=[])
+    settings["segmentation"]["method"] = "precomputed"
+    settings["normative"]["panels"] = []
+    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS))
+    assert "Benjamini-Hochberg" in text and "below 0.05" in text
+    assert "Partial Spearman" not in text and "quantile regression" not in text
+    assert "Segmentations were supplied with the cohort" in text and "nnU-Net" not in text
+
+
+def test_model_description_names_folders_and_checksums_not_paths(tmp_path):
+    checkpoint = tmp_path / "site" / "Dataset291_Organs" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "checkpoint_final.pth").write_bytes(b"weights" * 1000)
+    files = [checkpoint / "checkpoint_final.pth", checkpoint.parent / "plans.json"]
+    digest = subprocess.run(["sha256sum", str(files[0])], capture_output=True, text=True, check=True).stdout[:12]
+    words = model_description(False, files)
+    assert words == f"the nnU-Net model Dataset291_Organs (Dataset291_Organs fold_0 SHA-256 {digest})"
+    assert "bundled demo model" in model_description(True, files) and str(tmp_path) not in words
+
+
+def test_methods_files(tmp_path, settings):
+    paragraphs = methods_paragraphs(settings, COUNTS, correlations(), VERSIONS)
+    write_methods(paragraphs, tmp_path / "methods.md", tmp_path / "methods.html")
+    markdown = (tmp_path / "methods.md").read_text()
+    assert markdown.startswith("# Methods\n\n") and markdown.count("\n\n") == len(paragraphs)
+    page = (tmp_path / "methods.html").read_text()
+    assert len(re.findall("<p>", page)) == len(paragraphs)
