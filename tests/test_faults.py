@@ -123,7 +123,8 @@ def test_a_study_killed_mid_run_and_rerun_ends_as_an_uninterrupted_one(cohort, t
     failures = pd.read_csv(straight / "results" / "tables" / "failures.tsv", sep="\t")
     assert list(failures["subject"]) == [BROKEN]
     assert {"stats/age_correlations.tsv", "tables/measurements.parquet", "evaluation/dice_summary.tsv",
-            "figures/age_boxplots.svg", "figures/correlation_overview.png", "figures/dice.svg"} <= set(expected)
+            "figures/age_quartile_boxplots.svg", "figures/rs_forest_plot.png", "figures/dice.svg",
+            "figures/rs_heatmap.svg", "figures/normative_charts.svg", "methods.md"} <= set(expected)
     assert (pd.read_csv(straight / "results" / "stats" / "age_correlations.tsv", sep="\t")["note"] != "constant").any()
 
     measured = kill_mid_run(killed, cohort)

@@ -18,6 +18,7 @@ from scipy import stats
 from conftest import REPO, run_workflow
 from test_figures import svg_text
 from ctcohort import phantom
+from ctcohort.stats import read_table
 
 pytestmark = pytest.mark.slow
 
@@ -99,10 +100,31 @@ def test_demo_recovers_planted_effects_and_keeps_nulls_null(demo_study):
     assert len(planted) >= 20
     assert planted["significant"].all(), planted.loc[~planted["significant"], ["structure", "measure", "p_bonferroni"]]
     assert (np.sign(planted["rs"]) == planted["direction"]).all()
-    nulls = truth.groupby("structure")["direction"].apply(lambda d: (d == 0).all())
+    nulls = truth.groupby("structure")["trajectory"].apply(lambda t: (t == "none").all())
     null_rows = correlations[correlations["structure"].isin(nulls[nulls].index)]
     assert len(null_rows) >= 15
     assert not null_rows["significant"].any(), null_rows[null_rows["significant"]]
+
+
+def test_demo_spline_test_finds_the_planted_curve_and_not_the_planted_lines(demo_study):
+    """The phantom's spleen attenuation peaks at 55 and falls on both sides: Spearman's rs and the linear
+    term miss it, the spline test finds it (Bonferroni over the fitted rows), with the peak inside the
+    age range near 55; no planted linear effect looks curved to it."""
+    truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t")
+    regression = pd.read_csv(demo_study / "stats" / "regression.tsv", sep="\t").set_index(["structure", "measure"])
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t").set_index(
+        ["structure", "measure"])
+    fitted = int(regression["p_nonlinear"].notna().sum())
+    curved = truth[truth["trajectory"] == "peak"].set_index(["structure", "measure"])
+    assert list(curved.index) == [("spleen", "hu_mean")]
+    for key, planted in curved.iterrows():
+        row = regression.loc[key]
+        assert row["p_nonlinear"] * fitted < 0.05, row
+        assert abs(row["peak_age"] - planted["extremum_age"]) < 15 and np.isnan(row["trough_age"])
+        assert not correlations.at[key, "significant"] and not row["p_bonferroni"] < 0.05
+    lines = truth[truth["trajectory"] == "linear"].set_index(["structure", "measure"])
+    assert len(lines) >= 20
+    assert (regression.loc[lines.index, "p_nonlinear"] * fitted >= 0.05).all(), regression.loc[lines.index, "p_nonlinear"]
 
 
 def test_demo_paper_comparison_has_the_papers_rows_in_its_directions(demo_study):
@@ -150,15 +172,88 @@ def test_demo_adjusted_by_sex_and_regression_tables_against_pingouin_and_statsmo
     assert {"partial_correlations.tsv", "by_sex.tsv", "regression.tsv"} <= set(embedded)
 
 
+def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_study, tmp_path):
+    """The phantom's median man (age 55, contrast, every between-subject deviation 0), rendered, measured
+    and placed by `ctcohort zscore` on the demo's charts, lies near the 50th percentile of every chart, the
+    combined structures made from his left and right sides; the charts' curves never cross."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    charts = read_table(demo_study / "stats" / "normative_charts.tsv")
+    panels = {(p["structure"], p["measure"]) for p in config["normative"]["panels"]}
+    assert set(zip(charts["structure"], charts["measure"])) == panels
+    assert (charts["note"] == "").all() and set(charts["sex"]) == {"M", "F"}
+    curves = charts[[f"p{p:g}" for p in config["normative"]["percentiles"]]].to_numpy()
+    assert (np.diff(curves, axis=1) >= 0).all()
+    n = len(phantom.ANATOMY)
+    median_man = phantom.SubjectDraw(55, "M", 1, "", False, np.zeros(n), np.zeros(n), image_seed=12345)
+    ct, labels, affine = phantom.render_subject(median_man)
+    for name, array in (("ct", ct), ("seg", labels)):
+        nib.save(nib.Nifti1Image(array, affine), tmp_path / f"{name}.nii.gz")
+    cli = [sys.executable, "-m", "ctcohort"]
+    subprocess.run([*cli, "measure", "--ct", tmp_path / "ct.nii.gz", "--seg", tmp_path / "seg.nii.gz",
+                    "--structures", "total_v1", "-o", tmp_path / "scan.tsv"], check=True, capture_output=True)
+    subprocess.run([*cli, "zscore", "--charts", demo_study / "stats" / "normative_charts.tsv",
+                    "--coefficients", demo_study / "stats" / "normative_covariates.tsv",
+                    "--measurements", tmp_path / "scan.tsv", "--age", "55", "--sex", "M", "--covariate", "contrast=1",
+                    "-o", tmp_path / "z.tsv"], check=True, capture_output=True)
+    placed = read_table(tmp_path / "z.tsv").set_index(["structure", "measure"]).loc[sorted(panels)]
+    assert (placed["note"] == "").all(), placed
+    assert placed["percentile"].between(30, 70).all(), placed[["value", "percentile"]]
+
+
+FIGURES = ["age_quartile_boxplots", "rs_forest_plot", "rs_heatmap", "scatter_lowess", "normative_charts"]
+
+
+def test_demo_figures_are_in_the_report_with_their_captions(demo_study):
+    """Every figure as PNG and SVG; each PNG embedded in the report beside its caption's first words."""
+    report = (demo_study / "report.html").read_text(errors="replace")
+    embedded = embedded_files(demo_study / "report.html")
+    for name in FIGURES:
+        assert (demo_study / "figures" / f"{name}.svg").stat().st_size > 1000, name
+        assert f"{name}.png" in embedded, name
+        caption = (REPO / "workflow" / "report" / f"{name}.rst").read_text().split()[:3]
+        assert " ".join(caption) in report, (name, caption)
+    scatter = svg_text(demo_study / "figures" / "scatter_lowess.svg")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for panel in config["figures"]["scatter"]:
+        assert panel["structure"].replace("_", " ") in scatter
+
+
+def test_demo_group_summary_and_methods(demo_study):
+    """The group summary counts what age_correlations.tsv holds (counted here with pandas); the Methods
+    paragraph quotes the run's numbers and is in the report."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
+    own = correlations[~correlations["structure"].isin(list(config["statistics"]["combined"]))]
+    summary = pd.read_csv(demo_study / "stats" / "group_summary.tsv", sep="\t").set_index(["group", "measure"])
+    for (group, measure), rows in own.groupby(["group", "measure"]):
+        tested = rows[rows["note"].isna()]
+        row = summary.loc[(group, measure)]
+        assert row["structures"] == len(rows) and row["tested"] == len(tested)
+        assert row["significant_up"] == (tested["significant"] & (tested["rs"] > 0)).sum()
+        assert row["significant_down"] == (tested["significant"] & (tested["rs"] < 0)).sum()
+        assert row["median_abs_rs"] == pytest.approx(np.median(np.abs(tested["rs"])), abs=1e-6)
+    assert summary.loc[("bone", "hu_mean"), "significant_down"] >= 4  # hips, L4, clavicles: the paper's
+    methods = (demo_study / "methods.md").read_text()
+    tested = correlations["note"].isna()
+    significant = correlations["significant"]
+    for words in ("The demo cohort of 40 scans", "Every scan was processed",
+                  f"Of {len(correlations)} pairs, {tested.sum()} were tested",
+                  f"{significant.sum()} were ({(significant & (correlations['rs'] > 0)).sum()} positive",
+                  "the bundled demo model of ctcohort", "fold_0 SHA-256 "):
+        assert words in methods, words
+    assert str(demo_study) not in methods and str(REPO) not in methods
+    assert "methods.html" in embedded_files(demo_study / "report.html")
+
+
 def test_demo_figures_and_report(demo_study):
     # what the figures show, read from their SVGs: every configured panel with its group sizes, and every
     # tested structure in the rs overview
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    boxplots = svg_text(demo_study / "figures" / "age_boxplots.svg")
+    boxplots = svg_text(demo_study / "figures" / "age_quartile_boxplots.svg")
     for panel in config["figures"]["boxplots"]:
         assert panel["structure"].replace("_", " ") in boxplots
     assert boxplots.count("(n=") == len(config["figures"]["boxplots"]) * (len(config["figures"]["age_edges"]) + 1)
-    overview = svg_text(demo_study / "figures" / "correlation_overview.svg")
+    overview = svg_text(demo_study / "figures" / "rs_forest_plot.svg")
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
     tested = correlations.loc[correlations["rs"].notna(), "structure"].unique()
     assert len(tested) >= 30

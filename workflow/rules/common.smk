@@ -69,6 +69,7 @@ except (ValueError, FileNotFoundError) as err:
 
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []
+    SEGMENTATION_MODEL_FILES = []
 else:
     # Checked by the main process only, and not where rules run in their own conda environments (--sdm conda):
     # there envs/segmentation.yaml brings torch and nnunetv2, which the driver's environment need not have.
@@ -174,6 +175,26 @@ def per_scan(pattern):
     return expand(pattern, subject=SUBJECTS)
 
 
+def figure_outputs(name):
+    """A figure's PNG (registered in the report with its caption) and SVG."""
+    return {
+        "png": report(
+            f"results/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures"
+        ),
+        "svg": f"results/figures/{name}.svg",
+    }
+
+
+# the study's figures, each as .png and .svg (figures.smk)
+FIGURES = [
+    *(["age_quartile_boxplots"] if config["figures"]["boxplots"] else []),
+    "rs_forest_plot",
+    "rs_heatmap",
+    *(["scatter_lowess"] if config["figures"]["scatter"] else []),
+    *(["normative_charts"] if config["normative"]["panels"] else []),
+]
+
+
 def study_outputs():
     return [
         "results/tables/measurements.tsv",
@@ -190,8 +211,10 @@ def study_outputs():
         "results/stats/by_sex.tsv",
         "results/stats/regression.tsv",
         "results/stats/paper_comparison.tsv",
-        "results/figures/age_boxplots.png",
-        "results/figures/correlation_overview.png",
+        "results/stats/group_summary.tsv",
+        *(["results/stats/normative_charts.tsv"] if config["normative"]["panels"] else []),
+        *(f"results/figures/{name}.png" for name in FIGURES),
+        "results/methods.md",
         *(["results/evaluation/dice_summary.tsv"] if EVALUATED_SUBJECTS else []),
     ]
 

@@ -1,48 +1,89 @@
-# Paper-style figures: age-group box plots and the rs overview.
+# The study's figures, each as PNG (in the report) and SVG (for a journal): the paper's age-quartile box plots,
+# a forest plot and a heatmap of rs, scatter plots with LOWESS curves by sex, the normative charts.
 
 
 localrules:
-    figure_age_boxplots,
-    figure_correlation_overview,
+    figure_age_quartile_boxplots,
+    figure_rs_forest_plot,
+    figure_rs_heatmap,
+    figure_scatter_lowess,
+    figure_normative_charts,
 
 
-rule figure_age_boxplots:
+rule figure_age_quartile_boxplots:
     input:
         measurements="results/tables/measurements.tsv",
         correlations="results/stats/age_correlations.tsv",
     output:
-        png=report(
-            "results/figures/age_boxplots.png",
-            caption="../report/age_boxplots.rst",
-            category="Figures",
-        ),
-        svg="results/figures/age_boxplots.svg",
+        **figure_outputs("age_quartile_boxplots"),
     params:
         panels=config["figures"]["boxplots"],
         age_edges=config["figures"]["age_edges"],
     log:
-        "results/logs/figure_age_boxplots.log",
+        "results/logs/figure_age_quartile_boxplots.log",
     conda:
         "../../envs/analysis.yaml"
     script:
-        "../scripts/figure_age_boxplots.py"
+        "../scripts/figure_age_quartile_boxplots.py"
 
 
-rule figure_correlation_overview:
+rule figure_rs_forest_plot:
     input:
         "results/stats/age_correlations.tsv",
     output:
-        png=report(
-            "results/figures/correlation_overview.png",
-            caption="../report/correlation_overview.rst",
-            category="Figures",
-        ),
-        svg="results/figures/correlation_overview.svg",
+        **figure_outputs("rs_forest_plot"),
     params:
         measures=config["figures"]["overview_measures"],
     log:
-        "results/logs/figure_correlation_overview.log",
+        "results/logs/figure_rs_forest_plot.log",
     conda:
         "../../envs/analysis.yaml"
     script:
-        "../scripts/figure_correlation_overview.py"
+        "../scripts/figure_rs_forest_plot.py"
+
+
+rule figure_rs_heatmap:
+    input:
+        "results/stats/age_correlations.tsv",
+    output:
+        **figure_outputs("rs_heatmap"),
+    params:
+        measures=config["statistics"]["measures"],
+    log:
+        "results/logs/figure_rs_heatmap.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/figure_rs_heatmap.py"
+
+
+rule figure_scatter_lowess:
+    input:
+        "results/tables/measurements.tsv",
+    output:
+        **figure_outputs("scatter_lowess"),
+    params:
+        panels=config["figures"]["scatter"],
+    log:
+        "results/logs/figure_scatter_lowess.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/figure_scatter_lowess.py"
+
+
+rule figure_normative_charts:
+    input:
+        charts="results/stats/normative_charts.tsv",
+        coefficients="results/stats/normative_covariates.tsv",
+        measurements="results/tables/measurements.tsv",
+    output:
+        **figure_outputs("normative_charts"),
+    params:
+        panels=config["normative"]["panels"],
+    log:
+        "results/logs/figure_normative_charts.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/figure_normative_charts.py"

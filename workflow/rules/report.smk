@@ -18,3 +18,38 @@ rule software_versions:
         "../../envs/analysis.yaml"
     script:
         "../scripts/software_versions.py"
+
+
+# The Methods paragraph, from the configuration and this run's counts (ctcohort.methods).
+
+
+localrules:
+    methods,
+
+
+rule methods:
+    input:
+        counts="results/tables/exclusion_counts.tsv",
+        correlations="results/stats/age_correlations.tsv",
+        versions="results/tables/software_versions.tsv",
+        model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
+    output:
+        markdown="results/methods.md",
+        html=report("results/methods.html", caption="../report/methods.rst", category="Methods"),
+    params:
+        # no paths (the sheet's, the model folder's): the report shows a rule's params
+        settings={
+            "demo": DEMO,
+            "bundled_model": not config["segmentation"]["model"],
+            "segmentation": {k: v for k, v in config["segmentation"].items() if k != "model"},
+            # a table's name, not where it lies
+            "structures": os.path.basename(str(config["structures"])),
+            "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
+            **{key: config[key] for key in ("measure", "statistics", "normative")},
+        },
+    log:
+        "results/logs/methods.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/methods.py"

@@ -129,3 +129,55 @@ rule regression:
         "../../envs/analysis.yaml"
     script:
         "../scripts/regression.py"
+
+
+# Per structure group and measure: how many structures were tested, and went up or down with age.
+
+
+localrules:
+    group_summary,
+    normative_charts,
+
+
+rule group_summary:
+    input:
+        "results/stats/age_correlations.tsv",
+    output:
+        report(
+            "results/stats/group_summary.tsv",
+            caption="../report/group_summary.rst",
+            category="Age correlations",
+        ),
+    params:
+        combined=list(config["statistics"]["combined"]),
+    log:
+        "results/logs/group_summary.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/group_summary.py"
+
+
+# Age- and sex-specific percentile charts of chosen structures (ctcohort.normative); `ctcohort zscore`
+# places a new scan on them.
+
+
+rule normative_charts:
+    input:
+        rules.aggregate.output.measurements,
+    output:
+        charts=report(
+            "results/stats/normative_charts.tsv",
+            caption="../report/normative_charts_table.rst",
+            category="Normative charts",
+        ),
+        coefficients="results/stats/normative_covariates.tsv",
+    params:
+        settings=config["normative"],
+        combined=config["statistics"]["combined"],
+    log:
+        "results/logs/normative_charts.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/normative_charts.py"

@@ -1,0 +1,16 @@
+"""Box plots of chosen structures' measures over the age quartiles (the paper's Figure 6 style)."""
+
+import pandas as pd
+
+from ctcohort.figures import cohort_age_edges, plot_age_boxplots
+from ctcohort.runlog import log_to
+
+log_to(snakemake.log[0])
+measurements = pd.read_csv(snakemake.input.measurements, sep="\t")
+plot_age_boxplots(
+    measurements,
+    snakemake.params.panels,
+    cohort_age_edges(measurements.drop_duplicates("subject")["age"].dropna(), snakemake.params.age_edges),
+    [snakemake.output.png, snakemake.output.svg],
+    correlations=pd.read_csv(snakemake.input.correlations, sep="\t"),
+)

@@ -1,0 +1,15 @@
+"""The Methods paragraph, from the configuration and the run's counts (results/methods.md and .html)."""
+
+from ctcohort.methods import methods_paragraphs, model_description, write_methods
+from ctcohort.runlog import log_to
+from ctcohort.stats import read_table
+
+log_to(snakemake.log[0])
+paragraphs = methods_paragraphs(
+    snakemake.params.settings,
+    read_table(snakemake.input.counts),
+    read_table(snakemake.input.correlations),
+    read_table(snakemake.input.versions),
+    model=model_description(snakemake.params.settings["bundled_model"], snakemake.input.model),
+)
+write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)

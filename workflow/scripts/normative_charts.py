@@ -1,0 +1,20 @@
+"""Age- and sex-specific percentile charts of the chosen structures' measures (quantile regression)."""
+
+import pandas as pd
+
+from ctcohort.normative import fit_normative_charts
+from ctcohort.runlog import log_to
+from ctcohort.stats import write_table
+
+log_to(snakemake.log[0])
+measurements = pd.read_csv(snakemake.input[0], sep="\t")
+settings = snakemake.params.settings
+fits = [
+    fit_normative_charts(measurements, [panel["structure"]], [panel["measure"]],
+                         percentiles=settings["percentiles"], covariates=settings["covariates"],
+                         by_sex=settings["by_sex"], spline_df=settings["spline_df"], min_n=settings["min_n"],
+                         combined=snakemake.params.combined)
+    for panel in settings["panels"]
+]
+write_table(pd.concat([charts for charts, _ in fits], ignore_index=True), snakemake.output.charts)
+write_table(pd.concat([coefficients for _, coefficients in fits], ignore_index=True), snakemake.output.coefficients)
