@@ -44,9 +44,9 @@ def correlations():
 def test_methods_quote_the_runs_counts_and_the_settings(settings):
     text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, model="the nnU-Net model X"))
     assert "The cohort comprised 120 scans." in text
-    assert "3 scans could not be processed (2 at segment and 1 at import_ct)" in text
+    assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
     assert "117 scans were measured, of which 113 scans with a recorded age" in text
-    assert "Of 3604 structure measurements, 40 absent, 61 cut off" in text and "3 with a volume outside" in text
+    assert "Of 3,604 structure measurements, 40 absent, 61 cut off" in text and "3 with a volume outside" in text
     assert "Of 6 pairs, 4 were tested" in text and "these 4 tests (Bonferroni)" in text
     assert "3 were (2 positive, 1 negative)" in text
     assert f"below {settings['statistics']['alpha']:g}" in text

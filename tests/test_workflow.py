@@ -237,7 +237,7 @@ def test_demo_group_summary_and_methods(demo_study):
     tested = correlations["note"].isna()
     significant = correlations["significant"]
     for words in ("The demo cohort of 40 scans", "Every scan was processed",
-                  f"Of {len(correlations)} pairs, {tested.sum()} were tested",
+                  f"Of {len(correlations):,} pairs, {tested.sum():,} were tested",
                   f"{significant.sum()} were ({(significant & (correlations['rs'] > 0)).sum()} positive",
                   "the bundled demo model of ctcohort", "fold_0 SHA-256 "):
         assert words in methods, words

@@ -29,6 +29,7 @@ REASON_WORDS = {
 MEASURE_WORDS = {"volume_ml": "volume", "hu_mean": "mean attenuation", "hu_mean_eroded": "interior mean attenuation",
                  "hu_median": "median attenuation", "hu_std": "standard deviation of attenuation",
                  "n_voxels": "voxel count"}
+STAGE_WORDS = {"import_ct": "DICOM import", "segment": "segmentation", "measure": "measurement"}
 CORRECTION_WORDS = {"bonferroni": "Bonferroni", "fdr_bh": "Benjamini-Hochberg false discovery rate"}
 
 
@@ -49,7 +50,7 @@ def _ordinal(p: float) -> str:
 
 
 def _scans(n: int) -> str:
-    return f"{n} scan" if n == 1 else f"{n} scans"
+    return f"{n:,} scan" if n == 1 else f"{n:,} scans"
 
 
 def model_description(bundled: bool, model_files: Sequence[str | Path]) -> str:
@@ -91,8 +92,8 @@ def methods_paragraphs(
     measured = _count(counts, "scans", "measured")
     no_age = _count(counts, "scans", "measured, no age")
     failed = counts[(counts["level"] == "scans") & counts["kind"].str.startswith("failed: ")]
-    failed_words = [f"{int(row['count'])} at {row['kind'][len('failed: '):]}" for _, row in failed.iterrows()
-                    if row["count"]]
+    failed_words = [f"{int(row['count'])} in {STAGE_WORDS.get(stage, stage)}" for _, row in failed.iterrows()
+                    if row["count"] and (stage := row["kind"][len("failed: "):])]
     paragraphs = []
 
     cohort = (f"The demo cohort of {_scans(n_in)} was synthetic (a phantom with planted age effects)."
@@ -118,7 +119,7 @@ def methods_paragraphs(
     words = {"min_voxels": measure_cfg["min_voxels"], "hu_low": hu_window[0], "hu_high": hu_window[1]}
     structures = counts[counts["level"] == "structures"]
     total = int(structures["count"].sum())
-    excluded = [f"{int(row['count'])} {REASON_WORDS.get(row['kind'], row['kind']).format(**words)}"
+    excluded = [f"{int(row['count']):,} {REASON_WORDS.get(row['kind'], row['kind']).format(**words)}"
                 for _, row in structures.iterrows() if row["kind"] != "measured" and row["count"]]
     checks = [f"structures smaller than {measure_cfg['min_voxels']} voxels or absent were excluded"]
     if measure_cfg["border_margin"]:
@@ -132,7 +133,7 @@ def methods_paragraphs(
     measures = (f"For every structure, volume was computed as the number of voxels times the voxel volume and "
                 f"attenuation as the mean CT number (HU) over the structure's voxels, and over its interior after "
                 f"a one-voxel erosion. Excluded values were left missing, never set to zero: "
-                f"{'; '.join(checks)}. Of {total} structure measurements, "
+                f"{'; '.join(checks)}. Of {total:,} structure measurements, "
                 f"{_listing(excluded) if excluded else 'none'} {'were excluded' if excluded else 'was excluded'}.")
     combined = stats_cfg.get("combined") or {}
     if combined:
@@ -148,8 +149,8 @@ def methods_paragraphs(
         f"Spearman's rank correlation coefficient (rs) between age and each measure "
         f"({_listing([MEASURE_WORDS.get(m, m) for m in stats_cfg['measures']])}) was computed per structure with 95% confidence intervals from "
         f"Fisher's z with the Bonett-Wright standard error; structure-measure pairs with fewer than "
-        f"{stats_cfg['min_n']} scans were not tested. Of {len(correlations)} pairs, {len(tested)} were tested; "
-        f"P values were corrected for these {len(tested)} tests ({correction}), and a correlation was called "
+        f"{stats_cfg['min_n']} scans were not tested. Of {len(correlations):,} pairs, {len(tested):,} were tested; "
+        f"P values were corrected for these {len(tested):,} tests ({correction}), and a correlation was called "
         f"significant at a corrected P below {stats_cfg['alpha']:g}: {int(significant.sum())} were "
         f"({int((significant & (tested['rs'] > 0)).sum())} positive, {int((significant & (tested['rs'] < 0)).sum())} "
         f"negative)."
