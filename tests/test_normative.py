@@ -249,6 +249,7 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     assert (keys.loc[("spleen", "hu_mean", "F"), "note"] == "").all()
     assert (keys.loc[("spleen", "hu_mean", "F"), "n"] == 25).all()  # the scans without a sex are in no chart
     assert keys.loc[("kidney", "hu_mean", "F"), "n"] == 0
+    assert keys.loc[("kidney", "hu_mean", "F"), "note"] == "not_in_study" and "kidney" in caplog.text
     unfitted = charts[charts["note"] != ""]
     assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
     # without a sex column: one chart over every scan

@@ -37,8 +37,8 @@ charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
     constant over the chart's scans, NaN where it is not in the table (or the chart is not fitted); then
     note. Ages: from the chart's youngest to its oldest scan in steps of age_step, both ends included (the
     last step may be shorter). A chart that is not fitted has one row, age and percentiles NaN, and a
-    note: ``too_few_scans`` (n < min_n, n < the model's parameters + 2, or fewer distinct ages than
-    spline_df + 2), ``constant`` (age or the measure takes one value) or ``not_converged``. Fitted rows:
+    note: ``not_in_study`` (the table has no such structure), ``too_few_scans`` (n < min_n, n < the
+    model's parameters + 2, or fewer distinct ages than spline_df + 2), ``constant`` (age or the measure takes one value) or ``not_converged``. Fitted rows:
     note "".
 
 coefficients (results/stats/normative_covariates.tsv)
@@ -96,6 +96,7 @@ LOSS_TOLERANCE = 1e-5
 SEXES = ("M", "F")
 ALL = "all"
 NOT_CONVERGED = "not_converged"
+NOT_IN_STUDY = "not_in_study"  # a structure the measurement table does not have (a typo, another structure table)
 BELOW_CHART = "below_chart"
 ABOVE_CHART = "above_chart"
 BEYOND_CHART = (BELOW_CHART, ABOVE_CHART)  # placed, z extrapolated
@@ -208,7 +209,8 @@ def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
         log.warning("covariates not in the table: %s", sorted(set(covariates) - set(present)))
     for name in present:
         if not pd.api.types.is_numeric_dtype(measurements[name]):
-            raise ValueError(f"covariate {name!r} is not a numeric column (dtype {measurements[name].dtype})")
+            raise ValueError(f"covariate {name!r} is not a numeric column (dtype {measurements[name].dtype}): covariates "
+                             "enter the charts as numbers (contrast 0/1); each sex has charts of its own (by_sex)")
     return present
 
 
@@ -220,7 +222,7 @@ def fit_normative_charts(
     """(charts, coefficients); columns ``chart_columns(percentiles, covariates)`` and
     ``coefficient_columns(percentiles)``, see the module docstring. ``structures``: the structures to chart,
     in this order (None: every structure of the table, in table order); one not in the table gets one
-    too_few_scans row with n 0. ``combined``: the study's combined structures (statistics.combined); a
+    not_in_study row with n 0 (and a warning). ``combined``: the study's combined structures (statistics.combined); a
     charted one carries its members in ``members``, so that a new scan's own combination can be made."""
     levels = _check_percentiles(percentiles)
     _check_integer("min_n", min_n, 5)
@@ -241,6 +243,9 @@ def fit_normative_charts(
     group = group.astype(object).where(group.notna(), "").astype(str)
     if structures is None:
         structures = list(dict.fromkeys(measurements["structure"]))
+    unknown = [s for s in structures if s not in set(measurements["structure"])]
+    if unknown:
+        log.warning("no such structure in the measurement table: %s (charts noted %s)", unknown, NOT_IN_STUDY)
     names = [percentile_column(p) for p in levels]
     chart_rows, coefficient_rows = [], []
     for structure in structures:
@@ -263,7 +268,9 @@ def fit_normative_charts(
                 for i, name in enumerate(present):
                     if n:
                         reference[name] = 0.0 if f"c{i}" in varying else float(frame[f"c{i}"].iloc[0])
-                if n < min_n:
+                if not in_structure.any():
+                    note = NOT_IN_STUDY
+                elif n < min_n:
                     note = TOO_FEW_SCANS
                 elif np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
                     note = CONSTANT
