@@ -51,7 +51,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ctcohort.stats import CONSTANT, MIN_N, TOO_FEW_SCANS, spearman, spearman_ci
+from ctcohort.stats import (
+    CONSTANT, MIN_N, TOO_FEW_SCANS, correct_p_values, encode_covariates, is_categorical, partial_spearman,
+    present_columns, spearman, spearman_ci, structure_blocks,
+)
 
 PARTIAL_COLUMNS = [
     "structure", "group", "measure", "n", "k", "rs_partial", "ci_low", "ci_high", "p", "p_bonferroni",
@@ -74,56 +77,9 @@ GRID_POINTS = 1001
 log = logging.getLogger(__name__)
 
 
-def _blocks(measurements: pd.DataFrame):
-    """(structure, group, block) in table order; a missing group is the group "" (as age_correlations)."""
-    group = measurements["group"] if "group" in measurements.columns else pd.Series("", measurements.index)
-    measurements = measurements.assign(group=group.astype(object).fillna("").astype(str))
-    for (structure, group), block in measurements.groupby(["structure", "group"], sort=False):
-        yield structure, group, block
-
-
-def _present(measurements: pd.DataFrame, covariates) -> list[str]:
-    present = [c for c in covariates if c in measurements.columns]
-    if len(present) < len(covariates):
-        log.warning("covariates not in the table: %s", sorted(set(covariates) - set(present)))
-    return present
-
-
-def _is_categorical(column: pd.Series) -> bool:
-    return column.dtype == object or isinstance(column.dtype, (pd.StringDtype, pd.CategoricalDtype))
-
-
-def encode_covariates(block: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
-    """Covariates as numeric columns: numbers as they are; a text column as one indicator per category
-    except the first in sorted order (named ``column[category]``); NaN where the value is missing."""
-    columns = {}
-    for name in covariates:
-        values = block[name]
-        if _is_categorical(values):
-            missing = values.isna().to_numpy()
-            categories = sorted(values.dropna().astype(str).unique())
-            for category in categories[1:]:
-                indicator = (values.astype(str) == category).to_numpy(dtype=float)
-                indicator[missing] = np.nan
-                columns[f"{name}[{category}]"] = indicator
-        else:
-            columns[name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-    return pd.DataFrame(columns, index=block.index)
-
-
 def _varying(frame: pd.DataFrame) -> list[str]:
     """Columns that are not constant (a constant covariate adjusts for nothing)."""
     return [c for c in frame.columns if np.ptp(frame[c].to_numpy()) > 0]
-
-
-def _correct(table: pd.DataFrame, p: str, bonferroni: str, fdr: str, tested: pd.Series) -> None:
-    from statsmodels.stats.multitest import multipletests
-
-    table[bonferroni] = np.nan
-    table[fdr] = np.nan
-    if tested.any():
-        table.loc[tested, bonferroni] = np.minimum(1.0, table.loc[tested, p] * tested.sum())
-        table.loc[tested, fdr] = multipletests(table.loc[tested, p], method="fdr_bh")[1]
 
 
 def _check(correction: str, min_n) -> None:
@@ -141,33 +97,15 @@ def partial_spearman_ci(rs: float, n: int, k: int, level: float = 0.95) -> tuple
     return float(np.tanh(np.arctanh(rs) - half_width)), float(np.tanh(np.arctanh(rs) + half_width))
 
 
-def partial_rank_correlation(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tuple[float, float]:
-    """(r, P) of the ranks of x and y given the ranks of the covariate columns; all values finite."""
-    n, k = covariates.shape
-    design = np.column_stack([np.ones(n), *(stats.rankdata(c) for c in covariates.T)])
-    residuals = []
-    for values in (x, y):
-        ranks = stats.rankdata(values)
-        residuals.append(ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0])
-    rx, ry = residuals
-    denominator = np.sqrt((rx @ rx) * (ry @ ry))
-    dof = n - 2 - k
-    if dof < 1 or denominator <= 1e-12 * n:
-        return np.nan, np.nan
-    r = float(np.clip(rx @ ry / denominator, -1.0, 1.0))
-    t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
-    return r, float(2 * stats.t.sf(abs(t), dof))
-
-
 def partial_table(
     measurements: pd.DataFrame, measures: list[str], covariates: list[str], correction: str = "bonferroni",
     alpha: float = 0.0001, min_n: int = MIN_N,
 ) -> pd.DataFrame:
     """results/stats/partial_correlations.tsv (columns PARTIAL_COLUMNS; module docstring)."""
     _check(correction, min_n)
-    present = _present(measurements, covariates)
+    present = present_columns(measurements, covariates)
     rows = []
-    for structure, group, block in _blocks(measurements):
+    for structure, group, block in structure_blocks(measurements):
         encoded = encode_covariates(block, present)
         complete = encoded.notna().all(axis=1).to_numpy() & block["age"].notna().to_numpy()
         for measure in measures:
@@ -183,12 +121,12 @@ def partial_table(
             elif np.ptp(age) == 0 or np.ptp(values) == 0:
                 note = CONSTANT
             else:
-                r, p = partial_rank_correlation(age, values, used.to_numpy(dtype=float))
+                r, p = partial_spearman(age, values, used.to_numpy(dtype=float))
                 note = "" if np.isfinite(r) else CONSTANT
             rows.append((structure, group, measure, n, k, r, *partial_spearman_ci(r, n, k), p, note))
     table = pd.DataFrame(rows, columns=[*PARTIAL_COLUMNS[:9], "note"])
     tested = table["note"] == ""
-    _correct(table, "p", "p_bonferroni", "q_fdr", tested)
+    correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
     table["significant"] = (adjusted < alpha).fillna(False).astype(bool)
     log.info("partial correlations given %s: %d of %d rows tested", present, tested.sum(), len(table))
@@ -209,7 +147,7 @@ def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = M
     row is untested (note_M / note_F "no_sex")."""
     _check("bonferroni", min_n)
     rows = []
-    for structure, group, block in _blocks(measurements):
+    for structure, group, block in structure_blocks(measurements):
         sex = block["sex"].astype(object) if "sex" in block.columns else pd.Series(np.nan, block.index)
         for measure in measures:
             row, results = [structure, group, measure], {}
@@ -225,7 +163,7 @@ def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = M
             z, p_diff = spearman_difference(rs_m, n_m, rs_f, n_f) if note_m == note_f == "" else (np.nan, np.nan)
             rows.append((*row, z, p_diff, note_m, note_f))
     table = pd.DataFrame(rows, columns=[*BY_SEX_COLUMNS[:-4], "note_M", "note_F"])
-    _correct(table, "p_diff", "p_diff_bonferroni", "q_diff_fdr", table["p_diff"].notna())
+    correct_p_values(table, "p_diff", "p_diff_bonferroni", "q_diff_fdr", table["p_diff"].notna())
     log.info("by sex: %d of %d rows with both sexes tested", table["p_diff"].notna().sum(), len(table))
     return table[BY_SEX_COLUMNS]
 
@@ -272,14 +210,14 @@ def regression_table(
     _check("bonferroni", min_n)
     if isinstance(spline_df, bool) or not isinstance(spline_df, (int, np.integer)) or spline_df < 2:
         raise ValueError(f"spline_df must be an integer >= 2, got {spline_df!r}")
-    present = _present(measurements, covariates)
+    present = present_columns(measurements, covariates)
     rows = []
-    for structure, group, block in _blocks(measurements):
+    for structure, group, block in structure_blocks(measurements):
         for measure in measures:
             frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
             categorical = []
             for i, name in enumerate(present):
-                if _is_categorical(block[name]):
+                if is_categorical(block[name]):
                     values = pd.Categorical(block[name].to_numpy(dtype=object))
                     categorical.append(f"c{i}")
                 else:
@@ -327,6 +265,6 @@ def regression_table(
                          "covariates": ",".join(names), "median": median, **result, "note": note})
     table = pd.DataFrame(rows, columns=REGRESSION_COLUMNS)
     tested = table["note"] == ""
-    _correct(table, "p", "p_bonferroni", "q_fdr", tested)
+    correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     log.info("regression on age given %s: %d of %d rows fitted", present, tested.sum(), len(table))
     return table[REGRESSION_COLUMNS]

@@ -82,7 +82,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ctcohort.stats import CONSTANT, TOO_FEW_SCANS
+from ctcohort.stats import CONSTANT, TOO_FEW_SCANS, present_columns
 
 PERCENTILES = (5, 25, 50, 75, 95)
 COVARIATES = ("contrast",)
@@ -204,9 +204,7 @@ def minimum_check_loss(exog: np.ndarray, endog: np.ndarray, q: float) -> float:
 
 
 def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
-    present = [c for c in covariates if c in measurements.columns]
-    if len(present) < len(covariates):
-        log.warning("covariates not in the table: %s", sorted(set(covariates) - set(present)))
+    present = present_columns(measurements, covariates)
     for name in present:
         if not pd.api.types.is_numeric_dtype(measurements[name]):
             raise ValueError(f"covariate {name!r} is not a numeric column (dtype {measurements[name].dtype}): covariates "

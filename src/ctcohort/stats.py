@@ -117,17 +117,54 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tu
     return r, float(2 * stats.t.sf(abs(t), dof))
 
 
-def covariate_matrix(block: pd.DataFrame, covariates: list[str]) -> np.ndarray:
-    """Covariate columns as numbers: numeric as they are, categories (e.g. sex) as indicator columns."""
-    if not covariates:
-        return np.empty((len(block), 0))
-    frame = pd.get_dummies(block[covariates], drop_first=True, dummy_na=False, dtype=float)
-    for column in covariates:
-        if block[column].dtype == object or isinstance(block[column].dtype, pd.StringDtype):
-            # (a list, not frame.columns.str: a category with one value, e.g. every scan F, leaves no column)
-            indicators = [str(name).startswith(f"{column}_") for name in frame.columns]
-            frame.loc[block[column].isna().to_numpy(), indicators] = np.nan
-    return frame.to_numpy(dtype=float)
+def present_columns(table: pd.DataFrame, names, what: str = "covariates") -> list[str]:
+    """The columns of ``names`` that ``table`` has, in order; the others are left out with a warning."""
+    present = [c for c in names if c in table.columns]
+    if len(present) < len(names):
+        log.warning("%s not in the table: %s", what, sorted(set(names) - set(present)))
+    return present
+
+
+def is_categorical(column: pd.Series) -> bool:
+    return column.dtype == object or isinstance(column.dtype, (pd.StringDtype, pd.CategoricalDtype))
+
+
+def encode_covariates(block: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
+    """Covariates as numeric columns: numbers as they are; a text column (sex) as one indicator per category
+    except the first in sorted order (named ``column[category]``; a column with one category leaves none);
+    NaN where the value is missing."""
+    columns = {}
+    for name in covariates:
+        values = block[name]
+        if is_categorical(values):
+            missing = values.isna().to_numpy()
+            categories = sorted(values.dropna().astype(str).unique())
+            for category in categories[1:]:
+                indicator = (values.astype(str) == category).to_numpy(dtype=float)
+                indicator[missing] = np.nan
+                columns[f"{name}[{category}]"] = indicator
+        else:
+            columns[name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    return pd.DataFrame(columns, index=block.index)
+
+
+def structure_blocks(measurements: pd.DataFrame):
+    """(structure, group, rows) in table order. A missing group is the group "": groupby drops NaN keys,
+    and a structure table without groups would silently lose every row."""
+    group = measurements["group"] if "group" in measurements.columns else pd.Series("", measurements.index)
+    measurements = measurements.assign(group=group.astype(object).fillna("").astype(str))
+    for (structure, group), block in measurements.groupby(["structure", "group"], sort=False):
+        yield structure, group, block
+
+
+def correct_p_values(table: pd.DataFrame, p: str, bonferroni: str, fdr: str, tested: pd.Series) -> None:
+    """Columns ``bonferroni`` (P x the number of tested rows, at most 1) and ``fdr`` (Benjamini-Hochberg q)
+    over the rows where ``tested``; NaN elsewhere."""
+    table[bonferroni] = np.nan
+    table[fdr] = np.nan
+    if tested.any():
+        table.loc[tested, bonferroni] = np.minimum(1.0, table.loc[tested, p] * tested.sum())
+        table.loc[tested, fdr] = multipletests(table.loc[tested, p], method="fdr_bh")[1]
 
 
 def write_table(table: pd.DataFrame, path) -> None:
@@ -157,17 +194,11 @@ def age_correlations(
         raise ValueError(f"unknown correction {correction!r}; choose one of {', '.join(CORRECTIONS)}")
     if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
         raise ValueError(f"min_n must be an integer >= 3 (Spearman's rs needs 3 scans), got {min_n!r}")
-    present = [c for c in partial_covariates if c in measurements.columns]
-    if len(present) < len(partial_covariates):
-        log.warning("partial correlation covariates not in the table: %s",
-                    sorted(set(partial_covariates) - set(present)))
-    # groupby drops NaN keys: a structure table without groups would silently lose every row
-    group = measurements["group"] if "group" in measurements.columns else pd.Series("", measurements.index)
-    measurements = measurements.assign(group=group.astype(object).fillna("").astype(str))
+    present = present_columns(measurements, partial_covariates, "partial correlation covariates")
     rows = []
-    for (structure, group), block in measurements.groupby(["structure", "group"], sort=False):
+    for structure, group, block in structure_blocks(measurements):
         age = block["age"].to_numpy(dtype=float)
-        covariates = covariate_matrix(block, present)
+        covariates = encode_covariates(block, present).to_numpy(dtype=float)
         for measure in measures:
             values = block[measure].to_numpy(dtype=float)
             n, rs, p, note = spearman(age, values, min_n)
@@ -176,11 +207,7 @@ def age_correlations(
             rows.append((structure, group, measure, n, rs, *spearman_ci(rs, n), p, *partial, note))
     table = pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:8], "rs_partial", "p_partial", "note"])
     tested = table["note"] == ""
-    table["p_bonferroni"] = np.nan
-    table["q_fdr"] = np.nan
-    if tested.any():
-        table.loc[tested, "p_bonferroni"] = np.minimum(1.0, table.loc[tested, "p"] * tested.sum())
-        table.loc[tested, "q_fdr"] = multipletests(table.loc[tested, "p"], method="fdr_bh")[1]
+    correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
     table["significant"] = (adjusted < alpha).fillna(False).astype(bool)
     untested = ", ".join(f"{count} {note}" for note, count in table.loc[~tested, "note"].value_counts().items())
