@@ -48,6 +48,16 @@ def save(array, affine, path, dtype):
     nib.save(nib.Nifti1Image(np.asarray(array).astype(dtype), affine), path)
 
 
+def background_marked(hu, labels, k):
+    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
+    (the sheet may not name one scan twice: duplicates), measured exactly as ``hu``. The voxel is outside every
+    structure (label 0), above the CT's minimum and below -600 HU (in air: no range, body or window changes)."""
+    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
+    marked = hu.copy()
+    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
+    return marked
+
+
 @pytest.fixture(scope="module")
 def real_ct_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation: three good, one with metal, one with non-finite
@@ -77,19 +87,21 @@ def real_ct_cohort(tmp_path_factory):
     zoomed = affine.copy()
     zoomed[:3, :3] *= 1000
 
+    # every scan a scan of its own: those that would hold the CT's very bytes get one background voxel changed
+    own = iter(range(100))
     cts = {
-        **{s: (hu, affine, np.int16) for s in GOOD},
+        **{s: (background_marked(hu, labels, next(own)), affine, np.int16) for s in GOOD},
         "metal": (metal, affine, np.int16),  # fits int16; its span does not
         "zero": (np.zeros_like(hu), affine, np.int16),
         "raw": (hu + 1024, affine, np.int16),  # stored without the -1024 intercept
         "zoomed": (hu, zoomed, np.int16),
         "nonfinite": (nan_ct, affine, np.float32),
-        "label250": (hu, affine, np.int16),
-        "emptyseg": (hu, affine, np.int16),
+        "label250": (background_marked(hu, labels, next(own)), affine, np.int16),
+        "emptyseg": (background_marked(hu, labels, next(own)), affine, np.int16),
         "flat": (hu[:, :, 10], affine, np.int16),
         "fourd": (np.stack([hu, hu], axis=-1), affine, np.int16),
-        "truncated": (hu, affine, np.int16),
-        "seggrid": (hu, affine, np.int16),
+        "truncated": (background_marked(hu, labels, next(own)), affine, np.int16),
+        "seggrid": (background_marked(hu, labels, next(own)), affine, np.int16),
     }
     segs = {"label250": with_250, "emptyseg": np.zeros_like(labels)}
     rows = []

@@ -86,3 +86,38 @@ def test_methods_files(tmp_path, settings):
     assert markdown.startswith("# Methods\n\n") and markdown.count("\n\n") == len(paragraphs)
     page = (tmp_path / "methods.html").read_text()
     assert len(re.findall("<p>", page)) == len(paragraphs)
+
+
+def selection(patients: list[str], ages: list[float], chosen: list[bool]) -> pd.DataFrame:
+    return pd.DataFrame({"subject": [f"s{i}" for i in range(len(patients))], "patient": patients, "age": ages,
+                         "chosen": chosen})
+
+
+def test_methods_count_patients_and_say_which_scan(settings):
+    settings["patient_column"] = True
+    picked = selection(["p1", "p1", "p1", "p2", "p3"], [60, 61, float("nan"), 40, float("nan")],
+                       [True, False, False, True, True])
+    counts = COUNTS.copy()
+    counts.loc[counts["kind"] == "in the sheet", "count"] = 5
+    counts.loc[counts["kind"] == "measured", "count"] = 5
+    counts = counts[~counts["kind"].str.startswith("failed")]
+    text = " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS, selection=picked))
+    assert "The 5 scans came from 3 patients, 1 of them with repeated scans" in text
+    assert "one scan per patient, the earliest of the patient's measured scans with an age" in text
+    assert "2 patients entered the age analyses" in text  # p3's only scan has no age
+    assert "fewer than 10 patients were not tested" in text
+    settings["statistics"]["scan_per_patient"] = "random"
+    assert "one chosen at random (seeded)" in " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS,
+                                                                          selection=picked))
+
+
+def test_methods_say_when_the_sheet_names_no_patients_and_when_rows_were_dropped(settings):
+    settings["patient_column"] = False
+    picked = selection(["s0", "s1"], [50, 60], [True, True])
+    counts = pd.concat([COUNTS, pd.DataFrame([("scans", "dropped: duplicate", 2)], columns=COUNTS.columns)])
+    counts.loc[counts["kind"] == "measured", "count"] = 115
+    text = " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS, selection=picked))
+    assert "named no patients, so each scan was taken as a patient of its own (2 patients)" in text
+    assert "2 rows of the sheet repeated another scan (the same file or identical content) and were dropped" in text
+    assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
+    assert "exact (every pairing) up to 9 patients" in text

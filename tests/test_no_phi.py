@@ -19,6 +19,7 @@ import re
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2000 with pylibjpeg (test extra)")
@@ -53,6 +54,20 @@ def plant(ds, index):
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
+def one_pixel_changed(path, data) -> None:
+    """Raise the top-left pixel of a DICOM file by one, stored in the file's transfer syntax (the shared series:
+    JPEG 2000 lossless): a series of its own (the sheet may not name one scan twice: duplicates, compared by
+    file content and, once imported, by voxels), measured as the unchanged one. The pixel is in air, outside
+    every structure of the reference labels (the in-plane corners of every slice are label 0)."""
+    seg = np.asanyarray(nib.load(data / "totalseg-example" / "example_seg_dicom.nii.gz").dataobj)
+    assert not seg[[0, 0, -1, -1], [0, -1, 0, -1], :].any()
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] += 1
+    ds.compress(ds.file_meta.TransferSyntaxUID, pixels)
+    ds.save_as(path)
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """Folders of planted copies: the whole series, and the series without its 10th slice."""
@@ -66,11 +81,15 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(planted, tmp_path_factory):
-    data, _, whole, root = planted
+    data, files, whole, root = planted
     example = data / "totalseg-example"
-    listing = root / "lists" / "listed.txt"  # the same series as a file list, relative to the list's folder
+    # the series as a file list, relative to the list's folder: a planted copy of its own with one pixel of one
+    # slice changed in air (the same files twice would be one scan under two subjects), measured as the folder
+    listed = write_copies(files, root / "listed", plant)
+    one_pixel_changed(listed[10], data)
+    listing = root / "lists" / "listed.txt"
     listing.parent.mkdir()
-    listing.write_text("".join(f"../whole/{p.name}\n" for p in whole))
+    listing.write_text("".join(f"../listed/{p.name}\n" for p in listed))
     rows = [
         ("dicom", root / "whole", example / "example_seg_dicom.nii.gz", 61, "F", 1),
         ("listed", listing, example / "example_seg_dicom.nii.gz", 62, "M", 1),
@@ -242,6 +261,9 @@ def export_study(tmp_path_factory):
     of the shared series: every chosen series is on its grid), and one study run on that sheet."""
     data = require_shared_data()
     tree = build_export_tree(tmp_path_factory.mktemp("pacs") / "dicom", data, everything=False)
+    # A's and B's series are planted copies of the same slices: one pixel of B's changed in air, so that the two
+    # patients are two scans, not one image imported twice (duplicates), and measured alike
+    one_pixel_changed(sorted((tree / "B" / "s2").glob("*.dcm"))[10], data)
     out = tmp_path_factory.mktemp("pacs_sheet")
     console = io.StringIO()
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):

@@ -253,6 +253,17 @@ def test_preview_shows_the_subjects_right_on_the_left():
 # --- the workflow -----------------------------------------------------------------------------------------
 
 
+def background_marked(hu, labels, k):
+    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
+    (the sheet may not name one scan twice: duplicates), measured exactly as ``hu``. The voxel is outside every
+    structure (label 0), above the CT's minimum and below -600 HU: neither the CT's range nor the preview changes
+    (below the body threshold and the soft-tissue window, it stays black)."""
+    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
+    marked = hu.copy()
+    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
+    return marked
+
+
 @pytest.fixture(scope="module")
 def qc_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation, run through the real workflow: one scan's
@@ -274,8 +285,12 @@ def qc_cohort(tmp_path_factory):
     shrunk[tuple(inside[:100].T)] = kidney  # 100 voxels of 27 mm3: 2.7 ml
     hot = hu.copy()
     hot[labels == V1_IDS["gallbladder"]] = 4000
-    scans = {"good1": (hu, labels, 41), "good2": (hu, labels, 52), "shrunk": (hu, shrunk, 63),
-             "hot": (hot, labels, 74), "noage": (hu, labels, None), "broken": (hu, labels, 45)}
+    # each a scan of its own: the copies of the CT get one background voxel changed each
+    scans = {"good1": (background_marked(hu, labels, 0), labels, 41),
+             "good2": (background_marked(hu, labels, 1), labels, 52),
+             "shrunk": (background_marked(hu, labels, 2), shrunk, 63), "hot": (hot, labels, 74),
+             "noage": (background_marked(hu, labels, 3), labels, None),
+             "broken": (background_marked(hu, labels, 4), labels, 45)}
     rows = []
     for subject, (values, seg, age) in scans.items():
         nib.save(nib.Nifti1Image(values, ct.affine), data / f"{subject}_ct.nii.gz")

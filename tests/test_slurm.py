@@ -16,6 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -70,18 +72,38 @@ def cluster():
         assert cluster_command("status", timeout=60).returncode != 0
 
 
-def real_ct_cohort(folder: Path) -> Path:
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> list[Path]:
+    """N_SCANS copies of the real example CT, each a scan of its own (the sheet may not name one scan twice:
+    duplicates): one background voxel (label 0, in air, above the CT's minimum) raised by 1 HU, which changes no
+    measurement. Both runs read these same files."""
+    data = require_shared_data() / "totalseg-example"
+    folder = tmp_path_factory.mktemp("scans")
+    ct = nib.load(data / "example_ct.nii.gz")
+    hu = np.asanyarray(ct.dataobj)
+    labels = np.rint(np.asanyarray(nib.load(data / "example_seg_v1.nii.gz").dataobj))
+    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
+    paths = []
+    for i in range(1, N_SCANS + 1):
+        marked = hu.copy()
+        marked[tuple(candidates[len(candidates) // 2 + i])] += 1
+        paths.append(folder / f"scan{i}_ct.nii.gz")
+        nib.save(nib.Nifti1Image(marked, ct.affine, ct.header), paths[-1])  # the CT's header: type, scaling
+    return paths
+
+
+def real_ct_cohort(folder: Path, scans: list[Path]) -> Path:
     data = require_shared_data() / "totalseg-example"
     folder.mkdir(parents=True)
-    rows = [(f"scan{i}", data / "example_ct.nii.gz", data / "example_seg_v1.nii.gz", 35 + 6 * i, "MF"[i % 2], i % 2)
-            for i in range(1, N_SCANS + 1)]
+    rows = [(f"scan{i}", ct, data / "example_seg_v1.nii.gz", 35 + 6 * i, "MF"[i % 2], i % 2)
+            for i, ct in enumerate(scans, start=1)]
     sheet = pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"])
     sheet.to_csv(folder / "cohort.tsv", sep="\t", index=False)
     return folder / "cohort.tsv"
 
 
-def snakemake(workdir: Path, *args: str, timeout_s: int = 420) -> subprocess.CompletedProcess:
-    sheet = real_ct_cohort(workdir / "data")
+def snakemake(workdir: Path, scans: list[Path], *args: str, timeout_s: int = 420) -> subprocess.CompletedProcess:
+    sheet = real_ct_cohort(workdir / "data", scans)
     # Snakemake does not stop on SIGTERM while jobs run: timeout sends SIGKILL 10 s later
     command = ["timeout", "-k", "10", str(timeout_s),
                *workflow_command(workdir, {**CONFIG, "cohort": str(sheet)}, *args)]
@@ -91,9 +113,9 @@ def snakemake(workdir: Path, *args: str, timeout_s: int = 420) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
+def runs(cluster, scans, tmp_path_factory):
     on_slurm = tmp_path_factory.mktemp("slurm_run")
-    run = snakemake(on_slurm, "--profile", str(REPO / "profiles" / "slurm"),
+    run = snakemake(on_slurm, scans, "--profile", str(REPO / "profiles" / "slurm"),
                     # this cluster has no accounting database (no sacct), and short jobs
                     "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
                     "--retries", str(RETRIES))
@@ -104,7 +126,7 @@ def runs(cluster, tmp_path_factory):
                            capture_output=True, text=True, timeout=30, check=True).stdout
     jobs = pd.DataFrame([line.split("|") for line in queue.split()], columns=["jobid", "comment", "state", "memory"])
     local = tmp_path_factory.mktemp("local_run")
-    snakemake(local)
+    snakemake(local, scans)
     return {"slurm": on_slurm, "local": local, "log": log, "jobs": jobs.sort_values("jobid", key=lambda s: s.astype(int))}
 
 

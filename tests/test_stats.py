@@ -321,12 +321,20 @@ def test_exact_p_equals_enumerated_pairings_with_ties(age, values):
     assert row["p"] == pytest.approx(enumerated_p(age, values), abs=1e-12)
 
 
-def test_from_ten_scans_the_t_approximation_takes_over_but_never_says_zero():
+def test_p_is_exact_or_permuted_up_to_thirty_scans_and_t_above_but_never_zero():
+    from ctcohort.rank_null import pairing_p
+
     rng = np.random.default_rng(4)
-    age = rng.integers(20, 90, 10).astype(float)
-    values = age + rng.normal(0, 15, 10)
-    row = one_structure(age, values)
-    assert row["note"] == "" and row["p"] == pytest.approx(stats.spearmanr(age, values).pvalue, rel=1e-12)
+    age = rng.integers(20, 90, 40).astype(float)
+    values = age + rng.normal(0, 15, 40)
+    above = one_structure(age, values)
+    assert above["note"] == "" and above["p"] == pytest.approx(stats.spearmanr(age, values).pvalue, rel=1e-12)
+    # ages with ties at 12 scans: the permutation P of the centred ranks, not the t approximation
+    tied = age[:12].copy()
+    tied[1] = tied[0]
+    small = one_structure(tied, values[:12])
+    ranks = [2 * stats.rankdata(v) - 13 for v in (tied, values[:12])]
+    assert small["p"] == pytest.approx(pairing_p(*ranks), rel=1e-12)
     perfect = one_structure(np.arange(10.0), np.arange(10.0) ** 2)
     assert perfect["p"] == pytest.approx(2 / math.factorial(10))  # the exact P of a perfect order; t says 0
 

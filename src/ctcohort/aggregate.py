@@ -174,7 +174,9 @@ def exclusion_counts(n_scans: int, failures: pd.DataFrame, measurements: pd.Data
     excluded (by reason): the counts a reader of the report checks first."""
     rows = [("scans", "in the sheet", n_scans),
             ("scans", "measured", n_scans - failures["subject"].nunique())]
-    rows += [("scans", f"failed: {stage}", int(count)) for stage, count in failures["stage"].value_counts().items()]
+    # rows dropped as the same scan as an earlier row (duplicate_scans.py) were never processed: "dropped"
+    rows += [("scans", f"{'dropped' if stage == 'duplicate' else 'failed'}: {stage}", int(count))
+             for stage, count in failures["stage"].value_counts().items()]
     # a sheet may leave age or sex blank (de-identified exports): such scans are measured and left out of
     # the analyses that need the value
     scans = measurements.drop_duplicates("subject")

@@ -68,7 +68,7 @@ DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: an i
 # ContrastBolusAgent/Route values that say "none"
 NO_CONTRAST = {"", "NONE", "NO", "N", "0", "NATIVE", "WITHOUT", "NIL"}
 
-SHEET_COLUMNS = ["subject", "ct", "age", "sex", "contrast", "age_source", "patient", "series", "series_number",
+SHEET_COLUMNS = ["subject", "ct", "age", "sex", "contrast", "age_source", "patient", "years", "series", "series_number",
                  "slices", "slice_spacing", "slice_thickness", "kernel", "kernel_class", "manufacturer", "model",
                  "kvp", "study_year"]
 SERIES_COLUMNS = ["study", "patient", "series", "series_number", "modality", "description", "image_type",
@@ -530,6 +530,19 @@ def _cell(value) -> str:
     return re.sub(r"[\t\r\n]+", " ", str(value)).strip()
 
 
+def add_years_since_first_study(rows: list[dict]) -> None:
+    """Each row's ``years``: years since its patient's first study (rounded to 4 decimals: about an hour),
+    None where the study has no date. A time relative to the patient, never the date itself; it orders a
+    patient's scans and times within-patient change. Removes ``study_date`` from the rows."""
+    first = {}
+    for row in rows:
+        if row["study_date"] is not None:
+            first[row["patient"]] = min(first.get(row["patient"], row["study_date"]), row["study_date"])
+    for row in rows:
+        date = row.pop("study_date")
+        row["years"] = None if date is None else round((date - first[row["patient"]]).days / DAYS_PER_YEAR, 4)
+
+
 def _write_tsv(path: Path, columns: list[str], rows: list[dict], mode: int = 0o666) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".part")
@@ -648,7 +661,9 @@ def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str
             "slice_thickness": s.thickness, "kernel": s.kernel, "kernel_class": s.kernel_class,
             "manufacturer": s.common("Manufacturer"), "model": s.common("ManufacturerModelName"),
             "kvp": s.common("KVP"), "study_year": study_date.year if study_date else None,
+            "study_date": study_date,
         })
+    add_years_since_first_study(rows)
     rows.sort(key=lambda r: r["subject"])
     if list_dir.is_dir():  # lists of an earlier run whose study has no row now
         for stale in list_dir.glob("p*_*.txt"):

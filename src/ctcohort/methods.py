@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctcohort import rank_null
+
 # the packages a reader needs to redo the numbers, in the order they are named
 CITED_SOFTWARE = ("ctcohort", "snakemake", "nnunetv2", "torch", "nibabel", "numpy", "scipy", "statsmodels",
                   "pandas", "matplotlib", "dcm2niix")
@@ -30,6 +32,11 @@ MEASURE_WORDS = {"volume_ml": "volume", "hu_mean": "mean attenuation", "hu_mean_
                  "hu_median": "median attenuation", "hu_std": "standard deviation of attenuation",
                  "n_voxels": "voxel count"}
 STAGE_WORDS = {"import_ct": "DICOM import", "segment": "segmentation", "measure": "measurement"}
+# how rank-correlation P values are computed (ctcohort.rank_null)
+P_VALUE_WORDS = (f"Two-sided P values were exact (every pairing) up to {rank_null.ENUMERATION_MAX_N} patients "
+                 f"and, without ties, up to {rank_null.TABLE_MAX_N}; from a seeded permutation test "
+                 f"({rank_null.PERMUTATION_RESAMPLES:,} random pairings) up to {rank_null.PERMUTATION_MAX_N} "
+                 f"patients; from the t approximation above, never below 2/n!.")
 CORRECTION_WORDS = {"bonferroni": "Bonferroni", "fdr_bh": "Benjamini-Hochberg false discovery rate"}
 
 
@@ -49,8 +56,12 @@ def _ordinal(p: float) -> str:
     return f"{p:g}" + ("th" if 10 <= p % 100 <= 20 or p % 1 else {1: "st", 2: "nd", 3: "rd"}.get(int(p) % 10, "th"))
 
 
+def _count_of(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def _scans(n: int) -> str:
-    return f"{n:,} scan" if n == 1 else f"{n:,} scans"
+    return _count_of(n, "scan")
 
 
 def model_description(bundled: bool, model_files: Sequence[str | Path]) -> str:
@@ -76,17 +87,47 @@ def model_description(bundled: bool, model_files: Sequence[str | Path]) -> str:
     return f"{name} ({'; '.join(digests)})" if digests else name
 
 
+RULE_WORDS = {"first": "the earliest", "last": "the latest", "random": "one chosen at random (seeded)"}
+
+
 def methods_paragraphs(
     config: Mapping, counts: pd.DataFrame, correlations: pd.DataFrame, versions: pd.DataFrame,
-    model: str = "",
+    model: str = "", selection: pd.DataFrame | None = None,
 ) -> list[str]:
     """The Methods text as paragraphs (see the module docstring). ``config``: the workflow's configuration
-    sections (structures, measure, qc, statistics, normative, segmentation without its model path) and
-    ``demo`` (true for the phantom demo);
+    sections (structures, measure, qc, statistics, normative, segmentation without its model path),
+    ``demo`` (true for the phantom demo) and ``patient_column`` (whether the sheet names patients);
     ``counts``: ``aggregate.exclusion_counts``' table; ``correlations``: ``stats.age_correlations``' table;
-    ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words."""
+    ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words;
+    ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient)."""
     version = dict(zip(versions["software"], versions["version"]))
-    measure_cfg, stats_cfg, qc_cfg = config["measure"], config["statistics"], config.get("qc", {})
+    return [
+        _cohort_paragraph(config, counts, version, model, selection),
+        _measures_paragraph(config, counts),
+        _statistics_paragraph(config, correlations),
+        _software_paragraph(version),
+    ]
+
+
+def _patients_sentence(config: Mapping, measured: int, selection: pd.DataFrame | None) -> tuple[str, int]:
+    """(the sentence on patients, the patients with an age, who enter the age analyses)."""
+    from ctcohort.patients import patient_counts
+
+    if selection is None or selection.empty:
+        return "", 0
+    n = patient_counts(selection)
+    if not config.get("patient_column"):
+        return (f"The cohort sheet named no patients, so each scan was taken as a patient of its own "
+                f"({_count_of(n['patients'], 'patient')})."), n["patients_with_age"]
+    rule = RULE_WORDS.get(config["statistics"]["scan_per_patient"], config["statistics"]["scan_per_patient"])
+    repeats = (f", {n['patients_with_repeats']:,} of them with repeated scans" if n["patients_with_repeats"]
+               else ", none with repeated scans")
+    return (f"The {_scans(measured)} came from {_count_of(n['patients'], 'patient')}{repeats}; every "
+            f"cross-sectional analysis used one scan per patient, {rule} of the patient's measured scans with "
+            f"an age."), n["patients_with_age"]
+
+
+def _cohort_paragraph(config, counts, version, model, selection) -> str:
     segmentation = config["segmentation"]
     n_in = _count(counts, "scans", "in the sheet")
     measured = _count(counts, "scans", "measured")
@@ -94,8 +135,6 @@ def methods_paragraphs(
     failed = counts[(counts["level"] == "scans") & counts["kind"].str.startswith("failed: ")]
     failed_words = [f"{int(row['count'])} in {STAGE_WORDS.get(stage, stage)}" for _, row in failed.iterrows()
                     if row["count"] and (stage := row["kind"][len("failed: "):])]
-    paragraphs = []
-
     cohort = (f"The demo cohort of {_scans(n_in)} was synthetic (a phantom with planted age effects)."
               if config.get("demo") else f"The cohort comprised {_scans(n_in)}.")
     if segmentation["method"] == "nnunet":
@@ -108,13 +147,24 @@ def methods_paragraphs(
     else:
         seg = (f"Segmentations were supplied with the cohort (structure table {config['structures']}) and "
                f"measured as given.")
-    fate = (f"{_scans(n_in - measured)} could not be processed ({_listing(failed_words)}) and "
-            f"{'was' if n_in - measured == 1 else 'were'} excluded" if n_in > measured else "Every scan was processed")
-    analysed = measured - no_age
-    fate += (f"; {_scans(measured)} were measured, of which {_scans(analysed)} with a recorded age entered the "
-             f"age analyses.")
-    paragraphs.append(" ".join([cohort, seg, fate]))
+    dropped = _count(counts, "scans", "dropped: duplicate")
+    failed_n = n_in - dropped - measured
+    fate = (f"{_scans(failed_n)} could not be processed ({_listing(failed_words)}) and "
+            f"{'was' if failed_n == 1 else 'were'} excluded" if failed_n else "Every scan was processed")
+    if dropped:
+        cohort += (f" {_count_of(dropped, 'row')} of the sheet repeated another scan (the same file or identical "
+                   f"content) and {'was' if dropped == 1 else 'were'} dropped.")
+    patients, with_age = _patients_sentence(config, measured, selection)
+    if patients:
+        fate += f"; {_scans(measured)} were measured. {patients} {_count_of(with_age, 'patient')} entered the age analyses."
+    else:
+        fate += (f"; {_scans(measured)} were measured, of which {_scans(measured - no_age)} with a recorded age "
+                 f"entered the age analyses.")
+    return " ".join([cohort, seg, fate])
 
+
+def _measures_paragraph(config, counts) -> str:
+    measure_cfg, qc_cfg = config["measure"], config.get("qc", {})
     hu_window = qc_cfg.get("hu_window") or [None, None]
     words = {"min_voxels": measure_cfg["min_voxels"], "hu_low": hu_window[0], "hu_high": hu_window[1]}
     structures = counts[counts["level"] == "structures"]
@@ -135,12 +185,15 @@ def methods_paragraphs(
                 f"a one-voxel erosion. Excluded values were left missing, never set to zero: "
                 f"{'; '.join(checks)}. Of {total:,} structure measurements, "
                 f"{_listing(excluded) if excluded else 'none'} {'were excluded' if excluded else 'was excluded'}.")
-    combined = stats_cfg.get("combined") or {}
+    combined = config["statistics"].get("combined") or {}
     if combined:
         measures += (f" Combined structures were also analysed ({_listing(sorted(combined))}): summed "
                      f"volume and voxel-weighted mean attenuation, defined only where every member was measured.")
-    paragraphs.append(measures)
+    return measures
 
+
+def _statistics_paragraph(config, correlations) -> str:
+    stats_cfg = config["statistics"]
     tested = correlations[correlations["note"].astype(object).fillna("").astype(str) == ""]
     significant = tested["significant"].astype(str).str.lower() == "true"
     correction = CORRECTION_WORDS.get(stats_cfg["correction"], stats_cfg["correction"])
@@ -149,7 +202,8 @@ def methods_paragraphs(
         f"Spearman's rank correlation coefficient (rs) between age and each measure "
         f"({_listing([MEASURE_WORDS.get(m, m) for m in stats_cfg['measures']])}) was computed per structure with 95% confidence intervals from "
         f"Fisher's z with the Bonett-Wright standard error; structure-measure pairs with fewer than "
-        f"{stats_cfg['min_n']} scans were not tested. Of {len(correlations):,} pairs, {len(tested):,} were tested; "
+        f"{stats_cfg['min_n']} patients were not tested. {P_VALUE_WORDS} "
+        f"Of {len(correlations):,} pairs, {len(tested):,} were tested; "
         f"P values were corrected for these {len(tested):,} tests ({correction}), and a correlation was called "
         f"significant at a corrected P below {stats_cfg['alpha']:g}: {int(significant.sum())} were "
         f"({int((significant & (tested['rs'] > 0)).sum())} positive, {int((significant & (tested['rs'] < 0)).sum())} "
@@ -161,8 +215,9 @@ def methods_paragraphs(
             f"indicator variables). Correlations were also computed separately in men and women, and their "
             f"difference tested on Fisher's z with the Bonett-Wright variances. Change per decade of age was estimated by ordinary least squares "
             f"with {_listing(covariates)} as covariates and HC3 heteroscedasticity-consistent standard errors; "
-            f"non-linearity was tested by a likelihood-ratio test of a natural cubic spline in age "
-            f"({stats_cfg['spline_df']} degrees of freedom) against the linear model."
+            f"non-linearity was tested by an F test of a natural cubic spline in age "
+            f"({stats_cfg['spline_df']} degrees of freedom, knots at quantiles of the distinct ages) against the "
+            f"linear model."
         )
     normative = config.get("normative") or {}
     if normative.get("panels"):
@@ -173,18 +228,17 @@ def methods_paragraphs(
             f"were estimated by linear quantile regression on a natural cubic spline in age "
             f"({normative['spline_df']} degrees of freedom)"
             f"{' adjusted for ' + _listing(adjusted) if adjusted else ''}, made non-crossing by monotone "
-            f"rearrangement; charts were fitted only with at least {normative['min_n']} scans."
+            f"rearrangement; charts were fitted only with at least {normative['min_n']} patients."
         )
-    paragraphs.append(statistics)
+    return statistics
 
+
+def _software_paragraph(version: Mapping) -> str:
     cited = [f"{name} {version[name]}" for name in CITED_SOFTWARE
              if version.get(name) not in (None, "not installed")]
     python = version.get("python")
-    paragraphs.append(
-        f"Analyses were run with the ctcohort Snakemake workflow{f' on Python {python}' if python else ''} "
-        f"({_listing(cited)})."
-    )
-    return paragraphs
+    return (f"Analyses were run with the ctcohort Snakemake workflow{f' on Python {python}' if python else ''} "
+            f"({_listing(cited)}).")
 
 
 def write_methods(paragraphs: Sequence[str], markdown_path: str | Path, html_path: str | Path) -> None:

@@ -16,8 +16,9 @@ partial_correlations (``partial_table``)
     covariate column are ranked (midranks), and rs_partial is the Pearson correlation of the residuals of
     the age ranks and the measure ranks, each regressed on the covariate ranks with an intercept (the
     same number as the partial correlation from the inverse correlation matrix of the ranks). P: two-sided,
-    t = r sqrt((n - 2 - k) / (1 - r^2)) on n - 2 - k degrees of freedom. 95% CI: Fisher z,
-    atanh(r) +- 1.96 / sqrt(n - 3 - k). p_bonferroni and q_fdr (Benjamini-Hochberg) over the tested rows of
+    as ``stats.partial_spearman`` computes it (the plain Spearman P where no covariate varies; a permutation
+    P of the residuals at small n; t on n - 2 - k degrees of freedom above). 95% CI: Fisher z with Bonett &
+    Wright's variance, atanh(r) +- 1.96 sqrt((1 + r^2 / 2) / (n - 3 - k)). p_bonferroni and q_fdr (Benjamini-Hochberg) over the tested rows of
     this table only.
 
 by_sex (``by_sex_table``)
@@ -31,33 +32,42 @@ regression (``regression_table``)
     OLS (statsmodels formula API) of the measure on age in decades plus the covariates (numeric as they
     are; text as categories with treatment coding, the first in sorted order the reference, as patsy's
     C() codes them), heteroscedasticity-consistent HC3 standard errors: coef_per_decade with its 95% CI
-    and P (normal reference, as statsmodels reports for robust covariances), and percent_per_decade =
-    100 x coef_per_decade / the median of the measure over the row's scans. The spline model replaces age
-    by a natural cubic regression spline (patsy ``cr(age, df=spline_df, constraints="center")``:
-    spline_df columns, spline_df + 1 knots at the quantiles of age, linear beyond the boundary knots, so the
-    linear model is nested in it); p_nonlinear is the likelihood-ratio test of the spline model against the
-    linear one, 2 (llf_spline - llf_linear) on spline_df - 1 degrees of freedom (chi-squared). Where a
-    scan has leverage 1 (a covariate category held by a single scan) HC3 is undefined: note
-    ``leverage_one``, the coefficient and the spline test are kept, CI and P are NaN and the row is not in
-    the corrections. peak_age
-    and trough_age: the age where the fitted spline curve has its maximum / minimum over the observed ages
-    (a grid of 1001 ages), when that lies strictly inside the range; NaN where it lies at an end (a
-    monotone curve). Read them together with p_nonlinear: a linear trend plus noise can bend the spline.
+    and P (normal reference, as statsmodels reports for robust covariances; at n <= PERMUTATION_MAX_N,
+    where that reference is anti-conservative, P is a seeded Freedman-Lane permutation P of the HC3 t
+    statistic instead, ``hc3_permutation_p``), and percent_per_decade = 100 x coef_per_decade / the median
+    of the measure over the row's scans. The spline model replaces age by a natural cubic regression spline
+    (patsy ``cr(age, df=spline_df, constraints="center")``: spline_df columns, spline_df + 1 knots at the
+    quantiles of the distinct ages, linear beyond the boundary knots, so the linear model is nested in it);
+    p_nonlinear is the F test of the spline model against the linear one (``nonlinearity_f_test``: F on
+    spline_df - 1 and the spline model's residual degrees of freedom), uncorrected, with
+    p_nonlinear_bonferroni and q_nonlinear_fdr over every fitted row (its own family). Where a scan has
+    leverage 1 (a covariate category held by a single scan) HC3 is undefined: note ``leverage_one``, the
+    coefficient and the spline test are kept, CI and P are NaN and the row is not in the corrections of P.
+    peak_age and trough_age: the age where the fitted spline curve has its maximum / minimum over the
+    observed ages (a grid of 1001 ages), when that lies strictly inside the range; NaN where it lies at an
+    end (a monotone curve). Read them together with p_nonlinear: a linear trend plus noise can bend the
+    spline.
+
+n_patients: the distinct patients (``ctcohort.patients.patient_of``) among the rows counted in n; the
+workflow passes one scan per patient, so it equals n there.
 """
 
 import logging
+import math
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ctcohort.patients import patient_of
+from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders
 from ctcohort.stats import (
     CONSTANT, MIN_N, TOO_FEW_SCANS, correct_p_values, encode_covariates, is_categorical, partial_spearman,
     present_columns, spearman, spearman_ci, structure_blocks,
 )
 
 PARTIAL_COLUMNS = [
-    "structure", "group", "measure", "n", "k", "rs_partial", "ci_low", "ci_high", "p", "p_bonferroni",
+    "structure", "group", "measure", "n", "n_patients", "k", "rs_partial", "ci_low", "ci_high", "p", "p_bonferroni",
     "q_fdr", "significant", "note",
 ]
 SEXES = ("M", "F")
@@ -67,9 +77,9 @@ BY_SEX_COLUMNS = [
     "z_diff", "p_diff", "p_diff_bonferroni", "q_diff_fdr", "note_M", "note_F",
 ]
 REGRESSION_COLUMNS = [
-    "structure", "group", "measure", "n", "covariates", "median", "coef_per_decade", "ci_low", "ci_high",
-    "p", "percent_per_decade", "p_bonferroni", "q_fdr", "llr_nonlinear", "df_nonlinear", "p_nonlinear",
-    "peak_age", "trough_age", "note",
+    "structure", "group", "measure", "n", "n_patients", "covariates", "median", "coef_per_decade", "ci_low",
+    "ci_high", "p", "percent_per_decade", "p_bonferroni", "q_fdr", "f_nonlinear", "df_nonlinear", "p_nonlinear",
+    "p_nonlinear_bonferroni", "q_nonlinear_fdr", "peak_age", "trough_age", "note",
 ]
 SPLINE_DF = 3
 LEVERAGE_ONE = "leverage_one"
@@ -90,10 +100,12 @@ def _check(correction: str, min_n) -> None:
 
 
 def partial_spearman_ci(rs: float, n: int, k: int, level: float = 0.95) -> tuple[float, float]:
-    """Fisher-z interval of a partial correlation with k covariates: atanh(r) +- z / sqrt(n - 3 - k)."""
+    """Fisher-z interval of a partial Spearman correlation with k covariates, with Bonett & Wright's
+    standard error for rank correlations: atanh(r) +- z sqrt((1 + r^2 / 2) / (n - 3 - k)) (Pearson's
+    1 / sqrt(n - 3 - k) covers only 92% at rs 0.8-0.9)."""
     if n - 3 - k <= 0 or not np.isfinite(rs) or abs(rs) >= 1:
         return np.nan, np.nan
-    half_width = stats.norm.ppf(0.5 + level / 2) / np.sqrt(n - 3 - k)
+    half_width = stats.norm.ppf(0.5 + level / 2) * np.sqrt((1 + rs * rs / 2) / (n - 3 - k))
     return float(np.tanh(np.arctanh(rs) - half_width)), float(np.tanh(np.arctanh(rs) + half_width))
 
 
@@ -108,9 +120,10 @@ def partial_table(
     for structure, group, block in structure_blocks(measurements):
         encoded = encode_covariates(block, present)
         complete = encoded.notna().all(axis=1).to_numpy() & block["age"].notna().to_numpy()
+        patients = patient_of(block).to_numpy()
         for measure in measures:
             keep = complete & np.isfinite(block[measure].to_numpy(dtype=float))
-            n = int(keep.sum())
+            n, n_patients = int(keep.sum()), len(set(patients[keep]))
             age = block["age"].to_numpy(dtype=float)[keep]
             values = block[measure].to_numpy(dtype=float)[keep]
             used = encoded.loc[keep, _varying(encoded.loc[keep])] if n else encoded.iloc[:0, :0]
@@ -123,8 +136,8 @@ def partial_table(
             else:
                 r, p = partial_spearman(age, values, used.to_numpy(dtype=float))
                 note = "" if np.isfinite(r) else CONSTANT
-            rows.append((structure, group, measure, n, k, r, *partial_spearman_ci(r, n, k), p, note))
-    table = pd.DataFrame(rows, columns=[*PARTIAL_COLUMNS[:9], "note"])
+            rows.append((structure, group, measure, n, n_patients, k, r, *partial_spearman_ci(r, n, k), p, note))
+    table = pd.DataFrame(rows, columns=[*PARTIAL_COLUMNS[:10], "note"])
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
@@ -202,9 +215,111 @@ def fit_age_models(frame: pd.DataFrame, spline_df: int = SPLINE_DF):
     return linear, spline
 
 
+def _regression_frame(block: pd.DataFrame, measure: str, present: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """(frame, categorical): y, age, patient and the covariates c0, c1, ... of the complete rows; text covariates
+    as pandas Categorical columns; covariates constant over the rows left out."""
+    frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
+    categorical = []
+    for i, name in enumerate(present):
+        if is_categorical(block[name]):
+            values = pd.Categorical(block[name].to_numpy(dtype=object))
+            categorical.append(f"c{i}")
+        else:
+            values = pd.to_numeric(block[name], errors="coerce").to_numpy(dtype=float)
+        frame[f"c{i}"] = values
+    frame["patient"] = patient_of(block).to_numpy()
+    frame = frame.dropna().reset_index(drop=True)
+    frame = frame[[c for c in frame.columns if c in ("y", "age", "patient") or frame[c].nunique() > 1]]
+    return frame, categorical
+
+
+def _regression_note(frame: pd.DataFrame, categorical: list[str], spline_df: int, min_n: int) -> str:
+    n_parameters = 1 + spline_df + sum(frame[c].nunique() - 1 if c in categorical else 1
+                                       for c in frame.columns if c.startswith("c"))
+    if len(frame) < min_n:
+        return TOO_FEW_SCANS
+    if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
+        return CONSTANT
+    if len(frame) < n_parameters + 2 or frame["age"].nunique() < spline_df + 2:
+        return TOO_FEW_SCANS
+    return ""
+
+
+def nonlinearity_f_test(linear, spline) -> tuple[float, float, float]:
+    """(F, numerator df, P) of the spline model against the nested linear one, from the classical fits:
+    F = ((RSS_linear - RSS_spline) / df) / (RSS_spline / df_resid_spline). Exact under normal errors; the
+    chi-squared likelihood-ratio test it replaces rejected 8.75% at .05 for a truly linear trend at n = 30."""
+    dof = spline.df_model - linear.df_model
+    f = max(0.0, (linear.ssr - spline.ssr) / dof) / (spline.ssr / spline.df_resid)
+    return float(f), float(dof), float(stats.f.sf(f, dof, spline.df_resid))
+
+
+def hc3_permutation_p(y: np.ndarray, exog: np.ndarray, index: int, seed: int = 0,
+                      resamples: int = PERMUTATION_RESAMPLES) -> float:
+    """Freedman-Lane permutation P of coefficient ``index`` of the OLS of y on exog, with the HC3 t statistic:
+    the residuals of the model without that column are permuted, added back to its fitted values, and the
+    full model refitted; P = (b + 1) / (B + 1). Valid at small n, where HC3's normal reference is not."""
+    reduced = np.delete(exog, index, axis=1)
+    fitted = reduced @ np.linalg.lstsq(reduced, y, rcond=None)[0]
+    residual = y - fitted
+    pseudo_inverse = np.linalg.pinv(exog)
+    contrast = pseudo_inverse[index]
+    annihilator = np.eye(len(y)) - exog @ pseudo_inverse
+    weight = contrast**2 / np.clip(1 - np.diag(exog @ pseudo_inverse), 1e-12, None) ** 2
+
+    def t_statistics(ys: np.ndarray) -> np.ndarray:  # ys: n x B
+        errors = annihilator @ ys
+        return (contrast @ ys) / np.sqrt(np.maximum(weight @ errors**2, 1e-300))
+
+    observed = abs(float(t_statistics(y[:, None])[0]))
+    exceed = 0
+    for order in permutation_orders(len(y), resamples, seed):
+        exceed += int((np.abs(t_statistics((fitted[:, None] + residual[order].T))) >= observed * (1 - 1e-9)).sum())
+    return (exceed + 1) / (resamples + 1)
+
+
+def _age_slope(linear, min_p: float, seed: int):
+    """(coef, ci_low, ci_high, p, note) of the age term with HC3; at n <= PERMUTATION_MAX_N the P is
+    Freedman-Lane's permutation P (HC3's normal reference is anti-conservative at small n)."""
+    term = "I(age / 10)"
+    exog = linear.model.exog
+    index = linear.model.exog_names.index(term)
+    coef = float(np.asarray(linear.params)[index])
+    leverage = np.einsum("ij,jk,ik->i", exog, linear.normalized_cov_params, exog)
+    if leverage.max() > 1 - 1e-8:
+        # a scan fitted exactly (a covariate category held by one scan): its HC3 weight e^2 / (1 - h)^2 is
+        # 0/0, and so is every robust standard error
+        return coef, np.nan, np.nan, np.nan, LEVERAGE_ONE
+    robust = linear.get_robustcov_results(cov_type="HC3", use_t=False)
+    low, high = np.asarray(robust.conf_int())[index]
+    p = float(np.asarray(robust.pvalues)[index])
+    if len(exog) <= PERMUTATION_MAX_N:
+        p = hc3_permutation_p(linear.model.endog, exog, index, seed)
+    return coef, float(low), float(high), max(p, min_p), ""
+
+
+def regression_row(frame: pd.DataFrame, categorical: list[str], spline_df: int, min_n: int, seed: int) -> dict:
+    """The statistics of one structure x measure (REGRESSION_COLUMNS from n on)."""
+    n = len(frame)
+    median = float(frame["y"].median()) if n else np.nan
+    row = {"n": n, "n_patients": int(frame["patient"].nunique()), "median": median,
+           **dict.fromkeys(REGRESSION_COLUMNS[REGRESSION_COLUMNS.index("coef_per_decade"):], np.nan)}
+    row["note"] = _regression_note(frame, categorical, spline_df, min_n)
+    if row["note"]:
+        return row
+    linear, spline = fit_age_models(frame.drop(columns="patient"), spline_df)
+    coef, low, high, p, note = _age_slope(linear, 2 / math.factorial(min(n, 170)), seed)
+    f, dof, p_nonlinear = nonlinearity_f_test(linear, spline)
+    row.update(coef_per_decade=coef, ci_low=low, ci_high=high, p=p, note=note,
+               percent_per_decade=100 * coef / median if median != 0 else np.nan,
+               f_nonlinear=f, df_nonlinear=dof, p_nonlinear=p_nonlinear)
+    row["peak_age"], row["trough_age"] = _curve_extrema(spline, frame.drop(columns="patient"))
+    return row
+
+
 def regression_table(
     measurements: pd.DataFrame, measures: list[str], covariates: list[str], spline_df: int = SPLINE_DF,
-    min_n: int = MIN_N,
+    min_n: int = MIN_N, seed: int = 0,
 ) -> pd.DataFrame:
     """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
     _check("bonferroni", min_n)
@@ -214,57 +329,14 @@ def regression_table(
     rows = []
     for structure, group, block in structure_blocks(measurements):
         for measure in measures:
-            frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
-            categorical = []
-            for i, name in enumerate(present):
-                if is_categorical(block[name]):
-                    values = pd.Categorical(block[name].to_numpy(dtype=object))
-                    categorical.append(f"c{i}")
-                else:
-                    values = pd.to_numeric(block[name], errors="coerce").to_numpy(dtype=float)
-                frame[f"c{i}"] = values
-            frame = frame.dropna().reset_index(drop=True)
-            frame = frame[[c for c in frame.columns if c in ("y", "age") or frame[c].nunique() > 1]]
-            names = [present[int(c[1:])] for c in frame.columns if c not in ("y", "age")]
-            n = len(frame)
-            median = float(frame["y"].median()) if n else np.nan
-            result = dict.fromkeys(REGRESSION_COLUMNS[6:], np.nan)
-            n_parameters = 1 + spline_df + sum(frame[c].nunique() - 1 if c in categorical else 1
-                                               for c in frame.columns if c not in ("y", "age"))
-            if n < min_n:
-                note = TOO_FEW_SCANS
-            elif np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
-                note = CONSTANT
-            elif n < n_parameters + 2 or frame["age"].nunique() < spline_df + 2:
-                note = TOO_FEW_SCANS
-            else:
-                note = ""
-                linear, spline = fit_age_models(frame, spline_df)
-                term = "I(age / 10)"
-                exog = linear.model.exog
-                leverage = np.einsum("ij,jk,ik->i", exog, linear.normalized_cov_params, exog)
-                if leverage.max() > 1 - 1e-8:
-                    # a scan fitted exactly (a covariate category held by one scan): its HC3 weight
-                    # e^2 / (1 - h)^2 is 0/0, and so is every robust standard error
-                    note = LEVERAGE_ONE
-                else:
-                    linear = linear.get_robustcov_results(cov_type="HC3", use_t=False)
-                index = linear.model.exog_names.index(term)
-                coef = float(np.asarray(linear.params)[index])
-                llr = max(0.0, 2 * (spline.llf - linear.llf))
-                dof = spline.df_model - linear.df_model
-                result.update(
-                    coef_per_decade=coef, percent_per_decade=100 * coef / median if median != 0 else np.nan,
-                    llr_nonlinear=llr, df_nonlinear=dof, p_nonlinear=float(stats.chi2.sf(llr, dof)),
-                )
-                if note == "":
-                    low, high = np.asarray(linear.conf_int())[index]
-                    result.update(ci_low=float(low), ci_high=float(high), p=float(np.asarray(linear.pvalues)[index]))
-                result["peak_age"], result["trough_age"] = _curve_extrema(spline, frame)
-            rows.append({"structure": structure, "group": group, "measure": measure, "n": n,
-                         "covariates": ",".join(names), "median": median, **result, "note": note})
+            frame, categorical = _regression_frame(block, measure, present)
+            names = [present[int(c[1:])] for c in frame.columns if c.startswith("c")]
+            rows.append({"structure": structure, "group": group, "measure": measure, "covariates": ",".join(names),
+                         **regression_row(frame, categorical, spline_df, min_n, seed)})
     table = pd.DataFrame(rows, columns=REGRESSION_COLUMNS)
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
+    # the spline test is its own family: every fitted row (a leverage-one row keeps its spline test)
+    correct_p_values(table, "p_nonlinear", "p_nonlinear_bonferroni", "q_nonlinear_fdr", table["p_nonlinear"].notna())
     log.info("regression on age given %s: %d of %d rows fitted", present, tested.sum(), len(table))
     return table[REGRESSION_COLUMNS]

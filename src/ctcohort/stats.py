@@ -12,8 +12,9 @@ out of n. What is not tested says why in ``note``:
 - ``""``: tested.
 
 rs is ``scipy.stats.spearmanr`` (midranks for ties). P is two-sided, P(|rs*| >= |rs|) under
-random pairing: enumerated exactly over all n! pairings for n <= EXACT_MAX_N (ties included),
-the t approximation of scipy.stats.spearmanr above that, never below 2/n!.
+random pairing, by ``ctcohort.rank_null.spearman_p``: exact up to 9 scans (every pairing, ties included)
+and up to 20 without ties (the shipped exact distribution), a seeded permutation P up to 30, the t
+approximation above; never below 2/n!, the exact minimum.
 """
 
 import logging
@@ -24,14 +25,15 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from ctcohort.patients import patient_of
+from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, spearman_p
+
 CORRELATION_COLUMNS = [
-    "structure", "group", "measure", "n", "rs", "ci_low", "ci_high", "p", "p_bonferroni", "q_fdr",
+    "structure", "group", "measure", "n", "n_patients", "rs", "ci_low", "ci_high", "p", "p_bonferroni", "q_fdr",
     "significant", "rs_partial", "p_partial", "note",
 ]
 CORRECTIONS = ("bonferroni", "fdr_bh")
 MIN_N = 10
-# 9! = 362,880 pairings take about half a second per test; 10! would take ten times that.
-EXACT_MAX_N = 9
 TOO_FEW_SCANS = "too_few_scans"
 CONSTANT = "constant"
 log = logging.getLogger(__name__)
@@ -52,27 +54,6 @@ def spearman_ci(rs: float, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(np.tanh(z - half_width)), float(np.tanh(z + half_width))
 
 
-def exact_spearman_p(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sided P(|rs*| >= |rs|) over all n! pairings of x with y (finite, at least one tie-free pair).
-
-    The statistic is sum((2 rank_x - n - 1)(2 rank_y - n - 1)): an integer even with midranks, so
-    equal values compare exactly, and monotone in rs because the rank variances do not change
-    under re-pairing. Deterministic: every pairing is visited.
-    """
-    n = len(x)
-    rx = 2 * stats.rankdata(x) - (n + 1)
-    ry = 2 * stats.rankdata(y) - (n + 1)
-
-    def statistic(paired_x, axis=-1):
-        return np.abs(np.sum(paired_x * ry, axis=axis))
-
-    result = stats.permutation_test(
-        (rx,), statistic, permutation_type="pairings", vectorized=True,
-        n_resamples=math.factorial(n), alternative="greater",
-    )
-    return float(result.pvalue)
-
-
 def spearman(x: np.ndarray, y: np.ndarray, min_n: int = MIN_N) -> tuple[int, float, float, str]:
     """(n, rs, p, note) over the pairs where both are finite; rs and p are NaN unless note is ""."""
     keep = np.isfinite(x) & np.isfinite(y)
@@ -82,39 +63,39 @@ def spearman(x: np.ndarray, y: np.ndarray, min_n: int = MIN_N) -> tuple[int, flo
         return n, np.nan, np.nan, TOO_FEW_SCANS
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return n, np.nan, np.nan, CONSTANT
-    result = stats.spearmanr(x, y)
-    if n <= EXACT_MAX_N:
-        p = exact_spearman_p(x, y)
-    else:
-        # The t approximation gives P = 0 at |rs| = 1; no pairing P is below 2/n!.
-        p = max(float(result.pvalue), 2 / math.factorial(n))
-    return n, float(result.statistic), p, ""
+    p, _ = spearman_p(x, y)
+    return n, float(stats.spearmanr(x, y).statistic), p, ""
 
 
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tuple[float, float]:
     """Spearman correlation of x and y adjusted for covariates (columns of a 2-D array), and its P.
 
     Ranks of x and y are regressed on the ranks of the covariates (with an intercept); rs_partial is
-    the Pearson correlation of the residuals, tested with n - 2 - k degrees of freedom. Rows with any
-    non-finite value are dropped. NaN where undefined.
+    the Pearson correlation of the residuals. Rows with any non-finite value are dropped. P: where no
+    covariate varies, the plain Spearman P (``rank_null.spearman_p``, exact at small n); otherwise a
+    seeded permutation P of the residuals at n <= PERMUTATION_MAX_N, and above that the t test on
+    n - 2 - k degrees of freedom, never below 2/n!. NaN where undefined.
     """
     keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(covariates).all(axis=1)
-    n, k = int(keep.sum()), covariates.shape[1]
+    x, y, covariates = x[keep], y[keep], covariates[keep]
+    covariates = covariates[:, np.ptp(covariates, axis=0) > 0] if len(x) else covariates
+    n, k = len(x), covariates.shape[1]
     dof = n - 2 - k
-    if dof < 1:
+    if dof < 1 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return np.nan, np.nan
-    design = np.column_stack([np.ones(n), *(stats.rankdata(c) for c in covariates[keep].T)])
-    residuals = []
-    for values in (x[keep], y[keep]):
-        ranks = stats.rankdata(values)
-        residuals.append(ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0])
-    rx, ry = residuals
+    if k == 0:
+        return float(stats.spearmanr(x, y).statistic), spearman_p(x, y)[0]
+    design = np.column_stack([np.ones(n), *(stats.rankdata(c) for c in covariates.T)])
+    rx, ry = (ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0]
+              for ranks in (stats.rankdata(x), stats.rankdata(y)))
     denominator = np.sqrt((rx @ rx) * (ry @ ry))
     if denominator <= 1e-12 * n:
         return np.nan, np.nan
     r = float(np.clip(rx @ ry / denominator, -1.0, 1.0))
+    if n <= PERMUTATION_MAX_N:
+        return r, max(pairing_p(rx, ry), 2 / math.factorial(n))
     t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
-    return r, float(2 * stats.t.sf(abs(t), dof))
+    return r, max(float(2 * stats.t.sf(abs(t), dof)), 2 / math.factorial(n))
 
 
 def present_columns(table: pd.DataFrame, names, what: str = "covariates") -> list[str]:
@@ -199,13 +180,15 @@ def age_correlations(
     for structure, group, block in structure_blocks(measurements):
         age = block["age"].to_numpy(dtype=float)
         covariates = encode_covariates(block, present).to_numpy(dtype=float)
+        patients = patient_of(block).to_numpy()
         for measure in measures:
             values = block[measure].to_numpy(dtype=float)
             n, rs, p, note = spearman(age, values, min_n)
+            n_patients = len(set(patients[np.isfinite(age) & np.isfinite(values)]))
             tested = note == "" and bool(present)
             partial = partial_spearman(age, values, covariates) if tested else (np.nan, np.nan)
-            rows.append((structure, group, measure, n, rs, *spearman_ci(rs, n), p, *partial, note))
-    table = pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:8], "rs_partial", "p_partial", "note"])
+            rows.append((structure, group, measure, n, n_patients, rs, *spearman_ci(rs, n), p, *partial, note))
+    table = pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:9], "rs_partial", "p_partial", "note"])
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]

@@ -19,6 +19,8 @@ rule aggregate:
         statuses=lambda wildcards: per_scan("results/measure/{subject}.status.json"),
         qc=lambda wildcards: per_scan("results/qc/{subject}.tsv"),
         plausible_volumes=lambda wildcards: PLAUSIBLE_VOLUMES,  # [] where the check is off
+        duplicates=lambda wildcards: DUPLICATES_INPUT,  # rows dropped as the same scan; [] unless drop_later
+        imported=lambda wildcards: expand("results/ct/{subject}.nii.gz", subject=DICOM_SUBJECTS),  # same image?
     output:
         measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",
@@ -52,6 +54,7 @@ rule aggregate:
         hu_window=config["qc"]["hu_window"],
         measures=config["statistics"]["measures"],
         combined=config["statistics"]["combined"],
+        duplicates=config["duplicates"],
     log:
         "results/logs/aggregate.log",
     conda:

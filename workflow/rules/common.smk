@@ -54,6 +54,34 @@ else:
     except CohortSheetError as err:
         raise WorkflowError(str(err)) from None
 
+# Rows that are the same scan (ctcohort/duplicate_scans.py; config duplicates): `error` stops the run here;
+# `drop_later` leaves the later rows out of SHEET, so no job is made for them, and lists them in
+# DUPLICATES_TABLE, an input of rule aggregate (failures.tsv, stage duplicate). The main process checks and
+# writes the table, only when it changes (a second run has nothing to do); cluster jobs re-parse the workflow
+# and read it, so that their batches hold the same scans as the main process's.
+DUPLICATES_TABLE = "results/tables/duplicates.tsv"
+DUPLICATES_INPUT = [DUPLICATES_TABLE] if not DEMO and config["duplicates"] == "drop_later" else []
+DROPPED_SUBJECTS = []
+if not DEMO:
+    from ctcohort import duplicate_scans
+
+    if workflow.is_main_process:
+        DUPLICATE_GROUPS = duplicate_scans.find_duplicate_scans(SHEET)
+        if DUPLICATE_GROUPS and config["duplicates"] == "error":
+            raise WorkflowError(
+                duplicate_scans.duplicates_message(
+                    DUPLICATE_GROUPS, SHEET_PATH, duplicate_scans.sheet_lines(SHEET_PATH)
+                )
+            )
+        if DUPLICATES_INPUT:
+            duplicate_scans.write_table_if_changed(
+                duplicate_scans.duplicates_table(DUPLICATE_GROUPS), DUPLICATES_TABLE
+            )
+            DROPPED_SUBJECTS = duplicate_scans.dropped_subjects(DUPLICATE_GROUPS)
+    elif DUPLICATES_INPUT and os.path.exists(DUPLICATES_TABLE):
+        DROPPED_SUBJECTS = duplicate_scans.read_duplicates(DUPLICATES_TABLE)["subject"].tolist()
+    SHEET = SHEET.drop(index=DROPPED_SUBJECTS, errors="ignore")
+
 SUBJECTS = SHEET.index.tolist()
 # Scans whose ct names a DICOM series (a folder, a zip, a file list): imported to results/ct/ (import_ct.smk)
 DICOM_SUBJECTS = [s for s in SUBJECTS if is_dicom_source(SHEET.at[s, "ct"])]
@@ -190,7 +218,7 @@ FIGURES = [
     *(["age_quartile_boxplots"] if config["figures"]["boxplots"] else []),
     "rs_forest_plot",
     "rs_heatmap",
-    *(["scatter_lowess"] if config["figures"]["scatter"] else []),
+    *(["scatter_lowess", "trajectories"] if config["figures"]["scatter"] else []),
     *(["normative_charts"] if config["normative"]["panels"] else []),
 ]
 
@@ -210,6 +238,7 @@ def study_outputs():
         "results/stats/partial_correlations.tsv",
         "results/stats/by_sex.tsv",
         "results/stats/regression.tsv",
+        "results/stats/longitudinal.tsv",
         "results/stats/paper_comparison.tsv",
         "results/stats/group_summary.tsv",
         *(["results/stats/normative_charts.tsv"] if config["normative"]["panels"] else []),
@@ -224,6 +253,6 @@ def print_failure_summary():
     records failures exits 0, so without this a user would not notice)."""
     for path in ("results/tables/failures.tsv", "results/evaluation/failures.tsv"):
         if os.path.exists(path):
-            line = failure_summary(read_failures(path), len(SUBJECTS), path)
+            line = failure_summary(read_failures(path), len(SUBJECTS) + len(DROPPED_SUBJECTS), path)
             if line:
                 print(line, file=sys.stderr)

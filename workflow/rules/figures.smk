@@ -12,7 +12,8 @@ localrules:
 
 rule figure_age_quartile_boxplots:
     input:
-        measurements="results/tables/measurements.tsv",
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
         correlations="results/stats/age_correlations.tsv",
     output:
         **figure_outputs("age_quartile_boxplots"),
@@ -59,7 +60,8 @@ rule figure_rs_heatmap:
 
 rule figure_scatter_lowess:
     input:
-        "results/tables/measurements.tsv",
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         **figure_outputs("scatter_lowess"),
     params:
@@ -76,7 +78,8 @@ rule figure_normative_charts:
     input:
         charts="results/stats/normative_charts.tsv",
         coefficients="results/stats/normative_covariates.tsv",
-        measurements="results/tables/measurements.tsv",
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         **figure_outputs("normative_charts"),
     params:

@@ -31,6 +31,7 @@ rule methods:
     input:
         counts="results/tables/exclusion_counts.tsv",
         correlations="results/stats/age_correlations.tsv",
+        selection=rules.scan_selection.output[0],
         versions="results/tables/software_versions.tsv",
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
@@ -40,6 +41,7 @@ rule methods:
         # no paths (the sheet's, the model folder's): the report shows a rule's params
         settings={
             "demo": DEMO,
+            "patient_column": "patient" in SHEET.columns,
             "bundled_model": not config["segmentation"]["model"],
             "segmentation": {k: v for k, v in config["segmentation"].items() if k != "model"},
             # a table's name, not where it lies

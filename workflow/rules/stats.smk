@@ -1,4 +1,32 @@
-# Spearman correlation of every structure's measures with age.
+# One scan per patient for every cross-sectional analysis (ctcohort.patients): the scans chosen, by
+# statistics.scan_per_patient, from the patients' measured scans.
+
+
+localrules:
+    scan_selection,
+
+
+rule scan_selection:
+    input:
+        rules.aggregate.output.measurements,
+    output:
+        report(
+            "results/tables/scan_selection.tsv",
+            caption="../report/scan_selection.rst",
+            category="Quality control",
+        ),
+    params:
+        scan_per_patient=config["statistics"]["scan_per_patient"],
+        seed=config["statistics"]["seed"],
+    log:
+        "results/logs/scan_selection.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/scan_selection.py"
+
+
+# Spearman correlation of every structure's measures with age (one scan per patient).
 
 
 localrules:
@@ -7,7 +35,8 @@ localrules:
 
 rule age_correlations:
     input:
-        "results/tables/measurements.tsv",
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         report(
             "results/stats/age_correlations.tsv",
@@ -68,7 +97,8 @@ localrules:
 
 rule partial_correlations:
     input:
-        rules.aggregate.output.measurements,
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         report(
             "results/stats/partial_correlations.tsv",
@@ -91,7 +121,8 @@ rule partial_correlations:
 
 rule by_sex:
     input:
-        rules.aggregate.output.measurements,
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         report(
             "results/stats/by_sex.tsv",
@@ -111,7 +142,8 @@ rule by_sex:
 
 rule regression:
     input:
-        rules.aggregate.output.measurements,
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         report(
             "results/stats/regression.tsv",
@@ -164,7 +196,8 @@ rule group_summary:
 
 rule normative_charts:
     input:
-        rules.aggregate.output.measurements,
+        measurements=rules.aggregate.output.measurements,
+        selection=rules.scan_selection.output[0],
     output:
         charts=report(
             "results/stats/normative_charts.tsv",

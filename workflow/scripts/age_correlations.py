@@ -1,13 +1,12 @@
 """Spearman rs of each structure x measure with age, with CIs and corrected P values."""
 
-import pandas as pd
-
+from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import age_correlations, write_table
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
-measurements = pd.read_csv(snakemake.input[0], sep="\t")
+measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
 table = age_correlations(
     measurements,
     snakemake.params.measures,

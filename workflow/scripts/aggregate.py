@@ -1,7 +1,14 @@
 """Join every scan's measurements with the sheet's covariates and apply the plausibility exclusions; list
 failed scans; QC and summaries for the report."""
 
+from pathlib import Path
+
+import pandas as pd
+
 from ctcohort import aggregate
+from ctcohort.duplicate_scans import (
+    duplicate_failures, duplicates_message, duplicates_table, identical_images, read_duplicates, sheet_lines,
+)
 from ctcohort.qc import apply_plausibility, load_plausible_volumes
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import read_status
@@ -11,6 +18,18 @@ log_to(snakemake.log[0])
 sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.input.schema)
 statuses = [read_status(path) for path in snakemake.input.statuses]
 failures = aggregate.failure_table(statuses)
+# sheet rows left out as the same scan as an earlier row (config duplicates: drop_later): no status, no job
+dropped = [duplicate_failures(read_duplicates(path)) for path in snakemake.input.duplicates]
+# imported DICOM series with identical voxels and geometry (one series exported twice, other headers): the
+# later ones fail here with drop_later, and stop the aggregation with error
+failed = set(failures["subject"])
+imported = {Path(path).name.removesuffix(".nii.gz"): path for path in snakemake.input.imported}
+same_image = identical_images({s: p for s, p in imported.items() if s not in failed}, sheet["ct"].to_dict())
+if same_image and snakemake.params.duplicates == "error":
+    raise ValueError(duplicates_message(same_image, snakemake.input.sheet, sheet_lines(snakemake.input.sheet),
+                                        after_import=True))
+failures = pd.concat([failures, *[frame for frame in [*dropped, duplicate_failures(duplicates_table(same_image))]
+                                  if len(frame)]], ignore_index=True)
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
@@ -32,9 +51,10 @@ aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=F
 aggregate.measurement_summary(study).to_csv(
     snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
 )
-aggregate.exclusion_counts(len(subjects), failures, measurements).to_csv(
+n_scans = len(subjects) + sum(len(frame) for frame in dropped)  # the sheet's rows
+aggregate.exclusion_counts(n_scans, failures, measurements).to_csv(
     snakemake.output.exclusions, sep="\t", index=False
 )
-aggregate.exclusion_flow(len(subjects), failures, checked, snakemake.params.measures).to_csv(
+aggregate.exclusion_flow(n_scans, failures, checked, snakemake.params.measures).to_csv(
     snakemake.output.flow, sep="\t", index=False
 )

@@ -3,10 +3,11 @@
 import pandas as pd
 
 from ctcohort.figures import cohort_age_edges, plot_age_boxplots
+from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 
 log_to(snakemake.log[0])
-measurements = pd.read_csv(snakemake.input.measurements, sep="\t")
+measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
 plot_age_boxplots(
     measurements,
     snakemake.params.panels,

@@ -11,5 +11,6 @@ paragraphs = methods_paragraphs(
     read_table(snakemake.input.correlations),
     read_table(snakemake.input.versions),
     model=model_description(snakemake.params.settings["bundled_model"], snakemake.input.model),
+    selection=read_table(snakemake.input.selection),
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)

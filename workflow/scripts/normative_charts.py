@@ -3,11 +3,12 @@
 import pandas as pd
 
 from ctcohort.normative import fit_normative_charts
+from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
 
 log_to(snakemake.log[0])
-measurements = pd.read_csv(snakemake.input[0], sep="\t")
+measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
 settings = snakemake.params.settings
 fits = [
     fit_normative_charts(measurements, [panel["structure"]], [panel["measure"]],

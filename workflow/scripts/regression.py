@@ -1,13 +1,12 @@
 """OLS of each structure x measure on age in decades plus covariates (HC3), and the spline test of non-linearity."""
 
-import pandas as pd
-
 from ctcohort.models import regression_table
+from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
 
 log_to(snakemake.log[0])
-measurements = pd.read_csv(snakemake.input[0], sep="\t")
+measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
 table = regression_table(
     measurements,
     snakemake.params.measures,
