@@ -2,7 +2,8 @@
 
 The per-scan work is not what is timed here: the script writes a synthetic study whose per-scan
 measurement tables and status files already exist (N scans x 104 structures of ``total_v1``, volumes and
-HU drawn with an age trend, a few structures absent or cut off, 1% of the scans failed), with empty CT and
+HU drawn with an age trend, a few structures absent or cut off, 1% of the scans failed; scans of patients,
+30% of whom have 2-6 scans over up to 6 years, so the longitudinal models have work to do), with empty CT and
 segmentation files older than them, then runs the real workflow (``segmentation.method: precomputed``,
 ``--rerun-triggers mtime`` so that only the cohort rules run) and ``snakemake --report``. It prints the
 wall time of each and the peak memory of the largest process (the cohort rules run as local jobs).
@@ -29,6 +30,20 @@ from ctcohort.structures import load_structure_table
 from snakemake_runs import REPO, timed_snakemake
 
 
+def patients_of(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(patient of each of n scans, the patient's age at the first scan, years since it): 70% of the patients
+    scanned once, 30% two to six times over up to 6 years."""
+    patients, baseline, years = [], [], []
+    while len(patients) < n:
+        visits = int(rng.integers(2, 7)) if rng.random() < 0.3 else 1
+        times = np.sort(rng.uniform(0, 6, visits)) if visits > 1 else np.zeros(1)
+        patients += [f"pat{len(baseline):06d}"] * visits
+        years += list(times - times[0])
+        baseline.append(rng.uniform(18, 89))
+    first = np.array([baseline[int(p[3:])] for p in patients[:n]])
+    return patients[:n], first, np.array(years[:n])
+
+
 def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     """Sheet, empty image files, then per-scan tables and statuses (newer than the images)."""
     rng = np.random.default_rng(seed)
@@ -37,10 +52,12 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     for made in (data, measure, qc):
         made.mkdir(parents=True)
     subjects = [f"sub{i:06d}" for i in range(n)]
-    ages = rng.uniform(18, 95, n).round(1)
+    patients, first_age, years = patients_of(n, rng)
+    ages = (first_age + years).round(1)
     sheet = pd.DataFrame({"subject": subjects, "ct": [f"{s}_ct.nii.gz" for s in subjects],
                           "seg": [f"{s}_seg.nii.gz" for s in subjects], "age": ages,
-                          "sex": rng.choice(["M", "F"], n), "contrast": rng.integers(0, 2, n)})
+                          "sex": [("M", "F")[int(p[3:]) % 2] for p in patients], "contrast": rng.integers(0, 2, n),
+                          "patient": patients, "years": years.round(4)})
     for path in [*sheet["ct"], *sheet["seg"]]:
         (data / path).touch()
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)

@@ -27,6 +27,7 @@ from dicom_edits import (  # noqa: E402 (needs pydicom)
     ACCESSION,
     EXPORT_UID_ROOT,
     PATIENTS,
+    STUDY_DATES,
     build_export_tree,
     export_phi,
 )
@@ -85,6 +86,13 @@ def test_one_series_chosen_per_study_with_age_sex_and_contrast(tree, tmp_path):
     sheet = sheet.set_index("subject")
     assert {a1, a2, b} <= set(sheet.index)
     assert sheet.at[a1, "patient"] == sheet.at[a2, "patient"] == a1_patient and sheet.at[b, "patient"] == b_patient
+    # years since the patient's first study, from the study dates (never the dates themselves), by hand
+    from datetime import date
+    first, second = sorted(date(int(d[:4]), int(d[4:6]), int(d[6:])) for d in STUDY_DATES.values())
+    later, earlier = (a1, a2) if STUDY_DATES["A1"] > STUDY_DATES["A2"] else (a2, a1)
+    assert sheet.at[earlier, "years"] == 0
+    assert sheet.at[later, "years"] == pytest.approx((second - first).days / 365.2425, abs=1e-4)
+    assert not any(str(d) in (tmp_path / "cohort.tsv").read_text() for d in STUDY_DATES.values())
 
     # study A1: the soft-tissue 2 mm reconstruction, not the thinner bone one, not the localizer
     spacing = sorted(-p[2] for p in original_positions())

@@ -31,14 +31,18 @@ VERSIONS = pd.DataFrame([("python", "3.11.9"), ("snakemake", "9.1.0"), ("scipy",
                          ("nnunetv2", "2.6.2"), ("pydicom", "not installed")], columns=["software", "version"])
 
 
-def correlations():
-    # 6 rows: 4 tested, 2 significant positive, 1 significant negative, 1 row too small to test
-    return pd.DataFrame({
-        "structure": ["a", "b", "c", "d", "e", "f"], "measure": ["volume_ml"] * 6,
-        "rs": [0.5, 0.6, -0.4, 0.1, float("nan"), float("nan")],
+def correlations(primary: str = "adjusted"):
+    # 6 rows: 4 tested, 2 significant positive, 1 significant negative, 1 row too small to test; the adjusted
+    # analysis (primary) repeats the unadjusted numbers, adjusted for sex and contrast
+    table = pd.DataFrame({
+        "structure": ["a", "b", "c", "d", "e", "f"], "family": "structures", "measure": ["volume_ml"] * 6,
+        "n": 50, "rs": [0.5, 0.6, -0.4, 0.1, float("nan"), float("nan")],
         "significant": [True, True, True, False, False, False],
         "note": ["", "", "", "", "too_few_scans", "constant"],
     })
+    for column in ("n", "rs", "note"):
+        table[f"{column}_partial"] = table[column]
+    return table.assign(covariates="sex,contrast", primary=primary)
 
 
 def test_methods_quote_the_runs_counts_and_the_settings(settings):
@@ -47,7 +51,9 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
     assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
     assert "117 scans were measured, of which 113 scans with a recorded age" in text
     assert "Of 3,604 structure measurements, 40 absent, 61 cut off" in text and "3 with a volume outside" in text
-    assert "Of 6 pairs, 4 were tested" in text and "these 4 tests (Bonferroni)" in text
+    assert "Of 6 structure-measure pairs, 4 were tested in the primary analysis: 4, one correction family" in text
+    assert "corrected within each family (Bonferroni)" in text
+    assert f"a raw P below {settings['statistics']['alpha'] / 4:.3g} among the structures" in text
     assert "3 were (2 positive, 1 negative)" in text
     assert f"below {settings['statistics']['alpha']:g}" in text
     assert "adjusted for sex and contrast" in text
@@ -121,3 +127,41 @@ def test_methods_say_when_the_sheet_names_no_patients_and_when_rows_were_dropped
     assert "2 rows of the sheet repeated another scan (the same file or identical content) and were dropped" in text
     assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
     assert "exact (every pairing) up to 9 patients" in text
+
+
+def study_tables(measurements, config):
+    """The tables Methods reads, made by the workflow's own functions from ``measurements``."""
+    from ctcohort.models import regression_table
+    from ctcohort.stats import age_correlations
+
+    stats_cfg = config["statistics"]
+    correlations = age_correlations(measurements, ["volume_ml"], partial_covariates=stats_cfg["partial_covariates"],
+                                    min_n=10)
+    return correlations, regression_table(measurements, ["volume_ml"], stats_cfg["partial_covariates"])
+
+
+@pytest.mark.parametrize("drop, covariates, primary, regression", [
+    ([], ["sex", "contrast"], "the partial Spearman correlation adjusted for sex and contrast (ranks",
+     "with sex and contrast as covariates"),
+    (["contrast"], ["sex", "contrast"], "the partial Spearman correlation adjusted for sex (contrast configured but "
+     "not available)", "with sex as covariates"),
+    (["contrast", "sex"], ["sex", "contrast"], "the unadjusted correlation (sex and contrast configured but not "
+     "available); no covariate was adjusted for", "without covariates"),
+    ([], [], "the unadjusted correlation; no covariate was adjusted for", "without covariates"),
+])
+def test_methods_say_what_the_tables_used_not_what_was_configured(settings, drop, covariates, primary, regression):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 60
+    measurements = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": rng.uniform(20, 80, n),
+                                 "sex": rng.choice(["M", "F"], n), "contrast": rng.integers(0, 2, n),
+                                 "structure": "liver", "group": "organ", "label": 5,
+                                 "volume_ml": rng.normal(1500, 100, n)}).drop(columns=drop)
+    settings["statistics"]["partial_covariates"] = covariates
+    table, fits = study_tables(measurements, settings)
+    text = " ".join(methods_paragraphs(settings, COUNTS, table, VERSIONS, regression=fits))
+    assert f"The primary analysis was {primary}" in text
+    assert f"ordinary least squares {regression} and HC3" in text
+    # the by-sex, regression and spline sentences are there whatever the covariates
+    assert "separately in men and women" in text and "F test of a natural cubic spline" in text

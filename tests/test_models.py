@@ -43,8 +43,9 @@ def cohort(seed: int = 0) -> pd.DataFrame:
 def test_partial_correlations_equal_pingouin(monkeypatch):
     monkeypatch.setitem(pingouin.options, "round.column.CI95", None)  # pingouin shows the CI to 2 decimals
     table = cohort()
-    result = partial_table(table, MEASURES, ["sex", "contrast"]).set_index(KEY)
-    assert list(result.reset_index().columns) == PARTIAL_COLUMNS
+    result = partial_table(table, MEASURES, ["sex", "contrast"])
+    assert list(result.columns) == PARTIAL_COLUMNS
+    result = result.set_index(KEY)
     checked = 0
     for (structure, group), block in table.groupby(["structure", "group"]):
         for measure in MEASURES:
@@ -111,8 +112,9 @@ def monte_carlo_spearman_p(x: np.ndarray, y: np.ndarray, resamples: int = 20_000
 
 def test_by_sex_equals_scipy_per_sex():
     table = cohort()
-    result = by_sex_table(table, MEASURES).set_index(KEY)
-    assert list(result.reset_index().columns) == BY_SEX_COLUMNS
+    result = by_sex_table(table, MEASURES)
+    assert list(result.columns) == BY_SEX_COLUMNS
+    result = result.set_index(KEY)
     compared = 0
     for (structure, group), block in table.groupby(["structure", "group"]):
         for measure in MEASURES:
@@ -182,8 +184,9 @@ def hc3(design: np.ndarray, y: np.ndarray):
 
 def test_regression_equals_least_squares_with_hc3_by_hand():
     table = cohort()
-    result = regression_table(table, MEASURES, ["sex", "contrast"]).set_index(KEY)
-    assert list(result.reset_index().columns) == REGRESSION_COLUMNS
+    result = regression_table(table, MEASURES, ["sex", "contrast"])
+    assert list(result.columns) == REGRESSION_COLUMNS
+    result = result.set_index(KEY)
     checked = 0
     for (structure, group), block in table.groupby(["structure", "group"]):
         for measure in MEASURES:

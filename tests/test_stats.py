@@ -535,6 +535,10 @@ def test_age_correlations_adjust_for_sex_and_contrast_in_the_table():
     assert abs(out.at[0, "rs_partial"]) < 0.15
     plain = age_correlations(table, ["volume_ml"])
     assert plain[["rs_partial", "p_partial"]].isna().all().all()
+    assert plain.at[0, "note_partial"] == "no_covariates" and plain.at[0, "primary"] == "unadjusted"
+    assert out.at[0, "primary"] == "adjusted" and out.at[0, "covariates"] == "sex,contrast"
+    # the headline follows the primary analysis: sex explains the correlation, so nothing is significant
+    assert not out.at[0, "significant"] and plain.at[0, "significant"]
 
 
 def test_group_summary_counts_by_hand_and_leaves_combined_structures_out():

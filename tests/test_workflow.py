@@ -138,9 +138,11 @@ def test_demo_paper_comparison_has_the_papers_rows_in_its_directions(demo_study)
     assert (table["same_direction"].astype(str) == "True").all(), table[["structure", "rs", "rs_paper"]]
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t").set_index(
         ["structure", "measure"])
+    # the primary analysis: adjusted for sex and contrast, which the demo sheet has
+    assert (correlations["primary"] == "adjusted").all() and (table["primary"] == "adjusted").all()
     for row in table.itertuples():
-        assert row.rs == correlations.at[(row.structure, row.measure), "rs"]
-        assert row.n == correlations.at[(row.structure, row.measure), "n"]
+        assert row.rs == correlations.at[(row.structure, row.measure), "rs_partial"]
+        assert row.n == correlations.at[(row.structure, row.measure), "n_partial"]
     assert "paper_comparison.tsv" in embedded_files(demo_study / "report.html")
 
 
@@ -224,21 +226,29 @@ def test_demo_group_summary_and_methods(demo_study):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
     own = correlations[~correlations["structure"].isin(list(config["statistics"]["combined"]))]
+    assert (own["family"] == "structures").all()
+    assert (correlations.loc[correlations["structure"].isin(list(config["statistics"]["combined"])), "family"]
+            == "combined").all()
     summary = pd.read_csv(demo_study / "stats" / "group_summary.tsv", sep="\t").set_index(["group", "measure"])
     for (group, measure), rows in own.groupby(["group", "measure"]):
-        tested = rows[rows["note"].isna()]
+        tested = rows[rows["note_partial"].isna()]  # the primary analysis is the adjusted one
         row = summary.loc[(group, measure)]
         assert row["structures"] == len(rows) and row["tested"] == len(tested)
-        assert row["significant_up"] == (tested["significant"] & (tested["rs"] > 0)).sum()
-        assert row["significant_down"] == (tested["significant"] & (tested["rs"] < 0)).sum()
-        assert row["median_abs_rs"] == pytest.approx(np.median(np.abs(tested["rs"])), abs=1e-6)
+        assert row["significant_up"] == (tested["significant"] & (tested["rs_partial"] > 0)).sum()
+        assert row["significant_down"] == (tested["significant"] & (tested["rs_partial"] < 0)).sum()
+        assert row["median_abs_rs"] == pytest.approx(np.median(np.abs(tested["rs_partial"])), abs=1e-6)
     assert summary.loc[("bone", "hu_mean"), "significant_down"] >= 4  # hips, L4, clavicles: the paper's
     methods = (demo_study / "methods.md").read_text()
-    tested = correlations["note"].isna()
+    tested = correlations["note_partial"].isna()
     significant = correlations["significant"]
+    n_tested = (tested & (correlations["family"] == "structures")).sum()
     for words in ("The demo cohort of 40 scans", "Every scan was processed",
-                  f"Of {len(correlations):,} pairs, {tested.sum():,} were tested",
-                  f"{significant.sum()} were ({(significant & (correlations['rs'] > 0)).sum()} positive",
+                  f"Of {len(correlations):,} structure-measure pairs, {tested.sum():,} were tested",
+                  f"{n_tested} of the segmentation's structures",
+                  f"a raw P below {config['statistics']['alpha'] / n_tested:.3g} among the structures",
+                  "The primary analysis was the partial Spearman correlation adjusted for sex and contrast",
+                  "each scan was taken as a patient of its own (40 patients)",
+                  f"{significant.sum()} were ({(significant & (correlations['rs_partial'] > 0)).sum()} positive",
                   "the bundled demo model of ctcohort", "fold_0 SHA-256 "):
         assert words in methods, words
     assert str(demo_study) not in methods and str(REPO) not in methods

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ctcohort.stats import primary_view  # noqa: E402
 from ctcohort.structures import GROUPS  # noqa: E402
 
 GROUP_COLOURS = {"organ": "#c0504d", "bone": "#8c8c8c", "muscle": "#4f81bd", "vessel": "#9bbb59"}
@@ -111,7 +112,8 @@ def plot_age_boxplots(
         ax.set_ylabel(MEASURE_LABELS.get(measure, measure))
         title = structure.replace("_", " ")
         if correlations is not None:
-            hit = correlations[(correlations["structure"] == structure) & (correlations["measure"] == measure)]
+            hit = primary_view(correlations)
+            hit = hit[(correlations["structure"] == structure) & (correlations["measure"] == measure)]
             if len(hit) and np.isfinite(hit["rs"].iloc[0]):
                 title += f"\nrs = {hit['rs'].iloc[0]:+.2f}, P = {hit['p'].iloc[0]:.1e}"
         ax.set_title(title, fontsize=10)
@@ -186,9 +188,11 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
 
     Structures tested for at least one of ``measures`` (rs not NaN) are listed top to bottom under group
     headings (organ, bone, muscle, vessel, then any other group), the groups on alternating bands; a filled
-    marker is significant (column ``significant``), an open one not.
+    marker is significant (column ``significant``), an open one not. rs and CI are the primary analysis's
+    (``stats.primary_view``: adjusted where the table says so).
     """
     measures = list(measures)
+    correlations = primary_view(correlations)
     tested = correlations[correlations["measure"].isin(measures) & correlations["rs"].notna()]
     order = ordered_structures(tested)
     rows: list[tuple[str, str]] = []  # ("heading", group) or ("structure", name), top to bottom
@@ -245,9 +249,11 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
 def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs: Sequence[str | Path]) -> None:
     """Heat map of Spearman rs with age: structures (rows, grouped and ordered as in ``plot_forest``) by
     ``measures`` (columns), coloured on RdBu_r fixed at -1..1; a dot marks a significant cell, grey an
-    untested one (rs NaN, or no row). Every structure with a row for one of ``measures`` is shown."""
+    untested one (rs NaN, or no row). Every structure with a row for one of ``measures`` is shown. rs is the
+    primary analysis's (``stats.primary_view``)."""
     measures = list(measures)
-    table = correlations[correlations["measure"].isin(measures)].drop_duplicates(["structure", "measure"])
+    table = primary_view(correlations)
+    table = table[correlations["measure"].isin(measures)].drop_duplicates(["structure", "measure"])
     order = ordered_structures(table)
     names = [s for s, _ in order]
     rs = table.pivot(index="structure", columns="measure", values="rs").reindex(index=names, columns=measures)

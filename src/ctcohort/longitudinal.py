@@ -56,13 +56,17 @@ from scipy import optimize, stats
 from ctcohort.patients import patient_of
 from ctcohort.stats import (
     CONSTANT, CORRECTIONS, correct_p_values, encode_covariates, present_columns, structure_blocks,
+    structure_families,
 )
 
 LONGITUDINAL_COLUMNS = [
-    "structure", "group", "measure", "n_patients", "n_scans", "slope_within_per_year", "ci_low", "ci_high", "p",
-    "slope_between_per_year", "between_ci_low", "between_ci_high", "p_difference", "random_slope",
+    "structure", "group", "family", "measure", "n_patients", "n_scans", "slope_within_per_year", "ci_low",
+    "ci_high", "p", "slope_between_per_year", "between_ci_low", "between_ci_high", "p_difference", "random_slope",
     "random_slope_note", "p_bonferroni", "q_fdr", "significant", "note",
 ]
+# the estimates of a row, NaN where it is not tested
+ESTIMATE_COLUMNS = LONGITUDINAL_COLUMNS[LONGITUDINAL_COLUMNS.index("slope_within_per_year"):
+                                        LONGITUDINAL_COLUMNS.index("random_slope")]
 MIN_PATIENTS = 10
 MIN_SLOPE_PATIENTS = 10
 SINGULAR_RATIO = 1e-4
@@ -330,7 +334,7 @@ def longitudinal_row(frame: pd.DataFrame, min_patients: int, random_slope: bool,
                      min_slope_patients: int = MIN_SLOPE_PATIENTS) -> dict:
     """One row's statistics (LONGITUDINAL_COLUMNS from n_patients to random_slope_note, and note)."""
     starts = patient_starts(frame["patient"].to_numpy())
-    row = {"n_patients": len(starts), "n_scans": len(frame), **dict.fromkeys(LONGITUDINAL_COLUMNS[5:13], np.nan),
+    row = {"n_patients": len(starts), "n_scans": len(frame), **dict.fromkeys(ESTIMATE_COLUMNS, np.nan),
            "random_slope": False, "random_slope_note": "", "note": ""}
     if len(starts) < min_patients:
         return {**row, "note": TOO_FEW_PATIENTS}
@@ -375,12 +379,13 @@ def longitudinal_table(
     if "patient" not in measurements.columns:
         log.warning("no patient column: every scan is its own patient, and nothing can be tested")
     present = [c for c in present_columns(measurements, covariates) if c not in ("age", "years", "patient")]
+    families = structure_families(measurements)
     rows = []
     for structure, group, block in structure_blocks(measurements):
         scans = structure_scans(block, present)
         for measure in measures:
             frame = repeated_scans(block, measure, present, scans)
-            rows.append({"structure": structure, "group": group, "measure": measure,
+            rows.append({"structure": structure, "group": group, "family": families[structure], "measure": measure,
                          **longitudinal_row(frame, min_patients, random_slope)})
     table = pd.DataFrame(rows, columns=[c for c in LONGITUDINAL_COLUMNS if c not in ("p_bonferroni", "q_fdr",
                                                                                      "significant")])

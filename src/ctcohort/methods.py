@@ -92,19 +92,21 @@ RULE_WORDS = {"first": "the earliest", "last": "the latest", "random": "one chos
 
 def methods_paragraphs(
     config: Mapping, counts: pd.DataFrame, correlations: pd.DataFrame, versions: pd.DataFrame,
-    model: str = "", selection: pd.DataFrame | None = None,
+    model: str = "", selection: pd.DataFrame | None = None, regression: pd.DataFrame | None = None,
+    longitudinal: pd.DataFrame | None = None,
 ) -> list[str]:
     """The Methods text as paragraphs (see the module docstring). ``config``: the workflow's configuration
     sections (structures, measure, qc, statistics, normative, segmentation without its model path),
     ``demo`` (true for the phantom demo) and ``patient_column`` (whether the sheet names patients);
     ``counts``: ``aggregate.exclusion_counts``' table; ``correlations``: ``stats.age_correlations``' table;
     ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words;
-    ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient)."""
+    ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient);
+    ``regression``, ``longitudinal``: those tables, whose rows say which covariates they used."""
     version = dict(zip(versions["software"], versions["version"]))
     return [
         _cohort_paragraph(config, counts, version, model, selection),
         _measures_paragraph(config, counts),
-        _statistics_paragraph(config, correlations),
+        _statistics_paragraph(config, correlations, regression, longitudinal),
         _software_paragraph(version),
     ]
 
@@ -192,45 +194,116 @@ def _measures_paragraph(config, counts) -> str:
     return measures
 
 
-def _statistics_paragraph(config, correlations) -> str:
+def _used(table: pd.DataFrame | None, column: str = "covariates") -> list[str]:
+    """The covariates a table's rows actually used (its ``covariates`` column), in first-seen order."""
+    if table is None or column not in table.columns:
+        return []
+    names = table[column].astype(object).fillna("").astype(str)
+    return list(dict.fromkeys(name for cell in names for name in cell.split(",") if name))
+
+
+def _statistics_paragraph(config, correlations, regression=None, longitudinal=None) -> str:
     stats_cfg = config["statistics"]
-    tested = correlations[correlations["note"].astype(object).fillna("").astype(str) == ""]
+    sentences = [
+        f"Spearman's rank correlation coefficient (rs) between age and each measure "
+        f"({_listing([MEASURE_WORDS.get(m, m) for m in stats_cfg['measures']])}) was computed per structure, one "
+        f"scan per patient, with 95% confidence intervals from Fisher's z with the Bonett-Wright standard error; "
+        f"structure-measure pairs with fewer than {stats_cfg['min_n']} patients were not tested. {P_VALUE_WORDS}",
+        _primary_sentence(stats_cfg, correlations),
+        _family_sentence(stats_cfg, correlations),
+        _models_sentence(stats_cfg, regression),
+        _longitudinal_sentence(config, longitudinal),
+        _normative_sentence(config.get("normative") or {}),
+    ]
+    return " ".join(sentence for sentence in sentences if sentence)
+
+
+def _primary_sentence(stats_cfg, correlations) -> str:
+    """Which analysis is primary, adjusted for the covariates the table says it used."""
+    from ctcohort.stats import primary_view
+
+    configured = list(stats_cfg.get("partial_covariates") or [])
+    used = _used(correlations)
+    missing = [c for c in configured if c not in used]
+    adjusted = primary_view(correlations).get("primary", pd.Series(dtype=str)).eq("adjusted").any()
+    absent = f" ({_listing(missing)} configured but not available)" if missing and configured else ""
+    if adjusted:
+        return (f"The primary analysis was the partial Spearman correlation adjusted for {_listing(used)}{absent} "
+                f"(ranks of age and of the measure regressed on the ranks of the covariates, categorical ones as "
+                f"indicator variables; scans with a missing covariate left out), with the unadjusted rs reported "
+                f"beside it.")
+    if used:
+        return (f"The primary analysis was the unadjusted correlation; partial Spearman correlations adjusted for "
+                f"{_listing(used)} are reported beside it.")
+    return f"The primary analysis was the unadjusted correlation{absent}; no covariate was adjusted for."
+
+
+def _family_sentence(stats_cfg, correlations) -> str:
+    """Tests, correction families, and how alpha is applied (to the corrected P)."""
+    from ctcohort.stats import COMBINED, primary_view
+
+    view = primary_view(correlations)
+    tested = view[view["note"].astype(object).fillna("").astype(str) == ""]
+    family = tested["family"] if "family" in tested.columns else pd.Series("structures", tested.index)
+    n_structures, n_combined = int((family != COMBINED).sum()), int((family == COMBINED).sum())
     significant = tested["significant"].astype(str).str.lower() == "true"
     correction = CORRECTION_WORDS.get(stats_cfg["correction"], stats_cfg["correction"])
-    covariates = list(stats_cfg.get("partial_covariates") or [])
-    statistics = (
-        f"Spearman's rank correlation coefficient (rs) between age and each measure "
-        f"({_listing([MEASURE_WORDS.get(m, m) for m in stats_cfg['measures']])}) was computed per structure with 95% confidence intervals from "
-        f"Fisher's z with the Bonett-Wright standard error; structure-measure pairs with fewer than "
-        f"{stats_cfg['min_n']} patients were not tested. {P_VALUE_WORDS} "
-        f"Of {len(correlations):,} pairs, {len(tested):,} were tested; "
-        f"P values were corrected for these {len(tested):,} tests ({correction}), and a correlation was called "
-        f"significant at a corrected P below {stats_cfg['alpha']:g}: {int(significant.sum())} were "
-        f"({int((significant & (tested['rs'] > 0)).sum())} positive, {int((significant & (tested['rs'] < 0)).sum())} "
-        f"negative)."
-    )
-    if covariates:
-        statistics += (
-            f" Partial Spearman correlations were adjusted for {_listing(covariates)} (categorical covariates as "
-            f"indicator variables). Correlations were also computed separately in men and women, and their "
-            f"difference tested on Fisher's z with the Bonett-Wright variances. Change per decade of age was estimated by ordinary least squares "
-            f"with {_listing(covariates)} as covariates and HC3 heteroscedasticity-consistent standard errors; "
-            f"non-linearity was tested by an F test of a natural cubic spline in age "
-            f"({stats_cfg['spline_df']} degrees of freedom, knots at quantiles of the distinct ages) against the "
-            f"linear model."
-        )
-    normative = config.get("normative") or {}
-    if normative.get("panels"):
-        percentiles = _listing([_ordinal(p) for p in normative["percentiles"]])
-        adjusted = list(normative.get("covariates") or [])
-        statistics += (
-            f" Age-specific reference percentiles (the {percentiles}){' by sex' if normative.get('by_sex') else ''} "
+    alpha = stats_cfg["alpha"]
+    families = (f"{n_structures:,} of the segmentation's structures and {n_combined:,} of combined structures, "
+                f"each set its own correction family (a combined structure repeats its members)"
+                if n_combined else f"{n_structures:,}, one correction family")
+    raw = (f" (for Bonferroni: a raw P below {alpha / max(n_structures, 1):.3g} among the structures)"
+           if stats_cfg["correction"] == "bonferroni" and n_structures else "")
+    return (f"Of {len(correlations):,} structure-measure pairs, {len(tested):,} were tested in the primary analysis: "
+            f"{families}. P values were corrected within each family ({correction}), and a correlation was called "
+            f"significant where its corrected P was below {alpha:g}{raw}, which holds the family-wise error (or the "
+            f"false discovery rate) at {alpha:g}: {int(significant.sum())} were "
+            f"({int((significant & (tested['rs'] > 0)).sum())} positive, "
+            f"{int((significant & (tested['rs'] < 0)).sum())} negative). Measures that nearly repeat each other "
+            f"(mean attenuation over the whole structure and over its interior) share a family, which makes the "
+            f"correction conservative.")
+
+
+def _models_sentence(stats_cfg, regression) -> str:
+    used = _used(regression)
+    return (f"Correlations were also computed separately in men and women (P per sex uncorrected), and their "
+            f"difference tested on Fisher's z with the Bonett-Wright variances (corrected over the structures "
+            f"tested in both sexes). Change per decade of age was estimated by ordinary least squares"
+            f"{' with ' + _listing(used) + ' as covariates' if used else ' without covariates'} and HC3 "
+            f"heteroscedasticity-consistent standard errors (P from a Freedman-Lane permutation test up to "
+            f"{rank_null.PERMUTATION_MAX_N} patients, from the normal reference above); non-linearity was tested by "
+            f"an F test of a natural cubic spline in age ({stats_cfg['spline_df']} degrees of freedom, knots at "
+            f"quantiles of the distinct ages) against the linear model, corrected as a family of its own.")
+
+
+def _longitudinal_sentence(config, longitudinal) -> str:
+    if longitudinal is None or longitudinal.empty:
+        return ""
+    settings = config.get("longitudinal") or {}
+    tested = longitudinal[longitudinal["note"].astype(object).fillna("").astype(str) == ""]
+    if tested.empty:
+        return (f"Within-patient change was not estimated: no structure had two or more scans of at least "
+                f"{settings.get('min_patients', 'the configured number of')} patients.")
+    covariates = _listing(_used(longitudinal) or list(settings.get("covariates") or []))
+    return (f"Within-patient change was estimated from every scan of the patients with repeated scans (up to "
+            f"{int(tested['n_patients'].max()):,} patients and {int(tested['n_scans'].max()):,} scans per structure) "
+            f"by a linear mixed model fitted by restricted maximum likelihood: the measure on years since the "
+            f"patient's first scan and age at that scan{', ' + covariates if covariates else ''}, with a random "
+            f"intercept per patient and a random slope on time where identifiable; the within-patient slope was "
+            f"tested by its Wald P (corrected over the tested structures) and compared with the cross-sectional "
+            f"slope of baseline age (P of the difference uncorrected).")
+
+
+def _normative_sentence(normative) -> str:
+    if not normative.get("panels"):
+        return ""
+    percentiles = _listing([_ordinal(p) for p in normative["percentiles"]])
+    adjusted = list(normative.get("covariates") or [])
+    return (f"Age-specific reference percentiles (the {percentiles}){' by sex' if normative.get('by_sex') else ''} "
             f"were estimated by linear quantile regression on a natural cubic spline in age "
-            f"({normative['spline_df']} degrees of freedom)"
-            f"{' adjusted for ' + _listing(adjusted) if adjusted else ''}, made non-crossing by monotone "
-            f"rearrangement; charts were fitted only with at least {normative['min_n']} patients."
-        )
-    return statistics
+            f"({normative['spline_df']} degrees of freedom){' adjusted for ' + _listing(adjusted) if adjusted else ''}, "
+            f"made non-crossing by monotone rearrangement; charts were fitted only with at least "
+            f"{normative['min_n']} patients.")
 
 
 def _software_paragraph(version: Mapping) -> str:

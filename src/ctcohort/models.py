@@ -62,22 +62,19 @@ from scipy import stats
 from ctcohort.patients import patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders
 from ctcohort.stats import (
-    CONSTANT, MIN_N, TOO_FEW_SCANS, correct_p_values, encode_covariates, is_categorical, partial_spearman,
-    present_columns, spearman, spearman_ci, structure_blocks,
+    CONSTANT, MIN_N, PARTIAL_ROW_COLUMNS, TOO_FEW_SCANS, correct_p_values, is_categorical, partial_rows,
+    present_columns, spearman, spearman_ci, structure_blocks, structure_families,
 )
 
-PARTIAL_COLUMNS = [
-    "structure", "group", "measure", "n", "n_patients", "k", "rs_partial", "ci_low", "ci_high", "p", "p_bonferroni",
-    "q_fdr", "significant", "note",
-]
+PARTIAL_COLUMNS = [*PARTIAL_ROW_COLUMNS[:-1], "p_bonferroni", "q_fdr", "significant", "note"]
 SEXES = ("M", "F")
 BY_SEX_COLUMNS = [
-    "structure", "group", "measure",
+    "structure", "group", "family", "measure",
     *(f"{name}_{sex}" for sex in SEXES for name in ("n", "rs", "ci_low", "ci_high", "p")),
     "z_diff", "p_diff", "p_diff_bonferroni", "q_diff_fdr", "note_M", "note_F",
 ]
 REGRESSION_COLUMNS = [
-    "structure", "group", "measure", "n", "n_patients", "covariates", "median", "coef_per_decade", "ci_low",
+    "structure", "group", "family", "measure", "n", "n_patients", "covariates", "median", "coef_per_decade", "ci_low",
     "ci_high", "p", "percent_per_decade", "p_bonferroni", "q_fdr", "f_nonlinear", "df_nonlinear", "p_nonlinear",
     "p_nonlinear_bonferroni", "q_nonlinear_fdr", "peak_age", "trough_age", "note",
 ]
@@ -87,26 +84,11 @@ GRID_POINTS = 1001
 log = logging.getLogger(__name__)
 
 
-def _varying(frame: pd.DataFrame) -> list[str]:
-    """Columns that are not constant (a constant covariate adjusts for nothing)."""
-    return [c for c in frame.columns if np.ptp(frame[c].to_numpy()) > 0]
-
-
 def _check(correction: str, min_n) -> None:
     if correction not in ("bonferroni", "fdr_bh"):
         raise ValueError(f"unknown correction {correction!r}; choose bonferroni or fdr_bh")
     if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
         raise ValueError(f"min_n must be an integer >= 3, got {min_n!r}")
-
-
-def partial_spearman_ci(rs: float, n: int, k: int, level: float = 0.95) -> tuple[float, float]:
-    """Fisher-z interval of a partial Spearman correlation with k covariates, with Bonett & Wright's
-    standard error for rank correlations: atanh(r) +- z sqrt((1 + r^2 / 2) / (n - 3 - k)) (Pearson's
-    1 / sqrt(n - 3 - k) covers only 92% at rs 0.8-0.9)."""
-    if n - 3 - k <= 0 or not np.isfinite(rs) or abs(rs) >= 1:
-        return np.nan, np.nan
-    half_width = stats.norm.ppf(0.5 + level / 2) * np.sqrt((1 + rs * rs / 2) / (n - 3 - k))
-    return float(np.tanh(np.arctanh(rs) - half_width)), float(np.tanh(np.arctanh(rs) + half_width))
 
 
 def partial_table(
@@ -116,28 +98,7 @@ def partial_table(
     """results/stats/partial_correlations.tsv (columns PARTIAL_COLUMNS; module docstring)."""
     _check(correction, min_n)
     present = present_columns(measurements, covariates)
-    rows = []
-    for structure, group, block in structure_blocks(measurements):
-        encoded = encode_covariates(block, present)
-        complete = encoded.notna().all(axis=1).to_numpy() & block["age"].notna().to_numpy()
-        patients = patient_of(block).to_numpy()
-        for measure in measures:
-            keep = complete & np.isfinite(block[measure].to_numpy(dtype=float))
-            n, n_patients = int(keep.sum()), len(set(patients[keep]))
-            age = block["age"].to_numpy(dtype=float)[keep]
-            values = block[measure].to_numpy(dtype=float)[keep]
-            used = encoded.loc[keep, _varying(encoded.loc[keep])] if n else encoded.iloc[:0, :0]
-            k = used.shape[1]
-            r = p = np.nan
-            if n < max(min_n, k + 4):
-                note = TOO_FEW_SCANS
-            elif np.ptp(age) == 0 or np.ptp(values) == 0:
-                note = CONSTANT
-            else:
-                r, p = partial_spearman(age, values, used.to_numpy(dtype=float))
-                note = "" if np.isfinite(r) else CONSTANT
-            rows.append((structure, group, measure, n, n_patients, k, r, *partial_spearman_ci(r, n, k), p, note))
-    table = pd.DataFrame(rows, columns=[*PARTIAL_COLUMNS[:10], "note"])
+    table = partial_rows(measurements, measures, present, min_n)
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
@@ -159,11 +120,12 @@ def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = M
     """results/stats/by_sex.tsv (columns BY_SEX_COLUMNS; module docstring). Without a sex column every
     row is untested (note_M / note_F "no_sex")."""
     _check("bonferroni", min_n)
+    families = structure_families(measurements)
     rows = []
     for structure, group, block in structure_blocks(measurements):
         sex = block["sex"].astype(object) if "sex" in block.columns else pd.Series(np.nan, block.index)
         for measure in measures:
-            row, results = [structure, group, measure], {}
+            row, results = [structure, group, families[structure], measure], {}
             for s in SEXES:
                 part = block[(sex == s).to_numpy()]
                 n, rs, p, note = spearman(part["age"].to_numpy(dtype=float), part[measure].to_numpy(dtype=float),
@@ -326,12 +288,14 @@ def regression_table(
     if isinstance(spline_df, bool) or not isinstance(spline_df, (int, np.integer)) or spline_df < 2:
         raise ValueError(f"spline_df must be an integer >= 2, got {spline_df!r}")
     present = present_columns(measurements, covariates)
+    families = structure_families(measurements)
     rows = []
     for structure, group, block in structure_blocks(measurements):
         for measure in measures:
             frame, categorical = _regression_frame(block, measure, present)
             names = [present[int(c[1:])] for c in frame.columns if c.startswith("c")]
-            rows.append({"structure": structure, "group": group, "measure": measure, "covariates": ",".join(names),
+            rows.append({"structure": structure, "group": group, "family": families[structure], "measure": measure,
+                         "covariates": ",".join(names),
                          **regression_row(frame, categorical, spline_df, min_n, seed)})
     table = pd.DataFrame(rows, columns=REGRESSION_COLUMNS)
     tested = table["note"] == ""

@@ -17,7 +17,7 @@ from ctcohort.resources import resources_dir
 
 PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
 COMPARISON_COLUMNS = [
-    "structure", "measure", "rs_paper", "rs", "ci_low", "ci_high", "p", "n", "same_direction",
+    "structure", "measure", "rs_paper", "rs", "ci_low", "ci_high", "p", "n", "primary", "same_direction",
     "paper_structure", "paper_measure", "note",
 ]
 NOT_IN_STUDY = "not_in_study"
@@ -38,16 +38,23 @@ def load_paper_correlations(path: str | Path | None = None) -> pd.DataFrame:
 
 def paper_comparison(correlations: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     """One row per row of ``paper``, in its order (COMPARISON_COLUMNS): the study's rs, 95% CI, P and n
-    from ``correlations`` (``stats.age_correlations``' table) for the same structure and measure.
+    from ``correlations`` (``stats.age_correlations``' table, its primary analysis: ``primary`` says whether
+    adjusted, while the paper's rs are not) for the same structure and measure.
     ``same_direction`` (boolean, NA where rs is NaN): rs and rs_paper have the same sign (an rs of
     exactly 0 agrees with no direction). ``note``: NOT_IN_STUDY where ``correlations`` has no such row,
     else its own note (e.g. too_few_scans; "" where tested)."""
-    ours = correlations[["structure", "measure", "n", "rs", "ci_low", "ci_high", "p", "note"]]
+    from ctcohort.stats import primary_view  # here: the workflow imports this module at start-up
+
+    view = primary_view(correlations)
+    if "primary" not in view.columns:
+        view = view.assign(primary="unadjusted")
+    ours = view[["structure", "measure", "n", "rs", "ci_low", "ci_high", "p", "primary", "note"]]
     ours = ours.drop_duplicates(["structure", "measure"])  # one group per structure
     table = paper.merge(ours, on=["structure", "measure"], how="left", validate="one_to_one", indicator=True)
     present = (table["_merge"] == "both").to_numpy()
     table["note"] = np.where(present, table["note"].fillna("").astype(str), NOT_IN_STUDY)
     table["n"] = table["n"].fillna(0).astype(int)
+    table["primary"] = table["primary"].fillna("")
     rs = table["rs"].to_numpy(dtype=float)
     same = pd.array(np.sign(rs) == np.sign(table["rs_paper"].to_numpy(dtype=float)), dtype="boolean")
     same[~np.isfinite(rs)] = pd.NA

@@ -29,13 +29,23 @@ from ctcohort.patients import patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, spearman_p
 
 CORRELATION_COLUMNS = [
-    "structure", "group", "measure", "n", "n_patients", "rs", "ci_low", "ci_high", "p", "p_bonferroni", "q_fdr",
-    "significant", "rs_partial", "p_partial", "note",
+    "structure", "group", "family", "measure", "n", "n_patients", "rs", "ci_low", "ci_high", "p", "p_bonferroni",
+    "q_fdr", "note", "n_partial", "covariates", "rs_partial", "ci_partial_low", "ci_partial_high", "p_partial",
+    "p_partial_bonferroni", "q_partial_fdr", "note_partial", "primary", "significant",
+]
+# one row of the adjusted analysis (partial_rows), before its corrections
+PARTIAL_ROW_COLUMNS = [
+    "structure", "group", "family", "measure", "n", "n_patients", "k", "covariates", "rs_partial", "ci_low",
+    "ci_high", "p", "note",
 ]
 CORRECTIONS = ("bonferroni", "fdr_bh")
+PRIMARY = ("adjusted", "unadjusted")
+# correction families: the segmentation's own structures, and the combined ones (which repeat their members)
+STRUCTURES, COMBINED = "structures", "combined"
 MIN_N = 10
 TOO_FEW_SCANS = "too_few_scans"
 CONSTANT = "constant"
+NO_COVARIATES = "no_covariates"
 log = logging.getLogger(__name__)
 
 
@@ -138,19 +148,98 @@ def structure_blocks(measurements: pd.DataFrame):
         yield structure, group, block
 
 
+def structure_families(measurements: pd.DataFrame) -> dict[str, str]:
+    """Each structure's correction family: COMBINED for a combined structure (statistics.combined: a row
+    without a label id, ``aggregate.combine_structures``), STRUCTURES for the segmentation's own. A combined
+    structure repeats its members' information, so counting it in their family would count one effect
+    twice; it is corrected among the combined structures instead."""
+    if "label" not in measurements.columns:
+        return dict.fromkeys(measurements["structure"], STRUCTURES)
+    labelled = pd.to_numeric(measurements["label"], errors="coerce").notna().groupby(measurements["structure"]).any()
+    return {structure: STRUCTURES if has_label else COMBINED for structure, has_label in labelled.items()}
+
+
 def correct_p_values(table: pd.DataFrame, p: str, bonferroni: str, fdr: str, tested: pd.Series) -> None:
     """Columns ``bonferroni`` (P x the number of tested rows, at most 1) and ``fdr`` (Benjamini-Hochberg q)
-    over the rows where ``tested``; NaN elsewhere."""
+    over the rows where ``tested``, within each correction family where the table has a ``family`` column;
+    NaN elsewhere."""
     table[bonferroni] = np.nan
     table[fdr] = np.nan
-    if tested.any():
-        table.loc[tested, bonferroni] = np.minimum(1.0, table.loc[tested, p] * tested.sum())
-        table.loc[tested, fdr] = multipletests(table.loc[tested, p], method="fdr_bh")[1]
+    families = table["family"] if "family" in table.columns else pd.Series("", table.index)
+    for family in pd.unique(families):
+        rows = tested & (families == family)
+        if rows.any():
+            table.loc[rows, bonferroni] = np.minimum(1.0, table.loc[rows, p] * rows.sum())
+            table.loc[rows, fdr] = multipletests(table.loc[rows, p], method="fdr_bh")[1]
+
+
+def partial_spearman_ci(rs: float, n: int, k: int, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval of a partial Spearman correlation with k covariates, with Bonett & Wright's
+    standard error for rank correlations: atanh(r) +- z sqrt((1 + r^2 / 2) / (n - 3 - k)) (Pearson's
+    1 / sqrt(n - 3 - k) covers only 92% at rs 0.8-0.9)."""
+    if n - 3 - k <= 0 or not np.isfinite(rs) or abs(rs) >= 1:
+        return np.nan, np.nan
+    half_width = stats.norm.ppf(0.5 + level / 2) * np.sqrt((1 + rs * rs / 2) / (n - 3 - k))
+    return float(np.tanh(np.arctanh(rs) - half_width)), float(np.tanh(np.arctanh(rs) + half_width))
+
+
+def _used_covariates(encoded: pd.DataFrame, present: list[str]) -> tuple[pd.DataFrame, str]:
+    """The encoded columns that vary (a constant covariate adjusts for nothing), and the covariates they
+    come from, comma-separated (``sex[M]`` is sex)."""
+    used = encoded[[c for c in encoded.columns if np.ptp(encoded[c].to_numpy()) > 0]] if len(encoded) else encoded
+    names = [name for name in present if any(c == name or c.startswith(f"{name}[") for c in used.columns)]
+    return used, ",".join(names)
+
+
+def partial_rows(measurements: pd.DataFrame, measures: list[str], present: list[str], min_n: int) -> pd.DataFrame:
+    """The adjusted analysis before its corrections (PARTIAL_ROW_COLUMNS): per structure x measure the partial
+    Spearman correlation of age and the measure given the ``present`` covariates, on the complete cases
+    (``partial_spearman``; CI ``partial_spearman_ci``). ``too_few_scans`` below max(min_n, k + 4)."""
+    families = structure_families(measurements)
+    rows = []
+    for structure, group, block in structure_blocks(measurements):
+        encoded = encode_covariates(block, present)
+        complete = encoded.notna().all(axis=1).to_numpy() & block["age"].notna().to_numpy()
+        patients = patient_of(block).to_numpy()
+        for measure in measures:
+            keep = complete & np.isfinite(block[measure].to_numpy(dtype=float))
+            n, n_patients = int(keep.sum()), len(set(patients[keep]))
+            age = block["age"].to_numpy(dtype=float)[keep]
+            values = block[measure].to_numpy(dtype=float)[keep]
+            used, names = _used_covariates(encoded.loc[keep], present)
+            k = used.shape[1]
+            r = p = np.nan
+            if n < max(min_n, k + 4):
+                note = TOO_FEW_SCANS
+            elif np.ptp(age) == 0 or np.ptp(values) == 0:
+                note = CONSTANT
+            else:
+                r, p = partial_spearman(age, values, used.to_numpy(dtype=float))
+                note = "" if np.isfinite(r) else CONSTANT
+            rows.append((structure, group, families[structure], measure, n, n_patients, k, names, r,
+                         *partial_spearman_ci(r, n, k), p, note))
+    return pd.DataFrame(rows, columns=PARTIAL_ROW_COLUMNS)
 
 
 def write_table(table: pd.DataFrame, path) -> None:
     """A statistics table as the workflow writes them all: TSV, NaN as "NaN", 6 significant digits."""
     table.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+
+
+def _spearman_rows(measurements: pd.DataFrame, measures: list[str], min_n: int) -> pd.DataFrame:
+    """The unadjusted analysis before its corrections: n, n_patients, rs, CI, P, note per structure x measure."""
+    families = structure_families(measurements)
+    rows = []
+    for structure, group, block in structure_blocks(measurements):
+        age = block["age"].to_numpy(dtype=float)
+        patients = patient_of(block).to_numpy()
+        for measure in measures:
+            values = block[measure].to_numpy(dtype=float)
+            n, rs, p, note = spearman(age, values, min_n)
+            n_patients = len(set(patients[np.isfinite(age) & np.isfinite(values)]))
+            rows.append((structure, group, families[structure], measure, n, n_patients, rs, *spearman_ci(rs, n), p,
+                         note))
+    return pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:10], "note"])
 
 
 def age_correlations(
@@ -160,43 +249,70 @@ def age_correlations(
     alpha: float = 0.0001,
     partial_covariates: list[str] = (),
     min_n: int = MIN_N,
+    primary: str = "adjusted",
 ) -> pd.DataFrame:
     """One row per structure x measure (columns CORRELATION_COLUMNS; see the module docstring).
 
     ``measurements``: long table with subject, age, structure, group and the measure columns; a
     missing or empty group (an empty TSV cell reads back as NaN) is the group "".
-    p_bonferroni multiplies by the number of tested rows (note ""); q_fdr is Benjamini-Hochberg
-    over the same tests; untested rows are NaN and never significant. ``significant`` applies
-    ``alpha`` to the chosen correction. ci_low/ci_high: spearman_ci. rs_partial / p_partial
-    adjust the tested rows for the ``partial_covariates`` found in the table (uncorrected P; see
-    partial_spearman).
+    Unadjusted: n, rs, ci_low/ci_high (spearman_ci), p, and p_bonferroni / q_fdr over the tested rows
+    (note "") of each correction family (``structure_families``). Adjusted for the
+    ``partial_covariates`` found in the table: the ``partial_rows`` columns renamed with ``_partial``
+    (n_partial, covariates used, rs_partial, CI, p_partial with its own corrections, note_partial;
+    NaN with note_partial NO_COVARIATES where none of the covariates is in the table).
+    ``primary``: which analysis the ``significant`` flag (``alpha`` on the chosen correction), the figures,
+    group summary and Methods follow: ``adjusted`` where any covariate is present, else ``unadjusted``
+    (said in the column ``primary``). Untested rows are NaN and never significant.
     """
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    if primary not in PRIMARY:
+        raise ValueError(f"unknown primary analysis {primary!r}; choose one of {', '.join(PRIMARY)}")
     if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
         raise ValueError(f"min_n must be an integer >= 3 (Spearman's rs needs 3 scans), got {min_n!r}")
     present = present_columns(measurements, partial_covariates, "partial correlation covariates")
-    rows = []
-    for structure, group, block in structure_blocks(measurements):
-        age = block["age"].to_numpy(dtype=float)
-        covariates = encode_covariates(block, present).to_numpy(dtype=float)
-        patients = patient_of(block).to_numpy()
-        for measure in measures:
-            values = block[measure].to_numpy(dtype=float)
-            n, rs, p, note = spearman(age, values, min_n)
-            n_patients = len(set(patients[np.isfinite(age) & np.isfinite(values)]))
-            tested = note == "" and bool(present)
-            partial = partial_spearman(age, values, covariates) if tested else (np.nan, np.nan)
-            rows.append((structure, group, measure, n, n_patients, rs, *spearman_ci(rs, n), p, *partial, note))
-    table = pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:9], "rs_partial", "p_partial", "note"])
-    tested = table["note"] == ""
-    correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
-    adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
-    table["significant"] = (adjusted < alpha).fillna(False).astype(bool)
-    untested = ", ".join(f"{count} {note}" for note, count in table.loc[~tested, "note"].value_counts().items())
-    log.info("%d of %d structure x measure rows tested (min_n %d); not tested: %s", tested.sum(), len(table),
-             min_n, untested or "none")
+    table = _spearman_rows(measurements, measures, min_n)
+    correct_p_values(table, "p", "p_bonferroni", "q_fdr", table["note"] == "")
+    adjusted = partial_rows(measurements, measures, present, min_n).rename(columns={
+        "n": "n_partial", "ci_low": "ci_partial_low", "ci_high": "ci_partial_high", "p": "p_partial",
+        "note": "note_partial"})
+    if not present:  # adjusted for nothing: the plain analysis again, which would only repeat it
+        adjusted[["n_partial", "k", "rs_partial", "ci_partial_low", "ci_partial_high", "p_partial"]] = np.nan
+        adjusted["note_partial"] = NO_COVARIATES
+    correct_p_values(adjusted, "p_partial", "p_partial_bonferroni", "q_partial_fdr", adjusted["note_partial"] == "")
+    table = pd.concat([table, adjusted.drop(columns=["structure", "group", "family", "measure", "n_patients", "k"])],
+                      axis=1)
+    table["primary"] = "adjusted" if primary == "adjusted" and present else "unadjusted"
+    view = primary_view(table)
+    corrected = view["p_bonferroni"] if correction == "bonferroni" else view["q_fdr"]
+    table["significant"] = (corrected < alpha).fillna(False).astype(bool)
+    tested = view["note"] == ""
+    untested = ", ".join(f"{count} {note}" for note, count in view.loc[~tested, "note"].value_counts().items())
+    log.info("%s analysis: %d of %d structure x measure rows tested (min_n %d); not tested: %s",
+             table["primary"].iloc[0] if len(table) else primary, tested.sum(), len(table), min_n, untested or "none")
     return table[CORRELATION_COLUMNS]
+
+
+# the columns of the adjusted analysis that stand for the headline ones in primary_view
+ADJUSTED_AS_PRIMARY = {"n_partial": "n", "rs_partial": "rs", "ci_partial_low": "ci_low", "ci_partial_high": "ci_high",
+                       "p_partial": "p", "p_partial_bonferroni": "p_bonferroni", "q_partial_fdr": "q_fdr",
+                       "note_partial": "note"}
+
+
+def primary_view(correlations: pd.DataFrame) -> pd.DataFrame:
+    """``age_correlations``' table as its primary analysis: where ``primary`` is ``adjusted``, the adjusted
+    columns take the places of n, rs, ci_low, ci_high, p, p_bonferroni, q_fdr and note, so that what reads
+    the headline (figures, group summary, paper comparison, Methods) follows the configured analysis. A
+    table without a ``primary`` column is unadjusted."""
+    if "primary" not in correlations.columns or not (correlations["primary"] == "adjusted").any():
+        return correlations
+    adjusted = correlations["primary"] == "adjusted"
+    view = correlations.copy()
+    for source, target in ADJUSTED_AS_PRIMARY.items():
+        if source not in view.columns:
+            continue
+        view[target] = view[target].astype(object).where(~adjusted, view[source]).infer_objects()
+    return view
 
 
 GROUP_SUMMARY_COLUMNS = [
@@ -206,13 +322,14 @@ GROUP_SUMMARY_COLUMNS = [
 
 def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
     """Per structure group (organ, bone, muscle, vessel, then any other group; "" last) and measure, from
-    ``age_correlations``' table: structures (rows of the table), tested (note ""), significant_up /
+    ``age_correlations``' table as its primary analysis (``primary_view``): structures (rows of the table), tested (note ""), significant_up /
     significant_down (significant with rs > 0 / rs < 0) and median_abs_rs (median |rs| over the tested
     rows; NaN where none is tested). The structures named in ``combined`` are left out: a combined
     structure repeats its members, and counting both would count one effect twice."""
     from ctcohort.structures import GROUPS
 
-    table = correlations[~correlations["structure"].isin(list(combined))].copy()
+    table = primary_view(correlations)
+    table = table[~table["structure"].isin(list(combined))].copy()
     table["group"] = table["group"].astype(object).fillna("").astype(str)
     table["tested"] = table["note"].astype(object).fillna("").astype(str) == ""
     significant = table["significant"].astype(str).str.lower() == "true"
@@ -235,9 +352,10 @@ def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
 
 def read_table(path) -> pd.DataFrame:
     """A table as ``write_table`` wrote it: "NaN" is a missing number; an empty cell of a text column
-    (note, group, members) stays an empty string."""
+    (notes, group, family, members, covariates, primary) stays an empty string."""
     table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["NaN"])
-    for column in ("note", "group", "members"):
+    for column in ("note", "group", "members", "family", "covariates", "note_partial", "primary", "note_M", "note_F",
+                   "random_slope_note"):
         if column in table.columns:
             table[column] = table[column].astype(object).where(table[column].notna(), "").astype(str)
     return table

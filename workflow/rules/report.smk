@@ -32,6 +32,8 @@ rule methods:
         counts="results/tables/exclusion_counts.tsv",
         correlations="results/stats/age_correlations.tsv",
         selection=rules.scan_selection.output[0],
+        regression="results/stats/regression.tsv",
+        longitudinal="results/stats/longitudinal.tsv",
         versions="results/tables/software_versions.tsv",
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:

@@ -49,6 +49,7 @@ rule age_correlations:
         alpha=config["statistics"]["alpha"],
         partial_covariates=config["statistics"]["partial_covariates"],
         min_n=config["statistics"]["min_n"],
+        primary=config["statistics"]["primary"],
     log:
         "results/logs/age_correlations.log",
     conda:

@@ -1,4 +1,5 @@
-"""Spearman rs of each structure x measure with age, with CIs and corrected P values."""
+"""Spearman rs of each structure x measure with age, unadjusted and adjusted, with CIs, corrected P values and
+the significance of the primary analysis."""
 
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
@@ -14,5 +15,6 @@ table = age_correlations(
     alpha=snakemake.params.alpha,
     partial_covariates=snakemake.params.partial_covariates,
     min_n=snakemake.params.min_n,
+    primary=snakemake.params.primary,
 )
 write_table(table, snakemake.output[0])

@@ -12,5 +12,7 @@ paragraphs = methods_paragraphs(
     read_table(snakemake.input.versions),
     model=model_description(snakemake.params.settings["bundled_model"], snakemake.input.model),
     selection=read_table(snakemake.input.selection),
+    regression=read_table(snakemake.input.regression),
+    longitudinal=read_table(snakemake.input.longitudinal),
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)
