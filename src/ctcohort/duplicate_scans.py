@@ -331,3 +331,22 @@ def duplicate_failures(table: pd.DataFrame) -> pd.DataFrame:
         "stage": STAGE,
         "error": [f"duplicate_of:{first} ({reason})" for first, reason in zip(table["duplicate_of"], table["reason"])],
     }, columns=["subject", "stage", "error"])
+
+
+def failures_with_duplicates(failures: pd.DataFrame, dropped_tables: Sequence[str | Path],
+                             imported: Sequence[str | Path], sheet: pd.DataFrame, sheet_path: str | Path,
+                             mode: str) -> tuple[pd.DataFrame, int]:
+    """The cohort's failures with its duplicates added (stage ``duplicate``), and how many sheet rows were
+    dropped before any job. ``dropped_tables``: the table the main process wrote (drop_later), or none.
+    ``imported``: the imported CTs (results/ct/{subject}.nii.gz); those of scans that did not fail are
+    compared (``identical_images``: one series exported twice with other headers is one image), and with
+    ``mode`` error a match stops here with ``duplicates_message``; with drop_later the later ones fail."""
+    dropped = [duplicate_failures(read_duplicates(path)) for path in dropped_tables]
+    failed = set(failures["subject"])
+    cts = {Path(path).name.removesuffix(".nii.gz"): path for path in imported}
+    same_image = identical_images({s: p for s, p in cts.items() if s not in failed}, sheet["ct"].to_dict())
+    if same_image and mode == "error":
+        raise ValueError(duplicates_message(same_image, sheet_path, sheet_lines(sheet_path), after_import=True))
+    frames = [frame for frame in (failures, *dropped, duplicate_failures(duplicates_table(same_image))) if len(frame)]
+    combined = pd.concat(frames, ignore_index=True) if frames else failures
+    return combined, sum(len(frame) for frame in dropped)

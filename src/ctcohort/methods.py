@@ -256,8 +256,9 @@ def _family_sentence(stats_cfg, correlations) -> str:
            if stats_cfg["correction"] == "bonferroni" and n_structures else "")
     return (f"Of {len(correlations):,} structure-measure pairs, {len(tested):,} were tested in the primary analysis: "
             f"{families}. P values were corrected within each family ({correction}), and a correlation was called "
-            f"significant where its corrected P was below {alpha:g}{raw}, which holds the family-wise error (or the "
-            f"false discovery rate) at {alpha:g}: {int(significant.sum())} were "
+            f"significant where its corrected P was below {alpha:g}{raw}, which holds the "
+            f"{'family-wise error' if stats_cfg['correction'] == 'bonferroni' else 'false discovery rate'} at "
+            f"{alpha:g}: {int(significant.sum())} were "
             f"({int((significant & (tested['rs'] > 0)).sum())} positive, "
             f"{int((significant & (tested['rs'] < 0)).sum())} negative). Measures that nearly repeat each other "
             f"(mean attenuation over the whole structure and over its interior) share a family, which makes the "

@@ -49,7 +49,7 @@ rule methods:
             # a table's name, not where it lies
             "structures": os.path.basename(str(config["structures"])),
             "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
-            **{key: config[key] for key in ("measure", "statistics", "normative")},
+            **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal")},
         },
     log:
         "results/logs/methods.log",

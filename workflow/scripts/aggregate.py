@@ -1,14 +1,8 @@
 """Join every scan's measurements with the sheet's covariates and apply the plausibility exclusions; list
 failed scans; QC and summaries for the report."""
 
-from pathlib import Path
-
-import pandas as pd
-
 from ctcohort import aggregate
-from ctcohort.duplicate_scans import (
-    duplicate_failures, duplicates_message, duplicates_table, identical_images, read_duplicates, sheet_lines,
-)
+from ctcohort.duplicate_scans import failures_with_duplicates
 from ctcohort.qc import apply_plausibility, load_plausible_volumes
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import read_status
@@ -18,18 +12,10 @@ log_to(snakemake.log[0])
 sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.input.schema)
 statuses = [read_status(path) for path in snakemake.input.statuses]
 failures = aggregate.failure_table(statuses)
-# sheet rows left out as the same scan as an earlier row (config duplicates: drop_later): no status, no job
-dropped = [duplicate_failures(read_duplicates(path)) for path in snakemake.input.duplicates]
-# imported DICOM series with identical voxels and geometry (one series exported twice, other headers): the
-# later ones fail here with drop_later, and stop the aggregation with error
-failed = set(failures["subject"])
-imported = {Path(path).name.removesuffix(".nii.gz"): path for path in snakemake.input.imported}
-same_image = identical_images({s: p for s, p in imported.items() if s not in failed}, sheet["ct"].to_dict())
-if same_image and snakemake.params.duplicates == "error":
-    raise ValueError(duplicates_message(same_image, snakemake.input.sheet, sheet_lines(snakemake.input.sheet),
-                                        after_import=True))
-failures = pd.concat([failures, *[frame for frame in [*dropped, duplicate_failures(duplicates_table(same_image))]
-                                  if len(frame)]], ignore_index=True)
+# rows left out before any job as the same scan as an earlier row (config duplicates: drop_later), and imported
+# DICOM series with identical voxels and geometry (one series exported twice, other headers)
+failures, n_dropped = failures_with_duplicates(failures, snakemake.input.duplicates, snakemake.input.imported, sheet,
+                                               snakemake.input.sheet, snakemake.params.duplicates)
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
@@ -51,7 +37,7 @@ aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=F
 aggregate.measurement_summary(study).to_csv(
     snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
 )
-n_scans = len(subjects) + sum(len(frame) for frame in dropped)  # the sheet's rows
+n_scans = len(subjects) + n_dropped  # the sheet's rows
 aggregate.exclusion_counts(n_scans, failures, measurements).to_csv(
     snakemake.output.exclusions, sep="\t", index=False
 )
