@@ -133,7 +133,9 @@ def test_a_planted_within_patient_change_is_recovered(repeated_scans_over_years)
     assert liver["n_patients"] == 14 and liver["note"] != liver["note"]  # NaN: tested
     assert liver["slope_within_per_year"] == pytest.approx(WITHIN_HU_PER_YEAR, abs=0.5)
     assert liver["between_ci_low"] < 0 < liver["between_ci_high"]  # no cross-sectional trend planted
-    assert liver["p_difference"] < 1e-4
+    # a change this clear is as significant as 14 patients can show: an exact sign-flip test's 2^(1 - 14)
+    assert liver["p"] == pytest.approx(2.0 ** -13, rel=1e-5) and liver["p_difference"] == pytest.approx(2.0 ** -13,
+                                                                                                     rel=1e-5)
 
 
 def test_a_cross_sectional_trend_is_not_a_within_patient_change(repeated_scans_over_years):

@@ -34,7 +34,8 @@ the observed information, to 1%), and the within slope against patient-demeaned 
 
 Columns (LONGITUDINAL_COLUMNS): n_patients and n_scans used; slope_within_per_year = b_within (the
 within-patient change per year), its 95% CI (ci_low, ci_high) and two-sided Wald P (p);
-slope_between_per_year = b_between (the cross-sectional difference per year of baseline age) with its CI;
+slope_between_per_year = b_between (the cross-sectional difference per year of baseline age) with its CI; P never
+below 2^(1 - n_patients), what an exact sign-flip test of n patients permits (``wald``);
 p_difference: Wald test of b_within - b_between with the fit's covariance (the within-patient change
 differs from the cross-sectional one: cohort or selection effects, or a non-linear trajectory).
 p_bonferroni and q_fdr (Benjamini-Hochberg) correct ``p`` over the tested rows (note "") of this table only;
@@ -323,10 +324,12 @@ def fit_mixed_model(X: np.ndarray, y: np.ndarray, time: np.ndarray, starts: np.n
 
 # ----------------------------------------------------------------------------------------- the table
 
-def wald(estimate: float, variance: float) -> tuple[float, float, float]:
-    """(ci_low, ci_high, two-sided P) of a normal Wald test."""
+def wald(estimate: float, variance: float, n_patients: int) -> tuple[float, float, float]:
+    """(ci_low, ci_high, two-sided P) of a normal Wald test, the P never below 2^(1 - n_patients): the smallest P
+    an exact test of n independent patients (flipping the sign of each patient's change) can give. A Wald P of
+    1e-295 from 14 patients claims more than 14 patients can show."""
     se = float(np.sqrt(variance)) if variance > 0 else np.nan
-    p = float(2 * stats.norm.sf(abs(estimate) / se)) if np.isfinite(se) else np.nan
+    p = max(float(2 * stats.norm.sf(abs(estimate) / se)), 2.0 ** (1 - n_patients)) if np.isfinite(se) else np.nan
     return estimate - Z_95 * se, estimate + Z_95 * se, p
 
 
@@ -356,10 +359,11 @@ def longitudinal_row(frame: pd.DataFrame, min_patients: int, random_slope: bool,
     contrast = np.zeros(len(names))
     contrast[[1, 2]] = 1, -1
     return {
-        **row, "slope_within_per_year": within, **dict(zip(("ci_low", "ci_high", "p"), wald(within, fit.cov[1, 1]))),
+        **row, "slope_within_per_year": within,
+        **dict(zip(("ci_low", "ci_high", "p"), wald(within, fit.cov[1, 1], len(starts)))),
         "slope_between_per_year": between,
-        **dict(zip(("between_ci_low", "between_ci_high"), wald(between, fit.cov[2, 2])[:2])),
-        "p_difference": wald(within - between, float(contrast @ fit.cov @ contrast))[2],
+        **dict(zip(("between_ci_low", "between_ci_high"), wald(between, fit.cov[2, 2], len(starts))[:2])),
+        "p_difference": wald(within - between, float(contrast @ fit.cov @ contrast), len(starts))[2],
         "random_slope": used_slope, "random_slope_note": why,
     }
 
