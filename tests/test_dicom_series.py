@@ -245,3 +245,24 @@ def test_kernel_classes():
     assert [dicom_series.kernel_class(k) for k in soft] == ["soft"] * len(soft)
     assert [dicom_series.kernel_class(k) for k in sharp] == ["sharp"] * len(sharp)
     assert dicom_series.kernel_class("") == dicom_series.kernel_class("XQ-7") == "unknown"
+
+
+def test_free_text_and_folder_names_carry_no_identifying_value(tmp_path):
+    """A series description typed with the patient's name, ID, study date and a record number, in an export folder
+    named after the patient and the study: the series table keeps the description without them, and the sheet
+    names a file list (a pseudonym), not the folder."""
+    from dicom_edits import plant_patient
+
+    sources = shared_series()
+    folder = tmp_path / "export" / "DOE_JANETTA_PHIA-4711" / "STUDY_20221208" / "SER3"
+    plant_patient(sources, folder, "im", "PHIA-4711",
+                  SeriesDescription="Doe^Janetta abdomen PHIA-4711 2022-12-08 MRN123456 portal venous")
+    out = tmp_path / "out"
+    run_sheet(tmp_path / "export", out)
+    series = read(out / "series.tsv")
+    assert series["description"].tolist() == ["[removed] abdomen [removed] [removed] MRN[removed] portal venous"]
+    sheet = read(out / "cohort.tsv")
+    assert Path(sheet.at[0, "ct"]).suffix == ".txt" and Path(sheet.at[0, "ct"]).stem == sheet.at[0, "subject"]
+    for path in (out / "cohort.tsv", out / "series.tsv"):
+        text = path.read_text().lower()
+        assert not any(value in text for value in ("doe", "janetta", "phia-4711", "20221208", "2022-12-08", "123456"))

@@ -53,13 +53,13 @@ TAGS = [
     "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType", "ImageOrientationPatient",
     "ImagePositionPatient", "Rows", "Columns", "PixelSpacing", "SliceThickness", "ConvolutionKernel",
     "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer", "ManufacturerModelName", "KVP", "InstanceNumber",
-    "NumberOfFrames",
+    "NumberOfFrames", "PatientName",
 ]
 _TEXT_TAGS = ["SOPClassUID", "Modality", "PatientID", "PatientBirthDate", "PatientAge", "PatientSex",
               "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "SeriesInstanceUID",
               "SeriesNumber", "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType",
               "ConvolutionKernel", "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer",
-              "ManufacturerModelName", "InstanceNumber"]
+              "ManufacturerModelName", "InstanceNumber", "PatientName"]
 _SHARED_TEXT = [t for t in _TEXT_TAGS if t != "InstanceNumber"]
 _NUMBER_TAGS = ["Rows", "Columns", "SliceThickness", "KVP", "NumberOfFrames"]
 _VECTOR_TAGS = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"]
@@ -561,6 +561,45 @@ def _below(path: str, folder: Path) -> bool:
     return relative.split(os.sep)[0] != os.pardir
 
 
+# header values that identify a patient or a study; free text and folder names are checked against them
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "AccessionNumber", "StudyID", "PatientBirthDate", "StudyDate")
+REMOVED = "[removed]"
+# numbers of six digits or more in free text: record numbers and dates that the headers did not name
+_LONG_NUMBER = re.compile(r"\d{6,}")
+
+
+def identifying_values(s: Series) -> list[str]:
+    """The identifying header values of a series' files (IDENTIFYING_TAGS; a name also by its parts; a date also
+    as YYYY-MM-DD and DD.MM.YYYY) of three characters or more, longest first."""
+    values = set()
+    for header in s.files:
+        for tag in IDENTIFYING_TAGS:
+            value = str(header.get(tag) or "").strip()
+            if not value:
+                continue
+            values.add(value)
+            if tag == "PatientName":
+                values.update(part for part in re.split(r"[\^\s,]+", value) if len(part) >= 3)
+            if re.fullmatch(r"\d{8}", value):
+                values.update({f"{value[:4]}-{value[4:6]}-{value[6:]}", f"{value[6:]}.{value[4:6]}.{value[:4]}"})
+    # shorter ones (a StudyID "1") would match everywhere
+    return sorted((v for v in values if len(v) >= 3), key=len, reverse=True)
+
+
+def scrub(text: str, values: list[str]) -> str:
+    """``text`` with every identifying value (case-insensitive) and every number of six digits or more replaced
+    by REMOVED: free-text header fields (SeriesDescription) are typed by hand and hold names and record numbers."""
+    for value in values:
+        text = re.sub(re.escape(value), REMOVED, text, flags=re.IGNORECASE)
+    return _LONG_NUMBER.sub(REMOVED, text)
+
+
+def names_identifying_value(path: str, values: list[str]) -> bool:
+    """Whether a path holds an identifying value (export folders are often named after the patient)."""
+    lowered = path.lower()
+    return any(value.lower() in lowered for value in values)
+
+
 def _exclusive_folder(s: Series, files_below: Counter) -> str | None:
     """The folder holding the series' stack and no other file (sub-folders included), if there is one."""
     folders = {os.path.dirname(h["path"]) for h in s.stack}
@@ -640,6 +679,8 @@ def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str
     for (patient_key, study_key), s in chosen.items():
         subject, patient = names[(patient_key, study_key)]
         folder = None if file_lists else _exclusive_folder(s, files_below)
+        if folder and names_identifying_value(os.path.abspath(folder), identifying_values(s)):
+            folder = None  # a folder named after the patient or study would carry PHI into every log: list it
         if folder is None:
             list_dir.mkdir(parents=True, exist_ok=True)
             listing = list_dir / f"{subject}.txt"
@@ -678,7 +719,7 @@ def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str
             pixel = s.first("PixelSpacing")
             table.append({
                 "study": subject, "patient": patient, "series": s.index, "series_number": s.series_number,
-                "modality": s.common("Modality"), "description": s.common("SeriesDescription"),
+                "modality": s.common("Modality"), "description": scrub(s.common("SeriesDescription"), identifying_values(s)),
                 "image_type": s.common("ImageType").replace("\\", "/"),
                 "orientation": orientation_name(s.first("ImageOrientationPatient")) if s.stack else "",
                 "rows": s.first("Rows"), "columns": s.first("Columns"),

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 from ctcohort import phantom
 from ctcohort.aggregate import failure_summary, read_failures
 from ctcohort.batches import in_batches
+from ctcohort.config_check import structure_reference_problems, typed_like_schema
 from ctcohort.dicom_import import is_dicom_source
 from ctcohort.qc import load_plausible_volumes, plausible_volumes_path
 from ctcohort.segment import (
@@ -23,6 +24,10 @@ from ctcohort.sheet import CohortSheetError, load_cohort_sheet
 from ctcohort.structures import load_structure_table
 
 
+# nested --config values arrive as text (Snakemake reads them with YAML's base loader): read them with the
+# schema's types before validating
+with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as stream:
+    config.update(typed_like_schema(config, yaml.safe_load(stream)))
 validate(config, "../schemas/config.schema.yaml")
 
 # A plain path, not workflow.source_path(): that resolves to a new cache path on every run, and the
@@ -94,6 +99,12 @@ try:  # a bad structure table would otherwise fail every scan, one job at a time
     STRUCTURE_TABLE = load_structure_table(config["structures"])
 except (ValueError, FileNotFoundError) as err:
     raise WorkflowError(f"config key structures: {err}") from None
+# a misspelled structure in statistics.combined or a panel would vanish or draw nothing: stop, naming the key
+CONFIG_PROBLEMS = structure_reference_problems(
+    config, STRUCTURE_TABLE["name"], os.path.basename(str(config["structures"]))
+)
+if CONFIG_PROBLEMS:
+    raise WorkflowError("\n".join(CONFIG_PROBLEMS))
 
 if PRECOMPUTED:
     SEGMENTATION_BATCHES = []

@@ -1,0 +1,89 @@
+"""Configuration mistakes stop before any job, naming the key; nested --config values get the schema's types."""
+
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import REPO
+from ctcohort.config_check import structure_reference_problems, typed_like_schema
+from ctcohort.structures import load_structure_table
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def shipped_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def as_base_loader_reads(value):
+    """What Snakemake makes of a nested --config value: YAML's base loader, every scalar a string."""
+    return yaml.load(yaml.safe_dump(value), Loader=yaml.BaseLoader)
+
+
+def test_nested_config_values_get_the_schemas_types():
+    config = shipped_config()
+    config["measure"] = as_base_loader_reads({**config["measure"], "scans_per_job": 2})
+    config["statistics"] = as_base_loader_reads({**config["statistics"], "alpha": 0.05})
+    config["qc"] = as_base_loader_reads({**config["qc"], "plausible_volumes": None})
+    assert config["measure"]["scans_per_job"] == "2" and config["qc"]["plausible_volumes"] == "null"
+    with pytest.raises(jsonschema.ValidationError, match="' is not of type 'integer'"):
+        jsonschema.validate(config, SCHEMA)
+    typed = typed_like_schema(config, SCHEMA)
+    jsonschema.validate(typed, SCHEMA)
+    assert typed["measure"]["scans_per_job"] == 2 and typed["statistics"]["alpha"] == 0.05
+    assert typed["measure"]["ct_checks"]["max_spacing_mm"] == 15.0 and typed["qc"]["preview"] is True
+    assert typed["qc"]["plausible_volumes"] is None and typed["qc"]["hu_window"] == [-1100, 3000]
+    assert typed["statistics"]["combined"] == shipped_config()["statistics"]["combined"]  # text stays text
+    assert typed["structures"] == "total_v1"
+
+
+def test_text_that_is_not_the_wanted_type_is_left_for_the_schema_to_refuse():
+    config = shipped_config()
+    config["measure"]["scans_per_job"] = "two"
+    config["figures"]["age_edges"] = "quartiles"  # text is one of age_edges' types: kept
+    typed = typed_like_schema(config, SCHEMA)
+    assert typed["measure"]["scans_per_job"] == "two" and typed["figures"]["age_edges"] == "quartiles"
+    with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
+        jsonschema.validate(typed, SCHEMA)
+
+
+def test_the_shipped_configuration_names_only_known_structures():
+    names = load_structure_table("total_v1")["name"]
+    assert structure_reference_problems(shipped_config(), names, "total_v1") == []
+
+
+def test_misspelled_structures_are_named_with_their_key():
+    config = shipped_config()
+    config["statistics"]["combined"]["kidneys"] = ["kidney_left", "kidny_right"]
+    config["figures"]["scatter"][1]["structure"] = "hipps"
+    config["normative"]["panels"].append({"structure": "spleeen", "measure": "volume_ml"})
+    problems = structure_reference_problems(config, load_structure_table("total_v1")["name"], "total_v1")
+    assert problems == [
+        "config key statistics.combined.kidneys: 'kidny_right' is not a structure of table total_v1 "
+        "(did you mean 'kidney_right'?)",
+        "config key figures.scatter[1].structure: 'hipps' is neither a structure of table total_v1 nor a combined "
+        "structure (did you mean 'hips'?)",
+        "config key normative.panels[3].structure: 'spleeen' is neither a structure of table total_v1 nor a "
+        "combined structure (did you mean 'spleen'?)",
+    ]
+
+
+def dry_run(tmp_path, *config_args):
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
+                           "--dry-run", "--config", *config_args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_nested_config_value_as_the_readme_teaches_it_works(tmp_path):
+    result = dry_run(tmp_path, "measure={scans_per_job: 2, border_margin: 3}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_misspelled_combined_member_stops_before_any_job(tmp_path):
+    result = dry_run(tmp_path, "statistics={combined: {kidneys: [kidney_left, kidny_right]}}")
+    assert result.returncode != 0
+    assert "config key statistics.combined.kidneys: 'kidny_right' is not a structure" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
