@@ -260,3 +260,49 @@ def test_reader_on_the_real_ct_and_segmentation(shared_data, in_memory):
     folder = shared_data / "totalseg-example"
     for name in ("example_ct.nii.gz", "example_seg_v1.nii.gz", "example_seg.nii.gz"):
         assert_same_image(load_image(folder / name, in_memory=in_memory), folder / name)
+
+
+# --- orientation: sform and qform ----------------------------------------------------------------------------
+
+
+def real_ct_copy(shared_data, tmp_path, sform_code: int, qform_code: int, qform_shift_mm: float = 0.0):
+    """The real example CT and its v1 labels, the CT's header codes and qform set as asked."""
+    ct = nib.load(shared_data / "totalseg-example" / "example_ct.nii.gz")
+    labels = np.rint(np.asanyarray(nib.load(shared_data / "totalseg-example" / "example_seg_v1.nii.gz").dataobj))
+    copy = nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine)
+    qform = ct.affine.copy()
+    qform[0, 3] += qform_shift_mm
+    copy.set_qform(qform, code=qform_code)
+    copy.set_sform(ct.affine, code=sform_code)
+    nib.save(copy, tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), ct.affine), tmp_path / "seg.nii.gz")
+    return tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
+
+
+def test_a_ct_without_orientation_fails_instead_of_a_mirrored_qc(shared_data, tmp_path):
+    from ctcohort.measure import read_scan
+
+    ct, seg = real_ct_copy(shared_data, tmp_path, sform_code=0, qform_code=0)
+    with pytest.raises(ImplausibleScanError, match=r"ct.nii.gz: orientation undefined \(sform_code and qform_code"):
+        read_scan(ct, seg)
+
+
+def test_sform_and_qform_that_disagree_are_said_with_the_distance(shared_data, tmp_path, caplog):
+    from ctcohort.measure import read_scan
+
+    ct, seg = real_ct_copy(shared_data, tmp_path, sform_code=1, qform_code=1, qform_shift_mm=10.0)
+    with caplog.at_level("WARNING"):
+        scan = read_scan(ct, seg)
+    assert np.allclose(scan.affine, nib.load(ct).get_sform())  # measured on the sform
+    assert "sform and qform disagree by up to 10.0 mm (sform_code 1, qform_code 1); the sform is used" in caplog.text
+    # a label map that follows the qform: the mismatch says that the CT itself is in doubt
+    qform_seg = nib.Nifti1Image(np.asanyarray(nib.load(seg).dataobj), nib.load(ct).get_qform())
+    nib.save(qform_seg, tmp_path / "qform_seg.nii.gz")
+    with pytest.raises(imaging.GridMismatchError, match="the CT itself is in doubt: its sform and qform disagree"):
+        read_scan(ct, tmp_path / "qform_seg.nii.gz")
+    # agreeing codes say nothing
+    caplog.clear()
+    ct, seg = real_ct_copy(shared_data, tmp_path, sform_code=1, qform_code=1)
+    with caplog.at_level("WARNING"):
+        read_scan(ct, seg)
+    assert "disagree" not in caplog.text

@@ -16,6 +16,7 @@ Every error message is one line that names the file and the cause: the
 workflow records it in failures.tsv.
 """
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -33,6 +34,10 @@ AFFINE_TOLERANCE_MM = 1e-3
 # |det| / product of the voxel sizes below this: the axes are (nearly) parallel, no 3-D grid
 MIN_AFFINE_ORTHOGONALITY = 1e-6
 CT_CHECKS_KEY = "measure.ct_checks"
+# sform and qform placing the volume's corners further apart than this disagree (the qform's quaternion
+# rounds an affine by far less)
+ORIENTATION_TOLERANCE_MM = 0.5
+log = logging.getLogger(__name__)
 
 
 class GridMismatchError(ValueError):
@@ -150,6 +155,41 @@ def check_affine(affine: np.ndarray, source: str | Path, checks: ScanChecks = Sc
             f"{source}: implausible voxel size {_mm(spacing)} mm: {spacing.max():.4g} mm is above "
             f"{checks.max_spacing_mm:g} mm (header zooms in the wrong unit?) ({CT_CHECKS_KEY}.max_spacing_mm)"
         )
+
+
+def sform_qform_disagreement(img: nib.Nifti1Image) -> float | None:
+    """How far apart (mm, the largest over the volume's 8 corners) the sform and the qform put the volume, where
+    the header sets both (codes above 0) and they differ by more than ORIENTATION_TOLERANCE_MM; else None."""
+    header = img.header
+    if not hasattr(header, "get_sform") or header["sform_code"] <= 0 or header["qform_code"] <= 0:
+        return None
+    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
+                        for k in (0, img.shape[2] - 1)]).T
+    distance = float(np.linalg.norm(((header.get_sform() - header.get_qform()) @ corners)[:3], axis=0).max())
+    return distance if distance > ORIENTATION_TOLERANCE_MM else None
+
+
+def orientation_words(img: nib.Nifti1Image) -> str:
+    """One clause on a CT whose sform and qform disagree ("" where they agree or one is unset)."""
+    distance = sform_qform_disagreement(img)
+    if distance is None:
+        return ""
+    return (f"its sform and qform disagree by up to {distance:.1f} mm (sform_code {int(img.header['sform_code'])}, "
+            f"qform_code {int(img.header['qform_code'])}); the sform is used, as nibabel and ITK do")
+
+
+def check_orientation(img: nib.Nifti1Image, source: str | Path) -> None:
+    """A CT without an orientation (sform_code and qform_code both 0) fails: left and right cannot be told apart,
+    and the QC's faces and preview would come out mirrored. One whose sform and qform disagree is measured on
+    the sform, with a warning that says by how much."""
+    header = img.header
+    if hasattr(header, "get_sform") and header["sform_code"] <= 0 and header["qform_code"] <= 0:
+        raise ImplausibleScanError(
+            f"{source}: orientation undefined (sform_code and qform_code are 0): left and right cannot be told "
+            "apart; write the image with its orientation (convert the DICOM series again, or set the sform)")
+    words = orientation_words(img)
+    if words:
+        log.warning("%s: %s", source, words)
 
 
 def check_ct(hu: np.ndarray, affine: np.ndarray, source: str | Path, checks: ScanChecks = ScanChecks()) -> None:
@@ -305,8 +345,10 @@ def seg_on_ct_grid(seg: nib.Nifti1Image, ct: nib.Nifti1Image, source: str | Path
     affine = seg.affine @ nib.orientations.inv_ornt_aff(transform, seg.shape)
     if reoriented.shape == ct.shape and np.allclose(affine, ct.affine, atol=AFFINE_TOLERANCE_MM):
         return np.ascontiguousarray(reoriented)
+    ct_words = orientation_words(ct)
     raise GridMismatchError(
         f"{source}: grid does not match the CT (shape {seg.shape} vs {ct.shape}, "
         f"affine {np.round(seg.affine, 3).tolist()} vs {np.round(ct.affine, 3).tolist()}); "
-        "segment the CT itself or resample the label map onto it (nearest neighbour)"
+        + (f"the CT itself is in doubt: {ct_words}; " if ct_words else "")
+        + "segment the CT itself or resample the label map onto it (nearest neighbour)"
     )

@@ -31,6 +31,7 @@ import numpy as np
 from ctcohort.imaging import (
     ScanChecks,
     check_ct,
+    check_orientation,
     ct_hounsfield,
     load_image,
     seg_on_ct_grid,
@@ -354,6 +355,7 @@ def read_scan(ct_path: str | Path, seg_path: str | Path, checks: ScanChecks = Sc
     data and grid. Every error names the file at fault.
     """
     ct = load_image(ct_path, in_memory=True)
+    check_orientation(ct, ct_path)
     seg = load_image(seg_path, in_memory=True)
     with ThreadPoolExecutor(2) as pool:
         hu = pool.submit(ct_hounsfield, ct)

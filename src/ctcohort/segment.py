@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort import nnunet_adapter
-from ctcohort.imaging import ScanChecks, check_ct, ct_hounsfield, load_image, voxel_spacing_mm
+from ctcohort.imaging import ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image, voxel_spacing_mm
 from ctcohort.measure import checked_scan, empty_checked_scan, write_checked_scan
 from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
@@ -445,6 +445,7 @@ def _read_scan(path: str | Path, checks: ScanChecks | None = None) -> tuple[nib.
     ct = load_image(path, in_memory=True)
     hu = ct_hounsfield(ct)
     if checks is not None:
+        check_orientation(ct, path)
         check_ct(hu, ct.affine, path, checks)
     return ct, hu
 
