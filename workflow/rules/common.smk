@@ -13,6 +13,7 @@ from ctcohort.aggregate import failure_summary, read_failures
 from ctcohort.batches import in_batches
 from ctcohort.config_check import structure_reference_problems, typed_like_schema
 from ctcohort.dicom_import import is_dicom_source
+from ctcohort.fingerprints import batch_fingerprint
 from ctcohort.qc import load_plausible_volumes, plausible_volumes_path
 from ctcohort.segment import (
     ModelFolderError,
@@ -184,6 +185,24 @@ def batch_files(file_of, subjects):
     """The files of a batch's scans, as an input function: the report prints a rule's declared inputs,
     and a list would put every scan's path there."""
     return lambda wildcards: [file_of(s) for s in subjects]
+
+
+def sources_fingerprint(subjects, columns, imported=False):
+    """A per-scan batch rule's param: a digest of the sheet's files it reads for ``subjects`` (``columns``; a CT
+    that the workflow imported is read from results/ct/, whose changes Snakemake follows, unless ``imported``:
+    the import itself), so that a file replaced by another with an older modification time reruns the batch
+    (ctcohort/fingerprints.py). Main process only (cluster jobs re-parse the workflow), and not for the demo,
+    whose files are the workflow's own outputs."""
+    if DEMO or not workflow.is_main_process:
+        return ""
+
+    def files_of(subject):
+        cells = [SHEET.at[subject, column] for column in columns if column in SHEET.columns]
+        if "ct" in columns and (subject in IMPORTED) != imported:
+            cells.remove(SHEET.at[subject, "ct"])
+        return [cell for cell in cells if isinstance(cell, str)]
+
+    return batch_fingerprint(subjects, {subject: files_of(subject) for subject in subjects})
 
 
 def batch_runtime_min(n_scans):

@@ -16,6 +16,8 @@ for batch, subjects in enumerate(EVALUATION_BATCHES):
             statuses=[f"results/evaluation/scans/{s}.status.json" for s in subjects],
         params:
             subjects=subjects,
+            # a replaced file reruns
+            sources=sources_fingerprint(subjects, ("seg", "reference") if PRECOMPUTED else ("reference",)),
             structures=config["structures"],
             tolerance_mm=config["evaluation"]["nsd_tolerance_mm"],
             on_error=config["on_scan_error"],

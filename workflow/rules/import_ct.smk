@@ -17,6 +17,7 @@ for batch, subjects in enumerate(IMPORT_BATCHES):
             statuses=[f"results/ct/{s}.status.json" for s in subjects],
         params:
             subjects=subjects,
+            sources=sources_fingerprint(subjects, ("ct",), imported=True),  # rewritten DICOM files rerun
             allow_corrected=config["import_ct"]["allow_corrected"],
             on_error=config["on_scan_error"],
         resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more

@@ -18,6 +18,7 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
             **qc_outputs(subjects),
         params:
             subjects=subjects,
+            sources=sources_fingerprint(subjects, ("ct", "seg")),  # a file replaced by another reruns
             upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             structures=config["structures"],
             border_margin=config["measure"]["border_margin"],

@@ -20,6 +20,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             **qc_outputs(subjects),
         params:
             subjects=subjects,
+            sources=sources_fingerprint(subjects, ("ct",)),  # a file replaced by another reruns
             upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             model=config["segmentation"]["model"],
             task=config["segmentation"]["task"],
