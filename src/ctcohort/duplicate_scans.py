@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctcohort.dicom_import import LIST_SUFFIX, is_dicom_source
+from ctcohort.dicom_import import LIST_SUFFIX, is_dicom_source, read_file_list
 
 SAME_FILE = "same file"
 IDENTICAL_CONTENT = "identical content"
@@ -95,10 +95,7 @@ def _files_of(source: str, info: os.stat_result, folders: dict[str, str], given:
                         found.append((path, file_info.st_size))
             return found
         if is_dicom_source(source) and source.lower().endswith(LIST_SUFFIX):
-            folder = os.path.dirname(os.path.abspath(given))
-            with open(source, encoding="utf-8") as stream:
-                lines = [line.strip() for line in stream]
-            found = [_realpath(os.path.join(folder, line), folders) for line in lines if line]
+            found = [_realpath(str(path), folders) for path in read_file_list(os.path.abspath(given))]
             if any(file_info is None or not stat.S_ISREG(file_info.st_mode) for _, file_info in found):
                 return None
             return [(path, file_info.st_size) for path, file_info in found]

@@ -53,14 +53,13 @@ workflow passes one scan per patient, so it equals n there.
 """
 
 import logging
-import math
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from ctcohort.patients import patient_of
-from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders
+from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders, smallest_p
 from ctcohort.stats import (
     CONSTANT, MIN_N, PARTIAL_ROW_COLUMNS, TOO_FEW_SCANS, correct_p_values, is_categorical, partial_rows,
     present_columns, spearman, spearman_ci, structure_blocks, structure_families,
@@ -270,7 +269,7 @@ def regression_row(frame: pd.DataFrame, categorical: list[str], spline_df: int, 
     if row["note"]:
         return row
     linear, spline = fit_age_models(frame.drop(columns="patient"), spline_df)
-    coef, low, high, p, note = _age_slope(linear, 2 / math.factorial(min(n, 170)), seed)
+    coef, low, high, p, note = _age_slope(linear, smallest_p(n), seed)
     f, dof, p_nonlinear = nonlinearity_f_test(linear, spline)
     row.update(coef_per_decade=coef, ci_low=low, ci_high=high, p=p, note=note,
                percent_per_decade=100 * coef / median if median != 0 else np.nan,

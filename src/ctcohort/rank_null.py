@@ -208,6 +208,12 @@ def pairing_p(a, b, seed: int = 0, resamples: int = PERMUTATION_RESAMPLES) -> fl
 # --- the choice of branch ---------------------------------------------------------------------------
 
 
+def smallest_p(n: int) -> float:
+    """2/n!: the exact two-sided P of a perfect order of n, below which no pairing test of n can go (the floor of
+    every P that an approximation or a Monte Carlo gives)."""
+    return 2 / math.factorial(n)
+
+
 def has_ties(values: np.ndarray) -> bool:
     return len(np.unique(values)) < len(values)
 
@@ -229,7 +235,7 @@ def spearman_p(x, y, seed: int = 0, resamples: int = PERMUTATION_RESAMPLES) -> t
         return enumerated_p(x, y), EXACT
     if n <= TABLE_MAX_N and not has_ties(x) and not has_ties(y):
         return table_p(x, y), EXACT
-    smallest = 2 / math.factorial(n)
+    smallest = smallest_p(n)
     if n <= PERMUTATION_MAX_N:
         # 1/(B + 1) exceeds 2/n! for any practical B; the max only guards an absurdly large one.
         p = pairing_p(centred_ranks(x), centred_ranks(y), seed, resamples)

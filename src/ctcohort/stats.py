@@ -18,7 +18,6 @@ approximation above; never below 2/n!, the exact minimum.
 """
 
 import logging
-import math
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from ctcohort.patients import patient_of
-from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, spearman_p
+from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
 CORRELATION_COLUMNS = [
     "structure", "group", "family", "measure", "n", "n_patients", "rs", "ci_low", "ci_high", "p", "p_bonferroni",
@@ -103,9 +102,9 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tu
         return np.nan, np.nan
     r = float(np.clip(rx @ ry / denominator, -1.0, 1.0))
     if n <= PERMUTATION_MAX_N:
-        return r, max(pairing_p(rx, ry), 2 / math.factorial(n))
+        return r, max(pairing_p(rx, ry), smallest_p(n))
     t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
-    return r, max(float(2 * stats.t.sf(abs(t), dof)), 2 / math.factorial(n))
+    return r, max(float(2 * stats.t.sf(abs(t), dof)), smallest_p(n))
 
 
 def present_columns(table: pd.DataFrame, names, what: str = "covariates") -> list[str]:
@@ -242,6 +241,13 @@ def _spearman_rows(measurements: pd.DataFrame, measures: list[str], min_n: int) 
     return pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:10], "note"])
 
 
+def _not_adjusted(table: pd.DataFrame) -> pd.DataFrame:
+    """PARTIAL_ROW_COLUMNS for the rows of ``table`` where no covariate is in the table: adjusted for nothing, the
+    plain analysis again, which would only repeat it; NaN with note NO_COVARIATES."""
+    rows = table[["structure", "group", "family", "measure", "n_patients"]].assign(covariates="", note=NO_COVARIATES)
+    return rows.reindex(columns=PARTIAL_ROW_COLUMNS)
+
+
 def age_correlations(
     measurements: pd.DataFrame,
     measures: list[str],
@@ -273,12 +279,10 @@ def age_correlations(
     present = present_columns(measurements, partial_covariates, "partial correlation covariates")
     table = _spearman_rows(measurements, measures, min_n)
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", table["note"] == "")
-    adjusted = partial_rows(measurements, measures, present, min_n).rename(columns={
+    adjusted = (partial_rows(measurements, measures, present, min_n) if present
+                else _not_adjusted(table)).rename(columns={
         "n": "n_partial", "ci_low": "ci_partial_low", "ci_high": "ci_partial_high", "p": "p_partial",
         "note": "note_partial"})
-    if not present:  # adjusted for nothing: the plain analysis again, which would only repeat it
-        adjusted[["n_partial", "k", "rs_partial", "ci_partial_low", "ci_partial_high", "p_partial"]] = np.nan
-        adjusted["note_partial"] = NO_COVARIATES
     correct_p_values(adjusted, "p_partial", "p_partial_bonferroni", "q_partial_fdr", adjusted["note_partial"] == "")
     table = pd.concat([table, adjusted.drop(columns=["structure", "group", "family", "measure", "n_patients", "k"])],
                       axis=1)
