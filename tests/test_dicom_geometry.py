@@ -102,6 +102,9 @@ def test_a_volume_is_checked_against_the_headers_and_put_on_their_stack():
     down = affine_on_stack(grid(stack.along[-1] + 0.3, -5.05), stack)
     assert down[2, 2] == pytest.approx(-stack.step) and down[2, 3] == pytest.approx(stack.start + 19 * stack.step)
     assert "5 slices" in volume_disagreement(taken, 5, stack, resliced=False)
+    sideways = taken[:, [2, 1, 0, 3]]  # slices along x
+    assert volume_disagreement(sideways, 20, stack, resliced=False) == "its third axis not along the slice normal " \
+        "of the headers"
 
 
 def test_a_resliced_volume_must_span_the_headers_slices():

@@ -231,7 +231,10 @@ def volume_disagreement(affine, slices: int, stack: Stack, resliced: bool) -> st
     Not resliced (one slice per image): as many slices as the headers have (:func:`affine_on_stack` then puts
     them in their places). Resliced to equal spacing (over a missing slice): from the first header position to
     the last, no coarser than the spacing."""
-    _, first, step = _slice_axis(np.asarray(affine, float), stack)
+    affine = np.asarray(affine, float)
+    _, first, step = _slice_axis(affine, stack)
+    if abs(step) < 0.5 * np.linalg.norm(affine[:3, 2]):  # more than 60 degrees off the normal
+        return "its third axis not along the slice normal of the headers"
     if step < 0:  # slices from the top down
         first, step = first + step * (slices - 1), -step
     tolerance = stack.tolerance
