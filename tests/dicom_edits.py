@@ -83,6 +83,11 @@ PATIENTS = {
     "PHIG-5005": dict(name="Loe^Gundula", age="070Y", sex="M"),
 }
 STUDY_DATES = {"A1": "20221208", "A2": "20230301"}
+# where B's 2 mm series lies in an export that names folders after the patient and the study, and what was typed
+# into its free-text fields
+B_FOLDER = {False: "B/s2", True: f"ROE_RICHARDO_PHIB-0815_MRN123456/STUDY_{STUDY_DATES['A1']}/SER3"}
+B_FREE_TEXT = dict(SeriesDescription="Roe^Richardo abdomen PHIB-0815 MRN123456 portal venous",
+                   ProtocolName="ROE RICHARDO MRN123456 abdomen", StudyDescription="CT abdomen Roe^Richardo MRN123456")
 
 
 def export_phi() -> list[str]:
@@ -90,7 +95,7 @@ def export_phi() -> list[str]:
     names alone would be found by chance in compressed bytes)."""
     names = [p["name"] for p in PATIENTS.values()]
     return [*PATIENTS, *names, *(name.split("^")[1] for name in names), "19600315", "19000101",
-            *STUDY_DATES.values(), INSTITUTION, ACCESSION, PHYSICIAN, EXPORT_UID_ROOT, ORIGINAL_UID_ROOT]
+            *STUDY_DATES.values(), INSTITUTION, ACCESSION, PHYSICIAN, EXPORT_UID_ROOT, ORIGINAL_UID_ROOT, "MRN123456"]
 
 
 def plant_patient(sources: list[Path], folder: Path, prefix: str, patient: str, n: int = 20,
@@ -128,11 +133,12 @@ def plant_patient(sources: list[Path], folder: Path, prefix: str, patient: str, 
             ds.save_as(folder / f"{prefix}{i:03d}.dcm")
 
 
-def build_export_tree(root: Path, shared_data: Path, everything: bool = True) -> Path:
+def build_export_tree(root: Path, shared_data: Path, everything: bool = True, named_folders: bool = False) -> Path:
     """A PACS export of planted copies under ``root``; returns ``root``.
 
     Always: patient A's first study (blank UIDs, as in the shared series), a soft-tissue and a bone
-    reconstruction and a localizer in one folder; patient B, a 2 mm series with UIDs in a folder of its own; a
+    reconstruction and a localizer in one folder; patient B, a 2 mm series with UIDs in a folder of its own
+    (with ``named_folders`` in B_FOLDER[True], named after B and the study, its free text B_FREE_TEXT); a
     file that is not DICOM. With ``everything``: A's second study (a 2 mm series, a thinner one missing a slice),
     B's 4 mm series, patients C-F with ages and sexes of every kind (C with blank UIDs), and G, the same slices
     twice under one series UID (two exports merged: no usable series)."""
@@ -144,7 +150,8 @@ def build_export_tree(root: Path, shared_data: Path, everything: bool = True) ->
     plant(root / "A" / "1", "loc", "PHIA-4711", n=1, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
           ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
     study = f"{EXPORT_UID_ROOT}.3"
-    plant(root / "B" / "s2", "im", "PHIB-0815", uids=(study, f"{study}.1"), SeriesNumber=2)
+    plant(root / B_FOLDER[named_folders], "im", "PHIB-0815", uids=(study, f"{study}.1"), SeriesNumber=2,
+          **(B_FREE_TEXT if named_folders else {}))
     (root / "README.txt").write_text("not a DICOM file\n")
     if not everything:
         return root

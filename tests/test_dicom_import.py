@@ -2,6 +2,7 @@
 of it with edited headers: the reference grid in HU, the same voxels as a pydicom + numpy conversion, and a clear
 error (or, where allowed, dcm2niix's corrected volume) for every series that is not one clean CT volume."""
 
+import re
 import zipfile
 
 import nibabel as nib
@@ -11,17 +12,23 @@ import pytest
 pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2000 with pylibjpeg (test extra)")
 
 from conftest import require_shared_data  # noqa: E402
+from ctcohort import dicom_import  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
 from ctcohort.dicom_import import (  # noqa: E402
     DicomImportError,
     _choose_volume,
+    _placed_affine,
     convert_series,
     import_batch,
     import_series,
     import_table,
 )
+from ctcohort.dicom_geometry import measure_stack  # noqa: E402
 from ctcohort.scan_status import read_status  # noqa: E402
 from dicom_edits import reference_volume, series_files, tilt, write_copies  # noqa: E402
+
+
+AXIAL = (1, 0, 0, 0, 1, 0)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +155,66 @@ def test_a_gantry_tilt_fails_or_is_corrected_where_allowed(files, tmp_path):
     np.testing.assert_allclose(img.header.get_zooms(), (0.9765625, 0.9765625, 2.0), atol=1e-5)
 
 
+def shuffle_instance_numbers(ds, index):
+    """InstanceNumbers in no spatial order; the positions untouched."""
+    ds.InstanceNumber = [7, 19, 2, 14, 1, 10, 17, 5, 12, 20, 3, 16, 8, 11, 4, 18, 6, 13, 9, 15][index]
+
+
+@pytest.mark.parametrize("allow_corrected", [False, True])
+def test_shuffled_instance_numbers_convert_on_the_positions_grid(files, reference_grid, reference, tmp_path,
+                                                                 allow_corrected):
+    folder = tmp_path / "shuffled"
+    copies = write_copies(files, folder, shuffle_instance_numbers)
+    before = [p.read_bytes() for p in copies]
+    img, record = convert_series(folder, allow_corrected=allow_corrected)
+    # 20 slices of 2 mm from the lowest position, as the headers say (not dcm2niix's 10 slices of 3.33 mm)
+    assert (record.shape, record.spacing_mm, record.correction) == ("512x512x20", "0.9766x0.9766x2", "none")
+    np.testing.assert_array_equal(img.affine, reference_grid.affine)
+    hu, _ = canonical_hu(img)
+    np.testing.assert_array_equal(hu, np.asanyarray(reference.dataobj))  # each slice in its place
+    assert [p.read_bytes() for p in copies] == before  # numbered in temporary copies: the user's files untouched
+
+
+def test_a_volume_that_disagrees_with_the_headers_is_refused_even_where_corrections_are_allowed(
+        files, tmp_path, monkeypatch):
+    """Without the numbering by position dcm2niix stacks the shuffled slices by InstanceNumber and keeps a few of
+    the 20 (a Siemens CT: those up to the first that goes back): refused, with dcm2niix's own word for the cause."""
+    folder = tmp_path / "shuffled"
+    write_copies(files, folder, shuffle_instance_numbers)
+    monkeypatch.setattr(dicom_import, "_number_by_position", lambda images, stack: False)
+    with pytest.raises(DicomImportError) as failure:
+        convert_series(folder, allow_corrected=True)
+    message = str(failure.value)
+    assert re.search(r"dcm2niix's volume has [1-9] slices", message)
+    assert "the headers put 20 slices 2 mm apart" in message
+    assert "Instance Number (0020,0013) order is not spatial" in message
+    # a resliced volume whose slice count does not span the headers' slices (dcm2niix's Eq of the same series)
+    stack = measure_stack([(0, 0, -804.5 + 2 * k) for k in range(20) if k != 9], AXIAL)
+    affine = np.diag([-1, 1, 10 / 3, 1])
+    affine[2, 3] = -802.5
+    eq = nib.Nifti1Image(np.zeros((4, 4, 10), np.int16), affine)
+    with pytest.raises(DicomImportError, match=r"corrected volume \(Eq\) has 10 slices 3\.333 mm apart"):
+        _placed_affine(eq, "Eq", stack, [])
+
+
+def test_jittered_positions_convert_on_the_stack_they_describe(files, tmp_path):
+    """Positions 0.05 mm off their places at 5 mm: regular; dcm2niix took 5.05 mm from the first two slices,
+    the volume has the spacing and origin fitted to all 20."""
+    jitter = [0.0, 0.05, -0.05]
+
+    def jittered(ds, index):
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, -804.5 + 5 * index + jitter[index % 3]]
+    folder = tmp_path / "jittered"
+    write_copies(files, folder, jittered)
+    img, record = convert_series(folder)
+    assert record.shape == "512x512x20" and record.correction == "none"
+    headers = np.array([-804.5 + 5 * k + jitter[k % 3] for k in range(20)])
+    places = img.affine[2, 3] + img.affine[2, 2] * np.arange(20)
+    assert img.affine[2, 2] == pytest.approx(5.0, abs=0.01)
+    assert np.abs(places - headers).max() <= 0.1
+
+
 def set_series(uid, number):
     def edit(ds, index):
         ds.SeriesInstanceUID, ds.SeriesNumber = uid, number
@@ -171,7 +238,7 @@ def test_two_reconstructions_with_blank_uids_are_an_error(files, tmp_path):
     folder = tmp_path / "twice"
     write_copies(files, folder, prefix="a")
     write_copies(files[5:10], folder, prefix="b")  # dcm2niix alone would drop these as duplicates
-    with pytest.raises(DicomImportError, match="6 slices share a position"):
+    with pytest.raises(DicomImportError, match="slices at the same position: 10 slices at 5 positions"):
         convert_series(folder, allow_corrected=True)
 
 
@@ -221,19 +288,18 @@ def test_more_than_one_output_volume_or_a_4d_one_is_an_error(tmp_path):
     for name in ("volume.nii", "volume_e2.nii"):
         nib.save(nib.Nifti1Image(grid, np.eye(4)), several / name)
     with pytest.raises(DicomImportError, match="more than one volume"):
-        _choose_volume(several, True, [], 3)
+        _choose_volume(several, True, None)
     four_d = tmp_path / "four_d"
     four_d.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.int16), np.eye(4)), four_d / "volume.nii")
     with pytest.raises(DicomImportError, match="a 4-D volume of shape 4x4x3x2"):
-        _choose_volume(four_d, True, [], 3)
-    short = tmp_path / "short"
-    short.mkdir()
-    nib.save(nib.Nifti1Image(grid, np.eye(4)), short / "volume.nii")
-    with pytest.raises(DicomImportError, match="wrote 3 slices from 4 images"):
-        _choose_volume(short, False, [], 4)
-    with pytest.raises(DicomImportError, match="wrote no corrected volume"):
-        _choose_volume(short, True, ["uneven slice spacing"], 3)
+        _choose_volume(four_d, True, None)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    nib.save(nib.Nifti1Image(grid, np.eye(4)), plain / "volume.nii")
+    missing_slice = measure_stack([(0, 0, z) for z in (0, 2, 6)], AXIAL)
+    with pytest.raises(DicomImportError, match="uneven slice spacing .*, but dcm2niix wrote no corrected volume"):
+        _choose_volume(plain, True, missing_slice)
 
 
 def test_a_batch_records_each_series_and_its_failure(files, tmp_path):

@@ -15,6 +15,7 @@ import gzip
 import io
 import logging
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,7 +28,14 @@ pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2
 from conftest import require_shared_data, run_workflow  # noqa: E402
 from ctcohort.dicom_import import DicomImportError, _read_image_header, _warnings, convert_series  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
-from dicom_edits import build_export_tree, export_phi, reference_volume, series_files, write_copies  # noqa: E402
+from dicom_edits import (  # noqa: E402
+    B_FOLDER,
+    build_export_tree,
+    export_phi,
+    reference_volume,
+    series_files,
+    write_copies,
+)
 
 UID_ROOT = "1.2.826.0.1.3680043.9.7139"
 PLANTED = {
@@ -257,13 +265,14 @@ def test_dcm2niix_messages_are_passed_on_without_header_values(planted, tmp_path
 
 @pytest.fixture(scope="module")
 def export_study(tmp_path_factory):
-    """`ctcohort sheet` on a planted export tree, a seg column added to the sheet it writes (the reference labels
-    of the shared series: every chosen series is on its grid), and one study run on that sheet."""
+    """`ctcohort sheet` on a planted export tree (B's series in a folder named after B and the study, with B's
+    name and record numbers typed into its descriptions), a seg column added to the sheet it writes (the reference
+    labels of the shared series: every chosen series is on its grid), and one study run on that sheet."""
     data = require_shared_data()
-    tree = build_export_tree(tmp_path_factory.mktemp("pacs") / "dicom", data, everything=False)
+    tree = build_export_tree(tmp_path_factory.mktemp("pacs") / "dicom", data, everything=False, named_folders=True)
     # A's and B's series are planted copies of the same slices: one pixel of B's changed in air, so that the two
     # patients are two scans, not one image imported twice (duplicates), and measured alike
-    one_pixel_changed(sorted((tree / "B" / "s2").glob("*.dcm"))[10], data)
+    one_pixel_changed(sorted((tree / B_FOLDER[True]).glob("*.dcm"))[10], data)
     out = tmp_path_factory.mktemp("pacs_sheet")
     console = io.StringIO()
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
@@ -275,12 +284,13 @@ def export_study(tmp_path_factory):
     written.to_csv(out / "cohort.tsv", sep="\t", index=False)
     workdir = tmp_path_factory.mktemp("pacs_study")
     run = run_workflow(workdir, {**STUDY, "cohort": str(out / "cohort.tsv")})
-    return workdir / "results", out, console.getvalue() + run.stdout + run.stderr, tree
+    return workdir, out, console.getvalue() + run.stdout + run.stderr, tree
 
 
 @pytest.mark.slow
 def test_a_sheet_from_a_planted_export_runs_with_header_age_and_sex_and_no_phi(export_study):
-    results, out, console, tree = export_study
+    workdir, out, console, tree = export_study
+    results = workdir / "results"
     sheet = pd.read_csv(out / "cohort.tsv", sep="\t")
     series = pd.read_csv(out / "series.tsv", sep="\t")
     # one series per study: of A's soft and bone reconstructions and localizer (one folder, blank UIDs) the soft one
@@ -299,14 +309,22 @@ def test_a_sheet_from_a_planted_export_runs_with_header_age_and_sex_and_no_phi(e
     assert people[0] == (1.5, "M")
     assert people[1][0] == pytest.approx(62 + 268 / 365, abs=0.01) and people[1][1] == "F"
 
-    # no planted value in any byte under results/, nor on the console
+    # no planted value in any byte of the sheet and the series table, under results/ or in Snakemake's records
+    # (.snakemake: job metadata, logs), nor on the console; B's folder is named by a file list, the only file that
+    # names the export's files (and with them its folders)
+    assert Path(sheet.set_index("age").at[1.5, "ct"]).suffix == ".txt"
+    assert "[removed] abdomen [removed] MRN[removed] portal venous" in set(series["description"])
     needles = export_phi()
-    files = [p for p in results.rglob("*") if p.is_file()]
+    files = [out / "cohort.tsv", out / "series.tsv",
+             *(p for folder in (results, workdir / ".snakemake") for p in folder.rglob("*") if p.is_file())]
     assert sum(p.parent.name == "ct" and p.name.endswith(".nii.gz") for p in files) == 2
-    found = [(str(path.relative_to(results)), needle) for path in files for view in searchable(path)
+    assert any(p.parent.name == "metadata" for p in files)
+    found = [(str(path), needle) for path in files for view in searchable(path)
              for needle in needles if needle.encode() in view or needle.upper().encode() in view]
     assert not found
     assert not [needle for needle in needles if needle in console or needle.upper() in console.upper()]
-    # where they are, they are found: patient A's values in a file of the export
+    # where they are, they are found: patient A's values in a file of the export, B's folder in B's file list
     planted = searchable(tree / "A" / "1" / "soft000.dcm")
     assert all(any(n.encode() in view for view in planted) for n in ["PHIA-4711", "Doe^Janetta", "19600315"])
+    listed = (out / sheet.set_index("age").at[1.5, "ct"]).read_bytes()
+    assert all(n.upper().encode() in listed for n in ["Richardo", "PHIB-0815", "MRN123456"])

@@ -10,10 +10,18 @@ of the DICOM headers (names, dates, UIDs, dcm2niix's acquisition notes in ``desc
 
 Never a silent success: a source with no DICOM image or no CT, two series (distinct UIDs or series
 numbers, different image sizes or orientations, slices at the same position), a localizer, a single
-slice, more than one output volume or a 4-D one is an error naming the series and the cause. A missing
-slice (uneven spacing) or a gantry tilt is an error too, unless ``allow_corrected``: then dcm2niix's
+slice, more than one output volume or a 4-D one is an error naming the series and the cause. A stack
+that is not regular by :mod:`ctcohort.dicom_geometry` (the definition ``ctcohort sheet`` chooses by: a
+missing slice, uneven spacing, a gantry tilt) is an error too, unless ``allow_corrected``: then dcm2niix's
 corrected volume (``_Eq``: resliced to equal spacing, ``_Tilt``: tilt removed) is taken and the
 correction recorded (``ImportRecord.correction``, the log, the workflow's ct_import table).
+
+The slice order and places are the positions' (ImagePositionPatient along the slice normal), never the
+InstanceNumbers': where these do not run along the stack, the temporary copies are numbered by position
+for dcm2niix, which stacks slices by InstanceNumber. dcm2niix's volume is then checked against the
+headers: one slice per image, placed on the evenly spaced stack fitted to the positions (dcm2niix takes
+the spacing from two slices only), or, resliced, a grid spanning the headers' slices; a volume that
+disagrees is refused, corrected or not.
 
 Messages and logs name the source by the user's own paths and describe the series by counts, sizes and
 spacings; they never print header values such as names, dates or UIDs (dcm2niix's own warnings are
@@ -21,7 +29,6 @@ passed on with every header value read and every UID-like number blanked).
 """
 
 import logging
-import math
 import re
 import subprocess
 import tempfile
@@ -32,6 +39,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from ctcohort.dicom_geometry import (
+    GEOMETRY_TAGS,
+    Stack,
+    affine_on_stack,
+    as_number,
+    measure_stack,
+    read_header,
+    volume_disagreement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +61,13 @@ CORRECTIONS = {"Eq": "uneven slice spacing (a missing slice?) resliced to equal 
                "Tilt": "gantry tilt removed"}
 # header fields read per file: what tells series, geometry and modality apart, and what may identify a
 # patient (only to blank it out of dcm2niix's messages)
-GEOMETRY_TAGS = ["Modality", "ImageType", "SeriesInstanceUID", "SeriesNumber", "Rows", "Columns",
-                 "ImageOrientationPatient", "ImagePositionPatient", "NumberOfFrames"]
+SERIES_TAGS = ["Modality", "ImageType", "SeriesInstanceUID", "SeriesNumber"]
 IDENTIFYING_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "InstitutionAddress",
                     "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "AccessionNumber",
                     "StudyID", "StudyDate", "SeriesDate", "StudyInstanceUID", "SOPInstanceUID",
                     "FrameOfReferenceUID", "StationName", "DeviceSerialNumber", "StudyDescription",
                     "SeriesDescription", "ProtocolName"]
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-ORIENTATION_TOLERANCE = 1e-4  # direction cosines
-MIN_GAP_TOLERANCE_MM = 0.01
-RELATIVE_GAP_TOLERANCE = 1e-3
-MAX_TILT_DEGREES = 0.1
+ORIENTATION_TOLERANCE = 1e-4  # direction cosines; dcm2niix splits a stack whose orientations differ by more
 UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
 DCM2NIIX_TIMEOUT_S = 3600
 
@@ -129,42 +141,28 @@ class _Image:
     orientation: tuple | None
     position: tuple | None
     frames: int
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
+    instance: str  # InstanceNumber: only to tell dcm2niix the slice order
 
 
 def _read_image_header(path: Path, identifying: set[str]) -> _Image | None:
     """The image's header fields, or None for a file that is not a DICOM image (text, DICOMDIR, a report)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=GEOMETRY_TAGS + IDENTIFYING_TAGS)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
+    header = read_header(path, [*SERIES_TAGS, *GEOMETRY_TAGS, *IDENTIFYING_TAGS])
+    if header is None:
         return None
     for name in IDENTIFYING_TAGS + ["SeriesInstanceUID"]:
-        value = _text(ds.get(name))  # a person's name also in its parts (family^given^middle)
+        value = header[name]  # a person's name also in its parts (family^given^middle)
         identifying.update(part for part in (value, *value.split("^")) if len(part.strip()) >= 3)
-    meta_class = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
-    if meta_class == DICOMDIR_CLASS or ds.get("Rows") is None:
+    if header["Rows"] is None:
         return None
-    image_type = ds.get("ImageType") or []
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
 
-    def numbers(name, count):
-        value = ds.get(name)
-        try:
-            values = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            return None
-        return values if len(values) == count and all(map(math.isfinite, values)) else None
+    def sized(vector, count):
+        return vector if vector is not None and len(vector) == count else None
 
-    return _Image(path, _text(ds.get("Modality")).upper(), any("LOCALIZER" in _text(t).upper() for t in image_type),
-                  _text(ds.get("SeriesInstanceUID")), _text(ds.get("SeriesNumber")),
-                  (int(ds.Rows), int(ds.get("Columns") or 0)), numbers("ImageOrientationPatient", 6),
-                  numbers("ImagePositionPatient", 3), int(ds.get("NumberOfFrames") or 1))
+    size = (int(header["Rows"]), int(header["Columns"] or 0))
+    return _Image(path, header["Modality"].upper(), "LOCALIZER" in header["ImageType"].upper(),
+                  header["SeriesInstanceUID"], header["SeriesNumber"], size,
+                  sized(header["ImageOrientationPatient"], 6), sized(header["ImagePositionPatient"], 3),
+                  int(header["NumberOfFrames"] or 1), header["InstanceNumber"])
 
 
 def _plural(n: int, word: str) -> str:
@@ -202,9 +200,9 @@ def _check_one_ct_series(images: list[_Image], files: int) -> None:
                                "series of single slices")
 
 
-def _needed_corrections(images: list[_Image]) -> list[str]:
-    """What dcm2niix will have to correct in a stack of single-frame images (uneven spacing, gantry tilt);
-    errors for what cannot be one volume."""
+def _measure_stack(images: list[_Image]) -> Stack:
+    """Where the positions put a stack of single-frame images (:func:`ctcohort.dicom_geometry.measure_stack`);
+    errors for what cannot be one volume whatever is allowed."""
     if len(images) < 2:
         raise DicomImportError("a single slice, not a volume")
     if any(i.orientation is None or i.position is None for i in images):
@@ -216,28 +214,32 @@ def _needed_corrections(images: list[_Image]) -> list[str]:
         kinds = len({tuple(np.round(o, 3)) for o in orientations})
         raise DicomImportError(f"slices in {kinds} different orientations (a localizer or a second series "
                                "mixed in?); give one stack of slices")
-    row, column = orientations[0, :3], orientations[0, 3:]
-    normal = np.cross(row, column)
-    positions = np.array([i.position for i in images])
-    along = np.sort(positions @ normal)
-    gaps = np.diff(along)
-    spacing = float(np.median(gaps))
-    tolerance = max(MIN_GAP_TOLERANCE_MM, RELATIVE_GAP_TOLERANCE * abs(spacing))
-    same = int((gaps < tolerance).sum())
-    if same:
-        raise DicomImportError(f"{_plural(same + 1, 'slice')} share a position: two reconstructions of the same "
-                               "scan, or files given twice; give one series only")
-    corrections = []
-    uneven = np.abs(gaps - spacing) > tolerance
-    if uneven.any():
-        found = ", ".join(f"{_plural(n, 'gap')} of {g:g} mm" for g, n in Counter(np.round(gaps, 3)).most_common())
-        corrections.append(f"uneven slice spacing ({found}; a missing slice?)")
-    ends = positions[np.argsort(positions @ normal)[[0, -1]]]
-    stack = (ends[1] - ends[0]) / np.linalg.norm(ends[1] - ends[0])
-    tilt = math.degrees(math.acos(min(1.0, abs(float(stack @ normal)))))
-    if tilt > MAX_TILT_DEGREES:
-        corrections.append(f"gantry tilt of {tilt:.1f} degrees (slices sheared along the table)")
-    return corrections
+    stack = measure_stack([i.position for i in images], images[0].orientation)
+    if stack is None:
+        raise DicomImportError("ImageOrientationPatient does not give two directions: the slices cannot be placed")
+    if stack.doubled:
+        raise DicomImportError(f"{stack.problem}; give one series only")
+    return stack
+
+
+def _number_by_position(images: list[_Image], stack: Stack) -> bool:
+    """Where the InstanceNumbers do not run along the slice normal, the copies in the temporary folder numbered
+    by their places (dcm2niix stacks slices by InstanceNumber, and for a Siemens CT drops those that go back);
+    whether they were. Rewrites headers only: the pixel data are copied as they are."""
+    import pydicom
+
+    numbers = [as_number(images[i].instance) for i in stack.order]
+    pairs = list(zip(numbers, numbers[1:]))
+    if None not in numbers and (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
+        return False
+    with pydicom.config.disable_value_validation():
+        for place, i in enumerate(stack.order, start=1):
+            path = images[i].path
+            ds = pydicom.dcmread(path)
+            ds.InstanceNumber = place
+            path.unlink()  # a link to the user's file, which is never written to
+            ds.save_as(path)
+    return True
 
 
 def _redact(text: str, values: set[str]) -> str:
@@ -308,20 +310,18 @@ def _gather(source, folder: Path) -> list[Path]:
     return files
 
 
-def _to_hu_image(path: Path):
+def _to_hu_image(img, affine: np.ndarray):
     """dcm2niix's volume in HU (int16 where that is lossless, else float32) with a header of our own."""
     import nibabel as nib
 
     from ctcohort.imaging import ct_hounsfield
 
-    img = nib.load(path)
     hu = np.asarray(ct_hounsfield(img))
     if hu.dtype.kind in "iu" or (np.isfinite(hu).all() and np.array_equal(hu, np.round(hu))):
         lossless = hu.size == 0 or (hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max)
         hu = hu.astype(np.int16) if lossless else hu.astype(np.float32)
     else:
         hu = hu.astype(np.float32)
-    affine = img.affine.copy()
     out = nib.Nifti1Image(hu, affine)  # a fresh header: no descrip, aux_file, db_name or extensions
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
@@ -329,8 +329,10 @@ def _to_hu_image(path: Path):
     return out
 
 
-def _choose_volume(out_folder: Path, allow_corrected: bool, expected: list[str], slices: int | None):
-    """The one volume to keep among dcm2niix's outputs, and its correction (``none``, ``Eq``, ...)."""
+def _choose_volume(out_folder: Path, allow_corrected: bool, stack: Stack | None):
+    """The one volume to keep among dcm2niix's outputs, and its correction (``none``, ``Eq``, ...): the plain one
+    where the positions say the stack is regular, whatever dcm2niix made of it; ``stack`` None for a multi-frame
+    image (its frames are not placed by the headers read here)."""
     import nibabel as nib
 
     written = sorted(p.name for p in out_folder.iterdir())
@@ -354,6 +356,11 @@ def _choose_volume(out_folder: Path, allow_corrected: bool, expected: list[str],
         if len(shape) > 3 and any(n > 1 for n in shape[3:]):
             raise DicomImportError(f"dcm2niix wrote a {len(shape)}-D volume of shape {'x'.join(map(str, shape))}: "
                                    "more than one volume of the same slices (a second series, echo or phase)")
+    if corrected and stack is not None and stack.regular:
+        log.info("dcm2niix also wrote a corrected volume (%s) of a series that is regular by its positions: its "
+                 "plain volume is taken", corrected[0])
+        return volumes["none"], "none"
+    expected = list(stack.problems) if stack is not None else []
     if corrected:
         kind = corrected[0]
         reasons = "; ".join(CORRECTIONS[part] for part in kind.split("_"))
@@ -365,10 +372,23 @@ def _choose_volume(out_folder: Path, allow_corrected: bool, expected: list[str],
         return volumes[kind], kind
     if expected:
         raise DicomImportError(f"{'; '.join(expected)}, but dcm2niix wrote no corrected volume")
-    shape = nib.load(volumes["none"]).shape
-    if slices is not None and (len(shape) < 3 or shape[2] != slices):
-        raise DicomImportError(f"dcm2niix wrote {shape[2] if len(shape) > 2 else 1} slices from {slices} images")
     return volumes["none"], "none"
+
+
+def _placed_affine(img, correction: str, stack: Stack | None, warnings: list[str]) -> np.ndarray:
+    """The affine of dcm2niix's volume, checked against the slice positions of the headers: a volume of one slice
+    per image gets the stack fitted to the positions (dcm2niix takes the spacing from two slices only); a
+    resliced one is refused where it does not span the headers' slices. Unchecked for a multi-frame image."""
+    if stack is None:
+        return img.affine
+    slices = img.shape[2] if len(img.shape) > 2 else 1
+    resliced = "Eq" in correction
+    disagreement = volume_disagreement(img.affine, slices, stack, resliced)
+    if disagreement:
+        what = "volume" if correction == "none" else f"corrected volume ({correction})"
+        said = f" (dcm2niix: {'; '.join(warnings[:2])})" if warnings else ""
+        raise DicomImportError(f"dcm2niix's {what} has {disagreement}; not imported{said}")
+    return img.affine if resliced else affine_on_stack(img.affine, stack)
 
 
 def convert_series(source, allow_corrected: bool = False):
@@ -394,22 +414,26 @@ def convert_series(source, allow_corrected: bool = False):
             if len(images) < count:
                 log.info("%s: %s that are not DICOM images left out", name, _plural(count - len(images), "file"))
             _check_one_ct_series(images, count)
-            multiframe = images[0].frames > 1
-            expected = [] if multiframe else _needed_corrections(images)
-            if expected and not allow_corrected:
-                raise DicomImportError("; ".join(expected) + ": not imported unless allowed (import_ct."
-                                       "allow_corrected: true, or ctcohort import-ct --allow-corrected), which takes "
-                                       "dcm2niix's corrected volume")
+            stack = None if images[0].frames > 1 else _measure_stack(images)
+            if stack is not None and not stack.regular and not allow_corrected:
+                raise DicomImportError(stack.problem + ": not imported unless allowed (import_ct.allow_corrected: "
+                                       "true, or ctcohort import-ct --allow-corrected), which takes dcm2niix's "
+                                       "corrected volume")
+            if stack is not None and _number_by_position(images, stack):
+                log.info("%s: InstanceNumber order is not the order of the slice positions: the slices numbered by "
+                         "their positions for dcm2niix", name)
             command = [_dcm2niix_binary(), "-b", "n", "-ba", "y", "-f", "volume", "-z", "n", "-m", "y",
                        "-o", str(out), str(series)]
             result = subprocess.run(command, capture_output=True, text=True, errors="replace",
                                     timeout=DCM2NIIX_TIMEOUT_S)
-            for line in _warnings(result.stdout + result.stderr, identifying, Path(tmp)):
+            warnings = _warnings(result.stdout + result.stderr, identifying, Path(tmp))
+            for line in warnings:
                 log.warning("%s: dcm2niix: %s", name, line)
             if result.returncode != 0 and not any(out.iterdir()):
                 raise DicomImportError(f"dcm2niix failed (exit status {result.returncode}); see the log")
-            path, correction = _choose_volume(out, allow_corrected, expected, None if multiframe else len(images))
-            img = _to_hu_image(path)
+            path, correction = _choose_volume(out, allow_corrected, stack)
+            volume = nib.load(path)
+            img = _to_hu_image(volume, _placed_affine(volume, correction, stack, warnings))
     except DicomImportError as err:
         raise DicomImportError(f"DICOM series {name}: {err}") from None
     record = ImportRecord(

@@ -9,8 +9,9 @@
   StudyDate, StudyTime, StudyID and AccessionNumber; a patient is the PatientID (the study, where blank).
 - in each series drops localizer files (ImageType LOCALIZER) and files whose orientation or matrix differs
   from the stack's (the largest set of files alike); measures the slice spacing from ImagePositionPatient
-  along the slice normal (never from SliceThickness), the gantry tilt, and whether the slices are evenly
-  spaced with none missing or doubled ("complete").
+  along the slice normal (never from SliceThickness or InstanceNumber), the gantry tilt, and whether the
+  stack is regular ("complete": evenly spaced, none missing or doubled, no tilt), all by
+  :mod:`ctcohort.dicom_geometry`, whose definition the import applies too.
 - chooses one CT series per study (:data:`CHOICE_RULE`), or the series the user names by
   SeriesInstanceUID, and writes the cohort sheet (one row per study that has one) and, when asked, the
   series table (one row per series: chosen or why not).
@@ -33,16 +34,28 @@ from datetime import date
 from hashlib import sha256
 from pathlib import Path
 
+from ctcohort import dicom_geometry
+from ctcohort.dicom_geometry import (
+    GEOMETRY_TAGS,
+    NUMBER_TAGS,
+    VECTOR_TAGS,
+    Stack,
+    as_number,
+    measure_stack,
+    slice_normal,
+)
+
 SECRET_VARIABLE = "CTCOHORT_PSEUDONYM_SECRET"
 DEFAULT_MIN_SLICES = 10
 LIST_FOLDER_SUFFIX = "_series"  # cohort.tsv -> cohort_series/<subject>.txt: file lists of series that share a folder
 
 CHOICE_RULE = (
     "Eligible: modality CT, not a localizer, axial (the slice normal closest to the patient's z axis), at least "
-    "--min-slices slices, slice positions in the header, complete (evenly spaced, none missing or doubled). "
+    "--min-slices slices, slice positions in the header, complete (evenly spaced along the slice normal, none "
+    "missing or doubled, no gantry tilt: what the import accepts without a correction). "
     "Among the eligible series of a study: soft-tissue kernel first (then kernels of unknown kind, then sharp "
-    "bone/lung kernels), no gantry tilt first, then the smallest slice spacing (from the positions), then the "
-    "thinnest SliceThickness, then the most slices, then the lowest SeriesNumber. A series named by "
+    "bone/lung kernels), then the smallest slice spacing (from the positions), then the thinnest "
+    "SliceThickness, then the most slices, then the lowest SeriesNumber. A series named by "
     "--series-uid is chosen for its study whatever the rule says."
 )
 
@@ -50,20 +63,12 @@ CHOICE_RULE = (
 TAGS = [
     "SOPClassUID", "Modality", "PatientID", "PatientBirthDate", "PatientAge", "PatientSex", "StudyInstanceUID",
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "SeriesInstanceUID", "SeriesNumber",
-    "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType", "ImageOrientationPatient",
-    "ImagePositionPatient", "Rows", "Columns", "PixelSpacing", "SliceThickness", "ConvolutionKernel",
-    "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer", "ManufacturerModelName", "KVP", "InstanceNumber",
-    "NumberOfFrames", "PatientName",
+    "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType", "SliceThickness",
+    "ConvolutionKernel", "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer", "ManufacturerModelName", "KVP",
+    "PatientName", *GEOMETRY_TAGS,
 ]
-_TEXT_TAGS = ["SOPClassUID", "Modality", "PatientID", "PatientBirthDate", "PatientAge", "PatientSex",
-              "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "SeriesInstanceUID",
-              "SeriesNumber", "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType",
-              "ConvolutionKernel", "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer",
-              "ManufacturerModelName", "InstanceNumber", "PatientName"]
-_SHARED_TEXT = [t for t in _TEXT_TAGS if t != "InstanceNumber"]
-_NUMBER_TAGS = ["Rows", "Columns", "SliceThickness", "KVP", "NumberOfFrames"]
-_VECTOR_TAGS = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"]
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: an index, not an image
+# text values that thousands of files repeat: one copy of each is kept
+_SHARED_TEXT = [t for t in TAGS if t not in VECTOR_TAGS | NUMBER_TAGS and t != "InstanceNumber"]
 
 # ContrastBolusAgent/Route values that say "none"
 NO_CONTRAST = {"", "NONE", "NO", "N", "0", "NATIVE", "WITHOUT", "NIL"}
@@ -82,54 +87,10 @@ KEY_COLUMNS = ["subject", "patient", "PatientID", "StudyInstanceUID", "StudyDate
 # --- reading headers ---------------------------------------------------------------------------------
 
 
-def _text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip()
-
-
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _vector(value) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        numbers = tuple(float(v) for v in (value if not isinstance(value, (str, bytes)) else [value]))
-    except (TypeError, ValueError):
-        return None
-    return numbers if numbers and all(math.isfinite(n) for n in numbers) else None
-
-
 def read_header(path: str) -> dict | None:
     """The tags of :data:`TAGS` of one file as plain Python values; None where it is not a DICOM image
-    (no DICOM preamble, unreadable, a DICOMDIR)."""
-    import pydicom
-
-    try:
-        # values are converted when first read: no warning per file for a value outside its VR's rules
-        with pydicom.config.disable_value_validation():
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
-            header = {"path": path}
-            for tag in _TEXT_TAGS:
-                header[tag] = _text(ds.get(tag))
-            for tag in _NUMBER_TAGS:
-                header[tag] = _number(ds.get(tag))
-            for tag in _VECTOR_TAGS:
-                header[tag] = _vector(ds.get(tag))
-            media_class = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
-    except Exception:  # noqa: BLE001 - pydicom raises many kinds on broken or non-DICOM files; all mean "not an image"
-        return None
-    if DICOMDIR_CLASS in (media_class, header["SOPClassUID"]):
-        return None
-    return header
+    (:func:`ctcohort.dicom_geometry.read_header`)."""
+    return dicom_geometry.read_header(path, TAGS)
 
 
 def list_files(root: str | Path) -> list[str]:
@@ -201,17 +162,8 @@ def _round(vector, digits=3):
     return None if vector is None else tuple(round(v, digits) + 0.0 for v in vector)
 
 
-def _normal(orientation) -> tuple[float, float, float] | None:
-    if orientation is None or len(orientation) != 6:
-        return None
-    (a, b, c), (d, e, f) = orientation[:3], orientation[3:]
-    n = (b * f - c * e, c * d - a * f, a * e - b * d)
-    length = math.sqrt(sum(v * v for v in n))
-    return None if length < 1e-6 else tuple(v / length for v in n)
-
-
 def orientation_name(orientation) -> str:
-    normal = _normal(orientation)
+    normal = slice_normal(orientation)
     if normal is None:
         return "unknown"
     return ("sagittal", "coronal", "axial")[max(range(3), key=lambda i: abs(normal[i]))]
@@ -255,10 +207,7 @@ class Series:
     files: list[dict]
     stack: list[dict] = field(default_factory=list)  # sorted along the slice normal
     dropped: Counter = field(default_factory=Counter)
-    spacing: float | None = None
-    tilt_deg: float | None = None
-    complete: bool = False
-    doubled: bool = False  # slices at the same position
+    geometry: Stack | None = None  # where the positions put the stack's slices (None: no positions)
     problem: str = ""  # why not eligible ("" = eligible)
     index: int = 0  # 1, 2, ... within the study
     chosen: bool = False
@@ -271,7 +220,7 @@ class Series:
 
     def common(self, tag: str):
         values = Counter(h[tag] for h in (self.stack or self.files) if h[tag] not in (None, ""))
-        return values.most_common(1)[0][0] if values else (None if tag in _NUMBER_TAGS else "")
+        return values.most_common(1)[0][0] if values else (None if tag in NUMBER_TAGS else "")
 
     @property
     def kernel(self) -> str:
@@ -295,9 +244,22 @@ class Series:
         return int(any(h[tag].upper() not in NO_CONTRAST for h in (self.stack or self.files)
                        for tag in ("ContrastBolusAgent", "ContrastBolusRoute")))
 
+    @property
+    def spacing(self) -> float | None:
+        return None if self.geometry is None or self.geometry.spacing is None else round(self.geometry.spacing, 4)
+
+    @property
+    def tilt_deg(self) -> float | None:
+        return None if self.geometry is None else self.geometry.tilt_deg
+
+    @property
+    def complete(self) -> bool:
+        """Regular by :func:`ctcohort.dicom_geometry.measure_stack`: what the import accepts."""
+        return self.geometry is not None and self.geometry.regular
+
     def rank(self) -> tuple:
-        number = _number(self.series_number)
-        return (not self.named, KERNEL_RANK[self.kernel_class], (self.tilt_deg or 0) > 0.5,
+        number = as_number(self.series_number)
+        return (not self.named, KERNEL_RANK[self.kernel_class],
                 round(self.spacing or math.inf, 2), round(self.thickness or math.inf, 2), -len(self.stack),
                 number if number is not None else math.inf, self.index)
 
@@ -347,30 +309,14 @@ def _measure(s: Series, min_slices: int = DEFAULT_MIN_SLICES) -> None:
         s.stack = [h for h in images if _stack_key(h) == main]
         if len(s.stack) < len(images):
             s.dropped["other orientation or matrix"] += len(images) - len(s.stack)
-    normal = _normal(s.stack[0]["ImageOrientationPatient"]) if s.stack else None
-    positions = [h["ImagePositionPatient"] for h in s.stack]
-    if normal and all(p is not None and len(p) == 3 for p in positions):
-        along = [sum(a * b for a, b in zip(p, normal)) for p in positions]
-        order = sorted(range(len(s.stack)), key=lambda i: along[i])
-        s.stack = [s.stack[i] for i in order]
-        along = [along[i] for i in order]
-        steps = [b - a for a, b in zip(along, along[1:])]
-        if steps:
-            median = sorted(steps)[len(steps) // 2]
-            s.spacing = round(median, 4)
-            tolerance = 0.02 * abs(median) + 0.01
-            s.doubled = any(step <= 0.02 * max(steps) + 0.01 for step in steps)
-            s.complete = not s.doubled and all(abs(step - median) <= tolerance for step in steps)
-            first, last = positions[order[0]], positions[order[-1]]
-            offset = [b - a for a, b in zip(first, last)]
-            length = math.sqrt(sum(v * v for v in offset))
-            if length > 0:
-                cosine = min(1.0, abs(sum(a * b for a, b in zip(offset, normal))) / length)
-                s.tilt_deg = round(math.degrees(math.acos(cosine)), 2)
-    s.problem = _problem(s, min_slices, normal is not None and all(p is not None for p in positions))
+    if s.stack:
+        s.geometry = measure_stack([h["ImagePositionPatient"] for h in s.stack], s.stack[0]["ImageOrientationPatient"])
+    if s.geometry is not None:
+        s.stack = [s.stack[i] for i in s.geometry.order]
+    s.problem = _problem(s, min_slices)
 
 
-def _problem(s: Series, min_slices: int, positioned: bool) -> str:
+def _problem(s: Series, min_slices: int) -> str:
     modality = s.common("Modality")
     if modality != "CT":
         return f"modality {modality or 'not given'}, not CT"
@@ -383,12 +329,9 @@ def _problem(s: Series, min_slices: int, positioned: bool) -> str:
     orientation = orientation_name(s.first("ImageOrientationPatient"))
     if orientation != "axial":
         return f"{orientation}, not axial"
-    if not positioned:
+    if s.geometry is None:
         return "no slice positions (ImagePositionPatient/ImageOrientationPatient) in the headers"
-    if not s.complete:
-        if s.doubled:
-            return "slices at the same position (two series merged, or repeated scans)"
-        return f"uneven slice spacing around {s.spacing:g} mm (missing or doubled slices)"
+    return s.geometry.problem
     return ""
 
 
@@ -412,7 +355,7 @@ def choose(series: list[Series], named_uids: list[str] | None = None) -> dict[tu
         studies[(s.patient_key, s.study_key)].append(s)
     chosen = {}
     for key, members in studies.items():
-        members.sort(key=lambda s: (_number(s.series_number) if _number(s.series_number) is not None else math.inf,
+        members.sort(key=lambda s: (as_number(s.series_number) if as_number(s.series_number) is not None else math.inf,
                                     s.common("SeriesDescription"), s.kernel, s.files[0]["path"]))
         for i, s in enumerate(members, start=1):
             s.index = i
@@ -440,8 +383,6 @@ def _why_not(s: Series, best: Series) -> str:
         return "another series named by --series-uid"
     if KERNEL_RANK[s.kernel_class] != KERNEL_RANK[best.kernel_class]:
         return f"{s.kernel_class} kernel, series {best.index} has a {best.kernel_class} one"
-    if ((s.tilt_deg or 0) > 0.5) != ((best.tilt_deg or 0) > 0.5):
-        return f"gantry tilt {s.tilt_deg:g} deg, series {best.index} has none"
     if round(s.spacing, 2) != round(best.spacing, 2):
         return f"slice spacing {s.spacing:g} mm, series {best.index} has {best.spacing:g} mm"
     if round(s.thickness or math.inf, 2) != round(best.thickness or math.inf, 2):
