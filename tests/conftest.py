@@ -28,6 +28,18 @@ def shared_data() -> Path:
     return require_shared_data()
 
 
+def real_example_v1():
+    """The real example CT and its v1 segmentation as arrays: (affine, HU as int16, labels as uint8; the file
+    stores the labels as floats)."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = require_shared_data() / "totalseg-example"
+    ct = nib.load(folder / "example_ct.nii.gz")
+    labels = np.rint(np.asanyarray(nib.load(folder / "example_seg_v1.nii.gz").dataobj)).astype(np.uint8)
+    return ct.affine, np.asanyarray(ct.dataobj).astype(np.int16), labels
+
+
 def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[str]:
     """The snakemake command line that runs the real workflow in ``workdir``, whose config/config.yaml it
     writes: the shipped config with ``config_overrides``."""

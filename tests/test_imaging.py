@@ -295,6 +295,13 @@ def test_sform_and_qform_that_disagree_are_said_with_the_distance(shared_data, t
         scan = read_scan(ct, seg)
     assert np.allclose(scan.affine, nib.load(ct).get_sform())  # measured on the sform
     assert "sform and qform disagree by up to 10.0 mm (sform_code 1, qform_code 1); the sform is used" in caplog.text
+    # and the QC table says it, on every structure row (qc.tsv flags the scan: review.sanity_flags)
+    from ctcohort.measure import measure_and_check
+    from ctcohort.qc import QCSettings
+    from ctcohort.structures import load_structure_table
+
+    checked = measure_and_check(ct, seg, load_structure_table("total_v1"), qc=QCSettings(preview_width=None))
+    assert checked.qc.table["sform_qform_mm"].to_numpy() == pytest.approx(10.0)
     # a label map that follows the qform: the mismatch says that the CT itself is in doubt
     qform_seg = nib.Nifti1Image(np.asanyarray(nib.load(seg).dataobj), nib.load(ct).get_qform())
     nib.save(qform_seg, tmp_path / "qform_seg.nii.gz")
@@ -304,5 +311,5 @@ def test_sform_and_qform_that_disagree_are_said_with_the_distance(shared_data, t
     caplog.clear()
     ct, seg = real_ct_copy(shared_data, tmp_path, sform_code=1, qform_code=1)
     with caplog.at_level("WARNING"):
-        read_scan(ct, seg)
+        assert read_scan(ct, seg).sform_qform_mm is None
     assert "disagree" not in caplog.text

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import require_shared_data, run_workflow
+from conftest import real_example_v1, run_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,16 @@ P_COLUMNS = {"age_correlations": ["p", "p_partial"], "partial_correlations": ["p
 
 @pytest.fixture(scope="module")
 def repeated_scans_study(tmp_path_factory):
-    folder = require_shared_data() / "totalseg-example"
+    affine, hu, labels = real_example_v1()
     workdir = tmp_path_factory.mktemp("patients")
     data = workdir / "data"
     data.mkdir()
-    ct = nib.load(folder / "example_ct.nii.gz")
-    hu = np.asanyarray(ct.dataobj).astype(np.int16)
-    labels = np.rint(np.asanyarray(nib.load(folder / "example_seg_v1.nii.gz").dataobj)).astype(np.uint8)
-    nib.save(nib.Nifti1Image(labels, ct.affine), data / "seg.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     rows = []
     for patient, ages in PATIENTS.items():
         for visit, age in enumerate(ages):
             subject = f"{patient}_{visit}"
-            nib.save(nib.Nifti1Image((hu + (age - 50)).astype(np.int16), ct.affine), data / f"{subject}.nii.gz")
+            nib.save(nib.Nifti1Image((hu + (age - 50)).astype(np.int16), affine), data / f"{subject}.nii.gz")
             rows.append({"subject": subject, "ct": f"{subject}.nii.gz", "seg": "seg.nii.gz", "age": age, "sex": "M",
                          "patient": patient})
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
@@ -93,14 +90,14 @@ def repeated_scans_over_years(tmp_path_factory):
     """14 patients scanned 2-4 times over up to 3 years (copies of the real CT, cropped to the abdomen): the
     liver's HU rises 5 per year within each patient, whatever the patient's age; the spleen's HU is higher
     by 1 per year of the patient's age at the first scan and does not change over time."""
-    folder = require_shared_data() / "totalseg-example"
+    affine, hu, labels = real_example_v1()
+    hu, labels = hu[:, :, 60:112], labels[:, :, 60:112]  # the abdomen; the origin moves to slice 60
+    affine = affine.copy()
+    affine[:3, 3] = (affine @ [0, 0, 60, 1])[:3]
     workdir = tmp_path_factory.mktemp("longitudinal")
     data = workdir / "data"
     data.mkdir()
-    ct = nib.load(folder / "example_ct.nii.gz").slicer[:, :, 60:112]
-    labels = np.rint(np.asanyarray(nib.load(folder / "example_seg_v1.nii.gz").slicer[:, :, 60:112].dataobj))
-    hu = np.asanyarray(ct.dataobj).astype(np.int16)
-    nib.save(nib.Nifti1Image(labels.astype(np.uint8), ct.affine), data / "seg.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     liver, spleen = labels == LIVER, labels == SPLEEN
     assert liver.sum() > 1000 and spleen.sum() > 1000
     rng = np.random.default_rng(16)
@@ -114,7 +111,7 @@ def repeated_scans_over_years(tmp_path_factory):
             copy[liver] += int(offset[0] + WITHIN_HU_PER_YEAR * years + rng.integers(-1, 2))
             copy[spleen] += int(offset[1] + round(BETWEEN_HU_PER_YEAR * (baseline_age - 50)) + rng.integers(-1, 2))
             subject = f"p{patient:02d}_{visit}"
-            nib.save(nib.Nifti1Image(copy, ct.affine), data / f"{subject}.nii.gz")
+            nib.save(nib.Nifti1Image(copy, affine), data / f"{subject}.nii.gz")
             rows.append({"subject": subject, "ct": f"{subject}.nii.gz", "seg": "seg.nii.gz",
                          "age": baseline_age + years, "sex": "MF"[patient % 2], "patient": f"p{patient:02d}",
                          "years": years})

@@ -269,15 +269,12 @@ def qc_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation, run through the real workflow: one scan's
     left kidney shrunk to an implausible volume, one scan's gallbladder set to 4000 HU, one CT truncated,
     one scan without an age."""
-    from conftest import require_shared_data, run_workflow
+    from conftest import real_example_v1, run_workflow
 
-    folder = require_shared_data() / "totalseg-example"
+    affine, hu, labels = real_example_v1()
     workdir = tmp_path_factory.mktemp("qc")
     data = workdir / "data"
     data.mkdir()
-    ct = nib.load(folder / "example_ct.nii.gz")
-    hu = np.asanyarray(ct.dataobj).astype(np.int16)
-    labels = np.rint(np.asanyarray(nib.load(folder / "example_seg_v1.nii.gz").dataobj)).astype(np.uint8)
     kidney = V1_IDS["kidney_left"]
     shrunk = labels.copy()
     inside = np.argwhere(labels == kidney)
@@ -293,8 +290,8 @@ def qc_cohort(tmp_path_factory):
              "broken": (background_marked(hu, labels, 4), labels, 45)}
     rows = []
     for subject, (values, seg, age) in scans.items():
-        nib.save(nib.Nifti1Image(values, ct.affine), data / f"{subject}_ct.nii.gz")
-        nib.save(nib.Nifti1Image(seg, ct.affine), data / f"{subject}_seg.nii.gz")
+        nib.save(nib.Nifti1Image(values, affine), data / f"{subject}_ct.nii.gz")
+        nib.save(nib.Nifti1Image(seg, affine), data / f"{subject}_seg.nii.gz")
         rows.append({"subject": subject, "ct": f"{subject}_ct.nii.gz", "seg": f"{subject}_seg.nii.gz",
                      "age": age, "sex": "MF"[len(rows) % 2]})
     whole = (data / "broken_ct.nii.gz").read_bytes()
@@ -304,7 +301,7 @@ def qc_cohort(tmp_path_factory):
               "statistics": {"min_n": 3}}
     run_workflow(workdir, config)
     run_workflow(workdir, config, "--report", "results/report.html")
-    return {"results": workdir / "results", "labels": labels, "shrunk": shrunk, "voxel_ml": voxel_volume_ml(ct.affine)}
+    return {"results": workdir / "results", "labels": labels, "shrunk": shrunk, "voxel_ml": voxel_volume_ml(affine)}
 
 
 @pytest.mark.slow

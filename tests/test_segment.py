@@ -141,9 +141,10 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     outputs = [tmp_path / f"{s}.nii.gz" for s in "abc"]
     statuses = [tmp_path / f"{s}.json" for s in "abc"]
     measurement = BatchMeasurement([tmp_path / f"{s}.tsv" for s in "abc"],
-                                   [tmp_path / f"{s}.measure.json" for s in "abc"], min_voxels=5,
+                                   [tmp_path / f"{s}.measure.json" for s in "abc"],
                                    qc_tables=[tmp_path / f"{s}.qc.tsv" for s in "abc"],
-                                   previews=[tmp_path / f"{s}.png" for s in "abc"], preview_width=300)
+                                   previews=[tmp_path / f"{s}.png" for s in "abc"],
+                                   settings=QCSettings(min_voxels=5, preview_width=300))
     segment_batch(["good", "bad", "unimported"], [phantom_scan, broken, unimported], outputs, statuses,
                   model=two_part_model, structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement,
                   upstream=["", "", import_status])

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, read_measurements
-from ctcohort.qc import read_qc
+from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, REVIEWER_EXCLUDED, read_measurements
+from ctcohort.qc import GEOMETRY_COLUMNS, QCSettings, read_qc
+from ctcohort.review import SANITY_FLAGS, review_column, sanity_flags
 from ctcohort.scan_status import ScanStatus, read_status
 from ctcohort.sheet import covariate_columns
 
@@ -20,9 +21,10 @@ STAGES = ("import_ct", "segment", "measure")
 QC_TABLE_COLUMNS = [
     "subject", "structure", "label", "group", "n_voxels", "volume_ml_measured", "hu_mean_measured", "complete",
     "cut_faces", "volume_implausible", "hu_implausible", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
+    *GEOMETRY_COLUMNS, "sform_qform_mm", *SANITY_FLAGS, "volume_z", "review",
 ]
 # Why a measure is NaN: per measure, the exclusion reasons that remove it (in order of precedence)
-HU_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu")
+HU_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", REVIEWER_EXCLUDED)
 # exclusion_reason of a combined structure's row with a NaN measure (combine_structures)
 MEMBER_MISSING = "member_missing"
 # the measures of a combined row that need every member; its hu_median is always NaN
@@ -182,6 +184,8 @@ def exclusion_counts(n_scans: int, failures: pd.DataFrame, measurements: pd.Data
     scans = measurements.drop_duplicates("subject")
     rows += [("scans", f"measured, no {column}", int(scans[column].isna().sum()))
              for column in ("age", "sex") if column in scans.columns]
+    whole_scan = (measurements["exclusion_reason"] == REVIEWER_EXCLUDED).groupby(measurements["subject"]).all()
+    rows.append(("scans", f"measured, {REVIEWER_EXCLUDED}", int(whole_scan.sum())))
     reasons = measurements["exclusion_reason"].fillna("").replace("", "measured").value_counts()
     rows += [("structures", reason, int(reasons.get(reason, 0))) for reason in ("measured", *EXCLUSION_REASONS)]
     rows += [("structures", reason, int(count)) for reason, count in reasons.items()
@@ -202,22 +206,38 @@ def read_failures(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
 
 
-def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str, str | Path]) -> pd.DataFrame:
+def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str, str | Path],
+              settings: QCSettings = QCSettings(), decisions: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per subject x structure of the cohort (QC_TABLE_COLUMNS): the values as measured, the
     faces that cut the structure (qc.cut_faces), the plausibility flags and final exclusion reason of
-    ``checked`` (``qc.apply_plausibility`` of ``measured``), the scan's vertebral coverage."""
+    ``checked`` (``qc.apply_plausibility`` of ``measured``, then the reviewer's decisions), the scan's
+    vertebral coverage, the geometry of each structure and the sanity checks made from it
+    (``review.sanity_flags``, with the sheet's age and sex), and the reviewer's decision."""
     subjects = set(measured["subject"])
     frames = [read_qc(path).assign(subject=subject) for subject, path in qc_paths.items() if subject in subjects]
+    covariates = [c for c in ("age", "sex") if c in checked.columns]
     table = checked[["subject", "structure", "label", "group", "n_voxels", "complete", "volume_implausible",
-                     "hu_implausible", "exclusion_reason"]].copy()
+                     "hu_implausible", "exclusion_reason", *covariates]].copy()
     table["volume_ml_measured"] = measured["volume_ml"].to_numpy()
     table["hu_mean_measured"] = measured["hu_mean"].to_numpy()
     if frames:
         qc = pd.concat(frames, ignore_index=True).drop(columns="label")
         table = table.merge(qc, on=["subject", "structure"], how="left", validate="one_to_one")
     else:
-        table = table.assign(cut_faces="", cranial_vertebra="", caudal_vertebra="")
+        table = table.assign(cut_faces="", cranial_vertebra="", caudal_vertebra="", sform_qform_mm=np.nan,
+                             **{column: np.nan for column in GEOMETRY_COLUMNS})
+    table = pd.concat([table, sanity_flags(table, settings)], axis=1)
+    table["review"] = review_column(table, decisions)
     return table[QC_TABLE_COLUMNS]
+
+
+def read_cohort_qc(path: str | Path) -> pd.DataFrame:
+    """qc.tsv as ``cohort_qc`` wrote it: ids and text as text ("007" is an id), "NaN" a missing number."""
+    text = ["subject", "structure", "group", "cut_faces", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
+            "review"]
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values={c: ["NaN"] for c in QC_TABLE_COLUMNS
+                                                                           if c not in text},
+                       dtype={c: str for c in text})
 
 
 def value_exclusions(checked: pd.DataFrame, measure: str) -> pd.Series:
@@ -228,13 +248,13 @@ def value_exclusions(checked: pd.DataFrame, measure: str) -> pd.Series:
     reason = checked["exclusion_reason"].fillna("")
     missing = pd.to_numeric(checked[measure], errors="coerce").isna()
     if measure == "volume_ml":
-        cause = reason.where(reason.isin(["absent", "too_small"]), "other")
+        cause = reason.where(reason.isin(["absent", "too_small", REVIEWER_EXCLUDED]), "other")
         cause = cause.mask((cause == "other") & checked["complete"].eq(False).fillna(False), "cut_off")
         cause = cause.mask((cause == "other") & checked["volume_implausible"].astype(bool), "implausible_volume")
     elif measure.startswith("hu_"):
         cause = reason.where(reason.isin(HU_REASONS), "other")
     else:
-        cause = reason.where(reason.isin(["absent", "too_small"]), "other")
+        cause = reason.where(reason.isin(["absent", "too_small", REVIEWER_EXCLUDED]), "other")
     return cause.where(missing, "")
 
 

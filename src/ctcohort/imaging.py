@@ -178,10 +178,11 @@ def orientation_words(img: nib.Nifti1Image) -> str:
             f"qform_code {int(img.header['qform_code'])}); the sform is used, as nibabel and ITK do")
 
 
-def check_orientation(img: nib.Nifti1Image, source: str | Path) -> None:
+def check_orientation(img: nib.Nifti1Image, source: str | Path) -> float | None:
     """A CT without an orientation (sform_code and qform_code both 0) fails: left and right cannot be told apart,
     and the QC's faces and preview would come out mirrored. One whose sform and qform disagree is measured on
-    the sform, with a warning that says by how much."""
+    the sform, with a warning that says by how much; the distance (mm) is returned for the QC table (None where
+    they agree)."""
     header = img.header
     if hasattr(header, "get_sform") and header["sform_code"] <= 0 and header["qform_code"] <= 0:
         raise ImplausibleScanError(
@@ -190,6 +191,7 @@ def check_orientation(img: nib.Nifti1Image, source: str | Path) -> None:
     words = orientation_words(img)
     if words:
         log.warning("%s: %s", source, words)
+    return sform_qform_disagreement(img)
 
 
 def check_ct(hu: np.ndarray, affine: np.ndarray, source: str | Path, checks: ScanChecks = ScanChecks()) -> None:

@@ -52,7 +52,10 @@ HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
 # Every exclusion_reason, in order of precedence: a structure gets the first that applies. The two
 # implausible_* reasons are given where the cohort is joined (qc.apply_plausibility), not per scan;
 # implausible_hu comes before cut_off for the reason hu_nonfinite does (cut_off says the HU is usable).
-EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off", "implausible_volume")
+# A reviewer's exclusion (review.apply_review_decisions) overrides every other reason.
+REVIEWER_EXCLUDED = "reviewer_excluded"
+EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off", "implausible_volume",
+                     REVIEWER_EXCLUDED)
 # The reasons measure_structures gives
 SCAN_EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
 # Above this many label x HU bins (integer CTs) medians, means and SDs come from sorting the foreground.
@@ -344,6 +347,7 @@ class Scan(NamedTuple):
     affine: np.ndarray  # the CT's voxel-to-world matrix (mm)
     ct_path: str | Path
     seg_path: str | Path
+    sform_qform_mm: float | None = None  # imaging.check_orientation: how far the CT's sform and qform disagree
 
 
 def read_scan(ct_path: str | Path, seg_path: str | Path, checks: ScanChecks = ScanChecks()) -> Scan:
@@ -355,14 +359,14 @@ def read_scan(ct_path: str | Path, seg_path: str | Path, checks: ScanChecks = Sc
     data and grid. Every error names the file at fault.
     """
     ct = load_image(ct_path, in_memory=True)
-    check_orientation(ct, ct_path)
+    sform_qform_mm = check_orientation(ct, ct_path)
     seg = load_image(seg_path, in_memory=True)
     with ThreadPoolExecutor(2) as pool:
         hu = pool.submit(ct_hounsfield, ct)
         labels = pool.submit(seg_on_ct_grid, seg, ct, seg_path)
         hu = hu.result()
         check_ct(hu, ct.affine, ct_path, checks)
-        return Scan(hu, labels.result(), ct.affine, ct_path, seg_path)
+        return Scan(hu, labels.result(), ct.affine, ct_path, seg_path, sform_qform_mm)
 
 
 def _read_with_table(ct_path, seg_path, table, checks: ScanChecks) -> tuple[Scan, pd.DataFrame]:
@@ -413,15 +417,17 @@ def measure_and_check(
     """``measure_scan``, then ``qc.scan_qc`` on the arrays already in memory (``qc`` carries the border
     margin and the minimum voxel count the measurement uses)."""
     scan, table = _read_with_table(ct_path, seg_path, table, checks)
-    return checked_scan(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path)
+    return checked_scan(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path,
+                        sform_qform_mm=scan.sform_qform_mm)
 
 
 def checked_scan(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, table: pd.DataFrame,
-                 qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT") -> CheckedScan:
+                 qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT",
+                 sform_qform_mm: float | None = None) -> CheckedScan:
     """Measure arrays in memory (``measure_structures``) and check them (``qc.scan_qc``)."""
     measured = measure_structures(hu, labels, voxel_volume_ml(affine), table, border_margin=qc.border_margin,
                                   min_voxels=qc.min_voxels, source=source, ct_source=ct_source)
-    return CheckedScan(measured, scan_qc(hu, labels, affine, measured, qc))
+    return CheckedScan(measured, scan_qc(hu, labels, affine, measured, qc, sform_qform_mm))
 
 
 def empty_checked_scan() -> CheckedScan:

@@ -27,6 +27,7 @@ REASON_WORDS = {
     "implausible_hu": "with a median attenuation outside {hu_low} to {hu_high} HU",
     "implausible_volume": "with a volume outside the plausible range",
     "member_missing": "combined structures with a member missing",
+    "reviewer_excluded": "excluded by a reviewer",
 }
 MEASURE_WORDS = {"volume_ml": "volume", "hu_mean": "mean attenuation", "hu_mean_eroded": "interior mean attenuation",
                  "hu_median": "median attenuation", "hu_std": "standard deviation of attenuation",
@@ -187,6 +188,14 @@ def _measures_paragraph(config, counts) -> str:
                 f"a one-voxel erosion. Excluded values were left missing, never set to zero: "
                 f"{'; '.join(checks)}. Of {total:,} structure measurements, "
                 f"{_listing(excluded) if excluded else 'none'} {'were excluded' if excluded else 'was excluded'}.")
+    reviewed = _count(counts, "scans", "measured, reviewer_excluded")
+    by_reviewer = _count(counts, "structures", "reviewer_excluded")
+    if by_reviewer:
+        measures += (" After looking at each scan's preview on a review page that ranked the scans by automated "
+                     "sanity checks (left and right structures on the wrong side, vertebrae out of order, one-piece "
+                     f"structures in several pieces, robust volume outliers for age and sex), a reviewer excluded "
+                     f"{_scans(reviewed)} as a whole; {by_reviewer:,} structure measurements in all were excluded "
+                     f"by review.")
     combined = config["statistics"].get("combined") or {}
     if combined:
         measures += (f" Combined structures were also analysed ({_listing(sorted(combined))}): summed "

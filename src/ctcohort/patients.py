@@ -11,8 +11,8 @@ chosen by ``statistics.scan_per_patient``; within-patient change is the longitud
 (``ctcohort.longitudinal``). Per-scan tables (measurements, QC) keep every scan.
 
 The rule, among the patient's measured scans (failed scans are not in the measurement table) that have
-an age; a patient none of whose scans has an age keeps one all the same, and the age statistics leave it
-out like any scan without an age:
+an age and that a reviewer did not exclude as a whole; a patient with no such scan keeps one all the same,
+and the age statistics leave it out like any scan without an age or values:
 
 - ``first``: the earliest scan: the smallest ``years`` (years since the patient's first study) where the
   table has that column, else the youngest age; ties go to the scan listed first in the sheet.
@@ -78,6 +78,8 @@ def choose_scans(scans: pd.DataFrame, settings: PatientSettings = PatientSetting
                           "patient": patient_of(scans).to_numpy()})
     table["age"] = pd.to_numeric(scans["age"], errors="coerce").to_numpy(dtype=float) if "age" in scans else np.nan
     table["no_age"] = table["age"].isna()
+    if "reviewer_excluded" in scans:  # scan_selection: the whole scan excluded
+        table["no_age"] |= scans["reviewer_excluded"].to_numpy(dtype=bool)
     key = _order_key(scans, settings)
     table["key"] = np.where(np.isfinite(key), key, np.inf)
     table["position"] = np.arange(len(table))
@@ -91,8 +93,14 @@ def choose_scans(scans: pd.DataFrame, settings: PatientSettings = PatientSetting
 
 def scan_selection(measurements: pd.DataFrame, settings: PatientSettings = PatientSettings()) -> pd.DataFrame:
     """``choose_scans`` over the scans of a cohort measurement table (one row per scan x structure)."""
-    scans = measurements.drop_duplicates("subject")
-    return choose_scans(scans.reset_index(drop=True), settings)
+    from ctcohort.measure import REVIEWER_EXCLUDED
+
+    scans = measurements.drop_duplicates("subject").reset_index(drop=True)
+    if {"label", "exclusion_reason"} <= set(measurements.columns):
+        own = measurements[pd.to_numeric(measurements["label"], errors="coerce").notna()]  # not combined rows
+        excluded = (own["exclusion_reason"] == REVIEWER_EXCLUDED).groupby(own["subject"]).all()
+        scans["reviewer_excluded"] = scans["subject"].map(excluded).fillna(False).to_numpy(dtype=bool)
+    return choose_scans(scans, settings)
 
 
 def cross_sectional(measurements: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -32,7 +32,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 FACES = ("x-", "x+", "y-", "y+", "z-", "z+")
-QC_COLUMNS = ["structure", "label", "cut_faces", "cranial_vertebra", "caudal_vertebra"]
+# per structure: where it lies (centre of mass, RAS+ mm), the volume of its second-largest connected piece
+# (structures of ONE_PIECE only), and the scan's sform-qform disagreement (mm; NaN where they agree)
+GEOMETRY_COLUMNS = ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "second_piece_ml"]
+QC_COLUMNS = ["structure", "label", "cut_faces", "cranial_vertebra", "caudal_vertebra", *GEOMETRY_COLUMNS,
+              "sform_qform_mm"]
 PLAUSIBLE_COLUMNS = ["structure", "min_ml", "max_ml", "source"]
 BUILTIN_PLAUSIBLE_VOLUMES = {"total_v1": "plausible_volumes_total_v1.csv"}
 # Vertebrae from cranial to caudal: TotalSegmentator's names (v1 and v2) vertebrae_C1 .. vertebrae_S1
@@ -42,16 +46,71 @@ VERTEBRA_REGIONS = "CTLS"
 PREVIEW_WINDOW = (-160.0, 240.0)
 BODY_HU = -500.0
 OVERLAY_ALPHA = 0.45
+# The geometry checks look at every k-th voxel along each axis, k chosen so that the grid is about this coarse
+# (a 0.8 x 0.8 x 1.5 mm scan: every 3rd, 3rd and 2nd voxel, 1/18 of them; a 3 mm scan: all). Centres of mass
+# move by less than a grid step, a piece of 1 ml still holds about 37 grid points, and parts thinner than a step
+# can fall between them: hence ONE_PIECE leaves thin structures out. Measured: benchmarks/qc_speed.py.
+GEOMETRY_GRID_MM = 3.0
+# Structures that are one piece in a body, named as in TotalSegmentator v1 and v2: a second sizeable piece is
+# a mislabelled region (a fragment of a neighbour). Left out: thin or tubular structures that a segmentation
+# often breaks without being wrong (ribs, adrenal glands, pancreas, bowel, vessels but the aorta, muscles).
+ONE_PIECE = frozenset({
+    "spleen", "kidney_left", "kidney_right", "liver", "gallbladder", "stomach", "urinary_bladder", "brain", "heart",
+    "aorta", "trachea", "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
+    "lung_middle_lobe_right", "lung_lower_lobe_right", "sacrum", "sternum", "skull",
+    *(f"{bone}_{side}" for bone in ("femur", "hip", "humerus", "scapula", "clavicula") for side in ("left", "right")),
+    *(f"vertebrae_{region}{n}" for region, count in (("C", 7), ("T", 12), ("L", 5), ("S", 1))
+      for n in range(1, count + 1)),
+})
 
 
 @dataclass(frozen=True)
 class QCSettings:
-    """What ``scan_qc`` computes: faces within ``border_margin`` voxels (measure.border_margin) count as cut;
-    ``preview_width``: the preview's width in pixels (three square panels), 0 or None: no preview."""
+    """Quality control: config's ``qc`` block key for key (documented in config/README.md), plus the border
+    margin and minimum voxel count of the ``measure`` block, which the cut-off faces and the vertebral
+    coverage share with the measurement. The field defaults are the only defaults (config/config.yaml states
+    the same values; a test keeps them equal).
+
+    Per scan (``scan_qc``, in the job that measures the scan): ``border_margin``, ``min_voxels`` and
+    ``preview_width`` (pixels; None: no preview). The rest is applied cohort-wide (aggregate rule,
+    review.py), so that changing a threshold re-runs one cohort job, not every scan's segmentation.
+    """
 
     border_margin: int = 3
     min_voxels: int = 10
     preview_width: int | None = 600
+    plausible_volumes: str | None = "total_v1"
+    hu_window: tuple[float, float] | None = (-1100.0, 3000.0)
+    # the sanity checks of review.py (thresholds documented there)
+    laterality_margin_mm: float = 0.0
+    vertebra_order_margin_mm: float = 5.0
+    fragment_min_ml: float = 1.0
+    volume_outlier_z: float = 5.0
+    volume_outlier_min_scans: int = 20
+    review_decisions: str | None = None
+
+    def __post_init__(self):
+        if self.hu_window is not None:
+            object.__setattr__(self, "hu_window", tuple(float(v) for v in self.hu_window))
+        for name in ("laterality_margin_mm", "vertebra_order_margin_mm", "fragment_min_ml"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"qc.{name} must be 0 or more, not {getattr(self, name)}")
+        if self.volume_outlier_z <= 0 or self.volume_outlier_min_scans < 3:
+            raise ValueError("qc.volume_outlier_z must be above 0 and qc.volume_outlier_min_scans at least 3")
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "QCSettings":
+        """From the whole config (its ``qc`` block and ``measure``'s border_margin and min_voxels)."""
+        values = {key: value for key, value in dict(config["qc"]).items() if key not in ("preview",)}
+        if not config["qc"].get("preview", True):
+            values["preview_width"] = None
+        measure = config["measure"]
+        return cls(border_margin=measure["border_margin"], min_voxels=measure["min_voxels"], **values)
+
+    def per_scan(self) -> dict:
+        """The fields ``scan_qc`` uses: the per-scan jobs' params (a cohort threshold re-runs no scan)."""
+        return {"border_margin": self.border_margin, "min_voxels": self.min_voxels,
+                "preview_width": self.preview_width}
 
 
 class ScanQC(NamedTuple):
@@ -120,6 +179,59 @@ def vertebral_coverage(structures: Sequence[str], present: Sequence[bool]) -> tu
     if not found:
         return "", ""
     return min(found)[1], max(found)[1]
+
+
+# --- geometry: where each structure lies, and in how many pieces -----------------------------------------
+
+
+def geometry_strides(affine: np.ndarray) -> tuple[int, ...]:
+    """Per voxel axis: every k-th voxel makes a grid of about GEOMETRY_GRID_MM (1 for coarse scans)."""
+    zooms = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    return tuple(max(1, int(GEOMETRY_GRID_MM // zoom)) if zoom > 0 else 1 for zoom in zooms)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """Centre of mass (voxel index, float) of a boolean array, from its three profiles."""
+    total = np.count_nonzero(mask)
+    return np.array([float(profile @ np.arange(profile.size)) / total
+                     for profile in (np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
+                                     for axis in range(3))])
+
+
+def _second_piece_voxels(mask: np.ndarray) -> int:
+    """Voxels of the second-largest connected piece (26-connected; 0 for one piece)."""
+    from scipy import ndimage
+
+    pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n < 2:
+        return 0
+    return int(np.sort(np.bincount(pieces.ravel())[1:])[-2])
+
+
+def structure_geometry(labels: np.ndarray, affine: np.ndarray, ids: Sequence[int], names: Sequence[str],
+                       present: Sequence[bool]) -> "pd.DataFrame":
+    """Per label id of ``ids`` (GEOMETRY_COLUMNS): the centre of mass in world millimetres (RAS+: x grows to
+    the subject's right, y anterior, z superior), and for structures of ONE_PIECE the volume (ml) of the
+    second-largest connected piece; NaN where the structure is not ``present``. On the grid of ``geometry_strides``:
+    one bounding-box pass, then each structure's box only."""
+    import pandas as pd
+    from scipy import ndimage
+
+    strides = geometry_strides(affine)
+    grid = labels[tuple(slice(None, None, k) for k in strides)]
+    values = np.full((len(ids), len(GEOMETRY_COLUMNS)), np.nan)
+    boxes = ndimage.find_objects(grid, max_label=int(max(ids, default=0)))
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3]))) * float(np.prod(strides)) / 1000.0
+    for row, (label, name, here) in enumerate(zip(ids, names, present)):
+        box = boxes[label - 1] if 0 < label <= len(boxes) else None
+        if not here or box is None:
+            continue
+        mask = grid[box] == label
+        index = (np.array([part.start for part in box]) + _centroid(mask)) * np.array(strides)
+        values[row, :3] = (np.asarray(affine, dtype=float) @ np.append(index, 1.0))[:3]
+        if name in ONE_PIECE:
+            values[row, 3] = _second_piece_voxels(mask) * voxel_ml
+    return pd.DataFrame(values, columns=GEOMETRY_COLUMNS)
 
 
 # --- preview ----------------------------------------------------------------------------------------------
@@ -215,10 +327,11 @@ def placeholder_png() -> bytes:
 
 
 def scan_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, measurements: "pd.DataFrame",
-            settings: QCSettings = QCSettings()) -> ScanQC:
+            settings: QCSettings = QCSettings(), sform_qform_mm: float | None = None) -> ScanQC:
     """QC of one measured scan: per structure of ``measurements`` (measure.MEASURE_COLUMNS) the faces that
-    cut it (only for structures with a voxel), and the scan's vertebral coverage (vertebrae with at least
-    ``settings.min_voxels`` voxels, cut off or not); the preview where ``settings.preview_width``."""
+    cut it (only for structures with a voxel), its geometry (``structure_geometry``), and the scan's vertebral
+    coverage (vertebrae with at least ``settings.min_voxels`` voxels, cut off or not) and ``sform_qform_mm``
+    (imaging.sform_qform_disagreement; None: they agree); the preview where ``settings.preview_width``."""
     import pandas as pd
 
     faces = cut_faces(labels, affine, measurements["label"].to_numpy(), settings.border_margin)
@@ -231,7 +344,10 @@ def scan_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, measurements
         "cut_faces": [f if here else "" for f, here in zip(faces, present)],
         "cranial_vertebra": cranial,
         "caudal_vertebra": caudal,
+        "sform_qform_mm": np.nan if sform_qform_mm is None else float(sform_qform_mm),
     })
+    geometry = structure_geometry(labels, affine, table["label"].to_numpy(), table["structure"].to_numpy(), present)
+    table[GEOMETRY_COLUMNS] = geometry.to_numpy()
     preview = preview_png(hu, labels, affine, settings.preview_width) if settings.preview_width else None
     return ScanQC(table[QC_COLUMNS], preview)
 
@@ -252,8 +368,14 @@ def write_qc(result: ScanQC, table_path: str | Path, preview_path: str | Path | 
 def read_qc(path: str | Path) -> "pd.DataFrame":
     import pandas as pd
 
-    return pd.read_csv(path, sep="\t", dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str},
-                       keep_default_na=False)
+    numbers = [*GEOMETRY_COLUMNS, "sform_qform_mm"]
+    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values={c: ["NaN", ""] for c in numbers},
+                        dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str})
+    # a table written before a column existed (an older results folder) reads with it empty
+    for column in numbers:
+        if column not in table:
+            table[column] = np.nan
+    return table[QC_COLUMNS]
 
 
 # --- plausibility, cohort-wide ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from ctcohort import nnunet_adapter
-from ctcohort.imaging import ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image, voxel_spacing_mm
+from ctcohort.imaging import (ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image,
+                              sform_qform_disagreement, voxel_spacing_mm)
 from ctcohort.measure import checked_scan, empty_checked_scan, write_checked_scan
 from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
@@ -524,21 +525,20 @@ class BatchMeasurement:
 
     outputs: Sequence[str | Path]  # measurement tables (TSV), one per scan
     statuses: Sequence[str | Path]  # the scans' measure-stage status files
-    border_margin: int = 3
-    min_voxels: int = 10
     qc_tables: Sequence[str | Path] = ()  # per scan: the QC table (TSV, qc.scan_qc); empty: none written
     previews: Sequence[str | Path] = ()  # per scan: the QC preview (PNG); empty: none made
-    preview_width: int = 600
+    settings: QCSettings = QCSettings()  # the border margin and minimum voxel count of the measurement too
 
     @property
     def qc(self) -> QCSettings:
-        return QCSettings(self.border_margin, self.min_voxels, self.preview_width if self.previews else None)
+        return self.settings if self.previews else replace(self.settings, preview_width=None)
 
 
 def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
                        measurement: BatchMeasurement, ct_path, seg_path):
     # the CT passed the same checks when it was read for segmentation
-    return checked_scan(hu, labels, ct.affine, table, measurement.qc, source=seg_path, ct_source=ct_path)
+    return checked_scan(hu, labels, ct.affine, table, measurement.qc, source=seg_path, ct_source=ct_path,
+                        sform_qform_mm=sform_qform_disagreement(ct))
 
 
 def segment_batch(

@@ -19,6 +19,7 @@ rule aggregate:
         statuses=lambda wildcards: per_scan("results/measure/{subject}.status.json"),
         qc=lambda wildcards: per_scan("results/qc/{subject}.tsv"),
         plausible_volumes=lambda wildcards: PLAUSIBLE_VOLUMES,  # [] where the check is off
+        review_decisions=lambda wildcards: REVIEW_DECISIONS,  # [] where none; a new file re-runs the cohort rules
         duplicates=lambda wildcards: DUPLICATES_INPUT,  # rows dropped as the same scan; [] unless drop_later
         imported=lambda wildcards: expand("results/ct/{subject}.nii.gz", subject=DICOM_SUBJECTS),  # same image?
     output:
@@ -51,7 +52,7 @@ rule aggregate:
             category="Tables",
         ),
     params:
-        hu_window=config["qc"]["hu_window"],
+        qc=asdict(QC),
         measures=config["statistics"]["measures"],
         combined=config["statistics"]["combined"],
         duplicates=config["duplicates"],

@@ -2,6 +2,7 @@
 import math
 import os
 import sys
+from dataclasses import asdict
 
 import yaml
 
@@ -14,7 +15,8 @@ from ctcohort.batches import in_batches
 from ctcohort.config_check import structure_reference_problems, typed_like_schema
 from ctcohort.dicom_import import is_dicom_source
 from ctcohort.fingerprints import batch_fingerprint
-from ctcohort.qc import load_plausible_volumes, plausible_volumes_path
+from ctcohort.qc import QCSettings, load_plausible_volumes, plausible_volumes_path
+from ctcohort.review import check_decision_subjects
 from ctcohort.segment import (
     ModelFolderError,
     find_model_parts,
@@ -211,14 +213,27 @@ def batch_runtime_min(n_scans):
     return lambda wildcards, attempt: attempt * (10 + math.ceil(n_scans * per_scan))
 
 
-# Quality control (qc.py): written beside each scan's measurement by the job that measures it
-QC_PREVIEW_WIDTH = config["qc"]["preview_width"] if config["qc"]["preview"] else 0
+# Quality control (qc.py): written beside each scan's measurement by the job that measures it; the
+# cohort-wide checks and the reviewer's decisions in the aggregate rule (review.py)
+try:
+    QC = QCSettings.from_config(config)
+except ValueError as err:
+    raise WorkflowError(f"config section qc: {err}") from None
+QC_PREVIEW_WIDTH = QC.preview_width or 0
 try:  # a bad table would otherwise fail the cohort's aggregation at the end of the run
-    PLAUSIBLE_VOLUMES = plausible_volumes_path(config["qc"]["plausible_volumes"])
+    PLAUSIBLE_VOLUMES = plausible_volumes_path(QC.plausible_volumes)
     load_plausible_volumes(PLAUSIBLE_VOLUMES)
     PLAUSIBLE_VOLUMES = [str(PLAUSIBLE_VOLUMES)] if PLAUSIBLE_VOLUMES else []
 except (ValueError, FileNotFoundError) as err:
     raise WorkflowError(f"config key qc.plausible_volumes: {err}") from None
+# A reviewer's decisions (review.py): read here, so that a misspelt subject or a bad line stops the run before
+# any job; the structures are checked where the cohort is joined
+REVIEW_DECISIONS = [QC.review_decisions] if QC.review_decisions else []
+if REVIEW_DECISIONS:
+    try:
+        check_decision_subjects(QC.review_decisions, SUBJECTS)
+    except (ValueError, OSError) as err:
+        raise WorkflowError(f"config key qc.review_decisions: {err}") from None
 
 
 def qc_outputs(subjects):
@@ -262,6 +277,7 @@ def study_outputs():
         "results/tables/qc.tsv",
         "results/tables/exclusion_flow.tsv",
         *(per_scan("results/qc/{subject}.png") if QC_PREVIEW_WIDTH else []),
+        "results/qc/review.html",
         "results/tables/software_versions.tsv",
         *(["results/tables/ct_import.tsv"] if DICOM_SUBJECTS else []),
         "results/stats/age_correlations.tsv",

@@ -21,9 +21,7 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
             sources=sources_fingerprint(subjects, ("ct", "seg")),  # a file replaced by another reruns
             upstream=[import_status_file(s) for s in subjects],  # a failed DICOM import is passed on
             structures=config["structures"],
-            border_margin=config["measure"]["border_margin"],
-            min_voxels=config["measure"]["min_voxels"],
-            preview_width=QC_PREVIEW_WIDTH,
+            qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
             ct_checks=config["measure"]["ct_checks"],
             on_error=config["on_scan_error"],
         resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more

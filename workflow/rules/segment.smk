@@ -32,9 +32,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             precision=config["segmentation"]["precision"],
             on_error=config["on_scan_error"],
             ct_checks=config["measure"]["ct_checks"],
-            border_margin=config["measure"]["border_margin"],
-            min_voxels=config["measure"]["min_voxels"],
-            preview_width=QC_PREVIEW_WIDTH,
+            qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
         threads: config["segmentation"]["threads"]
         resources:
             # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory

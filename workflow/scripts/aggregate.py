@@ -1,14 +1,20 @@
 """Join every scan's measurements with the sheet's covariates and apply the plausibility exclusions; list
 failed scans; QC and summaries for the report."""
 
+import logging
+
 from ctcohort import aggregate
 from ctcohort.duplicate_scans import failures_with_duplicates
-from ctcohort.qc import apply_plausibility, load_plausible_volumes
+from ctcohort.qc import QCSettings, apply_plausibility, load_plausible_volumes
+from ctcohort.review import apply_review_decisions, count_sentence, load_decisions
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import read_status
 from ctcohort.sheet import load_cohort_sheet
 
+log = logging.getLogger("ctcohort.aggregate")
+
 log_to(snakemake.log[0])
+settings = QCSettings(**snakemake.params.qc)
 sheet = load_cohort_sheet(snakemake.input.sheet, snakemake.input.schema)
 statuses = [read_status(path) for path in snakemake.input.statuses]
 failures = aggregate.failure_table(statuses)
@@ -21,7 +27,11 @@ subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
 measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
-checked = apply_plausibility(measured, volumes, snakemake.params.hu_window)
+# the reviewer's exclusions (qc.review_decisions) override every other reason
+decisions = load_decisions(snakemake.input.review_decisions[0] if snakemake.input.review_decisions else None, measured)
+checked = apply_review_decisions(apply_plausibility(measured, volumes, settings.hu_window), decisions)
+if decisions is not None:
+    log.info("%s", count_sentence(decisions) or "review decisions: none excludes anything")
 measurements = checked.drop(columns=["volume_implausible", "hu_implausible"])
 # combined structures (kidneys = left + right, ...) from the members' excluded-as-needed values; the QC
 # tables below count the structures of the segmentation only
@@ -30,7 +40,7 @@ study = aggregate.add_combined(measurements, snakemake.params.combined)
 study.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
 study.to_parquet(snakemake.output.parquet, index=False)
 failures.to_csv(snakemake.output.failures, sep="\t", index=False)
-aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc))).to_csv(
+aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc)), settings, decisions).to_csv(
     snakemake.output.qc_table, sep="\t", index=False, na_rep="NaN", float_format="%.10g"
 )
 aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=False)

@@ -11,7 +11,7 @@ from ctcohort.structures import load_structure_table
 log_to(snakemake.log[0])
 table = load_structure_table(snakemake.params.structures)
 checks = ScanChecks.from_config(snakemake.params.ct_checks)
-qc = QCSettings(snakemake.params.border_margin, snakemake.params.min_voxels, snakemake.params.preview_width)
+qc = QCSettings(**snakemake.params.qc)
 # per measurement table: the scan's QC table and preview (none where previews are off)
 previews = snakemake.output.get("previews") or [None] * len(snakemake.output.tables)
 qc_outputs = dict(zip(snakemake.output.tables, zip(snakemake.output.qc, previews)))

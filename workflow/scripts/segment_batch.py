@@ -2,6 +2,7 @@
 not fatal."""
 
 from ctcohort.imaging import ScanChecks
+from ctcohort.qc import QCSettings
 from ctcohort.runlog import log_to
 from ctcohort.segment import BatchMeasurement, segment_batch
 
@@ -21,11 +22,9 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         measurement=BatchMeasurement(
             snakemake.output.measurements,
             snakemake.output.measure_statuses,
-            border_margin=snakemake.params.border_margin,
-            min_voxels=snakemake.params.min_voxels,
             qc_tables=snakemake.output.qc,
             previews=snakemake.output.get("previews") or (),
-            preview_width=snakemake.params.preview_width,
+            settings=QCSettings(**snakemake.params.qc),
         ),
         device=snakemake.params.device,
         folds=snakemake.params.folds,

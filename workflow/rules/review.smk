@@ -1,0 +1,24 @@
+# The review page (results/qc/review.html): every scan as a card with its preview and flags, the scans to look
+# at first on top (review.py); its decisions come back through qc.review_decisions (rule aggregate).
+
+
+localrules:
+    review_page,
+
+
+rule review_page:
+    input:
+        qc="results/tables/qc.tsv",
+        failures="results/tables/failures.tsv",
+    output:
+        page="results/qc/review.html",
+        scans="results/tables/review_scans.tsv",
+        flags="results/tables/review_flags.tsv",
+    params:
+        previews=bool(QC_PREVIEW_WIDTH),  # the page shows results/qc/{subject}.png, beside it
+    log:
+        "results/logs/review_page.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/review_page.py"
