@@ -185,3 +185,36 @@ def test_the_sheet_chooses_what_the_import_accepts_and_both_name_the_same_cause(
     if refused:
         assert series.reason and f"{folder}: {series.reason}: not imported unless allowed" in refused
     assert (name.startswith("tilt of 0.3") or name == "missing slice") == bool(refused)
+
+
+def test_orientations_further_apart_than_dcm2niix_allows_are_refused_by_sheet_and_import(shared_data, tmp_path):
+    from dicom_edits import series_files, write_copies
+
+    from ctcohort.dicom_import import DicomImportError, convert_series
+    from ctcohort.dicom_series import write_inventory
+
+    def turned(ds, index):  # one slice's rows turned by 3e-4: equal to 3 decimals, apart for dcm2niix
+        if index == 5:
+            orientation = [float(v) for v in ds.ImageOrientationPatient]
+            orientation[1] += 3e-4
+            ds.ImageOrientationPatient = orientation
+
+    folder = tmp_path / "export" / "series"
+    write_copies(series_files(shared_data), folder, turned)
+    (series,) = write_inventory(tmp_path / "export", tmp_path / "cohort.tsv", secret="test", progress=False).series
+    assert not series.chosen and series.reason == "slices in 2 different orientations"
+    with pytest.raises(DicomImportError, match="slices in 2 different orientations"):
+        convert_series(folder)
+
+
+def test_a_missing_file_of_a_file_list_is_named_by_its_line_not_its_path(shared_data, tmp_path):
+    from dicom_edits import series_files
+
+    from ctcohort.dicom_import import DicomImportError, convert_series
+
+    files = series_files(shared_data)
+    listing = tmp_path / "series.txt"
+    listing.write_text("\n".join([*map(str, files[:3]), "/export/DOE_JOHN_MRN123/gone.dcm", *map(str, files[3:])]))
+    with pytest.raises(DicomImportError, match=r"series.txt: 1 listed file not found \(line 4\)") as err:
+        convert_series(listing)
+    assert "DOE_JOHN" not in str(err.value)

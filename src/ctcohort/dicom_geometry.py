@@ -28,6 +28,7 @@ import numpy as np
 POSITION_TOLERANCE_MM = 0.1
 MAX_TOLERANCE_FRACTION = 0.2  # of the slice spacing
 MAX_TILT_DEGREES = 0.1
+ORIENTATION_TOLERANCE = 1e-4  # direction cosines; dcm2niix splits a stack whose orientations differ by more
 GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
                  "NumberOfFrames", "InstanceNumber")
 VECTOR_TAGS = frozenset({"ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"})
@@ -185,6 +186,16 @@ def _tilt(positions: np.ndarray, normal: np.ndarray) -> tuple[float, float]:
     forward = abs(float(step @ normal))
     sideways = float(np.linalg.norm(step - (step @ normal) * normal))
     return math.degrees(math.atan2(sideways, forward)), sideways * (len(positions) - 1)
+
+
+def mixed_orientations(orientations) -> str:
+    """Why slices of these ImageOrientationPatient values are not one stack ("" where they are): more than
+    ORIENTATION_TOLERANCE apart, as dcm2niix tells stacks apart."""
+    kinds: list[np.ndarray] = []  # one orientation of each group of slices within the tolerance
+    for value in np.array(orientations, dtype=float):
+        if not any(np.abs(value - kind).max() <= ORIENTATION_TOLERANCE for kind in kinds):
+            kinds.append(value)
+    return f"slices in {len(kinds)} different orientations" if len(kinds) > 1 else ""
 
 
 def measure_stack(positions, orientation) -> Stack | None:

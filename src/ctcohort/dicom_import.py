@@ -46,6 +46,7 @@ from ctcohort.dicom_geometry import (
     affine_on_stack,
     as_number,
     measure_stack,
+    mixed_orientations,
     read_header,
     volume_disagreement,
 )
@@ -67,7 +68,6 @@ IDENTIFYING_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "Institution
                     "StudyID", "StudyDate", "SeriesDate", "StudyInstanceUID", "SOPInstanceUID",
                     "FrameOfReferenceUID", "StationName", "DeviceSerialNumber", "StudyDescription",
                     "SeriesDescription", "ProtocolName"]
-ORIENTATION_TOLERANCE = 1e-4  # direction cosines; dcm2niix splits a stack whose orientations differ by more
 UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
 DCM2NIIX_TIMEOUT_S = 3600
 
@@ -209,11 +209,9 @@ def _measure_stack(images: list[_Image]) -> Stack:
         missing = sum(i.orientation is None or i.position is None for i in images)
         raise DicomImportError(f"{_plural(missing, 'image')} without ImageOrientationPatient or "
                                "ImagePositionPatient: the slices cannot be placed")
-    orientations = np.array([i.orientation for i in images])
-    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        kinds = len({tuple(np.round(o, 3)) for o in orientations})
-        raise DicomImportError(f"slices in {kinds} different orientations (a localizer or a second series "
-                               "mixed in?); give one stack of slices")
+    mixed = mixed_orientations([i.orientation for i in images])
+    if mixed:
+        raise DicomImportError(f"{mixed} (a localizer or a second series mixed in?); give one stack of slices")
     stack = measure_stack([i.position for i in images], images[0].orientation)
     if stack is None:
         raise DicomImportError("ImageOrientationPatient does not give two directions: the slices cannot be placed")
@@ -278,9 +276,16 @@ def _gather(source, folder: Path) -> list[Path]:
     if not paths:
         raise DicomImportError("no path given")
     if len(paths) == 1 and paths[0].suffix.lower() == LIST_SUFFIX and paths[0].is_file():
-        paths = read_file_list(paths[0])
-        if not paths:
+        listed = read_file_list(paths[0])
+        if not listed:
             raise DicomImportError("the file list is empty")
+        # by line number, not path: a listed path may run through an export folder named after the patient
+        missing = [n for n, path in enumerate(listed, start=1) if not path.is_file()]
+        if missing:
+            raise DicomImportError(f"{paths[0]}: {_plural(len(missing), 'listed file')} not found "
+                                   f"(line{'s' * (len(missing) > 1)} {', '.join(map(str, missing[:10]))}"
+                                   f"{' ...' if len(missing) > 10 else ''})")
+        paths = listed
     elif len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(paths[0]) as archive:

@@ -42,6 +42,7 @@ from ctcohort.dicom_geometry import (
     Stack,
     as_number,
     measure_stack,
+    mixed_orientations,
     slice_normal,
 )
 
@@ -331,8 +332,8 @@ def _problem(s: Series, min_slices: int) -> str:
         return f"{orientation}, not axial"
     if s.geometry is None:
         return "no slice positions (ImagePositionPatient/ImageOrientationPatient) in the headers"
-    return s.geometry.problem
-    return ""
+    # the stack's orientations agree to 3 decimals (_stack_key); the import asks as much as dcm2niix does
+    return mixed_orientations([h["ImageOrientationPatient"] for h in s.stack]) or s.geometry.problem
 
 
 def choose(series: list[Series], named_uids: list[str] | None = None) -> dict[tuple[str, str], Series]:
