@@ -377,3 +377,33 @@ def test_zscore_command(fitted, tmp_path, capsys):
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0].split("\t") == normative.PLACEMENT_COLUMNS and "placed 1 of 2" in run.stderr
+
+
+def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, capsys):
+    """2,000 new scans drawn from the analytic truth, as a cohort table (measurements.tsv's format: subject, age,
+    sex, contrast as columns): one `ctcohort zscore` call places all; their z is the analytic one, about 5% lie
+    beyond |z| 1.96, none beyond 6; each equals the scan placed alone."""
+    charts, coefficients = fitted
+    write_table(charts, tmp_path / "charts.tsv")
+    write_table(coefficients, tmp_path / "covariates.tsv")
+    new = analytic_cohort(2000, seed=99)
+    new = new[(new["age"] >= 21) & (new["age"] <= 84)]  # inside every chart's ages
+    new["subject"] = [f"0{i:04d}" for i in range(len(new))]  # ids as text: "00001" is not 1
+    new.to_csv(tmp_path / "cohort.tsv", sep="\t", index=False)
+    out = tmp_path / "scores.tsv"
+    assert main(["zscore", "--charts", str(tmp_path / "charts.tsv"), "--coefficients",
+                 str(tmp_path / "covariates.tsv"), "--measurements", str(tmp_path / "cohort.tsv"), "--out", str(out)]) == 0
+    assert f"on the charts, {len(new)} scans" in capsys.readouterr().out
+    scores = pd.read_csv(out, sep="\t", dtype={"subject": str}, keep_default_na=False, na_values=["NaN"])
+    assert scores["subject"].tolist() == new["subject"].tolist()
+    assert scores["note"].isin(["", "below_chart", "above_chart"]).all()
+    truth = np.array([(v - A[s] - B[s] * a - DELTA * c) / SD[s] for v, s, a, c in
+                      new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)])
+    # piecewise linear in normal-score space between five fitted curves: close to the truth, not equal
+    assert np.abs(scores["z"] - truth).mean() < 0.05 and np.abs(scores["z"] - truth).max() < 0.3
+    beyond = (scores["z"].abs() > 1.96).mean()
+    assert 0.035 <= beyond <= 0.075 and scores["z"].abs().max() < 6
+    first = new.iloc[0]
+    alone = normative.place_on_charts(charts, coefficients, scan_table(liver=first["volume_ml"]), first["age"],
+                                      first["sex"], {"contrast": first["contrast"]})
+    assert scores.loc[0, "z"] == pytest.approx(alone.loc[0, "z"], abs=1e-4)  # the CLI reads the charts as written, to 6 digits

@@ -259,46 +259,57 @@ def _covariate_values(pairs: list[str]) -> dict[str, float]:
 
 
 def _zscore(args: argparse.Namespace) -> None:
-    import math
-
     from ctcohort import normative
+    from ctcohort.patients import read_scans
     from ctcohort.stats import read_table, write_table
 
-    try:
-        age = float(args.age)
-    except ValueError:
-        raise ValueError(f"--age must be a number (years), got {args.age!r}") from None
-    if not math.isfinite(age):
-        raise ValueError(f"--age must be a finite number (years), got {args.age!r}")
-    covariates = _covariate_values(args.covariate)
     tables = {}
     for option, path in (("--charts", args.charts), ("--coefficients", args.coefficients),
                          ("--measurements", args.measurements)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{option}: no such file: {path}")
         tables[option] = read_table(path)
-    placement = normative.place_on_charts(tables["--charts"], tables["--coefficients"], tables["--measurements"],
-                                          age, args.sex, covariates)
-    chart_sex = placement["sex"].iloc[0] if len(placement) else args.sex
+    if args.age is None:  # a cohort table: every scan at its own age, sex and covariates; ids as text
+        placement = normative.place_cohort(tables["--charts"], tables["--coefficients"], read_scans(args.measurements))
+        where = f"the charts, {placement['subject'].nunique()} scans"
+    else:
+        placement = normative.place_on_charts(tables["--charts"], tables["--coefficients"], tables["--measurements"],
+                                              _finite_age(args.age), args.sex, _covariate_values(args.covariate))
+        where = f"the {placement['sex'].iloc[0] if len(placement) else args.sex} charts"
     write_table(placement, args.out or sys.stdout)
     notes = placement.loc[~placement["note"].isin(["", *normative.BEYOND_CHART]), "note"].value_counts()
     reasons = ", ".join(f"{count} {note}" for note, count in notes.items())
     beyond = placement["note"].isin(normative.BEYOND_CHART).sum()
     # with the table on standard output the summary goes to standard error
-    print(f"placed {placement['z'].notna().sum()} of {len(placement)} structure x measures on the {chart_sex} charts"
+    print(f"placed {placement['z'].notna().sum()} of {len(placement)} structure x measures on {where}"
           f" ({beyond} beyond the outer percentiles)" + (f"; not placed: {reasons}" if reasons else "")
           + (f" -> {args.out}" if args.out else ""), file=sys.stdout if args.out else sys.stderr)
 
 
+def _finite_age(text: str) -> float:
+    import math
+
+    try:
+        age = float(text)
+    except ValueError:
+        raise ValueError(f"--age must be a number (years), got {text!r}") from None
+    if not math.isfinite(age):
+        raise ValueError(f"--age must be a finite number (years), got {text!r}")
+    return age
+
+
 def _zscore_arguments(z: argparse.ArgumentParser) -> None:
-    z.description = ("Places one scan's measurements on the cohort's normative charts: the percentile and z of every "
-                     "structure x measure at the scan's age, sex and covariates.")
+    z.description = ("Places scans' measurements on the cohort's normative charts: the percentile and z of every "
+                     "structure x measure at the scan's age, sex and covariates. One scan: its table and --age "
+                     "(--sex, --covariate); a cohort: a table like results/tables/measurements.tsv (subject, age, "
+                     "sex and covariates as columns) without --age, every scan placed in one call.")
     z.add_argument("--charts", required=True, help="normative charts (results/stats/normative_charts.tsv)")
     z.add_argument("--coefficients", required=True,
                    help="their covariate coefficients (results/stats/normative_covariates.tsv)")
     z.add_argument("--measurements", required=True,
-                   help="the scan's measurements: a TSV with one row per structure (ctcohort measure's output)")
-    z.add_argument("--age", required=True, help="the subject's age at the scan, in years")
+                   help="the scan's measurements: a TSV with one row per structure (ctcohort measure's output), "
+                        "or a cohort's (one row per subject x structure, as results/tables/measurements.tsv)")
+    z.add_argument("--age", help="the subject's age at the scan, in years (one scan); leave out for a cohort table")
     z.add_argument("--sex", help="M or F (charts by sex); not needed where the charts are over every scan")
     z.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
                    help="a covariate of the scan, e.g. contrast=1 (repeat for several)")

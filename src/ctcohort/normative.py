@@ -351,28 +351,127 @@ def _chart_sex(charts: pd.DataFrame, sex) -> str:
     return ALL
 
 
-def with_combined_structures(scan: pd.DataFrame, charts: pd.DataFrame) -> pd.DataFrame:
-    """``scan`` plus a row for each charted combined structure (``members`` not empty) it lacks, made from
-    its members' rows as the workflow makes them (``aggregate.combine_structures``: summed volume,
-    voxel-weighted HU, NaN unless every member is measured). A combination with a member the scan's table
-    does not list is left out (its chart then finds no row of the scan)."""
-    if "members" not in charts.columns or "structure" not in scan.columns:
-        return scan
-    have = set(scan["structure"])
+def with_combined_structures(scans: pd.DataFrame, charts: pd.DataFrame) -> pd.DataFrame:
+    """``scans`` (one scan's table, or a cohort's with a subject column) plus a row per scan for each charted
+    combined structure (``members`` not empty) the table lacks, made from its members' rows as the workflow
+    makes them (``aggregate.combine_structures``: summed volume, voxel-weighted HU, NaN unless every member is
+    measured). A combination with a member the table does not list is left out (its chart then finds no row)."""
+    if "members" not in charts.columns or "structure" not in scans.columns:
+        return scans
+    have = set(scans["structure"])
     wanted = {structure: members.split("+") for structure, members in
               charts[["structure", "members"]].drop_duplicates().itertuples(index=False)
               if isinstance(members, str) and members and structure not in have}
     if not wanted:
-        return scan
+        return scans
     from ctcohort.aggregate import combine_structures
     from ctcohort.measure import MEASURE_COLUMNS
 
-    lacking = [c for c in MEASURE_COLUMNS if c not in scan.columns]
+    lacking = [c for c in MEASURE_COLUMNS if c not in scans.columns]
     if lacking:
         raise ValueError(f"the scan's table has no column {', '.join(lacking)}, needed to combine "
                          f"{', '.join(wanted)} from their members (ctcohort measure's table has them)")
-    rows = combine_structures(scan[MEASURE_COLUMNS].assign(subject="scan"), wanted)
-    return pd.concat([scan, rows.reindex(columns=scan.columns)], ignore_index=True)
+    cohort = scans if "subject" in scans.columns else scans.assign(subject="scan")
+    covariates = [c for c in cohort.columns if c not in MEASURE_COLUMNS]
+    rows = combine_structures(cohort[[*covariates, *MEASURE_COLUMNS]], wanted)
+    return pd.concat([scans, rows.reindex(columns=scans.columns)], ignore_index=True)
+
+
+class ChartModel(NamedTuple):
+    """A fitted chart as placement uses it: its rows (ages ascending), the percentile levels and columns,
+    the covariates of the charts table, and the covariate shifts of this chart's model."""
+
+    rows: pd.DataFrame
+    levels: tuple[float, ...]
+    names: list[str]
+    shifts: dict  # covariate -> shift per unit, one per level
+
+
+def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tuple, ChartModel]:
+    """The fitted charts by (structure, measure, sex)."""
+    levels, names = chart_layout(charts)
+    columns = [percentile_column(p) for p in levels]
+    if not set(columns) <= set(coefficients.columns):
+        raise ValueError(f"the coefficients table has not the charts' percentile columns {', '.join(columns)}")
+    shifts: dict = {}
+    for _, row in coefficients.iterrows():
+        key = (row["structure"], row["measure"], str(row["sex"]))
+        shifts.setdefault(key, {})[row["covariate"]] = row[columns].to_numpy(dtype=float)
+    note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
+    fitted = charts[(note == "").to_numpy() & np.isfinite(charts["age"].to_numpy(dtype=float))]
+    return {(structure, measure, str(sex)): ChartModel(block.sort_values("age"), levels, names,
+                                                       shifts.get((structure, measure, str(sex)), {}))
+            for (structure, measure, sex), block in fitted.groupby(["structure", "measure", "sex"], sort=False)}
+
+
+def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
+                 covariates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(z, note) of each value on one chart, at its age and covariates (``covariates``: one row per value, a
+    column per covariate given, NaN where not given); notes as in the module docstring, placement."""
+    columns = [percentile_column(p) for p in chart.levels]
+    chart_ages = chart.rows["age"].to_numpy(dtype=float)
+    notes = np.full(len(values), "", dtype=object)
+    notes[~np.isfinite(values)] = NO_VALUE
+    notes[(notes == "") & ((ages < chart_ages[0]) | (ages > chart_ages[-1]))] = AGE_OUTSIDE_CHART
+    curves = np.column_stack([np.interp(ages, chart_ages, chart.rows[c].to_numpy(dtype=float)) for c in columns])
+    for name in chart.names:
+        reference = float(chart.rows[name].iloc[0])
+        given = covariates[name].to_numpy(dtype=float) if name in covariates else np.full(len(values), np.nan)
+        if name in chart.shifts:
+            notes[(notes == "") & ~np.isfinite(given)] = COVARIATE_MISSING
+            curves = curves + np.outer(np.nan_to_num(given - reference), chart.shifts[name])
+        elif np.isfinite(reference):
+            outside = np.isfinite(given) & ~np.isclose(given, reference, rtol=1e-6, atol=1e-9)
+            notes[(notes == "") & outside] = COVARIATE_OUTSIDE_CHART
+    # the shifts differ between percentiles: sorted again (monotone rearrangement)
+    curves = np.sort(curves, axis=1)
+    z = np.full(len(values), np.nan)
+    for i in np.flatnonzero(notes == ""):
+        z[i], notes[i] = normal_score(values[i], curves[i], chart.levels)
+    return z, notes
+
+
+def _given_covariates(covariates: Mapping | None, names: list[str]) -> dict[str, float]:
+    """{name: value} of a scan's covariates; a covariate given as NaN is not given; unknown names: an error."""
+    covariates = {str(k): float(v) for k, v in (covariates or {}).items() if pd.notna(v)}
+    unknown = sorted(set(covariates) - set(names))
+    if unknown:
+        raise ValueError(f"the charts have no covariate {', '.join(unknown)} (they have: {', '.join(names) or 'none'})")
+    return covariates
+
+
+def _charted_measures(charts: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    if "structure" not in table.columns:
+        raise ValueError("the scan's table has no structure column")
+    measures = list(dict.fromkeys(charts["measure"]))
+    if not any(m in table.columns for m in measures):
+        raise ValueError(f"the scan's table has none of the charted measures {', '.join(measures)}")
+    lacking = [m for m in measures if m not in table.columns]
+    if lacking:
+        log.warning("measures charted but not in the scan's table: %s", ", ".join(lacking))
+    return [m for m in measures if m in table.columns]
+
+
+def _placement_rows(models: dict, table: pd.DataFrame, measures: list[str], sexes: pd.Series, ages: np.ndarray,
+                    covariates: pd.DataFrame) -> pd.DataFrame:
+    """PLACEMENT_COLUMNS (and subject, where ``table`` has one) of every row of ``table`` x measure; ``sexes``,
+    ``ages``, ``covariates``: each row's chart sex, age and covariates."""
+    frames = []
+    for measure in measures:
+        values = pd.to_numeric(table[measure], errors="coerce").to_numpy(dtype=float)
+        z, notes = np.full(len(table), np.nan), np.full(len(table), NO_CHART, dtype=object)
+        for (structure, sex), rows in table.groupby([table["structure"], sexes], sort=False).indices.items():
+            chart = models.get((structure, measure, sex))
+            if chart is not None:
+                z[rows], notes[rows] = place_values(chart, values[rows], ages[rows], covariates.iloc[rows])
+        frame = pd.DataFrame({"structure": table["structure"].to_numpy(), "measure": measure, "value": values,
+                              "age": ages, "sex": sexes.to_numpy(), "percentile": 100 * stats.norm.cdf(z), "z": z,
+                              "note": notes})
+        if "subject" in table.columns:
+            frame.insert(0, "subject", table["subject"].to_numpy())
+        frames.append(frame.assign(row=np.arange(len(table))))
+    # in the table's row order, each row's measures in the charts' order
+    return pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").drop(columns="row")
 
 
 def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.DataFrame, age: float, sex,
@@ -384,77 +483,44 @@ def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.D
     where the charts are over every scan). ``covariates``: {name: value} of the scan, e.g. {"contrast": 1};
     a name the charts do not have is an error.
     """
-    levels, names = chart_layout(charts)
+    _, names = chart_layout(charts)
     if charts.empty:
         raise ValueError("the charts table has no rows")
-    scan = with_combined_structures(scan, charts)
-    columns = [percentile_column(p) for p in levels]
-    if not set(columns) <= set(coefficients.columns):
-        raise ValueError(f"the coefficients table has not the charts' percentile columns {', '.join(columns)}")
     try:
         age = float(age)
     except (TypeError, ValueError):
         raise ValueError(f"age must be a number, got {age!r}") from None
     if not np.isfinite(age):
         raise ValueError(f"age must be a finite number, got {age!r}")
-    # a covariate given as NaN is not given
-    covariates = {str(k): float(v) for k, v in (covariates or {}).items() if pd.notna(v)}
-    unknown = sorted(set(covariates) - set(names))
-    if unknown:
-        raise ValueError(f"the charts have no covariate {', '.join(unknown)} (they have: {', '.join(names) or 'none'})")
+    given = _given_covariates(covariates, names)
     chart_sex = _chart_sex(charts, sex)
-    if "structure" not in scan.columns:
-        raise ValueError("the scan's table has no structure column")
+    scan = with_combined_structures(scan, charts)
+    measures = _charted_measures(charts, scan)
     duplicated = scan["structure"][scan["structure"].duplicated()].unique()
     if len(duplicated):
         raise ValueError(f"the scan's table has several rows of {', '.join(map(str, duplicated[:5]))}: one scan, "
                          "one row per structure")
-    measures = list(dict.fromkeys(charts["measure"]))
-    if not any(m in scan.columns for m in measures):
-        raise ValueError(f"the scan's table has none of the charted measures {', '.join(measures)}")
-    lacking = [m for m in measures if m not in scan.columns]
-    if lacking:
-        log.warning("measures charted but not in the scan's table: %s", ", ".join(lacking))
-    note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
-    fitted = charts[(note == "").to_numpy() & (charts["sex"].astype(str) == chart_sex).to_numpy()
-                    & np.isfinite(charts["age"].to_numpy(dtype=float))]
-    chart_of = {key: block.sort_values("age") for key, block in fitted.groupby(["structure", "measure"], sort=False)}
-    shifts = {}
-    for _, row in coefficients[coefficients["sex"].astype(str) == chart_sex].iterrows():
-        shifts.setdefault((row["structure"], row["measure"]), {})[row["covariate"]] = row[columns].to_numpy(dtype=float)
-    rows = []
-    for record in scan.to_dict("records"):
-        structure = record["structure"]
-        for measure in (m for m in measures if m in scan.columns):
-            value = pd.to_numeric(record[measure], errors="coerce")
-            value = float(value) if pd.notna(value) else np.nan
-            z, row_note = np.nan, ""
-            chart = chart_of.get((structure, measure))
-            if chart is None:
-                row_note = NO_CHART
-            elif not np.isfinite(value):
-                row_note = NO_VALUE
-            else:
-                ages = chart["age"].to_numpy(dtype=float)
-                if age < ages[0] or age > ages[-1]:
-                    row_note = AGE_OUTSIDE_CHART
-                else:
-                    curves = np.array([np.interp(age, ages, chart[c].to_numpy(dtype=float)) for c in columns])
-                    model = shifts.get((structure, measure), {})
-                    for name in names:
-                        reference = float(chart[name].iloc[0])
-                        if name in model:
-                            if name not in covariates:
-                                row_note = COVARIATE_MISSING
-                                break
-                            curves = curves + model[name] * (covariates[name] - reference)
-                        elif np.isfinite(reference) and name in covariates and not np.isclose(
-                                covariates[name], reference, rtol=1e-6, atol=1e-9):
-                            row_note = COVARIATE_OUTSIDE_CHART
-                            break
-                    if not row_note:
-                        # the shifts differ between percentiles: sorted again (monotone rearrangement)
-                        z, row_note = normal_score(value, np.sort(curves), levels)
-            percentile = 100 * stats.norm.cdf(z) if np.isfinite(z) else np.nan
-            rows.append((structure, measure, value, age, chart_sex, percentile, z, row_note))
-    return pd.DataFrame(rows, columns=PLACEMENT_COLUMNS)
+    scan = scan.drop(columns="subject", errors="ignore").reset_index(drop=True)
+    return _placement_rows(_chart_models(charts, coefficients), scan, measures, pd.Series(chart_sex, scan.index),
+                           np.full(len(scan), age), pd.DataFrame(given, index=scan.index))[PLACEMENT_COLUMNS]
+
+
+def place_cohort(charts: pd.DataFrame, coefficients: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
+    """Every scan of a cohort table on the normative charts, in one call: ``measurements`` in the format of
+    results/tables/measurements.tsv (one row per subject x structure; subject, age, sex where the charts are
+    by sex, the charts' covariates as columns, the measures). Columns: subject, then PLACEMENT_COLUMNS. A scan
+    without an age, or without sex M or F where the charts are by sex, is placed nowhere (``no_chart``)."""
+    _, names = chart_layout(charts)
+    missing = [c for c in ("subject", "structure", "age") if c not in measurements.columns]
+    if missing:
+        raise ValueError(f"a cohort table needs the column(s) {', '.join(missing)} (measurements.tsv has them)")
+    table = with_combined_structures(measurements, charts).reset_index(drop=True)
+    measures = _charted_measures(charts, table)
+    by_sex = bool(set(charts["sex"].astype(str)) & set(SEXES))
+    if by_sex and "sex" not in table.columns:
+        raise ValueError("the charts are by sex: the cohort table needs a sex column")
+    sexes = table["sex"].astype(str) if by_sex else pd.Series(ALL, table.index)
+    ages = pd.to_numeric(table["age"], errors="coerce").to_numpy(dtype=float)
+    covariates = table[[c for c in names if c in table.columns]].apply(pd.to_numeric, errors="coerce")
+    placed = _placement_rows(_chart_models(charts, coefficients), table, measures, sexes, ages, covariates)
+    return placed[["subject", *PLACEMENT_COLUMNS]]
