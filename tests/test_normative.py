@@ -407,3 +407,26 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     alone = normative.place_on_charts(charts, coefficients, scan_table(liver=first["volume_ml"]), first["age"],
                                       first["sex"], {"contrast": first["contrast"]})
     assert scores.loc[0, "z"] == pytest.approx(alone.loc[0, "z"], abs=1e-4)  # the CLI reads the charts as written, to 6 digits
+
+
+def test_the_reference_is_the_selected_scans_less_what_the_qc_flags():
+    measurements = pd.DataFrame({"subject": ["a", "a", "b", "b", "c", "c"],
+                                 "structure": ["kidney_left", "liver"] * 3, "healthy": [1, 1, 1, 1, 0, 0]})
+    qc = pd.DataFrame({"subject": ["a", "a", "b", "b", "c", "c"], "structure": ["kidney_left", "liver"] * 3,
+                       "laterality": [True, False, True, False, False, False],
+                       "vertebra_order": False, "fragments": False, "volume_outlier": False,
+                       "orientation": [False, False, False, False, True, True],
+                       "review": ["", "", "accept", "", "", ""]})
+    keys = lambda frame: list(zip(frame["subject"], frame["structure"]))  # noqa: E731
+    # a's flagged kidney is left out (and the kidneys it is a member of), b's was accepted by a reviewer, c's
+    # orientation is in doubt: the whole scan
+    every = normative.reference_scans(measurements, "", qc, {"kidneys": ["kidney_left", "kidney_right"]})
+    assert keys(every) == [("a", "liver"), ("b", "kidney_left"), ("b", "liver")]
+    with_kidneys = pd.concat([measurements, pd.DataFrame({"subject": ["a"], "structure": ["kidneys"], "healthy": [1]})])
+    assert ("a", "kidneys") not in keys(normative.reference_scans(with_kidneys, "", qc, {"kidneys": ["kidney_left"]}))
+    qc["orientation"] = False
+    assert keys(normative.reference_scans(measurements, "healthy == 1", qc)) == [("a", "liver"), ("b", "kidney_left"),
+                                                                                 ("b", "liver")]
+    assert len(normative.reference_scans(measurements, "healthy == 0")) == 2
+    with pytest.raises(ValueError, match="normative.reference 'helthy == 1': UndefinedVariableError"):
+        normative.reference_scans(measurements, "helthy == 1")

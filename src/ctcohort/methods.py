@@ -313,7 +313,9 @@ def _normative_sentence(normative) -> str:
             f"were estimated by linear quantile regression on a natural cubic spline in age "
             f"({normative['spline_df']} degrees of freedom){' adjusted for ' + _listing(adjusted) if adjusted else ''}, "
             f"made non-crossing by monotone rearrangement; charts were fitted only with at least "
-            f"{normative['min_n']} patients.")
+            f"{normative['min_n']} patients. The reference was "
+            f"{'the scans with ' + normative['reference'] if normative.get('reference') else 'every patient'}, "
+            f"less the structures that the automated sanity checks flagged (unless a reviewer accepted them).")
 
 
 def _software_paragraph(version: Mapping) -> str:

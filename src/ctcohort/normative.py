@@ -199,6 +199,39 @@ def exact_quantile_fit(exog: np.ndarray, endog: np.ndarray, q: float) -> np.ndar
     return params
 
 
+def reference_scans(measurements: pd.DataFrame, reference: str = "", qc: pd.DataFrame | None = None,
+                    combined: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """The rows of ``measurements`` (one row per subject x structure, the sheet's columns beside) that may make a
+    chart: the scans that ``reference`` selects (a pandas query over the sheet's columns, e.g. "healthy == 1";
+    "" for every scan), less the structures of a scan that a sanity check of ``qc`` (the cohort QC table) flags,
+    unless a reviewer accepted them (and a ``combined`` structure with such a member), and a scan whose
+    orientation is in doubt. Excluded values are NaN already (never charted)."""
+    from ctcohort.review import SANITY_FLAGS
+
+    selected = measurements
+    if reference:
+        try:
+            selected = measurements.query(reference, engine="python")
+        except Exception as err:  # a query names columns and operators of the user's own
+            raise ValueError(f"normative.reference {reference!r}: {type(err).__name__}: {err}") from None
+        log.info("normative.reference %r: %d of %d scans", reference, selected["subject"].nunique(),
+                 measurements["subject"].nunique())
+    if qc is None or qc.empty:
+        return selected
+    flagged = qc[qc[list(SANITY_FLAGS)].astype(str).apply(lambda c: c.str.lower() == "true").any(axis=1)
+                 & (qc["review"].fillna("").astype(str) != "accept")]
+    whole_scans = set(flagged.loc[flagged["orientation"].astype(str).str.lower() == "true", "subject"].astype(str))
+    pairs = set(zip(flagged["subject"].astype(str), flagged["structure"].astype(str)))
+    pairs |= {(subject, name) for name, members in (combined or {}).items() for subject, structure in list(pairs)
+              if structure in members}
+    keys = pd.Series(list(zip(selected["subject"].astype(str), selected["structure"].astype(str))), index=selected.index)
+    drop = keys.isin(pairs) | selected["subject"].astype(str).isin(whole_scans)
+    if drop.any():
+        log.info("left out of the charts: %d structure measurements of scans flagged by the QC sanity checks",
+                 int(drop.sum()))
+    return selected[~drop.to_numpy()]
+
+
 def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
     present = present_columns(measurements, covariates)
     for name in present:

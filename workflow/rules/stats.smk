@@ -199,6 +199,7 @@ rule normative_charts:
     input:
         measurements=rules.aggregate.output.measurements,
         selection=rules.scan_selection.output[0],
+        qc=rules.aggregate.output.qc_table,  # scans the sanity checks flag are no reference
     output:
         charts=report(
             "results/stats/normative_charts.tsv",

@@ -2,14 +2,17 @@
 
 import pandas as pd
 
-from ctcohort.normative import fit_normative_charts
+from ctcohort.aggregate import read_cohort_qc
+from ctcohort.normative import fit_normative_charts, reference_scans
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
 
 log_to(snakemake.log[0])
-measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
 settings = snakemake.params.settings
+# the reference: the scans normative.reference selects, one per patient, without structures the QC flags
+measurements = reference_scans(read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
+                               settings.get("reference", ""), read_cohort_qc(snakemake.input.qc), snakemake.params.combined)
 fits = [
     fit_normative_charts(measurements, [panel["structure"]], [panel["measure"]],
                          percentiles=settings["percentiles"], covariates=settings["covariates"],
