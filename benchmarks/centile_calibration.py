@@ -1,7 +1,7 @@
 """How well centile charts (``ctcohort.centiles``) place new healthy scans, by scans per chart, on draws from a
 known truth; and how long one chart takes.
 
-For each truth (``normal``: mean and SD change with age; ``skewed``: gamma with shape 4, skewness 1, whose mean
+For each truth (``normal``: mean and SD change with age; ``skewed``: gamma with shape 8, skewness 0.71, whose mean
 changes with age; both in ``ctcohort.centile_truth``) and each n: ``--repeats`` charts, each selected and
 fitted on n scans of ages uniform in 20-85 years, then 2,000 new scans drawn at ages inside the chart's range
 are placed. Printed per truth x n: the mean share beyond |z| 1.96 over the repeats (nominal 5%), the largest

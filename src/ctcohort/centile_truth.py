@@ -1,7 +1,7 @@
 """Known age-dependent distributions of a measure, to check centile charts against (tests, benchmarks).
 
 ``normal``: N(mean(age), sd(age)), a mean that rises and bends (like an HU mean) and an SD that grows with age.
-``skewed``: gamma with shape 4 (skewness 1, coefficient of variation 0.5) whose mean rises and bends with age
+``skewed``: gamma with shape 8 (skewness 0.71, coefficient of variation 0.35) whose mean rises and bends with age
 (like a volume). Ages of a drawn cohort are uniform in AGES.
 """
 
