@@ -1,0 +1,668 @@
+"""Centile charts as distribution models of location, scale and shape in age (GAMLSS-type), calibrated on
+held-out scans; a chart that cannot be trusted is refused with a note, never drawn.
+
+model (``fit_model``)
+    One chart is one structure x measure (per sex, or with sex as a numeric covariate) fitted on complete
+    cases. The measure y follows a family whose parameters are linear predictors in age:
+
+    ``normal``  y ~ N(mu, sigma): mu = eta_mu (identity), sigma = exp(eta_sigma).
+    ``bccg``    Box-Cox Cole-Green, the LMS method (Cole & Green 1992, Stat Med 11:1305), for positive y only:
+                z = ((y / mu)^nu - 1) / (nu sigma) (log(y / mu) / sigma at nu = 0) is standard normal;
+                mu = exp(eta_mu) (the median), sigma = exp(eta_sigma) (about the coefficient of variation),
+                nu = eta_nu (skewness: nu = 1 normal, nu = 0 log-normal). The density is that of the untruncated
+                z (as VGAM's lms.bcn and the LMS literature), whose mass below y = 0 is negligible where charts
+                are of use.
+
+    Each eta is an intercept plus an unpenalised natural cubic spline of age with ``df`` columns (df = 0: the
+    parameter is constant in age; df = 1: linear; df >= 2: df - 1 interior knots at quantiles of age, the
+    boundary knots at the youngest and oldest scan; the same space as R's ``splines::ns``), plus, for mu
+    only, the numeric covariates (contrast 0/1, sex 0/1, site dummies; a covariate constant over the chart is
+    left out). Fitted by maximum likelihood (scipy's L-BFGS-B with analytic gradients) on an orthonormalised
+    design, starting from least squares (normal) or a log-normal fit (bccg).
+
+selection (``select_model``)
+    Per family, forward stepwise over (df_mu, df_sigma[, df_nu]) from (1, 1[, 0]), mu and sigma linear in age
+    (starting from constants, the search kept sigma constant often enough at 120 scans to miss the 5th centile
+    by 0.35 SD where the SD grows with age): each step adds one df to the
+    parameter whose addition lowers the criterion most, up to ``max_df`` for mu (and at most one df per
+    ``scans_per_df`` scans: at 120 scans a 4-df mu, chosen now and then, missed by 1 SD at the ends of the
+    ages) and that less 2 for sigma, until
+    no addition lowers it; nu stays constant in age (a nu that follows age, allowed in trials, put healthy
+    scans of 120-scan charts at |z| 8 at the ends of the age range). The criterion is the generalised AIC,
+    GAIC(k) = -2 log-likelihood + k * parameters, k = ``gaic_penalty`` (default 3; None: log(n), the BIC).
+    Measured at 120 scans (benchmarks/centile_calibration.py), the BIC left out curvature of mu and the age
+    trend of sigma often enough to bias the outer centiles by 0.2 SD; k = 2 (AIC) and k = 3 placed new scans
+    alike, k = 3 had the smaller errors of the centiles. The family with the lowest criterion over ``families`` is the chart's
+    (bccg only where every value is positive). Both densities are of y itself, so their criteria compare.
+
+small-sample correction (``CentileModel.z_scale``)
+    Maximum likelihood fits the scale too narrow for a new scan (sigma's estimate is biased low and the
+    curves' own error adds to a new scan's deviation), which puts more new healthy scans beyond |z| 1.96 than
+    nominal the fewer scans a chart has. As a prediction interval of a linear model widens the residual SD
+    by sqrt(n / (n - p_mu)) * sqrt(1 + p_mu / n), every z is divided by (and every centile's normal score
+    multiplied by) sqrt((n + p_mu) / (n - p)), p_mu mu's coefficients and p all coefficients: 1.03 at 120 scans
+    with 5 coefficients; measured, it takes the share beyond 1.96 at 120 scans from 6.4% to 5.7% (normal
+    truth). The likelihood, the criteria and the comparison with R are of the uncorrected fit.
+
+placing a scan (``CentileModel.z``)
+    z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox z above. z is clipped to
+    +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a non-positive value on a
+    bccg chart has z = -z_limit (``below_support``). An age outside the fitted range gets no z
+    (``age_outside_chart``): the charts never extrapolate in age.
+
+calibration (``calibrate``)
+    k-fold (seeded) out-of-fold z of every scan of the chart: family and df are chosen again inside every
+    training fold, so the calibration measures the whole procedure (the knots of a fold's splines are at the
+    quantiles of its own ages, and a held-out scan outside the fold's ages is placed by the spline's linear
+    continuation: only here, never on a chart). Reported: mean and SD of z, the share of scans beyond
+    |z| 1.96, below each lower and above each upper centile. The chart fails (``calibration_failed``) where
+    the count beyond |z| 1.96 lies outside the two-sided ``calibration_level`` binomial interval around 5%,
+    the SD of z outside the chi-square interval sqrt(chi2(n) / n), or the mean outside +-z / sqrt(n), each at
+    ``calibration_level``.
+
+refusal (``fit_centile_chart``)
+    A chart is refused, with a note and no curves, where it has fewer than ``min_scans`` scans
+    (``too_few_scans``; MIN_SCANS = 70 from benchmarks/centile_calibration.py, 20 charts per n, 2,000 new
+    healthy scans each: the share beyond |z| 1.96 stayed within 3.8-7.1% from 15 to 500 scans, but up to 50
+    scans of the skewed truth some healthy scans reached the clip at |z| 8, the Box-Cox shape barely
+    determined; from 70 scans the largest |z| was 6.6), a constant age or measure (``constant``), no fit that
+    converged (``not_converged``) or failed calibration (``calibration_failed``).
+
+uncertainty (``bootstrap_centiles``)
+    Seeded nonparametric bootstrap: scans resampled with replacement, the chosen family and df refitted (the
+    selection is not repeated), percentile intervals of each centile curve on the chart's age grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special, stats
+
+NORMAL = "normal"
+BCCG = "bccg"
+FAMILY_PARAMETERS = {NORMAL: ("mu", "sigma"), BCCG: ("mu", "sigma", "nu")}
+# from the held-out calibration measured with benchmarks/centile_calibration.py (see the module docstring)
+MIN_SCANS = 70
+Z_LIMIT = 8.0
+TOO_FEW_SCANS = "too_few_scans"
+CONSTANT = "constant"
+NOT_CONVERGED = "not_converged"
+CALIBRATION_FAILED = "calibration_failed"
+AGE_OUTSIDE_CHART = "age_outside_chart"
+COVARIATE_MISSING = "covariate_missing"
+Z_CLIPPED = "z_clipped"
+BELOW_SUPPORT = "below_support"
+NO_VALUE = "no_value"
+_LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class CentileSettings:
+    """How centile charts are fitted, checked and drawn; the field defaults are the only defaults."""
+
+    families: tuple[str, ...] = (NORMAL, BCCG)
+    max_df: int = 4  # most spline df of mu; sigma's at most max_df - 2, nu constant (module docstring)
+    scans_per_df: int = 40  # and at most n // scans_per_df df for mu (at least 1)
+    gaic_penalty: float | None = 3.0  # k of GAIC(k); None: log(n), the BIC
+    percentiles: tuple[float, ...] = (5, 25, 50, 75, 95)
+    age_step: float = 1.0
+    min_scans: int = MIN_SCANS
+    folds: int = 5
+    calibration_level: float = 0.99
+    bootstrap_resamples: int = 100
+    bootstrap_level: float = 0.95
+    seed: int = 18
+    z_limit: float = Z_LIMIT
+
+    def __post_init__(self):
+        unknown = [f for f in self.families if f not in FAMILY_PARAMETERS]
+        if unknown or not self.families:
+            raise ValueError(f"families {list(self.families)}: choose from {', '.join(FAMILY_PARAMETERS)}")
+        if self.max_df < 1 or self.folds < 2 or self.min_scans < 5 or self.bootstrap_resamples < 0:
+            raise ValueError("centiles: max_df >= 1, folds >= 2, min_scans >= 5, bootstrap_resamples >= 0")
+        if not all(0 < p < 100 for p in self.percentiles) or not 0 < self.z_limit:
+            raise ValueError("centiles: percentiles in (0, 100) and a positive z_limit")
+
+    @classmethod
+    def from_config(cls, normative: Mapping) -> CentileSettings:
+        """From config's ``normative`` block: its keys named like the fields (others are not this module's)."""
+        names = cls.__dataclass_fields__
+        values = {key: value for key, value in dict(normative).items() if key in names}
+        for key in ("families", "percentiles"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def max_dfs(self, family: str, n: int | None = None) -> tuple[int, ...]:
+        """Most df of each of the family's parameters for n scans (None: many): the scale follows age more
+        simply than mu, the shape not at all."""
+        mu = self.max_df if n is None else max(min(self.max_df, n // self.scans_per_df), 1)
+        return (mu, max(mu - 2, 0), 0)[:len(FAMILY_PARAMETERS[family])]
+
+
+DEFAULTS = CentileSettings()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Age basis and design
+# ---------------------------------------------------------------------------------------------------------
+
+def natural_spline(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Natural cubic spline basis without the constant (len(knots) - 1 columns; knots sorted, the first and
+    last the boundary knots): x and the truncated-power columns of Hastie, Tibshirani & Friedman, Elements of
+    Statistical Learning, eq. 5.4-5.5, on x scaled to the boundary range (for conditioning)."""
+    lo, hi = knots[0], knots[-1]
+    u = (np.asarray(x, float) - lo) / (hi - lo)
+    k = (knots - lo) / (hi - lo)
+
+    def d(j):
+        return (np.maximum(u - k[j], 0) ** 3 - np.maximum(u - k[-1], 0) ** 3) / (k[-1] - k[j])
+
+    last = d(len(k) - 2)
+    return np.column_stack([u, *(d(j) - last for j in range(len(k) - 2))])
+
+
+def age_knots(age: np.ndarray, df: int) -> np.ndarray:
+    """Boundary knots at the youngest and oldest age, df - 1 interior knots at quantiles (as R's ns(df=))."""
+    inner = np.quantile(age, np.arange(1, df) / df) if df > 1 else np.empty(0)
+    return np.concatenate([[age.min()], inner, [age.max()]])
+
+
+def _columns(age: np.ndarray, knots: np.ndarray | None, covariates: np.ndarray | None) -> np.ndarray:
+    parts = [np.ones((len(age), 1))]
+    if knots is not None:
+        parts.append(natural_spline(age, knots))
+    if covariates is not None and covariates.shape[1]:
+        parts.append(covariates)
+    return np.hstack(parts)
+
+
+@dataclass(frozen=True)
+class Design:
+    """The columns of each parameter's linear predictor: spline knots (None: constant in age), whether the
+    covariates enter, and the transform that orthonormalises the fitted data's columns."""
+
+    knots: tuple[np.ndarray | None, ...]
+    with_covariates: tuple[bool, ...]
+    transforms: tuple[np.ndarray, ...]
+
+    @classmethod
+    def for_data(cls, age: np.ndarray, covariates: np.ndarray, dfs: Sequence[int]) -> Design:
+        knots = tuple(age_knots(age, df) if df else None for df in dfs)
+        with_covariates = tuple(i == 0 for i in range(len(dfs)))  # covariates shift mu only
+        transforms = []
+        for k, w in zip(knots, with_covariates):
+            raw = _columns(age, k, covariates if w else None)
+            r = np.linalg.qr(raw / math.sqrt(len(age)), mode="r")
+            if np.abs(np.diag(r)).min() < 1e-9 * np.abs(np.diag(r)).max():
+                raise np.linalg.LinAlgError("collinear columns")
+            transforms.append(np.linalg.inv(r))
+        return cls(knots, with_covariates, tuple(transforms))
+
+    def matrices(self, age: np.ndarray, covariates: np.ndarray) -> list[np.ndarray]:
+        return [_columns(age, k, covariates if w else None) @ t
+                for k, w, t in zip(self.knots, self.with_covariates, self.transforms)]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [t.shape[1] for t in self.transforms]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Families: negative log-likelihood per scan and its gradient by linear predictor, z, quantiles
+# ---------------------------------------------------------------------------------------------------------
+
+def _normal_nll(y, eta):
+    mu, log_sigma = eta
+    r = (y - mu) * np.exp(-log_sigma)
+    nll = log_sigma + 0.5 * r ** 2 + _LOG_2PI_HALF
+    return nll, [-r * np.exp(-log_sigma), 1 - r ** 2]
+
+
+def _normal_z(y, eta):
+    return (y - eta[0]) * np.exp(-eta[1])
+
+
+def _normal_quantile(z, eta):
+    return eta[0] + np.exp(eta[1]) * z
+
+
+def _exprel_slope(x):
+    """d/dx of (e^x - 1) / x, by its series near 0."""
+    small = np.abs(x) < 1e-2
+    xs = np.where(small, 1.0, x)
+    exact = (xs * np.exp(xs) - np.expm1(xs)) / xs ** 2
+    series = 0.5 + x / 3 + x ** 2 / 8 + x ** 3 / 30
+    return np.where(small, series, exact)
+
+
+def _bccg_parts(y, eta):
+    log_mu, log_sigma, nu = eta
+    distance = np.log(y) - log_mu
+    x = np.clip(nu * distance, -700, 700)
+    z = distance * special.exprel(x) * np.exp(-log_sigma)
+    return distance, x, z
+
+
+def _bccg_nll(y, eta):
+    log_mu, log_sigma, nu = eta
+    distance, x, z = _bccg_parts(y, eta)
+    inv_sigma = np.exp(-log_sigma)
+    nll = -nu * distance + np.log(y) + log_sigma + 0.5 * z ** 2 + _LOG_2PI_HALF
+    grads = [nu - z * np.exp(x) * inv_sigma, 1 - z ** 2, -distance + z * distance ** 2 * _exprel_slope(x) * inv_sigma]
+    return nll, grads
+
+
+def _bccg_z(y, eta):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _bccg_parts(np.where(y > 0, y, np.nan), eta)[2]
+
+
+def _bccg_quantile(z, eta):
+    log_mu, log_sigma, nu = eta
+    t = nu * np.exp(log_sigma) * z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.abs(t) < 1e-10, 1.0, np.log1p(t) / t)  # log1p(t) / t, 1 at t = 0
+    return np.where(t > -1, np.exp(log_mu + np.exp(log_sigma) * z * ratio), np.nan)
+
+
+def _normal_start(y, matrices):
+    x_mu, x_sigma = matrices
+    mu = x_mu @ np.linalg.lstsq(x_mu, y, rcond=None)[0]
+    return [mu, np.full(len(y), math.log(max(np.std(y - mu), 1e-12 * max(np.abs(y).max(), 1.0))))]
+
+
+def _bccg_start(y, matrices):
+    log_mu, log_sigma = _normal_start(np.log(y), matrices[:2])
+    return [log_mu, log_sigma, np.zeros(len(y))]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    nll: object
+    z: object
+    quantile: object
+    start: object
+    positive: bool
+
+
+FAMILIES = {
+    NORMAL: Family(NORMAL, _normal_nll, _normal_z, _normal_quantile, _normal_start, positive=False),
+    BCCG: Family(BCCG, _bccg_nll, _bccg_z, _bccg_quantile, _bccg_start, positive=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One model
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CentileModel:
+    """A fitted family with its design: centiles and z at any age inside the fitted range."""
+
+    family: str
+    dfs: tuple[int, ...]
+    covariates: tuple[str, ...]
+    design: Design
+    coefficients: np.ndarray
+    age_range: tuple[float, float]
+    n: int
+    log_likelihood: float
+    converged: bool
+    small_sample_correction: bool = True
+
+    @property
+    def n_parameters(self) -> int:
+        return len(self.coefficients)
+
+    @property
+    def z_scale(self) -> float:
+        """The small-sample widening of z's scale (module docstring); 1 without the correction."""
+        if not self.small_sample_correction:
+            return 1.0
+        return math.sqrt((self.n + self.design.sizes[0]) / max(self.n - self.n_parameters, 1))
+
+    def criterion(self, penalty: float | None = None) -> float:
+        """GAIC(penalty); None: the BIC."""
+        k = math.log(self.n) if penalty is None else penalty
+        return -2 * self.log_likelihood + k * self.n_parameters
+
+    def predictors(self, age, covariates=None) -> list[np.ndarray]:
+        age = np.atleast_1d(np.asarray(age, float))
+        values = _covariate_matrix(covariates, self.covariates, len(age))
+        return _split_predictors(self.design.matrices(age, values), self.coefficients)
+
+    def inside(self, age) -> np.ndarray:
+        age = np.atleast_1d(np.asarray(age, float))
+        return (age >= self.age_range[0]) & (age <= self.age_range[1])
+
+    def centile(self, p: float, age, covariates=None) -> np.ndarray:
+        """The p-th centile (0 < p < 100) at each age (NaN outside the fitted ages); covariates at 0 unless given."""
+        eta = self.predictors(age, covariates)
+        values = FAMILIES[self.family].quantile(stats.norm.ppf(p / 100) * self.z_scale, eta)
+        return np.where(self.inside(age), values, np.nan)
+
+    def z(self, value, age, covariates=None, z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+        """(z, note) of each value; see the module docstring."""
+        value = np.atleast_1d(np.asarray(value, float))
+        age = np.broadcast_to(np.asarray(age, float), value.shape)
+        eta = self.predictors(age, covariates)
+        raw = FAMILIES[self.family].z(value, eta) / self.z_scale
+        note = np.full(value.shape, "", dtype=object)
+        if FAMILIES[self.family].positive:
+            below = np.isfinite(value) & (value <= 0)
+            raw = np.where(below, -np.inf, raw)
+            note[below] = BELOW_SUPPORT
+        clipped = np.isfinite(value) & (np.abs(raw) > z_limit)
+        note[clipped & (note == "")] = Z_CLIPPED
+        z = np.clip(raw, -z_limit, z_limit)
+        outside = ~self.inside(age)
+        z[outside | ~np.isfinite(value)] = np.nan
+        note[outside] = AGE_OUTSIDE_CHART
+        note[~np.isfinite(value)] = NO_VALUE
+        return z, note
+
+
+def _covariate_matrix(covariates, names: Sequence[str], n: int) -> np.ndarray:
+    """n x len(names) covariate values: a mapping or data frame by name; None: all 0 (the chart's reference)."""
+    if covariates is None:
+        return np.zeros((n, len(names)))
+    if isinstance(covariates, np.ndarray):
+        return np.asarray(covariates, float).reshape(n, len(names))
+    columns = [np.broadcast_to(np.asarray(covariates[name], float), (n,)) for name in names]
+    return np.column_stack(columns) if columns else np.zeros((n, 0))
+
+
+def _split_predictors(matrices, coefficients):
+    bounds = np.cumsum([0, *(m.shape[1] for m in matrices)])
+    return [m @ coefficients[a:b] for m, a, b in zip(matrices, bounds[:-1], bounds[1:])]
+
+
+def _objective(theta, y, matrices, family):
+    eta = _split_predictors(matrices, theta)
+    with np.errstate(all="ignore"):  # the line search tries wild steps; those come back infinite
+        nll, grads = family.nll(y, eta)
+    total = nll.sum()
+    if not np.isfinite(total):
+        return np.inf, np.zeros_like(theta)
+    n = len(y)
+    return total / n, np.concatenate([m.T @ g for m, g in zip(matrices, grads)]) / n
+
+
+def fit_model(family: str, dfs: Sequence[int], age, y, covariates: np.ndarray | None = None,
+              names: Sequence[str] = (), design: Design | None = None,
+              start: np.ndarray | None = None) -> CentileModel:
+    """The maximum-likelihood fit of ``family`` with spline df ``dfs`` per parameter; ``design``: reuse one
+    (the bootstrap's refits keep the chart's knots), ``start``: coefficients to start from."""
+    age, y = np.asarray(age, float), np.asarray(y, float)
+    covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
+    chosen = FAMILIES[family]
+    design = design or Design.for_data(age, covariates, dfs)
+    matrices = design.matrices(age, covariates)
+    if start is None:
+        # orthonormal columns: least squares is X^T eta / n
+        start = np.concatenate([m.T @ e / len(y) for m, e in zip(matrices, chosen.start(y, matrices))])
+    result = optimize.minimize(_objective, start, args=(y, matrices, chosen), jac=True, method="L-BFGS-B",
+                               options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
+    log_likelihood = -result.fun * len(y)
+    converged = bool(np.isfinite(result.fun) and np.abs(result.jac).max() < 1e-4)
+    return CentileModel(family, tuple(dfs), tuple(names), design, result.x, (float(age.min()), float(age.max())),
+                        len(y), float(log_likelihood), converged)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------------------
+
+def _try_fit(family, dfs, age, y, covariates, names):
+    if any(df and np.unique(age).size < df + 2 for df in dfs):
+        return None
+    try:
+        model = fit_model(family, dfs, age, y, covariates, names)
+    except np.linalg.LinAlgError:
+        return None
+    return model if model.converged else None
+
+
+def select_family_model(family: str, age, y, covariates, names, settings: CentileSettings = DEFAULTS):
+    """Forward stepwise in df (module docstring): (best model or None, the criteria of every model tried)."""
+    limits = settings.max_dfs(family, len(y))
+    dfs = tuple(min(limit, 1) for limit in limits)
+    best = _try_fit(family, dfs, age, y, covariates, names)
+    tried = [(family, dfs, best)]
+    while best is not None:
+        candidates = []
+        for i, limit in enumerate(limits):
+            if dfs[i] < limit:
+                bigger = tuple(d + (j == i) for j, d in enumerate(dfs))
+                model = _try_fit(family, bigger, age, y, covariates, names)
+                tried.append((family, bigger, model))
+                if model is not None:
+                    candidates.append(model)
+        improving = [m for m in candidates if m.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)]
+        if not improving:
+            break
+        best = min(improving, key=lambda m: m.criterion(settings.gaic_penalty))
+        dfs = best.dfs
+    return best, tried
+
+
+def select_model(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS):
+    """(the chart's model or None, a table of every model tried: family, dfs, log_likelihood, parameters,
+    criterion, chosen)."""
+    age, y = np.asarray(age, float), np.asarray(y, float)
+    covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
+    families = [f for f in settings.families if not FAMILIES[f].positive or (y > 0).all()]
+    best, rows = None, []
+    for family in families:
+        model, tried = select_family_model(family, age, y, covariates, names, settings)
+        rows += tried
+        if model is not None and (best is None or model.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)):
+            best = model
+    table = pd.DataFrame([{
+        "family": f, "dfs": "/".join(map(str, d)),
+        "log_likelihood": m.log_likelihood if m else np.nan, "parameters": m.n_parameters if m else np.nan,
+        "criterion": m.criterion(settings.gaic_penalty) if m else np.nan, "chosen": m is best and m is not None,
+    } for f, d, m in rows])
+    return best, table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------------
+
+def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS) -> np.ndarray:
+    """The z of every scan from the model selected and fitted without its fold (NaN where no fit converged)."""
+    age, y = np.asarray(age, float), np.asarray(y, float)
+    covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
+    rng = np.random.default_rng(settings.seed)
+    fold = rng.permutation(len(y)) % settings.folds
+    z = np.full(len(y), np.nan)
+    for k in range(settings.folds):
+        held = fold == k
+        model, _ = select_model(age[~held], y[~held], covariates[~held], names, settings)
+        if model is None:
+            continue
+        # the held-out scans are placed even a little outside the fold's ages (spline continued linearly)
+        eta = model.predictors(age[held], covariates[held])
+        raw = FAMILIES[model.family].z(y[held], eta) / model.z_scale
+        z[held] = np.clip(np.where(np.isnan(raw), -np.inf, raw), -settings.z_limit, settings.z_limit)
+    return z
+
+
+def calibration_summary(z, settings: CentileSettings = DEFAULTS) -> dict:
+    """n, mean and SD of z, share beyond |z| 1.96, below each lower (above each upper) centile, and the
+    verdict ``calibration_failed`` by the rule of the module docstring."""
+    z = np.asarray(z, float)
+    z = z[np.isfinite(z)]
+    n = len(z)
+    summary = {"calibration_n": n, "z_mean": float(z.mean()) if n else np.nan,
+               "z_sd": float(z.std(ddof=1)) if n > 1 else np.nan,
+               "beyond_1.96": float((np.abs(z) > 1.96).mean()) if n else np.nan}
+    for p in settings.percentiles:
+        if p != 50:
+            zp = stats.norm.ppf(p / 100)
+            share = (z < zp).mean() if p < 50 else (z > zp).mean()
+            summary[f"{'below' if p < 50 else 'above'}_p{p:g}"] = float(share) if n else np.nan
+    summary[CALIBRATION_FAILED] = bool(n < 2 or calibration_fails(z, settings.calibration_level))
+    return summary
+
+
+def calibration_fails(z: np.ndarray, level: float) -> bool:
+    n = len(z)
+    tail = (1 - level) / 2
+    beyond = int((np.abs(z) > 1.96).sum())
+    low, high = stats.binom.ppf([tail, 1 - tail], n, 0.05)
+    sd = z.std(ddof=1)
+    sd_low, sd_high = np.sqrt(stats.chi2.ppf([tail, 1 - tail], n - 1) / (n - 1))
+    mean_limit = stats.norm.ppf(1 - tail) / math.sqrt(n)
+    return bool(not low <= beyond <= high or not sd_low <= sd <= sd_high or abs(z.mean()) > mean_limit)
+
+
+def calibrate(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS) -> tuple[dict, np.ndarray]:
+    """(calibration_summary of the out-of-fold z, the z)."""
+    z = out_of_fold_z(age, y, covariates, names, settings)
+    return calibration_summary(z, settings), z
+
+
+def worm_table(z) -> pd.DataFrame:
+    """Q-Q / worm plot data of z (van Buuren & Fredriks 2001, Stat Med 20:1259): each sorted z against its
+    normal quantile at (i - 0.5) / n, the deviation, and the pointwise 95% band of the deviation under a
+    standard normal z."""
+    z = np.sort(np.asarray(z, float)[np.isfinite(z)])
+    n = len(z)
+    p = (np.arange(1, n + 1) - 0.5) / n
+    expected = stats.norm.ppf(p)
+    band = 1.96 * np.sqrt(p * (1 - p) / n) / stats.norm.pdf(expected)
+    return pd.DataFrame({"expected": expected, "z": z, "deviation": z - expected, "band_low": -band, "band_high": band})
+
+
+def plot_worm(z, ax=None, title: str = ""):
+    """A worm plot of z (deviation from the normal quantile against it, with the 95% band) on ``ax``."""
+    import matplotlib.pyplot as plt
+
+    table = worm_table(z)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(table["expected"], table["deviation"], ".", markersize=3)
+    ax.plot(table["expected"], table["band_low"], "k:", table["expected"], table["band_high"], "k:")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set(xlabel="normal quantile", ylabel="z - normal quantile", title=title)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bootstrap and the chart
+# ---------------------------------------------------------------------------------------------------------
+
+def age_grid(youngest: float, oldest: float, step: float) -> np.ndarray:
+    """youngest to oldest in steps of step, both ends included (the last step may be shorter)."""
+    ages = np.arange(youngest, oldest, step)
+    return np.append(ages, oldest) if ages.size == 0 or ages[-1] < oldest else ages
+
+
+def centile_curves(model: CentileModel, ages, percentiles) -> np.ndarray:
+    """len(ages) x len(percentiles) centiles at the covariates' reference (0)."""
+    return np.column_stack([model.centile(p, ages) for p in percentiles])
+
+
+def bootstrap_centiles(model: CentileModel, age, y, covariates=None, ages=None,
+                       settings: CentileSettings = DEFAULTS) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) percentile-interval bounds (len(ages) x len(percentiles)) of the centile curves over
+    ``bootstrap_resamples`` seeded resamples; NaN where there are none."""
+    age, y = np.asarray(age, float), np.asarray(y, float)
+    covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
+    ages = age_grid(*model.age_range, settings.age_step) if ages is None else np.asarray(ages, float)
+    rng = np.random.default_rng(settings.seed)
+    draws = []
+    for _ in range(settings.bootstrap_resamples):
+        pick = rng.integers(0, len(y), len(y))
+        refit = fit_model(model.family, model.dfs, age[pick], y[pick], covariates[pick], model.covariates,
+                          design=model.design, start=model.coefficients)
+        if refit.converged:
+            # the curves of the chart's ages, even where a resample misses the youngest or oldest scan
+            draws.append(centile_curves(replace(refit, age_range=model.age_range), ages, settings.percentiles))
+    shape = (len(ages), len(settings.percentiles))
+    if not draws:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    tail = 100 * (1 - settings.bootstrap_level) / 2
+    low, high = np.nanpercentile(np.stack(draws), [tail, 100 - tail], axis=0)
+    return low, high
+
+
+@dataclass(frozen=True)
+class CentileChart:
+    """One chart: the model (None where refused), its note, the selection table and the calibration."""
+
+    model: CentileModel | None
+    note: str
+    n: int
+    selection: pd.DataFrame = field(default_factory=pd.DataFrame)
+    calibration: dict = field(default_factory=dict)
+    settings: CentileSettings = DEFAULTS
+
+    def summary(self) -> dict:
+        """One row for a table of charts: n, note, family, dfs, parameters, criterion and calibration."""
+        m = self.model
+        return {"n": self.n, "note": self.note, "family": m.family if m else "",
+                "dfs": "/".join(map(str, m.dfs)) if m else "", "parameters": m.n_parameters if m else np.nan,
+                "criterion": m.criterion(self.settings.gaic_penalty) if m else np.nan,
+                "criterion_name": "BIC" if self.settings.gaic_penalty is None else f"GAIC({self.settings.gaic_penalty:g})",
+                **self.calibration}
+
+    def curves(self, age, y, covariates=None, with_intervals: bool = True) -> pd.DataFrame:
+        """The drawn chart: age grid over the fitted ages, one column per centile (p5, ...), with the bootstrap
+        bounds p5_low, p5_high, ... (refit from the chart's data ``age``, ``y``, ``covariates``). Refused
+        charts: no rows."""
+        names = [f"p{p:g}" for p in self.settings.percentiles]
+        if self.model is None:
+            return pd.DataFrame(columns=["age", *names])
+        ages = age_grid(*self.model.age_range, self.settings.age_step)
+        table = pd.DataFrame(centile_curves(self.model, ages, self.settings.percentiles), columns=names)
+        table.insert(0, "age", ages)
+        if with_intervals and self.settings.bootstrap_resamples:
+            values = covariates[list(self.model.covariates)].to_numpy(float) if self.model.covariates else None
+            low, high = bootstrap_centiles(self.model, age, y, values, ages, self.settings)
+            for i, name in enumerate(names):
+                table[f"{name}_low"], table[f"{name}_high"] = low[:, i], high[:, i]
+        return table
+
+    def place(self, value, age, covariates=None) -> tuple[np.ndarray, np.ndarray]:
+        """(z, note) of new scans; refused charts: z NaN, the chart's note."""
+        value = np.atleast_1d(np.asarray(value, float))
+        if self.model is None:
+            return np.full(value.shape, np.nan), np.full(value.shape, self.note, dtype=object)
+        return self.model.z(value, age, covariates, self.settings.z_limit)
+
+
+def _varying(covariates: pd.DataFrame | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    if covariates is None or covariates.shape[1] == 0:
+        return None, ()
+    names = tuple(c for c in covariates.columns if covariates[c].nunique() > 1)
+    return covariates[list(names)].to_numpy(float), names
+
+
+def fit_centile_chart(age, y, covariates: pd.DataFrame | None = None,
+                      settings: CentileSettings = DEFAULTS, calibrated: bool = True) -> CentileChart:
+    """Select, fit and calibrate one chart from complete cases (finite age, y and covariates), or refuse it
+    with a note (module docstring). ``calibrated=False`` skips the k-fold check (and its refusal)."""
+    age, y = np.asarray(age, float), np.asarray(y, float)
+    covariate_values, names = _varying(covariates)
+    n = len(y)
+    if n < settings.min_scans:
+        return CentileChart(None, TOO_FEW_SCANS, n, settings=settings)
+    if np.ptp(age) == 0 or np.ptp(y) == 0:
+        return CentileChart(None, CONSTANT, n, settings=settings)
+    model, selection = select_model(age, y, covariate_values, names, settings)
+    if model is None:
+        return CentileChart(None, NOT_CONVERGED, n, selection, settings=settings)
+    calibration = calibrate(age, y, covariate_values, names, settings)[0] if calibrated else {}
+    if calibration.get(CALIBRATION_FAILED):
+        return CentileChart(None, CALIBRATION_FAILED, n, selection, calibration, settings)
+    return CentileChart(model, "", n, selection, calibration, settings)
