@@ -9,9 +9,11 @@ navigation and the reviewer's decisions (exclude/accept a scan or one structure,
 browser's localStorage and downloaded as ``review_decisions.tsv`` (DECISION_COLUMNS; a blank structure is the
 whole scan). ``read_decisions`` reads that file, or one written by hand, back.
 
-At 10,000 scans the page stays quick: the cards are plain HTML that the browser lays out only when they come
-near the viewport (``content-visibility: auto``), images load lazily, and the filter index is built on the first
-filter change (``benchmarks/review_page.py`` measures it in headless Chromium).
+At 10,000 scans the page is one file of about 8 MB that paints its first cards at once: the cards are plain HTML
+that the browser lays out only near the viewport (``content-visibility: auto``), images load lazily, and the
+filter index is built on the first filter change. ``benchmarks/review_page.py`` measures it in headless Chromium:
+first paint as at 100 scans, keys and filters ready within a second, scrolling frames slower than at 100 scans
+(the browser's per-element bookkeeping of lazy images and skipped cards grows with their number).
 """
 
 from __future__ import annotations
@@ -85,45 +87,51 @@ def score_text(score: float) -> str:
     return "no score" if math.isnan(score) else f"{score:.2f}"
 
 
-def preview_html(preview: str, subject: str) -> str:
+def preview_html(preview: str) -> str:
     if not preview:
         return '<div class="preview none">no preview</div>'
     width, height = PREVIEW_SIZE
     # quote(): a relative URL whatever the path holds (a ':' or '#' cannot turn it into a link elsewhere)
-    return (f'<img class="preview" src="{esc(quote(preview))}" loading="lazy" decoding="async" '
-            f'width="{width}" height="{height}" alt="preview of {esc(subject)}">')
+    return (f'<img class="preview" src="{esc(quote(preview))}" loading="lazy" '
+            f'width="{width}" height="{height}" alt="preview">')
 
 
 def decision_buttons() -> str:
     return "".join(f'<button class="{d}">{d}</button>' for d in DECISIONS)
 
 
-def structure_html(structure: str, flags: pd.DataFrame) -> str:
+def structure_html(structure: str, flags: list[tuple[str, str]]) -> str:
     """One structure's flags; a structure of its own (not the whole scan) gets its decision buttons."""
     items = "".join(f'<span data-flag="{esc(f)}">{esc(f)}{" <i>" + esc(d) + "</i>" if d else ""}</span>'
-                    for f, d in zip(flags["flag"], flags["detail"]))
+                    for f, d in flags)
     buttons = decision_buttons() if structure else ""
-    return (f'<li data-structure="{esc(structure)}"><b>{esc(structure) or "scan"}</b> {items} {buttons}</li>')
+    return f'<li data-structure="{esc(structure)}"><b>{esc(structure) or "scan"}</b> {items} {buttons}</li>'
 
 
-def flags_html(flags: pd.DataFrame | None) -> str:
+def flags_html(structures: dict[str, list[tuple[str, str]]]) -> str:
     """The flags grouped by structure, scan-level flags first, then structures as the flags table lists them."""
-    if flags is None or flags.empty:
+    if not structures:
         return ""
-    structures = list(dict.fromkeys(flags["structure"]))
-    structures.sort(key=lambda s: s != "")
-    return "<ul>" + "".join(structure_html(s, flags[flags["structure"] == s]) for s in structures) + "</ul>"
+    ordered = sorted(structures.items(), key=lambda item: item[0] != "")
+    return "<ul>" + "".join(structure_html(s, flags) for s, flags in ordered) + "</ul>"
 
 
-def card_html(scan, flags: pd.DataFrame | None) -> str:
+def flags_by_structure(flags: pd.DataFrame) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Per subject, per structure (in the table's order): its (flag, detail) pairs."""
+    grouped = {}
+    for subject, structure, flag, detail in zip(*(flags[c] for c in FLAG_COLUMNS)):
+        grouped.setdefault(subject, {}).setdefault(structure, []).append((flag, detail))
+    return grouped
+
+
+def card_html(scan, structures: dict[str, list[tuple[str, str]]]) -> str:
     subject = esc(scan.subject)
     status = f'<p class="status">{esc(scan.status)}</p>' if scan.status else ""
     return (f'<article class="card{" failed" if scan.status else ""}" data-subject="{subject}" '
-            f'data-score="{scan.score!r}" tabindex="-1">'
-            f'<h2>{subject}</h2> <span class="score">{score_text(scan.score)}</span> '
+            f'data-score="{scan.score!r}"><h2>{subject}</h2> <span class="score">{score_text(scan.score)}</span> '
             f'<span class="scan-decision">{decision_buttons()}</span>{status}'
-            f'{preview_html(scan.preview, scan.subject)}{flags_html(flags)}'
-            f'<input class="reason" placeholder="reason (optional)"></article>\n')
+            f'{preview_html(scan.preview)}{flags_html(structures)}'
+            f'<input class="reason" placeholder="reason"></article>\n')
 
 
 def options_html(values: list[str], any_label: str, labels: dict[str, str] | None = None) -> str:
@@ -151,8 +159,8 @@ KEYS_HELP = ("<kbd>j</kbd>/<kbd>&darr;</kbd> next scan, <kbd>k</kbd>/<kbd>&uarr;
 def page_html(scans: pd.DataFrame, flags: pd.DataFrame, title: str) -> str:
     ordered = review_order(scans)
     flags = flag_table(flags, ordered["subject"])
-    grouped = dict(tuple(flags.groupby("subject", sort=False)))
-    cards = "".join(card_html(scan, grouped.get(scan.subject)) for scan in ordered.itertuples(index=False))
+    grouped = flags_by_structure(flags)
+    cards = "".join(card_html(scan, grouped.get(scan.subject, {})) for scan in ordered.itertuples(index=False))
     settings = {"title": title, "columns": DECISION_COLUMNS, "decisions": list(DECISIONS), "file": DECISIONS_FILE}
     style = (resources_dir() / "qc" / "review_page.css").read_text()
     script = (resources_dir() / "qc" / "review_page.js").read_text()
