@@ -57,7 +57,14 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
     assert "3 were (2 positive, 1 negative)" in text
     assert f"below {settings['statistics']['alpha']:g}" in text
     assert "adjusted for sex and contrast" in text
-    assert f"({settings['statistics']['spline_df']} degrees of freedom)" in text
+    assert f"({settings['statistics']['spline_df']} degrees of freedom, knots" in text
+    assert "location-scale-shape models adjusted for contrast" in text and "5-fold cross-validation" in text
+    calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"]})
+    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, calibration=calibration))
+    assert "2 of 3 charts were drawn, from 80 to 120 patients each." in text
+    quantile = {**settings, "normative": {**settings["normative"], "method": "quantile"}}
+    text = " ".join(methods_paragraphs(quantile, COUNTS, correlations(), VERSIONS, model="the nnU-Net model X"))
+    assert f"quantile regression on a natural cubic spline in age ({settings['normative']['spline_df']} degrees" in text
     assert "nnunetv2 2.6.2" in text and "snakemake 9.1.0" in text and "Python 3.11.9" in text
     assert "pydicom" not in text  # not installed: not cited
     assert "the nnU-Net model X" in text

@@ -52,8 +52,10 @@ def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
 
 def test_charts_match_the_analytic_percentiles(fitted):
     charts, coefficients = fitted
-    assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast", "note"]
-    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS]
+    intervals = [f"{c}_{end}" for c in COLUMNS for end in ("low", "high")]
+    assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast",
+                                    "note", *normative.METHOD_COLUMNS, *normative.CALIBRATION_COLUMNS, *intervals]
+    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS, "eta_mu"]
     assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
     z = stats.norm.ppf(np.array(LEVELS) / 100)
     for sex in ("M", "F"):
@@ -430,3 +432,47 @@ def test_the_reference_is_the_selected_scans_less_what_the_qc_flags():
     assert len(normative.reference_scans(measurements, "healthy == 0")) == 2
     with pytest.raises(ValueError, match="normative.reference 'helthy == 1': UndefinedVariableError"):
         normative.reference_scans(measurements, "helthy == 1")
+
+
+@pytest.fixture(scope="module")
+def lms_fitted():
+    cohort = analytic_cohort(800, seed=21)  # about 400 scans per sex
+    return cohort, normative.fit_charts(cohort, ["liver"], ["volume_ml"], method="lms")
+
+
+def test_lms_charts_match_the_truth_and_place_new_scans_by_the_model(lms_fitted):
+    cohort, fit = lms_fitted
+    charts, coefficients = fit.charts, fit.coefficients
+    assert (charts["note"] == "").all() and (charts["method"] == "lms").all()
+    assert set(charts["family"]) <= {"normal", "bccg"} and not charts["calibration_failed"].any()
+    z = stats.norm.ppf(np.array(LEVELS) / 100)
+    for sex in ("M", "F"):
+        for age in (30.0, 50.0, 70.0):
+            expected = A[sex] + B[sex] * age + SD[sex] * z
+            np.testing.assert_allclose(at_age(charts, sex, age), expected, atol=0.35 * SD[sex])
+        chart = charts[charts["sex"] == sex]
+        assert ((chart["p5_low"] <= chart["p5"]) & (chart["p5"] <= chart["p5_high"])).all()  # bootstrap bounds
+    shift = coefficients.set_index(["sex", "covariate"])["eta_mu"]
+    assert shift[("F", "contrast")] == pytest.approx(DELTA, abs=0.35 * SD["F"]) or charts["family"].eq("bccg").any()
+    # new scans: z from the fitted distribution, bounded; contrast moves mu
+    new = analytic_cohort(2000, seed=5)
+    new = new[(new["age"] >= 22) & (new["age"] <= 83)].assign(subject=lambda f: [f"n{i}" for i in range(len(f))])
+    placed = normative.place_cohort(charts, coefficients, new)
+    truth = np.array([(v - A[s] - B[s] * a - DELTA * c) / SD[s] for v, s, a, c in
+                      new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)])
+    assert np.abs(placed["z"] - truth).mean() < 0.2  # the curves' own error at 400 scans a sex: about 0.1 SD
+    beyond = (placed["z"].abs() > 1.96).mean()
+    assert 0.035 <= beyond <= 0.075 and placed["z"].abs().max() < 6
+    # the out-of-fold z of the charted scans (the calibration): one per scan, each from a fit without it
+    assert len(fit.scores) == len(cohort) and fit.scores["z"].notna().all()
+    far = normative.place_on_charts(charts, coefficients, scan_table(liver=1e6), 50, "F", {"contrast": 0})
+    assert far.loc[0, "z"] == normative.Z_LIMIT and far.loc[0, "note"] == "z_clipped"
+
+
+def test_lms_charts_refuse_what_cannot_be_trusted():
+    sample = noisy_sample(40).assign(group="")
+    fit = normative.fit_charts(sample, ["spleen"], ["hu_mean"], method="lms", min_n=60)
+    assert fit.charts["note"].tolist() == ["too_few_scans"]
+    placement = normative.place_on_charts(fit.charts, fit.coefficients, pd.DataFrame({"structure": ["spleen"],
+                                                                                     "hu_mean": [100.0]}), 50, "F")
+    assert placement["note"].tolist() == ["no_chart"] and placement["z"].isna().all()

@@ -100,10 +100,18 @@ def test_laterality_flags_both_twins_of_a_swapped_pair_and_respects_the_margin()
     })
     assert laterality_flags(qc).tolist() == [False, False, True, True, False, False, False]
     # a left structure 3 mm right of its twin: flagged at margin 0, not at margin 5
-    near = pd.DataFrame({"subject": "d", "structure": ["iliopsoas_left", "iliopsoas_right"],
-                         "centroid_x_mm": [1.0, -2.0]})
-    assert laterality_flags(near, 0.0).tolist() == [True, True]
-    assert laterality_flags(near, 5.0).tolist() == [False, False]
+    near = pd.DataFrame({"subject": ["d", "d", "e", "e", "f", "f"], "structure": ["iliopsoas_left", "iliopsoas_right"] * 3,
+                         "centroid_x_mm": [1.0, -2.0, -60.0, 60.0, -61.0, 59.0]})
+    assert laterality_flags(near, 0.0).tolist()[:2] == [True, True]
+    assert laterality_flags(near, 5.0).tolist()[:2] == [False, False]
+
+
+def test_a_pair_on_the_wrong_side_in_most_scans_is_a_mirrored_cohort_not_a_flag(caplog):
+    qc = pd.DataFrame({"subject": np.repeat(["a", "b", "c"], 2), "structure": ["kidney_left", "kidney_right"] * 3,
+                       "centroid_x_mm": [75.0, -75.0, 74.0, -76.0, -70.0, 70.0]})
+    with caplog.at_level("WARNING", logger="ctcohort.review"):
+        assert not laterality_flags(qc).any()
+    assert "kidney_left lies on the wrong side of its twin in 67% of the scans" in caplog.text
 
 
 def test_vertebra_order_flags_the_vertebrae_of_an_inversion():

@@ -182,8 +182,11 @@ def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_
     charts = read_table(demo_study / "stats" / "normative_charts.tsv")
     panels = {(p["structure"], p["measure"]) for p in config["normative"]["panels"]}
     assert set(zip(charts["structure"], charts["measure"])) == panels
-    assert (charts["note"] == "").all() and set(charts["sex"]) == {"M", "F"}
-    curves = charts[[f"p{p:g}" for p in config["normative"]["percentiles"]]].to_numpy()
+    # the demo's 25 men have every chart; a chart of its 15 women may fail its held-out calibration: refused, noted
+    assert (charts.loc[charts["sex"] == "M", "note"] == "").all() and set(charts["sex"]) == {"M", "F"}
+    assert charts["note"].isin(["", "calibration_failed"]).all()
+    fitted = charts[charts["note"] == ""]
+    curves = fitted[[f"p{p:g}" for p in config["normative"]["percentiles"]]].to_numpy()
     assert (np.diff(curves, axis=1) >= 0).all()
     n = len(phantom.ANATOMY)
     median_man = phantom.SubjectDraw(55, "M", 1, "", False, np.zeros(n), np.zeros(n), image_seed=12345)

@@ -352,21 +352,29 @@ class CentileModel:
         """(z, note) of each value; see the module docstring."""
         value = np.atleast_1d(np.asarray(value, float))
         age = np.broadcast_to(np.asarray(age, float), value.shape)
-        eta = self.predictors(age, covariates)
-        raw = FAMILIES[self.family].z(value, eta) / self.z_scale
-        note = np.full(value.shape, "", dtype=object)
-        if FAMILIES[self.family].positive:
-            below = np.isfinite(value) & (value <= 0)
-            raw = np.where(below, -np.inf, raw)
-            note[below] = BELOW_SUPPORT
-        clipped = np.isfinite(value) & (np.abs(raw) > z_limit)
-        note[clipped & (note == "")] = Z_CLIPPED
-        z = np.clip(raw, -z_limit, z_limit)
+        z, note = z_from_predictors(self.family, value, self.predictors(age, covariates), self.z_scale, z_limit)
         outside = ~self.inside(age)
         z[outside | ~np.isfinite(value)] = np.nan
         note[outside] = AGE_OUTSIDE_CHART
         note[~np.isfinite(value)] = NO_VALUE
         return z, note
+
+
+def z_from_predictors(family: str, value: np.ndarray, eta: Sequence[np.ndarray], z_scale: float = 1.0,
+                      z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """(z, note) of values under the family's linear predictors (one array per parameter), widened by z_scale
+    and clipped to +-z_limit (noted ``z_clipped``); a non-positive value of a positive family: -z_limit,
+    ``below_support``. Also what a chart stored as a table places with (normative.place_values)."""
+    value = np.asarray(value, float)
+    raw = FAMILIES[family].z(value, eta) / z_scale
+    note = np.full(value.shape, "", dtype=object)
+    if FAMILIES[family].positive:
+        below = np.isfinite(value) & (value <= 0)
+        raw = np.where(below, -np.inf, raw)
+        note[below] = BELOW_SUPPORT
+    clipped = np.isfinite(value) & (np.abs(raw) > z_limit)
+    note[clipped & (note == "")] = Z_CLIPPED
+    return np.clip(raw, -z_limit, z_limit), note
 
 
 def _covariate_matrix(covariates, names: Sequence[str], n: int) -> np.ndarray:
@@ -606,6 +614,7 @@ class CentileChart:
     selection: pd.DataFrame = field(default_factory=pd.DataFrame)
     calibration: dict = field(default_factory=dict)
     settings: CentileSettings = DEFAULTS
+    out_of_fold_z: np.ndarray | None = None  # the calibration's z of each scan, from a fit without its fold
 
     def summary(self) -> dict:
         """One row for a table of charts: n, note, family, dfs, parameters, criterion and calibration."""
@@ -662,7 +671,7 @@ def fit_centile_chart(age, y, covariates: pd.DataFrame | None = None,
     model, selection = select_model(age, y, covariate_values, names, settings)
     if model is None:
         return CentileChart(None, NOT_CONVERGED, n, selection, settings=settings)
-    calibration = calibrate(age, y, covariate_values, names, settings)[0] if calibrated else {}
+    calibration, held_out = calibrate(age, y, covariate_values, names, settings) if calibrated else ({}, None)
     if calibration.get(CALIBRATION_FAILED):
-        return CentileChart(None, CALIBRATION_FAILED, n, selection, calibration, settings)
-    return CentileChart(model, "", n, selection, calibration, settings)
+        return CentileChart(None, CALIBRATION_FAILED, n, selection, calibration, settings, held_out)
+    return CentileChart(model, "", n, selection, calibration, settings, held_out)

@@ -399,7 +399,8 @@ def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coef
                     sex: str) -> tuple[pd.Series, dict[str, float]]:
     """The scans' ``measure`` adjusted to the chart's reference covariate values with the median's
     coefficients: value - coef_p50 * (covariate - reference), summed over the covariates of the chart's
-    model (those with a row in ``coefficients``). A covariate with a reference value but no coefficient was
+    model (those with a row in ``coefficients``); on a Box-Cox chart (method lms, family bccg, where the
+    covariate moves log mu: p50 empty, eta_mu given) value * exp(-eta_mu * (covariate - reference)). A covariate with a reference value but no coefficient was
     constant over the chart's scans (the chart holds for that value only): only scans with that value are
     kept, unadjusted. A covariate whose reference is NaN (not in the table) is ignored. Scans without a
     value of a covariate used are left out. Returns the values (indexed like ``scans``) and the references.
@@ -421,6 +422,11 @@ def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coef
         hit = coefficients[(coefficients["structure"] == structure) & (coefficients["measure"] == measure)
                            & (coefficients["sex"].astype(str) == sex) & (coefficients["covariate"] == covariate)]
         coefficient = pd.to_numeric(hit["p50"], errors="coerce").dropna()
+        log_shift = pd.to_numeric(hit["eta_mu"], errors="coerce").dropna() if "eta_mu" in hit else coefficient.iloc[:0]
+        if coefficient.empty and not log_shift.empty:  # a Box-Cox (lms) chart: the covariate scales the median
+            keep &= x.notna()
+            values = values * np.exp(-float(log_shift.iloc[0]) * (x - references[covariate]))
+            continue
         if coefficient.empty:  # not in the chart's model: the chart holds at the reference value only
             keep &= x == references[covariate]
             continue

@@ -94,7 +94,7 @@ RULE_WORDS = {"first": "the earliest", "last": "the latest", "random": "one chos
 def methods_paragraphs(
     config: Mapping, counts: pd.DataFrame, correlations: pd.DataFrame, versions: pd.DataFrame,
     model: str = "", selection: pd.DataFrame | None = None, regression: pd.DataFrame | None = None,
-    longitudinal: pd.DataFrame | None = None,
+    longitudinal: pd.DataFrame | None = None, calibration: pd.DataFrame | None = None,
 ) -> list[str]:
     """The Methods text as paragraphs (see the module docstring). ``config``: the workflow's configuration
     sections (structures, measure, qc, statistics, normative, segmentation without its model path),
@@ -102,12 +102,13 @@ def methods_paragraphs(
     ``counts``: ``aggregate.exclusion_counts``' table; ``correlations``: ``stats.age_correlations``' table;
     ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words;
     ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient);
-    ``regression``, ``longitudinal``: those tables, whose rows say which covariates they used."""
+    ``regression``, ``longitudinal``: those tables, whose rows say which covariates they used; ``calibration``:
+    the normative charts' (one row per chart: n, note, calibration)."""
     version = dict(zip(versions["software"], versions["version"]))
     return [
         _cohort_paragraph(config, counts, version, model, selection),
         _measures_paragraph(config, counts),
-        _statistics_paragraph(config, correlations, regression, longitudinal),
+        _statistics_paragraph(config, correlations, regression, longitudinal, calibration),
         _software_paragraph(version),
     ]
 
@@ -211,7 +212,7 @@ def _used(table: pd.DataFrame | None, column: str = "covariates") -> list[str]:
     return list(dict.fromkeys(name for cell in names for name in cell.split(",") if name))
 
 
-def _statistics_paragraph(config, correlations, regression=None, longitudinal=None) -> str:
+def _statistics_paragraph(config, correlations, regression=None, longitudinal=None, calibration=None) -> str:
     stats_cfg = config["statistics"]
     sentences = [
         f"Spearman's rank correlation coefficient (rs) between age and each measure "
@@ -222,7 +223,7 @@ def _statistics_paragraph(config, correlations, regression=None, longitudinal=No
         _family_sentence(stats_cfg, correlations),
         _models_sentence(stats_cfg, regression),
         _longitudinal_sentence(config, longitudinal),
-        _normative_sentence(config.get("normative") or {}),
+        _normative_sentence(config.get("normative") or {}, calibration),
     ]
     return " ".join(sentence for sentence in sentences if sentence)
 
@@ -304,18 +305,39 @@ def _longitudinal_sentence(config, longitudinal) -> str:
             f"slope of baseline age (P of the difference uncorrected).")
 
 
-def _normative_sentence(normative) -> str:
+def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> str:
     if not normative.get("panels"):
         return ""
+    from ctcohort.centiles import CentileSettings
+
     percentiles = _listing([_ordinal(p) for p in normative["percentiles"]])
     adjusted = list(normative.get("covariates") or [])
-    return (f"Age-specific reference percentiles (the {percentiles}){' by sex' if normative.get('by_sex') else ''} "
-            f"were estimated by linear quantile regression on a natural cubic spline in age "
-            f"({normative['spline_df']} degrees of freedom){' adjusted for ' + _listing(adjusted) if adjusted else ''}, "
-            f"made non-crossing by monotone rearrangement; charts were fitted only with at least "
-            f"{normative['min_n']} patients. The reference was "
-            f"{'the scans with ' + normative['reference'] if normative.get('reference') else 'every patient'}, "
-            f"less the structures that the automated sanity checks flagged (unless a reviewer accepted them).")
+    by_sex = " by sex" if normative.get("by_sex") else ""
+    adjustment = f" adjusted for {_listing(adjusted)}" if adjusted else ""
+    if normative.get("method") == "lms":
+        lms = CentileSettings.from_config(normative)
+        model = (f"Age-specific reference centiles (the {percentiles}){by_sex} were estimated from location-scale-"
+                 f"shape models{adjustment}: a normal or a Box-Cox Cole-Green (LMS) distribution whose location and "
+                 f"scale followed age on natural cubic splines (shape constant), the family and the splines' degrees "
+                 f"of freedom chosen by GAIC({lms.gaic_penalty:g}), fitted by maximum likelihood. Each chart was "
+                 f"calibrated by {lms.folds}-fold cross-validation (the model chosen again in each fold) and refused "
+                 f"where the held-out scans' share beyond |z| 1.96, or their mean or SD of z, left its "
+                 f"{100 * lms.calibration_level:g}% interval; charts were not extrapolated in age, z was bounded "
+                 f"at {lms.z_limit:g}, and the curves' {100 * lms.bootstrap_level:g}% bands came from "
+                 f"{lms.bootstrap_resamples} bootstrap resamples.")
+    else:
+        model = (f"Age-specific reference percentiles (the {percentiles}){by_sex} were estimated by linear quantile "
+                 f"regression on a natural cubic spline in age ({normative['spline_df']} degrees of freedom)"
+                 f"{adjustment}, solved exactly and made non-crossing by monotone rearrangement.")
+    reference = f"the scans with {normative['reference']}" if normative.get("reference") else "every patient"
+    sentence = (f"{model} Charts needed at least {normative['min_n']} patients. The reference was {reference}, less "
+                f"the structures that the automated sanity checks flagged (unless a reviewer accepted them).")
+    if calibration is not None and len(calibration):
+        drawn = calibration[calibration["note"].fillna("") == ""]
+        sentence += (f" {len(drawn)} of {len(calibration)} charts were drawn"
+                     + (f", from {int(drawn['n'].min()):,} to {int(drawn['n'].max()):,} patients each." if len(drawn)
+                        else "."))
+    return sentence
 
 
 def _software_paragraph(version: Mapping) -> str:

@@ -104,7 +104,18 @@ NO_VALUE = "no_value"
 COVARIATE_MISSING = "covariate_missing"
 COVARIATE_OUTSIDE_CHART = "covariate_outside_chart"
 LEADING_COLUMNS = ["structure", "group", "members", "measure", "sex", "n", "age"]
+QUANTILE = "quantile"
+LMS = "lms"
+METHODS = (LMS, QUANTILE)
+# after note: how the chart was made and, for lms, the model's linear predictors at each age (covariates at the
+# reference) with which a scan is placed, and the chart's calibration on held-out scans
+METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu"]
+CALIBRATION_FIELDS = {"calibration_n": "calibration_n", "z_mean": "z_mean", "z_sd": "z_sd",
+                      "beyond_1_96": "beyond_1.96", "calibration_failed": "calibration_failed"}
+CALIBRATION_COLUMNS = list(CALIBRATION_FIELDS)
+SCORE_COLUMNS = ["subject", "structure", "measure", "sex", "value", "age", "z", "fold"]
 PLACEMENT_COLUMNS = ["structure", "measure", "value", "age", "sex", "percentile", "z", "note"]
+SCORE_TABLE_COLUMNS = ["subject", *PLACEMENT_COLUMNS, "fit"]
 _PERCENTILE_NAME = re.compile(r"^p(\d+(?:\.\d+)?)$")
 log = logging.getLogger(__name__)
 
@@ -241,19 +252,39 @@ def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
     return present
 
 
-def fit_normative_charts(
+class NormativeFit(NamedTuple):
+    """What ``fit_charts`` makes: the charts and covariate tables (module docstring), and per scan of a chart
+    its out-of-fold z (method lms: SCORE_COLUMNS; the calibration's held-out placements)."""
+
+    charts: pd.DataFrame
+    coefficients: pd.DataFrame
+    scores: pd.DataFrame
+
+
+def fit_normative_charts(measurements: pd.DataFrame, structures, measures, **options) -> tuple[pd.DataFrame,
+                                                                                            pd.DataFrame]:
+    """(charts, coefficients) of ``fit_charts``."""
+    fit = fit_charts(measurements, structures, measures, **options)
+    return fit.charts, fit.coefficients
+
+
+def fit_charts(
     measurements: pd.DataFrame, structures, measures, percentiles=PERCENTILES, covariates=COVARIATES,
     by_sex: bool = True, spline_df: int = SPLINE_DF, min_n: int = MIN_N, age_step: float = AGE_STEP,
-    combined: Mapping[str, Sequence[str]] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(charts, coefficients); columns ``chart_columns(percentiles, covariates)`` and
-    ``coefficient_columns(percentiles)``, see the module docstring. ``structures``: the structures to chart,
-    in this order (None: every structure of the table, in table order); one not in the table gets one
-    not_in_study row with n 0 (and a warning). ``combined``: the study's combined structures (statistics.combined); a
-    charted one carries its members in ``members``, so that a new scan's own combination can be made."""
+    combined: Mapping[str, Sequence[str]] | None = None, method: str = QUANTILE, centiles=None,
+) -> NormativeFit:
+    """The charts (``chart_columns(percentiles, covariates)`` and, after note, METHOD_COLUMNS), their covariate
+    coefficients (``coefficient_columns(percentiles)``) and, for method lms, each charted scan's out-of-fold z;
+    see the module docstring. ``structures``: the structures to chart, in this order (None: every structure of
+    the table, in table order); one not in the table gets one not_in_study row with n 0 (and a warning).
+    ``combined``: the study's combined structures (statistics.combined); a charted one carries its members in
+    ``members``, so that a new scan's own combination can be made. ``centiles``: the lms method's
+    ``centiles.CentileSettings`` (its percentiles, age step and least scans are these arguments')."""
     levels = _check_percentiles(percentiles)
     _check_integer("min_n", min_n, 5)
     _check_integer("spline_df", spline_df, 2)
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     if not (isinstance(age_step, (int, float, np.number)) and np.isfinite(age_step) and age_step > 0):
         raise ValueError(f"age_step must be a positive number, got {age_step!r}")
     measures = list(measures)
@@ -273,63 +304,149 @@ def fit_normative_charts(
     unknown = [s for s in structures if s not in set(measurements["structure"])]
     if unknown:
         log.warning("no such structure in the measurement table: %s (charts noted %s)", unknown, NOT_IN_STUDY)
-    names = [percentile_column(p) for p in levels]
-    chart_rows, coefficient_rows = [], []
+    fitter = ChartFitter(levels, present, covariates, spline_df, min_n, float(age_step), method,
+                         _centile_settings(centiles, levels, min_n, float(age_step)) if method == LMS else None)
     for structure in structures:
         in_structure = (measurements["structure"] == structure).to_numpy()
         structure_group = group[in_structure].iloc[0] if in_structure.any() else ""
         for measure in measures:
             for s in sexes:
                 block = measurements[in_structure & (sex == s).to_numpy()]
-                frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float),
-                                      "age": block["age"].to_numpy(dtype=float)})
-                for i, name in enumerate(present):
-                    frame[f"c{i}"] = block[name].to_numpy(dtype=float)
-                # complete cases; an infinite value is no measurement either
-                frame = frame[np.isfinite(frame.to_numpy()).all(axis=1)].reset_index(drop=True)
-                n = len(frame)
-                varying = [f"c{i}" for i in range(len(present)) if frame[f"c{i}"].nunique() > 1]
                 key = {"structure": structure, "group": structure_group,
-                       "members": "+".join((combined or {}).get(structure, ())), "measure": measure, "sex": s, "n": n}
-                reference = dict.fromkeys(covariates, np.nan)
-                for i, name in enumerate(present):
-                    if n:
-                        reference[name] = 0.0 if f"c{i}" in varying else float(frame[f"c{i}"].iloc[0])
-                if not in_structure.any():
-                    note = NOT_IN_STUDY
-                elif n < min_n:
-                    note = TOO_FEW_SCANS
-                elif np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
-                    note = CONSTANT
-                elif n < 1 + spline_df + len(varying) + 2 or frame["age"].nunique() < spline_df + 2:
-                    note = TOO_FEW_SCANS
-                else:
-                    fits, solved = quantile_fits(frame[["y", "age", *varying]], levels, spline_df)
-                    note = "" if solved else NOT_CONVERGED
-                if note:
-                    chart_rows.append({**key, "age": np.nan, **dict.fromkeys(names, np.nan),
-                                       **dict.fromkeys(covariates, np.nan), "note": note})
-                    continue
-                ages = age_grid(float(frame["age"].min()), float(frame["age"].max()), float(age_step))
-                new = pd.DataFrame({"age": ages, **{c: np.zeros(len(ages)) for c in varying}})
-                predicted = np.column_stack([fit.predict(new) for fit in fits])
-                # monotone rearrangement: the curves' values sorted across the levels at every age
-                predicted = np.sort(predicted, axis=1)
-                for age, values in zip(ages, predicted):
-                    chart_rows.append({**key, "age": float(age), **dict(zip(names, values)), **reference, "note": ""})
-                for column in varying:
-                    coefficient_rows.append({
-                        "structure": structure, "measure": measure, "sex": s, "covariate": present[int(column[1:])],
-                        **{name: float(fit.params[column]) for name, fit in zip(names, fits)},
-                    })
-    charts = pd.DataFrame(chart_rows, columns=chart_columns(levels, covariates))
-    coefficients = pd.DataFrame(coefficient_rows, columns=coefficient_columns(levels))
+                       "members": "+".join((combined or {}).get(structure, ())), "measure": measure, "sex": s}
+                fitter.fit(key, block, measure, in_structure.any())
+    charts = pd.DataFrame(fitter.chart_rows, columns=[*chart_columns(levels, covariates), *fitter.extra_columns])
+    # text: "" where the method has none, as read_table reads it
+    charts["family"] = charts["family"].astype(object).where(charts["family"].notna(), "")
+    coefficients = pd.DataFrame(fitter.coefficient_rows, columns=[*coefficient_columns(levels), "eta_mu"])
     keys = charts.drop_duplicates(["structure", "measure", "sex"])
     notes = keys.loc[keys["note"] != "", "note"].value_counts()
     untested = ", ".join(f"{count} {note}" for note, count in notes.items())
-    log.info("normative charts given %s: %d of %d fitted; not fitted: %s", present, (keys["note"] == "").sum(),
-             len(keys), untested or "none")
-    return charts, coefficients
+    log.info("normative charts (%s) given %s: %d of %d fitted; not fitted: %s", method, present,
+             (keys["note"] == "").sum(), len(keys), untested or "none")
+    scores = pd.concat(fitter.scores, ignore_index=True) if fitter.scores else pd.DataFrame(columns=SCORE_COLUMNS)
+    return NormativeFit(charts, coefficients, scores)
+
+
+def _centile_settings(centiles, levels, min_n: int, age_step: float):
+    from dataclasses import replace
+
+    from ctcohort.centiles import CentileSettings
+
+    return replace(centiles or CentileSettings(), percentiles=tuple(levels), min_scans=min_n, age_step=age_step)
+
+
+def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFrame:
+    """Every scan of ``measurements`` (a cohort table, one row per subject x structure) on the charts, each
+    scored against charts it did not help fit: a scan that made a chart (method lms) gets the calibration's
+    out-of-fold z, from a fit without its fold (``fit`` "out_of_fold"); any other scan (not in the reference,
+    another scan of a patient, a chart of method quantile) is placed on the full chart ("full_chart")."""
+    placed = place_cohort(fit.charts, fit.coefficients, measurements).assign(fit="full_chart")
+    held = fit.scores.rename(columns={"fold": "fit"})
+    if held.empty:
+        return placed[SCORE_TABLE_COLUMNS]
+    z = pd.to_numeric(held["z"], errors="coerce")  # panels without scores leave object columns
+    held = held.assign(z=z, percentile=100 * stats.norm.cdf(z), note="")
+    key = ["subject", "structure", "measure"]
+    index = pd.MultiIndex.from_frame(placed[key].astype(str))
+    replaced = index.isin(pd.MultiIndex.from_frame(held[key].astype(str)))
+    return pd.concat([placed[~replaced], held], ignore_index=True)[SCORE_TABLE_COLUMNS]
+
+
+class ChartFitter:
+    """Fits one chart after another into the rows of the charts, coefficients and scores tables."""
+
+    def __init__(self, levels, present, covariates, spline_df, min_n, age_step, method, centiles):
+        self.levels, self.present, self.covariates = levels, present, covariates
+        self.spline_df, self.min_n, self.age_step, self.method, self.centiles = (spline_df, min_n, age_step,
+                                                                                 method, centiles)
+        self.names = [percentile_column(p) for p in levels]
+        self.extra_columns = [*METHOD_COLUMNS, *CALIBRATION_COLUMNS,
+                              *(f"{name}_{end}" for name in self.names for end in ("low", "high"))]
+        self.chart_rows, self.coefficient_rows, self.scores = [], [], []
+
+    def _frame(self, block: pd.DataFrame, measure: str) -> pd.DataFrame:
+        """Complete cases: y, age, c0, c1, ... (the present covariates); an infinite value is no measurement."""
+        frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
+        for i, name in enumerate(self.present):
+            frame[f"c{i}"] = block[name].to_numpy(dtype=float)
+        keep = np.isfinite(frame.to_numpy()).all(axis=1)
+        frame.index = block.index
+        return frame[keep]
+
+    def fit(self, key: dict, block: pd.DataFrame, measure: str, in_study: bool) -> None:
+        frame = self._frame(block, measure)
+        n = len(frame)
+        key = {**key, "n": n}
+        varying = [f"c{i}" for i in range(len(self.present)) if frame[f"c{i}"].nunique() > 1]
+        reference = dict.fromkeys(self.covariates, np.nan)
+        for i, name in enumerate(self.present):
+            if n:
+                reference[name] = 0.0 if f"c{i}" in varying else float(frame[f"c{i}"].iloc[0])
+        note = (NOT_IN_STUDY if not in_study else TOO_FEW_SCANS if n < self.min_n
+                else CONSTANT if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0 else "")
+        if not note and self.method == QUANTILE:
+            note = self._quantile(key, frame, varying, reference)
+        elif not note:
+            note = self._lms(key, frame, varying, reference, block)
+        if note:
+            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
+                                    **dict.fromkeys(self.covariates, np.nan), "note": note, "method": self.method})
+
+    def _quantile(self, key, frame, varying, reference) -> str:
+        if len(frame) < 1 + self.spline_df + len(varying) + 2 or frame["age"].nunique() < self.spline_df + 2:
+            return TOO_FEW_SCANS
+        fits, solved = quantile_fits(frame[["y", "age", *varying]], self.levels, self.spline_df)
+        if not solved:
+            return NOT_CONVERGED
+        ages = age_grid(float(frame["age"].min()), float(frame["age"].max()), self.age_step)
+        new = pd.DataFrame({"age": ages, **{c: np.zeros(len(ages)) for c in varying}})
+        # monotone rearrangement: the curves' values sorted across the levels at every age
+        predicted = np.sort(np.column_stack([fit.predict(new) for fit in fits]), axis=1)
+        for age, values in zip(ages, predicted):
+            self.chart_rows.append({**key, "age": float(age), **dict(zip(self.names, values)), **reference,
+                                    "note": "", "method": QUANTILE})
+        for column in varying:
+            self.coefficient_rows.append({
+                "structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
+                "covariate": self.present[int(column[1:])],
+                **{name: float(fit.params[column]) for name, fit in zip(self.names, fits)}, "eta_mu": np.nan})
+        return ""
+
+    def _lms(self, key, frame, varying, reference, block) -> str:
+        from ctcohort.centiles import FAMILY_PARAMETERS, fit_centile_chart
+
+        named = frame[varying].rename(columns={c: self.present[int(c[1:])] for c in varying})
+        chart = fit_centile_chart(frame["age"].to_numpy(), frame["y"].to_numpy(), named, self.centiles)
+        calibration = {column: chart.calibration.get(field, np.nan) for column, field in CALIBRATION_FIELDS.items()}
+        if chart.out_of_fold_z is not None:
+            self.scores.append(pd.DataFrame({
+                "subject": block.loc[frame.index, "subject"].to_numpy() if "subject" in block else frame.index,
+                "structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
+                "value": frame["y"].to_numpy(), "age": frame["age"].to_numpy(), "z": chart.out_of_fold_z,
+                "fold": "out_of_fold"}))
+        if chart.model is None:
+            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
+                                    **dict.fromkeys(self.covariates, np.nan), "note": chart.note, "method": LMS,
+                                    **calibration})
+            return ""
+        model = chart.model
+        curves = chart.curves(frame["age"].to_numpy(), frame["y"].to_numpy(), named)
+        eta = model.predictors(curves["age"].to_numpy())  # at the reference: every varying covariate 0
+        parameters = dict(zip(FAMILY_PARAMETERS[model.family], eta))
+        for i, row in curves.iterrows():
+            self.chart_rows.append({
+                **key, **row.to_dict(), **reference, "note": "", "method": LMS, "family": model.family,
+                "z_scale": model.z_scale, **{f"eta_{p}": float(v[i]) for p, v in parameters.items()}, **calibration})
+        for name in named.columns:
+            # the covariate's shift of mu's linear predictor (mu itself for normal, log mu for bccg)
+            shift = float(model.predictors([model.age_range[0]], {name: 1.0})[0][0]
+                          - model.predictors([model.age_range[0]], {name: 0.0})[0][0])
+            additive = shift if model.family == "normal" else np.nan
+            self.coefficient_rows.append({"structure": key["structure"], "measure": key["measure"],
+                                          "sex": key["sex"], "covariate": name,
+                                          **dict.fromkeys(self.names, additive), "eta_mu": shift})
+        return ""
 
 
 def chart_layout(charts: pd.DataFrame) -> tuple[tuple[float, ...], list[str]]:
@@ -418,6 +535,7 @@ class ChartModel(NamedTuple):
     levels: tuple[float, ...]
     names: list[str]
     shifts: dict  # covariate -> shift per unit, one per level
+    eta_shifts: dict  # covariate -> shift of mu's linear predictor per unit (method lms)
 
 
 def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tuple, ChartModel]:
@@ -427,14 +545,16 @@ def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tupl
     if not set(columns) <= set(coefficients.columns):
         raise ValueError(f"the coefficients table has not the charts' percentile columns {', '.join(columns)}")
     shifts: dict = {}
+    eta_shifts: dict = {}
     for _, row in coefficients.iterrows():
         key = (row["structure"], row["measure"], str(row["sex"]))
         shifts.setdefault(key, {})[row["covariate"]] = row[columns].to_numpy(dtype=float)
+        eta_shifts.setdefault(key, {})[row["covariate"]] = float(row.get("eta_mu", np.nan))
     note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
     fitted = charts[(note == "").to_numpy() & np.isfinite(charts["age"].to_numpy(dtype=float))]
-    return {(structure, measure, str(sex)): ChartModel(block.sort_values("age"), levels, names,
-                                                       shifts.get((structure, measure, str(sex)), {}))
-            for (structure, measure, sex), block in fitted.groupby(["structure", "measure", "sex"], sort=False)}
+    return {key: ChartModel(block.sort_values("age"), levels, names, shifts.get(key, {}), eta_shifts.get(key, {}))
+            for key, block in ((tuple(map(str, k)), b) for k, b in
+                               fitted.groupby(["structure", "measure", "sex"], sort=False))}
 
 
 def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
@@ -456,12 +576,30 @@ def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
         elif np.isfinite(reference):
             outside = np.isfinite(given) & ~np.isclose(given, reference, rtol=1e-6, atol=1e-9)
             notes[(notes == "") & outside] = COVARIATE_OUTSIDE_CHART
+    z = np.full(len(values), np.nan)
+    if "method" in chart.rows and chart.rows["method"].iloc[0] == LMS:
+        placed = notes == ""
+        z[placed], notes[placed] = _lms_z(chart, values[placed], ages[placed], covariates[placed])
+        return z, notes
     # the shifts differ between percentiles: sorted again (monotone rearrangement)
     curves = np.sort(curves, axis=1)
-    z = np.full(len(values), np.nan)
     for i in np.flatnonzero(notes == ""):
         z[i], notes[i] = normal_score(values[i], curves[i], chart.levels)
     return z, notes
+
+
+def _lms_z(chart: ChartModel, values: np.ndarray, ages: np.ndarray, covariates: pd.DataFrame):
+    """(z, note) on a chart of method lms: the family's z from its linear predictors at the scan's age (linear
+    between the chart's ages, a year apart: the splines are smooth on that scale), mu's shifted by the covariates."""
+    from ctcohort.centiles import FAMILY_PARAMETERS, z_from_predictors
+
+    family = chart.rows["family"].iloc[0]
+    chart_ages = chart.rows["age"].to_numpy(dtype=float)
+    eta = [np.interp(ages, chart_ages, chart.rows[f"eta_{p}"].to_numpy(dtype=float)) for p in FAMILY_PARAMETERS[family]]
+    for name, shift in chart.eta_shifts.items():  # a scan without the covariate is noted before
+        given = covariates[name].to_numpy(dtype=float) if name in covariates else np.full(len(values), np.nan)
+        eta[0] = eta[0] + shift * (given - float(chart.rows[name].iloc[0]))
+    return z_from_predictors(family, values, eta, float(chart.rows["z_scale"].iloc[0]), Z_LIMIT)
 
 
 def _given_covariates(covariates: Mapping | None, names: list[str]) -> dict[str, float]:

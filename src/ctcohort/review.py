@@ -6,7 +6,9 @@ structures) and on the cohort's volumes. Each flags a structure of a scan; none 
 
 - ``laterality``: a ``_left`` structure (any name with a ``left`` part: ``kidney_left``, ``rib_left_3``) whose
   centre of mass lies more than ``laterality_margin_mm`` on the subject's right of its ``_right`` twin's
-  (RAS+ x grows to the subject's right); both twins are flagged. Swapped kidney labels are caught here.
+  (RAS+ x grows to the subject's right); both twins are flagged. Swapped kidney labels are caught here. A pair on
+  the wrong side in most scans is a mirrored cohort (images, headers, or a model trained on mirrored images), not a
+  mislabel: it is warned about in the aggregate log, not flagged per scan.
 - ``vertebra_order``: a vertebra whose centre lies more than ``vertebra_order_margin_mm`` below a more caudal
   vertebra's or above a more cranial one's (vertebrae with at least ``min_voxels`` voxels); every vertebra in
   such an inversion is flagged, so L1 and L3 swapped flag L1, L2 and L3.
@@ -32,6 +34,7 @@ does so for all its structures. ``accept`` changes no number; both show in qc.ts
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,6 +54,7 @@ MAX_Z_IN_SCORE = 9.0
 FLAG_DETAILS = {"volume_outlier": "robust z = {volume_z:.1f}", "fragments": "second piece {second_piece_ml:.1f} ml",
                 "orientation": "sform and qform {sform_qform_mm:.1f} mm apart", "cut_off": "cut at {cut_faces}",
                 "laterality": "centre at x = {centroid_x_mm:.0f} mm", "vertebra_order": "centre at z = {centroid_z_mm:.0f} mm"}
+log = logging.getLogger(__name__)
 RANKING_COLUMNS = ["subject", "score", "n_flags", "status"]
 
 
@@ -68,16 +72,32 @@ def laterality_flags(qc: pd.DataFrame, margin_mm: float = 0.0) -> np.ndarray:
     x = qc.set_index(["subject", "structure"])["centroid_x_mm"]
     x = x[~x.index.duplicated()]
     flags = np.zeros(len(qc), dtype=bool)
+    compared = np.zeros(len(qc), dtype=bool)
     for side, other, sign in (("left", "right", 1.0), ("right", "left", -1.0)):
         twins = qc["structure"].map(lambda s, side=side, other=other: twin_name(s, side, other))
         has_twin = twins.notna().to_numpy()
         keys = pd.MultiIndex.from_arrays([qc["subject"][has_twin], twins[has_twin]])
         twin_x = x.reindex(keys).to_numpy(dtype=float)
         own_x = qc["centroid_x_mm"].to_numpy(dtype=float)[has_twin]
+        compared[has_twin] = np.isfinite(own_x - twin_x)
         with np.errstate(invalid="ignore"):
-            # a left structure must lie left (smaller x) of its right twin, and the other way round
+            # a left structure must lie on the subject's left (RAS+: smaller x) of its right twin, and vice versa
             flags[has_twin] = sign * (own_x - twin_x) > margin_mm
-    return flags
+    return _unless_mirrored(qc["structure"], flags, compared)
+
+
+def _unless_mirrored(structures: pd.Series, flags: np.ndarray, compared: np.ndarray) -> np.ndarray:
+    """``flags`` less those of a structure on the wrong side in most scans that have both twins: that is a
+    cohort whose left and right are mirrored (images written mirrored, or a model trained on mirrored images),
+    not a scan's mislabel, and it is said once, loudly, in the log instead of flagging every scan."""
+    table = pd.DataFrame({"structure": structures.to_numpy(), "flag": flags, "compared": compared})
+    share = table[table["compared"]].groupby("structure")["flag"].mean()
+    mirrored = share[share > 0.5]
+    for structure, fraction in mirrored.items():
+        log.warning("laterality: %s lies on the wrong side of its twin in %.0f%% of the scans: the cohort's left and "
+                    "right look mirrored (images, their orientation, or a model trained on mirrored images); "
+                    "not flagged per scan", structure, 100 * fraction)
+    return flags & ~table["structure"].isin(mirrored.index).to_numpy()
 
 
 def vertebra_order_flags(qc: pd.DataFrame, margin_mm: float = 5.0, min_voxels: int = 10) -> np.ndarray:

@@ -287,7 +287,8 @@ def study_outputs():
         "results/stats/longitudinal.tsv",
         "results/stats/paper_comparison.tsv",
         "results/stats/group_summary.tsv",
-        *(["results/stats/normative_charts.tsv"] if config["normative"]["panels"] else []),
+        *(["results/stats/normative_charts.tsv", "results/stats/centile_scores.tsv"]
+          if config["normative"]["panels"] else []),
         *(f"results/figures/{name}.png" for name in FIGURES),
         "results/methods.md",
         *(["results/evaluation/dice_summary.tsv"] if EVALUATED_SUBJECTS else []),

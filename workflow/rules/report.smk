@@ -34,6 +34,8 @@ rule methods:
         selection=rules.scan_selection.output[0],
         regression="results/stats/regression.tsv",
         longitudinal="results/stats/longitudinal.tsv",
+        # how many scans made each chart; [] without panels
+        calibration=lambda wildcards: ["results/stats/normative_calibration.tsv"] if config["normative"]["panels"] else [],
         versions="results/tables/software_versions.tsv",
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:

@@ -207,6 +207,12 @@ rule normative_charts:
             category="Normative charts",
         ),
         coefficients="results/stats/normative_covariates.tsv",
+        calibration=report(
+            "results/stats/normative_calibration.tsv",
+            caption="../report/normative_calibration.rst",
+            category="Normative charts",
+        ),
+        scores="results/stats/centile_scores.tsv",
     params:
         settings=config["normative"],
         combined=config["statistics"]["combined"],

@@ -14,5 +14,6 @@ paragraphs = methods_paragraphs(
     selection=read_table(snakemake.input.selection),
     regression=read_table(snakemake.input.regression),
     longitudinal=read_table(snakemake.input.longitudinal),
+    calibration=read_table(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)

@@ -1,10 +1,13 @@
-"""Age- and sex-specific percentile charts of the chosen structures' measures (quantile regression)."""
+"""Age- and sex-specific centile charts of the chosen structures' measures (normative.method: lms, location-scale-
+shape models calibrated on held-out scans, or quantile regression), and every scan's centile score."""
 
 import pandas as pd
 
 from ctcohort.aggregate import read_cohort_qc
-from ctcohort.normative import fit_normative_charts, reference_scans
-from ctcohort.patients import read_cross_sectional
+from ctcohort.centiles import CentileSettings
+from ctcohort.normative import CALIBRATION_COLUMNS as CALIBRATION
+from ctcohort.normative import NormativeFit, centile_scores, fit_charts, reference_scans
+from ctcohort.patients import read_cross_sectional, read_scans
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
 
@@ -14,11 +17,17 @@ settings = snakemake.params.settings
 measurements = reference_scans(read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
                                settings.get("reference", ""), read_cohort_qc(snakemake.input.qc), snakemake.params.combined)
 fits = [
-    fit_normative_charts(measurements, [panel["structure"]], [panel["measure"]],
-                         percentiles=settings["percentiles"], covariates=settings["covariates"],
-                         by_sex=settings["by_sex"], spline_df=settings["spline_df"], min_n=settings["min_n"],
-                         combined=snakemake.params.combined)
+    fit_charts(measurements, [panel["structure"]], [panel["measure"]], percentiles=settings["percentiles"],
+               covariates=settings["covariates"], by_sex=settings["by_sex"], spline_df=settings["spline_df"],
+               min_n=settings["min_n"], combined=snakemake.params.combined, method=settings["method"],
+               centiles=CentileSettings.from_config(settings))
     for panel in settings["panels"]
 ]
-write_table(pd.concat([charts for charts, _ in fits], ignore_index=True), snakemake.output.charts)
-write_table(pd.concat([coefficients for _, coefficients in fits], ignore_index=True), snakemake.output.coefficients)
+fit = NormativeFit(*(pd.concat(list(tables), ignore_index=True) for tables in zip(*fits)))
+write_table(fit.charts, snakemake.output.charts)
+write_table(fit.coefficients, snakemake.output.coefficients)
+keys = ["structure", "measure", "sex"]
+write_table(fit.charts.drop_duplicates(keys)[[*keys, "n", "note", "method", "family", *CALIBRATION]],
+            snakemake.output.calibration)
+# every measured scan (each patient's every scan), scored against charts it did not help fit
+write_table(centile_scores(fit, read_scans(snakemake.input.measurements)), snakemake.output.scores)
