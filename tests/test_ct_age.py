@@ -200,3 +200,31 @@ def test_settings_from_config_and_checks():
     for bad in ({"models": ["forest"]}, {"folds": 1}, {"min_scans": 5}, {"min_measured": 0}, {"foldz": 3}):
         with pytest.raises(ValueError):
             CtAgeSettings.from_config(bad)
+
+
+def test_shipped_config_states_the_defaults():
+    """config/config.yaml's ct_age section (explicit, as the schema requires) equals CtAgeSettings' defaults."""
+    section = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["ct_age"]
+    assert CtAgeSettings.from_config(section) == CtAgeSettings()
+    assert set(section) == set(CtAgeSettings.__dataclass_fields__)
+
+
+def test_figure_and_methods_sentence(planted, tmp_path):
+    from ctcohort.ct_age_figure import gap_columns, plot_ct_age
+    from ctcohort.methods import _ct_age_sentence
+
+    result, _ = planted
+    outputs = [tmp_path / "ct_age.png", tmp_path / "ct_age.svg"]
+    plot_ct_age(result.table, result.summary, outputs)
+    assert all(path.stat().st_size > 1000 for path in outputs)
+    assert gap_columns(pd.DataFrame(columns=table_columns())) == [
+        (ALL, "age_gap_corrected"), *((g, f"{g}_age_gap_corrected") for g in ("organ", "bone", "muscle", "vessel"))]
+    measurements, _ = synthetic_cohort(n=20, structures=5)
+    small = ct_age(measurements, selection_of(measurements), CtAgeSettings(groups=()))
+    plot_ct_age(small.table, small.summary, [tmp_path / "empty.svg"])  # says why, draws nothing
+    sentence = _ct_age_sentence(CtAgeSettings().__dict__, result.summary)
+    row = result.summary.iloc[0]
+    assert "5 outer folds by patient" in sentence and "ridge regression and gradient-boosted trees" in sentence
+    assert f"In 500 patients the out-of-fold mean absolute error was {row['mae']:.1f} years" in sentence
+    assert "de Lange & Cole 2020" in sentence
+    assert "No model was fitted" in _ct_age_sentence(CtAgeSettings().__dict__, small.summary)

@@ -34,6 +34,7 @@ rule methods:
         selection=rules.scan_selection.output[0],
         regression="results/stats/regression.tsv",
         longitudinal="results/stats/longitudinal.tsv",
+        ct_age=rules.ct_age.output.summary,
         versions="results/tables/software_versions.tsv",
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
@@ -49,7 +50,7 @@ rule methods:
             # a table's name, not where it lies
             "structures": os.path.basename(str(config["structures"])),
             "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
-            **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal")},
+            **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal", "ct_age")},
         },
     log:
         "results/logs/methods.log",

@@ -14,5 +14,6 @@ paragraphs = methods_paragraphs(
     selection=read_table(snakemake.input.selection),
     regression=read_table(snakemake.input.regression),
     longitudinal=read_table(snakemake.input.longitudinal),
+    ct_age=read_table(snakemake.input.ct_age),
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)
