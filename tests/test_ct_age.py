@@ -170,9 +170,14 @@ def test_table_columns_and_notes():
     subjects = measurements["subject"].unique()
     measurements.loc[measurements["subject"] == subjects[0], "age"] = np.nan
     measurements.loc[measurements["subject"] == subjects[1], ["volume_ml", "hu_mean"]] = np.nan
+    # a structure never measured and one always the same: no information, and no failure
+    structures = measurements["structure"].unique()
+    measurements.loc[measurements["structure"] == structures[3], ["volume_ml", "hu_mean"]] = np.nan
+    measurements.loc[measurements["structure"] == structures[4], "hu_mean"] = 40.0
     combined = measurements[measurements["subject"] == subjects[2]].head(1).assign(structure="kidneys", label=np.nan)
     measurements = pd.concat([measurements, combined], ignore_index=True)
-    result = ct_age(measurements, selection_of(measurements), CtAgeSettings(groups=("bone",), min_scans=30))
+    result = ct_age(measurements, selection_of(measurements),
+                    CtAgeSettings(groups=("bone",), min_scans=30, models=("gradient_boosting",)))
     table = result.table.set_index("subject")
     assert list(result.table.columns) == table_columns(("bone",))
     assert table.at[subjects[0], "note"] == "no_age" and np.isfinite(table.at[subjects[0], "predicted_age"])
@@ -192,6 +197,8 @@ def test_feature_matrix_leaves_combined_structures_out_and_logs_volumes():
     assert set(features.columns) == {"liver:volume_ml", "spleen:volume_ml", "liver:hu_mean", "spleen:hu_mean"}
     assert features.at["a", "liver:volume_ml"] == pytest.approx(1.0)
     assert np.isnan(features.at["b", "spleen:volume_ml"]) and np.isnan(features.at["b", "liver:volume_ml"])
+    never = feature_matrix(measurements.assign(hu_mean=np.nan), ["volume_ml", "hu_mean"], ["a", "b"])
+    assert list(never.columns) == ["liver:volume_ml", "spleen:volume_ml"]
 
 
 def test_settings_from_config_and_checks():

@@ -6,8 +6,8 @@ Features (``feature_matrix``)
     them by a share, not by millilitres), plus the ``covariates`` (sex as an indicator, contrast as is). A
     structure that is absent, cut off or excluded is NaN; inside each training fold a linear model gets the
     fold's median and a missing indicator per feature (``SimpleImputer``, fitted on the training scans only),
-    gradient boosting takes NaN natively. A scan with fewer than ``min_measured`` of its features finite is
-    not predicted (note ``too_few_measures``).
+    gradient boosting takes NaN natively. A scan with fewer than ``min_measured`` of the features finite (of
+    those some scan of the cohort has) is not predicted (note ``too_few_measures``).
 
 Nested cross-validation (``predict_out_of_fold``)
     Patients, not scans: folds hold whole patients (``GroupKFold`` over patients, shuffled by ``seed``), so no
@@ -37,6 +37,7 @@ per feature set, ``all`` first; MAE and R^2 of the uncorrected predictions of th
 """
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.feature_selection import VarianceThreshold
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import ElasticNet, Ridge
 from sklearn.metrics import mean_absolute_error, r2_score
@@ -136,7 +138,8 @@ def own_structures(measurements: pd.DataFrame) -> pd.DataFrame:
 
 def feature_matrix(measurements: pd.DataFrame, measures: Sequence[str], subjects: Sequence[str]) -> pd.DataFrame:
     """One row per subject (in ``subjects``' order), one column ``structure:measure`` per own structure and
-    measure; volumes as their natural logarithm; NaN where not measured."""
+    measure that some scan has (a structure no scan shows, e.g. outside every field of view, is no feature);
+    volumes as their natural logarithm; NaN where not measured."""
     rows = own_structures(measurements)
     values = rows.set_index(["subject", "structure"])[list(measures)].apply(pd.to_numeric, errors="coerce")
     if "volume_ml" in values.columns:
@@ -145,7 +148,8 @@ def feature_matrix(measurements: pd.DataFrame, measures: Sequence[str], subjects
             values["volume_ml"] = np.where(volume > 0, np.log(volume), np.nan)
     wide = values.unstack("structure")
     wide.columns = [f"{structure}:{measure}" for measure, structure in wide.columns]
-    return wide.reindex(index=list(subjects)).astype(float)
+    wide = wide.reindex(index=list(subjects)).astype(float)
+    return wide.loc[:, wide.notna().any()]
 
 
 def structure_groups(measurements: pd.DataFrame) -> dict[str, str]:
@@ -203,7 +207,10 @@ def candidate_grid(models: Sequence[str], seed: int) -> list[dict]:
 
 
 def pipeline() -> Pipeline:
-    return Pipeline([("impute", "passthrough"), ("scale", "passthrough"), ("model", Ridge())])
+    """Features that do not vary in the training fold (a structure never or always the same) dropped first:
+    they carry nothing, and gradient boosting's binning fails on a column without two distinct values."""
+    return Pipeline([("drop", VarianceThreshold()), ("impute", "passthrough"), ("scale", "passthrough"),
+                     ("model", Ridge())])
 
 
 def model_name(estimator: Pipeline) -> str:
@@ -376,7 +383,10 @@ def ct_age(measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeS
     age, patient = scans["age"].to_numpy(dtype=float), scans["patient"].to_numpy(dtype=str)
     enough_patients = len(set(patient)) >= settings.folds
     fold = assign_folds(patient, settings.folds, settings.seed) if enough_patients else np.full(len(scans), -1)
-    with threadpool_limits(settings.threads):
+    with threadpool_limits(settings.threads), warnings.catch_warnings():
+        # the variance of a feature never measured in a training fold (dropped) warns at every fit
+        for message in ("Degrees of freedom <= 0", "All-NaN slice encountered"):
+            warnings.filterwarnings("ignore", message, RuntimeWarning)
         sets = [_fit_feature_set(name, group_columns(features, groups_of, name), features, covariates, scans, fold,
                                  settings) for name in (ALL, *settings.groups)]
     cohort, table = sets[0], scans[["subject", "patient", "age"]].copy()

@@ -338,8 +338,9 @@ def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
               f"was corrected for regression to the mean as (predicted - b0) / b1 - age (de Lange & Cole 2020), "
               f"with b0 and b1 from a regression of the inner out-of-fold predictions on age in the training fold.")
     if row["note"]:
-        return design + f" No model was fitted: fewer than {settings.get('min_scans')} patients with an age."
-    groups = [g for g in summary["features"].iloc[1:]]
+        return (design + f" No model was fitted: fewer than {settings.get('min_scans')} patients with an age and "
+                         f"enough measurements.")
+    groups = list(summary["features"].iloc[1:])
     return (design + f" In {_count_of(int(row['n_scans']), 'patient')} the out-of-fold mean absolute error was "
             f"{row['mae']:.1f} years and R\u00b2 {row['r2']:.2f} ({CT_AGE_MODEL_WORDS.get(row['model'], row['model'])} "
             f"chosen in most folds)" + (f"; separate models used the {_listing(groups)} structures only." if groups
