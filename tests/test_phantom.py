@@ -1,5 +1,6 @@
 """The phantom cohort: anatomy, planted effects, determinism, files."""
 
+import dataclasses
 import itertools
 
 import nibabel as nib
@@ -109,3 +110,15 @@ def test_cli_writes_a_valid_cohort(tmp_path):
     ct = nib.load(sheet["ct"].iloc[0])
     assert ct.get_data_dtype() == np.int16
     assert (tmp_path / "truth.tsv").read_text().startswith("structure\tmeasure\tdirection\teffect")
+
+
+def test_accelerated_agers_follow_age_plus_ten_years():
+    """A fifth of the subjects (seeded) carry every age effect ACCELERATED_YEARS ahead; truth_subjects.tsv says who."""
+    truth = phantom.subject_truth(500, 1)
+    assert 0.15 < truth["accelerated"].mean() < 0.25
+    assert (truth["biological_age"] - truth["age"] == phantom.ACCELERATED_YEARS * truth["accelerated"]).all()
+    draw = next(d for d in (phantom.draw_subject(1, i) for i in range(50)) if d.accelerated)
+    older = dataclasses.replace(draw, age=draw.age + int(phantom.ACCELERATED_YEARS), accelerated=False)
+    for k, s in enumerate(phantom.ANATOMY):
+        assert phantom._attenuation(s, draw, k) == phantom._attenuation(s, older, k)
+        assert phantom._volume_factor(s, "organ", draw, k) == phantom._volume_factor(s, "organ", older, k)

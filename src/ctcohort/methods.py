@@ -18,7 +18,7 @@ from ctcohort import rank_null
 
 # the packages a reader needs to redo the numbers, in the order they are named
 CITED_SOFTWARE = ("ctcohort", "snakemake", "nnunetv2", "torch", "nibabel", "numpy", "scipy", "statsmodels",
-                  "pandas", "matplotlib", "dcm2niix")
+                  "scikit-learn", "pandas", "matplotlib", "dcm2niix")
 REASON_WORDS = {
     "absent": "absent",
     "too_small": "smaller than {min_voxels} voxels",
@@ -95,6 +95,7 @@ def methods_paragraphs(
     config: Mapping, counts: pd.DataFrame, correlations: pd.DataFrame, versions: pd.DataFrame,
     model: str = "", selection: pd.DataFrame | None = None, regression: pd.DataFrame | None = None,
     longitudinal: pd.DataFrame | None = None, calibration: pd.DataFrame | None = None,
+    ct_age: pd.DataFrame | None = None,
 ) -> list[str]:
     """The Methods text as paragraphs (see the module docstring). ``config``: the workflow's configuration
     sections (structures, measure, qc, statistics, normative, segmentation without its model path),
@@ -103,12 +104,14 @@ def methods_paragraphs(
     ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words;
     ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient);
     ``regression``, ``longitudinal``: those tables, whose rows say which covariates they used; ``calibration``:
-    the normative charts' (one row per chart: n, note, calibration)."""
+    the normative charts' (one row per chart: n, note, calibration); ``ct_age``: ``ct_age.ct_age``'s summary
+    table (None: no CT age)."""
     version = dict(zip(versions["software"], versions["version"]))
     return [
         _cohort_paragraph(config, counts, version, model, selection),
         _measures_paragraph(config, counts),
         _statistics_paragraph(config, correlations, regression, longitudinal, calibration),
+        *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, ct_age)]),
         _software_paragraph(version),
     ]
 
@@ -338,6 +341,35 @@ def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> s
                      + (f", from {int(drawn['n'].min()):,} to {int(drawn['n'].max()):,} patients each." if len(drawn)
                         else "."))
     return sentence
+
+
+CT_AGE_MODEL_WORDS = {"ridge": "ridge regression", "elastic_net": "elastic-net regression",
+                      "gradient_boosting": "gradient-boosted trees"}
+
+
+def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
+    """CT age: the nested cross-validation, the correction, and the whole-body model's error (ct_age_summary)."""
+    if summary is None or summary.empty:
+        return ""
+    row = summary.iloc[0]
+    candidates = _listing([CT_AGE_MODEL_WORDS.get(m, m) for m in settings.get("models", [])])
+    measures = _listing([MEASURE_WORDS.get(m, m) for m in settings.get("measures", [])])
+    covariates = _listing(settings.get("covariates") or [])
+    design = (f"Age was predicted from every structure's {measures} (volumes as logarithms)"
+              f"{' with ' + covariates if covariates else ''} by nested cross-validation: {int(row['folds'])} outer "
+              f"folds by patient, each scan predicted by the model of the fold that held its patient out, trained on "
+              f"one scan per patient; within each training fold {int(row['inner_folds'])} inner folds chose among "
+              f"{candidates} (missing values imputed within the training fold) by mean absolute error. The age gap "
+              f"was corrected for regression to the mean as (predicted - b0) / b1 - age (de Lange & Cole 2020), "
+              f"with b0 and b1 from a regression of the inner out-of-fold predictions on age in the training fold.")
+    if row["note"]:
+        return (design + f" No model was fitted: fewer than {settings.get('min_scans')} patients with an age and "
+                         f"enough measurements.")
+    groups = list(summary["features"].iloc[1:])
+    return (design + f" In {_count_of(int(row['n_scans']), 'patient')} the out-of-fold mean absolute error was "
+            f"{row['mae']:.1f} years and R\u00b2 {row['r2']:.2f} ({CT_AGE_MODEL_WORDS.get(row['model'], row['model'])} "
+            f"chosen in most folds)" + (f"; separate models used the {_listing(groups)} structures only." if groups
+                                         else "."))
 
 
 def _software_paragraph(version: Mapping) -> str:

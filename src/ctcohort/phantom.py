@@ -6,6 +6,8 @@ noise, stored as int16 HU; its label map uses the paper's v1 label ids.
 Age, sex and contrast change volumes and attenuation as the anatomy table
 says; structures with no age effect are the null controls. A few scans have a
 field of view that cuts a structure off, and some lack the gallbladder.
+Accelerated agers (a fifth of the subjects, ``accelerated``) have every age effect of a subject
+ACCELERATED_YEARS older: the gap that CT age should find (subject_truth, truth_subjects.tsv).
 
 Everything is drawn from numpy generators seeded by (seed, subject index), so a
 subject's covariates are known without rendering its scan and a cohort grows
@@ -29,9 +31,9 @@ DEFAULT_SPACING = (2.5, 2.5, 4.0)
 FIELD_OF_VIEW = ((-190.0, 190.0), (-140.0, 140.0), (-270.0, 260.0))
 BODY_SEMI_AXES = (185.0, 135.0)
 AIR_HU, FAT_HU, NOISE_HU = -1000.0, -90.0, 12.0
-# Largest volume factor a structure reaches (age, sex, contrast and noise at their extremes);
+# Largest volume factor a structure reaches (age + ACCELERATED_YEARS, sex, contrast and noise at their extremes);
 # the anatomy is laid out so that no two structures overlap even then.
-MAX_VOLUME_FACTOR = 1.7
+MAX_VOLUME_FACTOR = 1.8
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ SEX_VOLUME_FACTOR = {"M": 1.08, "F": 0.92}
 SEX_HU_OFFSET = {"M": 3.0, "F": -3.0}
 CONTRAST_VOLUME_FACTOR = {"vessel": 1.05, "kidney": 1.04}
 VOLUME_SUBJECT_SD = 0.05  # log-normal spread of volumes between subjects
+ACCELERATED_SHARE = 0.2
+ACCELERATED_YEARS = 10.0
 
 
 def truth_table() -> pd.DataFrame:
@@ -154,6 +158,12 @@ class SubjectDraw:
     volume_noise: np.ndarray
     hu_noise: np.ndarray
     image_seed: int
+    accelerated: bool = False  # every age effect follows age + ACCELERATED_YEARS
+
+    @property
+    def biological_age(self) -> float:
+        """The age the planted age effects follow."""
+        return self.age + ACCELERATED_YEARS * self.accelerated
 
 
 def draw_subject(seed: int, index: int) -> SubjectDraw:
@@ -167,12 +177,13 @@ def draw_subject(seed: int, index: int) -> SubjectDraw:
     gallbladder_removed = bool(rng.random() < 0.08)
     volume_noise = rng.normal(0.0, VOLUME_SUBJECT_SD, len(ANATOMY))
     hu_noise = rng.normal(0.0, 1.0, len(ANATOMY))
-    return SubjectDraw(age, sex, contrast, crop, gallbladder_removed, volume_noise, hu_noise,
-                       int(rng.integers(2**31)))
+    image_seed = int(rng.integers(2**31))
+    accelerated = bool(rng.random() < ACCELERATED_SHARE)  # drawn last: the earlier draws stay as they were
+    return SubjectDraw(age, sex, contrast, crop, gallbladder_removed, volume_noise, hu_noise, image_seed, accelerated)
 
 
 def _volume_factor(s: Structure, group: str, draw: SubjectDraw, k: int) -> float:
-    factor = 1.0 + s.volume_per_decade * (draw.age - REFERENCE_AGE) / 10.0
+    factor = 1.0 + s.volume_per_decade * (draw.biological_age - REFERENCE_AGE) / 10.0
     factor *= SEX_VOLUME_FACTOR[draw.sex] * np.exp(draw.volume_noise[k])
     if draw.contrast:
         factor *= CONTRAST_VOLUME_FACTOR.get("kidney" if s.name.startswith("kidney") else group, 1.0)
@@ -180,7 +191,7 @@ def _volume_factor(s: Structure, group: str, draw: SubjectDraw, k: int) -> float
 
 
 def _attenuation(s: Structure, draw: SubjectDraw, k: int) -> float:
-    decades = (draw.age - REFERENCE_AGE) / 10.0
+    decades = (draw.biological_age - REFERENCE_AGE) / 10.0
     hu = s.hu + s.hu_per_decade * decades + s.hu_per_decade_squared * decades**2 + SEX_HU_OFFSET[draw.sex]
     return hu + s.hu_contrast * draw.contrast + s.hu_subject_sd * draw.hu_noise[k]
 
@@ -276,6 +287,14 @@ def covariates(n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["subject", "age", "sex", "contrast"])
 
 
+def subject_truth(n: int, seed: int) -> pd.DataFrame:
+    """subject, age, accelerated (0/1), biological_age (the age the planted effects follow) of each subject."""
+    draws = [draw_subject(seed, index) for index in range(n)]
+    return pd.DataFrame({"subject": subject_ids(n), "age": [d.age for d in draws],
+                         "accelerated": [int(d.accelerated) for d in draws],
+                         "biological_age": [d.biological_age for d in draws]})
+
+
 def cohort_sheet(n: int, seed: int) -> pd.DataFrame:
     """The phantom's cohort sheet; paths relative to the cohort folder."""
     sheet = covariates(n, seed)
@@ -297,9 +316,11 @@ def write_subject(out_dir: str | Path, seed: int, index: int, spacing=DEFAULT_SP
 
 
 def write_cohort(out_dir: str | Path, n: int, seed: int, spacing=DEFAULT_SPACING, processes: int = 1) -> None:
-    """Scans, label maps, cohort.tsv and truth.tsv of an n-subject phantom cohort under out_dir."""
+    """Scans, label maps, cohort.tsv, truth.tsv and truth_subjects.tsv of an n-subject phantom cohort under
+    out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     map_processes(write_subject, [out_dir] * n, [seed] * n, range(n), [spacing] * n, processes=processes)
     cohort_sheet(n, seed).to_csv(out_dir / "cohort.tsv", sep="\t", index=False)
     truth_table().to_csv(out_dir / "truth.tsv", sep="\t", index=False)
+    subject_truth(n, seed).to_csv(out_dir / "truth_subjects.tsv", sep="\t", index=False)

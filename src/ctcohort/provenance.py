@@ -6,7 +6,7 @@ from importlib import metadata
 
 import pandas as pd
 
-PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "nibabel", "matplotlib",
+PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "scikit-learn", "nibabel", "matplotlib",
             "pyarrow", "jsonschema", "pydicom", "dcm2niix", "torch", "nnunetv2")
 
 

@@ -265,6 +265,7 @@ FIGURES = [
     "rs_heatmap",
     *(["scatter_lowess", "trajectories"] if config["figures"]["scatter"] else []),
     *(["normative_charts"] if config["normative"]["panels"] else []),
+    "ct_age",
 ]
 
 
@@ -289,6 +290,8 @@ def study_outputs():
         "results/stats/group_summary.tsv",
         *(["results/stats/normative_charts.tsv", "results/stats/centile_scores.tsv"]
           if config["normative"]["panels"] else []),
+        "results/stats/ct_age.tsv",
+        "results/stats/ct_age_summary.tsv",
         *(f"results/figures/{name}.png" for name in FIGURES),
         "results/methods.md",
         *(["results/evaluation/dice_summary.tsv"] if EVALUATED_SUBJECTS else []),

@@ -5,6 +5,7 @@ rule demo_cohort:
     output:
         sheet=f"{DEMO_DIR}/cohort.tsv",
         truth=f"{DEMO_DIR}/truth.tsv",
+        truth_subjects=f"{DEMO_DIR}/truth_subjects.tsv",
         cts=expand(f"{DEMO_DIR}/ct/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
         labels=expand(f"{DEMO_DIR}/labels/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
     params:

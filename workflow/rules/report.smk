@@ -36,6 +36,7 @@ rule methods:
         longitudinal="results/stats/longitudinal.tsv",
         # how many scans made each chart; [] without panels
         calibration=lambda wildcards: ["results/stats/normative_calibration.tsv"] if config["normative"]["panels"] else [],
+        ct_age=rules.ct_age.output.summary,
         versions="results/tables/software_versions.tsv",
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
@@ -51,7 +52,7 @@ rule methods:
             # a table's name, not where it lies
             "structures": os.path.basename(str(config["structures"])),
             "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
-            **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal")},
+            **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal", "ct_age")},
         },
     log:
         "results/logs/methods.log",

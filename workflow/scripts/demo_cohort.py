@@ -1,4 +1,4 @@
-"""Write the demo's phantom cohort (scans, label maps, cohort.tsv, truth.tsv)."""
+"""Write the demo's phantom cohort (scans, label maps, cohort.tsv, truth.tsv, truth_subjects.tsv)."""
 
 from ctcohort import phantom
 from ctcohort.runlog import log_to

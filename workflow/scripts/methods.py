@@ -15,5 +15,6 @@ paragraphs = methods_paragraphs(
     regression=read_table(snakemake.input.regression),
     longitudinal=read_table(snakemake.input.longitudinal),
     calibration=read_table(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
+    ct_age=read_table(snakemake.input.ct_age),
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)
