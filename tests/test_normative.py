@@ -476,3 +476,20 @@ def test_lms_charts_refuse_what_cannot_be_trusted():
     placement = normative.place_on_charts(fit.charts, fit.coefficients, pd.DataFrame({"structure": ["spleen"],
                                                                                      "hu_mean": [100.0]}), 50, "F")
     assert placement["note"].tolist() == ["no_chart"] and placement["z"].isna().all()
+
+
+def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
+    """A Box-Cox shape so strong that the 5th centile leaves the distribution's support (the demo's 15 women, once:
+    nu = 14) gives NaN curves: the chart is refused, never drawn with holes."""
+    from ctcohort import centiles
+
+    real = centiles.CentileChart.curves
+
+    def with_a_hole(self, *args, **kwargs):
+        table = real(self, *args, **kwargs)
+        table.loc[:, "p5"] = np.nan
+        return table
+
+    monkeypatch.setattr(centiles.CentileChart, "curves", with_a_hole)
+    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False)
+    assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()

@@ -94,6 +94,7 @@ DUALITY_GAP = 1e-8  # relative: an exact quantile fit's check loss and its dual 
 SEXES = ("M", "F")
 ALL = "all"
 NOT_CONVERGED = "not_converged"
+UNDEFINED_CENTILES = "undefined_centiles"  # lms: an outer centile beyond the fitted distribution's support
 NOT_IN_STUDY = "not_in_study"  # a structure the measurement table does not have (a typo, another structure table)
 BELOW_CHART = "below_chart"
 ABOVE_CHART = "above_chart"
@@ -432,6 +433,13 @@ class ChartFitter:
             return ""
         model = chart.model
         curves = chart.curves(frame["age"].to_numpy(), frame["y"].to_numpy(), named)
+        if not np.isfinite(curves[self.names].to_numpy(dtype=float)).all():
+            # a Box-Cox shape so strong that an outer centile lies beyond the distribution's support (15 scans:
+            # nu = 14): no chart rather than one with holes
+            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
+                                    **dict.fromkeys(self.covariates, np.nan), "note": UNDEFINED_CENTILES,
+                                    "method": LMS, **calibration})
+            return ""
         eta = model.predictors(curves["age"].to_numpy())  # at the reference: every varying covariate 0
         parameters = dict(zip(FAMILY_PARAMETERS[model.family], eta))
         for i, row in curves.iterrows():
