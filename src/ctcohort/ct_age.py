@@ -36,28 +36,23 @@ Tables: ``ct_age.tsv`` (TABLE_COLUMNS: one row per scan) and ``ct_age_summary.ts
 per feature set, ``all`` first; MAE and R^2 of the uncorrected predictions of the chosen scans with an age).
 """
 
+from __future__ import annotations
+
 import logging
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
-from sklearn.ensemble import HistGradientBoostingRegressor
-from sklearn.feature_selection import VarianceThreshold
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import ElasticNet, Ridge
-from sklearn.metrics import mean_absolute_error, r2_score
-from sklearn.model_selection import GroupKFold, ParameterGrid
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from ctcohort.patients import patient_of
-from ctcohort.stats import encode_covariates, present_columns
 from ctcohort.structures import GROUPS
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 ALL = "all"
 MODELS = ("ridge", "elastic_net", "gradient_boosting")
@@ -185,6 +180,9 @@ def scan_table(measurements: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFr
 # ---------------------------------------------------------------------------------------------------------
 
 def _estimator(name: str, seed: int):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import ElasticNet, Ridge
+
     if name == "ridge":
         return Ridge()
     if name == "elastic_net":
@@ -195,6 +193,9 @@ def _estimator(name: str, seed: int):
 def candidate_grid(models: Sequence[str], seed: int) -> list[dict]:
     """The grid over ``pipeline()`` (sklearn's ParameterGrid form): linear models behind the fold's imputer and scaler, gradient
     boosting on the raw features (its own NaN handling)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import StandardScaler
+
     grid = []
     for name in models:
         linear = name != "gradient_boosting"
@@ -209,11 +210,18 @@ def candidate_grid(models: Sequence[str], seed: int) -> list[dict]:
 def pipeline() -> Pipeline:
     """Features that do not vary in the training fold (a structure never or always the same) dropped first:
     they carry nothing, and gradient boosting's binning fails on a column without two distinct values."""
+    from sklearn.feature_selection import VarianceThreshold
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+
     return Pipeline([("drop", VarianceThreshold()), ("impute", "passthrough"), ("scale", "passthrough"),
                      ("model", Ridge())])
 
 
 def model_name(estimator: Pipeline) -> str:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import ElasticNet, Ridge
+
     model = estimator.named_steps["model"]
     return {Ridge: "ridge", ElasticNet: "elastic_net", HistGradientBoostingRegressor: "gradient_boosting"}[type(model)]
 
@@ -250,6 +258,8 @@ class FoldModel:
 
 def inner_predictions(estimator: Pipeline, x: np.ndarray, age: np.ndarray, splits) -> np.ndarray:
     """Out-of-fold predictions of the training scans by ``estimator`` refitted on each inner split."""
+    from sklearn.base import clone
+
     predicted = np.empty(len(age))
     for train, test in splits:
         predicted[test] = clone(estimator).fit(x[train], age[train]).predict(x[test])
@@ -260,6 +270,10 @@ def fit_fold(x: np.ndarray, age: np.ndarray, patient: np.ndarray, settings: CtAg
              trained: np.ndarray) -> FoldModel:
     """Choose the candidate with the least inner out-of-fold mean absolute error on the training scans (inner
     folds by patient), refit it on them all, and fit its bias line on its inner predictions."""
+    from sklearn.base import clone
+    from sklearn.metrics import mean_absolute_error
+    from sklearn.model_selection import GroupKFold, ParameterGrid
+
     x_train, age_train = x[trained], age[trained]
     inner = GroupKFold(settings.inner_folds, shuffle=True, random_state=settings.seed)
     splits = list(inner.split(x_train, age_train, groups=patient[trained]))
@@ -276,6 +290,8 @@ def fit_fold(x: np.ndarray, age: np.ndarray, patient: np.ndarray, settings: CtAg
 
 def assign_folds(patient: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Each scan's outer fold; a patient's scans share one."""
+    from sklearn.model_selection import GroupKFold
+
     fold = np.empty(len(patient), dtype=int)
     splitter = GroupKFold(folds, shuffle=True, random_state=seed)
     for k, (_, test) in enumerate(splitter.split(np.zeros(len(patient)), groups=patient)):
@@ -328,6 +344,8 @@ def _design(features: pd.DataFrame, covariates: pd.DataFrame, columns: list[str]
 
 def _summary_row(name: str, fit: OutOfFold | None, age: np.ndarray, trainable: np.ndarray, patient: np.ndarray,
                  settings: CtAgeSettings, note: str) -> dict:
+    from sklearn.metrics import mean_absolute_error, r2_score
+
     row = {"features": name, "n_scans": int(trainable.sum()), "n_patients": len(set(patient[trainable])),
            "folds": settings.folds, "inner_folds": settings.inner_folds, "model": "", "models_by_fold": "",
            "mae": np.nan, "r2": np.nan, "bias_intercept": np.nan, "bias_slope": np.nan, "correction": CORRECTION,
@@ -378,11 +396,15 @@ def ct_age(measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeS
     selection (``patients.scan_selection``'s table): the per-scan table, the summary, the fits."""
     scans = scan_table(measurements, selection)
     features = feature_matrix(measurements, settings.measures, scans["subject"])
+    from ctcohort.stats import encode_covariates, present_columns  # scipy: not at the workflow's start-up
+
     covariates = encode_covariates(scans, present_columns(scans, list(settings.covariates)))
     groups_of = structure_groups(measurements)
     age, patient = scans["age"].to_numpy(dtype=float), scans["patient"].to_numpy(dtype=str)
     enough_patients = len(set(patient)) >= settings.folds
     fold = assign_folds(patient, settings.folds, settings.seed) if enough_patients else np.full(len(scans), -1)
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(settings.threads), warnings.catch_warnings():
         # the variance of a feature never measured in a training fold (dropped) warns at every fit
         for message in ("Degrees of freedom <= 0", "All-NaN slice encountered"):
