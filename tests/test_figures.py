@@ -588,6 +588,24 @@ def test_normative_charts_show_the_curves_and_the_scans_adjusted_to_the_referenc
     assert_legible(fig)
 
 
+def test_normative_charts_draw_the_bootstrap_bands_where_the_charts_have_them(
+        tmp_path, saved, charts, coefficients, scans_with_sex):
+    banded = charts.copy()
+    for p in PERCENTILES:
+        banded[f"p{p}_low"], banded[f"p{p}_high"] = banded[f"p{p}"] - 1.0, banded[f"p{p}"] + 1.0
+    figures.plot_normative_charts(banded, coefficients, scans_with_sex, SCATTER_PANELS[:1],
+                                  outputs_in(tmp_path, "charts"))
+    (fig,) = saved
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert drawn
+    for ax in drawn:
+        bands = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
+        assert len(bands) == len(PERCENTILES)
+        for band, line in zip(bands, ax.lines):
+            heights = band.get_paths()[0].vertices[:, 1]
+            assert heights.min() == pytest.approx(line.get_ydata().min() - 1.0)
+
+
 def test_normative_charts_hold_at_a_constant_covariate_only_where_it_has_no_coefficient(
         tmp_path, saved, charts, coefficients, scans_with_sex):
     """A covariate constant over a chart's scans is not in its model (no coefficient): the chart holds at

@@ -441,7 +441,8 @@ def plot_normative_charts(
     outputs: Sequence[str | Path],
 ) -> None:
     """Normative charts with the cohort's scans: one row per panel (structure/measure), one column per sex
-    that the charts hold (M, F, all). Each plot shows the percentile curves (the median solid and thick), and
+    that the charts hold (M, F, all). Each plot shows the percentile curves (the median solid and thick), their
+    bootstrap bands where the charts have them (method lms: p5_low, p5_high, ...), and
     the scans of that sex (all scans for "all") as points, adjusted to the chart's reference covariate
     values with the median's coefficients (see ``adjusted_values``). A chart that was not fitted says why.
     """
@@ -485,6 +486,9 @@ def plot_normative_charts(
                        alpha=0.45, linewidths=0, label="scans", zorder=1)
             for column, p in percentiles:
                 ax.plot(fitted["age"], fitted[column], label=column, zorder=3, **styles[p])
+                if {f"{column}_low", f"{column}_high"} <= set(fitted.columns):  # method lms: bootstrap band
+                    ax.fill_between(fitted["age"], fitted[f"{column}_low"], fitted[f"{column}_high"],
+                                    color="#999999", alpha=0.18, linewidth=0, zorder=2)
             at = ", ".join(f"{c} = {v:g}" for c, v in references.items())
             ax.set_title(f"{head}\n{n_text}" + (f"; at {at}" if at else ""))
             ax.set_xlabel("age (years)")
