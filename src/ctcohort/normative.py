@@ -391,8 +391,13 @@ class ChartFitter:
         elif not note:
             note = self._lms(key, frame, varying, reference, block)
         if note:
-            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
-                                    **dict.fromkeys(self.covariates, np.nan), "note": note, "method": self.method})
+            self._refused(key, note)
+
+    def _refused(self, key: dict, note: str, **calibration) -> None:
+        """The one row of a chart that is not drawn: its note, no ages or curves."""
+        self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
+                                **dict.fromkeys(self.covariates, np.nan), "note": note, "method": self.method,
+                                **calibration})
 
     def _quantile(self, key, frame, varying, reference) -> str:
         if len(frame) < 1 + self.spline_df + len(varying) + 2 or frame["age"].nunique() < self.spline_df + 2:
@@ -427,18 +432,14 @@ class ChartFitter:
                 "value": frame["y"].to_numpy(), "age": frame["age"].to_numpy(), "z": chart.out_of_fold_z,
                 "fold": "out_of_fold"}))
         if chart.model is None:
-            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
-                                    **dict.fromkeys(self.covariates, np.nan), "note": chart.note, "method": LMS,
-                                    **calibration})
+            self._refused(key, chart.note, **calibration)
             return ""
         model = chart.model
         curves = chart.curves(frame["age"].to_numpy(), frame["y"].to_numpy(), named)
         if not np.isfinite(curves[self.names].to_numpy(dtype=float)).all():
             # a Box-Cox shape so strong that an outer centile lies beyond the distribution's support (15 scans:
             # nu = 14): no chart rather than one with holes
-            self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
-                                    **dict.fromkeys(self.covariates, np.nan), "note": UNDEFINED_CENTILES,
-                                    "method": LMS, **calibration})
+            self._refused(key, UNDEFINED_CENTILES, **calibration)
             return ""
         eta = model.predictors(curves["age"].to_numpy())  # at the reference: every varying covariate 0
         parameters = dict(zip(FAMILY_PARAMETERS[model.family], eta))
