@@ -93,10 +93,12 @@ def _unless_mirrored(structures: pd.Series, flags: np.ndarray, compared: np.ndar
     table = pd.DataFrame({"structure": structures.to_numpy(), "flag": flags, "compared": compared})
     share = table[table["compared"]].groupby("structure")["flag"].mean()
     mirrored = share[share > 0.5]
-    for structure, fraction in mirrored.items():
-        log.warning("laterality: %s lies on the wrong side of its twin in %.0f%% of the scans: the cohort's left and "
-                    "right look mirrored (images, their orientation, or a model trained on mirrored images); "
-                    "not flagged per scan", structure, 100 * fraction)
+    if len(mirrored):
+        # one warning for the cohort: a mirrored cohort has every pair wrong, and a line each would bury the cause
+        shares = ", ".join(f"{structure} {100 * fraction:.0f}%" for structure, fraction in mirrored.items())
+        log.warning("laterality: the cohort's left and right look mirrored (images, their orientation, or a model "
+                    "trained on mirrored images); not flagged per scan. Share of scans with the structure on the "
+                    "wrong side of its twin: %s", shares)
     return flags & ~table["structure"].isin(mirrored.index).to_numpy()
 
 
