@@ -50,10 +50,12 @@ selection (``select_model``)
     (bccg and bct only where every value is positive). All densities are of y itself, so their criteria compare.
     ``families`` defaults to all four: normal and bccg for the common shapes, shash for skewed or heavy-tailed
     measures that may be negative (HU), bct for heavy-tailed positive ones; the GAIC pays k per shape parameter,
-    so a normal truth keeps the normal (seeded tests). The price is time: per chart (selection, 5-fold
-    calibration, 100 bootstrap resamples; benchmarks/centile_calibration.py --timing, one thread) the four
-    families took 1.4-2.2 s against 0.9-1.0 s for normal and bccg at 200 scans, and 5-8 s against 0.7-1.0 s
-    at 2,000 scans (the 4-parameter fits need more iterations; bct's tau drifts on data without heavy tails).
+    so a normal truth keeps the normal (seeded tests), and the held-out placement did not get worse
+    (docs/benchmarks.md). The price is time: per chart (selection, 5-fold calibration, 100 bootstrap
+    resamples; benchmarks/centile_calibration.py --timing, one thread, measured side by side) the four families
+    took 1.9-2.3 s against 0.5 s for normal and bccg alone at 200 scans, 5-8 s against 1.8-2.0 s at 2,000
+    (each fold selects among four families; the 4-parameter fits need 2-3 times the iterations, bct's tau
+    drifting up on data without heavy tails). ``families: [normal, bccg]`` in config gives the old speed.
 
 small-sample correction (``CentileModel.z_scale``)
     Maximum likelihood fits the scale too narrow for a new scan (sigma's estimate is biased low and the
