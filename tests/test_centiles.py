@@ -8,8 +8,8 @@ from scipy import integrate, optimize, stats
 
 from ctcohort import centiles
 from ctcohort.centile_truth import TRUTHS
-from ctcohort.centiles import (BCCG, BCT, CALIBRATION_FAILED, NORMAL, SHASH, TOO_FEW_SCANS, CentileSettings, fit_centile_chart,
-                               fit_model)
+from ctcohort.centiles import (BCCG, BCT, CALIBRATION_FAILED, NORMAL, SHASH, TOO_FEW_SCANS, CentileSettings,
+                               fit_centile_chart, fit_model)
 
 AGES_CHECKED = np.array([30.0, 50.0, 70.0])
 

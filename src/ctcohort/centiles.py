@@ -35,9 +35,9 @@ model (``fit_model``)
     bct with 10 degrees of freedom, gamlss's start).
 
 selection (``select_model``)
-    Per family, forward stepwise over (df_mu, df_sigma[, df_nu, df_tau]) from (1, 1[, 0, 0]), mu and sigma linear in age
-    (starting from constants, the search kept sigma constant often enough at 120 scans to miss the 5th centile
-    by 0.35 SD where the SD grows with age): each step adds one df to the
+    Per family, forward stepwise over (df_mu, df_sigma[, df_nu[, df_tau]]) from (1, 1[, 0[, 0]]), mu and sigma
+    linear in age (starting from constants, the search kept sigma constant often enough at 120 scans to miss
+    the 5th centile by 0.35 SD where the SD grows with age): each step adds one df to the
     parameter whose addition lowers the criterion most, up to ``max_df`` for mu (and at most one df per
     ``scans_per_df`` scans: at 120 scans a 4-df mu, chosen now and then, missed by 1 SD at the ends of the
     ages) and that less 2 for sigma, until
@@ -46,8 +46,9 @@ selection (``select_model``)
     GAIC(k) = -2 log-likelihood + k * parameters, k = ``gaic_penalty`` (default 3; None: log(n), the BIC).
     Measured at 120 scans (benchmarks/centile_calibration.py), the BIC left out curvature of mu and the age
     trend of sigma often enough to bias the outer centiles by 0.2 SD; k = 2 (AIC) and k = 3 placed new scans
-    alike, k = 3 had the smaller errors of the centiles. The family with the lowest criterion over ``families`` is the chart's
-    (bccg and bct only where every value is positive). All densities are of y itself, so their criteria compare.
+    alike, k = 3 had the smaller errors of the centiles. The family with the lowest criterion over
+    ``families`` is the chart's (bccg and bct only where every value is positive). All densities are of y
+    itself, so their criteria compare.
     ``families`` defaults to all four: normal and bccg for the common shapes, shash for skewed or heavy-tailed
     measures that may be negative (HU), bct for heavy-tailed positive ones; the GAIC pays k per shape parameter,
     so a normal truth keeps the normal (seeded tests), and the held-out placement did not get worse
@@ -67,10 +68,10 @@ small-sample correction (``CentileModel.z_scale``)
     truth). The likelihood, the criteria and the comparison with R are of the uncorrected fit.
 
 placing a scan (``CentileModel.z``)
-    z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox or sinh-arcsinh z above. z is clipped to
-    +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a non-positive value on a
-    bccg or bct chart has z = -z_limit (``below_support``). An age outside the fitted range gets no z
-    (``age_outside_chart``): the charts never extrapolate in age.
+    z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox or sinh-arcsinh z above.
+    z is clipped to +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a
+    non-positive value on a bccg or bct chart has z = -z_limit (``below_support``). An age outside the fitted
+    range gets no z (``age_outside_chart``): the charts never extrapolate in age.
 
 calibration (``calibrate``)
     k-fold (seeded) out-of-fold z of every scan of the chart: family and df are chosen again inside every
