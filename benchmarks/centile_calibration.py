@@ -2,17 +2,19 @@
 known truth; and how long one chart takes.
 
 For each truth (``normal``: mean and SD change with age; ``skewed``: gamma with shape 8, skewness 0.71, whose mean
-changes with age; both in ``ctcohort.centile_truth``) and each n: ``--repeats`` charts, each selected and
+changes with age; ``heavy``: Student's t with 5 df and the mean and SD of ``normal``; all in
+``ctcohort.centile_truth``) and each n: ``--repeats`` charts, each selected and
 fitted on n scans of ages uniform in 20-85 years, then 2,000 new scans drawn at ages inside the chart's range
 are placed. Printed per truth x n: the mean share beyond |z| 1.96 over the repeats (nominal 5%), the largest
 |z|, the share of charts that the k-fold calibration would refuse, and the share of charts refused at the
 module's MIN_SCANS (too_few_scans) or by calibration together. ``--timing``: the time of one chart (selection,
-k-fold calibration with selection in every fold, bootstrap intervals; each part) at n scans.
+k-fold calibration with selection in every fold, bootstrap intervals; each part) at n scans. ``--families``: the
+families the selection chooses from (default: CentileSettings's).
 
 BLAS threads make these small problems slower: run with one thread (set below, before numpy loads).
 
 Run:  python benchmarks/centile_calibration.py [--n 15 30 50 100 120 500] [--repeats 20]
-      python benchmarks/centile_calibration.py --timing 5000
+      python benchmarks/centile_calibration.py --timing 5000 [--families normal bccg]
 """
 
 import os
@@ -23,6 +25,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -42,8 +45,8 @@ def placed(truth, n: int, rng, settings) -> tuple[float, float, bool]:
     return float((np.abs(z) > 1.96).mean()), float(np.abs(z).max()), failed
 
 
-def calibration_table(sizes, repeats: int, seed: int) -> None:
-    settings = centiles.CentileSettings(min_scans=5)
+def calibration_table(sizes, repeats: int, seed: int, settings) -> None:
+    settings = replace(settings, min_scans=5)
     print("truth   n     beyond_1.96  max|z|  calibration_failed  refused_at_MIN_SCANS")
     for name, truth in TRUTHS.items():
         for n in sizes:
@@ -54,8 +57,7 @@ def calibration_table(sizes, repeats: int, seed: int) -> None:
                   f"{refused:21.2f}", flush=True)
 
 
-def timing(n: int, seed: int) -> None:
-    settings = centiles.CentileSettings()
+def timing(n: int, seed: int, settings) -> None:
     for name, truth in TRUTHS.items():
         age, y = truth.draw(n, np.random.default_rng(seed))
         start = time.perf_counter()
@@ -76,11 +78,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--timing", type=int, metavar="N", help="time one chart of N scans instead")
+    parser.add_argument("--families", nargs="+", default=list(centiles.DEFAULTS.families))
     args = parser.parse_args(argv)
+    settings = centiles.CentileSettings(families=tuple(args.families))
     if args.timing:
-        timing(args.timing, args.seed)
+        timing(args.timing, args.seed, settings)
     else:
-        calibration_table(args.n, args.repeats, args.seed)
+        calibration_table(args.n, args.repeats, args.seed, settings)
     return 0
 
 

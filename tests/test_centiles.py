@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import patsy
 import pytest
-from scipy import optimize
+from scipy import integrate, optimize, stats
 
 from ctcohort import centiles
 from ctcohort.centile_truth import TRUTHS
-from ctcohort.centiles import (BCCG, CALIBRATION_FAILED, NORMAL, TOO_FEW_SCANS, CentileSettings, fit_centile_chart,
-                               fit_model)
+from ctcohort.centiles import (BCCG, BCT, CALIBRATION_FAILED, NORMAL, SHASH, TOO_FEW_SCANS, CentileSettings,
+                               fit_centile_chart, fit_model)
 
 AGES_CHECKED = np.array([30.0, 50.0, 70.0])
 
@@ -29,7 +29,8 @@ def test_natural_spline_spans_the_same_space_as_patsy_cr():
     assert np.abs(residual).max() < 1e-9
 
 
-@pytest.mark.parametrize("family,dfs", [(NORMAL, (2, 1)), (BCCG, (2, 1, 1)), (BCCG, (0, 0, 0))])
+@pytest.mark.parametrize("family,dfs", [(NORMAL, (2, 1)), (BCCG, (2, 1, 1)), (BCCG, (0, 0, 0)), (SHASH, (2, 1, 0, 0)),
+                                        (BCT, (2, 1, 1, 0))])
 def test_gradients_match_finite_differences(family, dfs):
     age, y = drawn("skewed", 150, 2)
     design = centiles.Design.for_data(age, np.zeros((150, 0)), dfs)
@@ -104,7 +105,7 @@ def test_charts_of_15_scans_are_refused():
 
 def test_every_z_is_finite_and_bounded_inside_the_ages_and_absent_outside():
     age, y = drawn("skewed", 120, 8)
-    chart = fit_centile_chart(age, y, calibrated=False)
+    chart = fit_centile_chart(age, y, settings=CentileSettings(families=(NORMAL, BCCG)), calibrated=False)
     assert chart.model.family == BCCG
     values = [1e-300, 0.0, -5.0, 1e300, np.nan, 150.0, 150.0]
     ages = [50, 50, 50, 50, 50, age.min() - 1, age.max() + 1]
@@ -172,6 +173,7 @@ def test_settings_from_config_and_checks():
     with pytest.raises(ValueError, match="families"):
         CentileSettings(families=("gamma",))
     assert centiles.DEFAULTS.max_dfs(BCCG) == (4, 2, 0) and centiles.DEFAULTS.max_dfs(NORMAL) == (4, 2)
+    assert centiles.DEFAULTS.max_dfs(SHASH) == centiles.DEFAULTS.max_dfs(BCT) == (4, 2, 0, 0)
     assert centiles.DEFAULTS.max_dfs(NORMAL, 120) == (3, 1) and centiles.DEFAULTS.max_dfs(NORMAL, 20) == (1, 0)
 
 
@@ -181,6 +183,86 @@ def test_selection_records_every_model_and_prefers_the_simpler_family_for_normal
     assert model.family == NORMAL and table["chosen"].sum() == 1
     chosen = table[table["chosen"]].iloc[0]
     assert chosen["criterion"] == table["criterion"].min()
-    assert set(table["family"]) == {NORMAL, BCCG}
+    assert set(table["family"]) == {NORMAL, BCCG, SHASH, BCT}
     _, negative = centiles.select_model(age, y - 200)
-    assert set(negative["family"]) == {NORMAL}  # bccg only for positive values
+    assert set(negative["family"]) == {NORMAL, SHASH}  # bccg and bct only for positive values
+
+
+# linear predictors (mu or log mu, log sigma, nu, log delta or log tau) of skewed, heavy- and light-tailed shapes
+SHAPES = {SHASH: [(120.0, np.log(10.0), 0.6, np.log(0.7)), (80.0, np.log(5.0), -0.4, np.log(1.6))],
+          BCT: [(np.log(150.0), np.log(0.2), 0.5, np.log(4.0)), (np.log(90.0), np.log(0.3), -0.8, np.log(30.0))]}
+
+
+def density(family, eta):
+    return lambda y: np.exp(-centiles.FAMILIES[family].nll(np.array([y]), [np.array([e]) for e in eta])[0][0])
+
+
+def lost(family, eta):
+    """The untruncated BCT's mass outside y > 0 (none for SHASH): F_t(-1 / (sigma |nu|)), below y = 0 where
+    nu > 0, beyond y = infinity where nu < 0 (z is bounded there)."""
+    if family != BCT:
+        return 0.0
+    return stats.t.cdf(-1 / (np.exp(eta[1]) * abs(eta[2])), np.exp(eta[3]))
+
+
+@pytest.mark.parametrize("family,eta", [(f, e) for f, shapes in SHAPES.items() for e in shapes])
+def test_density_integrates_to_one_and_the_cdf_inverts_the_quantile(family, eta):
+    f = density(family, eta)
+    lower = 0.0 if centiles.FAMILIES[family].positive else -np.inf
+    total = integrate.quad(f, lower, np.inf, limit=200)[0]
+    assert total == pytest.approx(1 - lost(family, eta), abs=1e-8)
+    for q in (-2.0, -0.5, 1.2):
+        value = centiles.FAMILIES[family].quantile(np.array([q]), [np.array([e]) for e in eta])[0]
+        below = integrate.quad(f, lower, value, limit=200)[0] + lost(family, eta) * (eta[2] > 0)
+        assert below == pytest.approx(stats.norm.cdf(q), abs=1e-8)
+        z = centiles.FAMILIES[family].z(np.array([value]), [np.array([e]) for e in eta])[0]
+        assert z == pytest.approx(q, abs=1e-9)
+
+
+def test_shash_without_skew_or_tails_and_bct_with_nu_1_or_0_are_textbook_distributions():
+    y = np.linspace(60.0, 240.0, 7)
+    nll = centiles.FAMILIES[SHASH].nll(y, [np.full(7, 130.0), np.full(7, np.log(20.0)), np.zeros(7), np.zeros(7)])[0]
+    np.testing.assert_allclose(nll, -stats.norm.logpdf(y, 130.0, 20.0), rtol=1e-12)
+    mu, sigma, tau = 130.0, 0.2, 4.0
+    for nu, reference in [(1.0, stats.t.logpdf(y, tau, mu, mu * sigma)),  # y = mu (1 + sigma T)
+                          (0.0, stats.t.logpdf(np.log(y), tau, np.log(mu), sigma) - np.log(y))]:  # log-t
+        eta = [np.full(7, np.log(mu)), np.full(7, np.log(sigma)), np.full(7, nu), np.full(7, np.log(tau))]
+        np.testing.assert_allclose(centiles.FAMILIES[BCT].nll(y, eta)[0], -reference, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family,eta", [(SHASH, SHAPES[SHASH][0]), (SHASH, SHAPES[SHASH][1]),
+                                        (BCT, SHAPES[BCT][0]), (BCT, (np.log(150.0), np.log(0.2), 0.5, np.log(5e3)))])
+def test_per_scan_gradients_equal_central_differences(family, eta):
+    # the second BCT's tau = 5,000 is computed by the asymptotic series of the t's normalising constant
+    y = np.array([40.0, 95.0, 130.0, 160.0, 260.0])
+    eta = [np.full(5, e) for e in eta]
+    nll, grads = centiles.FAMILIES[family].nll(y, eta)
+    for i in range(4):
+        step = [np.zeros(5)] * 4
+        step[i] = np.full(5, 1e-6)
+        up = centiles.FAMILIES[family].nll(y, [e + s for e, s in zip(eta, step)])[0]
+        down = centiles.FAMILIES[family].nll(y, [e - s for e, s in zip(eta, step)])[0]
+        np.testing.assert_allclose(grads[i], (up - down) / 2e-6, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("truth,chosen", [("heavy", {SHASH, BCT}), ("skewed", {BCCG, SHASH, BCT})])
+def test_selection_picks_a_shape_family_for_heavy_tails_or_skew(truth, chosen):
+    age, y = drawn(truth, 500, 14)
+    model, table = centiles.select_model(age, y)
+    assert model.family in chosen
+    best = table.groupby("family")["criterion"].min()
+    assert best[model.family] < best[NORMAL] - 10  # GAIC(3): a clear preference, not a tie
+
+
+def test_shash_and_bct_place_every_value_finitely_and_bct_refuses_centiles_outside_its_support():
+    age, y = drawn("heavy", 300, 15)
+    for family in (SHASH, BCT):
+        model = fit_model(family, (2, 1, 0, 0), age, y)
+        z, notes = model.z([1e-300, 1e300, 100.0, -1e300], [50.0] * 4)
+        # (a BCT with nu > 0 bounds z below: y -> 0 is z = Phi^-1(F_t(-1 / (sigma nu))), finite)
+        assert z[0] < -3 and z[1] == 8 and abs(z[2]) < 2 and z[3] == -8 and np.abs(z).max() <= 8
+        assert list(notes[1:]) == ["z_clipped", "", "z_clipped" if family == SHASH else "below_support"]
+        assert np.isfinite(model.centile(0.01, AGES_CHECKED)).all()
+    # a Box-Cox shape so strong that the 5th centile's t quantile lies below y = 0: no value (a refused chart)
+    eta = [np.array([np.log(100.0)]), np.array([np.log(0.35)]), np.array([14.0]), np.array([np.log(5.0)])]
+    assert np.isnan(centiles.FAMILIES[BCT].quantile(np.array([-1.645]), eta)).all()

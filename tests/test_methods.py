@@ -59,6 +59,11 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
     assert "adjusted for sex and contrast" in text
     assert f"({settings['statistics']['spline_df']} degrees of freedom, knots" in text
     assert "location-scale-shape models adjusted for contrast" in text and "5-fold cross-validation" in text
+    assert ("a normal, Box-Cox Cole-Green (LMS), sinh-arcsinh (Jones and Pewsey) or Box-Cox t distribution whose"
+            in text)
+    normal_only = {**settings, "normative": {**settings["normative"], "families": ["normal"]}}
+    assert "models adjusted for contrast: a normal distribution whose" in " ".join(
+        methods_paragraphs(normal_only, COUNTS, correlations(), VERSIONS))
     calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"]})
     text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, calibration=calibration))
     assert "2 of 3 charts were drawn, from 80 to 120 patients each." in text

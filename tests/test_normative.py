@@ -469,6 +469,25 @@ def test_lms_charts_match_the_truth_and_place_new_scans_by_the_model(lms_fitted)
     assert far.loc[0, "z"] == normative.Z_LIMIT and far.loc[0, "note"] == "z_clipped"
 
 
+@pytest.mark.parametrize("family", ["shash", "bct"])
+def test_a_four_parameter_chart_stored_as_a_table_places_scans_as_its_model(family):
+    from ctcohort import centiles
+
+    cohort = analytic_cohort(300, seed=8)
+    settings = centiles.CentileSettings(families=(family,), bootstrap_resamples=0)
+    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], method="lms", by_sex=False, centiles=settings)
+    charts, coefficients = fit.charts, fit.coefficients
+    assert (charts["family"] == family).all() and charts["eta_tau"].notna().all()
+    chart = centiles.fit_centile_chart(cohort["age"], cohort["volume_ml"], cohort[["contrast"]], settings,
+                                       calibrated=False)
+    new = analytic_cohort(50, seed=9).assign(subject=lambda f: [f"n{i}" for i in range(len(f))])
+    new = new[(new["age"] >= cohort["age"].min() + 1) & (new["age"] <= cohort["age"].max() - 1)]
+    placed = normative.place_cohort(charts, coefficients, new)
+    expected, _ = chart.place(new["volume_ml"], new["age"], new[["contrast"]])
+    # the table's linear predictors are interpolated between ages a year apart
+    np.testing.assert_allclose(placed["z"], expected, atol=0.01)
+
+
 def test_lms_charts_refuse_what_cannot_be_trusted():
     sample = noisy_sample(40).assign(group="")
     fit = normative.fit_charts(sample, ["spleen"], ["hu_mean"], method="lms", min_n=60)
@@ -491,5 +510,7 @@ def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
         return table
 
     monkeypatch.setattr(centiles.CentileChart, "curves", with_a_hole)
-    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False)
+    two_families = centiles.CentileSettings(families=(centiles.NORMAL, centiles.BCCG))  # the refusal, not the choice
+    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False,
+                               centiles=two_families)
     assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()

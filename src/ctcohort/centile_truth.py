@@ -2,7 +2,8 @@
 
 ``normal``: N(mean(age), sd(age)), a mean that rises and bends (like an HU mean) and an SD that grows with age.
 ``skewed``: gamma with shape 8 (skewness 0.71, coefficient of variation 0.35) whose mean rises and bends with age
-(like a volume). Ages of a drawn cohort are uniform in AGES.
+(like a volume). ``heavy``: Student's t with HEAVY_DF degrees of freedom (excess kurtosis 6) with the mean and SD of
+``normal`` (like an HU mean with outlying scans). Ages of a drawn cohort are uniform in AGES.
 """
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ def _gamma_mean(age):
 
 
 GAMMA_SHAPE = 8.0
+HEAVY_DF = 5.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Truth:
         age = np.asarray(age, float)
         if self.name == "normal":
             return stats.norm(_normal_mean(age), _normal_sd(age))
+        if self.name == "heavy":
+            return stats.t(HEAVY_DF, _normal_mean(age), _normal_sd(age) * np.sqrt((HEAVY_DF - 2) / HEAVY_DF))
         return stats.gamma(GAMMA_SHAPE, scale=_gamma_mean(age) / GAMMA_SHAPE)
 
     def sample(self, age, rng) -> np.ndarray:
@@ -55,4 +59,4 @@ class Truth:
         return self.distribution(age).std()
 
 
-TRUTHS = {name: Truth(name) for name in ("normal", "skewed")}
+TRUTHS = {name: Truth(name) for name in ("normal", "skewed", "heavy")}

@@ -12,28 +12,51 @@ model (``fit_model``)
                 nu = eta_nu (skewness: nu = 1 normal, nu = 0 log-normal). The density is that of the untruncated
                 z (as VGAM's lms.bcn and the LMS literature), whose mass below y = 0 is negligible where charts
                 are of use.
+    ``shash``   sinh-arcsinh (Jones & Pewsey 2009, Biometrika 96:761), for any y (HU), in the parametrisation
+                of R mgcv's ``shash``: z = sinh(delta asinh((y - mu) / (sigma delta)) - epsilon) is standard
+                normal; mu = eta_mu, sigma = exp(eta_sigma), epsilon = eta_nu (skewness, 0 symmetric),
+                delta = exp(eta_tau) (tail weight: < 1 heavier, > 1 lighter than normal tails). epsilon = 0
+                and delta = 1 is the normal; every z and every centile is defined.
+    ``bct``     Box-Cox t (Rigby & Stasinopoulos 2006, Stat Model 6:209), for positive y (volumes with
+                outlying scans): the bccg's z above follows Student's t with tau = exp(eta_tau) degrees of
+                freedom instead of the normal. As for bccg, the density is the untruncated one (gamlss.dist's
+                BCTuntr; its BCT divides by F_t(1 / (sigma |nu|)), the mass inside y > 0); placing and centiles
+                use F_t, z = Phi^-1(F_t(z_bc)). tau is capped at 10^6 (there the t is the normal to the
+                likelihood's digits; gamlss switches to BCCG there too), which stops the fit's slow drift on
+                data without heavy tails. An outer centile whose t quantile lies beyond the Box-Cox support has no
+                value (as bccg's: such a chart is refused as undefined_centiles by normative).
 
     Each eta is an intercept plus an unpenalised natural cubic spline of age with ``df`` columns (df = 0: the
     parameter is constant in age; df = 1: linear; df >= 2: df - 1 interior knots at quantiles of age, the
     boundary knots at the youngest and oldest scan; the same space as R's ``splines::ns``), plus, for mu
     only, the numeric covariates (contrast 0/1, sex 0/1, site dummies; a covariate constant over the chart is
     left out). Fitted by maximum likelihood (scipy's L-BFGS-B with analytic gradients) on an orthonormalised
-    design, starting from least squares (normal) or a log-normal fit (bccg).
+    design, starting from least squares (normal; shash with epsilon 0 and delta 1) or a log-normal fit (bccg;
+    bct with 10 degrees of freedom, gamlss's start).
 
 selection (``select_model``)
-    Per family, forward stepwise over (df_mu, df_sigma[, df_nu]) from (1, 1[, 0]), mu and sigma linear in age
-    (starting from constants, the search kept sigma constant often enough at 120 scans to miss the 5th centile
-    by 0.35 SD where the SD grows with age): each step adds one df to the
+    Per family, forward stepwise over (df_mu, df_sigma[, df_nu[, df_tau]]) from (1, 1[, 0[, 0]]), mu and sigma
+    linear in age (starting from constants, the search kept sigma constant often enough at 120 scans to miss
+    the 5th centile by 0.35 SD where the SD grows with age): each step adds one df to the
     parameter whose addition lowers the criterion most, up to ``max_df`` for mu (and at most one df per
     ``scans_per_df`` scans: at 120 scans a 4-df mu, chosen now and then, missed by 1 SD at the ends of the
     ages) and that less 2 for sigma, until
-    no addition lowers it; nu stays constant in age (a nu that follows age, allowed in trials, put healthy
-    scans of 120-scan charts at |z| 8 at the ends of the age range). The criterion is the generalised AIC,
+    no addition lowers it; nu and tau stay constant in age (a nu that follows age, allowed in trials, put
+    healthy scans of 120-scan charts at |z| 8 at the ends of the age range). The criterion is the generalised AIC,
     GAIC(k) = -2 log-likelihood + k * parameters, k = ``gaic_penalty`` (default 3; None: log(n), the BIC).
     Measured at 120 scans (benchmarks/centile_calibration.py), the BIC left out curvature of mu and the age
     trend of sigma often enough to bias the outer centiles by 0.2 SD; k = 2 (AIC) and k = 3 placed new scans
-    alike, k = 3 had the smaller errors of the centiles. The family with the lowest criterion over ``families`` is the chart's
-    (bccg only where every value is positive). Both densities are of y itself, so their criteria compare.
+    alike, k = 3 had the smaller errors of the centiles. The family with the lowest criterion over
+    ``families`` is the chart's (bccg and bct only where every value is positive). All densities are of y
+    itself, so their criteria compare.
+    ``families`` defaults to all four: normal and bccg for the common shapes, shash for skewed or heavy-tailed
+    measures that may be negative (HU), bct for heavy-tailed positive ones; the GAIC pays k per shape parameter,
+    so a normal truth keeps the normal (seeded tests), and the held-out placement did not get worse
+    (docs/benchmarks.md). The price is time: per chart (selection, 5-fold calibration, 100 bootstrap
+    resamples; benchmarks/centile_calibration.py --timing, one thread, measured side by side) the four families
+    took 1.9-2.3 s against 0.5 s for normal and bccg alone at 200 scans, 5-8 s against 1.8-2.0 s at 2,000
+    (each fold selects among four families; the 4-parameter fits need 2-3 times the iterations, bct's tau
+    drifting up on data without heavy tails). ``families: [normal, bccg]`` in config gives the old speed.
 
 small-sample correction (``CentileModel.z_scale``)
     Maximum likelihood fits the scale too narrow for a new scan (sigma's estimate is biased low and the
@@ -45,10 +68,10 @@ small-sample correction (``CentileModel.z_scale``)
     truth). The likelihood, the criteria and the comparison with R are of the uncorrected fit.
 
 placing a scan (``CentileModel.z``)
-    z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox z above. z is clipped to
-    +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a non-positive value on a
-    bccg chart has z = -z_limit (``below_support``). An age outside the fitted range gets no z
-    (``age_outside_chart``): the charts never extrapolate in age.
+    z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox or sinh-arcsinh z above.
+    z is clipped to +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a
+    non-positive value on a bccg or bct chart has z = -z_limit (``below_support``). An age outside the fitted
+    range gets no z (``age_outside_chart``): the charts never extrapolate in age.
 
 calibration (``calibrate``)
     k-fold (seeded) out-of-fold z of every scan of the chart: family and df are chosen again inside every
@@ -85,7 +108,11 @@ from scipy import optimize, special, stats
 
 NORMAL = "normal"
 BCCG = "bccg"
-FAMILY_PARAMETERS = {NORMAL: ("mu", "sigma"), BCCG: ("mu", "sigma", "nu")}
+SHASH = "shash"
+BCT = "bct"
+# gamlss's names: nu the skewness, tau the tails (SHASH's epsilon and log delta, BCT's degrees of freedom)
+FAMILY_PARAMETERS = {NORMAL: ("mu", "sigma"), BCCG: ("mu", "sigma", "nu"), SHASH: ("mu", "sigma", "nu", "tau"),
+                     BCT: ("mu", "sigma", "nu", "tau")}
 # from the held-out calibration measured with benchmarks/centile_calibration.py (see the module docstring)
 MIN_SCANS = 70
 Z_LIMIT = 8.0
@@ -105,7 +132,7 @@ _LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 class CentileSettings:
     """How centile charts are fitted, checked and drawn; the field defaults are the only defaults."""
 
-    families: tuple[str, ...] = (NORMAL, BCCG)
+    families: tuple[str, ...] = (NORMAL, BCCG, SHASH, BCT)
     max_df: int = 4  # most spline df of mu; sigma's at most max_df - 2, nu constant (module docstring)
     scans_per_df: int = 40  # and at most n // scans_per_df df for mu (at least 1)
     gaic_penalty: float | None = 3.0  # k of GAIC(k); None: log(n), the BIC
@@ -142,7 +169,7 @@ class CentileSettings:
         """Most df of each of the family's parameters for n scans (None: many): the scale follows age more
         simply than mu, the shape not at all."""
         mu = self.max_df if n is None else max(min(self.max_df, n // self.scans_per_df), 1)
-        return (mu, max(mu - 2, 0), 0)[:len(FAMILY_PARAMETERS[family])]
+        return (mu, max(mu - 2, 0), *[0] * (len(FAMILY_PARAMETERS[family]) - 2))
 
 
 DEFAULTS = CentileSettings()
@@ -249,13 +276,19 @@ def _bccg_parts(y, eta):
     return distance, x, z
 
 
+def _box_cox_grads(distance, x, z, score, eta):
+    """The gradient of a Box-Cox family's nll by (log mu, log sigma, nu), given the score -d log f(z) / dz of
+    its standardised z (z itself for the normal)."""
+    inv_sigma = np.exp(-eta[1])
+    return [eta[2] - score * np.exp(x) * inv_sigma, 1 - score * z,
+            -distance + score * distance ** 2 * _exprel_slope(x) * inv_sigma]
+
+
 def _bccg_nll(y, eta):
     log_mu, log_sigma, nu = eta
     distance, x, z = _bccg_parts(y, eta)
-    inv_sigma = np.exp(-log_sigma)
     nll = -nu * distance + np.log(y) + log_sigma + 0.5 * z ** 2 + _LOG_2PI_HALF
-    grads = [nu - z * np.exp(x) * inv_sigma, 1 - z ** 2, -distance + z * distance ** 2 * _exprel_slope(x) * inv_sigma]
-    return nll, grads
+    return nll, _box_cox_grads(distance, x, z, z, eta)
 
 
 def _bccg_z(y, eta):
@@ -282,6 +315,103 @@ def _bccg_start(y, matrices):
     return [log_mu, log_sigma, np.zeros(len(y))]
 
 
+def _shash_parts(y, eta):
+    mu, log_sigma, epsilon, log_delta = eta
+    delta = np.exp(log_delta)
+    u = (y - mu) * np.exp(-log_sigma - log_delta)
+    return u, delta, delta * np.arcsinh(u) - epsilon
+
+
+def _log_cosh(s):
+    s = np.abs(s)
+    return s + np.log1p(np.exp(-2 * s)) - math.log(2)
+
+
+def _shash_nll(y, eta):
+    u, delta, s = _shash_parts(y, eta)
+    root = np.hypot(1, u)  # sqrt(1 + u^2) without overflow
+    sinh_s = np.sinh(s)
+    nll = eta[1] + _LOG_2PI_HALF - _log_cosh(s) + np.log(root) + 0.5 * sinh_s ** 2
+    score_s = sinh_s * np.cosh(s) - np.tanh(s)  # d nll / d s
+    score_u = score_s * delta / root + u / root ** 2  # d nll / d u
+    grads = [-score_u * np.exp(-eta[1] - eta[3]), 1 - score_u * u, -score_s,
+             -score_u * u + score_s * delta * np.arcsinh(u)]
+    return nll, grads
+
+
+def _shash_z(y, eta):
+    return np.sinh(_shash_parts(y, eta)[2])
+
+
+def _shash_quantile(z, eta):
+    mu, log_sigma, epsilon, log_delta = eta
+    delta = np.exp(log_delta)
+    return mu + np.exp(log_sigma) * delta * np.sinh((np.arcsinh(z) + epsilon) / delta)
+
+
+def _shash_start(y, matrices):
+    return [*_normal_start(y, matrices[:2]), np.zeros(len(y)), np.zeros(len(y))]
+
+
+# beyond this half of the t's degrees of freedom, log Gamma(x + 1/2) - log Gamma(x) - log(x) / 2 by its
+# asymptotic series (the difference of the log gammas loses the digits that the likelihood in tau needs)
+_T_SERIES_FROM = 100.0
+
+
+def _t_log_gamma_ratio(x):
+    """log Gamma(x + 1/2) - log Gamma(x) - log(x) / 2 and its derivative in x (both -> 0 as x -> inf)."""
+    x, scans = np.unique(x, return_inverse=True)  # tau is constant in age: one value, not one per scan
+    large = x > _T_SERIES_FROM
+    xs = np.where(large, _T_SERIES_FROM, x)  # the exact branch only where it is accurate
+    exact = special.gammaln(xs + 0.5) - special.gammaln(xs) - 0.5 * np.log(xs)
+    exact_slope = special.digamma(xs + 0.5) - special.digamma(xs) - 0.5 / xs
+    xl = np.where(large, x, _T_SERIES_FROM)
+    series = -1 / (8 * xl) + 1 / (192 * xl ** 3)
+    series_slope = 1 / (8 * xl ** 2) - 1 / (64 * xl ** 4)
+    return np.where(large, series, exact)[scans], np.where(large, series_slope, exact_slope)[scans]
+
+
+# tau beyond this is the BCCG's normal to the likelihood's digits (gamlss's dBCT switches to BCCG there too); the
+# cap stops the fit's slow drift towards infinite tau on data without heavy tails
+_BCT_LOG_MAX_DF = math.log(1e6)
+
+
+def _bct_df(log_tau):
+    return np.exp(np.minimum(log_tau, _BCT_LOG_MAX_DF))
+
+
+def _bct_nll(y, eta):
+    log_mu, log_sigma, nu, log_tau = eta
+    distance, x, z = _bccg_parts(y, eta[:3])
+    tau = _bct_df(log_tau)
+    w = z ** 2 / tau
+    ratio, ratio_slope = _t_log_gamma_ratio(tau / 2)
+    log_t = ratio - _LOG_2PI_HALF - 0.5 * (tau + 1) * np.log1p(w)  # log density of Student's t at z
+    nll = -nu * distance + np.log(y) + log_sigma - log_t
+    score = (tau + 1) * z / (tau + z ** 2)
+    by_log_tau = -0.5 * (tau * ratio_slope - tau * np.log1p(w) + (tau + 1) * w / (1 + w)) * (log_tau < _BCT_LOG_MAX_DF)
+    return nll, [*_box_cox_grads(distance, x, z, score, eta), by_log_tau]
+
+
+def _t_normal_score(t, df):
+    """Phi^-1(F_t(t; df)), from the log of the nearer tail so that both tails keep their digits."""
+    near = special.ndtri_exp(stats.t.logcdf(-np.abs(t), df))
+    return np.where(t < 0, near, -near)
+
+
+def _bct_z(y, eta):
+    return _t_normal_score(_bccg_z(y, eta[:3]), _bct_df(eta[3]))
+
+
+def _bct_quantile(z, eta):
+    near = special.stdtrit(_bct_df(eta[3]), special.ndtr(-np.abs(z)))  # the t quantile of Phi(z)
+    return _bccg_quantile(np.where(z < 0, near, -near), eta[:3])
+
+
+def _bct_start(y, matrices):
+    return [*_bccg_start(y, matrices[:3]), np.full(len(y), math.log(10.0))]  # gamlss's start, 10 df
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -295,6 +425,8 @@ class Family:
 FAMILIES = {
     NORMAL: Family(NORMAL, _normal_nll, _normal_z, _normal_quantile, _normal_start, positive=False),
     BCCG: Family(BCCG, _bccg_nll, _bccg_z, _bccg_quantile, _bccg_start, positive=True),
+    SHASH: Family(SHASH, _shash_nll, _shash_z, _shash_quantile, _shash_start, positive=False),
+    BCT: Family(BCT, _bct_nll, _bct_z, _bct_quantile, _bct_start, positive=True),
 }
 
 

@@ -399,7 +399,7 @@ def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coef
                     sex: str) -> tuple[pd.Series, dict[str, float]]:
     """The scans' ``measure`` adjusted to the chart's reference covariate values with the median's
     coefficients: value - coef_p50 * (covariate - reference), summed over the covariates of the chart's
-    model (those with a row in ``coefficients``); on a Box-Cox chart (method lms, family bccg, where the
+    model (those with a row in ``coefficients``); on a Box-Cox chart (method lms, family bccg or bct, where the
     covariate moves log mu: p50 empty, eta_mu given) value * exp(-eta_mu * (covariate - reference)). A covariate with a reference value but no coefficient was
     constant over the chart's scans (the chart holds for that value only): only scans with that value are
     kept, unadjusted. A covariate whose reference is NaN (not in the table) is ignored. Scans without a

@@ -308,6 +308,17 @@ def _longitudinal_sentence(config, longitudinal) -> str:
             f"slope of baseline age (P of the difference uncorrected).")
 
 
+CENTILE_FAMILY_NAMES = {"normal": "normal", "bccg": "Box-Cox Cole-Green (LMS)",
+                        "shash": "sinh-arcsinh (Jones and Pewsey)", "bct": "Box-Cox t"}
+
+
+def _centile_families(families: Sequence[str]) -> str:
+    """'a normal distribution', or 'a normal, ... or Box-Cox t distribution'."""
+    names = [CENTILE_FAMILY_NAMES[f] for f in families]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+    return f"a {listed} distribution"
+
+
 def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> str:
     if not normative.get("panels"):
         return ""
@@ -320,8 +331,9 @@ def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> s
     if normative.get("method") == "lms":
         lms = CentileSettings.from_config(normative)
         model = (f"Age-specific reference centiles (the {percentiles}){by_sex} were estimated from location-scale-"
-                 f"shape models{adjustment}: a normal or a Box-Cox Cole-Green (LMS) distribution whose location and "
-                 f"scale followed age on natural cubic splines (shape constant), the family and the splines' degrees "
+                 f"shape models{adjustment}: {_centile_families(lms.families)} whose location and "
+                 f"scale followed age on natural cubic splines (skewness and tails constant), the family and the "
+                 f"splines' degrees "
                  f"of freedom chosen by GAIC({lms.gaic_penalty:g}), fitted by maximum likelihood. Each chart was "
                  f"calibrated by {lms.folds}-fold cross-validation (the model chosen again in each fold) and refused "
                  f"where the held-out scans' share beyond |z| 1.96, or their mean or SD of z, left its "

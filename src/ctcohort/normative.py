@@ -94,7 +94,7 @@ DUALITY_GAP = 1e-8  # relative: an exact quantile fit's check loss and its dual 
 SEXES = ("M", "F")
 ALL = "all"
 NOT_CONVERGED = "not_converged"
-UNDEFINED_CENTILES = "undefined_centiles"  # lms: an outer centile beyond the fitted distribution's support
+UNDEFINED_CENTILES = "undefined_centiles"  # lms: an outer centile beyond the fitted (Box-Cox) distribution's support
 NOT_IN_STUDY = "not_in_study"  # a structure the measurement table does not have (a typo, another structure table)
 BELOW_CHART = "below_chart"
 ABOVE_CHART = "above_chart"
@@ -110,7 +110,7 @@ LMS = "lms"
 METHODS = (LMS, QUANTILE)
 # after note: how the chart was made and, for lms, the model's linear predictors at each age (covariates at the
 # reference) with which a scan is placed, and the chart's calibration on held-out scans
-METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu"]
+METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu", "eta_tau"]
 CALIBRATION_FIELDS = {"calibration_n": "calibration_n", "z_mean": "z_mean", "z_sd": "z_sd",
                       "beyond_1_96": "beyond_1.96", "calibration_failed": "calibration_failed"}
 CALIBRATION_COLUMNS = list(CALIBRATION_FIELDS)
@@ -420,7 +420,7 @@ class ChartFitter:
         return ""
 
     def _lms(self, key, frame, varying, reference, block) -> str:
-        from ctcohort.centiles import FAMILY_PARAMETERS, fit_centile_chart
+        from ctcohort.centiles import FAMILIES, FAMILY_PARAMETERS, fit_centile_chart
 
         named = frame[varying].rename(columns={c: self.present[int(c[1:])] for c in varying})
         chart = fit_centile_chart(frame["age"].to_numpy(), frame["y"].to_numpy(), named, self.centiles)
@@ -448,10 +448,11 @@ class ChartFitter:
                 **key, **row.to_dict(), **reference, "note": "", "method": LMS, "family": model.family,
                 "z_scale": model.z_scale, **{f"eta_{p}": float(v[i]) for p, v in parameters.items()}, **calibration})
         for name in named.columns:
-            # the covariate's shift of mu's linear predictor (mu itself for normal, log mu for bccg)
+            # the covariate's shift of mu's linear predictor (mu itself for normal and shash, log mu for the positive
+            # families bccg and bct)
             shift = float(model.predictors([model.age_range[0]], {name: 1.0})[0][0]
                           - model.predictors([model.age_range[0]], {name: 0.0})[0][0])
-            additive = shift if model.family == "normal" else np.nan
+            additive = np.nan if FAMILIES[model.family].positive else shift
             self.coefficient_rows.append({"structure": key["structure"], "measure": key["measure"],
                                           "sex": key["sex"], "covariate": name,
                                           **dict.fromkeys(self.names, additive), "eta_mu": shift})
