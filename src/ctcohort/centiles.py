@@ -391,9 +391,7 @@ class CentileModel:
 
     @property
     def new_site_sd(self) -> float:
-        """The SD a new site's intercept adds: tau sqrt(1 + 1 / sites), the population intercept's own error
-        from few sites included (as a new group's in a one-way random-effects model)."""
-        return self.site_sd * math.sqrt(1 + 1 / max(len(self.design.site_levels), 1))
+        return new_site_sd(self.site_sd, len(self.design.site_levels))
 
     def new_site(self, sites, n: int) -> np.ndarray:
         """Whether each scan comes from a site the chart's scans do not have (False without a site effect)."""
@@ -415,13 +413,8 @@ class CentileModel:
         """(z, note) of each value; see the module docstring (a scan of a new site: ``site_new``)."""
         value = np.atleast_1d(np.asarray(value, float))
         age = np.broadcast_to(np.asarray(age, float), value.shape)
-        eta = self.predictors(age, covariates, sites)
-        new = self.new_site(sites, len(value))
-        if new.any():
-            wide = widened_for_new_site(self.family, eta, self.new_site_sd)
-            eta = [np.where(new, w, e) for w, e in zip(wide, eta)]
-        z, note = z_from_predictors(self.family, value, eta, self.z_scale, z_limit)
-        note[new & (note == "")] = SITE_NEW
+        z, note = z_by_site(self.family, value, self.predictors(age, covariates, sites), self.new_site(sites, len(value)),
+                            self.new_site_sd, self.z_scale, z_limit)
         outside = ~self.inside(age)
         z[outside | ~np.isfinite(value)] = np.nan
         note[outside] = AGE_OUTSIDE_CHART
@@ -444,6 +437,23 @@ def z_from_predictors(family: str, value: np.ndarray, eta: Sequence[np.ndarray],
     clipped = np.isfinite(value) & (np.abs(raw) > z_limit)
     note[clipped & (note == "")] = Z_CLIPPED
     return np.clip(raw, -z_limit, z_limit), note
+
+
+def new_site_sd(site_sd: float, sites: int) -> float:
+    """The SD a new site's intercept adds: tau sqrt(1 + 1 / sites), the population intercept's own error
+    from few sites included (as a new group's in a one-way random-effects model)."""
+    return site_sd * math.sqrt(1 + 1 / max(sites, 1))
+
+
+def z_by_site(family: str, value: np.ndarray, eta: Sequence[np.ndarray], new: np.ndarray, new_site_sd: float,
+              z_scale: float = 1.0, z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """``z_from_predictors``, where the scans ``new`` (of a site the chart has not) are widened by the new site's
+    SD and noted ``site_new`` (module docstring, site)."""
+    if new.any():
+        eta = [np.where(new, w, e) for w, e in zip(widened_for_new_site(family, eta, new_site_sd), eta)]
+    z, note = z_from_predictors(family, value, eta, z_scale, z_limit)
+    note[new & (note == "")] = SITE_NEW
+    return z, note
 
 
 def widened_for_new_site(family: str, eta: Sequence[np.ndarray], site_sd: float) -> list[np.ndarray]:
