@@ -213,3 +213,16 @@ def test_a_random_site_intercept_is_recovered_and_widens_the_z_of_a_new_site():
     # a scan of a known site is placed with its BLUP and no note
     known_z, known_notes = model.z(y[:60], age[:60], sites="0")
     assert set(known_notes) == {""} and abs(np.mean(known_z)) < 0.3
+
+
+def test_a_site_intercept_on_the_log_median_of_a_box_cox_chart():
+    """bccg: the site moves log mu; a log-normal truth (nu = 0), where widening sigma by tau is exact."""
+    rng = np.random.default_rng(9)
+    offsets = stats.norm.ppf((np.arange(8) + 0.5) / 8)[[5, 2, 7, 0, 3, 6, 1, 4]]
+    age, scaled, site = site_draws(rng, offsets, 60)  # log y: a tenth of these (sigma 0.1, tau 0.1)
+    model = fit_model(BCCG, (1, 0, 0), age, np.exp(0.1 * scaled), sites=site.astype(str))
+    assert model.converged and model.site_sd == pytest.approx(0.1 * offsets.std(ddof=1), rel=0.15)
+    np.testing.assert_allclose([model.site_effects[str(i)] for i in range(8)], 0.1 * offsets, atol=0.03)
+    new_age, new_scaled, new_site = site_draws(rng, rng.normal(0, 1, 400), 5, (25, 80))
+    z, _ = model.z(np.exp(0.1 * new_scaled), new_age, sites=(new_site + 100).astype(str))
+    assert 0.035 < np.mean(np.abs(z) > 1.96) < 0.07

@@ -73,7 +73,9 @@ calibration (``calibrate``)
     k-fold (seeded) out-of-fold z of every scan of the chart: family and df are chosen again inside every
     training fold, so the calibration measures the whole procedure (the knots of a fold's splines are at the
     quantiles of its own ages, and a held-out scan outside the fold's ages is placed by the spline's linear
-    continuation: only here, never on a chart). Reported: mean and SD of z, the share of scans beyond
+    continuation: only here, never on a chart). With a site effect the folds are still of scans, so a held-out
+    scan's site is nearly always in its training fold: the calibration measures placement on the reference's
+    own sites (their BLUPs), not the widened z of a new site (tests/test_centiles.py checks that). Reported: mean and SD of z, the share of scans beyond
     |z| 1.96, below each lower and above each upper centile. The chart fails (``calibration_failed``) where
     the count beyond |z| 1.96 lies outside the two-sided ``calibration_level`` binomial interval around 5%,
     the SD of z outside the chi-square interval sqrt(chi2(n) / n), or the mean outside +-z / sqrt(n), each at
