@@ -141,7 +141,7 @@ def test_a_random_site_intercept_agrees_with_mgcv_reml(rscript, tmp_path):
     mine = np.column_stack([ours.centile(p, AGES) for p in centiles.DEFAULTS.percentiles])
     effects = np.array(list(ours.site_effects.values()))
     residual_sd = float(np.exp(ours.predictors(age)[1]).mean())
-    print("site SD ours, mgcv:", ours.site_sd, theirs[3, 0], "centiles (SD):", np.abs(mine - theirs[:3]).max() / sd.min(),
+    print("site SD ours, mgcv:", ours.site_sd, theirs[3, 0], "centiles (SD):", (np.abs(mine - theirs[:3]) / sd).max(),
           "BLUPs (SD):", np.abs(effects - theirs[4:, 0]).max() / residual_sd)
     assert ours.site_sd == pytest.approx(theirs[3, 0], rel=SITE_SD_TOLERANCE)
     assert np.abs(effects - theirs[4:, 0]).max() < SITE_EFFECT_TOLERANCE_SD * residual_sd

@@ -415,8 +415,8 @@ class CentileModel:
         """(z, note) of each value; see the module docstring (a scan of a new site: ``site_new``)."""
         value = np.atleast_1d(np.asarray(value, float))
         age = np.broadcast_to(np.asarray(age, float), value.shape)
-        z, note = z_by_site(self.family, value, self.predictors(age, covariates, sites), self.new_site(sites, len(value)),
-                            self.new_site_sd, self.z_scale, z_limit)
+        eta, new = self.predictors(age, covariates, sites), self.new_site(sites, len(value))
+        z, note = z_by_site(self.family, value, eta, new, self.new_site_sd, self.z_scale, z_limit)
         outside = ~self.inside(age)
         z[outside | ~np.isfinite(value)] = np.nan
         note[outside] = AGE_OUTSIDE_CHART
@@ -506,7 +506,8 @@ def _hessian(theta, y, matrices, family) -> np.ndarray:
         up, down = theta.copy(), theta.copy()
         up[j] += h
         down[j] -= h
-        columns.append(n * (_objective(up, y, matrices, family)[1] - _objective(down, y, matrices, family)[1]) / (2 * h))
+        difference = _objective(up, y, matrices, family)[1] - _objective(down, y, matrices, family)[1]
+        columns.append(n * difference / (2 * h))
     hessian = np.column_stack(columns)
     return (hessian + hessian.T) / 2
 

@@ -270,7 +270,8 @@ def text_dummies(values: pd.Series, min_scans: int = MIN_LEVEL_SCANS) -> tuple[s
     counts = values.value_counts()
     rare = sorted(counts.index[counts < min_scans]) if (counts >= min_scans).any() else []
     if rare:
-        log.info("covariate %s: levels %s (fewer than %d scans each) pooled into %r", values.name, rare, min_scans, OTHER)
+        log.info("covariate %s: levels %s (fewer than %d scans each) pooled into %r", values.name, rare, min_scans,
+                 OTHER)
     pooled = values.where(~values.isin(rare), OTHER)
     counts = pooled.value_counts()
     reference = min(counts.index, key=lambda level: (-counts[level], level))

@@ -27,7 +27,7 @@ fit = NormativeFit(*(pd.concat(list(tables), ignore_index=True) for tables in zi
 write_table(fit.charts, snakemake.output.charts)
 write_table(fit.coefficients, snakemake.output.coefficients)
 keys = ["structure", "measure", "sex"]
-write_table(fit.charts.drop_duplicates(keys)[[*keys, "n", "note", "method", "family", "site_sd", "sites", *CALIBRATION]],
-            snakemake.output.calibration)
+summary = [*keys, "n", "note", "method", "family", "site_sd", "sites", *CALIBRATION]
+write_table(fit.charts.drop_duplicates(keys)[summary], snakemake.output.calibration)
 # every measured scan (each patient's every scan), scored against charts it did not help fit
 write_table(centile_scores(fit, read_scans(snakemake.input.measurements)), snakemake.output.scores)
