@@ -266,3 +266,45 @@ def test_shash_and_bct_place_every_value_finitely_and_bct_refuses_centiles_outsi
     # a Box-Cox shape so strong that the 5th centile's t quantile lies below y = 0: no value (a refused chart)
     eta = [np.array([np.log(100.0)]), np.array([np.log(0.35)]), np.array([14.0]), np.array([np.log(5.0)])]
     assert np.isnan(centiles.FAMILIES[BCT].quantile(np.array([-1.645]), eta)).all()
+
+
+def site_draws(rng, offsets, scans_per_site, ages=(20, 85)):
+    """Scans of sites with the given intercepts on a normal chart (mean 10 + 0.05 age, SD 1)."""
+    site = np.repeat(np.arange(len(offsets)), scans_per_site)
+    age = rng.uniform(*ages, len(site))
+    return age, 10 + 0.05 * age + offsets[site] + rng.normal(0, 1, len(site)), site
+
+
+def test_a_random_site_intercept_is_recovered_and_widens_the_z_of_a_new_site():
+    rng = np.random.default_rng(8)
+    offsets = stats.norm.ppf((np.arange(8) + 0.5) / 8)[[3, 6, 0, 5, 1, 7, 2, 4]]  # tau about 1, mean 0
+    age, y, site = site_draws(rng, offsets, 60)
+    model = fit_model(NORMAL, (1, 0), age, y, sites=site.astype(str))
+    assert model.converged
+    # the estimate of tau is of the 8 drawn intercepts (their SD), the BLUPs of each, shrunk a little
+    assert model.site_sd == pytest.approx(offsets.std(ddof=1), rel=0.15)
+    effects = np.array([model.site_effects[str(i)] for i in range(8)])
+    np.testing.assert_allclose(effects, offsets - offsets.mean(), atol=0.3)
+    assert 6 < model.site_edf < 8 and model.n_parameters == pytest.approx(3 + model.site_edf)
+    # scans of 400 sites the chart has not seen: widened by tau, about 5% beyond 1.96; not widened, far more
+    new_age, new_y, new_site = site_draws(rng, rng.normal(0, 1, 400), 5, (25, 80))
+    z, notes = model.z(new_y, new_age, sites=(new_site + 100).astype(str))
+    assert set(notes) == {centiles.SITE_NEW}
+    assert 0.035 < np.mean(np.abs(z) > 1.96) < 0.07
+    assert np.mean(np.abs(model.z(new_y, new_age)[0]) > 1.96) > 0.12
+    # a scan of a known site is placed with its BLUP and no note
+    known_z, known_notes = model.z(y[:60], age[:60], sites="0")
+    assert set(known_notes) == {""} and abs(np.mean(known_z)) < 0.3
+
+
+def test_a_site_intercept_on_the_log_median_of_a_box_cox_chart():
+    """bccg: the site moves log mu; a log-normal truth (nu = 0), where widening sigma by tau is exact."""
+    rng = np.random.default_rng(9)
+    offsets = stats.norm.ppf((np.arange(8) + 0.5) / 8)[[5, 2, 7, 0, 3, 6, 1, 4]]
+    age, scaled, site = site_draws(rng, offsets, 60)  # log y: a tenth of these (sigma 0.1, tau 0.1)
+    model = fit_model(BCCG, (1, 0, 0), age, np.exp(0.1 * scaled), sites=site.astype(str))
+    assert model.converged and model.site_sd == pytest.approx(0.1 * offsets.std(ddof=1), rel=0.15)
+    np.testing.assert_allclose([model.site_effects[str(i)] for i in range(8)], 0.1 * offsets, atol=0.03)
+    new_age, new_scaled, new_site = site_draws(rng, rng.normal(0, 1, 400), 5, (25, 80))
+    z, _ = model.z(np.exp(0.1 * new_scaled), new_age, sites=(new_site + 100).astype(str))
+    assert 0.035 < np.mean(np.abs(z) > 1.96) < 0.07

@@ -114,3 +114,52 @@ def test_maximum_likelihood_fits_agree_with_r(rscript, tmp_path, truth, family, 
     difference = np.abs(mine - theirs) / TRUTHS[truth].sd(np.array(AGES))[:, None]
     print(model, "largest difference (SD):", difference.max())
     assert difference.max() < TOLERANCE_SD, difference.round(4)
+
+
+SITE_SCRIPT = r"""
+suppressPackageStartupMessages({library(splines); library(mgcv)})
+args <- commandArgs(trailingOnly = TRUE)
+data <- read.csv(args[1])
+data$site <- factor(data$site)
+knots <- as.numeric(strsplit(args[2], ",")[[1]])
+inner <- knots[-c(1, length(knots))]
+edge <- knots[c(1, length(knots))]
+basis <- function(a) ns(a, knots = inner, Boundary.knots = edge)
+fit <- gam(list(y ~ basis(age) + s(site, bs = "re"), ~ basis(age)), family = gaulss(b = 0), data = data,
+           method = "REML")
+new <- data.frame(age = c(30, 50, 70), site = data$site[1])
+fitted <- predict(fit, newdata = new, type = "response", exclude = "s(site)")  # mean and 1 / sd, site effect 0
+z <- qnorm(c(5, 25, 50, 75, 95) / 100)
+centiles <- sapply(z, function(q) fitted[, 1] + q / fitted[, 2])
+effects <- coef(fit)[grep("s(site)", names(coef(fit)), fixed = TRUE)]
+write.csv(rbind(cbind(centiles), c(gam.vcomp(fit)[1, 1], rep(NA, 4)), cbind(effects, NA, NA, NA, NA)),
+          args[3], row.names = FALSE)
+"""
+SITE_SD_TOLERANCE = 0.005  # relative: both maximise the same Laplace-approximate restricted likelihood
+SITE_EFFECT_TOLERANCE_SD = 0.002  # the BLUPs, in units of the residual SD
+
+
+def test_a_random_site_intercept_agrees_with_mgcv_reml(rscript, tmp_path):
+    rng = np.random.default_rng(21)
+    age, y = TRUTHS["normal"].draw(400, rng)
+    site = rng.integers(0, 8, len(y))
+    y = y + rng.normal(0, 0.6, 8)[site] * TRUTHS["normal"].sd(age)
+    labels = np.array([f"site{i}" for i in range(8)])[site]
+    ours = replace(centiles.fit_model(centiles.NORMAL, (DF, DF), age, y, sites=labels), small_sample_correction=False)
+    assert ours.converged
+    data, script, result = tmp_path / "data.csv", tmp_path / "fit.R", tmp_path / "result.csv"
+    pd.DataFrame({"age": age, "y": y, "site": labels}).to_csv(data, index=False)
+    script.write_text(SITE_SCRIPT)
+    done = subprocess.run([rscript, str(script), str(data), ",".join(f"{k:.17g}" for k in ours.design.knots[0]),
+                           str(result)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    theirs = pd.read_csv(result).to_numpy(float)
+    sd = TRUTHS["normal"].sd(np.array(AGES))[:, None]
+    mine = np.column_stack([ours.centile(p, AGES) for p in centiles.DEFAULTS.percentiles])
+    effects = np.array(list(ours.site_effects.values()))
+    residual_sd = float(np.exp(ours.predictors(age)[1]).mean())
+    print("site SD ours, mgcv:", ours.site_sd, theirs[3, 0], "centiles (SD):", (np.abs(mine - theirs[:3]) / sd).max(),
+          "BLUPs (SD):", np.abs(effects - theirs[4:, 0]).max() / residual_sd)
+    assert ours.site_sd == pytest.approx(theirs[3, 0], rel=SITE_SD_TOLERANCE)
+    assert np.abs(effects - theirs[4:, 0]).max() < SITE_EFFECT_TOLERANCE_SD * residual_sd
+    assert (np.abs(mine - theirs[:3]) / sd).max() < TOLERANCE_SD

@@ -76,6 +76,16 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
     assert "(the 5th, 25th, 50th, 75th and 95th) by sex" in text
 
 
+def test_methods_say_the_random_site_intercept(settings):
+    settings["normative"]["site"] = "scanner"
+    calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"], "sites": [6, 5, float("nan")]})
+    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, calibration=calibration))
+    assert "Gaussian random intercept for scanner" in text and "restricted likelihood" in text
+    assert "The charts had 5 and 6 scanner levels." in text
+    settings["normative"]["site"] = None
+    assert "random intercept" not in " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS))
+
+
 def test_methods_follow_the_configuration(settings):
     settings["statistics"].update(correction="fdr_bh", alpha=0.05, partial_covariates=[])
     settings["segmentation"]["method"] = "precomputed"

@@ -55,7 +55,8 @@ def test_charts_match_the_analytic_percentiles(fitted):
     intervals = [f"{c}_{end}" for c in COLUMNS for end in ("low", "high")]
     assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast",
                                     "note", *normative.METHOD_COLUMNS, *normative.CALIBRATION_COLUMNS, *intervals]
-    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS, "eta_mu"]
+    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS, "eta_mu", "levels",
+                                          "effect"]
     assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
     z = stats.norm.ppf(np.array(LEVELS) / 100)
     for sex in ("M", "F"):
@@ -316,9 +317,9 @@ def test_quantile_fits_reach_r_quantregs_minimum(n, tmp_path):
 
 
 def test_bad_arguments():
-    sample = noisy_sample().assign(kind="native")
-    with pytest.raises(ValueError, match="'kind'"):
-        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], covariates=("kind",))
+    sample = noisy_sample().assign(scanner="a")
+    with pytest.raises(ValueError, match="'scanner': a random site intercept needs method lms"):
+        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], site="scanner")
     for bad in ((5, 5, 50), (0, 50), (50, 100), (50, 25)):
         with pytest.raises(ValueError, match="percentiles"):
             normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], percentiles=bad)
@@ -365,7 +366,7 @@ def test_zscore_command(fitted, tmp_path, capsys):
     assert main([*common, "--age", "fifty", "--covariate", "contrast=1", "--out", str(out)]) == 1
     assert "--age must be a number" in capsys.readouterr().err
     assert main([*common, "--age", "50", "--covariate", "contrast", "--out", str(out)]) == 1
-    assert "NAME=NUMBER" in capsys.readouterr().err
+    assert "NAME=VALUE" in capsys.readouterr().err
     common[common.index("--measurements") + 1] = str(tmp_path / "absent.tsv")
     assert main([*common, "--age", "50", "--out", str(out)]) == 1
     assert "--measurements: no such file" in capsys.readouterr().err
@@ -514,3 +515,76 @@ def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
     fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False,
                                centiles=two_families)
     assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()
+
+
+SITE_OFFSETS = {"a": -150.0, "b": -60.0, "c": 0.0, "d": 40.0, "e": 70.0, "f": 100.0}
+MANUFACTURER_SHIFT = {"GE": 0.0, "SIEMENS": 80.0, "Toshiba": -200.0, "Philips": 0.0}
+
+
+def site_cohort(n: int, seed: int, sites=tuple(SITE_OFFSETS), manufacturers=("GE", "GE", "SIEMENS")) -> pd.DataFrame:
+    """Women of the analytic cohort on scanners with intercepts SITE_OFFSETS and manufacturers' shifts."""
+    rng = np.random.default_rng(seed)
+    cohort = analytic_cohort(n, seed).assign(sex="F", scanner=rng.choice(sites, n),
+                                            manufacturer=rng.choice(manufacturers, n))
+    shift = cohort["scanner"].map(SITE_OFFSETS).fillna(0) + cohort["manufacturer"].map(MANUFACTURER_SHIFT)
+    mean = A["F"] + B["F"] * cohort["age"] + DELTA * cohort["contrast"] + shift
+    return cohort.assign(volume_ml=mean + SD["F"] * rng.standard_normal(n))
+
+
+def test_text_dummies_pool_rare_levels_against_the_most_common():
+    values = pd.Series(["GE"] * 12 + ["SIEMENS"] * 20 + ["Toshiba"] * 3 + ["Philips"] * 2, name="manufacturer")
+    reference, dummies = normative.text_dummies(values, 10)
+    assert reference == "SIEMENS" and list(dummies) == ["manufacturer=GE", "manufacturer=other"]
+    column, held = dummies["manufacturer=other"]
+    assert held == "Philips|Toshiba" and column.sum() == 5 and dummies["manufacturer=GE"][0].sum() == 12
+
+
+def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
+    from ctcohort.centiles import CentileSettings
+
+    cohort = site_cohort(600, 31)
+    toshiba = cohort.index[:6]  # too few scans: pooled into other
+    cohort.loc[toshiba, "volume_ml"] += MANUFACTURER_SHIFT["Toshiba"] - cohort.loc[toshiba, "manufacturer"].map(
+        MANUFACTURER_SHIFT)
+    cohort.loc[toshiba, "manufacturer"] = "Toshiba"
+    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], covariates=["contrast", "manufacturer"],
+                               method="lms", site="scanner", by_sex=False,
+                               centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
+    charts, coefficients = fit.charts, fit.coefficients
+    assert (charts["note"] == "").all() and (charts["manufacturer"] == "GE").all()
+    assert (charts["site_column"] == "scanner").all() and (charts["sites"] == 6).all()
+    truth_sd = np.std(list(SITE_OFFSETS.values()), ddof=1)
+    assert 0.6 * truth_sd < charts["site_sd"].iloc[0] < 1.5 * truth_sd
+    rows = coefficients.set_index("covariate")
+    assert rows.loc["manufacturer=SIEMENS", "eta_mu"] == pytest.approx(80, abs=30)
+    assert rows.loc["manufacturer=other", "levels"] == "Toshiba"
+    effects = rows[rows["effect"] == "random"]
+    centred = np.array(list(SITE_OFFSETS.values())) - np.mean(list(SITE_OFFSETS.values()))
+    np.testing.assert_allclose(effects["eta_mu"].to_numpy(), centred, atol=30)  # 100 scans a site, SD 90
+    # placement after the tables' round trip
+    write_table(charts, tmp_path / "charts.tsv")
+    write_table(coefficients, tmp_path / "covariates.tsv")
+    charts, coefficients = read_table(tmp_path / "charts.tsv"), read_table(tmp_path / "covariates.tsv")
+    new = site_cohort(400, 32, sites=("a", "f", "new"), manufacturers=("GE", "SIEMENS", "Toshiba", "Philips"))
+    new = new[(new["age"] > 21) & (new["age"] < 84)]
+    placed = normative.place_cohort(charts, coefficients, new).set_index(new.index)
+    philips, unseen = new["manufacturer"] == "Philips", new["scanner"] == "new"
+    assert (placed.loc[philips, "note"] == "covariate_outside_chart").all() and placed.loc[philips, "z"].isna().all()
+    assert (placed.loc[~philips & unseen, "note"] == "site_new").all()
+    known = ~philips & ~unseen
+    assert set(placed.loc[known, "note"]) <= {""} and placed.loc[known, "z"].notna().all()
+    truth = (new["volume_ml"] - A["F"] - B["F"] * new["age"] - DELTA * new["contrast"]
+             - new["scanner"].map(SITE_OFFSETS) - new["manufacturer"].map(MANUFACTURER_SHIFT)) / SD["F"]
+    assert np.abs(placed.loc[known, "z"] - truth[known]).mean() < 0.25
+    # one scan: Toshiba (pooled into other) of scanner a; and of a new scanner: on the population curve, its
+    # normal score's scale widened from sigma to sqrt(sigma^2 + tau^2 (1 + 1 / 6 sites))
+    covariates = {"contrast": 0, "manufacturer": "GE", "scanner": "a"}
+    one = normative.place_on_charts(charts, coefficients, scan_table(liver=1000.0), 50, "all",
+                                    {**covariates, "manufacturer": "Toshiba"})
+    assert one.loc[0, "note"] == "" and np.isfinite(one.loc[0, "z"])
+    new_site = normative.place_on_charts(charts, coefficients, scan_table(liver=1000.0), 50, "all",
+                                         {**covariates, "scanner": "z"})
+    mu, log_sigma = (np.interp(50, charts["age"], charts[c]) for c in ("eta_mu", "eta_sigma"))
+    widened = np.hypot(np.exp(log_sigma), charts["site_sd"].iloc[0] * np.sqrt(7 / 6))
+    assert new_site.loc[0, "note"] == "site_new"
+    assert new_site.loc[0, "z"] == pytest.approx((1000 - mu) / widened / charts["z_scale"].iloc[0], rel=1e-9)

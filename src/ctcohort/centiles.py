@@ -29,10 +29,10 @@ model (``fit_model``)
     Each eta is an intercept plus an unpenalised natural cubic spline of age with ``df`` columns (df = 0: the
     parameter is constant in age; df = 1: linear; df >= 2: df - 1 interior knots at quantiles of age, the
     boundary knots at the youngest and oldest scan; the same space as R's ``splines::ns``), plus, for mu
-    only, the numeric covariates (contrast 0/1, sex 0/1, site dummies; a covariate constant over the chart is
-    left out). Fitted by maximum likelihood (scipy's L-BFGS-B with analytic gradients) on an orthonormalised
-    design, starting from least squares (normal; shash with epsilon 0 and delta 1) or a log-normal fit (bccg;
-    bct with 10 degrees of freedom, gamlss's start).
+    only, the numeric covariates (contrast 0/1, sex 0/1, a text column's dummies; a covariate constant over the
+    chart is left out) and a random site intercept where asked (below). Fitted by maximum likelihood (scipy's
+    L-BFGS-B with analytic gradients) on an orthonormalised design, starting from least squares (normal; shash
+    with epsilon 0 and delta 1) or a log-normal fit (bccg; bct with 10 degrees of freedom, gamlss's start).
 
 selection (``select_model``)
     Per family, forward stepwise over (df_mu, df_sigma[, df_nu[, df_tau]]) from (1, 1[, 0[, 0]]), mu and sigma
@@ -67,6 +67,25 @@ small-sample correction (``CentileModel.z_scale``)
     with 5 coefficients; measured, it takes the share beyond 1.96 at 120 scans from 6.4% to 5.7% (normal
     truth). The likelihood, the criteria and the comparison with R are of the uncorrected fit.
 
+site (``fit_model(..., sites=)``)
+    A random intercept on mu's linear predictor for a grouping column (site, scanner): mu's eta gains b_site,
+    b ~ N(0, tau^2) (on mu itself for normal, on log mu for bccg: each family's own mu link). For a given tau
+    the penalised likelihood, log-likelihood - sum b^2 / (2 tau^2), is maximised by the same optimiser and the
+    same generic objective as any fit (the penalty touches only the site coefficients, so every family has it).
+    tau maximises the Laplace approximation of the restricted likelihood, every coefficient integrated out
+    (fixed ones under a flat prior): -penalised nll - 0.5 log det(H + P) + log det(P)^(1/2), H the Hessian of
+    the nll (central differences of the analytic gradient), P the penalty; a bounded search over log tau
+    from the start's sigma e^-7 to e^1. That is mgcv's "REML" for its extended families (gaulss): on the same
+    splines the fits agree to 0.1% in tau (tests/test_centiles_r.py). GAIC counts the site effects by their
+    effective degrees of freedom, the trace of (H + P)^-1 H over the site block (0 at tau = 0, the number of
+    sites as tau grows), and uses the likelihood without the penalty. A scan of a site of the chart is placed
+    with its site's predicted effect (BLUP); a scan of a new site on the population curve (site effect 0),
+    noted ``site_new``, its z widened by the site variance: sigma_total = sqrt(sigma^2 + tau^2 (1 + 1 / sites))
+    (the 1 / sites: the population intercept's own error from few sites; with 8 sites and tau = sigma, 4.4%
+    of new sites' scans beyond |z| 1.96 against 16% unwidened). Exact for normal; for bccg the same widening
+    of sigma, exact at nu = 0 (log y normal) and near it otherwise; other families place no new site's scan.
+    The charts are the population's curves; the bootstrap keeps tau at the chart's.
+
 placing a scan (``CentileModel.z``)
     z = Phi^-1(F(y | age, covariates)) / z_scale: (y - mu) / sigma, or the Box-Cox or sinh-arcsinh z above.
     z is clipped to +-``z_limit`` (the tails of the model mean nothing beyond; noted ``z_clipped``); a
@@ -77,7 +96,9 @@ calibration (``calibrate``)
     k-fold (seeded) out-of-fold z of every scan of the chart: family and df are chosen again inside every
     training fold, so the calibration measures the whole procedure (the knots of a fold's splines are at the
     quantiles of its own ages, and a held-out scan outside the fold's ages is placed by the spline's linear
-    continuation: only here, never on a chart). Reported: mean and SD of z, the share of scans beyond
+    continuation: only here, never on a chart). With a site effect the folds are still of scans, so a held-out
+    scan's site is nearly always in its training fold: the calibration measures placement on the reference's
+    own sites (their BLUPs), not the widened z of a new site (tests/test_centiles.py checks that). Reported: mean and SD of z, the share of scans beyond
     |z| 1.96, below each lower and above each upper centile. The chart fails (``calibration_failed``) where
     the count beyond |z| 1.96 lies outside the two-sided ``calibration_level`` binomial interval around 5%,
     the SD of z outside the chi-square interval sqrt(chi2(n) / n), or the mean outside +-z / sqrt(n), each at
@@ -125,6 +146,9 @@ COVARIATE_MISSING = "covariate_missing"
 Z_CLIPPED = "z_clipped"
 BELOW_SUPPORT = "below_support"
 NO_VALUE = "no_value"
+SITE_NEW = "site_new"  # a scan from a site (scanner) the chart's reference has not: placed on the population curve
+# families whose z for a new site widens sigma by the site SD (module docstring, site); others place no such scan
+_SITE_WIDENED = (NORMAL, BCCG)
 _LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 
 
@@ -231,13 +255,33 @@ class Design:
             transforms.append(np.linalg.inv(r))
         return cls(knots, with_covariates, tuple(transforms))
 
-    def matrices(self, age: np.ndarray, covariates: np.ndarray) -> list[np.ndarray]:
-        return [_columns(age, k, covariates if w else None) @ t
-                for k, w, t in zip(self.knots, self.with_covariates, self.transforms)]
+    site_levels: tuple[str, ...] = ()  # the sites of the random intercept on mu (none: no random effect)
+
+    def matrices(self, age: np.ndarray, covariates: np.ndarray, sites=None) -> list[np.ndarray]:
+        """Each parameter's columns; with a random intercept, mu's end in one indicator column per site (not
+        orthonormalised: the penalty is on the site effects themselves). ``sites`` None: every site effect 0."""
+        matrices = [_columns(age, k, covariates if w else None) @ t
+                    for k, w, t in zip(self.knots, self.with_covariates, self.transforms)]
+        if self.site_levels:
+            matrices[0] = np.hstack([matrices[0], site_indicators(sites, self.site_levels, len(age))])
+        return matrices
+
+    def site_block(self) -> slice:
+        """Where the site effects lie among the coefficients (right after mu's fixed ones)."""
+        return slice(self.sizes[0], self.sizes[0] + len(self.site_levels))
 
     @property
     def sizes(self) -> list[int]:
+        """The fixed coefficients of each parameter."""
         return [t.shape[1] for t in self.transforms]
+
+
+def site_indicators(sites, levels: Sequence[str], n: int) -> np.ndarray:
+    """n x len(levels) 0/1 columns of each scan's site; a site not among ``levels`` (or None) has none."""
+    if sites is None:
+        return np.zeros((n, len(levels)))
+    sites = np.broadcast_to(np.asarray(sites, dtype=object).astype(str), (n,))
+    return (sites[:, None] == np.asarray(levels, dtype=object)[None, :]).astype(float)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,27 +492,46 @@ class CentileModel:
     log_likelihood: float
     converged: bool
     small_sample_correction: bool = True
+    site_sd: float = 0.0  # tau, the SD of the random site intercept on mu's linear predictor
+    site_edf: float = 0.0  # the site effects' effective degrees of freedom (module docstring, site)
 
     @property
-    def n_parameters(self) -> int:
-        return len(self.coefficients)
+    def n_parameters(self) -> float:
+        """The fixed coefficients plus the site effects' effective degrees of freedom."""
+        return len(self.coefficients) - len(self.design.site_levels) + self.site_edf
+
+    @property
+    def site_effects(self) -> dict[str, float]:
+        """Each site's predicted intercept on mu's linear predictor (BLUP)."""
+        return dict(zip(self.design.site_levels, self.coefficients[self.design.site_block()].tolist()))
 
     @property
     def z_scale(self) -> float:
         """The small-sample widening of z's scale (module docstring); 1 without the correction."""
         if not self.small_sample_correction:
             return 1.0
-        return math.sqrt((self.n + self.design.sizes[0]) / max(self.n - self.n_parameters, 1))
+        return math.sqrt((self.n + self.design.sizes[0]) / max(self.n - self.n_parameters, 1.0))
 
     def criterion(self, penalty: float | None = None) -> float:
         """GAIC(penalty); None: the BIC."""
         k = math.log(self.n) if penalty is None else penalty
         return -2 * self.log_likelihood + k * self.n_parameters
 
-    def predictors(self, age, covariates=None) -> list[np.ndarray]:
+    def predictors(self, age, covariates=None, sites=None) -> list[np.ndarray]:
+        """The linear predictors; ``sites`` None (or a site not in the chart): the population's (site effect 0)."""
         age = np.atleast_1d(np.asarray(age, float))
         values = _covariate_matrix(covariates, self.covariates, len(age))
-        return _split_predictors(self.design.matrices(age, values), self.coefficients)
+        return _split_predictors(self.design.matrices(age, values, sites), self.coefficients)
+
+    @property
+    def new_site_sd(self) -> float:
+        return new_site_sd(self.site_sd, len(self.design.site_levels))
+
+    def new_site(self, sites, n: int) -> np.ndarray:
+        """Whether each scan comes from a site the chart's scans do not have (False without a site effect)."""
+        if not self.design.site_levels or sites is None:
+            return np.zeros(n, bool)
+        return ~site_indicators(sites, self.design.site_levels, n).any(axis=1)
 
     def inside(self, age) -> np.ndarray:
         age = np.atleast_1d(np.asarray(age, float))
@@ -480,11 +543,12 @@ class CentileModel:
         values = FAMILIES[self.family].quantile(stats.norm.ppf(p / 100) * self.z_scale, eta)
         return np.where(self.inside(age), values, np.nan)
 
-    def z(self, value, age, covariates=None, z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-        """(z, note) of each value; see the module docstring."""
+    def z(self, value, age, covariates=None, z_limit: float = Z_LIMIT, sites=None) -> tuple[np.ndarray, np.ndarray]:
+        """(z, note) of each value; see the module docstring (a scan of a new site: ``site_new``)."""
         value = np.atleast_1d(np.asarray(value, float))
         age = np.broadcast_to(np.asarray(age, float), value.shape)
-        z, note = z_from_predictors(self.family, value, self.predictors(age, covariates), self.z_scale, z_limit)
+        eta, new = self.predictors(age, covariates, sites), self.new_site(sites, len(value))
+        z, note = z_by_site(self.family, value, eta, new, self.new_site_sd, self.z_scale, z_limit)
         outside = ~self.inside(age)
         z[outside | ~np.isfinite(value)] = np.nan
         note[outside] = AGE_OUTSIDE_CHART
@@ -509,6 +573,32 @@ def z_from_predictors(family: str, value: np.ndarray, eta: Sequence[np.ndarray],
     return np.clip(raw, -z_limit, z_limit), note
 
 
+def new_site_sd(site_sd: float, sites: int) -> float:
+    """The SD a new site's intercept adds: tau sqrt(1 + 1 / sites), the population intercept's own error
+    from few sites included (as a new group's in a one-way random-effects model)."""
+    return site_sd * math.sqrt(1 + 1 / max(sites, 1))
+
+
+def z_by_site(family: str, value: np.ndarray, eta: Sequence[np.ndarray], new: np.ndarray, new_site_sd: float,
+              z_scale: float = 1.0, z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """``z_from_predictors``, where the scans ``new`` (of a site the chart has not) are widened by the new site's
+    SD and noted ``site_new`` (module docstring, site)."""
+    if new.any():
+        eta = [np.where(new, w, e) for w, e in zip(widened_for_new_site(family, eta, new_site_sd), eta)]
+    z, note = z_from_predictors(family, value, eta, z_scale, z_limit)
+    note[new & (note == "")] = SITE_NEW
+    return z, note
+
+
+def widened_for_new_site(family: str, eta: Sequence[np.ndarray], site_sd: float) -> list[np.ndarray]:
+    """The linear predictors of a scan of an unseen site: sigma widened to sqrt(sigma^2 + tau^2) (module
+    docstring, site); NaN for a family without that rule."""
+    if family not in _SITE_WIDENED:
+        return [np.full_like(np.asarray(e, float), np.nan) for e in eta]
+    widened = 0.5 * np.logaddexp(2 * np.asarray(eta[1], float), 2 * math.log(site_sd)) if site_sd > 0 else eta[1]
+    return [eta[0], widened, *eta[2:]]
+
+
 def _covariate_matrix(covariates, names: Sequence[str], n: int) -> np.ndarray:
     """n x len(names) covariate values: a mapping or data frame by name; None: all 0 (the chart's reference)."""
     if covariates is None:
@@ -524,7 +614,9 @@ def _split_predictors(matrices, coefficients):
     return [m @ coefficients[a:b] for m, a, b in zip(matrices, bounds[:-1], bounds[1:])]
 
 
-def _objective(theta, y, matrices, family):
+def _objective(theta, y, matrices, family, precision=None):
+    """Mean negative log-likelihood and its gradient; ``precision`` (one per coefficient, 1 / tau^2 on the site
+    effects, 0 elsewhere) adds the random effects' ridge penalty sum b^2 / (2 tau^2)."""
     eta = _split_predictors(matrices, theta)
     with np.errstate(all="ignore"):  # the line search tries wild steps; those come back infinite
         nll, grads = family.nll(y, eta)
@@ -532,56 +624,124 @@ def _objective(theta, y, matrices, family):
     if not np.isfinite(total):
         return np.inf, np.zeros_like(theta)
     n = len(y)
-    return total / n, np.concatenate([m.T @ g for m, g in zip(matrices, grads)]) / n
+    gradient = np.concatenate([m.T @ g for m, g in zip(matrices, grads)])
+    if precision is not None:
+        total, gradient = total + 0.5 * precision @ theta ** 2, gradient + precision * theta
+    return total / n, gradient / n
+
+
+def _hessian(theta, y, matrices, family) -> np.ndarray:
+    """The negative log-likelihood's Hessian by central differences of its analytic gradient (any family)."""
+    n, steps = len(y), 1e-5 * np.maximum(np.abs(theta), 1.0)
+    columns = []
+    for j, h in enumerate(steps):
+        up, down = theta.copy(), theta.copy()
+        up[j] += h
+        down[j] -= h
+        difference = _objective(up, y, matrices, family)[1] - _objective(down, y, matrices, family)[1]
+        columns.append(n * difference / (2 * h))
+    hessian = np.column_stack(columns)
+    return (hessian + hessian.T) / 2
+
+
+def _penalised_fit(start, y, matrices, family, precision):
+    return optimize.minimize(_objective, start, args=(y, matrices, family, precision), jac=True, method="L-BFGS-B",
+                             options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
+
+
+def _site_fit(start, y, matrices, family, design: Design, site_sd: float | None):
+    """(optimiser result, tau, the site effects' edf): at the given tau, or at the tau that maximises the
+    Laplace-approximate restricted likelihood (module docstring, site)."""
+    block = design.site_block()
+
+    def precision_of(log_tau):
+        precision = np.zeros(len(start))
+        precision[block] = math.exp(-2 * log_tau)
+        return precision
+
+    def fit(log_tau):
+        result = _penalised_fit(state["theta"], y, matrices, family, precision_of(log_tau))
+        if np.isfinite(result.fun):
+            state["theta"] = result.x
+        return result
+
+    def negative_restricted(log_tau):
+        result = fit(log_tau)
+        precision = precision_of(log_tau)
+        sign, log_det = np.linalg.slogdet(_hessian(result.x, y, matrices, family) + np.diag(precision))
+        if not np.isfinite(result.fun) or sign <= 0:
+            return np.inf
+        return result.fun * len(y) + 0.5 * log_det - 0.5 * np.log(precision[block]).sum()
+
+    state = {"theta": start}
+    if site_sd is None:
+        scale = math.exp(float(np.mean(_split_predictors(matrices, start)[1])))  # sigma of the start, on mu's scale
+        bounds = (math.log(scale) - 7, math.log(scale) + 1)
+        site_sd = math.exp(optimize.minimize_scalar(negative_restricted, bounds=bounds, method="bounded",
+                                                    options={"xatol": 1e-3}).x)
+    result = fit(math.log(site_sd))
+    precision = precision_of(math.log(site_sd))
+    hessian = _hessian(result.x, y, matrices, family)
+    covariance = np.linalg.pinv(hessian + np.diag(precision))
+    edf = float(len(design.site_levels) - (np.diag(covariance)[block] * precision[block]).sum())
+    return result, site_sd, edf
 
 
 def fit_model(family: str, dfs: Sequence[int], age, y, covariates: np.ndarray | None = None,
               names: Sequence[str] = (), design: Design | None = None,
-              start: np.ndarray | None = None) -> CentileModel:
+              start: np.ndarray | None = None, sites=None, site_sd: float | None = None) -> CentileModel:
     """The maximum-likelihood fit of ``family`` with spline df ``dfs`` per parameter; ``design``: reuse one
-    (the bootstrap's refits keep the chart's knots), ``start``: coefficients to start from."""
+    (the bootstrap's refits keep the chart's knots), ``start``: coefficients to start from. ``sites``: each
+    scan's site, for a random intercept on mu (module docstring, site), its SD ``site_sd`` (None: estimated)."""
     age, y = np.asarray(age, float), np.asarray(y, float)
     covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
     chosen = FAMILIES[family]
     design = design or Design.for_data(age, covariates, dfs)
-    matrices = design.matrices(age, covariates)
+    if sites is not None and not design.site_levels:
+        design = replace(design, site_levels=tuple(sorted(set(np.asarray(sites, dtype=object).astype(str)))))
+    matrices = design.matrices(age, covariates, sites)
     if start is None:
-        # orthonormal columns: least squares is X^T eta / n
-        start = np.concatenate([m.T @ e / len(y) for m, e in zip(matrices, chosen.start(y, matrices))])
-    result = optimize.minimize(_objective, start, args=(y, matrices, chosen), jac=True, method="L-BFGS-B",
-                               options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
-    log_likelihood = -result.fun * len(y)
+        # orthonormal columns: least squares is X^T eta / n (the site effects start at 0: no site columns)
+        fixed = design.matrices(age, covariates)
+        start = np.concatenate([m.T @ e / len(y) for m, e in zip(fixed, chosen.start(y, fixed))])
+    edf = 0.0
+    if design.site_levels:
+        result, site_sd, edf = _site_fit(start, y, matrices, chosen, design, site_sd)
+    else:
+        result, site_sd = _penalised_fit(start, y, matrices, chosen, None), 0.0
+    # the likelihood of the fit itself, without the penalty (GAIC counts the site effects by their edf)
+    log_likelihood = -_objective(result.x, y, matrices, chosen)[0] * len(y)
     converged = bool(np.isfinite(result.fun) and np.abs(result.jac).max() < 1e-4)
     return CentileModel(family, tuple(dfs), tuple(names), design, result.x, (float(age.min()), float(age.max())),
-                        len(y), float(log_likelihood), converged)
+                        len(y), float(log_likelihood), converged, site_sd=float(site_sd), site_edf=edf)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------------------------------------
 
-def _try_fit(family, dfs, age, y, covariates, names):
+def _try_fit(family, dfs, age, y, covariates, names, sites=None):
     if any(df and np.unique(age).size < df + 2 for df in dfs):
         return None
     try:
-        model = fit_model(family, dfs, age, y, covariates, names)
+        model = fit_model(family, dfs, age, y, covariates, names, sites=sites)
     except np.linalg.LinAlgError:
         return None
     return model if model.converged else None
 
 
-def select_family_model(family: str, age, y, covariates, names, settings: CentileSettings = DEFAULTS):
+def select_family_model(family: str, age, y, covariates, names, settings: CentileSettings = DEFAULTS, sites=None):
     """Forward stepwise in df (module docstring): (best model or None, the criteria of every model tried)."""
     limits = settings.max_dfs(family, len(y))
     dfs = tuple(min(limit, 1) for limit in limits)
-    best = _try_fit(family, dfs, age, y, covariates, names)
+    best = _try_fit(family, dfs, age, y, covariates, names, sites)
     tried = [(family, dfs, best)]
     while best is not None:
         candidates = []
         for i, limit in enumerate(limits):
             if dfs[i] < limit:
                 bigger = tuple(d + (j == i) for j, d in enumerate(dfs))
-                model = _try_fit(family, bigger, age, y, covariates, names)
+                model = _try_fit(family, bigger, age, y, covariates, names, sites)
                 tried.append((family, bigger, model))
                 if model is not None:
                     candidates.append(model)
@@ -593,7 +753,7 @@ def select_family_model(family: str, age, y, covariates, names, settings: Centil
     return best, tried
 
 
-def select_model(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS):
+def select_model(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS, sites=None):
     """(the chart's model or None, a table of every model tried: family, dfs, log_likelihood, parameters,
     criterion, chosen)."""
     age, y = np.asarray(age, float), np.asarray(y, float)
@@ -601,7 +761,7 @@ def select_model(age, y, covariates=None, names=(), settings: CentileSettings = 
     families = [f for f in settings.families if not FAMILIES[f].positive or (y > 0).all()]
     best, rows = None, []
     for family in families:
-        model, tried = select_family_model(family, age, y, covariates, names, settings)
+        model, tried = select_family_model(family, age, y, covariates, names, settings, sites)
         rows += tried
         if model is not None and (best is None or model.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)):
             best = model
@@ -617,8 +777,10 @@ def select_model(age, y, covariates=None, names=(), settings: CentileSettings = 
 # Calibration
 # ---------------------------------------------------------------------------------------------------------
 
-def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS) -> np.ndarray:
-    """The z of every scan from the model selected and fitted without its fold (NaN where no fit converged)."""
+def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS, sites=None) -> np.ndarray:
+    """The z of every scan from the model selected and fitted without its fold (NaN where no fit converged).
+    The folds are of scans, not sites: a held-out scan's site is nearly always in its training fold, so with a
+    site effect this measures placement on a known site (its BLUP), not the widened z of a new site."""
     age, y = np.asarray(age, float), np.asarray(y, float)
     covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
     rng = np.random.default_rng(settings.seed)
@@ -626,13 +788,14 @@ def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings =
     z = np.full(len(y), np.nan)
     for k in range(settings.folds):
         held = fold == k
-        model, _ = select_model(age[~held], y[~held], covariates[~held], names, settings)
+        model, _ = select_model(age[~held], y[~held], covariates[~held], names, settings,
+                                None if sites is None else sites[~held])
         if model is None:
             continue
         # the held-out scans are placed even a little outside the fold's ages (spline continued linearly)
-        eta = model.predictors(age[held], covariates[held])
-        raw = FAMILIES[model.family].z(y[held], eta) / model.z_scale
-        z[held] = np.clip(np.where(np.isnan(raw), -np.inf, raw), -settings.z_limit, settings.z_limit)
+        model = replace(model, age_range=(-np.inf, np.inf))
+        z[held] = model.z(y[held], age[held], covariates[held], settings.z_limit,
+                          None if sites is None else sites[held])[0]
     return z
 
 
@@ -665,9 +828,10 @@ def calibration_fails(z: np.ndarray, level: float) -> bool:
     return bool(not low <= beyond <= high or not sd_low <= sd <= sd_high or abs(z.mean()) > mean_limit)
 
 
-def calibrate(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS) -> tuple[dict, np.ndarray]:
+def calibrate(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS,
+              sites=None) -> tuple[dict, np.ndarray]:
     """(calibration_summary of the out-of-fold z, the z)."""
-    z = out_of_fold_z(age, y, covariates, names, settings)
+    z = out_of_fold_z(age, y, covariates, names, settings, sites)
     return calibration_summary(z, settings), z
 
 
@@ -713,9 +877,9 @@ def centile_curves(model: CentileModel, ages, percentiles) -> np.ndarray:
 
 
 def bootstrap_centiles(model: CentileModel, age, y, covariates=None, ages=None,
-                       settings: CentileSettings = DEFAULTS) -> tuple[np.ndarray, np.ndarray]:
+                       settings: CentileSettings = DEFAULTS, sites=None) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) percentile-interval bounds (len(ages) x len(percentiles)) of the centile curves over
-    ``bootstrap_resamples`` seeded resamples; NaN where there are none."""
+    ``bootstrap_resamples`` seeded resamples (the site SD kept at the chart's); NaN where there are none."""
     age, y = np.asarray(age, float), np.asarray(y, float)
     covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
     ages = age_grid(*model.age_range, settings.age_step) if ages is None else np.asarray(ages, float)
@@ -724,7 +888,8 @@ def bootstrap_centiles(model: CentileModel, age, y, covariates=None, ages=None,
     for _ in range(settings.bootstrap_resamples):
         pick = rng.integers(0, len(y), len(y))
         refit = fit_model(model.family, model.dfs, age[pick], y[pick], covariates[pick], model.covariates,
-                          design=model.design, start=model.coefficients)
+                          design=model.design, start=model.coefficients,
+                          sites=None if sites is None else np.asarray(sites)[pick], site_sd=model.site_sd)
         if refit.converged:
             # the curves of the chart's ages, even where a resample misses the youngest or oldest scan
             draws.append(centile_curves(replace(refit, age_range=model.age_range), ages, settings.percentiles))
@@ -757,10 +922,10 @@ class CentileChart:
                 "criterion_name": "BIC" if self.settings.gaic_penalty is None else f"GAIC({self.settings.gaic_penalty:g})",
                 **self.calibration}
 
-    def curves(self, age, y, covariates=None, with_intervals: bool = True) -> pd.DataFrame:
+    def curves(self, age, y, covariates=None, with_intervals: bool = True, sites=None) -> pd.DataFrame:
         """The drawn chart: age grid over the fitted ages, one column per centile (p5, ...), with the bootstrap
-        bounds p5_low, p5_high, ... (refit from the chart's data ``age``, ``y``, ``covariates``). Refused
-        charts: no rows."""
+        bounds p5_low, p5_high, ... (refit from the chart's data ``age``, ``y``, ``covariates``, ``sites``); the
+        population's curves (site effect 0). Refused charts: no rows."""
         names = [f"p{p:g}" for p in self.settings.percentiles]
         if self.model is None:
             return pd.DataFrame(columns=["age", *names])
@@ -769,17 +934,17 @@ class CentileChart:
         table.insert(0, "age", ages)
         if with_intervals and self.settings.bootstrap_resamples:
             values = covariates[list(self.model.covariates)].to_numpy(float) if self.model.covariates else None
-            low, high = bootstrap_centiles(self.model, age, y, values, ages, self.settings)
+            low, high = bootstrap_centiles(self.model, age, y, values, ages, self.settings, sites)
             for i, name in enumerate(names):
                 table[f"{name}_low"], table[f"{name}_high"] = low[:, i], high[:, i]
         return table
 
-    def place(self, value, age, covariates=None) -> tuple[np.ndarray, np.ndarray]:
+    def place(self, value, age, covariates=None, sites=None) -> tuple[np.ndarray, np.ndarray]:
         """(z, note) of new scans; refused charts: z NaN, the chart's note."""
         value = np.atleast_1d(np.asarray(value, float))
         if self.model is None:
             return np.full(value.shape, np.nan), np.full(value.shape, self.note, dtype=object)
-        return self.model.z(value, age, covariates, self.settings.z_limit)
+        return self.model.z(value, age, covariates, self.settings.z_limit, sites)
 
 
 def _varying(covariates: pd.DataFrame | None) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -790,20 +955,23 @@ def _varying(covariates: pd.DataFrame | None) -> tuple[np.ndarray, tuple[str, ..
 
 
 def fit_centile_chart(age, y, covariates: pd.DataFrame | None = None,
-                      settings: CentileSettings = DEFAULTS, calibrated: bool = True) -> CentileChart:
+                      settings: CentileSettings = DEFAULTS, calibrated: bool = True, sites=None) -> CentileChart:
     """Select, fit and calibrate one chart from complete cases (finite age, y and covariates), or refuse it
-    with a note (module docstring). ``calibrated=False`` skips the k-fold check (and its refusal)."""
+    with a note (module docstring). ``calibrated=False`` skips the k-fold check (and its refusal). ``sites``:
+    each scan's site, for a random intercept on mu (None: none)."""
     age, y = np.asarray(age, float), np.asarray(y, float)
+    sites = None if sites is None else np.asarray(sites, dtype=object).astype(str)
     covariate_values, names = _varying(covariates)
     n = len(y)
     if n < settings.min_scans:
         return CentileChart(None, TOO_FEW_SCANS, n, settings=settings)
     if np.ptp(age) == 0 or np.ptp(y) == 0:
         return CentileChart(None, CONSTANT, n, settings=settings)
-    model, selection = select_model(age, y, covariate_values, names, settings)
+    model, selection = select_model(age, y, covariate_values, names, settings, sites)
     if model is None:
         return CentileChart(None, NOT_CONVERGED, n, selection, settings=settings)
-    calibration, held_out = calibrate(age, y, covariate_values, names, settings) if calibrated else ({}, None)
+    calibration, held_out = (calibrate(age, y, covariate_values, names, settings, sites) if calibrated
+                             else ({}, None))
     if calibration.get(CALIBRATION_FAILED):
         return CentileChart(None, CALIBRATION_FAILED, n, selection, calibration, settings, held_out)
     return CentileChart(model, "", n, selection, calibration, settings, held_out)

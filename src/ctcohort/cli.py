@@ -245,16 +245,17 @@ def _import_ct_arguments(i: argparse.ArgumentParser) -> None:
     i.set_defaults(run=_import_ct)
 
 
-def _covariate_values(pairs: list[str]) -> dict[str, float]:
+def _covariate_values(pairs: list[str]) -> dict[str, float | str]:
+    """{name: number, or text for a text covariate or the site} of NAME=VALUE pairs."""
     values = {}
     for pair in pairs:
-        name, _, value = pair.partition("=")
+        name, equals, value = pair.partition("=")
+        if not name.strip() or not equals or not value.strip():
+            raise ValueError(f"--covariate takes NAME=VALUE, got {pair!r}")
         try:
             values[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--covariate takes NAME=NUMBER, got {pair!r}") from None
-        if not name.strip():
-            raise ValueError(f"--covariate takes NAME=NUMBER, got {pair!r}")
+            values[name.strip()] = value.strip()
     return values
 
 
@@ -312,7 +313,7 @@ def _zscore_arguments(z: argparse.ArgumentParser) -> None:
     z.add_argument("--age", help="the subject's age at the scan, in years (one scan); leave out for a cohort table")
     z.add_argument("--sex", help="M or F (charts by sex); not needed where the charts are over every scan")
     z.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
-                   help="a covariate of the scan, e.g. contrast=1 (repeat for several)")
+                   help="a covariate of the scan, e.g. contrast=1, manufacturer=GE, or its site (repeat for several)")
     z.add_argument("-o", "--out", help="output TSV (default: standard output)")
     z.set_defaults(run=_zscore)
 

@@ -339,7 +339,7 @@ def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> s
                  f"where the held-out scans' share beyond |z| 1.96, or their mean or SD of z, left its "
                  f"{100 * lms.calibration_level:g}% interval; charts were not extrapolated in age, z was bounded "
                  f"at {lms.z_limit:g}, and the curves' {100 * lms.bootstrap_level:g}% bands came from "
-                 f"{lms.bootstrap_resamples} bootstrap resamples.")
+                 f"{lms.bootstrap_resamples} bootstrap resamples.{_site_sentence(normative, calibration)}")
     else:
         model = (f"Age-specific reference percentiles (the {percentiles}){by_sex} were estimated by linear quantile "
                  f"regression on a natural cubic spline in age ({normative['spline_df']} degrees of freedom)"
@@ -352,6 +352,21 @@ def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> s
         sentence += (f" {len(drawn)} of {len(calibration)} charts were drawn"
                      + (f", from {int(drawn['n'].min()):,} to {int(drawn['n'].max()):,} patients each." if len(drawn)
                         else "."))
+    return sentence
+
+
+def _site_sentence(normative: Mapping, calibration: pd.DataFrame | None) -> str:
+    """The random site intercept of the lms charts, where normative.site names one."""
+    site = normative.get("site")
+    if not site:
+        return ""
+    sentence = (f" Each chart's location had a Gaussian random intercept for {site}, estimated jointly by penalised "
+                f"maximum likelihood, its SD by the Laplace-approximate restricted likelihood (as mgcv's REML) and "
+                f"counted in GAIC by its effective degrees of freedom; the charts show the population curves, and a "
+                f"scan of a {site} outside the reference was placed on them with z widened by the {site} SD.")
+    counts = calibration["sites"].dropna() if calibration is not None and "sites" in calibration else pd.Series([])
+    if len(counts):
+        sentence += f" The charts had {_listing(sorted({f'{int(c)}' for c in counts}, key=int))} {site} levels."
     return sentence
 
 

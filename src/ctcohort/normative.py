@@ -4,9 +4,16 @@ charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
     One chart per structure x measure x sex: sexes M and F where ``by_sex`` and the table has a sex column
     (a scan whose sex is missing or neither M nor F is in no chart), else one chart ``all`` over every scan.
     A chart is fitted on exactly the n scans with a finite age, a finite measure and every covariate present
-    (complete cases). Covariates must be numeric columns (contrast 0/1); one not in the table is left out
-    with a warning, and one that is constant over a chart's scans is left out of that chart's model (the
+    (complete cases). A numeric covariate (contrast 0/1, kVp) enters as itself; a text one (manufacturer,
+    kernel_class) as treatment dummies against its most common level in the chart, its levels of fewer than
+    MIN_LEVEL_SCANS (10) scans pooled into ``other`` (logged; ``text_dummies``). One not in the table is left
+    out with a warning, and one that is constant over a chart's scans is left out of that chart's model (the
     chart then holds for that value only).
+
+    Site (``site``, normative.site; method lms only): a column (site, scanner) whose values get a random
+    intercept on the location (``ctcohort.centiles``, module docstring, site: tau by the Laplace-approximate
+    restricted likelihood, as mgcv's REML). The charts are the population's curves (site effect 0); the
+    charts table holds site_column, site_sd (tau, on mu's link) and sites (their number).
 
     Model: linear quantile regression (one fit per percentile p at q = p / 100) of the measure on a natural
     cubic regression spline of age plus the covariates, ``y ~ cr(age, df=spline_df, constraints="center") +
@@ -32,7 +39,7 @@ charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
     covariate holding the value the curves are drawn at: 0 where the covariate varies and enters the model
     (the curves are those of a scan with the covariate 0, e.g. native), the constant value where it is
     constant over the chart's scans, NaN where it is not in the table (or the chart is not fitted); then
-    note. Ages: from the chart's youngest to its oldest scan in steps of age_step, both ends included (the
+    note (a text covariate: its reference level). Ages: from the chart's youngest to its oldest scan in steps of age_step, both ends included (the
     last step may be shorter). A chart that is not fitted has one row, age and percentiles NaN, and a
     note: ``not_in_study`` (the table has no such structure), ``too_few_scans`` (n < min_n, n < the
     model's parameters + 2, or fewer distinct ages than spline_df + 2), ``constant`` (age or the measure takes one value) or ``not_converged``. Fitted rows:
@@ -40,8 +47,11 @@ charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
 
 coefficients (results/stats/normative_covariates.tsv)
     structure, measure, sex, covariate and one column per percentile: the quantile regression coefficient
-    of the covariate, i.e. the additive shift of that percentile per unit of the covariate. One row per
-    covariate that entered a chart's model.
+    of the covariate, i.e. the additive shift of that percentile per unit of the covariate (lms: of mu's
+    linear predictor, in eta_mu, and in the percentiles for the normal family). One row per covariate that
+    entered a chart's model, and per dummy of a text covariate (covariate ``name=level``; levels: the levels
+    it stands for, ``a|b`` for other); effect ``fixed``. With a site: one row per site, covariate
+    ``column=site``, eta_mu its predicted intercept (BLUP), effect ``random``.
 
 placement (``place_on_charts``)
     For every structure of the scan x every charted measure in its columns: the percentile curves at the
@@ -63,8 +73,11 @@ placement (``place_on_charts``)
     in order of precedence: ``no_chart`` (no fitted chart for this structure, measure and sex),
     ``no_value`` (the measure is NaN), ``age_outside_chart`` (outside the chart's ages),
     ``covariate_missing`` (a covariate of the chart's model was not given), ``covariate_outside_chart``
-    (a covariate constant over the chart's scans was given with another value); with any of these,
-    percentile and z are NaN. Otherwise "", ``below_chart`` or ``above_chart``. A charted combined
+    (a covariate constant over the chart's scans was given with another value, or a text covariate's level
+    that the chart's scans do not have); with any of these, percentile and z are NaN. Otherwise "",
+    ``below_chart`` or ``above_chart``; on a chart with a site: a scan of one of its sites is placed with
+    that site's intercept, one of another site (or without a site) on the population curve with its z
+    widened by the site SD, noted ``site_new``. A charted combined
     structure that the scan's table lacks is made from its members first (``with_combined_structures``).
 
 The tables are written with ``ctcohort.stats.write_table`` (NaN as "NaN") and read back with
@@ -104,13 +117,19 @@ NO_CHART = "no_chart"
 NO_VALUE = "no_value"
 COVARIATE_MISSING = "covariate_missing"
 COVARIATE_OUTSIDE_CHART = "covariate_outside_chart"
+# a text covariate's levels held by fewer scans of a chart than this are pooled into OTHER: a dummy of a handful
+# of scans would be an estimate of those scans, not of their manufacturer or kernel
+MIN_LEVEL_SCANS = 10
+OTHER = "other"
+FIXED, RANDOM = "fixed", "random"  # a coefficient row's effect: a covariate's (dummy's) shift, or a site's BLUP
 LEADING_COLUMNS = ["structure", "group", "members", "measure", "sex", "n", "age"]
 QUANTILE = "quantile"
 LMS = "lms"
 METHODS = (LMS, QUANTILE)
 # after note: how the chart was made and, for lms, the model's linear predictors at each age (covariates at the
 # reference) with which a scan is placed, and the chart's calibration on held-out scans
-METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu", "eta_tau"]
+METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu", "eta_tau", "site_column", "site_sd",
+                  "sites"]
 CALIBRATION_FIELDS = {"calibration_n": "calibration_n", "z_mean": "z_mean", "z_sd": "z_sd",
                       "beyond_1_96": "beyond_1.96", "calibration_failed": "calibration_failed"}
 CALIBRATION_COLUMNS = list(CALIBRATION_FIELDS)
@@ -131,7 +150,8 @@ def chart_columns(percentiles=PERCENTILES, covariates=COVARIATES) -> list[str]:
 
 
 def coefficient_columns(percentiles=PERCENTILES) -> list[str]:
-    return ["structure", "measure", "sex", "covariate", *(percentile_column(p) for p in percentiles)]
+    return ["structure", "measure", "sex", "covariate", *(percentile_column(p) for p in percentiles), "eta_mu",
+            "levels", "effect"]
 
 
 def _check_percentiles(percentiles) -> tuple[float, ...]:
@@ -244,13 +264,21 @@ def reference_scans(measurements: pd.DataFrame, reference: str = "", qc: pd.Data
     return selected[~drop.to_numpy()]
 
 
-def _numeric_covariates(measurements: pd.DataFrame, covariates) -> list[str]:
-    present = present_columns(measurements, covariates)
-    for name in present:
-        if not pd.api.types.is_numeric_dtype(measurements[name]):
-            raise ValueError(f"covariate {name!r} is not a numeric column (dtype {measurements[name].dtype}): covariates "
-                             "enter the charts as numbers (contrast 0/1); each sex has charts of its own (by_sex)")
-    return present
+def text_dummies(values: pd.Series, min_scans: int = MIN_LEVEL_SCANS) -> tuple[str, dict[str, tuple[np.ndarray, str]]]:
+    """(reference level, {"name=level": (its 0/1 column, the levels it stands for joined by "|")}) of a text
+    covariate ``values`` (named name): treatment dummies against the most common level (ties: the first in
+    sorted order); levels of fewer than ``min_scans`` scans pooled into ``other`` (unless every level is)."""
+    counts = values.value_counts()
+    rare = sorted(counts.index[counts < min_scans]) if (counts >= min_scans).any() else []
+    if rare:
+        log.info("covariate %s: levels %s (fewer than %d scans each) pooled into %r", values.name, rare, min_scans,
+                 OTHER)
+    pooled = values.where(~values.isin(rare), OTHER)
+    counts = pooled.value_counts()
+    reference = min(counts.index, key=lambda level: (-counts[level], level))
+    members = {level: "|".join(rare) if level == OTHER and rare else level for level in counts.index}
+    return reference, {f"{values.name}={level}": ((pooled == level).to_numpy(float), members[level])
+                       for level in sorted(counts.index) if level != reference}
 
 
 class NormativeFit(NamedTuple):
@@ -273,6 +301,7 @@ def fit_charts(
     measurements: pd.DataFrame, structures, measures, percentiles=PERCENTILES, covariates=COVARIATES,
     by_sex: bool = True, spline_df: int = SPLINE_DF, min_n: int = MIN_N, age_step: float = AGE_STEP,
     combined: Mapping[str, Sequence[str]] | None = None, method: str = QUANTILE, centiles=None,
+    site: str | None = None,
 ) -> NormativeFit:
     """The charts (``chart_columns(percentiles, covariates)`` and, after note, METHOD_COLUMNS), their covariate
     coefficients (``coefficient_columns(percentiles)``) and, for method lms, each charted scan's out-of-fold z;
@@ -280,7 +309,8 @@ def fit_charts(
     the table, in table order); one not in the table gets one not_in_study row with n 0 (and a warning).
     ``combined``: the study's combined structures (statistics.combined); a charted one carries its members in
     ``members``, so that a new scan's own combination can be made. ``centiles``: the lms method's
-    ``centiles.CentileSettings`` (its percentiles, age step and least scans are these arguments')."""
+    ``centiles.CentileSettings`` (its percentiles, age step and least scans are these arguments'). ``site``: a
+    column whose values get a random intercept on the location (method lms; None: none)."""
     levels = _check_percentiles(percentiles)
     _check_integer("min_n", min_n, 5)
     _check_integer("spline_df", spline_df, 2)
@@ -293,7 +323,10 @@ def fit_charts(
     if missing:
         raise ValueError(f"the measurement table has no column {', '.join(missing)}")
     covariates = list(covariates)
-    present = _numeric_covariates(measurements, covariates)
+    present = present_columns(measurements, covariates)
+    if site and method != LMS:
+        raise ValueError(f"normative.site {site!r}: a random site intercept needs method {LMS}")
+    site = (present_columns(measurements, [site], "normative.site") or [None])[0] if site else None
     if by_sex and "sex" not in measurements.columns:
         log.warning("no sex column: one chart over every scan (sex %s)", ALL)
     sexes = SEXES if by_sex and "sex" in measurements.columns else (ALL,)
@@ -306,7 +339,7 @@ def fit_charts(
     if unknown:
         log.warning("no such structure in the measurement table: %s (charts noted %s)", unknown, NOT_IN_STUDY)
     fitter = ChartFitter(levels, present, covariates, spline_df, min_n, float(age_step), method,
-                         _centile_settings(centiles, levels, min_n, float(age_step)) if method == LMS else None)
+                         _centile_settings(centiles, levels, min_n, float(age_step)) if method == LMS else None, site)
     for structure in structures:
         in_structure = (measurements["structure"] == structure).to_numpy()
         structure_group = group[in_structure].iloc[0] if in_structure.any() else ""
@@ -318,8 +351,9 @@ def fit_charts(
                 fitter.fit(key, block, measure, in_structure.any())
     charts = pd.DataFrame(fitter.chart_rows, columns=[*chart_columns(levels, covariates), *fitter.extra_columns])
     # text: "" where the method has none, as read_table reads it
-    charts["family"] = charts["family"].astype(object).where(charts["family"].notna(), "")
-    coefficients = pd.DataFrame(fitter.coefficient_rows, columns=[*coefficient_columns(levels), "eta_mu"])
+    for column in ("family", "site_column"):
+        charts[column] = charts[column].astype(object).where(charts[column].notna(), "")
+    coefficients = pd.DataFrame(fitter.coefficient_rows, columns=coefficient_columns(levels))
     keys = charts.drop_duplicates(["structure", "measure", "sex"])
     notes = keys.loc[keys["note"] != "", "note"].value_counts()
     untested = ", ".join(f"{count} {note}" for note, count in notes.items())
@@ -357,8 +391,8 @@ def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFram
 class ChartFitter:
     """Fits one chart after another into the rows of the charts, coefficients and scores tables."""
 
-    def __init__(self, levels, present, covariates, spline_df, min_n, age_step, method, centiles):
-        self.levels, self.present, self.covariates = levels, present, covariates
+    def __init__(self, levels, present, covariates, spline_df, min_n, age_step, method, centiles, site=None):
+        self.levels, self.present, self.covariates, self.site = levels, present, covariates, site
         self.spline_df, self.min_n, self.age_step, self.method, self.centiles = (spline_df, min_n, age_step,
                                                                                  method, centiles)
         self.names = [percentile_column(p) for p in levels]
@@ -367,31 +401,60 @@ class ChartFitter:
         self.chart_rows, self.coefficient_rows, self.scores = [], [], []
 
     def _frame(self, block: pd.DataFrame, measure: str) -> pd.DataFrame:
-        """Complete cases: y, age, c0, c1, ... (the present covariates); an infinite value is no measurement."""
-        frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)})
-        for i, name in enumerate(self.present):
-            frame[f"c{i}"] = block[name].to_numpy(dtype=float)
+        """Complete cases: y, age, the present covariates (text as text) and the site; an infinite value is no
+        measurement, an empty text no value."""
+        frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)},
+                             index=block.index)
         keep = np.isfinite(frame.to_numpy()).all(axis=1)
-        frame.index = block.index
+        for name in [*self.present, *([self.site] if self.site else [])]:
+            values = block[name]
+            if pd.api.types.is_numeric_dtype(values):
+                frame[name] = values.to_numpy(dtype=float)
+                keep &= np.isfinite(frame[name].to_numpy())
+            else:
+                frame[name] = values.astype(object).where(values.notna(), "").astype(str).str.strip()
+                keep &= (frame[name] != "").to_numpy()
         return frame[keep]
+
+    def _covariate_design(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict, dict]:
+        """(the model's covariate columns c0, c1, ..., each one's name (a text covariate's: name=level), the
+        levels it stands for ("" for a number), the reference of every configured covariate): a numeric
+        covariate that varies enters as itself (reference 0), a text one as dummies (``text_dummies``); one
+        constant over the chart is left out and the chart drawn at its value."""
+        columns, labels, members = {}, {}, {}
+        reference = dict.fromkeys(self.covariates, np.nan)
+        for name in self.present if len(frame) else []:
+            values = frame[name]
+            if pd.api.types.is_numeric_dtype(values):
+                varying = values.nunique() > 1
+                reference[name] = 0.0 if varying else float(values.iloc[0])
+                entered = {name: (values.to_numpy(), "")} if varying else {}
+            else:
+                reference[name], entered = text_dummies(values, MIN_LEVEL_SCANS)
+            for label, (column, held) in entered.items():
+                c = f"c{len(columns)}"
+                columns[c], labels[c], members[c] = column, label, held
+        return pd.DataFrame(columns, index=frame.index), labels, members, reference
 
     def fit(self, key: dict, block: pd.DataFrame, measure: str, in_study: bool) -> None:
         frame = self._frame(block, measure)
         n = len(frame)
         key = {**key, "n": n}
-        varying = [f"c{i}" for i in range(len(self.present)) if frame[f"c{i}"].nunique() > 1]
-        reference = dict.fromkeys(self.covariates, np.nan)
-        for i, name in enumerate(self.present):
-            if n:
-                reference[name] = 0.0 if f"c{i}" in varying else float(frame[f"c{i}"].iloc[0])
+        design, labels, members, reference = self._covariate_design(frame)
         note = (NOT_IN_STUDY if not in_study else TOO_FEW_SCANS if n < self.min_n
                 else CONSTANT if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0 else "")
+        model_frame = pd.concat([frame[["y", "age"]], design], axis=1)
         if not note and self.method == QUANTILE:
-            note = self._quantile(key, frame, varying, reference)
+            note = self._quantile(key, model_frame, labels, members, reference)
         elif not note:
-            note = self._lms(key, frame, varying, reference, block)
+            note = self._lms(key, model_frame, labels, members, reference, block, frame)
         if note:
             self._refused(key, note)
+
+    def _coefficient_row(self, key: dict, covariate: str, shifts, eta_mu: float, levels: str, effect: str) -> None:
+        self.coefficient_rows.append({"structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
+                                      "covariate": covariate, **dict(zip(self.names, shifts)), "eta_mu": eta_mu,
+                                      "levels": levels, "effect": effect})
 
     def _refused(self, key: dict, note: str, **calibration) -> None:
         """The one row of a chart that is not drawn: its note, no ages or curves."""
@@ -399,7 +462,8 @@ class ChartFitter:
                                 **dict.fromkeys(self.covariates, np.nan), "note": note, "method": self.method,
                                 **calibration})
 
-    def _quantile(self, key, frame, varying, reference) -> str:
+    def _quantile(self, key, frame, labels, members, reference) -> str:
+        varying = list(labels)
         if len(frame) < 1 + self.spline_df + len(varying) + 2 or frame["age"].nunique() < self.spline_df + 2:
             return TOO_FEW_SCANS
         fits, solved = quantile_fits(frame[["y", "age", *varying]], self.levels, self.spline_df)
@@ -413,17 +477,16 @@ class ChartFitter:
             self.chart_rows.append({**key, "age": float(age), **dict(zip(self.names, values)), **reference,
                                     "note": "", "method": QUANTILE})
         for column in varying:
-            self.coefficient_rows.append({
-                "structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
-                "covariate": self.present[int(column[1:])],
-                **{name: float(fit.params[column]) for name, fit in zip(self.names, fits)}, "eta_mu": np.nan})
+            self._coefficient_row(key, labels[column], [float(fit.params[column]) for fit in fits], np.nan,
+                                  members[column], FIXED)
         return ""
 
-    def _lms(self, key, frame, varying, reference, block) -> str:
+    def _lms(self, key, frame, labels, members, reference, block, raw) -> str:
         from ctcohort.centiles import FAMILIES, FAMILY_PARAMETERS, fit_centile_chart
 
-        named = frame[varying].rename(columns={c: self.present[int(c[1:])] for c in varying})
-        chart = fit_centile_chart(frame["age"].to_numpy(), frame["y"].to_numpy(), named, self.centiles)
+        named = frame[list(labels)].rename(columns=labels)
+        sites = raw[self.site].astype(str).to_numpy() if self.site else None
+        chart = fit_centile_chart(frame["age"].to_numpy(), frame["y"].to_numpy(), named, self.centiles, sites=sites)
         calibration = {column: chart.calibration.get(field, np.nan) for column, field in CALIBRATION_FIELDS.items()}
         if chart.out_of_fold_z is not None:
             self.scores.append(pd.DataFrame({
@@ -435,27 +498,34 @@ class ChartFitter:
             self._refused(key, chart.note, **calibration)
             return ""
         model = chart.model
-        curves = chart.curves(frame["age"].to_numpy(), frame["y"].to_numpy(), named)
+        curves = chart.curves(frame["age"].to_numpy(), frame["y"].to_numpy(), named, sites=sites)
         if not np.isfinite(curves[self.names].to_numpy(dtype=float)).all():
             # a Box-Cox shape so strong that an outer centile lies beyond the distribution's support (15 scans:
             # nu = 14): no chart rather than one with holes
             self._refused(key, UNDEFINED_CENTILES, **calibration)
             return ""
-        eta = model.predictors(curves["age"].to_numpy())  # at the reference: every varying covariate 0
+        # at the reference (every varying covariate 0) and the population (site effect 0)
+        eta = model.predictors(curves["age"].to_numpy())
         parameters = dict(zip(FAMILY_PARAMETERS[model.family], eta))
+        site = {"site_column": self.site or "", "site_sd": model.site_sd if self.site else np.nan,
+                "sites": len(model.design.site_levels) if self.site else np.nan}
         for i, row in curves.iterrows():
             self.chart_rows.append({
                 **key, **row.to_dict(), **reference, "note": "", "method": LMS, "family": model.family,
-                "z_scale": model.z_scale, **{f"eta_{p}": float(v[i]) for p, v in parameters.items()}, **calibration})
-        for name in named.columns:
-            # the covariate's shift of mu's linear predictor (mu itself for normal and shash, log mu for the positive
-            # families bccg and bct)
-            shift = float(model.predictors([model.age_range[0]], {name: 1.0})[0][0]
-                          - model.predictors([model.age_range[0]], {name: 0.0})[0][0])
-            additive = np.nan if FAMILIES[model.family].positive else shift
-            self.coefficient_rows.append({"structure": key["structure"], "measure": key["measure"],
-                                          "sex": key["sex"], "covariate": name,
-                                          **dict.fromkeys(self.names, additive), "eta_mu": shift})
+                "z_scale": model.z_scale, **{f"eta_{p}": float(v[i]) for p, v in parameters.items()}, **site,
+                **calibration})
+        # a shift of mu's linear predictor is additive on the measure for normal and shash, and of log mu for the
+        # positive families bccg and bct
+        additive = not FAMILIES[model.family].positive
+        for column, name in labels.items():
+            at_reference = dict.fromkeys(labels.values(), 0.0)
+            shift = float(model.predictors([model.age_range[0]], {**at_reference, name: 1.0})[0][0]
+                          - model.predictors([model.age_range[0]], at_reference)[0][0])
+            self._coefficient_row(key, name, [shift if additive else np.nan] * len(self.names), shift,
+                                  members[column], FIXED)
+        for level, effect in model.site_effects.items():
+            self._coefficient_row(key, f"{self.site}={level}", [effect if additive else np.nan]
+                                  * len(self.names), effect, level, RANDOM)
         return ""
 
 
@@ -544,8 +614,10 @@ class ChartModel(NamedTuple):
     rows: pd.DataFrame
     levels: tuple[float, ...]
     names: list[str]
-    shifts: dict  # covariate -> shift per unit, one per level
+    shifts: dict  # covariate (a text covariate's dummy: name=level) -> shift per unit, one per level
     eta_shifts: dict  # covariate -> shift of mu's linear predictor per unit (method lms)
+    dummy_levels: dict  # a text covariate's dummy -> the levels it stands for
+    site_effects: dict  # site -> its intercept on mu's linear predictor (method lms with a site)
 
 
 def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tuple, ChartModel]:
@@ -554,15 +626,21 @@ def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tupl
     columns = [percentile_column(p) for p in levels]
     if not set(columns) <= set(coefficients.columns):
         raise ValueError(f"the coefficients table has not the charts' percentile columns {', '.join(columns)}")
-    shifts: dict = {}
-    eta_shifts: dict = {}
+    shifts, eta_shifts, dummy_levels, site_effects = {}, {}, {}, {}
     for _, row in coefficients.iterrows():
-        key = (row["structure"], row["measure"], str(row["sex"]))
-        shifts.setdefault(key, {})[row["covariate"]] = row[columns].to_numpy(dtype=float)
-        eta_shifts.setdefault(key, {})[row["covariate"]] = float(row.get("eta_mu", np.nan))
+        key, covariate = (row["structure"], row["measure"], str(row["sex"])), row["covariate"]
+        held = row.get("levels", "")
+        if row.get("effect", FIXED) == RANDOM:
+            site_effects.setdefault(key, {})[str(held)] = float(row["eta_mu"])
+            continue
+        shifts.setdefault(key, {})[covariate] = row[columns].to_numpy(dtype=float)
+        eta_shifts.setdefault(key, {})[covariate] = float(row.get("eta_mu", np.nan))
+        if isinstance(held, str) and held:
+            dummy_levels.setdefault(key, {})[covariate] = set(held.split("|"))
     note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
     fitted = charts[(note == "").to_numpy() & np.isfinite(charts["age"].to_numpy(dtype=float))]
-    return {key: ChartModel(block.sort_values("age"), levels, names, shifts.get(key, {}), eta_shifts.get(key, {}))
+    return {key: ChartModel(block.sort_values("age"), levels, names, shifts.get(key, {}), eta_shifts.get(key, {}),
+                            dummy_levels.get(key, {}), site_effects.get(key, {}))
             for key, block in ((tuple(map(str, k)), b) for k, b in
                                fitted.groupby(["structure", "measure", "sex"], sort=False))}
 
@@ -577,20 +655,15 @@ def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
     notes[~np.isfinite(values)] = NO_VALUE
     notes[(notes == "") & ((ages < chart_ages[0]) | (ages > chart_ages[-1]))] = AGE_OUTSIDE_CHART
     curves = np.column_stack([np.interp(ages, chart_ages, chart.rows[c].to_numpy(dtype=float)) for c in columns])
-    for name in chart.names:
-        reference = float(chart.rows[name].iloc[0])
-        given = covariates[name].to_numpy(dtype=float) if name in covariates else np.full(len(values), np.nan)
-        if name in chart.shifts:
-            notes[(notes == "") & ~np.isfinite(given)] = COVARIATE_MISSING
-            curves = curves + np.outer(np.nan_to_num(given - reference), chart.shifts[name])
-        elif np.isfinite(reference):
-            outside = np.isfinite(given) & ~np.isclose(given, reference, rtol=1e-6, atol=1e-9)
-            notes[(notes == "") & outside] = COVARIATE_OUTSIDE_CHART
+    offsets = _covariate_offsets(chart, covariates, notes)
     z = np.full(len(values), np.nan)
     if "method" in chart.rows and chart.rows["method"].iloc[0] == LMS:
         placed = notes == ""
-        z[placed], notes[placed] = _lms_z(chart, values[placed], ages[placed], covariates[placed])
+        z[placed], notes[placed] = _lms_z(chart, values[placed], ages[placed], covariates[placed],
+                                          {name: offset[placed] for name, offset in offsets.items()})
         return z, notes
+    for name, offset in offsets.items():
+        curves = curves + np.outer(offset, chart.shifts[name])
     # the shifts differ between percentiles: sorted again (monotone rearrangement)
     curves = np.sort(curves, axis=1)
     for i in np.flatnonzero(notes == ""):
@@ -598,23 +671,73 @@ def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
     return z, notes
 
 
-def _lms_z(chart: ChartModel, values: np.ndarray, ages: np.ndarray, covariates: pd.DataFrame):
+def _given(covariates: pd.DataFrame, name: str) -> np.ndarray:
+    """The scans' values of a covariate (object: numbers or text), NaN where not given."""
+    return covariates[name].to_numpy(dtype=object) if name in covariates else np.full(len(covariates), np.nan, object)
+
+
+def _covariate_offsets(chart: ChartModel, covariates: pd.DataFrame, notes: np.ndarray) -> dict[str, np.ndarray]:
+    """Each covariate of the chart's model (a text covariate: each dummy) as the scans' value less the chart's
+    reference (a dummy: 0/1); notes covariate_missing, and covariate_outside_chart for a level the chart has
+    not or another value of a covariate constant over the chart (module docstring, placement)."""
+    offsets = {}
+    for name in chart.names:
+        reference, given = chart.rows[name].iloc[0], _given(covariates, name)
+        missing = pd.isna(given)
+        dummies = {key: held for key, held in chart.dummy_levels.items() if key.split("=", 1)[0] == name}
+        if dummies:
+            text = given.astype(str)
+            known = (text == str(reference)) | np.isin(text, list(set().union(*dummies.values())))
+            notes[(notes == "") & missing] = COVARIATE_MISSING
+            notes[(notes == "") & ~known] = COVARIATE_OUTSIDE_CHART
+            offsets.update({key: np.isin(text, list(held)).astype(float) for key, held in dummies.items()})
+            continue
+        number = pd.to_numeric(pd.Series(given), errors="coerce").to_numpy(dtype=float)
+        if name in chart.shifts:
+            notes[(notes == "") & ~np.isfinite(number)] = COVARIATE_MISSING
+            offsets[name] = np.nan_to_num(number - float(reference))
+        elif pd.notna(reference):
+            if isinstance(reference, str):
+                same = given.astype(str) == reference
+            else:
+                same = np.isclose(number, float(reference), rtol=1e-6, atol=1e-9)
+            notes[(notes == "") & ~missing & ~same] = COVARIATE_OUTSIDE_CHART
+    return offsets
+
+
+def _lms_z(chart: ChartModel, values: np.ndarray, ages: np.ndarray, covariates: pd.DataFrame, offsets: dict):
     """(z, note) on a chart of method lms: the family's z from its linear predictors at the scan's age (linear
-    between the chart's ages, a year apart: the splines are smooth on that scale), mu's shifted by the covariates."""
-    from ctcohort.centiles import FAMILY_PARAMETERS, z_from_predictors
+    between the chart's ages, a year apart: the splines are smooth on that scale), mu's shifted by the covariates
+    and the scan's site effect; a scan of a site the chart has not (or without a site): ``site_new``, widened."""
+    from ctcohort.centiles import FAMILY_PARAMETERS, new_site_sd, z_by_site
 
     family = chart.rows["family"].iloc[0]
     chart_ages = chart.rows["age"].to_numpy(dtype=float)
     eta = [np.interp(ages, chart_ages, chart.rows[f"eta_{p}"].to_numpy(dtype=float)) for p in FAMILY_PARAMETERS[family]]
-    for name, shift in chart.eta_shifts.items():  # a scan without the covariate is noted before
-        given = covariates[name].to_numpy(dtype=float) if name in covariates else np.full(len(values), np.nan)
-        eta[0] = eta[0] + shift * (given - float(chart.rows[name].iloc[0]))
-    return z_from_predictors(family, values, eta, float(chart.rows["z_scale"].iloc[0]), Z_LIMIT)
+    for name, offset in offsets.items():
+        eta[0] = eta[0] + chart.eta_shifts[name] * offset
+    site_column = chart.rows["site_column"].iloc[0] if "site_column" in chart.rows else ""
+    new, widening = np.zeros(len(values), bool), 0.0
+    if isinstance(site_column, str) and site_column:
+        sites = _given(covariates, site_column).astype(str)
+        effect = np.array([chart.site_effects.get(site, np.nan) for site in sites], dtype=float)
+        new = np.isnan(effect)
+        eta[0] = eta[0] + np.nan_to_num(effect)
+        widening = new_site_sd(float(chart.rows["site_sd"].iloc[0]), int(chart.rows["sites"].iloc[0]))
+    return z_by_site(family, values, eta, new, widening, float(chart.rows["z_scale"].iloc[0]), Z_LIMIT)
 
 
-def _given_covariates(covariates: Mapping | None, names: list[str]) -> dict[str, float]:
-    """{name: value} of a scan's covariates; a covariate given as NaN is not given; unknown names: an error."""
-    covariates = {str(k): float(v) for k, v in (covariates or {}).items() if pd.notna(v)}
+def _site_columns(charts: pd.DataFrame) -> list[str]:
+    """The columns whose values carry a random site intercept on some chart (method lms with normative.site)."""
+    if "site_column" not in charts:
+        return []
+    return [c for c in dict.fromkeys(charts["site_column"]) if isinstance(c, str) and c]
+
+
+def _given_covariates(covariates: Mapping | None, names: list[str]) -> dict:
+    """{name: value} of a scan's covariates (a number, or text for a text covariate or the site); a covariate
+    given as NaN is not given; unknown names: an error."""
+    covariates = {str(k): v for k, v in (covariates or {}).items() if pd.notna(v)}
     unknown = sorted(set(covariates) - set(names))
     if unknown:
         raise ValueError(f"the charts have no covariate {', '.join(unknown)} (they have: {', '.join(names) or 'none'})")
@@ -673,7 +796,7 @@ def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.D
         raise ValueError(f"age must be a number, got {age!r}") from None
     if not np.isfinite(age):
         raise ValueError(f"age must be a finite number, got {age!r}")
-    given = _given_covariates(covariates, names)
+    given = _given_covariates(covariates, [*names, *_site_columns(charts)])
     chart_sex = _chart_sex(charts, sex)
     scan = with_combined_structures(scan, charts)
     measures = _charted_measures(charts, scan)
@@ -702,6 +825,6 @@ def place_cohort(charts: pd.DataFrame, coefficients: pd.DataFrame, measurements:
         raise ValueError("the charts are by sex: the cohort table needs a sex column")
     sexes = table["sex"].astype(str) if by_sex else pd.Series(ALL, table.index)
     ages = pd.to_numeric(table["age"], errors="coerce").to_numpy(dtype=float)
-    covariates = table[[c for c in names if c in table.columns]].apply(pd.to_numeric, errors="coerce")
+    covariates = table[[c for c in [*names, *_site_columns(charts)] if c in table.columns]]
     placed = _placement_rows(_chart_models(charts, coefficients), table, measures, sexes, ages, covariates)
     return placed[["subject", *PLACEMENT_COLUMNS]]

@@ -20,14 +20,14 @@ fits = [
     fit_charts(measurements, [panel["structure"]], [panel["measure"]], percentiles=settings["percentiles"],
                covariates=settings["covariates"], by_sex=settings["by_sex"], spline_df=settings["spline_df"],
                min_n=settings["min_n"], combined=snakemake.params.combined, method=settings["method"],
-               centiles=CentileSettings.from_config(settings))
+               centiles=CentileSettings.from_config(settings), site=settings.get("site"))
     for panel in settings["panels"]
 ]
 fit = NormativeFit(*(pd.concat(list(tables), ignore_index=True) for tables in zip(*fits)))
 write_table(fit.charts, snakemake.output.charts)
 write_table(fit.coefficients, snakemake.output.coefficients)
 keys = ["structure", "measure", "sex"]
-write_table(fit.charts.drop_duplicates(keys)[[*keys, "n", "note", "method", "family", *CALIBRATION]],
-            snakemake.output.calibration)
+summary = [*keys, "n", "note", "method", "family", "site_sd", "sites", *CALIBRATION]
+write_table(fit.charts.drop_duplicates(keys)[summary], snakemake.output.calibration)
 # every measured scan (each patient's every scan), scored against charts it did not help fit
 write_table(centile_scores(fit, read_scans(snakemake.input.measurements)), snakemake.output.scores)
