@@ -44,7 +44,7 @@ def test_slabs_cover_the_image_as_totalsegmentator_splits_it():
     assert slabs[1][0] == slice(314, 686)  # TotalSegmentator's: third + 1 - margin to 2 * third + margin
 
 
-@pytest.mark.slow  # TotalSegmentator's own run: a process, nnU-Net's worker processes (about 25 s on 2 cores)
+@pytest.mark.slow  # TotalSegmentator's own run: a process of its own and nnU-Net's worker processes (25-50 s on 2 cores)
 def test_parity_mode_gives_totalsegmentators_labels(tmp_path):
     """TotalSegmentator's code and ctcohort's parity mode segment a scan stored in LPS at a spacing far from
     the model's (3 mm) with a release-shaped total_fast model: every structure's Dice >= 0.999. The default mode
@@ -74,8 +74,9 @@ def test_parity_mode_gives_totalsegmentators_labels(tmp_path):
                                       trainer=RELEASE_TRAINERS[297], resample=[3.0] * 3)
     ct = nib.load(ct_path)
     table = load_structure_table("total_v2")
-    parity = Segmenter(weights, table, task="total_fast", device="cpu", precision="float32",
-                       resampling="totalsegmentator").segment(ct)
+    parity_segmenter = Segmenter(weights, table, task="total_fast", device="cpu", resampling="totalsegmentator")
+    assert not parity_segmenter.bfloat16  # precision auto: float32, as TotalSegmentator on the CPU
+    parity = parity_segmenter.segment(ct)
     default = Segmenter(weights, table, task="total_fast", device="cpu", precision="float32").segment(ct)
     structures = sorted(set(np.unique(theirs).tolist()) - {0})
     assert structures == [5, 10, 20]

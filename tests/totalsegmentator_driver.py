@@ -47,8 +47,10 @@ def main(argv=None) -> int:
     from totalsegmentator import nnunet
     from totalseg_models import trainer_class
 
-    # the release's trainers, found without nnU-Net's lookup that imports every trainer module (see trainer_class)
-    nnunet.custom_trainers.setdefault(args.trainer, trainer_class(args.trainer))
+    # the trainers checkpoints name, found without nnU-Net's lookup that imports every trainer module (see
+    # trainer_class); the classes are nnU-Net's own
+    for name in ("nnUNetTrainer", "nnUNetTrainerNoMirroring", "nnUNetTrainer_4000epochs_NoMirroring"):
+        nnunet.custom_trainers.setdefault(name, trainer_class(name))
     import_s = time.perf_counter() - started
     totals: dict[str, float] = {}
     nnunet.change_spacing = _timed(totals, "resampling", nnunet.change_spacing)

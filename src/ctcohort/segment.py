@@ -383,7 +383,9 @@ class Segmenter:
         self.table = table
         self.parts = find_model_parts(model_dir, table, task)
         self.device = resolve_device(device)
-        self.bfloat16 = cpu_bfloat16(precision, self.device)
+        # TotalSegmentator computes in float32 on the CPU: auto means that in its mode
+        auto = "float32" if resampling == "totalsegmentator" else "auto"
+        self.bfloat16 = cpu_bfloat16(auto if precision == "auto" else precision, self.device)
         self.resampling = resampling
         if resampling == "totalsegmentator":
             total_ids = {i for ids in TASKS.values() for i in ids}
