@@ -20,7 +20,10 @@ it to nnU-Net (``nnunet_adapter.READER_AXES``: every supported reader gives (z, 
 its plans' transpose_forward, and its labels go back the same way. For the readers that do not reorient
 (SimpleITKIO, NibabelIO) this equals nnU-Net's own file-based prediction for scans stored in RAS; a model
 trained on scans stored in another orientation would see them mirrored (nnU-Net feeds the stored voxel order).
-The label map is returned on the input's exact grid.
+The label map is returned on the input's exact grid. Resampling (segmentation.resampling): ``trilinear``
+resamples the CT to each part's spacing and its logits back (``predict_labels``); ``totalsegmentator`` resamples
+the canonical CT once as TotalSegmentator 2.18.0 does, runs the parts on that grid and resamples the merged
+labels back with order 0 (``ctcohort.totalseg_geometry``).
 
 nnU-Net's internals live in ``ctcohort.nnunet_adapter`` (section 6, inference), which checks the installed
 nnunetv2 version: building each part's predictor (``load_predictor``) and the pre- and postprocessing around
