@@ -206,3 +206,56 @@ def nnunet_own_labels(model_folder, ct_path, tmp_dir, *, folds=(0,), mirroring: 
         out = Path(tmp_dir) / "nnunet_own.nii.gz"
         reader.write_seg(labels, str(out), properties)
     return np.asanyarray(nib.load(out).dataobj)
+
+
+TOTALSEGMENTATOR_VERSION = "2.18.0"
+# Where the tests and benchmarks find TotalSegmentator's code: installed in the environment, or in a folder
+# named by this variable (pip install --no-deps --target FOLDER totalsegmentator==2.18.0 dicom2nifti)
+TOTALSEGMENTATOR_PACKAGES = "CTCOHORT_TOTALSEGMENTATOR"
+
+
+def totalsegmentator_environment(weights, home, packages=None) -> dict:
+    """Environment of a process that runs TotalSegmentator's code on ``weights`` (its release layout) with
+    nothing downloaded: nnU-Net's results folder is the weights folder, TotalSegmentator's home ``home``."""
+    import os
+
+    env = dict(os.environ, nnUNet_results=str(weights), nnUNet_raw=str(home), nnUNet_preprocessed=str(home),
+               TOTALSEG_HOME_DIR=str(home), TOTALSEG_WEIGHTS_PATH=str(weights))
+    packages = packages or os.environ.get(TOTALSEGMENTATOR_PACKAGES)
+    if packages:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(packages), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def totalsegmentator_problem(env: dict) -> str | None:
+    """Why TotalSegmentator's inference code cannot run in ``env`` (None: it imports, at the pinned version)."""
+    import subprocess
+    import sys
+
+    check = ("import importlib.metadata as m, totalsegmentator.nnunet; "
+             "print(m.version('totalsegmentator'))")
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    if done.returncode:
+        return f"TotalSegmentator's code does not import: {done.stderr.strip().splitlines()[-1:]}"
+    version = done.stdout.strip().splitlines()[-1]
+    if version != TOTALSEGMENTATOR_VERSION:
+        return f"TotalSegmentator {version} installed, the comparison is written against {TOTALSEGMENTATOR_VERSION}"
+    return None
+
+
+def totalsegmentator_labels(env: dict, scans, outputs, *, task_ids, trainer: str, resample, device: str = "cpu",
+                            timings=None) -> list[np.ndarray]:
+    """TotalSegmentator's own label maps of ``scans`` (written to ``outputs``), by tests/totalsegmentator_driver.py
+    in a process of its own; ``timings``: a JSON file for its seconds per scan."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(Path(__file__).with_name("totalsegmentator_driver.py")), "--trainer", trainer,
+               "--resample", *map(str, resample), "--device", device]
+    command += [arg for task_id in task_ids for arg in ("--task-id", str(task_id))]
+    command += ["--timings", str(timings)] if timings else []
+    command += [str(path) for pair in zip(scans, outputs) for path in pair]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"TotalSegmentator failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return [np.asanyarray(nib.load(path).dataobj) for path in outputs]

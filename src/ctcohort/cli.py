@@ -60,7 +60,7 @@ def _segment(args: argparse.Namespace) -> None:
         raise ValueError(f"several inputs would be written to the same output: {', '.join(duplicates)}")
     segmenter = Segmenter(args.model, load_structure_table(args.structures), task=args.task, device=args.device,
                           folds=args.folds, tile_step=args.tile_step, mirroring=args.mirroring,
-                          threads=args.threads, precision=args.precision)
+                          threads=args.threads, precision=args.precision, resampling=args.resampling)
     segment_files(segmenter, args.ct, [Path(args.out) / f"{n}.nii.gz" for n in names])
     print(f"segmented {len(names)} scan(s) into {args.out}")
 
@@ -176,6 +176,9 @@ def _segment_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="on the CPU: bfloat16 where the CPU computes it natively (auto, the default), float32 or "
                    "bfloat16")
+    s.add_argument("--resampling", default="trilinear", choices=("trilinear", "totalsegmentator"),
+                   help="trilinear (the CT and the logits, the default) or totalsegmentator (TotalSegmentator "
+                   "2.18.0's pre- and postprocessing, for its labels from its weights)")
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(run=_segment)
 

@@ -32,6 +32,12 @@ REASON_WORDS = {
 MEASURE_WORDS = {"volume_ml": "volume", "hu_mean": "mean attenuation", "hu_mean_eroded": "interior mean attenuation",
                  "hu_median": "median attenuation", "hu_std": "standard deviation of attenuation",
                  "n_voxels": "voxel count"}
+RESAMPLING_WORDS = {
+    "trilinear": "the CT resampled trilinearly to the model's spacing and the logits back onto the CT's grid",
+    "totalsegmentator": ("with TotalSegmentator 2.18.0's pre- and postprocessing (the CT resampled to the model's "
+                         "spacing with linear interpolation, the labels back with nearest neighbour; for its total "
+                         "tasks its sliding-window step of 0.8)"),
+}
 STAGE_WORDS = {"import_ct": "DICOM import", "segment": "segmentation", "measure": "measurement"}
 # how rank-correlation P values are computed (ctcohort.rank_null)
 P_VALUE_WORDS = (f"Two-sided P values were exact (every pairing) up to {rank_null.ENUMERATION_MAX_N} patients "
@@ -150,7 +156,8 @@ def _cohort_paragraph(config, counts, version, model, selection) -> str:
                f"(structure table {config['structures']}) by nnU-Net v2 (nnunetv2 {nnunet}) with {model or 'the model'}, "
                f"fold{'s' if len(segmentation['folds']) > 1 else ''} {_listing([str(f) for f in segmentation['folds']])}, "
                f"sliding-window step {segmentation['tile_step']} of the patch size, "
-               f"{'with' if segmentation['mirroring'] else 'without'} test-time mirroring.")
+               f"{'with' if segmentation['mirroring'] else 'without'} test-time mirroring, "
+               + RESAMPLING_WORDS[segmentation["resampling"]] + ".")
     else:
         seg = (f"Segmentations were supplied with the cohort (structure table {config['structures']}) and "
                f"measured as given.")

@@ -20,7 +20,10 @@ it to nnU-Net (``nnunet_adapter.READER_AXES``: every supported reader gives (z, 
 its plans' transpose_forward, and its labels go back the same way. For the readers that do not reorient
 (SimpleITKIO, NibabelIO) this equals nnU-Net's own file-based prediction for scans stored in RAS; a model
 trained on scans stored in another orientation would see them mirrored (nnU-Net feeds the stored voxel order).
-The label map is returned on the input's exact grid.
+The label map is returned on the input's exact grid. Resampling (segmentation.resampling): ``trilinear``
+resamples the CT to each part's spacing and its logits back (``predict_labels``); ``totalsegmentator`` resamples
+the canonical CT once as TotalSegmentator 2.18.0 does, runs the parts on that grid and resamples the merged
+labels back with order 0 (``ctcohort.totalseg_geometry``).
 
 nnU-Net's internals live in ``ctcohort.nnunet_adapter`` (section 6, inference), which checks the installed
 nnunetv2 version: building each part's predictor (``load_predictor``) and the pre- and postprocessing around
@@ -40,7 +43,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ctcohort import nnunet_adapter
+from ctcohort import nnunet_adapter, totalseg_geometry
 from ctcohort.imaging import (ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image,
                               sform_qform_disagreement, voxel_spacing_mm)
 from ctcohort.measure import checked_scan, empty_checked_scan, write_checked_scan
@@ -329,6 +332,9 @@ def resolve_device(device: str):
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# trilinear: the CT and the logits resampled trilinearly, argmax on the CT's grid; totalsegmentator: as
+# TotalSegmentator 2.18.0 does it (totalseg_geometry), for its labels from its weights
+RESAMPLINGS = ("trilinear", "totalsegmentator")
 
 
 def cpu_bfloat16(precision: str, device) -> bool:
@@ -370,14 +376,23 @@ class Segmenter:
         mirroring: bool = False,
         threads: int = 1,
         precision: str = "auto",
+        resampling: str = "trilinear",
     ):
         import torch
 
+        if resampling not in RESAMPLINGS:
+            raise ValueError(f"unknown resampling {resampling!r}; choose one of {', '.join(RESAMPLINGS)}")
         torch.set_num_threads(max(1, threads))
         self.table = table
         self.parts = find_model_parts(model_dir, table, task)
         self.device = resolve_device(device)
-        self.bfloat16 = cpu_bfloat16(precision, self.device)
+        # TotalSegmentator computes in float32 on the CPU: auto means that in its mode
+        auto = "float32" if resampling == "totalsegmentator" else "auto"
+        self.bfloat16 = cpu_bfloat16(auto if precision == "auto" else precision, self.device)
+        self.resampling = resampling
+        if resampling == "totalsegmentator":
+            total_ids = {i for ids in TASKS.values() for i in ids}
+            tile_step = totalseg_geometry.tile_step([part.dataset_id for part in self.parts], total_ids, tile_step)
         self.predictors = [
             load_predictor(part.folder, _existing_checkpoint_files(part, folds, checkpoint), self.device, tile_step,
                            mirroring)
@@ -398,20 +413,54 @@ class Segmenter:
         spacing = np.empty(3)
         spacing[orientation[:, 0].astype(int)] = voxel_spacing_mm(ct.affine)
         image = torch.from_numpy(np.ascontiguousarray(hu)).to(self.device)  # RAS voxel order (x, y, z)
-        merged = torch.zeros(image.shape, dtype=torch.int32, device=self.device)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
-            for part, predictor in zip(self.parts, self.predictors):
-                lookup = torch.zeros(max(part.global_labels, default=0) + 1, dtype=torch.int32, device=self.device)
-                for part_label, label in part.global_labels.items():
-                    lookup[part_label] = label
-                # the axes as the part's reader and transpose_forward give them to its network, and back
-                axes = list(part.network_axes)
-                labels = predict_labels(predictor, image.permute(axes), spacing[axes])
-                claimed = lookup[labels.permute(np.argsort(axes).tolist())]
-                merged = torch.where(claimed != 0, claimed, merged)  # the later part wins
+            if self.resampling == "totalsegmentator":
+                merged = self._segment_as_totalsegmentator(image, spacing)
+            else:
+                merged = self._merged_parts(image, spacing)
         merged = merged.cpu().numpy().astype(self.dtype)
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), orientation)
         return np.ascontiguousarray(nib.orientations.apply_orientation(merged, back))
+
+    def _merged_parts(self, image, spacing: np.ndarray):
+        """Every part's labels of the RAS ``image`` (of ``spacing``), on its grid, merged: the later part wins."""
+        import torch
+
+        merged = torch.zeros(image.shape, dtype=torch.int32, device=self.device)
+        for part, predictor in zip(self.parts, self.predictors):
+            lookup = torch.zeros(max(part.global_labels, default=0) + 1, dtype=torch.int32, device=self.device)
+            for part_label, label in part.global_labels.items():
+                lookup[part_label] = label
+            # the axes as the part's reader and transpose_forward give them to its network, and back
+            axes = list(part.network_axes)
+            labels = predict_labels(predictor, image.permute(axes), spacing[axes])
+            claimed = lookup[labels.permute(np.argsort(axes).tolist())]
+            merged = torch.where(claimed != 0, claimed, merged)
+        return merged
+
+    def _model_spacing(self) -> np.ndarray:
+        """The first part's spacing (plans.json), per RAS axis: TotalSegmentator's resampling target."""
+        spacing = np.empty(3)
+        spacing[list(self.parts[0].network_axes)] = self.predictors[0].configuration_manager.spacing
+        return spacing
+
+    def _segment_as_totalsegmentator(self, image, spacing: np.ndarray):
+        """Labels of the RAS ``image`` as TotalSegmentator 2.18.0 computes them (``totalseg_geometry``): the CT
+        resampled to the model's spacing and truncated, split into slabs where it splits, each cropped to its
+        non-zero voxels, the merged labels resampled back with order 0."""
+        import torch
+
+        target = self._model_spacing()
+        resampled = totalseg_geometry.resample_ct(image, spacing, target)
+        labels = torch.zeros(resampled.shape, dtype=torch.int32, device=self.device)
+        for source, kept, destination in totalseg_geometry.slabs(resampled.shape[2], resampled.numel(),
+                                                                 len(self.parts) > 1):
+            slab = resampled[:, :, source]
+            box = totalseg_geometry.nonzero_box(slab)
+            slab_labels = torch.zeros(slab.shape, dtype=torch.int32, device=self.device)
+            slab_labels[box] = self._merged_parts(slab[box].contiguous(), target)
+            labels[:, :, destination] = slab_labels[:, :, kept]
+        return totalseg_geometry.zoom_nearest(labels, image.shape)
 
 
 def label_map_image(labels: np.ndarray, reference: nib.Nifti1Image, table: pd.DataFrame) -> nib.Nifti1Image:

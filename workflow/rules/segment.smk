@@ -30,6 +30,7 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             tile_step=config["segmentation"]["tile_step"],
             mirroring=config["segmentation"]["mirroring"],
             precision=config["segmentation"]["precision"],
+            resampling=config["segmentation"]["resampling"],
             on_error=config["on_scan_error"],
             ct_checks=config["measure"]["ct_checks"],
             qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan

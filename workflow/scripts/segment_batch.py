@@ -31,5 +31,6 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         tile_step=snakemake.params.tile_step,
         mirroring=snakemake.params.mirroring,
         precision=snakemake.params.precision,
+        resampling=snakemake.params.resampling,
         threads=snakemake.threads,
     )
