@@ -149,6 +149,24 @@ def test_bootstrap_intervals_are_seeded_and_hold_the_curves():
     assert not np.allclose(other.curves(age, y)["p5_low"], first["p5_low"])
 
 
+@pytest.mark.parametrize("truth, family, dfs", [("skewed", BCCG, (2, 1, 0)), ("normal", NORMAL, (2, 1))])
+def test_a_bootstrap_refit_by_newton_steps_reaches_the_l_bfgs_b_optimum(truth, family, dfs):
+    age, y = drawn(truth, 300, 4)
+    model = fit_model(family, dfs, age, y)
+    pick = np.random.default_rng(0).integers(0, len(y), len(y))
+    full = model.design.matrices(age, np.zeros((len(age), 0)))
+    matrices = [m[pick] for m in full]
+    chosen = centiles.FAMILIES[family]
+    inverse = np.linalg.inv(centiles._hessian(model.coefficients, y, full, chosen))
+    newton = centiles._newton_refit(model.coefficients, y[pick], matrices, chosen, inverse)
+    lbfgs = fit_model(family, dfs, age[pick], y[pick], design=model.design, start=model.coefficients)
+    assert lbfgs.converged and newton is not None
+    assert not np.allclose(newton, model.coefficients, atol=1e-3)  # the resample moved the optimum
+    np.testing.assert_allclose(newton, lbfgs.coefficients, atol=1e-5)
+    newton_nll = centiles._objective(newton, y[pick], matrices, chosen)[0]
+    assert newton_nll <= -lbfgs.log_likelihood / len(y) + 1e-12
+
+
 def test_a_covariate_shifts_mu_and_the_curves_are_drawn_at_zero():
     rng = np.random.default_rng(12)
     age, y = TRUTHS["normal"].draw(300, rng)
