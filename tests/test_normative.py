@@ -493,3 +493,21 @@ def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
     monkeypatch.setattr(centiles.CentileChart, "curves", with_a_hole)
     fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False)
     assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()
+
+
+def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order():
+    from ctcohort.centiles import CentileSettings
+
+    cohort = analytic_cohort(400, seed=9)
+    cohort = pd.concat([cohort, cohort.assign(structure="spleen", volume_ml=cohort["volume_ml"] / 10)], ignore_index=True)
+    panels = [("spleen", "volume_ml"), ("liver", "volume_ml"), ("kidney", "volume_ml")]
+    options = {"method": "lms", "centiles": CentileSettings(bootstrap_resamples=10)}
+    one = normative.fit_panel_charts(cohort, panels, processes=1, **options)
+    three = normative.fit_panel_charts(cohort, panels, processes=3, **options)
+    assert one.charts[["structure", "sex"]].drop_duplicates().values.tolist() == [
+        ["spleen", "M"], ["spleen", "F"], ["liver", "M"], ["liver", "F"], ["kidney", "M"], ["kidney", "F"]]
+    assert (one.charts["note"] == "").sum() > 100 and len(one.scores) == len(cohort)
+    for mine, theirs in zip(one, three):
+        pd.testing.assert_frame_equal(mine, theirs)
+    with pytest.raises(ValueError, match="processes must be an integer >= 1"):
+        normative.fit_panel_charts(cohort, panels, processes=0)

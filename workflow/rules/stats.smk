@@ -216,6 +216,7 @@ rule normative_charts:
     params:
         settings=config["normative"],
         combined=config["statistics"]["combined"],
+    threads: config["normative"]["threads"]
     log:
         "results/logs/normative_charts.log",
     conda:
