@@ -209,7 +209,7 @@ rule normative_charts:
         coefficients="results/stats/normative_covariates.tsv",
         calibration=report(
             "results/stats/normative_calibration.tsv",
-            caption="../report/normative_calibration.rst",
+            caption="../report/normative_calibration_table.rst",
             category="Normative charts",
         ),
         scores="results/stats/centile_scores.tsv",
