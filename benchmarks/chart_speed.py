@@ -8,7 +8,13 @@ interleaved; printed per truth and n: the median seconds of each part and the ra
 
 BLAS threads make these small problems slower: run with one thread (set below, before numpy loads).
 
+``--study DIR``: instead, every chart (volume_ml and hu_mean, per sex) of ``--structures`` structures spread over
+the structure table of a study that the workflow has aggregated (e.g. benchmarks/cohort_rules.py's, with
+``--workdir``), one scan per patient, fitted as the workflow fits them (``normative.fit_panel_charts``, method
+lms, covariate contrast, one process): the seconds per chart, and what charts of every structure would take.
+
 Run:  python benchmarks/chart_speed.py [--n 2600 5000] [--rounds 3] [--baseline dc9af5a]
+      python benchmarks/chart_speed.py --study DIR [--structures 6]
 """
 
 import os
@@ -60,12 +66,40 @@ def one_chart(module, age, y, covariates) -> tuple[float, ...]:
     return fitted - started, drawn - fitted, time.perf_counter() - drawn
 
 
+def study_charts(folder: Path, count: int) -> None:
+    """Seconds per chart of ``count`` structures' charts in an aggregated study, and their extrapolation."""
+    from ctcohort.normative import fit_panel_charts
+    from ctcohort.patients import read_cross_sectional
+
+    tables = folder / "results" / "tables"
+    measurements = read_cross_sectional(tables / "measurements.tsv", tables / "scan_selection.tsv")
+    every = list(dict.fromkeys(measurements["structure"]))
+    structures = every[::max(1, len(every) // count)][:count]
+    panels = [(structure, measure) for structure in structures for measure in ("volume_ml", "hu_mean")]
+    started = time.perf_counter()
+    fit = fit_panel_charts(measurements, panels, method="lms", covariates=["contrast"])
+    elapsed = time.perf_counter() - started
+    keys = fit.charts.drop_duplicates(["structure", "measure", "sex"])
+    per_chart = elapsed / len(keys)
+    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; {folder}")
+    print(f"{len(keys)} charts ({', '.join(structures)}; volume_ml, hu_mean; M, F), {keys['n'].median():.0f} scans "
+          f"each (median), notes {dict(keys['note'].value_counts())}: {elapsed:.1f} s, {per_chart:.2f} s a chart")
+    every_chart = len(every) * 2 * 2
+    print(f"every structure ({len(every)}) x 2 measures x 2 sexes = {every_chart} charts: about "
+          f"{every_chart * per_chart / 60:.1f} min in one process, {every_chart * per_chart / 120:.1f} min in two")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[2600, 5000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default="dc9af5a", help="the git revision to compare with")
+    parser.add_argument("--study", type=Path, help="time the charts of this aggregated study instead")
+    parser.add_argument("--structures", type=int, default=6)
     args = parser.parse_args(argv)
+    if args.study:
+        study_charts(args.study, args.structures)
+        return 0
     with tempfile.TemporaryDirectory() as folder:
         versions = {"baseline": module_at(args.baseline, Path(folder)), "now": centiles}
         print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "

@@ -499,7 +499,8 @@ def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order
     from ctcohort.centiles import CentileSettings
 
     cohort = analytic_cohort(400, seed=9)
-    cohort = pd.concat([cohort, cohort.assign(structure="spleen", volume_ml=cohort["volume_ml"] / 10)], ignore_index=True)
+    spleen = cohort.assign(structure="spleen", volume_ml=cohort["volume_ml"] / 10)
+    cohort = pd.concat([cohort, spleen], ignore_index=True)
     panels = [("spleen", "volume_ml"), ("liver", "volume_ml"), ("kidney", "volume_ml")]
     options = {"method": "lms", "centiles": CentileSettings(bootstrap_resamples=10)}
     one = normative.fit_panel_charts(cohort, panels, processes=1, **options)
