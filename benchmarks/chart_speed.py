@@ -11,7 +11,8 @@ BLAS threads make these small problems slower: run with one thread (set below, b
 ``--study DIR``: instead, every chart (volume_ml and hu_mean, per sex) of ``--structures`` structures spread over
 the structure table of a study that the workflow has aggregated (e.g. benchmarks/cohort_rules.py's, with
 ``--workdir``), one scan per patient, fitted as the workflow fits them (``normative.fit_panel_charts``, method
-lms, covariate contrast, one process): the seconds per chart, and what charts of every structure would take.
+lms, covariate contrast, one process): the seconds per chart, what charts of every structure would take, and
+the centile scores of every scan on these charts (``normative.centile_scores``) beside placing every row.
 
 Run:  python benchmarks/chart_speed.py [--n 2600 5000] [--rounds 3] [--baseline dc9af5a]
       python benchmarks/chart_speed.py --study DIR [--structures 6]
@@ -68,8 +69,8 @@ def one_chart(module, age, y, covariates) -> tuple[float, ...]:
 
 def study_charts(folder: Path, count: int) -> None:
     """Seconds per chart of ``count`` structures' charts in an aggregated study, and their extrapolation."""
-    from ctcohort.normative import fit_panel_charts
-    from ctcohort.patients import read_cross_sectional
+    from ctcohort.normative import centile_scores, fit_panel_charts, place_cohort
+    from ctcohort.patients import read_cross_sectional, read_scans
 
     tables = folder / "results" / "tables"
     measurements = read_cross_sectional(tables / "measurements.tsv", tables / "scan_selection.tsv")
@@ -87,6 +88,16 @@ def study_charts(folder: Path, count: int) -> None:
     every_chart = len(every) * 2 * 2
     print(f"every structure ({len(every)}) x 2 measures x 2 sexes = {every_chart} charts: about "
           f"{every_chart * per_chart / 60:.1f} min in one process, {every_chart * per_chart / 120:.1f} min in two")
+    scans = read_scans(tables / "measurements.tsv")
+    started = time.perf_counter()
+    scores = centile_scores(fit, scans)
+    charted = time.perf_counter() - started
+    started = time.perf_counter()
+    everything = place_cohort(fit.charts, fit.coefficients, scans)
+    every_row = time.perf_counter() - started
+    print(f"centile scores of every scan ({scans['subject'].nunique()}): {charted:.1f} s for the {len(scores):,} rows "
+          f"of the charted structures and measures; {every_row:.1f} s for the {len(everything):,} rows of every "
+          "structure and measure (what centile_scores placed before)")
 
 
 def main(argv=None) -> int:

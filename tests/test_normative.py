@@ -512,3 +512,23 @@ def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order
         pd.testing.assert_frame_equal(mine, theirs)
     with pytest.raises(ValueError, match="processes must be an integer >= 1"):
         normative.fit_panel_charts(cohort, panels, processes=0)
+
+
+def test_centile_scores_have_one_row_per_scan_and_charted_measure_out_of_fold_for_the_reference():
+    from ctcohort.centiles import CentileSettings
+
+    reference = analytic_cohort(300, seed=4).assign(hu_mean=50.0)
+    fit = normative.fit_charts(reference, ["liver"], ["volume_ml"], method="lms", by_sex=False,
+                               centiles=CentileSettings(bootstrap_resamples=0))
+    others = analytic_cohort(50, seed=8).assign(subject=lambda f: "new" + f["subject"], hu_mean=50.0)
+    cohort = pd.concat([reference, others, reference.assign(structure="spleen")], ignore_index=True)
+    scores = normative.centile_scores(fit, cohort)
+    assert list(scores.columns) == normative.SCORE_TABLE_COLUMNS
+    assert len(scores) == 350 and set(zip(scores["structure"], scores["measure"])) == {("liver", "volume_ml")}
+    held = scores[scores["fit"] == "out_of_fold"].set_index("subject")["z"]
+    np.testing.assert_array_equal(held.loc[fit.scores["subject"]].to_numpy(), fit.scores["z"].to_numpy(float))
+    new = scores[scores["fit"] == "full_chart"].set_index("subject")["z"].sort_index()
+    placed = normative.place_cohort(fit.charts, fit.coefficients, others).set_index("subject")
+    placed = placed[placed["measure"] == "volume_ml"]["z"].sort_index()
+    assert len(new) == 50 and new.notna().sum() > 40
+    np.testing.assert_array_equal(new.to_numpy(), placed.to_numpy())

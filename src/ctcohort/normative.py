@@ -351,11 +351,18 @@ def _centile_settings(centiles, levels, min_n: int, age_step: float):
 
 
 def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFrame:
-    """Every scan of ``measurements`` (a cohort table, one row per subject x structure) on the charts, each
-    scored against charts it did not help fit: a scan that made a chart (method lms) gets the calibration's
-    out-of-fold z, from a fit without its fold (``fit`` "out_of_fold"); any other scan (not in the reference,
-    another scan of a patient, a chart of method quantile) is placed on the full chart ("full_chart")."""
-    placed = place_cohort(fit.charts, fit.coefficients, measurements).assign(fit="full_chart")
+    """Every scan of ``measurements`` (a cohort table, one row per subject x structure) on the charts, one row
+    per scan x charted structure and measure, each scored against charts it did not help fit: a scan that made
+    a chart (method lms) gets the calibration's out-of-fold z, from a fit without its fold (``fit``
+    "out_of_fold"); any other scan (not in the reference, another scan of a patient, a chart of method quantile)
+    is placed on the full chart ("full_chart"). The structures and measures without a chart have no rows (at
+    10,000 scans they made 2.2 million no_chart rows, 98% of the table)."""
+    charted = fit.charts[["structure", "measure"]].drop_duplicates().astype(str)
+    members = {m for joined in fit.charts.get("members", pd.Series(dtype=object)).dropna() for m in str(joined).split("+")}
+    needed = measurements["structure"].astype(str).isin(set(charted["structure"]) | members)
+    placed = place_cohort(fit.charts, fit.coefficients, measurements[needed.to_numpy()])
+    pairs = pd.MultiIndex.from_frame(placed[["structure", "measure"]].astype(str))
+    placed = placed[pairs.isin(pd.MultiIndex.from_frame(charted))].assign(fit="full_chart")
     held = fit.scores.rename(columns={"fold": "fit"})
     if held.empty:
         return placed[SCORE_TABLE_COLUMNS]
