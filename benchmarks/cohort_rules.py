@@ -72,8 +72,9 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     # the QC geometry of a sane scan: left twins at smaller x (RAS+), vertebrae cranial above caudal, one piece
     side = np.where(table["name"].str.contains("left"), -50.0, np.where(table["name"].str.contains("right"), 50.0, 0.0))
     spine = table["name"].map(vertebra_rank).astype(float)
-    geometry = {"centroid_x_mm": side, "centroid_y_mm": 0.0,
-                "centroid_z_mm": np.where(spine.notna(), -30.0 * spine, 0.0), "second_piece_ml": 0.0, "sform_qform_mm": 0.0}
+    height = np.where(spine.notna(), -30.0 * spine, 0.0)
+    geometry = {"centroid_x_mm": side, "centroid_y_mm": 0.0, "centroid_z_mm": height, "second_piece_ml": 0.0,
+                "sform_qform_mm": 0.0}
     for subject, age in zip(subjects, ages):
         status = ScanStatus(subject, "measure")
         if subject in failed:

@@ -358,7 +358,8 @@ def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFram
     is placed on the full chart ("full_chart"). The structures and measures without a chart have no rows (at
     10,000 scans they made 2.2 million no_chart rows, 98% of the table)."""
     charted = fit.charts[["structure", "measure"]].drop_duplicates().astype(str)
-    members = {m for joined in fit.charts.get("members", pd.Series(dtype=object)).dropna() for m in str(joined).split("+")}
+    joined = fit.charts["members"].dropna() if "members" in fit.charts else []
+    members = {member for names in joined for member in str(names).split("+")}
     needed = measurements["structure"].astype(str).isin(set(charted["structure"]) | members)
     placed = place_cohort(fit.charts, fit.coefficients, measurements[needed.to_numpy()])
     pairs = pd.MultiIndex.from_frame(placed[["structure", "measure"]].astype(str))
