@@ -6,7 +6,8 @@ HU drawn with an age trend, a few structures absent or cut off, 1% of the scans 
 30% of whom have 2-6 scans over up to 6 years, so the longitudinal models have work to do), with empty CT and
 segmentation files older than them, then runs the real workflow (``segmentation.method: precomputed``,
 ``--rerun-triggers mtime`` so that only the cohort rules run) and ``snakemake --report``. It prints the
-wall time of each and the peak memory of the largest process (the cohort rules run as local jobs).
+wall time of each, the peak memory of the largest process (the cohort rules run as local jobs) and the
+seconds of each rule's job (from Snakemake's log).
 Two sizes run side by side; the ratio per scan says whether the cohort rules grow linearly.
 
 Run:  python benchmarks/cohort_rules.py [--sizes 1000 10000] [--workdir DIR]
@@ -14,9 +15,11 @@ Run:  python benchmarks/cohort_rules.py [--sizes 1000 10000] [--workdir DIR]
 
 import argparse
 import platform
+import re
 import resource
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ import yaml
 
 from ctcohort.measure import MEASURE_COLUMNS, write_measurements
 from ctcohort.qc import QC_COLUMNS, ScanQC, empty_qc, write_qc
+from ctcohort.review import vertebra_rank
 from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table
 from snakemake_runs import REPO, timed_snakemake
@@ -65,6 +69,12 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     base_volume = rng.uniform(5, 1500, len(table))
     base_hu = rng.uniform(-100, 400, len(table))
     failed = set(rng.choice(subjects, max(1, n // 100), replace=False))
+    # the QC geometry of a sane scan: left twins at smaller x (RAS+), vertebrae cranial above caudal, one piece
+    side = np.where(table["name"].str.contains("left"), -50.0, np.where(table["name"].str.contains("right"), 50.0, 0.0))
+    spine = table["name"].map(vertebra_rank).astype(float)
+    height = np.where(spine.notna(), -30.0 * spine, 0.0)
+    geometry = {"centroid_x_mm": side, "centroid_y_mm": 0.0, "centroid_z_mm": height, "second_piece_ml": 0.0,
+                "sform_qform_mm": 0.0}
     for subject, age in zip(subjects, ages):
         status = ScanStatus(subject, "measure")
         if subject in failed:
@@ -91,7 +101,8 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
             # what the measuring job writes beside the table (the preview as the placeholder pixel)
             faces = pd.DataFrame({"structure": table["name"], "label": table["label"],
                                   "cut_faces": np.where(reason == "cut_off", "z+", ""),
-                                  "cranial_vertebra": "vertebrae_T12", "caudal_vertebra": "vertebrae_L5"})
+                                  "cranial_vertebra": "vertebrae_T12", "caudal_vertebra": "vertebrae_L5",
+                                  **geometry})
             write_qc(ScanQC(faces[QC_COLUMNS], None), qc / f"{subject}.tsv", qc / f"{subject}.png")
         status.write(measure / f"{subject}.status.json")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -103,12 +114,31 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
+def rule_seconds(folder: Path) -> dict[str, float]:
+    """Wall seconds of each rule's job in the folder's first Snakemake run, from the timestamps (1 s apart) its
+    log writes before a job starts (``localrule NAME:``) and as it finishes (``Finished jobid: N (Rule: NAME)``);
+    jobs of a rule run one after another here, so per rule is per job."""
+    log = sorted((folder / ".snakemake" / "log").glob("*.snakemake.log"))[0].read_text().splitlines()
+    started, seconds = {}, {}
+    for stamp, line in zip(log, log[1:]):
+        if not (stamp.startswith("[") and stamp.endswith("]")):
+            continue
+        when = datetime.strptime(stamp[1:-1], "%a %b %d %H:%M:%S %Y")
+        begun = re.match(r"(?:local)?rule (\w+):$", line)
+        finished = re.match(r"Finished jobid: \d+ \(Rule: (\w+)\)", line)
+        if begun:
+            started[begun.group(1)] = when
+        elif finished and finished.group(1) in started:
+            seconds[finished.group(1)] = (when - started[finished.group(1)]).total_seconds()
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 10000])
     parser.add_argument("--workdir", help="where the synthetic studies go (default: a temporary folder)")
     args = parser.parse_args()
-    rows = []
+    rows, per_rule = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         for n in args.sizes:
@@ -118,6 +148,7 @@ def main() -> None:
             report = timed_snakemake(folder, "--rerun-triggers", "mtime", "--report", "results/report.html")
             size_mb = (folder / "results" / "report.html").stat().st_size / 1e6
             rows.append((n, run, report, size_mb))
+            per_rule.append(rule_seconds(folder))
             print(f"  {n} scans: cohort rules {run:.1f} s ({', '.join(jobs)}), report {report:.1f} s, "
                   f"report {size_mb:.1f} MB", flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2  # kB on Linux
@@ -129,6 +160,10 @@ def main() -> None:
     print(f"cohort rules per scan, {large} vs {small} scans: {(run_large / large) / (run_small / small):.2f}x "
           "(1.0: linear; Snakemake's start-up favours the larger cohort)")
     print(f"peak memory of the largest process: {peak_gb:.2f} GB")
+    print(f"\nseconds per rule (two jobs at a time on --cores 2; longest at {large} scans first)")
+    print(f"{'rule':32s} {small:>8d} {large:>8d}")
+    for rule in sorted(per_rule[1], key=per_rule[1].get, reverse=True):
+        print(f"{rule:32s} {per_rule[0].get(rule, float('nan')):8.0f} {per_rule[1][rule]:8.0f}")
 
 
 if __name__ == "__main__":

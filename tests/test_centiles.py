@@ -150,6 +150,24 @@ def test_bootstrap_intervals_are_seeded_and_hold_the_curves():
     assert not np.allclose(other.curves(age, y)["p5_low"], first["p5_low"])
 
 
+@pytest.mark.parametrize("truth, family, dfs", [("skewed", BCCG, (2, 1, 0)), ("normal", NORMAL, (2, 1))])
+def test_a_bootstrap_refit_by_newton_steps_reaches_the_l_bfgs_b_optimum(truth, family, dfs):
+    age, y = drawn(truth, 300, 4)
+    model = fit_model(family, dfs, age, y)
+    pick = np.random.default_rng(0).integers(0, len(y), len(y))
+    full = model.design.matrices(age, np.zeros((len(age), 0)))
+    matrices = [m[pick] for m in full]
+    chosen = centiles.FAMILIES[family]
+    inverse = np.linalg.inv(centiles._hessian(model.coefficients, y, full, chosen))
+    newton = centiles._newton_refit(model.coefficients, y[pick], matrices, chosen, inverse)
+    lbfgs = fit_model(family, dfs, age[pick], y[pick], design=model.design, start=model.coefficients)
+    assert lbfgs.converged and newton is not None
+    assert not np.allclose(newton, model.coefficients, atol=1e-3)  # the resample moved the optimum
+    np.testing.assert_allclose(newton, lbfgs.coefficients, atol=1e-5)
+    newton_nll = centiles._objective(newton, y[pick], matrices, chosen)[0]
+    assert newton_nll <= -lbfgs.log_likelihood / len(y) + 1e-12
+
+
 def test_a_covariate_shifts_mu_and_the_curves_are_drawn_at_zero():
     rng = np.random.default_rng(12)
     age, y = TRUTHS["normal"].draw(300, rng)
@@ -178,7 +196,7 @@ def test_settings_from_config_and_checks():
 
 
 def test_selection_records_every_model_and_prefers_the_simpler_family_for_normal_data():
-    age, y = drawn("normal", 300, 13)
+    age, y = drawn("normal", 500, 13)
     model, table = centiles.select_model(age, y)
     assert model.family == NORMAL and table["chosen"].sum() == 1
     chosen = table[table["chosen"]].iloc[0]
@@ -186,6 +204,8 @@ def test_selection_records_every_model_and_prefers_the_simpler_family_for_normal
     assert set(table["family"]) == {NORMAL, BCCG, SHASH, BCT}
     _, negative = centiles.select_model(age, y - 200)
     assert set(negative["family"]) == {NORMAL, SHASH}  # bccg and bct only for positive values
+    _, fewer = centiles.select_model(age[:499], y[:499])
+    assert set(fewer["family"]) == {NORMAL, BCCG}  # a tail parameter from tail_min_scans scans on
 
 
 # linear predictors (mu or log mu, log sigma, nu, log delta or log tau) of skewed, heavy- and light-tailed shapes

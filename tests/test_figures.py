@@ -640,6 +640,36 @@ def summary_table(rows):
                         nsd_ci_high=table["dice_ci_high"])
 
 
+def test_normative_calibration_worms_show_each_charts_out_of_fold_z_against_normal_quantiles(tmp_path, saved):
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    good, wide = rng.standard_normal(400), 1.5 * rng.standard_normal(300)
+    calibration = pd.DataFrame({"structure": ["liver", "liver", "spleen"], "measure": "volume_ml",
+                                "sex": ["M", "F", "M"], "n": [400, 300, 9],
+                                "note": ["", "calibration_failed", "too_few_scans"]})
+    scores = pd.concat([
+        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": good, "fit": "out_of_fold"}),
+        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "F", "z": wide, "fit": "out_of_fold"}),
+        # placed on the full chart: not the calibration's
+        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": [7.0], "fit": "full_chart"})])
+    figures.plot_normative_calibration(calibration, scores, outputs_in(tmp_path, "calibration"))
+    (fig,) = saved
+    first, second, third = fig.axes[:3]
+    for ax, z in ((first, good), (second, wide)):
+        x, y = next(line for line in ax.lines if line.get_marker() == "o").get_data()
+        expected = stats.norm.ppf((np.arange(1, len(z) + 1) - 0.5) / len(z))
+        np.testing.assert_allclose(x, expected)
+        np.testing.assert_allclose(y, np.clip(np.sort(z) - expected, -figures.WORM_LIMIT, figures.WORM_LIMIT))
+    assert "refused: calibration failed" in second.get_title()
+    assert not third.lines and "refused: too few scans" in third.get_title()
+    # the band holds a standard normal sample's median deviation 95% of the time (by simulation)
+    band = figures.calibration_worms(calibration, scores)[0][1]["band_high"].to_numpy()[199]
+    medians = np.sort(rng.standard_normal((4000, 400)), axis=1)[:, 199] - stats.norm.ppf(199.5 / 400)
+    assert np.mean(np.abs(medians) <= band) == pytest.approx(0.95, abs=0.015)
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
+
+
 def test_plot_dice_shows_every_evaluable_structure_with_mean_and_ci(tmp_path, saved):
     summary = summary_table([
         ("liver", "organ", 30, 0.95, 0.93, 0.97),

@@ -475,7 +475,7 @@ def test_a_four_parameter_chart_stored_as_a_table_places_scans_as_its_model(fami
     from ctcohort import centiles
 
     cohort = analytic_cohort(300, seed=8)
-    settings = centiles.CentileSettings(families=(family,), bootstrap_resamples=0)
+    settings = centiles.CentileSettings(families=(family,), bootstrap_resamples=0, tail_min_scans=100)
     fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], method="lms", by_sex=False, centiles=settings)
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["family"] == family).all() and charts["eta_tau"].notna().all()
@@ -588,3 +588,42 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     widened = np.hypot(np.exp(log_sigma), charts["site_sd"].iloc[0] * np.sqrt(7 / 6))
     assert new_site.loc[0, "note"] == "site_new"
     assert new_site.loc[0, "z"] == pytest.approx((1000 - mu) / widened / charts["z_scale"].iloc[0], rel=1e-9)
+
+
+def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order():
+    from ctcohort.centiles import CentileSettings
+
+    cohort = analytic_cohort(400, seed=9)
+    spleen = cohort.assign(structure="spleen", volume_ml=cohort["volume_ml"] / 10)
+    cohort = pd.concat([cohort, spleen], ignore_index=True)
+    panels = [("spleen", "volume_ml"), ("liver", "volume_ml"), ("kidney", "volume_ml")]
+    options = {"method": "lms", "centiles": CentileSettings(bootstrap_resamples=10)}
+    one = normative.fit_panel_charts(cohort, panels, processes=1, **options)
+    three = normative.fit_panel_charts(cohort, panels, processes=3, **options)
+    assert one.charts[["structure", "sex"]].drop_duplicates().values.tolist() == [
+        ["spleen", "M"], ["spleen", "F"], ["liver", "M"], ["liver", "F"], ["kidney", "M"], ["kidney", "F"]]
+    assert (one.charts["note"] == "").sum() > 100 and len(one.scores) == len(cohort)
+    for mine, theirs in zip(one, three):
+        pd.testing.assert_frame_equal(mine, theirs)
+    with pytest.raises(ValueError, match="processes must be an integer >= 1"):
+        normative.fit_panel_charts(cohort, panels, processes=0)
+
+
+def test_centile_scores_have_one_row_per_scan_and_charted_measure_out_of_fold_for_the_reference():
+    from ctcohort.centiles import CentileSettings
+
+    reference = analytic_cohort(300, seed=4).assign(hu_mean=50.0)
+    fit = normative.fit_charts(reference, ["liver"], ["volume_ml"], method="lms", by_sex=False,
+                               centiles=CentileSettings(bootstrap_resamples=0))
+    others = analytic_cohort(50, seed=8).assign(subject=lambda f: "new" + f["subject"], hu_mean=50.0)
+    cohort = pd.concat([reference, others, reference.assign(structure="spleen")], ignore_index=True)
+    scores = normative.centile_scores(fit, cohort)
+    assert list(scores.columns) == normative.SCORE_TABLE_COLUMNS
+    assert len(scores) == 350 and set(zip(scores["structure"], scores["measure"])) == {("liver", "volume_ml")}
+    held = scores[scores["fit"] == "out_of_fold"].set_index("subject")["z"]
+    np.testing.assert_array_equal(held.loc[fit.scores["subject"]].to_numpy(), fit.scores["z"].to_numpy(float))
+    new = scores[scores["fit"] == "full_chart"].set_index("subject")["z"].sort_index()
+    placed = normative.place_cohort(fit.charts, fit.coefficients, others).set_index("subject")
+    placed = placed[placed["measure"] == "volume_ml"]["z"].sort_index()
+    assert len(new) == 50 and new.notna().sum() > 40
+    np.testing.assert_array_equal(new.to_numpy(), placed.to_numpy())

@@ -206,7 +206,8 @@ def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_
     assert placed["percentile"].between(30, 70).all(), placed[["value", "percentile"]]
 
 
-FIGURES = ["age_quartile_boxplots", "rs_forest_plot", "rs_heatmap", "scatter_lowess", "normative_charts", "ct_age"]
+FIGURES = ["age_quartile_boxplots", "rs_forest_plot", "rs_heatmap", "scatter_lowess", "normative_charts",
+           "normative_calibration", "ct_age"]
 
 
 def test_demo_figures_are_in_the_report_with_their_captions(demo_study):

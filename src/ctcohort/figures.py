@@ -502,3 +502,84 @@ def plot_normative_charts(
     fig.tight_layout(h_pad=1.2, w_pad=0.8)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), frameon=False)
     save_figure(fig, outputs)
+
+
+# ------------------------------------------------------------------------------- normative calibration
+
+WORM_LIMIT = 1.0  # deviations beyond are drawn at the panel's edge (a clipped z of 8 would flatten the rest)
+
+
+def calibration_worms(calibration: pd.DataFrame, scores: pd.DataFrame) -> list[tuple[dict, pd.DataFrame | None, str]]:
+    """Per chart of ``calibration`` (normative_calibration.tsv, in its order): (its row, the worm table of its
+    reference scans' out-of-fold z from ``scores`` (centile_scores.tsv, fit "out_of_fold"), its note). A chart
+    without out-of-fold z (too few scans, method quantile) has the table None."""
+    from ctcohort.centiles import worm_table
+
+    held = scores[scores["fit"].astype(str) == "out_of_fold"]
+    z_by_chart = {key: pd.to_numeric(rows["z"], errors="coerce").to_numpy(float)
+                  for key, rows in held.groupby([held["structure"].astype(str), held["measure"].astype(str),
+                                                 held["sex"].astype(str)])}
+    worms = []
+    for row in calibration.to_dict("records"):
+        z = z_by_chart.get((str(row["structure"]), str(row["measure"]), str(row["sex"])), np.empty(0))
+        z = z[np.isfinite(z)]
+        worms.append((row, worm_table(z) if len(z) else None, text_of_note(row.get("note"))))
+    return worms
+
+
+def _draw_worm(ax, table: pd.DataFrame) -> None:
+    deviation = table["deviation"].clip(-WORM_LIMIT, WORM_LIMIT)
+    ax.fill_between(table["expected"], table["band_low"].clip(-WORM_LIMIT), table["band_high"].clip(None, WORM_LIMIT),
+                    color="#dddddd", linewidth=0, zorder=1)
+    ax.axhline(0, color="#777777", lw=0.5, zorder=2)
+    ax.plot(table["expected"], deviation, ls="", marker="o", ms=1.2, mew=0, color="black", zorder=3)
+    ax.set_ylim(-WORM_LIMIT * 1.05, WORM_LIMIT * 1.05)
+    beyond = float((np.abs(table["z"]) > 1.96).mean())
+    mean = round(float(table["z"].mean()), 2) + 0.0  # + 0.0: no "-0.00"
+    # at the top centre, where the band is narrowest and the worm of a calibrated chart stays low
+    ax.text(0.5, 0.97, f"n {len(table):,}; mean {mean:.2f}, SD {table['z'].std(ddof=1):.2f}\n"
+            f"{100 * beyond:.1f}% beyond |z| 1.96", transform=ax.transAxes, fontsize=5.5, ha="center", va="top")
+
+
+def draw_normative_calibration(calibration: pd.DataFrame, scores: pd.DataFrame):
+    """The figure of ``plot_normative_calibration``, not saved."""
+    worms = calibration_worms(calibration, scores)
+    ncols = 2 if len(worms) > 1 else 1
+    nrows = max(1, -(-len(worms) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(COLUMN_WIDTH_IN, 1.35 * nrows + 0.35), sharex=True, sharey=True,
+                             squeeze=False)
+    reach = max([3.0, *(np.abs(t["expected"]).max() + 0.2 for _, t, _ in worms if t is not None)])
+    for ax in axes.flat[len(worms):]:
+        ax.set_visible(False)
+    if not worms:
+        axes[0, 0].set_visible(True)
+        say(axes[0, 0], "no normative charts")
+    for ax, (row, table, note) in zip(axes.flat, worms):
+        ax.set_title(f"{pretty(row['structure'])}: {MEASURE_SHORT.get(row['measure'], row['measure'])}, "
+                     f"{SEX_NAMES.get(row['sex'], row['sex'])}" + (f"\nrefused: {pretty(note)}" if note else ""),
+                     fontsize=6.5)
+        if table is None:
+            # not ``say``: taking this panel's ticks away would take those of every (shared) panel
+            ax.text(0.5, 0.5, "no out-of-fold z", ha="center", va="center", transform=ax.transAxes)
+            ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
+            continue
+        _draw_worm(ax, table)
+        ax.set_xlim(-reach, reach)
+    for column in axes.T:  # the quantiles under the lowest worm of each column (an empty panel may be below)
+        drawn = [ax for ax in column if ax.lines]
+        if drawn:
+            drawn[-1].tick_params(labelbottom=True)
+    fig.supxlabel("normal quantile", fontsize=7)
+    fig.supylabel("z − normal quantile", fontsize=7)
+    fig.tight_layout(h_pad=0.5, w_pad=0.5)
+    return fig
+
+
+@journal_style
+def plot_normative_calibration(calibration: pd.DataFrame, scores: pd.DataFrame, outputs: Sequence[str | Path]) -> None:
+    """Worm plots (van Buuren & Fredriks 2001) of each normative chart's reference scans' out-of-fold z, one
+    small panel per chart: each sorted z less its normal quantile, against that quantile, in the grey
+    pointwise 95% band of a standard normal z; a calibrated chart's worm stays flat at 0 inside the band.
+    Deviations beyond +-WORM_LIMIT are drawn at the edge. A refused chart says why (its worm is drawn where it
+    has out-of-fold z: calibration_failed, undefined_centiles)."""
+    save_figure(draw_normative_calibration(calibration, scores), outputs)

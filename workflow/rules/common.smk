@@ -264,7 +264,7 @@ FIGURES = [
     "rs_forest_plot",
     "rs_heatmap",
     *(["scatter_lowess", "trajectories"] if config["figures"]["scatter"] else []),
-    *(["normative_charts"] if config["normative"]["panels"] else []),
+    *(["normative_charts", "normative_calibration"] if config["normative"]["panels"] else []),
     "ct_age",
 ]
 

@@ -1,5 +1,6 @@
 # The study's figures, each as PNG (in the report) and SVG (for a journal): the paper's age-quartile box plots,
-# a forest plot and a heatmap of rs, scatter plots with LOWESS curves by sex, the normative charts.
+# a forest plot and a heatmap of rs, scatter plots with LOWESS curves by sex, the normative charts and their
+# calibration (worm plots).
 
 
 localrules:
@@ -8,6 +9,7 @@ localrules:
     figure_rs_heatmap,
     figure_scatter_lowess,
     figure_normative_charts,
+    figure_normative_calibration,
 
 
 rule figure_age_quartile_boxplots:
@@ -90,3 +92,17 @@ rule figure_normative_charts:
         "../../envs/analysis.yaml"
     script:
         "../scripts/figure_normative_charts.py"
+
+
+rule figure_normative_calibration:
+    input:
+        calibration=rules.normative_charts.output.calibration,
+        scores=rules.normative_charts.output.scores,
+    output:
+        **figure_outputs("normative_calibration"),
+    log:
+        "results/logs/figure_normative_calibration.log",
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../scripts/figure_normative_calibration.py"

@@ -209,13 +209,14 @@ rule normative_charts:
         coefficients="results/stats/normative_covariates.tsv",
         calibration=report(
             "results/stats/normative_calibration.tsv",
-            caption="../report/normative_calibration.rst",
+            caption="../report/normative_calibration_table.rst",
             category="Normative charts",
         ),
         scores="results/stats/centile_scores.tsv",
     params:
         settings=config["normative"],
         combined=config["statistics"]["combined"],
+    threads: config["normative"]["threads"]
     log:
         "results/logs/normative_charts.log",
     conda:

@@ -1,12 +1,10 @@
 """Age- and sex-specific centile charts of the chosen structures' measures (normative.method: lms, location-scale-
 shape models calibrated on held-out scans, or quantile regression), and every scan's centile score."""
 
-import pandas as pd
-
 from ctcohort.aggregate import read_cohort_qc
 from ctcohort.centiles import CentileSettings
 from ctcohort.normative import CALIBRATION_COLUMNS as CALIBRATION
-from ctcohort.normative import NormativeFit, centile_scores, fit_charts, reference_scans
+from ctcohort.normative import centile_scores, fit_panel_charts, reference_scans
 from ctcohort.patients import read_cross_sectional, read_scans
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
@@ -16,14 +14,12 @@ settings = snakemake.params.settings
 # the reference: the scans normative.reference selects, one per patient, without structures the QC flags
 measurements = reference_scans(read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
                                settings.get("reference", ""), read_cohort_qc(snakemake.input.qc), snakemake.params.combined)
-fits = [
-    fit_charts(measurements, [panel["structure"]], [panel["measure"]], percentiles=settings["percentiles"],
-               covariates=settings["covariates"], by_sex=settings["by_sex"], spline_df=settings["spline_df"],
-               min_n=settings["min_n"], combined=snakemake.params.combined, method=settings["method"],
-               centiles=CentileSettings.from_config(settings), site=settings.get("site"))
-    for panel in settings["panels"]
-]
-fit = NormativeFit(*(pd.concat(list(tables), ignore_index=True) for tables in zip(*fits)))
+fit = fit_panel_charts(measurements, [(panel["structure"], panel["measure"]) for panel in settings["panels"]],
+                       percentiles=settings["percentiles"], covariates=settings["covariates"],
+                       by_sex=settings["by_sex"], spline_df=settings["spline_df"], min_n=settings["min_n"],
+                       combined=snakemake.params.combined, method=settings["method"],
+                       centiles=CentileSettings.from_config(settings), site=settings.get("site"),
+                       processes=snakemake.threads)
 write_table(fit.charts, snakemake.output.charts)
 write_table(fit.coefficients, snakemake.output.coefficients)
 keys = ["structure", "measure", "sex"]
