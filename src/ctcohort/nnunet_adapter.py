@@ -461,6 +461,7 @@ def network_axes(reader: str, transpose_forward) -> tuple[int, ...]:
     image_reader_writer and transpose_forward (reader array axes -> network axes)."""
     return tuple(READER_AXES[reader][axis] for axis in transpose_forward)
 
+
 # The intensity normalisations ``predict_labels`` reproduces (nnU-Net's, of one CT channel).
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
 

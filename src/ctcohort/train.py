@@ -302,9 +302,11 @@ def mirror_checkpoint(checkpoint: dict, axis: int) -> dict:
     the network's input (0: the first after the channels); biases, norms and every other key as they were.
 
     A fully convolutional network so flipped computes the mirror image of the original's output on the mirrored
-    input: exactly where every stride along ``axis`` samples positions symmetric about the centre (stride 1, or
-    odd sizes), nearly otherwise (a strided convolution on an even size samples the other positions after a
-    flip). Each tensor is flipped once, keeping the weights nnU-Net stores under two names one tensor.
+    input exactly where every stride along ``axis`` samples positions symmetric about the centre (stride 1, or
+    odd sizes). Otherwise a strided convolution on an even size samples the other positions after a flip, and
+    a network trained without augmentation can depend on that (the demo model's worst structure fell to Dice
+    0.28: resources/models/demo/README.md). Each tensor is flipped once, keeping the weights nnU-Net stores
+    under two names one tensor.
     """
     flipped = {}
 
