@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import SHEET_SCHEMA
+from conftest import SHEET_SCHEMA, real_example_v1
 from ctcohort import phantom
 from ctcohort.cli import main
 from ctcohort.measure import measure_scan
@@ -81,6 +81,28 @@ def test_render_is_deterministic_int16_with_v1_labels():
     assert ct[0, 0, 0] < -900
     hip = labels == v1["hip_left"]
     assert ct[hip].mean() > 200
+
+
+def _centroid_x_mm(labels, affine, label):
+    return (affine[:3, :3] @ np.argwhere(labels == label).mean(axis=0) + affine[:3, 3])[0]
+
+
+def test_anatomy_lies_on_the_sides_of_a_real_ct_in_ras():
+    """Every structure off the midline of the real example CT (RAS+: the subject's right at x > 0) lies on the
+    same side in a phantom scan, within 50 mm: kidney_right on the right, the liver right, the spleen left."""
+    real_affine, _, real_labels = real_example_v1()
+    _, labels, affine = phantom.render_subject(phantom.draw_subject(seed=1, index=0))
+    v1 = load_structure_table("total_v1").set_index("name")["label"]
+    compared = []
+    for s in phantom.ANATOMY:
+        if not (real_labels == v1[s.name]).any():
+            continue
+        real_x = _centroid_x_mm(real_labels, real_affine, v1[s.name])
+        if abs(real_x) > 10.0:
+            phantom_x = _centroid_x_mm(labels, affine, v1[s.name])
+            assert np.sign(phantom_x) == np.sign(real_x) and abs(phantom_x - real_x) < 50.0, (s.name, phantom_x, real_x)
+            compared.append(s.name)
+    assert {"kidney_right", "kidney_left", "liver", "spleen", "aorta", "inferior_vena_cava"} <= set(compared)
 
 
 def _find_subject(seed, predicate, limit=200):

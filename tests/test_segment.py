@@ -16,6 +16,7 @@ pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment
 
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
+from ctcohort.nnunet_adapter import network_axes  # noqa: E402
 from ctcohort.measure import measure_and_check, measure_scan, read_measurements, write_measurements  # noqa: E402
 from ctcohort.qc import QCSettings, read_qc  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
@@ -32,6 +33,7 @@ from ctcohort.segment import (  # noqa: E402
 )
 from ctcohort.scan_status import ScanStatus  # noqa: E402
 from ctcohort.structures import load_structure_table  # noqa: E402
+from ctcohort.train import mirror_model  # noqa: E402
 from tiny_model import train_tiny_model  # noqa: E402
 from totalseg_models import (  # noqa: E402
     RELEASE_FOLDERS,
@@ -435,6 +437,44 @@ def test_mirroring_is_nnunets_own(tmp_path):
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=False))
     _several_labels(ours)
+
+
+@pytest.mark.parametrize("transpose_forward, strides", [
+    ((0, 1, 2), [[1, 1, 1], [2, 2, 1], [2, 2, 1]]),  # RAS x on the network's last axis, as the demo model's plan
+    ((2, 0, 1), [[1, 1, 1], [1, 2, 2], [1, 2, 2]]),  # RAS x on its first
+])
+def test_a_mirrored_model_segments_the_mirrored_scan_as_the_model_the_scan(tmp_path, transpose_forward, strides):
+    """mirror_model along RAS x: its labels of the scan flipped left-right are the model's labels of the scan,
+    flipped. The networks are exact mirrors here (stride 1 along x; a strided conv on an even size makes them
+    nearly so), the scan is one tile, and nnU-Net sums its tiles' logits in float16 weighted by a Gaussian centred
+    off the middle of an even-sized patch: ties of the random model's logits break apart in a few voxels. The
+    model itself, on the flipped scan, gives other labels in many."""
+    ct = _write_scan(tmp_path / "ct.nii.gz")
+    patch = [SCAN_SHAPE[axis] for axis in network_axes("SimpleITKIO", transpose_forward)]
+    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", strides=strides, patch=patch,
+                        spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
+                        active_labels=(0, 1, 3, 5), seed=3)
+    mirrored = mirror_model(model, tmp_path / "mirrored", ras_axis=0)
+    flipped_ct = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)
+    labels = Segmenter(model, V2, device="cpu", precision="float32").segment(ct)
+    mirrored_labels = Segmenter(mirrored, V2, device="cpu", precision="float32").segment(flipped_ct)
+    unmirrored_labels = Segmenter(model, V2, device="cpu", precision="float32").segment(flipped_ct)
+    assert np.mean(mirrored_labels == labels[::-1]) > 0.99
+    assert np.mean(unmirrored_labels == labels[::-1]) < 0.9
+    _several_labels(labels)
+    # the weights nnU-Net stores under two names stay one tensor
+    assert _shared_names(mirrored) == _shared_names(model) and len(_shared_names(model)) > 5
+
+
+def _shared_names(model):
+    """The sets of names in a model's checkpoint that hold one tensor."""
+    import torch
+
+    weights = torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    names = {}
+    for key, value in weights.items():
+        names.setdefault(value.data_ptr(), set()).add(key)
+    return sorted(sorted(group) for group in names.values() if len(group) > 1)
 
 
 # TotalSegmentator's release layout: 291 random over a few labels, 292 one label everywhere (local 4,

@@ -104,6 +104,30 @@ def test_small_configuration_is_consistent():
     assert arch["arch_kwargs"]["n_stages"] == 6  # the parent is left alone
 
 
+def test_mirrored_checkpoint_computes_the_mirror_image_through_strided_and_transposed_convolutions():
+    """A strided convolution (on an odd size, where its samples are symmetric), instance norm and a transposed
+    convolution: with mirror_checkpoint's weights, the output on the input flipped along an axis is the output
+    flipped along it; the original weights are not mirror-symmetric."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    def network():
+        return torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, stride=2, padding=1), torch.nn.InstanceNorm3d(4, affine=True),
+                                   torch.nn.LeakyReLU(), torch.nn.ConvTranspose3d(4, 3, 2, stride=2)).eval()
+
+    original, mirrored = network(), network()
+    image = torch.randn(1, 2, 7, 9, 5)
+    for axis in range(3):
+        checkpoint = {"network_weights": original.state_dict(), "trainer_name": "nnUNetTrainer"}
+        flipped = train.mirror_checkpoint(checkpoint, axis)
+        assert flipped["trainer_name"] == "nnUNetTrainer"
+        mirrored.load_state_dict(flipped["network_weights"])
+        with torch.no_grad():
+            expected = original(image).flip(2 + axis)
+            torch.testing.assert_close(mirrored(image.flip(2 + axis)), expected, rtol=1e-5, atol=1e-5)
+            assert (original(image.flip(2 + axis)) - expected).abs().max() > 0.1
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """One real, tiny nnU-Net training (1 epoch x 2 iterations) for all the tests below; its out_dir."""

@@ -18,6 +18,7 @@ from scipy import stats
 from conftest import REPO, run_workflow
 from test_figures import svg_text
 from ctcohort import phantom
+from ctcohort.aggregate import read_cohort_qc
 from ctcohort.stats import read_table
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,16 @@ def test_demo_tables(demo_study):
     assert pd.read_csv(demo_study / "tables" / "failures.tsv", sep="\t").empty
     qc = pd.read_csv(demo_study / "tables" / "qc_summary.tsv", sep="\t").set_index("structure")
     assert qc.at["clavicula_left", "cut_off"] == cut[measurements["structure"] == "clavicula_left"].sum()
+
+
+def test_demo_left_and_right_lie_where_ras_puts_them(demo_study):
+    """The phantom is drawn in RAS+ (the subject's right at x > 0) and the bundled model segments it so: no pair is
+    flagged on the wrong side of its twin, and the cohort does not look mirrored."""
+    qc = read_cohort_qc(demo_study / "tables" / "qc.tsv")
+    assert not qc["laterality"].any(), qc.loc[qc["laterality"], ["subject", "structure"]]
+    right = qc.loc[qc["structure"].isin(["kidney_right", "liver"]), "centroid_x_mm"].dropna()
+    assert len(right) == 80 and (right > 0).all()
+    assert "look mirrored" not in (demo_study / "logs" / "aggregate.log").read_text()
 
 
 def test_demo_correlations_equal_scipy_on_the_measurement_table(demo_study):

@@ -43,8 +43,9 @@ def release_labels(dataset_id: int) -> dict[str, int]:
     return dict(zip(classes["name"], classes["label"].astype(int)))
 
 
-def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, features) -> dict:
+def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, features, strides=None) -> dict:
     n_stages = len(features)
+    strides = strides or [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1)
     backward = [list(transpose_forward).index(i) for i in range(3)]
     return {
         "dataset_name": dataset_name,
@@ -80,7 +81,7 @@ def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, fe
                     "features_per_stage": list(features),
                     "conv_op": "torch.nn.modules.conv.Conv3d",
                     "kernel_sizes": [[3, 3, 3]] * n_stages,
-                    "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                    "strides": [list(s) for s in strides],
                     "n_conv_per_stage": [1] * n_stages,
                     "n_conv_per_stage_decoder": [1] * (n_stages - 1),
                     "conv_bias": True,
@@ -100,12 +101,12 @@ def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, fe
 
 def write_model(folder, labels: dict[str, int], *, dataset_name: str, trainer: str = "nnUNetTrainer",
                 reader: str = "SimpleITKIO", spacing=(2.0, 1.5, 1.5), patch=(8, 12, 16), transpose_forward=(0, 1, 2),
-                features=(4, 8, 8), folds=(0,), seed: int = 0, force_label: int | None = None,
+                features=(4, 8, 8), strides=None, folds=(0,), seed: int = 0, force_label: int | None = None,
                 active_labels=None, mirror_axes=None) -> Path:
     """One nnU-Net trained model folder with seeded random weights; returns ``folder``.
 
-    ``labels``: name -> label (background added); ``spacing`` and ``patch`` in the network's axis order (after
-    ``transpose_forward``, as plans.json holds them); each fold's weights drawn from ``seed`` + fold.
+    ``labels``: name -> label (background added); ``spacing``, ``patch`` and ``strides`` (per stage; default 1,
+    then 2 along every axis) in the network's axis order (after ``transpose_forward``, as plans.json holds them); each fold's weights drawn from ``seed`` + fold.
     ``force_label``: that label wins everywhere (the last layer's weights zeroed, its bias decides);
     ``active_labels``: only these labels can win (the others' bias pushed far down), so that a random
     network predicts a few labels, background among them, each in many voxels.
@@ -116,7 +117,7 @@ def write_model(folder, labels: dict[str, int], *, dataset_name: str, trainer: s
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plans = _plans(dataset_name, reader, spacing, patch, transpose_forward, features)
+    plans = _plans(dataset_name, reader, spacing, patch, transpose_forward, features, strides)
     dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **labels}, "numTraining": 1,
                "file_ending": ".nii.gz"}
     if reader != "SimpleITKIO":

@@ -455,6 +455,13 @@ READER_AXES = {
     "NibabelIOWithReorient": (2, 1, 0),
 }
 
+
+def network_axes(reader: str, transpose_forward) -> tuple[int, ...]:
+    """The RAS voxel axis behind each spatial axis of the network's input, for plans.json's
+    image_reader_writer and transpose_forward (reader array axes -> network axes)."""
+    return tuple(READER_AXES[reader][axis] for axis in transpose_forward)
+
+
 # The intensity normalisations ``predict_labels`` reproduces (nnU-Net's, of one CT channel).
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
 

@@ -27,7 +27,8 @@ from ctcohort.structures import load_structure_table
 
 REFERENCE_AGE = 55.0
 DEFAULT_SPACING = (2.5, 2.5, 4.0)
-# Field of view in RAS millimetres: x (right->left), y (posterior->anterior), z (inferior->superior).
+# Field of view in RAS+ millimetres: x (left->right), y (posterior->anterior), z (inferior->superior); symmetric
+# in x, so the grid's x-mirror is the voxel array flipped along its first axis.
 FIELD_OF_VIEW = ((-190.0, 190.0), (-140.0, 140.0), (-270.0, 260.0))
 BODY_SEMI_AXES = (185.0, 135.0)
 AIR_HU, FAT_HU, NOISE_HU = -1000.0, -90.0, 12.0
@@ -58,16 +59,17 @@ class Structure:
 
 
 def _pair(name, shape, geometry, **kwargs):
-    """Left and right copies of a structure (x mirrored); ``name`` gets _left/_right."""
+    """Left and right copies of a structure; ``name`` gets _left/_right. ``geometry`` is the right one's, on the
+    subject's right (RAS+: x > 0); the left one is its x-mirror."""
     def mirrored(point):
         return (-point[0], *point[1:])
 
     if shape == "ellipsoid":
-        left_geometry = geometry
-        right_geometry = (mirrored(geometry[0]), geometry[1])
+        right_geometry = geometry
+        left_geometry = (mirrored(geometry[0]), geometry[1])
     else:
-        left_geometry = geometry
-        right_geometry = (mirrored(geometry[0]), mirrored(geometry[1]), geometry[2])
+        right_geometry = geometry
+        left_geometry = (mirrored(geometry[0]), mirrored(geometry[1]), geometry[2])
     return [
         Structure(f"{name}_left", shape, left_geometry, **kwargs),
         Structure(f"{name}_right", shape, right_geometry, **kwargs),
@@ -80,18 +82,18 @@ ANATOMY: tuple[Structure, ...] = (
     *_pair("lung_lower_lobe", "ellipsoid", ((95, -5, 140), (44, 50, 50)), hu=-840, hu_subject_sd=15),
     *_pair("clavicula", "tube", ((32, 50, 218), (130, 25, 226), (8,)), hu=420, hu_per_decade=-30,
            hu_subject_sd=25),
-    Structure("aorta", "tube", ((25, 8, -95), (25, 8, 186), (11,)), hu=45, volume_per_decade=0.07,
+    Structure("aorta", "tube", ((-25, 8, -95), (-25, 8, 186), (11,)), hu=45, volume_per_decade=0.07,
               hu_contrast=160),
-    Structure("inferior_vena_cava", "tube", ((-10, 8, -95), (-10, 8, 70), (10,)), hu=40, hu_contrast=90),
-    Structure("liver", "ellipsoid", ((-85, 30, 30), (48, 45, 38)), hu=55, hu_contrast=50),
+    Structure("inferior_vena_cava", "tube", ((10, 8, -95), (10, 8, 70), (10,)), hu=40, hu_contrast=90),
+    Structure("liver", "ellipsoid", ((85, 30, 30), (48, 45, 38)), hu=55, hu_contrast=50),
     # the non-linear control: attenuation peaks in mid-life and falls on both sides, a trajectory that
     # Spearman's rs and a linear age term miss and the spline test of results/stats/regression.tsv finds
-    Structure("spleen", "ellipsoid", ((95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60,
+    Structure("spleen", "ellipsoid", ((-95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60,
               hu_per_decade_squared=-1.5),
-    Structure("gallbladder", "ellipsoid", ((-60, 85, -40), (14, 14, 20)), hu=5),
+    Structure("gallbladder", "ellipsoid", ((60, 85, -40), (14, 14, 20)), hu=5),
     *_pair("kidney", "ellipsoid", ((75, -55, -10), (26, 22, 45)), volume_per_decade=-0.07, hu=30,
            hu_contrast=110),
-    Structure("pancreas", "ellipsoid", ((25, 50, -30), (40, 12, 15)), hu=40, volume_per_decade=-0.07,
+    Structure("pancreas", "ellipsoid", ((-25, 50, -30), (40, 12, 15)), hu=40, volume_per_decade=-0.07,
               hu_contrast=45),
     *[Structure(f"vertebrae_{level}", "ellipsoid", ((0, -40, z), (24, 19, 13)), hu=260,
                 hu_per_decade=-22 if level == "L4" else 0.0, hu_subject_sd=20)

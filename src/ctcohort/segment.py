@@ -80,7 +80,7 @@ class ModelPart:
     @property
     def network_axes(self) -> tuple[int, ...]:
         """The RAS voxel axis behind each axis of the network's input."""
-        return tuple(READER_AXES[self.reader][axis] for axis in self.transpose_forward)
+        return nnunet_adapter.network_axes(self.reader, self.transpose_forward)
 
 
 def _checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str) -> list[Path]:

@@ -297,6 +297,48 @@ def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
     return out_dir
 
 
+def mirror_checkpoint(checkpoint: dict, axis: int) -> dict:
+    """``checkpoint`` with every convolution and transposed-convolution kernel flipped along spatial ``axis`` of
+    the network's input (0: the first after the channels); biases, norms and every other key as they were.
+
+    A fully convolutional network so flipped computes the mirror image of the original's output on the mirrored
+    input exactly where every stride along ``axis`` samples positions symmetric about the centre (stride 1, or
+    odd sizes). Otherwise a strided convolution on an even size samples the other positions after a flip, and
+    a network trained without augmentation can depend on that (the demo model's worst structure fell to Dice
+    0.28: resources/models/demo/README.md). Each tensor is flipped once, keeping the weights nnU-Net stores
+    under two names one tensor.
+    """
+    flipped = {}
+
+    def mirrored(key, value):
+        if not (key.endswith(".weight") and value.ndim >= 3):  # kernels: (out, in, *spatial) or (in, out, ...)
+            return value
+        return flipped.setdefault(value.data_ptr(), value.flip(2 + axis))
+
+    weights = {key: mirrored(key, value) for key, value in checkpoint["network_weights"].items()}
+    return {**checkpoint, "network_weights": weights}
+
+
+def mirror_model(model_dir: str | Path, out_dir: str | Path, ras_axis: int = 0, fold: int = 0,
+                 checkpoint_name: str = "checkpoint_final.pth") -> Path:
+    """An exported model (``export_model``'s layout) mirrored along RAS voxel axis ``ras_axis`` (0: left-right)
+    into out_dir (returned): ``mirror_checkpoint`` along the network axis that its plans' reader and
+    transpose_forward put that RAS axis on; dtypes and checkpoint metadata unchanged. For a model trained on
+    mirrored images: the mirrored model segments the images the right way round."""
+    import torch
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    plans = json.loads((model_dir / "plans.json").read_text())
+    axes = nnunet.network_axes(plans["image_reader_writer"], plans["transpose_forward"])
+    (out_dir / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copyfile(model_dir / name, out_dir / name)
+    source = model_dir / f"fold_{fold}" / checkpoint_name
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    torch.save(mirror_checkpoint(checkpoint, axes.index(ras_axis)), out_dir / f"fold_{fold}" / checkpoint_name)
+    return out_dir
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole chain
 # ---------------------------------------------------------------------------------------------------------
