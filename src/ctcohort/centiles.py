@@ -866,20 +866,6 @@ def worm_table(z) -> pd.DataFrame:
     return pd.DataFrame({"expected": expected, "z": z, "deviation": z - expected, "band_low": -band, "band_high": band})
 
 
-def plot_worm(z, ax=None, title: str = ""):
-    """A worm plot of z (deviation from the normal quantile against it, with the 95% band) on ``ax``."""
-    import matplotlib.pyplot as plt
-
-    table = worm_table(z)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 3))
-    ax.plot(table["expected"], table["deviation"], ".", markersize=3)
-    ax.plot(table["expected"], table["band_low"], "k:", table["expected"], table["band_high"], "k:")
-    ax.axhline(0, color="grey", linewidth=0.5)
-    ax.set(xlabel="normal quantile", ylabel="z - normal quantile", title=title)
-    return ax
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Bootstrap and the chart
 # ---------------------------------------------------------------------------------------------------------
