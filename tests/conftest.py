@@ -50,7 +50,8 @@ def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[
         else:
             config[key] = value
     (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    # in the config's order: the first of several segmentation models is the one whose names stay
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(workdir), "--cores", "2", *args]
 

@@ -40,12 +40,24 @@ def test_nested_config_values_get_the_schemas_types():
     assert typed["structures"] == "total_v1"
 
 
+def test_a_model_mapping_on_the_command_line_gets_its_tasks_typed():
+    config = shipped_config()
+    models = {"total": {"folder": "/m", "task": 297}, "body": {"folder": "/m", "task": None}, "plain": "/p"}
+    config["segmentation"] = as_base_loader_reads({**config["segmentation"], "model": models})
+    assert config["segmentation"]["model"]["total"]["task"] == "297"
+    typed = typed_like_schema(config, SCHEMA)
+    jsonschema.validate(typed, SCHEMA)
+    assert typed["segmentation"]["model"] == models
+
+
 def test_text_that_is_not_the_wanted_type_is_left_for_the_schema_to_refuse():
     config = shipped_config()
     config["measure"]["scans_per_job"] = "two"
     config["figures"]["age_edges"] = "quartiles"  # text is one of age_edges' types: kept
     typed = typed_like_schema(config, SCHEMA)
     assert typed["measure"]["scans_per_job"] == "two" and typed["figures"]["age_edges"] == "quartiles"
+    device = SCHEMA["properties"]["segmentation"]["properties"]["device"]
+    assert typed_like_schema("gpu", device, SCHEMA) == "gpu"  # text, but none of the enum's: kept
     with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
         jsonschema.validate(typed, SCHEMA)
 

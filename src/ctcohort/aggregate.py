@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, REVIEWER_EXCLUDED, read_measurements
+from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, MODEL_COLUMN, REVIEWER_EXCLUDED, read_measurements
 from ctcohort.qc import GEOMETRY_COLUMNS, QCSettings, read_qc
 from ctcohort.review import SANITY_FLAGS, review_column, sanity_flags
 from ctcohort.scan_status import ScanStatus, read_status
@@ -88,7 +88,7 @@ def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequen
     clash = sorted(set(combined) & known)
     if clash:
         raise ValueError(f"combined structure name(s) {clash} are structures of the table already; choose other names")
-    covariates = [c for c in measurements.columns if c not in MEASURE_COLUMNS]
+    covariates = [c for c in measurements.columns if c not in (MODEL_COLUMN, *MEASURE_COLUMNS)]
     subjects = measurements.drop_duplicates("subject")[covariates].reset_index(drop=True)
     frames = []
     for name, members in combined.items():
@@ -119,8 +119,10 @@ def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequen
         complete = wide["complete"].astype("boolean").unstack().reindex(
             index=subjects["subject"], columns=members)
         groups = set(rows["group"].fillna("").astype(str))
+        models = set(rows[MODEL_COLUMN].astype(str)) if MODEL_COLUMN in rows.columns else set()
+        model = {MODEL_COLUMN: models.pop() if len(models) == 1 else ""} if models else {}  # the members' one
         frame = subjects.assign(
-            structure=name, label=np.nan, group=groups.pop() if len(groups) == 1 else "",
+            **model, structure=name, label=np.nan, group=groups.pop() if len(groups) == 1 else "",
             n_voxels=total, volume_ml=out["volume_ml"], hu_mean=out["hu_mean"], hu_median=np.nan,
             hu_std=out["hu_std"], hu_mean_eroded=out["hu_mean_eroded"],
             complete=pd.array(np.where(complete.isna().any(axis=1), pd.NA, complete.fillna(True).all(axis=1)),
@@ -216,7 +218,8 @@ def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str,
     subjects = set(measured["subject"])
     frames = [read_qc(path).assign(subject=subject) for subject, path in qc_paths.items() if subject in subjects]
     covariates = [c for c in ("age", "sex") if c in checked.columns]
-    table = checked[["subject", "structure", "label", "group", "n_voxels", "complete", "volume_implausible",
+    model = [MODEL_COLUMN] if MODEL_COLUMN in checked.columns else []
+    table = checked[["subject", *model, "structure", "label", "group", "n_voxels", "complete", "volume_implausible",
                      "hu_implausible", "exclusion_reason", *covariates]].copy()
     table["volume_ml_measured"] = measured["volume_ml"].to_numpy()
     table["hu_mean_measured"] = measured["hu_mean"].to_numpy()
@@ -228,12 +231,12 @@ def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str,
                              **{column: np.nan for column in GEOMETRY_COLUMNS})
     table = pd.concat([table, sanity_flags(table, settings)], axis=1)
     table["review"] = review_column(table, decisions)
-    return table[QC_TABLE_COLUMNS]
+    return table[["subject", *model, *QC_TABLE_COLUMNS[1:]]]
 
 
 def read_cohort_qc(path: str | Path) -> pd.DataFrame:
     """qc.tsv as ``cohort_qc`` wrote it: ids and text as text ("007" is an id), "NaN" a missing number."""
-    text = ["subject", "structure", "group", "cut_faces", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
+    text = ["subject", MODEL_COLUMN, "structure", "group", "cut_faces", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
             "review"]
     return pd.read_csv(path, sep="\t", keep_default_na=False, na_values={c: ["NaN"] for c in QC_TABLE_COLUMNS
                                                                            if c not in text},

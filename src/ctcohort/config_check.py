@@ -30,13 +30,33 @@ def _resolve(schema: Mapping, root: Mapping) -> Mapping:
     return schema
 
 
-def _types(schema: Mapping) -> list[str]:
+def _types(schema: Mapping, root: Mapping) -> list[str]:
     """The JSON types a schema allows (of each alternative of oneOf / anyOf)."""
     kinds = schema.get("type", [])
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ())):
-        kinds += _types(alternative)
+        kinds += _types(_resolve(alternative, root), root)
     return kinds
+
+
+def _takes_text(value: str, schema: Mapping, root: Mapping) -> bool:
+    """Whether the schema, or one of its alternatives, takes ``value`` as text: a string type, and its enum
+    where it has one (so "297" for segmentation.task, whose text values are task names, is read as a number)."""
+    kinds = schema.get("type", [])
+    if "string" in ([kinds] if isinstance(kinds, str) else kinds):
+        return value in schema.get("enum", [value])
+    return any(_takes_text(value, _resolve(alternative, root), root)
+               for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ())))
+
+
+def _alternative_for(kind: str, schema: Mapping, root: Mapping) -> Mapping:
+    """The alternative of a oneOf / anyOf schema that takes values of JSON type ``kind`` (e.g. the mapping form of
+    segmentation.model), or the schema itself."""
+    for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ())):
+        alternative = _resolve(alternative, root)
+        if kind in _types(alternative, root):
+            return _alternative_for(kind, alternative, root)
+    return schema
 
 
 def _matches(value, kinds: list[str]) -> bool:
@@ -49,20 +69,25 @@ def typed_like_schema(value, schema: Mapping, root: Mapping | None = None):
     where that gives that type (module docstring). Returns a new value; the input is not changed."""
     root = schema if root is None else root
     schema = _resolve(schema, root)
-    kinds = _types(schema)
+    kinds = _types(schema, root)
     if isinstance(value, str) and value in ("null", "~") and "null" in kinds:
         return None
-    if isinstance(value, str) and kinds and "string" not in kinds:
+    if isinstance(value, str) and kinds and not _takes_text(value, schema, root):
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
-        return typed_like_schema(parsed, schema, root) if _matches(parsed, kinds) else value
+        # text that stays text (a misspelt enum value) is left for the schema to refuse
+        return typed_like_schema(parsed, schema, root) if _matches(parsed, kinds) and not isinstance(parsed, str) \
+            else value
     if isinstance(value, dict):
+        schema = _alternative_for("object", schema, root)
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         return {key: typed_like_schema(item, properties.get(key, extra if isinstance(extra, dict) else {}), root)
                 for key, item in value.items()}
+    if isinstance(value, list):
+        schema = _alternative_for("array", schema, root)
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [typed_like_schema(item, schema["items"], root) for item in value]
     return value

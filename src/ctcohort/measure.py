@@ -49,6 +49,9 @@ MEASURE_COLUMNS = [
     "hu_mean_eroded", "complete", "exclusion_reason",
 ]
 HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
+# which model segmented the structure, in a study of several models (study_models.py); not "model", the
+# scanner's model name of a sheet written by ctcohort sheet
+MODEL_COLUMN = "segmentation_model"
 # Every exclusion_reason, in order of precedence: a structure gets the first that applies. The two
 # implausible_* reasons are given where the cohort is joined (qc.apply_plausibility), not per scan;
 # implausible_hu comes before cut_off for the reason hu_nonfinite does (cut_off says the HU is usable).

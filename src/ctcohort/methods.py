@@ -140,6 +140,13 @@ def _patients_sentence(config: Mapping, measured: int, selection: pd.DataFrame |
             f"an age."), n["patients_with_age"]
 
 
+def _models_words(names: Sequence[str]) -> str:
+    if len(names) < 2:
+        return ""
+    return (f" Each scan was segmented by each of {len(names)} models ({_listing(list(names))}); a structure that an "
+            "earlier of these models also segments is named model:structure.")
+
+
 def _cohort_paragraph(config, counts, version, model, selection) -> str:
     segmentation = config["segmentation"]
     n_in = _count(counts, "scans", "in the sheet")
@@ -157,7 +164,7 @@ def _cohort_paragraph(config, counts, version, model, selection) -> str:
                f"fold{'s' if len(segmentation['folds']) > 1 else ''} {_listing([str(f) for f in segmentation['folds']])}, "
                f"sliding-window step {segmentation['tile_step']} of the patch size, "
                f"{'with' if segmentation['mirroring'] else 'without'} test-time mirroring, "
-               + RESAMPLING_WORDS[segmentation["resampling"]] + ".")
+               + RESAMPLING_WORDS[segmentation["resampling"]] + "." + _models_words(config.get("models") or []))
     else:
         seg = (f"Segmentations were supplied with the cohort (structure table {config['structures']}) and "
                f"measured as given.")

@@ -627,14 +627,14 @@ def with_combined_structures(scans: pd.DataFrame, charts: pd.DataFrame) -> pd.Da
     if not wanted:
         return scans
     from ctcohort.aggregate import combine_structures
-    from ctcohort.measure import MEASURE_COLUMNS
+    from ctcohort.measure import MEASURE_COLUMNS, MODEL_COLUMN
 
     lacking = [c for c in MEASURE_COLUMNS if c not in scans.columns]
     if lacking:
         raise ValueError(f"the scan's table has no column {', '.join(lacking)}, needed to combine "
                          f"{', '.join(wanted)} from their members (ctcohort measure's table has them)")
     cohort = scans if "subject" in scans.columns else scans.assign(subject="scan")
-    covariates = [c for c in cohort.columns if c not in MEASURE_COLUMNS]
+    covariates = [c for c in cohort.columns if c not in (MODEL_COLUMN, *MEASURE_COLUMNS)]
     rows = combine_structures(cohort[[*covariates, *MEASURE_COLUMNS]], wanted)
     return pd.concat([scans, rows.reindex(columns=scans.columns)], ignore_index=True)
 

@@ -35,7 +35,7 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +51,7 @@ from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import passed_on_failure, recording_failure, run_scan_step
-from ctcohort.structures import load_structure_table
+from ctcohort.study_models import StudyModel, measuring_table, models_checked_scan, study_models
 
 log = logging.getLogger(__name__)
 
@@ -583,21 +583,44 @@ class BatchMeasurement:
         return self.settings if self.previews else replace(self.settings, preview_width=None)
 
 
-def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
-                       measurement: BatchMeasurement, ct_path, seg_path):
+def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, label_maps: Sequence[np.ndarray],
+                       models: Sequence[StudyModel], measurement: BatchMeasurement, ct_path, seg_paths):
     # the CT passed the same checks when it was read for segmentation
-    return checked_scan(hu, labels, ct.affine, table, measurement.qc, source=seg_path, ct_source=ct_path,
-                        sform_qform_mm=sform_qform_disagreement(ct))
+    sform_qform_mm = sform_qform_disagreement(ct)
+    results = [
+        checked_scan(hu, labels, ct.affine, measuring_table(model),
+                     measurement.qc if k == 0 else replace(measurement.qc, preview_width=None),  # one preview
+                     source=seg_path, ct_source=ct_path, sform_qform_mm=sform_qform_mm)
+        for k, (model, labels, seg_path) in enumerate(zip(models, label_maps, seg_paths))
+    ]
+    return models_checked_scan(results, list(models))
+
+
+class StudySegmenter:
+    """Every model of the study (``study_models``), each loaded once; ``segment`` gives each one's label map."""
+
+    def __init__(self, models: Sequence[StudyModel], **settings):
+        self.models = list(models)
+        self.segmenters = [Segmenter(m.folder or None, m.table, task=m.task, **settings) for m in self.models]
+
+    def segment(self, ct: nib.Nifti1Image, hu: np.ndarray | None = None) -> list[np.ndarray]:
+        return [segmenter.segment(ct, hu) for segmenter in self.segmenters]
+
+
+def _write_label_maps(label_maps: Sequence[np.ndarray], ct: nib.Nifti1Image, models: Sequence[StudyModel],
+                      out_paths: Sequence[str | Path]) -> None:
+    for labels, model, out_path in zip(label_maps, models, out_paths):
+        _write_label_map(labels, ct, model.table, out_path)
 
 
 def segment_batch(
     subjects: Sequence[str],
     cts: Sequence[str | Path],
-    outputs: Sequence[str | Path],
+    outputs: Sequence[str | Path | Sequence[str | Path]],
     statuses: Sequence[str | Path],
     *,
-    model: str | Path,
-    structures: str,
+    model: str | Path | Mapping,
+    structures: str | Mapping,
     task=None,
     on_error: str = "record",
     ct_checks: ScanChecks = ScanChecks(),
@@ -606,7 +629,9 @@ def segment_batch(
     **settings,
 ) -> None:
     """The workflow's batch job: load the model once, segment every scan, record each scan's status;
-    with ``measurement``, measure each scan too.
+    with ``measurement``, measure each scan too. ``model``, ``task``, ``structures``: as the config keys
+    (``study_models``); with several models, ``outputs`` holds per scan the label map path of each model, and
+    a scan fails if any model fails on it.
 
     A scan that fails (reading, segmenting or writing) gets an empty label map (so the batch's outputs
     exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
@@ -616,32 +641,34 @@ def segment_batch(
     DICOM import; "" for a scan without one), or none at all: a scan that failed there is not segmented, and
     its failure is passed on.
     """
-    table = load_structure_table(structures)
-    segmenter = Segmenter(model, table, task=task, **settings)
+    models = study_models(model, task, structures)
+    segmenter = StudySegmenter(models, **settings)
+    outputs = [[paths] if isinstance(paths, (str, Path)) else list(paths) for paths in outputs]
     done = []
     with ScanPipeline(segmenter, cts, ct_checks) as pipeline:
-        for i, (subject, ct_path, out_path, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
+        for i, (subject, ct_path, out_paths, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
             write = measured = None
             if upstream and passed_on_failure(subject, upstream[i:i + 1], status_path) is not None:
-                done.append((i, subject, out_path, status_path, write, measured))
+                done.append((i, subject, out_paths, status_path, write, measured))
                 continue
             with recording_failure(subject, "segment", status_path, on_error) as status:
-                ct, hu, labels = pipeline.segment(i)
+                ct, hu, label_maps = pipeline.segment(i)
             if status.ok:
                 log.info("segmented %s (%d of %d)", ct_path, i + 1, len(cts))  # progress, as it happens
-                write = pipeline.write(labels, ct, out_path)
+                write = pipeline.in_background(_write_label_maps, label_maps, ct, models, out_paths)
                 if measurement is not None:
-                    measured = pipeline.in_background(_measure_segmented, ct, hu, labels, table, measurement,
-                                                      ct_path, out_path)
-                del ct, hu, labels  # the background tasks hold them only as long as they need them
-            done.append((i, subject, out_path, status_path, write, measured))
-        for i, subject, out_path, status_path, write, measured in done:
+                    measured = pipeline.in_background(_measure_segmented, ct, hu, label_maps, models, measurement,
+                                                      ct_path, out_paths)
+                del ct, hu, label_maps  # the background tasks hold them only as long as they need them
+            done.append((i, subject, out_paths, status_path, write, measured))
+        for i, subject, out_paths, status_path, write, measured in done:
             if write is not None:
                 with recording_failure(subject, "segment", status_path, on_error) as status:
                     write.result()
-                    log.info("wrote %s", out_path)
+                    log.info("wrote %s", ", ".join(map(str, out_paths)))
             if write is None or not status.ok:
-                _write_placeholder(out_path)
+                for out_path in out_paths:
+                    _write_placeholder(out_path)
             if measurement is not None:
                 _record_measurement(subject, status_path, measured, measurement, i, on_error)
 

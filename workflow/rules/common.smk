@@ -24,7 +24,12 @@ from ctcohort.segment import (
     model_files,
 )
 from ctcohort.sheet import CohortSheetError, load_cohort_sheet
-from ctcohort.structures import load_structure_table
+from ctcohort.study_models import (
+    label_map_path,
+    models_description,
+    study_models,
+    study_structure_table,
+)
 
 
 # nested --config values arrive as text (Snakemake reads them with YAML's base loader): read them with the
@@ -98,14 +103,19 @@ IMPORT_BATCHES = in_batches(DICOM_SUBJECTS, config["import_ct"]["scans_per_job"]
 with open(SHEET_SCHEMA) as stream:
     SUBJECT_PATTERN = yaml.safe_load(stream)["properties"]["subject"]["pattern"].strip("^$")
 
-try:  # a bad structure table would otherwise fail every scan, one job at a time
-    STRUCTURE_TABLE = load_structure_table(config["structures"])
+# The segmentation models (one, or several by name: study_models.py) and the study's structures. A bad structure
+# table would otherwise fail every scan, one job at a time.
+try:
+    MODELS = study_models(
+        "" if PRECOMPUTED else config["segmentation"]["model"],
+        config["segmentation"]["task"],
+        config["structures"],
+    )
+    STRUCTURE_TABLE = study_structure_table(MODELS)
 except (ValueError, FileNotFoundError) as err:
-    raise WorkflowError(f"config key structures: {err}") from None
+    raise WorkflowError(f"config key structures or segmentation.model: {err}") from None
 # a misspelled structure in statistics.combined or a panel would vanish or draw nothing: stop, naming the key
-CONFIG_PROBLEMS = structure_reference_problems(
-    config, STRUCTURE_TABLE["name"], os.path.basename(str(config["structures"]))
-)
+CONFIG_PROBLEMS = structure_reference_problems(config, STRUCTURE_TABLE["name"], models_description(MODELS))
 if CONFIG_PROBLEMS:
     raise WorkflowError("\n".join(CONFIG_PROBLEMS))
 
@@ -123,7 +133,7 @@ else:
     )
     if MISSING_PACKAGES:
         raise WorkflowError(MISSING_PACKAGES)
-    if not DEMO and not config["segmentation"]["model"]:
+    if not DEMO and not all(model.folder for model in MODELS):
         # The bundled model knows phantoms only; on real scans it would give plausible-looking nonsense.
         raise WorkflowError(
             "segmentation.model is empty: the bundled model is trained on phantom scans and serves the demo "
@@ -132,12 +142,17 @@ else:
             "seg column."
         )
     try:  # a missing or malformed model folder stops the run before any job
-        parts = find_model_parts(
-            config["segmentation"]["model"], STRUCTURE_TABLE, config["segmentation"]["task"]
-        )
+        parts = [
+            part
+            for model in MODELS
+            for part in find_model_parts(model.folder, model.table, model.task)
+        ]
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
-    SEGMENTATION_MODEL_FILES = [str(path) for path in model_files(parts, config["segmentation"]["folds"])]
+    # a folder that serves two models is listed once
+    SEGMENTATION_MODEL_FILES = list(
+        dict.fromkeys(str(path) for path in model_files(parts, config["segmentation"]["folds"]))
+    )
     SEGMENTATION_BATCHES = in_batches(SUBJECTS, config["segmentation"]["scans_per_job"])
 
 # Scans with a reference segmentation are evaluated (Dice, NSD).
@@ -156,7 +171,8 @@ wildcard_constraints:
 
 
 def segmentation_file(subject):
-    return SHEET.at[subject, "seg"] if PRECOMPUTED else f"results/seg/{subject}.nii.gz"
+    """The scan's label map (of the first model, where there are several)."""
+    return SHEET.at[subject, "seg"] if PRECOMPUTED else label_map_path(subject, MODELS[0])
 
 
 def segmentation_status_file(subject):

@@ -18,7 +18,7 @@ for batch, subjects in enumerate(EVALUATION_BATCHES):
             subjects=subjects,
             # a replaced file reruns
             sources=sources_fingerprint(subjects, ("seg", "reference") if PRECOMPUTED else ("reference",)),
-            structures=config["structures"],
+            structures=MODELS[0].structures,  # the first model's, whose label maps are evaluated
             tolerance_mm=config["evaluation"]["nsd_tolerance_mm"],
             on_error=config["on_scan_error"],
         resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more

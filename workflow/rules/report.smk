@@ -47,10 +47,11 @@ rule methods:
         settings={
             "demo": DEMO,
             "patient_column": "patient" in SHEET.columns,
-            "bundled_model": not config["segmentation"]["model"],
+            "bundled_model": not any(model.folder for model in MODELS),
             "segmentation": {k: v for k, v in config["segmentation"].items() if k != "model"},
+            "models": [model.name for model in MODELS if model.name],
             # a table's name, not where it lies
-            "structures": os.path.basename(str(config["structures"])),
+            "structures": models_description(MODELS),
             "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
             **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal", "ct_age")},
         },

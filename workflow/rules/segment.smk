@@ -13,7 +13,8 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             upstream=import_statuses(subjects),
             model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # new weights segment again
         output:
-            segs=[f"results/seg/{s}.nii.gz" for s in subjects],
+            # per scan, the label map of each model
+            segs=[label_map_path(s, model) for s in subjects for model in MODELS],
             statuses=[f"results/seg/{s}.status.json" for s in subjects],
             measurements=[f"results/measure/{s}.tsv" for s in subjects],
             measure_statuses=[f"results/measure/{s}.status.json" for s in subjects],
@@ -38,7 +39,8 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
         resources:
             # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory
             mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
-            runtime=config["segmentation"]["runtime_per_scan_min"] * len(subjects),
+            # each scan once per model
+            runtime=config["segmentation"]["runtime_per_scan_min"] * len(subjects) * len(MODELS),
             gpu=int(config["segmentation"]["device"] == "cuda"),
             # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
             **(

@@ -4,6 +4,7 @@ the significance of the primary analysis."""
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import age_correlations, write_table
+from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
@@ -17,4 +18,4 @@ table = age_correlations(
     min_n=snakemake.params.min_n,
     primary=snakemake.params.primary,
 )
-write_table(table, snakemake.output[0])
+write_table(with_segmentation_model(table, measurements), snakemake.output[0])

@@ -4,11 +4,13 @@ from ctcohort.longitudinal import longitudinal_table
 from ctcohort.runlog import log_to
 from ctcohort.patients import read_scans
 from ctcohort.stats import write_table
+from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 # every scan, not one per patient: the model needs each patient's repeated scans
+scans = read_scans(snakemake.input[0])
 table = longitudinal_table(
-    read_scans(snakemake.input[0]),
+    scans,
     snakemake.params.measures,
     snakemake.params.covariates,
     min_patients=snakemake.params.min_patients,
@@ -16,4 +18,4 @@ table = longitudinal_table(
     alpha=snakemake.params.alpha,
     random_slope=snakemake.params.random_slope,
 )
-write_table(table, snakemake.output[0])
+write_table(with_segmentation_model(table, scans), snakemake.output[0])

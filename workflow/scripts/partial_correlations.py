@@ -4,6 +4,7 @@ from ctcohort.models import partial_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import write_table
+from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
@@ -15,4 +16,4 @@ table = partial_table(
     alpha=snakemake.params.alpha,
     min_n=snakemake.params.min_n,
 )
-write_table(table, snakemake.output[0])
+write_table(with_segmentation_model(table, measurements), snakemake.output[0])

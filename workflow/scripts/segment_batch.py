@@ -8,10 +8,12 @@ from ctcohort.segment import BatchMeasurement, segment_batch
 
 if __name__ == "__main__":  # nnU-Net starts worker processes
     log_to(snakemake.log[0])
+    segs, n_models = list(snakemake.output.segs), len(snakemake.output.segs) // len(snakemake.params.subjects)
     segment_batch(
         snakemake.params.subjects,
         snakemake.input.cts,
-        snakemake.output.segs,
+        # per scan, the label map of each model
+        [segs[i:i + n_models] for i in range(0, len(segs), n_models)],
         snakemake.output.statuses,
         model=snakemake.params.model,
         task=snakemake.params.task,
