@@ -158,6 +158,10 @@ def test_volume_bounds_come_from_the_table():
                                load_plausible_volumes("total_v1"), None)
     assert other["volume_implausible"].tolist() == [False, True]
     assert not apply_plausibility(rows, None, None)["volume_implausible"].any()
+    # a later model's liver (several models per scan) has liver's bounds
+    later = apply_plausibility(_rows(structure=["body:liver", "body:liver"], volume_ml=[1.0, 1500.0]),
+                               load_plausible_volumes("total_v1"), None)
+    assert later["volume_implausible"].tolist() == [True, False]
 
 
 def test_hu_window_excludes_hu_and_outranks_cut_off():

@@ -432,14 +432,16 @@ def apply_plausibility(measurements: "pd.DataFrame", volumes: "pd.DataFrame | No
     it was empty; both excluded values are NaN whatever the reason says, and the flags say each.
     """
     from ctcohort.measure import HU_COLUMNS
+    from ctcohort.structures import own_names
 
     out = measurements.copy()
     volume = out["volume_ml"].to_numpy(dtype=float)
     flag = np.zeros(len(out), dtype=bool)
     if volumes is not None and len(out):
         bounds = volumes.set_index("structure")
-        low = out["structure"].map(bounds["min_ml"]).to_numpy(dtype=float)
-        high = out["structure"].map(bounds["max_ml"]).to_numpy(dtype=float)
+        names = own_names(out["structure"])  # a later model's body:liver has liver's bounds
+        low = names.map(bounds["min_ml"]).to_numpy(dtype=float)
+        high = names.map(bounds["max_ml"]).to_numpy(dtype=float)
         with np.errstate(invalid="ignore"):
             flag = np.isfinite(volume) & np.isfinite(low) & ((volume < low) | (volume > high))
     out["volume_implausible"] = flag

@@ -12,6 +12,18 @@ from ctcohort.resources import resources_dir
 
 BUILTIN_TABLES = {"total_v1": "total_v1_classes.csv", "total_v2": "total_v2_classes.csv"}
 GROUPS = ("organ", "bone", "muscle", "vessel")
+# a study of several models names a later model's structure that an earlier one also has model:name
+MODEL_SEPARATOR = ":"
+
+
+def model_structure_name(model: str, name: str) -> str:
+    return f"{model}{MODEL_SEPARATOR}{name}"
+
+
+def own_names(structures: pd.Series) -> pd.Series:
+    """The structures' names in their model's table (``model_structure_name`` undone): what other tables,
+    such as the plausible volumes, know them by."""
+    return structures.astype(str).str.rsplit(MODEL_SEPARATOR, n=1).str[-1]
 
 
 def load_structure_table(spec: str | Path) -> pd.DataFrame:

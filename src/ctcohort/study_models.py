@@ -17,7 +17,7 @@ import pandas as pd
 
 from ctcohort.measure import MODEL_COLUMN, CheckedScan
 from ctcohort.qc import ScanQC
-from ctcohort.structures import load_structure_table
+from ctcohort.structures import load_structure_table, model_structure_name
 
 MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a folder name in results/seg/ and a table value
 
@@ -53,7 +53,7 @@ def study_models(model, task, structures) -> list[StudyModel]:
         folder, model_task = _folder_and_task(name, spec, task)
         table_spec = _table_spec(name, structures, model)
         table = load_structure_table(table_spec)
-        names = {n: n if n not in taken else f"{name}:{n}" for n in table["name"]}
+        names = {n: n if n not in taken else model_structure_name(name, n) for n in table["name"]}
         taken.update(names.values())
         models.append(StudyModel(str(name), folder, model_task, str(table_spec), table, names))
     return models
