@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ctcohort.measure import MEASURE_COLUMNS, write_measurements
-from ctcohort.qc import QC_COLUMNS, ScanQC, empty_qc, write_qc
+from ctcohort.columns import MEASURE_COLUMNS, QC_COLUMNS
+from ctcohort.measure import write_measurements
+from ctcohort.qc import ScanQC, empty_qc, write_qc
 from ctcohort.review import vertebra_rank
 from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table

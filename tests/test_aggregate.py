@@ -19,7 +19,8 @@ from ctcohort.aggregate import (
     measurement_summary,
     qc_summary,
 )
-from ctcohort.measure import MEASURE_COLUMNS, empty_measurements, write_measurements
+from ctcohort.columns import MEASURE_COLUMNS
+from ctcohort.measure import empty_measurements, write_measurements
 from ctcohort.scan_status import ScanStatus, read_status, recording_failure
 from ctcohort.sheet import load_cohort_sheet
 

@@ -13,10 +13,8 @@ from scipy import ndimage
 
 from ctcohort import measure
 from ctcohort.imaging import GridMismatchError, ImplausibleScanError, ScanChecks, ct_hounsfield, label_array
+from ctcohort.columns import EXCLUSION_REASONS, MEASURE_COLUMNS, SCAN_EXCLUSION_REASONS
 from ctcohort.measure import (
-    EXCLUSION_REASONS,
-    SCAN_EXCLUSION_REASONS,
-    MEASURE_COLUMNS,
     LabelMapError,
     measure_scan,
     measure_structures,

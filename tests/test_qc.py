@@ -16,7 +16,8 @@ from PIL import Image
 from ctcohort import phantom
 from ctcohort.aggregate import exclusion_flow, value_exclusions
 from ctcohort.imaging import voxel_volume_ml
-from ctcohort.measure import EXCLUSION_REASONS, HU_COLUMNS, checked_scan
+from ctcohort.columns import EXCLUSION_REASONS, HU_COLUMNS
+from ctcohort.measure import checked_scan
 from ctcohort.qc import (
     FACES,
     QCSettings,

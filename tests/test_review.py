@@ -9,7 +9,7 @@ import pytest
 import yaml
 from scipy import ndimage, stats
 
-from ctcohort.measure import HU_COLUMNS
+from ctcohort.columns import HU_COLUMNS
 from ctcohort.qc import ONE_PIECE, QCSettings, geometry_strides, structure_geometry
 from ctcohort.review import (
     REVIEW_REASON,

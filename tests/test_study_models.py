@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_workflow
 from ctcohort import phantom
-from ctcohort.measure import MODEL_COLUMN, measure_scan, read_measurements
+from ctcohort.columns import MODEL_COLUMN
+from ctcohort.measure import measure_scan, read_measurements
 from ctcohort.qc import QCSettings, read_qc
 from ctcohort.segment import BatchMeasurement, segment_batch
 from ctcohort.study_models import (

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctcohort.measure import EXCLUSION_REASONS, MEASURE_COLUMNS, MODEL_COLUMN, REVIEWER_EXCLUDED, read_measurements
-from ctcohort.qc import GEOMETRY_COLUMNS, QCSettings, read_qc
+from ctcohort.columns import EXCLUSION_REASONS, GEOMETRY_COLUMNS, MEASURE_COLUMNS, MODEL_COLUMN, REVIEWER_EXCLUDED
+from ctcohort.measure import read_measurements
+from ctcohort.qc import QCSettings, read_qc
 from ctcohort.review import SANITY_FLAGS, review_column, sanity_flags
 from ctcohort.scan_status import ScanStatus, read_status
 from ctcohort.sheet import covariate_columns

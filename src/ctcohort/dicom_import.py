@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctcohort.columns import is_nifti
 from ctcohort.dicom_geometry import (
     GEOMETRY_TAGS,
     Stack,
@@ -57,7 +58,6 @@ STAGE = "import_ct"
 # a list of DICOM files: a text file, one path a line (what `ctcohort sheet` writes for a series that shares
 # its folder with other files)
 LIST_SUFFIX = ".txt"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CORRECTIONS = {"Eq": "uneven slice spacing (a missing slice?) resliced to equal spacing",
                "Tilt": "gantry tilt removed"}
 # header fields read per file: what tells series, geometry and modality apart, and what may identify a
@@ -74,10 +74,6 @@ DCM2NIIX_TIMEOUT_S = 3600
 
 class DicomImportError(ValueError):
     """The DICOM source cannot be imported as one CT volume; the message names the source and the cause."""
-
-
-def is_nifti(path: str | Path) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def is_dicom_source(path: str | Path) -> bool:

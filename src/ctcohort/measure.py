@@ -15,7 +15,7 @@ A value that cannot be trusted never enters the table as a number: a scan
 whose CT is not plausibly in HU (``imaging.check_ct``), whose label map holds
 ids the structure table does not know, or no labelled voxel at all, fails with
 a one-line error naming the file; a structure that cannot be measured gets NaN
-and one of EXCLUSION_REASONS (see ``measure_structures``).
+and one of columns.EXCLUSION_REASONS (see ``measure_structures``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ctcohort.columns import HU_COLUMNS, MEASURE_COLUMNS, SCAN_EXCLUSION_REASONS
 from ctcohort.imaging import (
     ScanChecks,
     check_ct,
@@ -44,23 +45,6 @@ if TYPE_CHECKING:  # pandas is imported where a table is built: `ctcohort measur
 
 log = logging.getLogger(__name__)
 
-MEASURE_COLUMNS = [
-    "structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
-    "hu_mean_eroded", "complete", "exclusion_reason",
-]
-HU_COLUMNS = ["hu_mean", "hu_median", "hu_std", "hu_mean_eroded"]
-# which model segmented the structure, in a study of several models (study_models.py); not "model", the
-# scanner's model name of a sheet written by ctcohort sheet
-MODEL_COLUMN = "segmentation_model"
-# Every exclusion_reason, in order of precedence: a structure gets the first that applies. The two
-# implausible_* reasons are given where the cohort is joined (qc.apply_plausibility), not per scan;
-# implausible_hu comes before cut_off for the reason hu_nonfinite does (cut_off says the HU is usable).
-# A reviewer's exclusion (review.apply_review_decisions) overrides every other reason.
-REVIEWER_EXCLUDED = "reviewer_excluded"
-EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off", "implausible_volume",
-                     REVIEWER_EXCLUDED)
-# The reasons measure_structures gives
-SCAN_EXCLUSION_REASONS = ("absent", "too_small", "hu_nonfinite", "cut_off")
 # Above this many label x HU bins (integer CTs) medians, means and SDs come from sorting the foreground.
 MAX_HISTOGRAM_BINS = 1 << 23
 # Voxels per slab of the pass over the volume (at least the histogram's bins, whose per-slab cost

@@ -94,6 +94,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ctcohort.columns import MEASURE_COLUMNS, MODEL_COLUMN
 from ctcohort.stats import CONSTANT, TOO_FEW_SCANS, present_columns
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -627,7 +628,6 @@ def with_combined_structures(scans: pd.DataFrame, charts: pd.DataFrame) -> pd.Da
     if not wanted:
         return scans
     from ctcohort.aggregate import combine_structures
-    from ctcohort.measure import MEASURE_COLUMNS, MODEL_COLUMN
 
     lacking = [c for c in MEASURE_COLUMNS if c not in scans.columns]
     if lacking:

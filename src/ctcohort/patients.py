@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ctcohort.columns import REVIEWER_EXCLUDED
+
 RULES = ("first", "last", "random")
 SELECTION_COLUMNS = ["subject", "patient", "age", "scans_of_patient", "chosen"]
 
@@ -93,8 +95,6 @@ def choose_scans(scans: pd.DataFrame, settings: PatientSettings = PatientSetting
 
 def scan_selection(measurements: pd.DataFrame, settings: PatientSettings = PatientSettings()) -> pd.DataFrame:
     """``choose_scans`` over the scans of a cohort measurement table (one row per scan x structure)."""
-    from ctcohort.measure import REVIEWER_EXCLUDED
-
     scans = measurements.drop_duplicates("subject").reset_index(drop=True)
     if {"label", "exclusion_reason"} <= set(measurements.columns):
         own = measurements[pd.to_numeric(measurements["label"], errors="coerce").notna()]  # not combined rows

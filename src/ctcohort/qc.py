@@ -26,17 +26,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ctcohort.columns import GEOMETRY_COLUMNS, HU_COLUMNS, QC_COLUMNS
 from ctcohort.resources import resources_dir
 
 if TYPE_CHECKING:
     import pandas as pd
 
 FACES = ("x-", "x+", "y-", "y+", "z-", "z+")
-# per structure: where it lies (centre of mass, RAS+ mm), the volume of its second-largest connected piece
-# (structures of ONE_PIECE only), and the scan's sform-qform disagreement (mm; NaN where they agree)
-GEOMETRY_COLUMNS = ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "second_piece_ml"]
-QC_COLUMNS = ["structure", "label", "cut_faces", "cranial_vertebra", "caudal_vertebra", *GEOMETRY_COLUMNS,
-              "sform_qform_mm"]
 PLAUSIBLE_COLUMNS = ["structure", "min_ml", "max_ml", "source"]
 BUILTIN_PLAUSIBLE_VOLUMES = {"total_v1": "plausible_volumes_total_v1.csv"}
 # Vertebrae from cranial to caudal: TotalSegmentator's names (v1 and v2) vertebrae_C1 .. vertebrae_S1
@@ -328,7 +324,7 @@ def placeholder_png() -> bytes:
 
 def scan_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, measurements: "pd.DataFrame",
             settings: QCSettings = QCSettings(), sform_qform_mm: float | None = None) -> ScanQC:
-    """QC of one measured scan: per structure of ``measurements`` (measure.MEASURE_COLUMNS) the faces that
+    """QC of one measured scan: per structure of ``measurements`` (columns.MEASURE_COLUMNS) the faces that
     cut it (only for structures with a voxel), its geometry (``structure_geometry``), and the scan's vertebral
     coverage (vertebrae with at least ``settings.min_voxels`` voxels, cut off or not) and ``sform_qform_mm``
     (imaging.sform_qform_disagreement; None: they agree); the preview where ``settings.preview_width``."""
@@ -431,7 +427,6 @@ def apply_plausibility(measurements: "pd.DataFrame", volumes: "pd.DataFrame | No
     where it was empty or ``cut_off`` (which would claim the HU usable), and ``implausible_volume`` where
     it was empty; both excluded values are NaN whatever the reason says, and the flags say each.
     """
-    from ctcohort.measure import HU_COLUMNS
     from ctcohort.structures import own_names
 
     out = measurements.copy()

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ctcohort.measure import HU_COLUMNS, REVIEWER_EXCLUDED as REVIEW_REASON
+from ctcohort.columns import HU_COLUMNS, REVIEWER_EXCLUDED as REVIEW_REASON
 from ctcohort.qc import QCSettings, vertebra_rank
 from ctcohort.review_page import FLAG_COLUMNS
 

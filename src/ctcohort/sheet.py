@@ -22,12 +22,11 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from ctcohort.dicom_import import is_nifti
+from ctcohort.columns import MEASURE_COLUMNS, MODEL_COLUMN, is_nifti
 
 PATH_COLUMNS = ("ct", "seg", "reference")
 # Columns of the measurement table: a covariate of the same name would be ambiguous there.
-RESERVED_COLUMNS = ("structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
-                    "hu_mean_eroded", "complete", "exclusion_reason", "segmentation_model")
+RESERVED_COLUMNS = (*MEASURE_COLUMNS, MODEL_COLUMN)
 MAX_REPORTED_PROBLEMS = 30
 # Separators a header written by a spreadsheet's "CSV" export may hold instead of tabs.
 OTHER_SEPARATORS = {",": "commas", ";": "semicolons", "|": "vertical bars"}

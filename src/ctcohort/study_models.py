@@ -2,7 +2,7 @@
 several by name (``segmentation.model`` a mapping name -> folder, or name -> {folder, task}), each scan segmented
 by each of them in the same job.
 
-With several models every measurement carries a ``segmentation_model`` column (measure.MODEL_COLUMN), and the label maps lie in
+With several models every measurement carries a ``segmentation_model`` column (columns.MODEL_COLUMN), and the label maps lie in
 results/seg/{model}/. A structure is named as in its model's structure table, except where an earlier model of
 the mapping has a structure of that name: then it is ``{model}:{name}``, so that adding a model to a study never
 renames a structure the study had, and every structure name stays one key for the tables downstream.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ctcohort.measure import MODEL_COLUMN, CheckedScan
+from ctcohort.columns import MODEL_COLUMN
+from ctcohort.measure import CheckedScan
 from ctcohort.qc import ScanQC
 from ctcohort.structures import load_structure_table, model_structure_name
 
