@@ -76,3 +76,14 @@ def test_an_import_circle_is_named_also_through_a_function_level_import(tmp_path
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     (package / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(package)) is None
+
+
+def test_the_sheet_knows_no_dicom():
+    graph = import_graph(REPO / "src" / PACKAGE)
+    reached, todo = set(), ["sheet"]
+    while todo:
+        for module in graph[todo.pop()] - reached:
+            reached.add(module)
+            todo.append(module)
+    assert not [module for module in reached if module.startswith("dicom")], sorted(reached)
+    assert "columns" in graph["dicom_import"]  # which reads a NIfTI path the way the sheet does
