@@ -14,7 +14,7 @@ from ctcohort.centile_truth import TRUTHS
 from ctcohort.cli import main
 from ctcohort.imaging import voxel_volume_ml
 from ctcohort.measure import measure_structures
-from ctcohort.stats import write_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.structures import load_structure_table
 
 STRUCTURE = "kidney_right"  # wholly inside the example CT's field of view (the spleen and liver are cut off)
@@ -72,7 +72,7 @@ def at_age(charts: pd.DataFrame, measure: str, sex: str, age: float) -> np.ndarr
 
 def placed_in_one_call(fit: normative.NormativeFit, new: pd.DataFrame, folder) -> pd.DataFrame:
     for name, table in (("charts", fit.charts), ("covariates", fit.coefficients), ("new", new)):
-        write_table(table, folder / f"{name}.tsv")
+        write_tsv(table, folder / f"{name}.tsv", STATS_DIGITS)
     out = folder / "scores.tsv"
     assert main(["zscore", "--charts", str(folder / "charts.tsv"), "--coefficients", str(folder / "covariates.tsv"),
                  "--measurements", str(folder / "new.tsv"), "--out", str(out)]) == 0

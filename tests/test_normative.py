@@ -17,7 +17,7 @@ from scipy.optimize import linprog
 from conftest import REPO
 from ctcohort import normative
 from ctcohort.cli import main
-from ctcohort.stats import read_table, write_table
+from ctcohort.tables import STATS_DIGITS, read_statistics, write_tsv
 
 # the analytic cohort: volume_ml ~ Normal(A + B age + DELTA contrast, SD) per sex
 A = {"M": 1500.0, "F": 1300.0}
@@ -336,20 +336,20 @@ def test_tables_round_trip(fitted, tmp_path):
     sample = noisy_sample(12)  # one row not fitted: a note and NaNs
     small, _ = normative.fit_normative_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
     charts = pd.concat([charts, small], ignore_index=True)
-    write_table(charts, tmp_path / "charts.tsv")
-    write_table(coefficients, tmp_path / "covariates.tsv")
-    read = read_table(tmp_path / "charts.tsv")
+    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
+    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
+    read = read_statistics(tmp_path / "charts.tsv")
     assert list(read.columns) == list(charts.columns)
     assert read["note"].tolist() == charts["note"].tolist() and read["group"].tolist() == charts["group"].tolist()
     pd.testing.assert_frame_equal(read, charts, check_dtype=False, rtol=1e-5)
-    pd.testing.assert_frame_equal(read_table(tmp_path / "covariates.tsv"), coefficients, rtol=1e-5)
+    pd.testing.assert_frame_equal(read_statistics(tmp_path / "covariates.tsv"), coefficients, rtol=1e-5)
     assert normative.chart_layout(read) == (tuple(map(float, LEVELS)), ["contrast"])
 
 
 def test_zscore_command(fitted, tmp_path, capsys):
     charts, coefficients = fitted
-    write_table(charts, tmp_path / "charts.tsv")
-    write_table(coefficients, tmp_path / "covariates.tsv")
+    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
+    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
     age = 50.0
     value = A["F"] + B["F"] * age + DELTA + SD["F"]
     scan = pd.DataFrame({"structure": ["liver", "spleen"], "volume_ml": [value, 200.0], "hu_mean": [60.0, np.nan]})
@@ -359,7 +359,7 @@ def test_zscore_command(fitted, tmp_path, capsys):
     out = tmp_path / "z.tsv"
     assert main([*common, "--age", "50", "--covariate", "contrast=1", "--out", str(out)]) == 0
     assert "placed 1 of 2" in capsys.readouterr().out
-    placement = read_table(out)
+    placement = read_statistics(out)
     assert placement["note"].tolist() == ["", "no_chart"]
     assert placement.loc[0, "z"] == pytest.approx(1, abs=0.1) and placement.loc[0, "sex"] == "F"
     assert out.read_text().splitlines()[2].split("\t")[-3:] == ["NaN", "NaN", "no_chart"]
@@ -387,8 +387,8 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     sex, contrast as columns): one `ctcohort zscore` call places all; their z is the analytic one, about 5% lie
     beyond |z| 1.96, none beyond 6; each equals the scan placed alone."""
     charts, coefficients = fitted
-    write_table(charts, tmp_path / "charts.tsv")
-    write_table(coefficients, tmp_path / "covariates.tsv")
+    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
+    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
     new = analytic_cohort(2000, seed=99)
     new = new[(new["age"] >= 21) & (new["age"] <= 84)]  # inside every chart's ages
     new["subject"] = [f"0{i:04d}" for i in range(len(new))]  # ids as text: "00001" is not 1
@@ -562,9 +562,9 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     centred = np.array(list(SITE_OFFSETS.values())) - np.mean(list(SITE_OFFSETS.values()))
     np.testing.assert_allclose(effects["eta_mu"].to_numpy(), centred, atol=30)  # 100 scans a site, SD 90
     # placement after the tables' round trip
-    write_table(charts, tmp_path / "charts.tsv")
-    write_table(coefficients, tmp_path / "covariates.tsv")
-    charts, coefficients = read_table(tmp_path / "charts.tsv"), read_table(tmp_path / "covariates.tsv")
+    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
+    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
+    charts, coefficients = read_statistics(tmp_path / "charts.tsv"), read_statistics(tmp_path / "covariates.tsv")
     new = site_cohort(400, 32, sites=("a", "f", "new"), manufacturers=("GE", "SIEMENS", "Toshiba", "Philips"))
     new = new[(new["age"] > 21) & (new["age"] < 84)]
     placed = normative.place_cohort(charts, coefficients, new).set_index(new.index)

@@ -87,11 +87,11 @@ def test_cross_sectional_keeps_every_structure_of_the_chosen_scans_and_counts():
 
 def test_cross_sectional_reads_a_written_selection(tmp_path):
     from ctcohort.patients import read_cross_sectional
-    from ctcohort.stats import write_table
+    from ctcohort.tables import STATS_DIGITS, write_tsv
 
     frame = scans(subject=["001", "002"], patient=["7", "7"], age=[50, 52], structure=["liver", "liver"],
                   volume_ml=[1500.0, 1490.0])
     frame.to_csv(tmp_path / "m.tsv", sep="\t", index=False)
-    write_table(scan_selection(frame), tmp_path / "s.tsv")
+    write_tsv(scan_selection(frame), tmp_path / "s.tsv", STATS_DIGITS)
     table = read_cross_sectional(tmp_path / "m.tsv", tmp_path / "s.tsv")
     assert table["subject"].astype(str).tolist() == ["001"]

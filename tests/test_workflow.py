@@ -19,7 +19,7 @@ from conftest import REPO, run_workflow
 from test_figures import svg_text
 from ctcohort import phantom
 from ctcohort.aggregate import read_cohort_qc
-from ctcohort.stats import read_table
+from ctcohort.tables import read_statistics
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +190,7 @@ def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_
     and placed by `ctcohort zscore` on the demo's charts, lies near the 50th percentile of every chart, the
     combined structures made from his left and right sides; the charts' curves never cross."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    charts = read_table(demo_study / "stats" / "normative_charts.tsv")
+    charts = read_statistics(demo_study / "stats" / "normative_charts.tsv")
     panels = {(p["structure"], p["measure"]) for p in config["normative"]["panels"]}
     assert set(zip(charts["structure"], charts["measure"])) == panels
     # the demo's 25 men have every chart; a chart of its 15 women may fail its held-out calibration, or take a
@@ -212,7 +212,7 @@ def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_
                     "--coefficients", demo_study / "stats" / "normative_covariates.tsv",
                     "--measurements", tmp_path / "scan.tsv", "--age", "55", "--sex", "M", "--covariate", "contrast=1",
                     "-o", tmp_path / "z.tsv"], check=True, capture_output=True)
-    placed = read_table(tmp_path / "z.tsv").set_index(["structure", "measure"]).loc[sorted(panels)]
+    placed = read_statistics(tmp_path / "z.tsv").set_index(["structure", "measure"]).loc[sorted(panels)]
     assert (placed["note"] == "").all(), placed
     assert placed["percentile"].between(30, 70).all(), placed[["value", "percentile"]]
 

@@ -13,6 +13,7 @@ from ctcohort.qc import QCSettings, read_qc
 from ctcohort.review import SANITY_FLAGS, review_column, sanity_flags
 from ctcohort.scan_status import ScanStatus, read_status
 from ctcohort.sheet import covariate_columns
+from ctcohort.tables import MISSING, NOTHING_MISSING, read_tsv
 
 FAILURE_COLUMNS = ["subject", "stage", "error"]
 SUMMARY_MEASURES = ("volume_ml", "hu_mean", "hu_median", "hu_std", "hu_mean_eroded")
@@ -206,7 +207,7 @@ def failure_summary(failures: pd.DataFrame, n_scans: int, table_path: str | Path
 
 
 def read_failures(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return read_tsv(path, NOTHING_MISSING, dtype=str)
 
 
 def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str, str | Path],
@@ -239,9 +240,7 @@ def read_cohort_qc(path: str | Path) -> pd.DataFrame:
     """qc.tsv as ``cohort_qc`` wrote it: ids and text as text ("007" is an id), "NaN" a missing number."""
     text = ["subject", MODEL_COLUMN, "structure", "group", "cut_faces", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
             "review"]
-    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values={c: ["NaN"] for c in QC_TABLE_COLUMNS
-                                                                           if c not in text},
-                       dtype={c: str for c in text})
+    return read_tsv(path, {c: [MISSING] for c in QC_TABLE_COLUMNS if c not in text}, dtype={c: str for c in text})
 
 
 def value_exclusions(checked: pd.DataFrame, measure: str) -> pd.Series:

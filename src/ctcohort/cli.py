@@ -265,14 +265,14 @@ def _covariate_values(pairs: list[str]) -> dict[str, float | str]:
 def _zscore(args: argparse.Namespace) -> None:
     from ctcohort import normative
     from ctcohort.patients import read_scans
-    from ctcohort.stats import read_table, write_table
+    from ctcohort.tables import STATS_DIGITS, read_statistics, write_tsv
 
     tables = {}
     for option, path in (("--charts", args.charts), ("--coefficients", args.coefficients),
                          ("--measurements", args.measurements)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{option}: no such file: {path}")
-        tables[option] = read_table(path)
+        tables[option] = read_statistics(path)
     if args.age is None:  # a cohort table: every scan at its own age, sex and covariates; ids as text
         placement = normative.place_cohort(tables["--charts"], tables["--coefficients"], read_scans(args.measurements))
         where = f"the charts, {placement['subject'].nunique()} scans"
@@ -280,7 +280,7 @@ def _zscore(args: argparse.Namespace) -> None:
         placement = normative.place_on_charts(tables["--charts"], tables["--coefficients"], tables["--measurements"],
                                               _finite_age(args.age), args.sex, _covariate_values(args.covariate))
         where = f"the {placement['sex'].iloc[0] if len(placement) else args.sex} charts"
-    write_table(placement, args.out or sys.stdout)
+    write_tsv(placement, args.out or sys.stdout, STATS_DIGITS)
     notes = placement.loc[~placement["note"].isin(["", *normative.BEYOND_CHART]), "note"].value_counts()
     reasons = ", ".join(f"{count} {note}" for note, count in notes.items())
     beyond = placement["note"].isin(normative.BEYOND_CHART).sum()

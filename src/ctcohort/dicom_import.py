@@ -51,6 +51,7 @@ from ctcohort.dicom_geometry import (
     read_header,
     volume_disagreement,
 )
+from ctcohort.tables import BLANK, NOTHING_MISSING, read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -462,10 +463,11 @@ def import_series(source, out_path: str | Path, allow_corrected: bool = False) -
 
 def write_record(record: ImportRecord | None, path: str | Path, subject: str) -> None:
     """The scan's import record as a one-row TSV (empty fields for a scan that was not imported)."""
+    import pandas as pd
+
     values = asdict(record) if record is not None else dict.fromkeys(ImportRecord.columns(), "")
-    header = ["subject", *ImportRecord.columns()]
     row = [subject, *(str(values[c]) for c in ImportRecord.columns())]
-    Path(path).write_text("\t".join(header) + "\n" + "\t".join(row) + "\n")
+    write_tsv(pd.DataFrame([row], columns=["subject", *ImportRecord.columns()]), path, missing=BLANK)
 
 
 def _write_placeholder(out_path: str | Path) -> None:
@@ -514,7 +516,7 @@ def import_table(records: Sequence[str | Path], statuses: Sequence[str | Path]):
     rows = []
     for record, status_path in zip(records, statuses):
         status = read_status(status_path)
-        row = pd.read_csv(record, sep="\t", dtype=str, keep_default_na=False).iloc[0].to_dict()
+        row = read_tsv(record, NOTHING_MISSING, dtype=str).iloc[0].to_dict()
         rows.append({"subject": status.subject, "imported": status.ok, "error": status.error,
                      **{c: row.get(c, "") for c in ImportRecord.columns()}})
     return pd.DataFrame(rows, columns=["subject", "imported", "error", *ImportRecord.columns()])

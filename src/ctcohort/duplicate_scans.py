@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctcohort.dicom_import import LIST_SUFFIX, is_dicom_source, read_file_list
+from ctcohort.tables import BLANK, NOTHING_MISSING, read_tsv, write_tsv
 
 SAME_FILE = "same file"
 IDENTICAL_CONTENT = "identical content"
@@ -306,7 +307,7 @@ def write_table_if_changed(table: pd.DataFrame, path: str | Path) -> bool:
     """Write ``table`` (TSV) unless the file holds exactly that already: an unchanged file keeps its time, so
     the rule that reads it is not run again. Whether it was written."""
     path = Path(path)
-    text = table.to_csv(sep="\t", index=False)
+    text = write_tsv(table, None, missing=BLANK)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +318,7 @@ def write_table_if_changed(table: pd.DataFrame, path: str | Path) -> bool:
 
 
 def read_duplicates(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)[TABLE_COLUMNS]
+    return read_tsv(path, NOTHING_MISSING, dtype=str)[TABLE_COLUMNS]
 
 
 def duplicate_failures(table: pd.DataFrame) -> pd.DataFrame:

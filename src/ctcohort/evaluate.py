@@ -29,6 +29,7 @@ from ctcohort.aggregate import collect_failures
 from ctcohort.figures import GROUP_COLOURS, save_figure  # also selects the Agg backend
 from ctcohort.imaging import label_array, load_image, seg_on_ct_grid, voxel_spacing_mm
 from ctcohort.structures import GROUPS
+from ctcohort.tables import ANY_MISSING, BLANK, STATS_DIGITS, read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def empty_metrics() -> pd.DataFrame:
 
 
 def write_metrics(table: pd.DataFrame, path: str | Path) -> None:
-    table.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    write_tsv(table, path, STATS_DIGITS)
 
 
 def _bootstrap_mean(values: np.ndarray, n_resamples: int, seed: int, level: float) -> tuple[float, float, float]:
@@ -321,7 +322,7 @@ def cohort_metrics(scan_paths: Mapping[str, str | Path], failed: Collection[str]
     """
     failed = set(failed)
     frames = [
-        pd.read_csv(path, sep="\t").assign(subject=subject)
+        read_tsv(path, ANY_MISSING).assign(subject=subject)
         for subject, path in scan_paths.items()
         if subject not in failed
     ]
@@ -358,7 +359,7 @@ def write_evaluation_summary(
     write_metrics(per_scan, dice_path)
     summary = summarize(per_scan, n_resamples=n_resamples)
     write_metrics(summary, summary_path)
-    failures.to_csv(failures_path, sep="\t", index=False)
+    write_tsv(failures, failures_path, missing=BLANK)
     plot_dice(summary, figure_paths)
     return summary
 

@@ -39,6 +39,7 @@ from ctcohort.imaging import (
     voxel_volume_ml,
 )
 from ctcohort.qc import QCSettings, ScanQC, empty_qc, labels_touching_faces, scan_qc, write_qc
+from ctcohort.tables import MEASUREMENT_DIGITS, read_tsv, write_tsv
 
 if TYPE_CHECKING:  # pandas is imported where a table is built: `ctcohort measure` starts without it
     import pandas as pd
@@ -443,12 +444,10 @@ def write_measurements(frame: pd.DataFrame, path: str | Path) -> None:
     if np.isinf(numbers.to_numpy(dtype=np.float64)).any():
         columns = [c for c in numbers.columns if np.isinf(numbers[c].to_numpy(dtype=np.float64)).any()]
         raise ValueError(f"{path}: refusing to write infinite values (columns {', '.join(columns)})")
-    frame.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
+    write_tsv(frame, path, MEASUREMENT_DIGITS)
 
 
 def read_measurements(path: str | Path) -> pd.DataFrame:
-    import pandas as pd
-
-    frame = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["NaN"])
+    frame = read_tsv(path)
     frame["complete"] = frame["complete"].map({"True": True, "False": False, True: True, False: False}).astype("boolean")
     return frame

@@ -80,8 +80,8 @@ placement (``place_on_charts``)
     widened by the site SD, noted ``site_new``. A charted combined
     structure that the scan's table lacks is made from its members first (``with_combined_structures``).
 
-The tables are written with ``ctcohort.stats.write_table`` (NaN as "NaN") and read back with
-``ctcohort.stats.read_table``.
+The tables are written with ``ctcohort.tables.write_tsv`` (NaN as "NaN") and read back with
+``ctcohort.tables.read_statistics``.
 """
 
 import copy
@@ -364,7 +364,7 @@ def fit_panel_charts(
     fitted = map_processes(fitter.fitted, *zip(*tasks), processes=min(processes, len(tasks))) if tasks else []
     chart_rows, coefficient_rows, scores = ([row for one in fitted for row in one[i]] for i in range(3))
     charts = pd.DataFrame(chart_rows, columns=[*chart_columns(levels, covariates), *fitter.extra_columns])
-    # text: "" where the method has none, as read_table reads it
+    # text: "" where the method has none, as read_statistics reads it
     for column in ("family", "site_column"):
         charts[column] = charts[column].astype(object).where(charts[column].notna(), "")
     coefficients = pd.DataFrame(coefficient_rows, columns=coefficient_columns(levels))

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort.resources import resources_dir
+from ctcohort.tables import ANY_MISSING, STATS_DIGITS, read_tsv, write_tsv
 
 PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
 COMPARISON_COLUMNS = [
@@ -29,7 +30,7 @@ def paper_table_path() -> Path:
 
 def load_paper_correlations(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's rows (PAPER_COLUMNS); ``#`` lines are the citation."""
-    table = pd.read_csv(path or paper_table_path(), sep="\t", comment="#", dtype={"rs_paper": float})
+    table = read_tsv(path or paper_table_path(), ANY_MISSING, comment="#", dtype={"rs_paper": float})
     missing = set(PAPER_COLUMNS) - set(table.columns)
     if missing:
         raise ValueError(f"{path or paper_table_path()}: missing column(s) {sorted(missing)}")
@@ -64,8 +65,6 @@ def paper_comparison(correlations: pd.DataFrame, paper: pd.DataFrame) -> pd.Data
 
 def write_paper_comparison(table: pd.DataFrame, path: str | Path) -> None:
     """TSV; NaN numbers as NaN, an undecided same_direction as NA."""
-    from ctcohort.stats import write_table  # here: the workflow imports this module at start-up, scipy.stats is slow
-
     out = table.copy()
     out["same_direction"] = out["same_direction"].astype(object).where(out["same_direction"].notna(), "NA")
-    write_table(out, path)
+    write_tsv(out, path, STATS_DIGITS)

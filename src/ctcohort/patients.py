@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort.columns import REVIEWER_EXCLUDED
+from ctcohort.tables import ANY_MISSING, read_tsv
 
 RULES = ("first", "last", "random")
 SELECTION_COLUMNS = ["subject", "patient", "age", "scans_of_patient", "chosen"]
@@ -111,8 +112,9 @@ def cross_sectional(measurements: pd.DataFrame, selection: pd.DataFrame) -> pd.D
 
 def read_scans(path) -> pd.DataFrame:
     """A table of scans (measurements, the selection) with its subject and patient ids read as text: "007" is
-    an id, not the number 7."""
-    return pd.read_csv(path, sep="\t", dtype={"subject": str, "patient": str})
+    an id, not the number 7. A blank cell is missing as "NaN" is: a blank covariate leaves the scan out of what
+    needs it."""
+    return read_tsv(path, ANY_MISSING, dtype={"subject": str, "patient": str})
 
 
 def read_cross_sectional(measurements_path, selection_path) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from ctcohort.parallel import map_processes
 from ctcohort.structures import load_structure_table
+from ctcohort.tables import BLANK, write_tsv
 
 REFERENCE_AGE = 55.0
 DEFAULT_SPACING = (2.5, 2.5, 4.0)
@@ -323,6 +324,6 @@ def write_cohort(out_dir: str | Path, n: int, seed: int, spacing=DEFAULT_SPACING
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     map_processes(write_subject, [out_dir] * n, [seed] * n, range(n), [spacing] * n, processes=processes)
-    cohort_sheet(n, seed).to_csv(out_dir / "cohort.tsv", sep="\t", index=False)
-    truth_table().to_csv(out_dir / "truth.tsv", sep="\t", index=False)
-    subject_truth(n, seed).to_csv(out_dir / "truth_subjects.tsv", sep="\t", index=False)
+    write_tsv(cohort_sheet(n, seed), out_dir / "cohort.tsv", missing=BLANK)  # a blank cell: unknown
+    write_tsv(truth_table(), out_dir / "truth.tsv", missing=BLANK)
+    write_tsv(subject_truth(n, seed), out_dir / "truth_subjects.tsv", missing=BLANK)

@@ -28,6 +28,7 @@ import numpy as np
 
 from ctcohort.columns import GEOMETRY_COLUMNS, HU_COLUMNS, QC_COLUMNS
 from ctcohort.resources import resources_dir
+from ctcohort.tables import BLANK, MISSING, read_tsv, write_tsv
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -356,17 +357,15 @@ def empty_qc() -> ScanQC:
 
 def write_qc(result: ScanQC, table_path: str | Path, preview_path: str | Path | None) -> None:
     """Write the QC table (TSV) and, where a path is given, the preview (a placeholder pixel if none)."""
-    result.table.to_csv(table_path, sep="\t", index=False)
+    write_tsv(result.table, table_path, missing=BLANK)
     if preview_path:
         Path(preview_path).write_bytes(result.preview if result.preview is not None else placeholder_png())
 
 
 def read_qc(path: str | Path) -> "pd.DataFrame":
-    import pandas as pd
-
     numbers = [*GEOMETRY_COLUMNS, "sform_qform_mm"]
-    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values={c: ["NaN", ""] for c in numbers},
-                        dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str})
+    table = read_tsv(path, {c: [MISSING, BLANK] for c in numbers},
+                     dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str})
     # a table written before a column existed (an older results folder) reads with it empty
     for column in numbers:
         if column not in table:

@@ -41,6 +41,7 @@ import pandas as pd
 from scipy import stats
 
 from ctcohort.resources import resources_dir
+from ctcohort.tables import read_tsv, write_tsv
 
 ENUMERATION_MAX_N = 9
 TABLE_MIN_N = 10
@@ -157,14 +158,14 @@ def write_exact_null_table(path=None, sizes=range(TABLE_MIN_N, TABLE_MAX_N + 1),
         log(f"n = {n}: {len(t)} values of T in {time.perf_counter() - started:.1f} s")
     with open(path, "w") as handle:
         handle.write(TABLE_HEADER.format(first=min(sizes), last=max(sizes)))
-        pd.concat(blocks).to_csv(handle, sep="\t", index=False)
+        write_tsv(pd.concat(blocks), handle)
     return path
 
 
 @functools.lru_cache(maxsize=1)
 def exact_null_table() -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The shipped table as {n: (t, count)} (read once)."""
-    table = pd.read_csv(exact_null_path(), sep="\t", comment="#", dtype="int64")
+    table = read_tsv(exact_null_path(), comment="#", dtype="int64")
     return {int(n): (block["t"].to_numpy(), block["count"].to_numpy()) for n, block in table.groupby("n")}
 
 

@@ -220,11 +220,6 @@ def partial_rows(measurements: pd.DataFrame, measures: list[str], present: list[
     return pd.DataFrame(rows, columns=PARTIAL_ROW_COLUMNS)
 
 
-def write_table(table: pd.DataFrame, path) -> None:
-    """A statistics table as the workflow writes them all: TSV, NaN as "NaN", 6 significant digits."""
-    table.to_csv(path, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-
-
 def _spearman_rows(measurements: pd.DataFrame, measures: list[str], min_n: int) -> pd.DataFrame:
     """The unadjusted analysis before its corrections: n, n_patients, rs, CI, P, note per structure x measure."""
     families = structure_families(measurements)
@@ -354,12 +349,3 @@ def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=GROUP_SUMMARY_COLUMNS)
 
 
-def read_table(path) -> pd.DataFrame:
-    """A table as ``write_table`` wrote it: "NaN" is a missing number; an empty cell of a text column
-    (notes, group, family, members, covariates, primary) stays an empty string."""
-    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["NaN"])
-    for column in ("note", "group", "members", "family", "covariates", "note_partial", "primary", "note_M", "note_F",
-                   "random_slope_note"):
-        if column in table.columns:
-            table[column] = table[column].astype(object).where(table[column].notna(), "").astype(str)
-    return table

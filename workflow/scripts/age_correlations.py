@@ -3,7 +3,8 @@ the significance of the primary analysis."""
 
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import age_correlations, write_table
+from ctcohort.stats import age_correlations
+from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
@@ -18,4 +19,4 @@ table = age_correlations(
     min_n=snakemake.params.min_n,
     primary=snakemake.params.primary,
 )
-write_table(with_segmentation_model(table, measurements), snakemake.output[0])
+write_tsv(with_segmentation_model(table, measurements), snakemake.output[0], STATS_DIGITS)

@@ -10,6 +10,7 @@ from ctcohort.review import apply_review_decisions, count_sentence, load_decisio
 from ctcohort.runlog import log_to
 from ctcohort.scan_status import read_status
 from ctcohort.sheet import load_cohort_sheet
+from ctcohort.tables import BLANK, MEASUREMENT_DIGITS, STATS_DIGITS, write_tsv
 
 log = logging.getLogger("ctcohort.aggregate")
 
@@ -37,20 +38,14 @@ measurements = checked.drop(columns=["volume_implausible", "hu_implausible"])
 # tables below count the structures of the segmentation only
 study = aggregate.add_combined(measurements, snakemake.params.combined)
 
-study.to_csv(snakemake.output.measurements, sep="\t", index=False, na_rep="NaN", float_format="%.10g")
+write_tsv(study, snakemake.output.measurements, MEASUREMENT_DIGITS)
 study.to_parquet(snakemake.output.parquet, index=False)
-failures.to_csv(snakemake.output.failures, sep="\t", index=False)
-aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc)), settings, decisions).to_csv(
-    snakemake.output.qc_table, sep="\t", index=False, na_rep="NaN", float_format="%.10g"
-)
-aggregate.qc_summary(measurements).to_csv(snakemake.output.qc, sep="\t", index=False)
-aggregate.measurement_summary(study).to_csv(
-    snakemake.output.summary, sep="\t", index=False, na_rep="NaN", float_format="%.6g"
-)
+write_tsv(failures, snakemake.output.failures, missing=BLANK)
+qc_table = aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc)), settings, decisions)
+write_tsv(qc_table, snakemake.output.qc_table, MEASUREMENT_DIGITS)
+write_tsv(aggregate.qc_summary(measurements), snakemake.output.qc, missing=BLANK)
+write_tsv(aggregate.measurement_summary(study), snakemake.output.summary, STATS_DIGITS)
 n_scans = len(subjects) + n_dropped  # the sheet's rows
-aggregate.exclusion_counts(n_scans, failures, measurements).to_csv(
-    snakemake.output.exclusions, sep="\t", index=False
-)
-aggregate.exclusion_flow(n_scans, failures, checked, snakemake.params.measures).to_csv(
-    snakemake.output.flow, sep="\t", index=False
-)
+write_tsv(aggregate.exclusion_counts(n_scans, failures, measurements), snakemake.output.exclusions, missing=BLANK)
+write_tsv(aggregate.exclusion_flow(n_scans, failures, checked, snakemake.params.measures), snakemake.output.flow,
+          missing=BLANK)

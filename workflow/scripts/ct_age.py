@@ -3,10 +3,10 @@
 from ctcohort.ct_age import CtAgeSettings, ct_age
 from ctcohort.patients import read_scans
 from ctcohort.runlog import log_to
-from ctcohort.stats import write_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 result = ct_age(read_scans(snakemake.input.measurements), read_scans(snakemake.input.selection),
                 CtAgeSettings.from_config(snakemake.params.settings))
-write_table(result.table, snakemake.output.table)
-write_table(result.summary, snakemake.output.summary)
+write_tsv(result.table, snakemake.output.table, STATS_DIGITS)
+write_tsv(result.summary, snakemake.output.summary, STATS_DIGITS)

@@ -2,6 +2,7 @@
 
 from ctcohort.dicom_import import import_table
 from ctcohort.runlog import log_to
+from ctcohort.tables import BLANK, write_tsv
 
 log_to(snakemake.log[0])
-import_table(snakemake.input.records, snakemake.input.statuses).to_csv(snakemake.output[0], sep="\t", index=False)
+write_tsv(import_table(snakemake.input.records, snakemake.input.statuses), snakemake.output[0], missing=BLANK)

@@ -2,8 +2,8 @@
 
 from ctcohort.ct_age_figure import plot_ct_age
 from ctcohort.runlog import log_to
-from ctcohort.stats import read_table
+from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_ct_age(read_table(snakemake.input.table), read_table(snakemake.input.summary),
+plot_ct_age(read_statistics(snakemake.input.table), read_statistics(snakemake.input.summary),
             [snakemake.output.png, snakemake.output.svg])

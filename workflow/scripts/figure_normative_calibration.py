@@ -2,8 +2,8 @@
 
 from ctcohort.figures import plot_normative_calibration
 from ctcohort.runlog import log_to
-from ctcohort.stats import read_table
+from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_normative_calibration(read_table(snakemake.input.calibration), read_table(snakemake.input.scores),
+plot_normative_calibration(read_statistics(snakemake.input.calibration), read_statistics(snakemake.input.scores),
                            [snakemake.output.png, snakemake.output.svg])

@@ -3,7 +3,7 @@
 from ctcohort.longitudinal import longitudinal_table
 from ctcohort.runlog import log_to
 from ctcohort.patients import read_scans
-from ctcohort.stats import write_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
@@ -18,4 +18,4 @@ table = longitudinal_table(
     alpha=snakemake.params.alpha,
     random_slope=snakemake.params.random_slope,
 )
-write_table(with_segmentation_model(table, scans), snakemake.output[0])
+write_tsv(with_segmentation_model(table, scans), snakemake.output[0], STATS_DIGITS)

@@ -2,19 +2,19 @@
 
 from ctcohort.methods import methods_paragraphs, model_description, write_methods
 from ctcohort.runlog import log_to
-from ctcohort.stats import read_table
+from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
 paragraphs = methods_paragraphs(
     snakemake.params.settings,
-    read_table(snakemake.input.counts),
-    read_table(snakemake.input.correlations),
-    read_table(snakemake.input.versions),
+    read_statistics(snakemake.input.counts),
+    read_statistics(snakemake.input.correlations),
+    read_statistics(snakemake.input.versions),
     model=model_description(snakemake.params.settings["bundled_model"], snakemake.input.model),
-    selection=read_table(snakemake.input.selection),
-    regression=read_table(snakemake.input.regression),
-    longitudinal=read_table(snakemake.input.longitudinal),
-    calibration=read_table(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
-    ct_age=read_table(snakemake.input.ct_age),
+    selection=read_statistics(snakemake.input.selection),
+    regression=read_statistics(snakemake.input.regression),
+    longitudinal=read_statistics(snakemake.input.longitudinal),
+    calibration=read_statistics(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
+    ct_age=read_statistics(snakemake.input.ct_age),
 )
 write_methods(paragraphs, snakemake.output.markdown, snakemake.output.html)

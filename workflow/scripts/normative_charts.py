@@ -7,7 +7,7 @@ from ctcohort.normative import CALIBRATION_COLUMNS as CALIBRATION
 from ctcohort.normative import centile_scores, fit_panel_charts, reference_scans
 from ctcohort.patients import read_cross_sectional, read_scans
 from ctcohort.runlog import log_to
-from ctcohort.stats import write_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 settings = snakemake.params.settings
@@ -20,10 +20,10 @@ fit = fit_panel_charts(measurements, [(panel["structure"], panel["measure"]) for
                        combined=snakemake.params.combined, method=settings["method"],
                        centiles=CentileSettings.from_config(settings), site=settings.get("site"),
                        processes=snakemake.threads)
-write_table(fit.charts, snakemake.output.charts)
-write_table(fit.coefficients, snakemake.output.coefficients)
+write_tsv(fit.charts, snakemake.output.charts, STATS_DIGITS)
+write_tsv(fit.coefficients, snakemake.output.coefficients, STATS_DIGITS)
 keys = ["structure", "measure", "sex"]
 summary = [*keys, "n", "note", "method", "family", "site_sd", "sites", *CALIBRATION]
-write_table(fit.charts.drop_duplicates(keys)[summary], snakemake.output.calibration)
+write_tsv(fit.charts.drop_duplicates(keys)[summary], snakemake.output.calibration, STATS_DIGITS)
 # every measured scan (each patient's every scan), scored against charts it did not help fit
-write_table(centile_scores(fit, read_scans(snakemake.input.measurements)), snakemake.output.scores)
+write_tsv(centile_scores(fit, read_scans(snakemake.input.measurements)), snakemake.output.scores, STATS_DIGITS)

@@ -3,7 +3,7 @@
 from ctcohort.models import regression_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import write_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
@@ -15,4 +15,4 @@ table = regression_table(
     spline_df=snakemake.params.spline_df,
     min_n=snakemake.params.min_n,
 )
-write_table(with_segmentation_model(table, measurements), snakemake.output[0])
+write_tsv(with_segmentation_model(table, measurements), snakemake.output[0], STATS_DIGITS)

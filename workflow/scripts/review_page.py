@@ -4,6 +4,7 @@ from ctcohort.aggregate import read_cohort_qc, read_failures
 from ctcohort.review import review_flags, review_scans
 from ctcohort.review_page import write_review_page
 from ctcohort.runlog import log_to
+from ctcohort.tables import BLANK, REVIEW_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 qc = read_cohort_qc(snakemake.input.qc)
@@ -12,6 +13,6 @@ subjects = [*dict.fromkeys([*qc["subject"].astype(str), *failures["subject"]])]
 flags = review_flags(qc)
 scans = review_scans(subjects, qc, flags, failures)
 scans["preview"] = [f"{subject}.png" if snakemake.params.previews else "" for subject in scans["subject"]]
-scans.to_csv(snakemake.output.scans, sep="\t", index=False, na_rep="NaN", float_format="%.4g")
-flags.to_csv(snakemake.output.flags, sep="\t", index=False)
+write_tsv(scans, snakemake.output.scans, REVIEW_DIGITS)
+write_tsv(flags, snakemake.output.flags, missing=BLANK)
 write_review_page(scans, flags, snakemake.output.page)

@@ -2,6 +2,7 @@
 
 from ctcohort.provenance import software_versions
 from ctcohort.runlog import log_to
+from ctcohort.tables import BLANK, write_tsv
 
 log_to(snakemake.log[0])
-software_versions().to_csv(snakemake.output[0], sep="\t", index=False)
+write_tsv(software_versions(), snakemake.output[0], missing=BLANK)
