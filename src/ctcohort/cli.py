@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from ctcohort.imaging import ScanChecks
-from ctcohort.measure import measure_scan
+from ctcohort.measure import measure_files
 
-# the CLI's defaults are measure_scan's, so that the two cannot disagree
-MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_scan).parameters.items()
+# the CLI's defaults are those of measure_files, so that the two cannot disagree
+MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_files).parameters.items()
                     if p.default is not inspect.Parameter.empty}
 
 
@@ -35,8 +35,8 @@ def _measure(args: argparse.Namespace) -> None:
         return load_structure_table(args.structures)
 
     checks = ScanChecks(args.min_spacing_mm, args.max_spacing_mm, args.lowest_hu_at_most)
-    frame = measure_scan(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
-                         checks=checks)
+    frame = measure_files(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
+                          checks=checks)
     write_measurements(frame, args.out)
     present = (frame["n_voxels"] > 0).sum()
     print(f"measured {present} of {len(frame)} structures -> {args.out}")
