@@ -186,9 +186,11 @@ def _segment_arguments(s: argparse.ArgumentParser) -> None:
 def _sheet(args: argparse.Namespace) -> None:
     from ctcohort import dicom_series
 
-    inventory = dicom_series.write_inventory(
-        args.dicom_root, args.out, series_table=args.series_table, key_out=args.key_out, secret=args.secret,
-        series_uids=args.series_uid, processes=args.processes, min_slices=args.min_slices, file_lists=args.file_lists)
+    settings = dicom_series.InventorySettings(secret=args.secret, series_uids=args.series_uid,
+                                              processes=args.processes, min_slices=args.min_slices,
+                                              file_lists=args.file_lists)
+    inventory = dicom_series.write_inventory(args.dicom_root, args.out, series_table=args.series_table,
+                                             key_out=args.key_out, settings=settings)
     studies = {(s.patient_key, s.study_key) for s in inventory.series}
     print(f"{inventory.images:,} DICOM images of {inventory.files:,} files: {len(inventory.series):,} series in "
           f"{len(studies):,} studies; a CT series chosen for {len(inventory.sheet_rows):,} -> {args.out}")
