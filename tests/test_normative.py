@@ -41,7 +41,7 @@ def analytic_cohort(n: int = 40000, seed: int = 7) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fitted():
-    return normative.fit_normative_charts(analytic_cohort(), ["liver"], ["volume_ml"])
+    return normative.fit_charts(analytic_cohort(), ["liver"], ["volume_ml"])
 
 
 def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
@@ -51,7 +51,7 @@ def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
 
 
 def test_charts_match_the_analytic_percentiles(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     intervals = [f"{c}_{end}" for c in COLUMNS for end in ("low", "high")]
     assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast",
                                     "note", *normative.METHOD_COLUMNS, *normative.CALIBRATION_COLUMNS, *intervals]
@@ -110,7 +110,8 @@ def noisy_sample(n: int = 20, seed: int = 0) -> pd.DataFrame:
 
 def test_rearranged_charts_do_not_cross_where_the_fits_do():
     sample = noisy_sample()
-    charts, coefficients = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], normative.ChartSettings(covariates=()))
+    settings = normative.ChartSettings(covariates=())
+    charts, coefficients, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert (charts["note"] == "").all() and (charts["sex"] == "all").all() and coefficients.empty
     fits, converged = normative.quantile_fits(sample[["age"]].assign(y=sample["hu_mean"])[["y", "age"]])
     assert converged
@@ -135,7 +136,7 @@ def placed(charts, coefficients, value, age=50.0, sex="F", structure="liver", **
 
 
 def test_a_scan_on_the_charts(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     row = charts[charts["sex"] == "F"].iloc[30]  # a charted age
     at_median = placed(charts, coefficients, row["p50"], age=row["age"])
     assert at_median["z"] == pytest.approx(0, abs=1e-12) and at_median["percentile"] == pytest.approx(50)
@@ -161,8 +162,8 @@ def test_a_combined_structure_is_made_from_the_scans_members():
     age = rng.uniform(20, 80, n)
     cohort = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": age, "sex": "F", "structure": "kidneys",
                            "group": "organ", "volume_ml": 300 - age + rng.normal(0, 20, n)})
-    charts, coefficients = normative.fit_normative_charts(
-        cohort, ["kidneys"], ["volume_ml"], normative.ChartSettings(covariates=[]), combined={"kidneys": ["kidney_left", "kidney_right"]})
+    charts, coefficients, _ = normative.fit_charts(cohort, ["kidneys"], ["volume_ml"], normative.ChartSettings(
+        covariates=[]), combined={"kidneys": ["kidney_left", "kidney_right"]})
     assert set(charts["members"]) == {"kidney_left+kidney_right"}
     columns = ["structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
                "hu_mean_eroded", "complete", "exclusion_reason"]
@@ -178,7 +179,7 @@ def test_a_combined_structure_is_made_from_the_scans_members():
 
 
 def test_placement_notes(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     oldest = charts.loc[charts["sex"] == "M", "age"].max()
     outside = placed(charts, coefficients, 1200.0, age=oldest + 0.5, sex="M")
     assert outside["note"] == "age_outside_chart" and np.isnan(outside["z"]) and np.isnan(outside["percentile"])
@@ -205,7 +206,7 @@ def test_placement_notes(fitted):
 
 def test_a_covariate_constant_in_the_chart():
     cohort = analytic_cohort(1200).assign(contrast=1.0)
-    charts, coefficients = normative.fit_normative_charts(cohort, ["liver"], ["volume_ml"])
+    charts, coefficients, _ = normative.fit_charts(cohort, ["liver"], ["volume_ml"])
     assert coefficients.empty and (charts["contrast"] == 1.0).all() and (charts["note"] == "").all()
     value = A["M"] + B["M"] * 50 + DELTA
     assert placed(charts, coefficients, value, sex="M", contrast=0)["note"] == "covariate_outside_chart"
@@ -252,7 +253,7 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     sample["sex"] = ["M"] * 10 + ["F"] * 25 + [np.nan] * 5
     sample["volume_ml"] = 5.0
     with caplog.at_level(logging.WARNING, logger="ctcohort.normative"):
-        charts, coefficients = normative.fit_normative_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
+        charts, coefficients, _ = normative.fit_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
     assert "contrast" in caplog.text  # not in the table: left out, with a warning
     assert coefficients.empty and charts["contrast"].isna().all()
     keys = charts.set_index(["structure", "measure", "sex"])
@@ -266,15 +267,16 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     unfitted = charts[charts["note"] != ""]
     assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
     # without a sex column: one chart over every scan
-    charts, _ = normative.fit_normative_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"],
-                                               normative.ChartSettings(covariates=()))
+    charts, coefficients, _ = normative.fit_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"],
+                                                   normative.ChartSettings(covariates=()))
     assert (charts["sex"] == "all").all() and (charts["n"] == 40).all() and (charts["note"] == "").all()
-    placement = normative.place_on_charts(charts, _, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
+    placement = normative.place_on_charts(charts, coefficients, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
                                           50, "F")
     assert placement["sex"].tolist() == ["all"] and placement["note"].tolist() == [""]
     # a fit whose optimality cannot be shown (here: no duality gap is small enough) is no chart
     monkeypatch.setattr(normative, "DUALITY_GAP", -1.0)
-    charts, _ = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], normative.ChartSettings(by_sex=False, covariates=()))
+    settings = normative.ChartSettings(by_sex=False, covariates=())
+    charts, _, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert charts["note"].tolist() == ["not_converged"] and charts["age"].isna().all()
 
 
@@ -329,13 +331,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="spline_df"):
         normative.ChartSettings(spline_df=1)
     with pytest.raises(ValueError, match="volume_ml"):
-        normative.fit_normative_charts(sample, ["spleen"], ["volume_ml"])
+        normative.fit_charts(sample, ["spleen"], ["volume_ml"])
 
 
 def test_tables_round_trip(fitted, tmp_path):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     sample = noisy_sample(12)  # one row not fitted: a note and NaNs
-    small, _ = normative.fit_normative_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
+    small, _, _ = normative.fit_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
     charts = pd.concat([charts, small], ignore_index=True)
     write_table(charts, tmp_path / "charts.tsv")
     write_table(coefficients, tmp_path / "covariates.tsv")
@@ -348,7 +350,7 @@ def test_tables_round_trip(fitted, tmp_path):
 
 
 def test_zscore_command(fitted, tmp_path, capsys):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     write_table(charts, tmp_path / "charts.tsv")
     write_table(coefficients, tmp_path / "covariates.tsv")
     age = 50.0
@@ -387,7 +389,7 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     """2,000 new scans drawn from the analytic truth, as a cohort table (measurements.tsv's format: subject, age,
     sex, contrast as columns): one `ctcohort zscore` call places all; their z is the analytic one, about 5% lie
     beyond |z| 1.96, none beyond 6; each equals the scan placed alone."""
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     write_table(charts, tmp_path / "charts.tsv")
     write_table(coefficients, tmp_path / "covariates.tsv")
     new = analytic_cohort(2000, seed=99)
@@ -549,8 +551,8 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     cohort.loc[toshiba, "volume_ml"] += MANUFACTURER_SHIFT["Toshiba"] - cohort.loc[toshiba, "manufacturer"].map(
         MANUFACTURER_SHIFT)
     cohort.loc[toshiba, "manufacturer"] = "Toshiba"
-    settings = normative.ChartSettings(covariates=["contrast", "manufacturer"], method="lms", site="scanner",
-                                       by_sex=False, centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
+    settings = normative.ChartSettings(covariates=["contrast", "manufacturer"], method="lms", site="scanner", by_sex=False,
+                                       centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
     fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], settings)
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["note"] == "").all() and (charts["manufacturer"] == "GE").all()

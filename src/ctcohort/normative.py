@@ -1,6 +1,6 @@
 """Age- and sex-specific normative (centile) charts of each structure's measures, and one scan placed on them.
 
-charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
+charts (``fit_charts``, ``fit_panel_charts``; results/stats/normative_charts.tsv)
     One chart per structure x measure x sex: sexes M and F where ``by_sex`` and the table has a sex column
     (a scan whose sex is missing or neither M nor F is in no chart), else one chart ``all`` over every scan.
     A chart is fitted on exactly the n scans with a finite age, a finite measure and every covariate present
@@ -339,13 +339,6 @@ class ChartSettings:
             return None
         return replace(self.centiles or CentileSettings(), percentiles=self.percentiles, min_scans=self.min_n,
                        age_step=float(self.age_step))
-
-
-def fit_normative_charts(measurements: pd.DataFrame, structures, measures, settings: ChartSettings = ChartSettings(),
-                         combined: Mapping[str, Sequence[str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(charts, coefficients) of ``fit_charts``."""
-    fit = fit_charts(measurements, structures, measures, settings, combined)
-    return fit.charts, fit.coefficients
 
 
 def fit_charts(measurements: pd.DataFrame, structures, measures, settings: ChartSettings = ChartSettings(),
