@@ -69,7 +69,7 @@ def one_chart(module, age, y, covariates) -> tuple[float, ...]:
 
 def study_charts(folder: Path, count: int) -> None:
     """Seconds per chart of ``count`` structures' charts in an aggregated study, and their extrapolation."""
-    from ctcohort.normative import centile_scores, fit_panel_charts, place_cohort
+    from ctcohort.normative import ChartSettings, centile_scores, fit_panel_charts, place_cohort
     from ctcohort.patients import read_cross_sectional, read_scans
 
     tables = folder / "results" / "tables"
@@ -78,7 +78,7 @@ def study_charts(folder: Path, count: int) -> None:
     structures = every[::max(1, len(every) // count)][:count]
     panels = [(structure, measure) for structure in structures for measure in ("volume_ml", "hu_mean")]
     started = time.perf_counter()
-    fit = fit_panel_charts(measurements, panels, method="lms", covariates=["contrast"])
+    fit = fit_panel_charts(measurements, panels, ChartSettings(method="lms", covariates=["contrast"]))
     elapsed = time.perf_counter() - started
     keys = fit.charts.drop_duplicates(["structure", "measure", "sex"])
     per_chart = elapsed / len(keys)

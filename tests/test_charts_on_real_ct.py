@@ -62,7 +62,8 @@ def reference(kidney):
 
 
 def charts_of(cohort: pd.DataFrame, min_n: int) -> normative.NormativeFit:
-    return normative.fit_charts(cohort, [STRUCTURE], list(TRUTH_OF), covariates=[], min_n=min_n, method="lms")
+    return normative.fit_charts(cohort, [STRUCTURE], list(TRUTH_OF),
+                                normative.ChartSettings(covariates=[], min_n=min_n, method="lms"))
 
 
 def at_age(charts: pd.DataFrame, measure: str, sex: str, age: float) -> np.ndarray:

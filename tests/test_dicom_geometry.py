@@ -170,11 +170,12 @@ def edited_series(shared_data, folder, name):
 @pytest.mark.parametrize("name", list(EDITS))
 def test_the_sheet_chooses_what_the_import_accepts_and_both_name_the_same_cause(name, shared_data, tmp_path):
     from ctcohort.dicom_import import DicomImportError, convert_series
-    from ctcohort.dicom_series import write_inventory
+    from ctcohort.dicom_series import InventorySettings, write_inventory
 
     folder = tmp_path / "export" / "series"
     edited_series(shared_data, folder, name)
-    inventory = write_inventory(tmp_path / "export", tmp_path / "cohort.tsv", secret="test", progress=False)
+    settings = InventorySettings(secret="test", progress=False)
+    inventory = write_inventory(tmp_path / "export", tmp_path / "cohort.tsv", settings=settings)
     (series,) = inventory.series
     try:
         convert_series(folder)
@@ -191,7 +192,7 @@ def test_orientations_further_apart_than_dcm2niix_allows_are_refused_by_sheet_an
     from dicom_edits import series_files, write_copies
 
     from ctcohort.dicom_import import DicomImportError, convert_series
-    from ctcohort.dicom_series import write_inventory
+    from ctcohort.dicom_series import InventorySettings, write_inventory
 
     def turned(ds, index):  # one slice's rows turned by 3e-4: equal to 3 decimals, apart for dcm2niix
         if index == 5:
@@ -201,7 +202,8 @@ def test_orientations_further_apart_than_dcm2niix_allows_are_refused_by_sheet_an
 
     folder = tmp_path / "export" / "series"
     write_copies(series_files(shared_data), folder, turned)
-    (series,) = write_inventory(tmp_path / "export", tmp_path / "cohort.tsv", secret="test", progress=False).series
+    settings = InventorySettings(secret="test", progress=False)
+    (series,) = write_inventory(tmp_path / "export", tmp_path / "cohort.tsv", settings=settings).series
     assert not series.chosen and series.reason == "slices in 2 different orientations"
     with pytest.raises(DicomImportError, match="slices in 2 different orientations"):
         convert_series(folder)

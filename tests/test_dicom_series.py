@@ -51,8 +51,8 @@ def tree(tmp_path_factory) -> Path:
 
 
 def run_sheet(tree: Path, out: Path, secret: str = SECRET, **options) -> dicom_series.Inventory:
-    return dicom_series.write_inventory(tree, out / "cohort.tsv", series_table=out / "series.tsv", secret=secret,
-                                        progress=False, **options)
+    settings = dicom_series.InventorySettings(secret=secret, progress=False, **options)
+    return dicom_series.write_inventory(tree, out / "cohort.tsv", series_table=out / "series.tsv", settings=settings)
 
 
 def read(path: Path) -> pd.DataFrame:

@@ -296,11 +296,11 @@ def test_sform_and_qform_that_disagree_are_said_with_the_distance(shared_data, t
     assert np.allclose(scan.affine, nib.load(ct).get_sform())  # measured on the sform
     assert "sform and qform disagree by up to 10.0 mm (sform_code 1, qform_code 1); the sform is used" in caplog.text
     # and the QC table says it, on every structure row (qc.tsv flags the scan: review.sanity_flags)
-    from ctcohort.measure import measure_and_check
+    from ctcohort.measure import measure_and_qc_files
     from ctcohort.qc import QCSettings
     from ctcohort.structures import load_structure_table
 
-    checked = measure_and_check(ct, seg, load_structure_table("total_v1"), qc=QCSettings(preview_width=None))
+    checked = measure_and_qc_files(ct, seg, load_structure_table("total_v1"), qc=QCSettings(preview_width=None))
     assert checked.qc.table["sform_qform_mm"].to_numpy() == pytest.approx(10.0)
     # a label map that follows the qform: the mismatch says that the CT itself is in doubt
     qform_seg = nib.Nifti1Image(np.asanyarray(nib.load(seg).dataobj), nib.load(ct).get_qform())

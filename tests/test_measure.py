@@ -16,7 +16,7 @@ from ctcohort.imaging import GridMismatchError, ImplausibleScanError, ScanChecks
 from ctcohort.columns import EXCLUSION_REASONS, MEASURE_COLUMNS, SCAN_EXCLUSION_REASONS
 from ctcohort.measure import (
     LabelMapError,
-    measure_scan,
+    measure_files,
     measure_structures,
     read_measurements,
     write_measurements,
@@ -274,7 +274,7 @@ def test_scan_files_with_scaling_float_labels_and_other_orientation(tmp_path):
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:3, 3] = [(labels.shape[0] - 1), (labels.shape[1] - 1), 0]
     seg_path = save_nifti(labels[::-1, ::-1, :], affine @ flip, tmp_path / "seg.nii.gz", dtype=np.float64)
-    got = measure_scan(ct_path, seg_path, table, min_voxels=1)
+    got = measure_files(ct_path, seg_path, table, min_voxels=1)
     # affines are stored as float32 in NIfTI: voxel volumes agree to ~1e-8
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6)
 
@@ -284,7 +284,7 @@ def test_label_map_on_another_grid_is_rejected(tmp_path):
     ct_path = save_nifti(hu, np.eye(4), tmp_path / "ct.nii.gz")
     seg_path = save_nifti(labels[:-1], np.eye(4), tmp_path / "seg.nii.gz")
     with pytest.raises(GridMismatchError, match="grid does not match") as info:
-        measure_scan(ct_path, seg_path, small_table())
+        measure_files(ct_path, seg_path, small_table())
     assert "\n" not in str(info.value) and str(info.value).startswith(str(seg_path))
 
 
@@ -298,7 +298,7 @@ def test_unreadable_file_names_the_path(tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti")
     with pytest.raises(ValueError, match="broken.nii.gz"):
-        measure_scan(bad, bad, small_table())
+        measure_files(bad, bad, small_table())
 
 
 def test_tsv_round_trip_keeps_nan_and_reasons(tmp_path):
@@ -326,7 +326,7 @@ def test_real_ct_and_its_104_class_segmentation(shared_data):
     ct = nib.load(folder / "example_ct.nii.gz")
     seg = nib.load(folder / "example_seg_v1.nii.gz")
     table = load_structure_table("total_v1")
-    got = measure_scan(folder / "example_ct.nii.gz", folder / "example_seg_v1.nii.gz", table)
+    got = measure_files(folder / "example_ct.nii.gz", folder / "example_seg_v1.nii.gz", table)
 
     hu = ct.get_fdata()  # nibabel's own scaling, in float64: an independent path
     labels = np.rint(seg.get_fdata()).astype(int)
@@ -360,7 +360,7 @@ def test_real_ct_int32_is_read_as_integer_hu(shared_data):
 
 def test_real_v2_segmentation_with_v2_table(shared_data):
     folder = shared_data / "totalseg-example"
-    got = measure_scan(folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz", load_structure_table("total_v2"))
+    got = measure_files(folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz", load_structure_table("total_v2"))
     assert len(got) == 117
     assert (got["n_voxels"] > 0).sum() > 10
     assert set(got["group"]) <= {"organ", "bone", "muscle", "vessel"}
@@ -385,7 +385,7 @@ def real_scan(shared_data):
 
 def scan_error(error_type, ct_path, seg_path, table, **options) -> str:
     with pytest.raises(error_type) as info:
-        measure_scan(ct_path, seg_path, table, **options)
+        measure_files(ct_path, seg_path, table, **options)
     message = str(info.value)
     assert "\n" not in message, "failures.tsv holds one line per scan"
     return message
@@ -411,13 +411,13 @@ def test_real_ct_without_rescale_intercept_fails(real_scan, tmp_path):
     scaled = save_nifti(raw, ct.affine, tmp_path / "scaled.nii.gz", slope=1, inter=-1024)
     clipped = np.clip(ct_hounsfield(ct), -1024, 3071)
     want = measure_structures(clipped, label_array(nib.load(seg_path)), 0.027, table)
-    pd.testing.assert_frame_equal(measure_scan(scaled, seg_path, table), want, check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(measure_files(scaled, seg_path, table), want, check_exact=False, rtol=1e-6)
     # unclipped: padding below -1024 HU stays below 0 after the shift; fails all the same
     shifted = save_nifti(ct_hounsfield(ct) + 1024, ct.affine, tmp_path / "shifted.nii.gz")
     message = scan_error(ImplausibleScanError, shifted, seg_path, table)
     assert "lowest value -183 is above -500 HU (no air); was the rescale intercept (-1024) not applied?" in message
     # ... unless that check is disabled
-    assert len(measure_scan(shifted, seg_path, table, checks=ScanChecks(lowest_hu_at_most=None))) == 104
+    assert len(measure_files(shifted, seg_path, table, checks=ScanChecks(lowest_hu_at_most=None))) == 104
 
 
 @pytest.mark.parametrize("seg_too", [False, True])
@@ -433,7 +433,7 @@ def test_real_ct_with_zooms_x1000_fails(real_scan, tmp_path, seg_too):
         f"{ct_big}: implausible voxel size 3000 x 3000 x 3000 mm: 3000 mm is above 15 mm "
         "(header zooms in the wrong unit?) (measure.ct_checks.max_spacing_mm)"
     )
-    got = measure_scan(ct_big, seg_path, table, checks=ScanChecks(max_spacing_mm=None)) if seg_too else None
+    got = measure_files(ct_big, seg_path, table, checks=ScanChecks(max_spacing_mm=None)) if seg_too else None
     if got is not None:  # what it would have been: a kidney of ~1.9e8 ml
         assert got.set_index("structure").at["kidney_right", "volume_ml"] > 1e8
 
@@ -467,9 +467,9 @@ def test_real_float_ct_with_nonfinite_voxels(real_scan, tmp_path, caplog):
     hu[padding] = np.nan
     float_ct = save_nifti(hu, ct.affine, tmp_path / "float_ct.nii.gz")
     caplog.set_level(logging.WARNING)
-    got = measure_scan(float_ct, seg_path, table).set_index("structure")
+    got = measure_files(float_ct, seg_path, table).set_index("structure")
 
-    want = measure_scan(ct_path, seg_path, table).set_index("structure")  # the unbroken scan
+    want = measure_files(ct_path, seg_path, table).set_index("structure")  # the unbroken scan
     reference = per_structure_reference(ct.get_fdata(), labels, 0.027, table, margin=3).set_index("structure")
     assert (got.loc[list(spoiled), "exclusion_reason"] == "hu_nonfinite").all()
     assert got.loc[list(spoiled), HU_COLUMNS].isna().all(axis=None)
@@ -538,7 +538,7 @@ def test_real_ct_with_metal_has_exact_medians(real_scan, tmp_path):
     femur = np.argwhere(labels == dict(zip(table["name"], table["label"]))["femur_left"])
     hu[tuple(femur[: len(femur) // 3].T)] = 31800
     metal = save_nifti(hu, ct.affine, tmp_path / "metal.nii.gz")
-    got = measure_scan(metal, seg_path, table, min_voxels=1)
+    got = measure_files(metal, seg_path, table, min_voxels=1)
     for label, median in zip(table["label"], got["hu_median"]):
         mask = labels == label
         assert median == np.median(hu[mask]) if mask.any() else np.isnan(median), label
@@ -581,8 +581,8 @@ def test_scan_read_and_measured_from_files_equals_the_arrays(tmp_path):
     table = small_table()
     want = measure_structures(hu, labels, 0.75 * 0.5 * 2.0 / 1000, table, min_voxels=1,
                               source=seg_path, ct_source=ct_path)
-    pd.testing.assert_frame_equal(measure_scan(ct_path, seg_path, table, min_voxels=1), want)
-    pd.testing.assert_frame_equal(measure_scan(ct_path, seg_path, lambda: table, min_voxels=1), want)
+    pd.testing.assert_frame_equal(measure_files(ct_path, seg_path, table, min_voxels=1), want)
+    pd.testing.assert_frame_equal(measure_files(ct_path, seg_path, lambda: table, min_voxels=1), want)
 
 
 def test_errors_come_in_the_order_of_a_sequential_read(tmp_path):
@@ -592,16 +592,16 @@ def test_errors_come_in_the_order_of_a_sequential_read(tmp_path):
     raw = save_nifti(hu.astype(np.int32) + 3000, np.eye(4), tmp_path / "raw.nii.gz")  # no air: not in HU
     other_grid = save_nifti(labels[:-1], np.eye(4), tmp_path / "seg.nii.gz")
     with pytest.raises(ImplausibleScanError, match="raw.nii.gz"):
-        measure_scan(raw, other_grid, small_table())
+        measure_files(raw, other_grid, small_table())
     good = save_nifti(hu, np.eye(4), tmp_path / "ct.nii.gz")
     with pytest.raises(GridMismatchError, match="seg.nii.gz"):
-        measure_scan(good, other_grid, small_table())
+        measure_files(good, other_grid, small_table())
 
     def broken_table():
         raise ValueError("structure table broken.csv: no rows")
 
     with pytest.raises(ValueError, match="broken.csv"):
-        measure_scan(raw, other_grid, broken_table)
+        measure_files(raw, other_grid, broken_table)
 
 
 def test_measure_command_starts_without_the_heavy_modules(tmp_path):

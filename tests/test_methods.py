@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ctcohort.methods import methods_paragraphs, model_description, write_methods
+from ctcohort.methods import RunTables, methods_paragraphs, model_description, write_methods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,13 @@ def correlations(primary: str = "adjusted"):
     return table.assign(covariates="sex,contrast", primary=primary)
 
 
+def run_tables(counts=COUNTS, correlation_table=None, **optional) -> RunTables:
+    table = correlations() if correlation_table is None else correlation_table
+    return RunTables(counts, table, VERSIONS, **optional)
+
+
 def test_methods_quote_the_runs_counts_and_the_settings(settings):
-    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, model="the nnU-Net model X"))
+    text = " ".join(methods_paragraphs(settings, run_tables(), model="the nnU-Net model X"))
     assert "The cohort comprised 120 scans." in text
     assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
     assert "117 scans were measured, of which 113 scans with a recorded age" in text
@@ -63,12 +68,12 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
             in text)
     normal_only = {**settings, "normative": {**settings["normative"], "families": ["normal"]}}
     assert "models adjusted for contrast: a normal distribution whose" in " ".join(
-        methods_paragraphs(normal_only, COUNTS, correlations(), VERSIONS))
+        methods_paragraphs(normal_only, run_tables()))
     calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"]})
-    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, calibration=calibration))
+    text = " ".join(methods_paragraphs(settings, run_tables(calibration=calibration)))
     assert "2 of 3 charts were drawn, from 80 to 120 patients each." in text
     quantile = {**settings, "normative": {**settings["normative"], "method": "quantile"}}
-    text = " ".join(methods_paragraphs(quantile, COUNTS, correlations(), VERSIONS, model="the nnU-Net model X"))
+    text = " ".join(methods_paragraphs(quantile, run_tables(), model="the nnU-Net model X"))
     assert f"quantile regression on a natural cubic spline in age ({settings['normative']['spline_df']} degrees" in text
     assert "nnunetv2 2.6.2" in text and "snakemake 9.1.0" in text and "Python 3.11.9" in text
     assert "pydicom" not in text  # not installed: not cited
@@ -79,18 +84,18 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
 def test_methods_say_the_random_site_intercept(settings):
     settings["normative"]["site"] = "scanner"
     calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"], "sites": [6, 5, float("nan")]})
-    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS, calibration=calibration))
+    text = " ".join(methods_paragraphs(settings, run_tables(calibration=calibration)))
     assert "Gaussian random intercept for scanner" in text and "restricted likelihood" in text
     assert "The charts had 5 and 6 scanner levels." in text
     settings["normative"]["site"] = None
-    assert "random intercept" not in " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS))
+    assert "random intercept" not in " ".join(methods_paragraphs(settings, run_tables()))
 
 
 def test_methods_follow_the_configuration(settings):
     settings["statistics"].update(correction="fdr_bh", alpha=0.05, partial_covariates=[])
     settings["segmentation"]["method"] = "precomputed"
     settings["normative"]["panels"] = []
-    text = " ".join(methods_paragraphs(settings, COUNTS, correlations(), VERSIONS))
+    text = " ".join(methods_paragraphs(settings, run_tables()))
     assert "Benjamini-Hochberg" in text and "below 0.05" in text
     assert "Partial Spearman" not in text and "quantile regression" not in text
     assert "Segmentations were supplied with the cohort" in text and "nnU-Net" not in text
@@ -108,7 +113,7 @@ def test_model_description_names_folders_and_checksums_not_paths(tmp_path):
 
 
 def test_methods_files(tmp_path, settings):
-    paragraphs = methods_paragraphs(settings, COUNTS, correlations(), VERSIONS)
+    paragraphs = methods_paragraphs(settings, run_tables())
     write_methods(paragraphs, tmp_path / "methods.md", tmp_path / "methods.html")
     markdown = (tmp_path / "methods.md").read_text()
     assert markdown.startswith("# Methods\n\n") and markdown.count("\n\n") == len(paragraphs)
@@ -129,14 +134,14 @@ def test_methods_count_patients_and_say_which_scan(settings):
     counts.loc[counts["kind"] == "in the sheet", "count"] = 5
     counts.loc[counts["kind"] == "measured", "count"] = 5
     counts = counts[~counts["kind"].str.startswith("failed")]
-    text = " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS, selection=picked))
+    text = " ".join(methods_paragraphs(settings, run_tables(counts, selection=picked)))
     assert "The 5 scans came from 3 patients, 1 of them with repeated scans" in text
     assert "one scan per patient, the earliest of the patient's measured scans with an age" in text
     assert "2 patients entered the age analyses" in text  # p3's only scan has no age
     assert "fewer than 10 patients were not tested" in text
     settings["statistics"]["scan_per_patient"] = "random"
-    assert "one chosen at random (seeded)" in " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS,
-                                                                          selection=picked))
+    text = " ".join(methods_paragraphs(settings, run_tables(counts, selection=picked)))
+    assert "one chosen at random (seeded)" in text
 
 
 def test_methods_say_when_the_sheet_names_no_patients_and_when_rows_were_dropped(settings):
@@ -144,7 +149,7 @@ def test_methods_say_when_the_sheet_names_no_patients_and_when_rows_were_dropped
     picked = selection(["s0", "s1"], [50, 60], [True, True])
     counts = pd.concat([COUNTS, pd.DataFrame([("scans", "dropped: duplicate", 2)], columns=COUNTS.columns)])
     counts.loc[counts["kind"] == "measured", "count"] = 115
-    text = " ".join(methods_paragraphs(settings, counts, correlations(), VERSIONS, selection=picked))
+    text = " ".join(methods_paragraphs(settings, run_tables(counts, selection=picked)))
     assert "named no patients, so each scan was taken as a patient of its own (2 patients)" in text
     assert "2 rows of the sheet repeated another scan (the same file or identical content) and were dropped" in text
     assert "3 scans could not be processed (2 in segmentation and 1 in DICOM import)" in text
@@ -182,7 +187,7 @@ def test_methods_say_what_the_tables_used_not_what_was_configured(settings, drop
                                  "volume_ml": rng.normal(1500, 100, n)}).drop(columns=drop)
     settings["statistics"]["partial_covariates"] = covariates
     table, fits = study_tables(measurements, settings)
-    text = " ".join(methods_paragraphs(settings, COUNTS, table, VERSIONS, regression=fits))
+    text = " ".join(methods_paragraphs(settings, run_tables(correlation_table=table, regression=fits)))
     assert f"The primary analysis was {primary}" in text
     assert f"ordinary least squares {regression} and HC3" in text
     # the by-sex, regression and spline sentences are there whatever the covariates

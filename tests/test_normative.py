@@ -41,7 +41,7 @@ def analytic_cohort(n: int = 40000, seed: int = 7) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fitted():
-    return normative.fit_normative_charts(analytic_cohort(), ["liver"], ["volume_ml"])
+    return normative.fit_charts(analytic_cohort(), ["liver"], ["volume_ml"])
 
 
 def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
@@ -51,7 +51,7 @@ def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
 
 
 def test_charts_match_the_analytic_percentiles(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     intervals = [f"{c}_{end}" for c in COLUMNS for end in ("low", "high")]
     assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast",
                                     "note", *normative.METHOD_COLUMNS, *normative.CALIBRATION_COLUMNS, *intervals]
@@ -110,7 +110,8 @@ def noisy_sample(n: int = 20, seed: int = 0) -> pd.DataFrame:
 
 def test_rearranged_charts_do_not_cross_where_the_fits_do():
     sample = noisy_sample()
-    charts, coefficients = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], covariates=())
+    settings = normative.ChartSettings(covariates=())
+    charts, coefficients, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert (charts["note"] == "").all() and (charts["sex"] == "all").all() and coefficients.empty
     fits, converged = normative.quantile_fits(sample[["age"]].assign(y=sample["hu_mean"])[["y", "age"]])
     assert converged
@@ -135,7 +136,7 @@ def placed(charts, coefficients, value, age=50.0, sex="F", structure="liver", **
 
 
 def test_a_scan_on_the_charts(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     row = charts[charts["sex"] == "F"].iloc[30]  # a charted age
     at_median = placed(charts, coefficients, row["p50"], age=row["age"])
     assert at_median["z"] == pytest.approx(0, abs=1e-12) and at_median["percentile"] == pytest.approx(50)
@@ -161,8 +162,8 @@ def test_a_combined_structure_is_made_from_the_scans_members():
     age = rng.uniform(20, 80, n)
     cohort = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": age, "sex": "F", "structure": "kidneys",
                            "group": "organ", "volume_ml": 300 - age + rng.normal(0, 20, n)})
-    charts, coefficients = normative.fit_normative_charts(
-        cohort, ["kidneys"], ["volume_ml"], covariates=[], combined={"kidneys": ["kidney_left", "kidney_right"]})
+    charts, coefficients, _ = normative.fit_charts(cohort, ["kidneys"], ["volume_ml"], normative.ChartSettings(
+        covariates=[]), combined={"kidneys": ["kidney_left", "kidney_right"]})
     assert set(charts["members"]) == {"kidney_left+kidney_right"}
     columns = ["structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
                "hu_mean_eroded", "complete", "exclusion_reason"]
@@ -178,7 +179,7 @@ def test_a_combined_structure_is_made_from_the_scans_members():
 
 
 def test_placement_notes(fitted):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     oldest = charts.loc[charts["sex"] == "M", "age"].max()
     outside = placed(charts, coefficients, 1200.0, age=oldest + 0.5, sex="M")
     assert outside["note"] == "age_outside_chart" and np.isnan(outside["z"]) and np.isnan(outside["percentile"])
@@ -205,7 +206,7 @@ def test_placement_notes(fitted):
 
 def test_a_covariate_constant_in_the_chart():
     cohort = analytic_cohort(1200).assign(contrast=1.0)
-    charts, coefficients = normative.fit_normative_charts(cohort, ["liver"], ["volume_ml"])
+    charts, coefficients, _ = normative.fit_charts(cohort, ["liver"], ["volume_ml"])
     assert coefficients.empty and (charts["contrast"] == 1.0).all() and (charts["note"] == "").all()
     value = A["M"] + B["M"] * 50 + DELTA
     assert placed(charts, coefficients, value, sex="M", contrast=0)["note"] == "covariate_outside_chart"
@@ -252,7 +253,7 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     sample["sex"] = ["M"] * 10 + ["F"] * 25 + [np.nan] * 5
     sample["volume_ml"] = 5.0
     with caplog.at_level(logging.WARNING, logger="ctcohort.normative"):
-        charts, coefficients = normative.fit_normative_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
+        charts, coefficients, _ = normative.fit_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
     assert "contrast" in caplog.text  # not in the table: left out, with a warning
     assert coefficients.empty and charts["contrast"].isna().all()
     keys = charts.set_index(["structure", "measure", "sex"])
@@ -266,14 +267,16 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     unfitted = charts[charts["note"] != ""]
     assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
     # without a sex column: one chart over every scan
-    charts, _ = normative.fit_normative_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"], covariates=())
+    charts, coefficients, _ = normative.fit_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"],
+                                                   normative.ChartSettings(covariates=()))
     assert (charts["sex"] == "all").all() and (charts["n"] == 40).all() and (charts["note"] == "").all()
-    placement = normative.place_on_charts(charts, _, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
+    placement = normative.place_on_charts(charts, coefficients, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
                                           50, "F")
     assert placement["sex"].tolist() == ["all"] and placement["note"].tolist() == [""]
     # a fit whose optimality cannot be shown (here: no duality gap is small enough) is no chart
     monkeypatch.setattr(normative, "DUALITY_GAP", -1.0)
-    charts, _ = normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], by_sex=False, covariates=())
+    settings = normative.ChartSettings(by_sex=False, covariates=())
+    charts, _, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert charts["note"].tolist() == ["not_converged"] and charts["age"].isna().all()
 
 
@@ -319,22 +322,22 @@ def test_quantile_fits_reach_r_quantregs_minimum(n, tmp_path):
 def test_bad_arguments():
     sample = noisy_sample().assign(scanner="a")
     with pytest.raises(ValueError, match="'scanner': a random site intercept needs method lms"):
-        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], site="scanner")
+        normative.ChartSettings(site="scanner")
     for bad in ((5, 5, 50), (0, 50), (50, 100), (50, 25)):
         with pytest.raises(ValueError, match="percentiles"):
-            normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], percentiles=bad)
+            normative.ChartSettings(percentiles=bad)
     with pytest.raises(ValueError, match="min_n"):
-        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], min_n=4)
+        normative.ChartSettings(min_n=4)
     with pytest.raises(ValueError, match="spline_df"):
-        normative.fit_normative_charts(sample, ["spleen"], ["hu_mean"], spline_df=1)
+        normative.ChartSettings(spline_df=1)
     with pytest.raises(ValueError, match="volume_ml"):
-        normative.fit_normative_charts(sample, ["spleen"], ["volume_ml"])
+        normative.fit_charts(sample, ["spleen"], ["volume_ml"])
 
 
 def test_tables_round_trip(fitted, tmp_path):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     sample = noisy_sample(12)  # one row not fitted: a note and NaNs
-    small, _ = normative.fit_normative_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
+    small, _, _ = normative.fit_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
     charts = pd.concat([charts, small], ignore_index=True)
     write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
     write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
@@ -347,7 +350,7 @@ def test_tables_round_trip(fitted, tmp_path):
 
 
 def test_zscore_command(fitted, tmp_path, capsys):
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
     write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
     age = 50.0
@@ -386,7 +389,7 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     """2,000 new scans drawn from the analytic truth, as a cohort table (measurements.tsv's format: subject, age,
     sex, contrast as columns): one `ctcohort zscore` call places all; their z is the analytic one, about 5% lie
     beyond |z| 1.96, none beyond 6; each equals the scan placed alone."""
-    charts, coefficients = fitted
+    charts, coefficients, _ = fitted
     write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
     write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
     new = analytic_cohort(2000, seed=99)
@@ -438,7 +441,7 @@ def test_the_reference_is_the_selected_scans_less_what_the_qc_flags():
 @pytest.fixture(scope="module")
 def lms_fitted():
     cohort = analytic_cohort(800, seed=21)  # about 400 scans per sex
-    return cohort, normative.fit_charts(cohort, ["liver"], ["volume_ml"], method="lms")
+    return cohort, normative.fit_charts(cohort, ["liver"], ["volume_ml"], normative.ChartSettings(method="lms"))
 
 
 def test_lms_charts_match_the_truth_and_place_new_scans_by_the_model(lms_fitted):
@@ -476,7 +479,8 @@ def test_a_four_parameter_chart_stored_as_a_table_places_scans_as_its_model(fami
 
     cohort = analytic_cohort(300, seed=8)
     settings = centiles.CentileSettings(families=(family,), bootstrap_resamples=0, tail_min_scans=100)
-    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], method="lms", by_sex=False, centiles=settings)
+    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"],
+                               normative.ChartSettings(method="lms", by_sex=False, centiles=settings))
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["family"] == family).all() and charts["eta_tau"].notna().all()
     chart = centiles.fit_centile_chart(cohort["age"], cohort["volume_ml"], cohort[["contrast"]], settings,
@@ -491,7 +495,7 @@ def test_a_four_parameter_chart_stored_as_a_table_places_scans_as_its_model(fami
 
 def test_lms_charts_refuse_what_cannot_be_trusted():
     sample = noisy_sample(40).assign(group="")
-    fit = normative.fit_charts(sample, ["spleen"], ["hu_mean"], method="lms", min_n=60)
+    fit = normative.fit_charts(sample, ["spleen"], ["hu_mean"], normative.ChartSettings(method="lms", min_n=60))
     assert fit.charts["note"].tolist() == ["too_few_scans"]
     placement = normative.place_on_charts(fit.charts, fit.coefficients, pd.DataFrame({"structure": ["spleen"],
                                                                                      "hu_mean": [100.0]}), 50, "F")
@@ -512,8 +516,8 @@ def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
 
     monkeypatch.setattr(centiles.CentileChart, "curves", with_a_hole)
     two_families = centiles.CentileSettings(families=(centiles.NORMAL, centiles.BCCG))  # the refusal, not the choice
-    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"], method="lms", by_sex=False,
-                               centiles=two_families)
+    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"],
+                               normative.ChartSettings(method="lms", by_sex=False, centiles=two_families))
     assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()
 
 
@@ -547,9 +551,9 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     cohort.loc[toshiba, "volume_ml"] += MANUFACTURER_SHIFT["Toshiba"] - cohort.loc[toshiba, "manufacturer"].map(
         MANUFACTURER_SHIFT)
     cohort.loc[toshiba, "manufacturer"] = "Toshiba"
-    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], covariates=["contrast", "manufacturer"],
-                               method="lms", site="scanner", by_sex=False,
-                               centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
+    settings = normative.ChartSettings(covariates=["contrast", "manufacturer"], method="lms", site="scanner", by_sex=False,
+                                       centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
+    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], settings)
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["note"] == "").all() and (charts["manufacturer"] == "GE").all()
     assert (charts["site_column"] == "scanner").all() and (charts["sites"] == 6).all()
@@ -597,9 +601,9 @@ def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order
     spleen = cohort.assign(structure="spleen", volume_ml=cohort["volume_ml"] / 10)
     cohort = pd.concat([cohort, spleen], ignore_index=True)
     panels = [("spleen", "volume_ml"), ("liver", "volume_ml"), ("kidney", "volume_ml")]
-    options = {"method": "lms", "centiles": CentileSettings(bootstrap_resamples=10)}
-    one = normative.fit_panel_charts(cohort, panels, processes=1, **options)
-    three = normative.fit_panel_charts(cohort, panels, processes=3, **options)
+    settings = normative.ChartSettings(method="lms", centiles=CentileSettings(bootstrap_resamples=10))
+    one = normative.fit_panel_charts(cohort, panels, settings, processes=1)
+    three = normative.fit_panel_charts(cohort, panels, settings, processes=3)
     assert one.charts[["structure", "sex"]].drop_duplicates().values.tolist() == [
         ["spleen", "M"], ["spleen", "F"], ["liver", "M"], ["liver", "F"], ["kidney", "M"], ["kidney", "F"]]
     assert (one.charts["note"] == "").sum() > 100 and len(one.scores) == len(cohort)
@@ -613,8 +617,8 @@ def test_centile_scores_have_one_row_per_scan_and_charted_measure_out_of_fold_fo
     from ctcohort.centiles import CentileSettings
 
     reference = analytic_cohort(300, seed=4).assign(hu_mean=50.0)
-    fit = normative.fit_charts(reference, ["liver"], ["volume_ml"], method="lms", by_sex=False,
-                               centiles=CentileSettings(bootstrap_resamples=0))
+    fit = normative.fit_charts(reference, ["liver"], ["volume_ml"], normative.ChartSettings(
+        method="lms", by_sex=False, centiles=CentileSettings(bootstrap_resamples=0)))
     others = analytic_cohort(50, seed=8).assign(subject=lambda f: "new" + f["subject"], hu_mean=50.0)
     cohort = pd.concat([reference, others, reference.assign(structure="spleen")], ignore_index=True)
     scores = normative.centile_scores(fit, cohort)
@@ -627,3 +631,18 @@ def test_centile_scores_have_one_row_per_scan_and_charted_measure_out_of_fold_fo
     placed = placed[placed["measure"] == "volume_ml"]["z"].sort_index()
     assert len(new) == 50 and new.notna().sum() > 40
     np.testing.assert_array_equal(new.to_numpy(), placed.to_numpy())
+
+
+def test_chart_settings_from_the_shipped_config_and_the_lms_settings_they_give():
+    import yaml
+
+    from ctcohort.centiles import CentileSettings
+
+    block = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["normative"]
+    settings = normative.ChartSettings.from_config({**block, "method": "lms", "min_n": 40, "percentiles": [10, 90]})
+    assert settings.percentiles == (10.0, 90.0) and settings.covariates == tuple(block["covariates"])
+    assert (settings.by_sex, settings.spline_df, settings.site) == (block["by_sex"], block["spline_df"], block["site"])
+    lms = settings.centile_settings()
+    assert (lms.percentiles, lms.min_scans, lms.age_step) == ((10.0, 90.0), 40, normative.AGE_STEP)
+    assert lms.families == CentileSettings.from_config(block).families
+    assert normative.ChartSettings.from_config({**block, "method": "quantile"}).centile_settings() is None

@@ -17,7 +17,7 @@ from ctcohort import phantom
 from ctcohort.aggregate import exclusion_flow, value_exclusions
 from ctcohort.imaging import voxel_volume_ml
 from ctcohort.columns import EXCLUSION_REASONS, HU_COLUMNS
-from ctcohort.measure import checked_scan
+from ctcohort.measure import measure_and_qc
 from ctcohort.qc import (
     FACES,
     QCSettings,
@@ -73,7 +73,7 @@ def test_scan_qc_faces_agree_with_measure_on_a_cropped_phantom():
     ct, labels, affine = phantom.render_subject(draw)
     ct, labels = ct[:, :, 20:-25], labels[:, :, 20:-25]  # cut at both ends of z
     affine = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 20], [0, 0, 0, 1]])
-    result = checked_scan(ct, labels, affine, V1, QCSettings(preview_width=None))
+    result = measure_and_qc(ct, labels, affine, V1, QCSettings(preview_width=None))
     m, qc = result.measurements, result.qc.table
     assert list(qc["structure"]) == list(m["structure"])
     present = m["n_voxels"] > 0
@@ -100,7 +100,7 @@ def test_vertebral_coverage_from_a_map_with_t12_to_l3():
     labels[10:20, 5:8, 40:45] = V1_IDS["liver"]
     hu = np.full(labels.shape, -1000, np.int16)
     hu[labels > 0] = 300
-    result = checked_scan(hu, labels, np.eye(4), V1, QCSettings(min_voxels=10, preview_width=None))
+    result = measure_and_qc(hu, labels, np.eye(4), V1, QCSettings(min_voxels=10, preview_width=None))
     qc = result.qc.table
     assert set(qc["cranial_vertebra"]) == {"vertebrae_T12"} and set(qc["caudal_vertebra"]) == {"vertebrae_L3"}
     # the order is anatomical, not the table's or the names' alphabetical one

@@ -17,7 +17,7 @@ pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
 from ctcohort.nnunet_adapter import network_axes  # noqa: E402
-from ctcohort.measure import measure_and_check, measure_scan, read_measurements, write_measurements  # noqa: E402
+from ctcohort.measure import measure_and_qc_files, measure_files, read_measurements, write_measurements  # noqa: E402
 from ctcohort.qc import QCSettings, read_qc  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
     TASKS,
@@ -161,13 +161,13 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     measured_good, measured_bad, _ = (json.loads(p.read_text()) for p in measurement.statuses)
     assert measured_good == {"subject": "good", "stage": "measure", "ok": True, "error": ""}
     assert measured_bad == bad  # the segmentation failure passed on, not a measure failure
-    from_files = measure_scan(phantom_scan, outputs[0], V1, min_voxels=5)
+    from_files = measure_files(phantom_scan, outputs[0], V1, min_voxels=5)
     assert (from_files["n_voxels"] > 0).any()
     write_measurements(from_files, tmp_path / "from_files.tsv")
     assert measurement.outputs[0].read_bytes() == (tmp_path / "from_files.tsv").read_bytes()
     assert read_measurements(measurement.outputs[1]).empty
     # quality control beside each table: the scan's own, placeholders for the failed ones
-    checked = measure_and_check(phantom_scan, outputs[0], V1, qc=QCSettings(3, 5, 300))
+    checked = measure_and_qc_files(phantom_scan, outputs[0], V1, qc=QCSettings(3, 5, 300))
     assert measurement.qc_tables[0].read_text() == checked.qc.table.to_csv(sep="\t", index=False)
     assert measurement.previews[0].read_bytes() == checked.qc.preview
     assert Image.open(measurement.previews[0]).size == (300, 100)

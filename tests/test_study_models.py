@@ -11,7 +11,7 @@ import pytest
 from conftest import run_workflow
 from ctcohort import phantom
 from ctcohort.columns import MODEL_COLUMN
-from ctcohort.measure import measure_scan, read_measurements
+from ctcohort.measure import measure_files, read_measurements
 from ctcohort.qc import QCSettings, read_qc
 from ctcohort.segment import BatchMeasurement, segment_batch
 from ctcohort.study_models import (
@@ -101,7 +101,7 @@ def test_the_batch_job_segments_and_measures_with_each_model(phantom_scan, tmp_p
     assert len(demo) == len(copy) == len(load_structure_table("total_v1"))
     assert (copy["structure"] == "copy:" + demo["structure"].to_numpy()).all()
     # each model's rows equal a measurement of its label map from the files
-    from_files = measure_scan(phantom_scan, outputs[0][1], load_structure_table("total_v1"), min_voxels=5)
+    from_files = measure_files(phantom_scan, outputs[0][1], load_structure_table("total_v1"), min_voxels=5)
     assert np.allclose(copy["volume_ml"].to_numpy(), from_files["volume_ml"].to_numpy(), equal_nan=True)
     assert (from_files["n_voxels"] > 0).sum() > 5
     qc = read_qc(tmp_path / "a.qc.tsv")

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from ctcohort.imaging import ScanChecks
-from ctcohort.measure import measure_scan
+from ctcohort.measure import measure_files
 
-# the CLI's defaults are measure_scan's, so that the two cannot disagree
-MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_scan).parameters.items()
+# the CLI's defaults are those of measure_files, so that the two cannot disagree
+MEASURE_DEFAULTS = {name: p.default for name, p in inspect.signature(measure_files).parameters.items()
                     if p.default is not inspect.Parameter.empty}
 
 
@@ -35,8 +35,8 @@ def _measure(args: argparse.Namespace) -> None:
         return load_structure_table(args.structures)
 
     checks = ScanChecks(args.min_spacing_mm, args.max_spacing_mm, args.lowest_hu_at_most)
-    frame = measure_scan(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
-                         checks=checks)
+    frame = measure_files(args.ct, args.seg, table, border_margin=args.border_margin, min_voxels=args.min_voxels,
+                          checks=checks)
     write_measurements(frame, args.out)
     present = (frame["n_voxels"] > 0).sum()
     print(f"measured {present} of {len(frame)} structures -> {args.out}")
@@ -186,9 +186,11 @@ def _segment_arguments(s: argparse.ArgumentParser) -> None:
 def _sheet(args: argparse.Namespace) -> None:
     from ctcohort import dicom_series
 
-    inventory = dicom_series.write_inventory(
-        args.dicom_root, args.out, series_table=args.series_table, key_out=args.key_out, secret=args.secret,
-        series_uids=args.series_uid, processes=args.processes, min_slices=args.min_slices, file_lists=args.file_lists)
+    settings = dicom_series.InventorySettings(secret=args.secret, series_uids=args.series_uid,
+                                              processes=args.processes, min_slices=args.min_slices,
+                                              file_lists=args.file_lists)
+    inventory = dicom_series.write_inventory(args.dicom_root, args.out, series_table=args.series_table,
+                                             key_out=args.key_out, settings=settings)
     studies = {(s.patient_key, s.study_key) for s in inventory.series}
     print(f"{inventory.images:,} DICOM images of {inventory.files:,} files: {len(inventory.series):,} series in "
           f"{len(studies):,} studies; a CT series chosen for {len(inventory.sheet_rows):,} -> {args.out}")

@@ -580,30 +580,55 @@ class Inventory:
     sheet_rows: list[dict]
 
 
+@dataclass(frozen=True)
+class InventorySettings:
+    """How ``write_inventory`` reads the tree and chooses a series per study (``ctcohort sheet``'s options)."""
+
+    secret: str | None = None  # key of the pseudonyms (None: the environment variable SECRET_VARIABLE)
+    series_uids: list[str] | None = None  # SeriesInstanceUIDs to take for their study instead of the rule's choice
+    processes: int = 1  # processes reading headers
+    min_slices: int = DEFAULT_MIN_SLICES  # fewer slices make a series unusable
+    file_lists: bool = False  # name every series by a file list, never by its folder
+    progress: bool = True  # say on stderr how the reading goes
+
+
 def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str | Path | None = None,
-                    key_out: str | Path | None = None, secret: str | None = None,
-                    series_uids: list[str] | None = None, processes: int = 1,
-                    min_slices: int = DEFAULT_MIN_SLICES, file_lists: bool = False, progress: bool = True
+                    key_out: str | Path | None = None, settings: InventorySettings = InventorySettings()
                     ) -> Inventory:
     """Read the tree, choose a CT series per study and write the cohort sheet (and the series table and the
     pseudonym key where asked). The ``ct`` of a row is the series' folder where that folder holds the
-    series' files and nothing else, else (and always with ``file_lists``) a file list
+    series' files and nothing else, else (and always with ``settings.file_lists``) a file list
     ``<sheet stem>_series/<subject>.txt`` next to the sheet: UTF-8, one absolute path a line, in slice order."""
-    key = resolve_secret(secret)
+    key = resolve_secret(settings.secret)
     sheet = Path(sheet)
     if key_out is not None:
         key_out = Path(key_out)
-        _refuse_results(key_out, "--key-out")
-        outputs = {os.path.abspath(p) for p in (sheet, series_table) if p is not None}
-        if os.path.abspath(key_out) in outputs:
-            raise ValueError(f"--key-out {key_out} is also the sheet or the series table")
+        _check_key_out(key_out, sheet, series_table)
     paths = list_files(dicom_root)
-    if progress:
+    if settings.progress:
         print(f"{len(paths):,} files under {dicom_root}", file=sys.stderr)
-    headers = read_headers(paths, processes=processes, progress=progress)
-    series = group_series(headers, min_slices)
-    chosen = choose(series, series_uids)
+    headers = read_headers(paths, processes=settings.processes, progress=settings.progress)
+    series = group_series(headers, settings.min_slices)
+    chosen = choose(series, settings.series_uids)
+    names = _study_pseudonyms(series, key)
+    rows = _write_sheet(sheet, chosen, names, _files_below(paths, str(dicom_root)), settings.file_lists)
+    if series_table is not None:
+        _write_series_table(Path(series_table), series, names)
+    if key_out is not None:
+        _write_key(key_out, series, chosen, names)
+    return Inventory(len(paths), len(headers), series, chosen, rows)
 
+
+def _check_key_out(key_out: Path, sheet: Path, series_table: str | Path | None) -> None:
+    """The key goes neither into a results folder nor over another output."""
+    _refuse_results(key_out, "--key-out")
+    outputs = {os.path.abspath(p) for p in (sheet, series_table) if p is not None}
+    if os.path.abspath(key_out) in outputs:
+        raise ValueError(f"--key-out {key_out} is also the sheet or the series table")
+
+
+def _study_pseudonyms(series: list[Series], key: bytes) -> dict[tuple[str, str], tuple[str, str]]:
+    """(patient key, study key) -> (subject, patient) pseudonyms; two studies or patients named alike fail."""
     names, seen = {}, {}
     for s in series:
         subject, patient = pseudonyms(key, s.patient_key, s.study_key)
@@ -612,81 +637,103 @@ def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str
                 raise ValueError(f"two studies or patients have the same pseudonym {name}: a 1 in 10^9 event "
                                  "at 10,000 studies; run again with another secret")
         names[(s.patient_key, s.study_key)] = (subject, patient)
+    return names
 
-    files_below = _files_below(paths, str(dicom_root))
-    sheet_dir = sheet.parent
-    list_dir = sheet_dir / (sheet.stem + LIST_FOLDER_SUFFIX)
+
+def _write_sheet(sheet: Path, chosen: dict[tuple[str, str], Series], names: dict, files_below: Counter,
+                 file_lists: bool) -> list[dict]:
+    """The cohort sheet's rows (one per chosen series, by subject), written with their file lists; the lists
+    of an earlier run whose study has no row now are removed."""
+    list_dir = sheet.parent / (sheet.stem + LIST_FOLDER_SUFFIX)
     written_lists = set()
     rows = []
-    for (patient_key, study_key), s in chosen.items():
-        subject, patient = names[(patient_key, study_key)]
+    for study, s in chosen.items():
+        subject, patient = names[study]
         folder = None if file_lists else _exclusive_folder(s, files_below)
         if folder and names_identifying_value(os.path.abspath(folder), identifying_values(s)):
             folder = None  # a folder named after the patient or study would carry PHI into every log: list it
         if folder is None:
-            list_dir.mkdir(parents=True, exist_ok=True)
-            listing = list_dir / f"{subject}.txt"
-            if any("\n" in h["path"] or "\r" in h["path"] for h in s.stack):
-                raise ValueError(f"a file of study {subject} has a line break in its name: it cannot be listed")
-            listing.write_text("".join(os.path.abspath(h["path"]) + "\n" for h in s.stack), encoding="utf-8")
-            written_lists.add(listing.name)
-            ct = listing
+            ct = _write_file_list(s, list_dir / f"{subject}.txt", subject)
+            written_lists.add(ct.name)
         else:
             ct = Path(folder)
-        ct = os.path.relpath(os.path.abspath(ct), os.path.abspath(sheet_dir)) if _below(ct, sheet_dir) \
+        ct = os.path.relpath(os.path.abspath(ct), os.path.abspath(sheet.parent)) if _below(ct, sheet.parent) \
             else os.path.abspath(ct)
-        age, age_source = age_years(s.first("PatientAge"), s.first("StudyDate"), s.first("PatientBirthDate"))
-        study_date = _date(s.first("StudyDate"))
-        rows.append({
-            "subject": subject, "ct": ct, "age": age, "sex": sex_code(s.first("PatientSex")),
-            "contrast": s.contrast, "age_source": age_source, "patient": patient, "series": s.index,
-            "series_number": s.series_number, "slices": len(s.stack), "slice_spacing": s.spacing,
-            "slice_thickness": s.thickness, "kernel": s.kernel, "kernel_class": s.kernel_class,
-            "manufacturer": s.common("Manufacturer"), "model": s.common("ManufacturerModelName"),
-            "kvp": s.common("KVP"), "study_year": study_date.year if study_date else None,
-            "study_date": study_date,
-        })
+        rows.append(_sheet_row(s, subject, patient, ct))
     add_years_since_first_study(rows)
     rows.sort(key=lambda r: r["subject"])
-    if list_dir.is_dir():  # lists of an earlier run whose study has no row now
+    _remove_stale_lists(list_dir, written_lists)
+    _write_tsv(sheet, SHEET_COLUMNS, rows)
+    return rows
+
+
+def _write_file_list(s: Series, listing: Path, subject: str) -> Path:
+    """The series' files, one absolute path a line, in slice order."""
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    if any("\n" in h["path"] or "\r" in h["path"] for h in s.stack):
+        raise ValueError(f"a file of study {subject} has a line break in its name: it cannot be listed")
+    listing.write_text("".join(os.path.abspath(h["path"]) + "\n" for h in s.stack), encoding="utf-8")
+    return listing
+
+
+def _remove_stale_lists(list_dir: Path, written_lists: set[str]) -> None:
+    """The file lists of an earlier run whose study has no row now."""
+    if list_dir.is_dir():
         for stale in list_dir.glob("p*_*.txt"):
             if re.fullmatch(r"p[0-9a-f]{12}_[0-9a-f]{8}\.txt", stale.name) and stale.name not in written_lists:
                 stale.unlink()
-    _write_tsv(sheet, SHEET_COLUMNS, rows)
 
-    if series_table is not None:
-        table = []
-        for s in series:
-            subject, patient = names[(s.patient_key, s.study_key)]
-            pixel = s.first("PixelSpacing")
-            table.append({
-                "study": subject, "patient": patient, "series": s.index, "series_number": s.series_number,
-                "modality": s.common("Modality"), "description": scrub(s.common("SeriesDescription"), identifying_values(s)),
-                "image_type": s.common("ImageType").replace("\\", "/"),
-                "orientation": orientation_name(s.first("ImageOrientationPatient")) if s.stack else "",
-                "rows": s.first("Rows"), "columns": s.first("Columns"),
-                "pixel_spacing": "x".join(f"{v:.7g}" for v in pixel) if pixel else "",
-                "files": len(s.files), "slices": len(s.stack),
-                "dropped_files": ", ".join(f"{n} {why}" for why, n in sorted(s.dropped.items())),
-                "slice_spacing": s.spacing, "slice_thickness": s.thickness, "tilt_deg": s.tilt_deg,
-                "complete": s.complete, "kernel": s.kernel, "kernel_class": s.kernel_class,
-                "contrast": s.contrast, "eligible": not s.problem, "chosen": s.chosen, "reason": s.reason,
-            })
-        table.sort(key=lambda r: (r["study"], r["series"]))
-        _write_tsv(Path(series_table), SERIES_COLUMNS, table)
 
-    if key_out is not None:
-        studies = {}
-        for s in series:
-            study = (s.patient_key, s.study_key)
-            best = chosen.get(study)
-            subject, patient = names[study]
-            studies[study] = {
-                "subject": subject, "patient": patient, "PatientID": s.first("PatientID"),
-                "StudyInstanceUID": s.first("StudyInstanceUID"), "StudyDate": s.first("StudyDate"),
-                "series": best.index if best else None,
-                "SeriesInstanceUID": best.first("SeriesInstanceUID") if best else "",
-                "SeriesNumber": best.series_number if best else "",
-            }
-        _write_tsv(key_out, KEY_COLUMNS, sorted(studies.values(), key=lambda r: r["subject"]), mode=0o600)
-    return Inventory(len(paths), len(headers), series, chosen, rows)
+def _sheet_row(s: Series, subject: str, patient: str, ct: str) -> dict:
+    """The chosen series' row of the cohort sheet: no name, ID, birth date or UID."""
+    age, age_source = age_years(s.first("PatientAge"), s.first("StudyDate"), s.first("PatientBirthDate"))
+    study_date = _date(s.first("StudyDate"))
+    return {
+        "subject": subject, "ct": ct, "age": age, "sex": sex_code(s.first("PatientSex")),
+        "contrast": s.contrast, "age_source": age_source, "patient": patient, "series": s.index,
+        "series_number": s.series_number, "slices": len(s.stack), "slice_spacing": s.spacing,
+        "slice_thickness": s.thickness, "kernel": s.kernel, "kernel_class": s.kernel_class,
+        "manufacturer": s.common("Manufacturer"), "model": s.common("ManufacturerModelName"),
+        "kvp": s.common("KVP"), "study_year": study_date.year if study_date else None,
+        "study_date": study_date,
+    }
+
+
+def _write_series_table(path: Path, series: list[Series], names: dict) -> None:
+    """One row per series: chosen or why not."""
+    table = []
+    for s in series:
+        subject, patient = names[(s.patient_key, s.study_key)]
+        pixel = s.first("PixelSpacing")
+        table.append({
+            "study": subject, "patient": patient, "series": s.index, "series_number": s.series_number,
+            "modality": s.common("Modality"), "description": scrub(s.common("SeriesDescription"), identifying_values(s)),
+            "image_type": s.common("ImageType").replace("\\", "/"),
+            "orientation": orientation_name(s.first("ImageOrientationPatient")) if s.stack else "",
+            "rows": s.first("Rows"), "columns": s.first("Columns"),
+            "pixel_spacing": "x".join(f"{v:.7g}" for v in pixel) if pixel else "",
+            "files": len(s.files), "slices": len(s.stack),
+            "dropped_files": ", ".join(f"{n} {why}" for why, n in sorted(s.dropped.items())),
+            "slice_spacing": s.spacing, "slice_thickness": s.thickness, "tilt_deg": s.tilt_deg,
+            "complete": s.complete, "kernel": s.kernel, "kernel_class": s.kernel_class,
+            "contrast": s.contrast, "eligible": not s.problem, "chosen": s.chosen, "reason": s.reason,
+        })
+    table.sort(key=lambda r: (r["study"], r["series"]))
+    _write_tsv(path, SERIES_COLUMNS, table)
+
+
+def _write_key(key_out: Path, series: list[Series], chosen: dict[tuple[str, str], Series], names: dict) -> None:
+    """The pseudonym -> PatientID/StudyInstanceUID key, one row per study, readable by its owner only."""
+    studies = {}
+    for s in series:
+        study = (s.patient_key, s.study_key)
+        best = chosen.get(study)
+        subject, patient = names[study]
+        studies[study] = {
+            "subject": subject, "patient": patient, "PatientID": s.first("PatientID"),
+            "StudyInstanceUID": s.first("StudyInstanceUID"), "StudyDate": s.first("StudyDate"),
+            "series": best.index if best else None,
+            "SeriesInstanceUID": best.first("SeriesInstanceUID") if best else "",
+            "SeriesNumber": best.series_number if best else "",
+        }
+    _write_tsv(key_out, KEY_COLUMNS, sorted(studies.values(), key=lambda r: r["subject"]), mode=0o600)

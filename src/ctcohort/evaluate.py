@@ -180,33 +180,10 @@ def surface_metrics(
     structures in the reference), so its means leave such scans out where ours
     count them as 0. Labels that are not in ``table`` are ignored.
     """
-    pred = _check_label_map(pred, "prediction")
-    ref = _check_label_map(ref, "reference")
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} and reference shape {ref.shape} differ")
-    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)
-    if spacing.shape != (pred.ndim,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ValueError(f"spacing {spacing_mm!r}: need {pred.ndim} positive values (mm)")
-    if pred.ndim != 3:
-        raise ValueError(f"label maps of shape {pred.shape}: need 3-D maps")
-    if not tolerance_mm >= 0:
-        raise ValueError(f"tolerance {tolerance_mm!r} mm: must be >= 0")
-
+    pred, ref, spacing = _checked_inputs(pred, ref, spacing_mm, tolerance_mm)
     ids = table["label"].to_numpy().astype(np.int64)
     size = int(max(ids.max(initial=0), pred.max(initial=0), ref.max(initial=0))) + 1
-    if size * size <= MAX_JOINT_BINS:
-        foreground = (pred != 0) | (ref != 0)
-        pairs = pred[foreground].astype(np.int64) * size + ref[foreground]
-        del foreground
-        joint = np.bincount(pairs, minlength=size * size).reshape(size, size)
-        del pairs
-        n_pred = joint.sum(axis=1)  # every voxel with pred != 0 is in the foreground
-        n_ref = joint.sum(axis=0)
-        overlap = np.diagonal(joint)
-    else:  # label ids too large for a size x size table
-        n_pred = np.bincount(pred.ravel(), minlength=size)
-        n_ref = np.bincount(ref.ravel(), minlength=size)
-        overlap = np.bincount(pred[(pred == ref) & (pred != 0)], minlength=size)
+    n_pred, n_ref, overlap = _voxel_counts(pred, ref, size)
 
     unknown = sorted(set(np.flatnonzero(n_pred[1:] + n_ref[1:]) + 1) - set(ids.tolist()))
     if unknown:
@@ -215,24 +192,9 @@ def surface_metrics(
     with np.errstate(invalid="ignore", divide="ignore"):
         dice = 2.0 * overlap[ids] / (n_pred[ids] + n_ref[ids])  # 0/0 -> NaN for absent in both
     nsd = np.where(np.isnan(dice), np.nan, 0.0)
-
     both = np.flatnonzero((n_pred[ids] > 0) & (n_ref[ids] > 0))
     if len(both):
-        areas = _surfel_areas(spacing)
-        pred_boxes = ndimage.find_objects(pred, max_label=size - 1)
-        ref_boxes = ndimage.find_objects(ref, max_label=size - 1)
-        for row in both:
-            label = ids[row]
-            # The corner grid of the box holds every surfel corner of P and R (outside the box is outside both),
-            # and the Euclidean distance between two corners does not depend on what lies around them, so the
-            # transforms of the cropped grid are exact.
-            box = _box(pred_boxes[label - 1], ref_boxes[label - 1])
-            p_surface, p_areas = _surfels(pred[box] == label, areas)
-            r_surface, r_areas = _surfels(ref[box] == label, areas)
-            to_ref = ndimage.distance_transform_edt(~r_surface, sampling=spacing)[p_surface]
-            to_pred = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[r_surface]
-            near = p_areas[to_ref <= tolerance_mm].sum() + r_areas[to_pred <= tolerance_mm].sum()
-            nsd[row] = near / (p_areas.sum() + r_areas.sum())
+        nsd[both] = _surface_dice(pred, ref, ids[both], size, spacing, tolerance_mm)
 
     out = pd.DataFrame({
         "structure": table["name"].to_numpy(),
@@ -244,6 +206,60 @@ def surface_metrics(
         "n_ref": n_ref[ids],
     })
     return out[METRIC_COLUMNS]
+
+
+def _checked_inputs(pred, ref, spacing_mm: Sequence[float], tolerance_mm: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two label maps and the spacing as arrays; a map, spacing or tolerance that cannot be scored fails."""
+    pred = _check_label_map(pred, "prediction")
+    ref = _check_label_map(ref, "reference")
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} and reference shape {ref.shape} differ")
+    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)
+    if spacing.shape != (pred.ndim,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing {spacing_mm!r}: need {pred.ndim} positive values (mm)")
+    if pred.ndim != 3:
+        raise ValueError(f"label maps of shape {pred.shape}: need 3-D maps")
+    if not tolerance_mm >= 0:
+        raise ValueError(f"tolerance {tolerance_mm!r} mm: must be >= 0")
+    return pred, ref, spacing
+
+
+def _voxel_counts(pred: np.ndarray, ref: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label id below ``size``: its voxels in ``pred``, in ``ref`` and in both."""
+    if size * size > MAX_JOINT_BINS:  # label ids too large for a size x size table
+        n_pred = np.bincount(pred.ravel(), minlength=size)
+        n_ref = np.bincount(ref.ravel(), minlength=size)
+        overlap = np.bincount(pred[(pred == ref) & (pred != 0)], minlength=size)
+        return n_pred, n_ref, overlap
+    foreground = (pred != 0) | (ref != 0)
+    pairs = pred[foreground].astype(np.int64) * size + ref[foreground]
+    del foreground
+    joint = np.bincount(pairs, minlength=size * size).reshape(size, size)
+    del pairs
+    # every voxel with pred != 0 is in the foreground
+    return joint.sum(axis=1), joint.sum(axis=0), np.diagonal(joint)
+
+
+def _surface_dice(pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, size: int, spacing: np.ndarray,
+                  tolerance_mm: float) -> np.ndarray:
+    """The NSD of each of ``labels``, every one present in both maps."""
+    areas = _surfel_areas(spacing)
+    pred_boxes = ndimage.find_objects(pred, max_label=size - 1)
+    ref_boxes = ndimage.find_objects(ref, max_label=size - 1)
+    nsd = np.empty(len(labels))
+    for k, label in enumerate(labels):
+        # The corner grid of the box holds every surfel corner of P and R (outside the box is outside both),
+        # and the Euclidean distance between two corners does not depend on what lies around them, so the
+        # transforms of the cropped grid are exact.
+        box = _box(pred_boxes[label - 1], ref_boxes[label - 1])
+        p_surface, p_areas = _surfels(pred[box] == label, areas)
+        r_surface, r_areas = _surfels(ref[box] == label, areas)
+        to_ref = ndimage.distance_transform_edt(~r_surface, sampling=spacing)[p_surface]
+        to_pred = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[r_surface]
+        near = p_areas[to_ref <= tolerance_mm].sum() + r_areas[to_pred <= tolerance_mm].sum()
+        nsd[k] = near / (p_areas.sum() + r_areas.sum())
+    return nsd
 
 
 def evaluate_scan(

@@ -8,8 +8,9 @@ for the eroded means. From the histogram come each structure's voxel count,
 mean, standard deviation and exact median. No boolean mask per structure: at
 104 structures that is 104 passes over a 512x512x300 volume.
 
-``measure_structures`` measures arrays already in memory; ``measure_scan`` reads
-the two files and measures them.
+``measure_structures`` measures arrays already in memory; ``measure_files`` reads
+the two files and measures them. ``measure_and_qc`` (arrays) and ``measure_and_qc_files``
+(files) measure and run the quality control (``qc.scan_qc``) on the same arrays.
 
 A value that cannot be trusted never enters the table as a number: a scan
 whose CT is not plausibly in HU (``imaging.check_ct``), whose label map holds
@@ -366,7 +367,7 @@ def _read_with_table(ct_path, seg_path, table, checks: ScanChecks) -> tuple[Scan
         return reading.result(), table
 
 
-def measure_scan(
+def measure_files(
     ct_path: str | Path,
     seg_path: str | Path,
     table: pd.DataFrame | Callable[[], pd.DataFrame],
@@ -387,44 +388,44 @@ def measure_scan(
     )
 
 
-class CheckedScan(NamedTuple):
-    """A scan's measurements and its quality control (``measure_and_check``)."""
+class MeasurementsAndQC(NamedTuple):
+    """A scan's measurements and its quality control (``measure_and_qc``, ``measure_and_qc_files``)."""
 
     measurements: pd.DataFrame
     qc: ScanQC
 
 
-def measure_and_check(
+def measure_and_qc_files(
     ct_path: str | Path,
     seg_path: str | Path,
     table: pd.DataFrame | Callable[[], pd.DataFrame],
     *,
     checks: ScanChecks = ScanChecks(),
     qc: QCSettings = QCSettings(),
-) -> CheckedScan:
-    """``measure_scan``, then ``qc.scan_qc`` on the arrays already in memory (``qc`` carries the border
-    margin and the minimum voxel count the measurement uses)."""
+) -> MeasurementsAndQC:
+    """Read a CT and its segmentation (``read_scan``), measure them and check them (``measure_and_qc``; ``qc``
+    carries the border margin and the minimum voxel count the measurement uses)."""
     scan, table = _read_with_table(ct_path, seg_path, table, checks)
-    return checked_scan(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path,
-                        sform_qform_mm=scan.sform_qform_mm)
+    return measure_and_qc(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path,
+                          sform_qform_mm=scan.sform_qform_mm)
 
 
-def checked_scan(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, table: pd.DataFrame,
-                 qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT",
-                 sform_qform_mm: float | None = None) -> CheckedScan:
+def measure_and_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, table: pd.DataFrame,
+                   qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT",
+                   sform_qform_mm: float | None = None) -> MeasurementsAndQC:
     """Measure arrays in memory (``measure_structures``) and check them (``qc.scan_qc``)."""
     measured = measure_structures(hu, labels, voxel_volume_ml(affine), table, border_margin=qc.border_margin,
                                   min_voxels=qc.min_voxels, source=source, ct_source=ct_source)
-    return CheckedScan(measured, scan_qc(hu, labels, affine, measured, qc, sform_qform_mm))
+    return MeasurementsAndQC(measured, scan_qc(hu, labels, affine, measured, qc, sform_qform_mm))
 
 
-def empty_checked_scan() -> CheckedScan:
+def empty_measurements_and_qc() -> MeasurementsAndQC:
     """What a scan that could not be measured leaves: no rows, no preview (a placeholder is written)."""
-    return CheckedScan(empty_measurements(), empty_qc())
+    return MeasurementsAndQC(empty_measurements(), empty_qc())
 
 
-def write_checked_scan(result: CheckedScan, table_path: str | Path, qc_path: str | Path | None,
-                       preview_path: str | Path | None) -> None:
+def write_measurements_and_qc(result: MeasurementsAndQC, table_path: str | Path, qc_path: str | Path | None,
+                              preview_path: str | Path | None) -> None:
     """The measurement table, and the QC table and preview where their paths are given."""
     write_measurements(result.measurements, table_path)
     if qc_path:

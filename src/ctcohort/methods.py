@@ -10,6 +10,7 @@ cohort or the settings change. Nothing in it comes from a scan's header.
 import hashlib
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -97,27 +98,32 @@ def model_description(bundled: bool, model_files: Sequence[str | Path]) -> str:
 RULE_WORDS = {"first": "the earliest", "last": "the latest", "random": "one chosen at random (seeded)"}
 
 
-def methods_paragraphs(
-    config: Mapping, counts: pd.DataFrame, correlations: pd.DataFrame, versions: pd.DataFrame,
-    model: str = "", selection: pd.DataFrame | None = None, regression: pd.DataFrame | None = None,
-    longitudinal: pd.DataFrame | None = None, calibration: pd.DataFrame | None = None,
-    ct_age: pd.DataFrame | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class RunTables:
+    """The run's tables that the Methods text counts from."""
+
+    counts: pd.DataFrame  # aggregate.exclusion_counts' table
+    correlations: pd.DataFrame  # stats.age_correlations' table
+    versions: pd.DataFrame  # provenance.software_versions' table
+    selection: pd.DataFrame | None = None  # patients.scan_selection's table (None: every scan its own patient)
+    regression: pd.DataFrame | None = None  # its rows say which covariates it used
+    longitudinal: pd.DataFrame | None = None  # its rows say which covariates it used
+    calibration: pd.DataFrame | None = None  # the normative charts' (one row per chart: n, note, calibration)
+    ct_age: pd.DataFrame | None = None  # ct_age.ct_age's summary table (None: no CT age)
+
+
+def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> list[str]:
     """The Methods text as paragraphs (see the module docstring). ``config``: the workflow's configuration
     sections (structures, measure, qc, statistics, normative, segmentation without its model path),
     ``demo`` (true for the phantom demo) and ``patient_column`` (whether the sheet names patients);
-    ``counts``: ``aggregate.exclusion_counts``' table; ``correlations``: ``stats.age_correlations``' table;
-    ``versions``: ``provenance.software_versions``' table; ``model``: ``model_description``'s words;
-    ``selection``: ``patients.scan_selection``'s table (None: every measured scan its own patient);
-    ``regression``, ``longitudinal``: those tables, whose rows say which covariates they used; ``calibration``:
-    the normative charts' (one row per chart: n, note, calibration); ``ct_age``: ``ct_age.ct_age``'s summary
-    table (None: no CT age)."""
-    version = dict(zip(versions["software"], versions["version"]))
+    ``model``: ``model_description``'s words."""
+    version = dict(zip(tables.versions["software"], tables.versions["version"]))
     return [
-        _cohort_paragraph(config, counts, version, model, selection),
-        _measures_paragraph(config, counts),
-        _statistics_paragraph(config, correlations, regression, longitudinal, calibration),
-        *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, ct_age)]),
+        _cohort_paragraph(config, tables.counts, version, model, tables.selection),
+        _measures_paragraph(config, tables.counts),
+        _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal,
+                              tables.calibration),
+        *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, tables.ct_age)]),
         _software_paragraph(version),
     ]
 

@@ -1,6 +1,6 @@
 """Age- and sex-specific normative (centile) charts of each structure's measures, and one scan placed on them.
 
-charts (``fit_normative_charts``; results/stats/normative_charts.tsv)
+charts (``fit_charts``, ``fit_panel_charts``; results/stats/normative_charts.tsv)
     One chart per structure x measure x sex: sexes M and F where ``by_sex`` and the table has a sex column
     (a scan whose sex is missing or neither M nor F is in no chart), else one chart ``all`` over every scan.
     A chart is fitted on exactly the n scans with a finite age, a finite measure and every covariate present
@@ -88,7 +88,8 @@ import copy
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -96,6 +97,9 @@ from scipy import stats
 
 from ctcohort.columns import MEASURE_COLUMNS, MODEL_COLUMN
 from ctcohort.stats import CONSTANT, TOO_FEW_SCANS, present_columns
+
+if TYPE_CHECKING:
+    from ctcohort.centiles import CentileSettings
 
 PERCENTILES = (5, 25, 50, 75, 95)
 COVARIATES = ("contrast",)
@@ -292,56 +296,100 @@ class NormativeFit(NamedTuple):
     scores: pd.DataFrame
 
 
-def fit_normative_charts(measurements: pd.DataFrame, structures, measures, **options) -> tuple[pd.DataFrame,
-                                                                                            pd.DataFrame]:
-    """(charts, coefficients) of ``fit_charts``."""
-    fit = fit_charts(measurements, structures, measures, **options)
-    return fit.charts, fit.coefficients
+@dataclass(frozen=True)
+class ChartSettings:
+    """How the charts are fitted (config's ``normative`` block: ``from_config``); see the module docstring."""
+
+    percentiles: tuple[float, ...] = PERCENTILES  # strictly increasing, within (0, 100)
+    covariates: tuple[str, ...] = COVARIATES  # those the table has are adjusted for
+    by_sex: bool = True  # charts M and F (where the table has a sex column), else one chart over every scan
+    spline_df: int = SPLINE_DF  # method quantile: degrees of freedom of the natural spline in age
+    min_n: int = MIN_N  # the fewest scans of a chart
+    age_step: float = AGE_STEP  # years between the chart's rows
+    method: str = QUANTILE  # one of METHODS
+    site: str | None = None  # a column whose values get a random intercept on the location (method lms)
+    # method lms: its settings; its percentiles, age step and least scans are this object's (None: defaults)
+    centiles: "CentileSettings | None" = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "percentiles", _check_percentiles(self.percentiles))
+        object.__setattr__(self, "covariates", tuple(self.covariates))
+        _check_integer("min_n", self.min_n, 5)
+        _check_integer("spline_df", self.spline_df, 2)
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        age_step = self.age_step
+        if not (isinstance(age_step, (int, float, np.number)) and np.isfinite(age_step) and age_step > 0):
+            raise ValueError(f"age_step must be a positive number, got {age_step!r}")
+        if self.site and self.method != LMS:
+            raise ValueError(f"normative.site {self.site!r}: a random site intercept needs method {LMS}")
+
+    @classmethod
+    def from_config(cls, normative: Mapping) -> "ChartSettings":
+        """From config's ``normative`` block: its keys named like the fields, and the lms method's settings."""
+        from ctcohort.centiles import CentileSettings
+
+        values = {key: value for key, value in dict(normative).items() if key in cls.__dataclass_fields__}
+        return cls(**{**values, "centiles": CentileSettings.from_config(normative)})
+
+    def centile_settings(self) -> "CentileSettings | None":
+        """The lms method's settings with this object's percentiles, age step and least scans (None: quantile)."""
+        from ctcohort.centiles import CentileSettings
+
+        if self.method != LMS:
+            return None
+        return replace(self.centiles or CentileSettings(), percentiles=self.percentiles, min_scans=self.min_n,
+                       age_step=float(self.age_step))
 
 
-def fit_charts(measurements: pd.DataFrame, structures, measures, **options) -> NormativeFit:
+def fit_charts(measurements: pd.DataFrame, structures, measures, settings: ChartSettings = ChartSettings(),
+               combined: Mapping[str, Sequence[str]] | None = None) -> NormativeFit:
     """``fit_panel_charts`` of every structure x measure: ``structures`` in this order (None: every structure of
     the table, in table order), each with ``measures`` in this order."""
     if structures is None:
         structures = list(dict.fromkeys(measurements["structure"])) if "structure" in measurements.columns else []
-    return fit_panel_charts(measurements, [(s, m) for s in structures for m in measures], **options)
+    return fit_panel_charts(measurements, [(s, m) for s in structures for m in measures], settings, combined)
 
 
 def fit_panel_charts(
-    measurements: pd.DataFrame, panels: Sequence[tuple[str, str]], percentiles=PERCENTILES, covariates=COVARIATES,
-    by_sex: bool = True, spline_df: int = SPLINE_DF, min_n: int = MIN_N, age_step: float = AGE_STEP,
-    combined: Mapping[str, Sequence[str]] | None = None, method: str = QUANTILE, centiles=None,
-    site: str | None = None, processes: int = 1,
+    measurements: pd.DataFrame, panels: Sequence[tuple[str, str]], settings: ChartSettings = ChartSettings(),
+    combined: Mapping[str, Sequence[str]] | None = None, processes: int = 1,
 ) -> NormativeFit:
     """The charts (``chart_columns(percentiles, covariates)`` and, after note, METHOD_COLUMNS), their covariate
     coefficients (``coefficient_columns(percentiles)``) and, for method lms, each charted scan's out-of-fold z;
     see the module docstring. ``panels``: the (structure, measure) pairs to chart, in this order, each per sex; a
     structure not in the table gets one not_in_study row with n 0 (and a warning).
     ``combined``: the study's combined structures (statistics.combined); a charted one carries its members in
-    ``members``, so that a new scan's own combination can be made. ``centiles``: the lms method's
-    ``centiles.CentileSettings`` (its percentiles, age step and least scans are these arguments'). ``site``: a
-    column whose values get a random intercept on the location (method lms; None: none). ``processes``: charts
-    fitted side by side in this many worker processes (each chart seeded by itself, so the tables are the same
-    whatever the number), each with one BLAS thread."""
+    ``members``, so that a new scan's own combination can be made. ``processes``: charts fitted side by side in
+    this many worker processes (each chart seeded by itself, so the tables are the same whatever the number),
+    each with one BLAS thread."""
     from ctcohort.parallel import map_processes
 
-    levels = _check_percentiles(percentiles)
-    _check_integer("min_n", min_n, 5)
-    _check_integer("spline_df", spline_df, 2)
     _check_integer("processes", processes, 1)
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-    if not (isinstance(age_step, (int, float, np.number)) and np.isfinite(age_step) and age_step > 0):
-        raise ValueError(f"age_step must be a positive number, got {age_step!r}")
     panels = [(structure, measure) for structure, measure in panels]
     missing = [m for m in dict.fromkeys(["structure", "age", *(m for _, m in panels)]) if m not in measurements.columns]
     if missing:
         raise ValueError(f"the measurement table has no column {', '.join(missing)}")
-    covariates = list(covariates)
-    present = present_columns(measurements, covariates)
-    if site and method != LMS:
-        raise ValueError(f"normative.site {site!r}: a random site intercept needs method {LMS}")
-    site = (present_columns(measurements, [site], "normative.site") or [None])[0] if site else None
+    present = present_columns(measurements, list(settings.covariates))
+    site = (present_columns(measurements, [settings.site], "normative.site") or [None])[0] if settings.site else None
+    fitter = ChartFitter(settings, present, site)
+    tasks = _chart_tasks(measurements, panels, settings.by_sex, combined)
+    fitted = map_processes(fitter.fitted, *zip(*tasks), processes=min(processes, len(tasks))) if tasks else []
+    chart_rows, coefficient_rows, scores = ([row for one in fitted for row in one[i]] for i in range(3))
+    charts = pd.DataFrame(chart_rows, columns=[*chart_columns(fitter.levels, fitter.covariates),
+                                               *fitter.extra_columns])
+    # text: "" where the method has none, as read_statistics reads it
+    for column in ("family", "site_column"):
+        charts[column] = charts[column].astype(object).where(charts[column].notna(), "")
+    coefficients = pd.DataFrame(coefficient_rows, columns=coefficient_columns(fitter.levels))
+    _log_fitted(charts, settings.method, present)
+    scores = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
+    return NormativeFit(charts, coefficients, scores)
+
+
+def _chart_tasks(measurements: pd.DataFrame, panels: list[tuple[str, str]], by_sex: bool,
+                 combined: Mapping[str, Sequence[str]] | None) -> list[tuple[dict, pd.DataFrame, str, bool]]:
+    """(key, the chart's scans, measure, whether the structure is in the table) of each panel x sex."""
     if by_sex and "sex" not in measurements.columns:
         log.warning("no sex column: one chart over every scan (sex %s)", ALL)
     sexes = SEXES if by_sex and "sex" in measurements.columns else (ALL,)
@@ -351,8 +399,6 @@ def fit_panel_charts(
     unknown = list(dict.fromkeys(s for s, _ in panels if s not in set(measurements["structure"])))
     if unknown:
         log.warning("no such structure in the measurement table: %s (charts noted %s)", unknown, NOT_IN_STUDY)
-    fitter = ChartFitter(levels, present, covariates, spline_df, min_n, float(age_step), method,
-                         _centile_settings(centiles, levels, min_n, float(age_step)) if method == LMS else None, site)
     tasks = []
     for structure, measure in panels:
         in_structure = (measurements["structure"] == structure).to_numpy()
@@ -361,28 +407,15 @@ def fit_panel_charts(
             key = {"structure": structure, "group": structure_group,
                    "members": "+".join((combined or {}).get(structure, ())), "measure": measure, "sex": s}
             tasks.append((key, measurements[in_structure & (sex == s).to_numpy()], measure, in_structure.any()))
-    fitted = map_processes(fitter.fitted, *zip(*tasks), processes=min(processes, len(tasks))) if tasks else []
-    chart_rows, coefficient_rows, scores = ([row for one in fitted for row in one[i]] for i in range(3))
-    charts = pd.DataFrame(chart_rows, columns=[*chart_columns(levels, covariates), *fitter.extra_columns])
-    # text: "" where the method has none, as read_statistics reads it
-    for column in ("family", "site_column"):
-        charts[column] = charts[column].astype(object).where(charts[column].notna(), "")
-    coefficients = pd.DataFrame(coefficient_rows, columns=coefficient_columns(levels))
+    return tasks
+
+
+def _log_fitted(charts: pd.DataFrame, method: str, present: list[str]) -> None:
     keys = charts.drop_duplicates(["structure", "measure", "sex"])
     notes = keys.loc[keys["note"] != "", "note"].value_counts()
     untested = ", ".join(f"{count} {note}" for note, count in notes.items())
     log.info("normative charts (%s) given %s: %d of %d fitted; not fitted: %s", method, present,
              (keys["note"] == "").sum(), len(keys), untested or "none")
-    scores = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
-    return NormativeFit(charts, coefficients, scores)
-
-
-def _centile_settings(centiles, levels, min_n: int, age_step: float):
-    from dataclasses import replace
-
-    from ctcohort.centiles import CentileSettings
-
-    return replace(centiles or CentileSettings(), percentiles=tuple(levels), min_scans=min_n, age_step=age_step)
 
 
 def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFrame:
@@ -413,11 +446,12 @@ def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFram
 class ChartFitter:
     """Fits one chart after another into the rows of the charts, coefficients and scores tables."""
 
-    def __init__(self, levels, present, covariates, spline_df, min_n, age_step, method, centiles, site=None):
-        self.levels, self.present, self.covariates, self.site = levels, present, covariates, site
-        self.spline_df, self.min_n, self.age_step, self.method, self.centiles = (spline_df, min_n, age_step,
-                                                                                 method, centiles)
-        self.names = [percentile_column(p) for p in levels]
+    def __init__(self, settings: ChartSettings, present: list[str], site: str | None = None):
+        self.levels, self.covariates = settings.percentiles, list(settings.covariates)
+        self.present, self.site = present, site
+        self.spline_df, self.min_n, self.method = settings.spline_df, settings.min_n, settings.method
+        self.age_step, self.centiles = float(settings.age_step), settings.centile_settings()
+        self.names = [percentile_column(p) for p in self.levels]
         self.extra_columns = [*METHOD_COLUMNS, *CALIBRATION_COLUMNS,
                               *(f"{name}_{end}" for name in self.names for end in ("low", "high"))]
         self.chart_rows, self.coefficient_rows, self.scores = [], [], []

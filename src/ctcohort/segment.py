@@ -46,12 +46,12 @@ import pandas as pd
 from ctcohort import nnunet_adapter, totalseg_geometry
 from ctcohort.imaging import (ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image,
                               sform_qform_disagreement, voxel_spacing_mm)
-from ctcohort.measure import checked_scan, empty_checked_scan, write_checked_scan
+from ctcohort.measure import empty_measurements_and_qc, measure_and_qc, write_measurements_and_qc
 from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import passed_on_failure, recording_failure, run_scan_step
-from ctcohort.study_models import StudyModel, measuring_table, models_checked_scan, study_models
+from ctcohort.study_models import StudyModel, measuring_table, models_measurements_and_qc, study_models
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def recorded_label_names(img: nib.Nifti1Image) -> dict[int, str]:
     return {}
 
 
-def _read_scan(path: str | Path, checks: ScanChecks | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+def _read_ct(path: str | Path, checks: ScanChecks | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     """A CT and its HU; with ``checks``, a CT that is not plausibly one fails here, before the model sees it
     (a model fed raw scanner values or a broken header returns a confident label map all the same).
     Inflated in one call that lets the segmenting thread run (a streamed read holds the GIL per chunk)."""
@@ -519,7 +519,7 @@ class ScanPipeline:
 
         self.segmenter, self.cts, self.checks = segmenter, list(cts), checks
         self._reader, self._writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        self._reads = {0: self._reader.submit(_read_scan, self.cts[0], checks)} if self.cts else {}
+        self._reads = {0: self._reader.submit(_read_ct, self.cts[0], checks)} if self.cts else {}
         self._pending = []
 
     def __enter__(self) -> "ScanPipeline":
@@ -531,9 +531,9 @@ class ScanPipeline:
 
     def segment(self, i: int) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
         """(CT, its HU array, label map on its grid) of scan i."""
-        read = self._reads.pop(i, None) or self._reader.submit(_read_scan, self.cts[i], self.checks)
+        read = self._reads.pop(i, None) or self._reader.submit(_read_ct, self.cts[i], self.checks)
         if i + 1 < len(self.cts):
-            self._reads[i + 1] = self._reader.submit(_read_scan, self.cts[i + 1], self.checks)
+            self._reads[i + 1] = self._reader.submit(_read_ct, self.cts[i + 1], self.checks)
         ct, hu = read.result()
         return ct, hu, self.segmenter.segment(ct, hu)
 
@@ -588,12 +588,12 @@ def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, label_maps: Sequence
     # the CT passed the same checks when it was read for segmentation
     sform_qform_mm = sform_qform_disagreement(ct)
     results = [
-        checked_scan(hu, labels, ct.affine, measuring_table(model),
-                     measurement.qc if k == 0 else replace(measurement.qc, preview_width=None),  # one preview
-                     source=seg_path, ct_source=ct_path, sform_qform_mm=sform_qform_mm)
+        measure_and_qc(hu, labels, ct.affine, measuring_table(model),
+                       measurement.qc if k == 0 else replace(measurement.qc, preview_width=None),  # one preview
+                       source=seg_path, ct_source=ct_path, sform_qform_mm=sform_qform_mm)
         for k, (model, labels, seg_path) in enumerate(zip(models, label_maps, seg_paths))
     ]
-    return models_checked_scan(results, list(models))
+    return models_measurements_and_qc(results, list(models))
 
 
 class StudySegmenter:
@@ -680,11 +680,11 @@ def _record_measurement(subject, seg_status_path, measured, measurement: BatchMe
     preview = measurement.previews[i] if measurement.previews else None
 
     def write(result):
-        write_checked_scan(result, out_path, qc_path, preview)
+        write_measurements_and_qc(result, out_path, qc_path, preview)
 
     run_scan_step(
         subject, "measure", status_path, on_error,
         step=lambda: write(measured.result()),
-        placeholder=lambda: write(empty_checked_scan()),
+        placeholder=lambda: write(empty_measurements_and_qc()),
         upstream=[seg_status_path],
     )

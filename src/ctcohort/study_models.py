@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ctcohort.columns import MODEL_COLUMN
-from ctcohort.measure import CheckedScan
+from ctcohort.measure import MeasurementsAndQC
 from ctcohort.qc import ScanQC
 from ctcohort.structures import load_structure_table, model_structure_name
 
@@ -101,14 +101,14 @@ def with_model_column(frame: pd.DataFrame, model: StudyModel) -> pd.DataFrame:
     return frame if model.name is None else frame.assign(**{MODEL_COLUMN: model.name})[[MODEL_COLUMN, *frame.columns]]
 
 
-def models_checked_scan(results: list[CheckedScan], models: list[StudyModel]) -> CheckedScan:
+def models_measurements_and_qc(results: list[MeasurementsAndQC], models: list[StudyModel]) -> MeasurementsAndQC:
     """One scan's measurements and QC from each model in one table each, the preview of the first model."""
     if len(results) == 1:
         return results[0]
     measurements = pd.concat([with_model_column(r.measurements, m) for r, m in zip(results, models)],
                              ignore_index=True)
     qc = pd.concat([with_model_column(r.qc.table, m) for r, m in zip(results, models)], ignore_index=True)
-    return CheckedScan(measurements, ScanQC(qc, results[0].qc.preview))
+    return MeasurementsAndQC(measurements, ScanQC(qc, results[0].qc.preview))
 
 
 def models_description(models: list[StudyModel]) -> str:

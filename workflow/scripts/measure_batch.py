@@ -3,7 +3,7 @@ on_scan_error: fail."""
 
 from ctcohort.batches import batch_outputs, run_batch
 from ctcohort.imaging import ScanChecks
-from ctcohort.measure import empty_checked_scan, measure_and_check, write_checked_scan
+from ctcohort.measure import empty_measurements_and_qc, measure_and_qc_files, write_measurements_and_qc
 from ctcohort.qc import QCSettings
 from ctcohort.runlog import log_to
 from ctcohort.structures import load_structure_table
@@ -19,8 +19,9 @@ run_batch(
     "measure",
     batch_outputs(snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses,
                   snakemake.params.upstream),
-    step=lambda i: measure_and_check(snakemake.input.cts[i], snakemake.input.segs[i], table, checks=checks, qc=qc),
-    write=lambda result, path: write_checked_scan(result, path, *qc_outputs[path]),
-    empty=empty_checked_scan,
+    step=lambda i: measure_and_qc_files(snakemake.input.cts[i], snakemake.input.segs[i], table, checks=checks,
+                                        qc=qc),
+    write=lambda result, path: write_measurements_and_qc(result, path, *qc_outputs[path]),
+    empty=empty_measurements_and_qc,
     on_error=snakemake.params.on_error,
 )

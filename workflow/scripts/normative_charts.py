@@ -2,9 +2,8 @@
 shape models calibrated on held-out scans, or quantile regression), and every scan's centile score."""
 
 from ctcohort.aggregate import read_cohort_qc
-from ctcohort.centiles import CentileSettings
 from ctcohort.normative import CALIBRATION_COLUMNS as CALIBRATION
-from ctcohort.normative import centile_scores, fit_panel_charts, reference_scans
+from ctcohort.normative import ChartSettings, centile_scores, fit_panel_charts, reference_scans
 from ctcohort.patients import read_cross_sectional, read_scans
 from ctcohort.runlog import log_to
 from ctcohort.tables import STATS_DIGITS, write_tsv
@@ -15,10 +14,7 @@ settings = snakemake.params.settings
 measurements = reference_scans(read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
                                settings.get("reference", ""), read_cohort_qc(snakemake.input.qc), snakemake.params.combined)
 fit = fit_panel_charts(measurements, [(panel["structure"], panel["measure"]) for panel in settings["panels"]],
-                       percentiles=settings["percentiles"], covariates=settings["covariates"],
-                       by_sex=settings["by_sex"], spline_df=settings["spline_df"], min_n=settings["min_n"],
-                       combined=snakemake.params.combined, method=settings["method"],
-                       centiles=CentileSettings.from_config(settings), site=settings.get("site"),
+                       ChartSettings.from_config(settings), combined=snakemake.params.combined,
                        processes=snakemake.threads)
 write_tsv(fit.charts, snakemake.output.charts, STATS_DIGITS)
 write_tsv(fit.coefficients, snakemake.output.coefficients, STATS_DIGITS)
