@@ -3,19 +3,20 @@ the significance of the primary analysis."""
 
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import age_correlations, write_table
+from ctcohort.stats import StatisticsSettings, age_correlations, write_table
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
 table = age_correlations(
     measurements,
-    snakemake.params.measures,
-    correction=snakemake.params.correction,
-    alpha=snakemake.params.alpha,
-    partial_covariates=snakemake.params.partial_covariates,
-    min_n=snakemake.params.min_n,
-    primary=snakemake.params.primary,
+    settings.measures,
+    correction=settings.correction,
+    alpha=settings.alpha,
+    partial_covariates=settings.partial_covariates,
+    min_n=settings.min_n,
+    primary=settings.primary,
 )
 write_table(with_segmentation_model(table, measurements), snakemake.output[0])

@@ -3,10 +3,11 @@
 from ctcohort.models import by_sex_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import write_table
+from ctcohort.stats import StatisticsSettings, write_table
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
-table = by_sex_table(measurements, snakemake.params.measures, min_n=snakemake.params.min_n)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
+table = by_sex_table(measurements, settings.measures, min_n=settings.min_n)
 write_table(with_segmentation_model(table, measurements), snakemake.output[0])

@@ -3,16 +3,17 @@
 from ctcohort.models import regression_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import write_table
+from ctcohort.stats import StatisticsSettings, write_table
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
 table = regression_table(
     measurements,
-    snakemake.params.measures,
-    snakemake.params.covariates,
-    spline_df=snakemake.params.spline_df,
-    min_n=snakemake.params.min_n,
+    settings.measures,
+    settings.partial_covariates,
+    spline_df=settings.spline_df,
+    min_n=settings.min_n,
 )
 write_table(with_segmentation_model(table, measurements), snakemake.output[0])
