@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from ctcohort.patients import patient_of
+from ctcohort.patients import PatientSettings, patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
 CORRELATION_COLUMNS = [
@@ -76,8 +76,8 @@ class StatisticsSettings:
     a test keeps them equal)."""
 
     measures: tuple[str, ...] = ("volume_ml", "hu_mean", "hu_mean_eroded")
-    scan_per_patient: str = "first"
-    seed: int = 1
+    scan_per_patient: str = PatientSettings.scan_per_patient
+    seed: int = PatientSettings.seed
     correction: str = "bonferroni"
     alpha: float = 0.0001
     partial_covariates: tuple[str, ...] = ("sex", "contrast")
