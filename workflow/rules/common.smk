@@ -234,6 +234,13 @@ def batch_runtime_min(n_scans):
     return lambda wildcards, attempt: attempt * (10 + math.ceil(n_scans * per_scan))
 
 
+def segmentation_runtime_min(n_scans):
+    """Run time (minutes) of a job segmenting ``n_scans`` scans, each once per model; a retried job gets attempt x.
+    (A factory, as batch_runtime_min: a lambda in a rule's loop would see the loop's last batch.)"""
+    minutes = config["segmentation"]["runtime_per_scan_min"] * n_scans * len(MODELS)
+    return lambda wildcards, attempt: attempt * minutes
+
+
 # Quality control (qc.py): written beside each scan's measurement by the job that measures it; the
 # cohort-wide checks and the reviewer's decisions in the aggregate rule (review.py)
 try:

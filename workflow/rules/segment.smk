@@ -32,10 +32,9 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
         threads: SEGMENTATION.threads
         resources:
-            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory
+            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory and time
             mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
-            # each scan once per model
-            runtime=config["segmentation"]["runtime_per_scan_min"] * len(subjects) * len(MODELS),
+            runtime=segmentation_runtime_min(len(subjects)),
             gpu=int(SEGMENTATION.device == "cuda"),
             # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
             **(

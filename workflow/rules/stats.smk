@@ -65,7 +65,7 @@ localrules:
 
 rule paper_comparison:
     input:
-        correlations="results/stats/age_correlations.tsv",
+        correlations=rules.age_correlations.output[0],
         paper=lambda wildcards: str(PAPER_CORRELATIONS),
     output:
         report(
@@ -161,7 +161,7 @@ localrules:
 
 rule group_summary:
     input:
-        "results/stats/age_correlations.tsv",
+        rules.age_correlations.output[0],
     output:
         report(
             "results/stats/group_summary.tsv",
