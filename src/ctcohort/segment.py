@@ -362,8 +362,9 @@ class SegmentationSettings:
 
     @classmethod
     def from_config(cls, section: Mapping) -> "SegmentationSettings":
-        """From config's ``segmentation`` block (its other keys say where models are and what jobs request)."""
-        return cls(**{item.name: section[item.name] for item in fields(cls)})
+        """From config's ``segmentation`` block (its other keys say where models are and what jobs request); a key
+        the block leaves out (segmentation.checkpoint, which configs older than it lack) keeps its default."""
+        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
 
     def per_job(self) -> dict:
         """The fields a segmentation job's output depends on: its params (threads follow the job's cores)."""

@@ -95,8 +95,8 @@ class StatisticsSettings:
 
     @classmethod
     def from_config(cls, section: Mapping) -> "StatisticsSettings":
-        """From config's ``statistics`` block (every key required, as the schema requires them)."""
-        return cls(**{item.name: section[item.name] for item in fields(cls)})
+        """From config's ``statistics`` block (a key it leaves out keeps its default)."""
+        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
 
 
 DEFAULTS = StatisticsSettings()
