@@ -651,7 +651,7 @@ def segment_batch(
     """The workflow's batch job: load the model once, segment every scan, record each scan's status;
     with ``measurement``, measure each scan too. ``model``, ``task``, ``structures``: as the config keys
     (``study_models``); with several models, ``outputs`` holds per scan the label map path of each model, and
-    a scan fails if any model fails on it.
+    a scan fails if any model fails on it. ``settings``: how every model segments (config's segmentation block).
 
     A scan that fails (reading, segmenting or writing) gets an empty label map (so the batch's outputs
     exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
