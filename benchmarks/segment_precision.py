@@ -23,7 +23,7 @@ import torch
 from ctcohort import phantom
 from ctcohort.evaluate import surface_metrics
 from ctcohort.imaging import ct_hounsfield, voxel_spacing_mm
-from ctcohort.segment import Segmenter
+from ctcohort.segment import SegmentationSettings, Segmenter
 from ctcohort.structures import load_structure_table
 
 FIRST_SUBJECT = 500  # phantom subject indices apart from the demo's
@@ -37,7 +37,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}, AMX {torch.cpu._is_amx_tile_supported()}")
     table = load_structure_table("total_v1")
-    segmenters = {precision: Segmenter(None, table, device="cpu", threads=args.threads, precision=precision)
+    segmenters = {precision: Segmenter(None, table, settings=SegmentationSettings(device="cpu", threads=args.threads,
+                                                                                  precision=precision))
                   for precision in ("float32", "bfloat16")}
     times = {precision: [] for precision in segmenters}
     dice = {precision: [] for precision in segmenters}

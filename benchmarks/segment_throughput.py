@@ -281,14 +281,15 @@ def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Pa
     (the next scan read and the last label map written while a scan is segmented). A scan's time is the
     interval between consecutive scans' completion; the last includes waiting for the outstanding writes."""
     import torch
-    from ctcohort.segment import ScanPipeline, Segmenter
+    from ctcohort.segment import ScanPipeline, SegmentationSettings, Segmenter
     from ctcohort.structures import load_structure_table
 
     started = time.perf_counter()
-    segmenter = Segmenter(model_dir, load_structure_table(table_path), device=device.type,
-                          task=[FIRST_DATASET_ID + p for p in range(1, args.parts + 1)],
-                          tile_step=args.tile_step, mirroring=False, threads=args.threads,
-                          precision="float32")  # as the anchor computes on the CPU (a GPU autocasts both alike)
+    # float32: as the anchor computes on the CPU (a GPU autocasts both alike)
+    settings = SegmentationSettings(device=device.type, tile_step=args.tile_step, mirroring=False,
+                                    threads=args.threads, precision="float32")
+    segmenter = Segmenter(model_dir, load_structure_table(table_path),
+                          task=[FIRST_DATASET_ID + p for p in range(1, args.parts + 1)], settings=settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     load = time.perf_counter() - started

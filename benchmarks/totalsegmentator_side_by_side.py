@@ -149,8 +149,8 @@ def run_ctcohort(weights, task, structures, scans, out_dir: Path, mode: str, dev
     nnUNetPredictor.predict_sliding_window_return_logits = timed_sliding_window
     try:
         started = time.perf_counter()
-        segmenter = segment.Segmenter(weights, load_structure_table(structures), task=task, device=device,
-                                      threads=threads, precision="float32", resampling=mode)
+        settings = segment.SegmentationSettings(device=device, threads=threads, precision="float32", resampling=mode)
+        segmenter = segment.Segmenter(weights, load_structure_table(structures), task=task, settings=settings)
         load_s = time.perf_counter() - started
         results, times = [], []
         for path in scans:

@@ -1,16 +1,18 @@
-"""The ctcohort command's measure step: the same defaults as the workflow's config, and checks applied."""
+"""The ctcohort command's measure and segment steps: the same defaults as the workflow's config, and checks applied."""
 
 import dataclasses
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import REPO
 from ctcohort import phantom
 from ctcohort.cli import MEASURE_DEFAULTS, build_parser, main
 from ctcohort.imaging import ScanChecks
+from ctcohort.segment import SegmentationSettings
 
 
 def test_measure_defaults_are_the_configs():
@@ -21,6 +23,17 @@ def test_measure_defaults_are_the_configs():
     assert dataclasses.asdict(ScanChecks()) == {k: float(v) for k, v in config["ct_checks"].items()}
     assert (args.min_spacing_mm, args.max_spacing_mm, args.lowest_hu_at_most) == tuple(
         dataclasses.asdict(ScanChecks()).values())
+
+
+def test_segment_options_default_to_the_segmentation_settings_and_are_checked_there():
+    args = build_parser(["segment"]).parse_args(["segment", "--ct", "c", "-o", "o"])
+    assert SegmentationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SegmentationSettings)}) \
+        == SegmentationSettings()
+    with pytest.raises(SystemExit):  # the choices are the settings' own
+        build_parser(["segment"]).parse_args(["segment", "--ct", "c", "-o", "o", "--precision", "float16"])
+    for bad in ({"device": "gpu"}, {"precision": "float16"}, {"resampling": "nearest"}):
+        with pytest.raises(ValueError, match=f"unknown segmentation.{next(iter(bad))}"):
+            SegmentationSettings(**bad)
 
 
 def test_measure_command_rejects_a_ct_without_intercept(tmp_path, capsys):

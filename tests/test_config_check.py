@@ -1,5 +1,6 @@
 """Configuration mistakes stop before any job, naming the key; nested --config values get the schema's types."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -8,14 +9,78 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ctcohort.config_check import structure_reference_problems, typed_like_schema
+from ctcohort import centiles, ct_age, imaging, patients, qc, segment, stats, train
+from ctcohort.config_check import config_disagreements, structure_reference_problems, typed_like_schema
 from ctcohort.structures import load_structure_table
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 
+README = (REPO / "config" / "README.md").read_text()
+# each stage's settings: how the workflow builds them from the whole config, and the config section that holds
+# their fields key for key (None: fields spread over sections, or optional keys the shipped config leaves out)
+SETTINGS = {
+    segment.SegmentationSettings: (lambda c: segment.SegmentationSettings.from_config(c["segmentation"]),
+                                   ("segmentation",)),
+    qc.QCSettings: (qc.QCSettings.from_config, None),
+    imaging.ScanChecks: (lambda c: imaging.ScanChecks.from_config(c["measure"]["ct_checks"]),
+                         ("measure", "ct_checks")),
+    stats.StatisticsSettings: (lambda c: stats.StatisticsSettings.from_config(c["statistics"]), ("statistics",)),
+    patients.PatientSettings: (lambda c: patients.PatientSettings.from_config(c["statistics"]), ("statistics",)),
+    train.TrainingSettings: (lambda c: train.TrainingSettings.from_config(c["training"]), None),
+    centiles.CentileSettings: (lambda c: centiles.CentileSettings.from_config(c["normative"]), None),
+    ct_age.CtAgeSettings: (lambda c: ct_age.CtAgeSettings.from_config(c["ct_age"]), ("ct_age",)),
+}
+
+
 def shipped_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_config_yaml_the_schema_and_the_readme_agree():
+    assert config_disagreements(shipped_config(), SCHEMA, README) == []
+
+
+def test_a_disagreement_of_config_yaml_the_schema_or_the_readme_is_named():
+    config, schema = shipped_config(), yaml.safe_load(yaml.safe_dump(SCHEMA))
+    config["measure"]["min_voxels"] = 11
+    config["qc"]["preview_height"] = 200
+    del config["statistics"]["combined"]["hips"]
+    del config["segmentation"]["checkpoint"]
+    del schema["properties"]["ct_age"]["properties"]["threads"]
+    readme = README.replace("| `training.half` | `false` |", "| `training.half` | `true` |")
+    readme = readme.replace("| `demo.seed` |", "| `demo.sed` |")
+    assert sorted(config_disagreements(config, schema, readme)) == sorted([
+        "config.yaml key qc.preview_height is not in the schema",
+        "config.yaml key ct_age.threads is not in the schema",
+        "schema key segmentation.checkpoint is not in config.yaml",
+        "demo.seed has no row in config/README.md",
+        "config/README.md's demo.sed is not in the schema",
+        "config/README.md's ct_age.threads is not in the schema",
+        "config/README.md's default of measure.min_voxels, `10`, is not config.yaml's 11",
+        "config/README.md's default of training.half, `true`, is not config.yaml's False",
+        f"config/README.md's default of statistics.combined, nine pairs, is not config.yaml's "
+        f"{config['statistics']['combined']!r}",
+    ])
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda settings: settings.__name__)
+def test_each_stages_settings_default_to_config_yamls_values(settings):
+    build, section = SETTINGS[settings]
+    config = shipped_config()
+    assert build(config) == settings()
+    if section:  # every field is a key of its section, so that a default cannot hide from config.yaml
+        keys = config[section[0]] if len(section) == 1 else config[section[0]][section[1]]
+        assert {field.name for field in dataclasses.fields(settings)} <= set(keys)
+
+
+def test_a_config_yaml_value_other_than_the_default_is_seen():
+    config = shipped_config()
+    config["segmentation"]["tile_step"] = 0.8
+    config["measure"]["min_voxels"] = 11
+    config["statistics"]["min_n"] = 12
+    for settings in (segment.SegmentationSettings, qc.QCSettings, stats.StatisticsSettings):
+        assert SETTINGS[settings][0](config) != settings()
 
 
 def as_base_loader_reads(value):

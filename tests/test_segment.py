@@ -5,6 +5,7 @@ selection, readers and axis order, part merging, folds, mirroring."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,7 @@ from ctcohort.segment import (  # noqa: E402
     TASKS,
     BatchMeasurement,
     ModelFolderError,
+    SegmentationSettings,
     Segmenter,
     cpu_bfloat16,
     find_model_parts,
@@ -46,6 +48,8 @@ from totalseg_models import (  # noqa: E402
 
 V1 = load_structure_table("total_v1")
 V2 = load_structure_table("total_v2")
+# the tests segment on one CPU thread, in float32 (bfloat16's labels may differ on a few voxels)
+CPU_FLOAT32 = SegmentationSettings(device="cpu", precision="float32", threads=1)
 PARTS_TABLE = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "resources", "structures",
                                        "total_v2_parts.csv"))
 PART_A = ["liver", "spleen", "kidney_left", "kidney_right"]
@@ -93,11 +97,11 @@ def test_parts_map_their_labels_to_global_structures(two_part_model):
 @pytest.mark.slow
 def test_merged_map_is_the_parts_merged_later_part_winning(two_part_model, phantom_scan):
     ct = nib.load(phantom_scan)
-    merged = Segmenter(two_part_model, V1, task=TWO_PARTS, device="cpu", precision="float32").segment(ct)
+    merged = Segmenter(two_part_model, V1, task=TWO_PARTS, settings=CPU_FLOAT32).segment(ct)
     assert merged.shape == ct.shape and merged.dtype == np.uint8
     singles = []
     for part_folder in sorted(two_part_model.glob("Dataset*/*")):
-        singles.append(Segmenter(part_folder, V1, device="cpu", precision="float32").segment(ct))
+        singles.append(Segmenter(part_folder, V1, settings=CPU_FLOAT32).segment(ct))
     expected = singles[0].copy()
     expected[singles[1] != 0] = singles[1][singles[1] != 0]
     np.testing.assert_array_equal(merged, expected)
@@ -148,7 +152,8 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
                                    previews=[tmp_path / f"{s}.png" for s in "abc"],
                                    settings=QCSettings(min_voxels=5, preview_width=300))
     segment_batch(["good", "bad", "unimported"], [phantom_scan, broken, unimported], outputs, statuses,
-                  model=two_part_model, structures="total_v1", task=TWO_PARTS, device="cpu", measurement=measurement,
+                  model=two_part_model, structures="total_v1", task=TWO_PARTS, measurement=measurement,
+                  settings=SegmentationSettings(device="cpu", threads=1),
                   upstream=["", "", import_status])
     good, bad, not_imported = (json.loads(p.read_text()) for p in statuses)
     assert not_imported == json.loads(import_status.read_text())
@@ -188,7 +193,7 @@ def test_missing_or_empty_model_folder_says_what_to_provide(tmp_path, make, mess
 
 @pytest.mark.slow
 def test_model_files_are_each_parts_plans_and_fold_checkpoints(two_part_model):
-    files = model_files(find_model_parts(two_part_model, V1, TWO_PARTS), folds=[0])
+    files = model_files(find_model_parts(two_part_model, V1, TWO_PARTS), SegmentationSettings())
     assert len(files) == 2 * 3 and all(path.is_file() for path in files)
     assert {path.name for path in files} == {"dataset.json", "plans.json", "checkpoint_final.pth"}
 
@@ -297,7 +302,7 @@ def _nnunet_own_labels(segmenter, ct):
 def test_device_side_processing_matches_nnunets_own(tmp_path):
     """On the model's spacing the device-side pre/postprocessing gives nnU-Net's labels; on another spacing
     (resampled both ways, trilinear here, nnU-Net's spline/linear there) nearly the same."""
-    segmenter = Segmenter(None, V1, device="cpu", precision="float32", threads=2)
+    segmenter = Segmenter(None, V1, settings=replace(CPU_FLOAT32, threads=2))
     ct_data, _, affine = phantom.render_subject(phantom.draw_subject(seed=1, index=1))
     native = nib.Nifti1Image(ct_data, affine)
     ours = segmenter.segment(native)
@@ -306,7 +311,7 @@ def test_device_side_processing_matches_nnunets_own(tmp_path):
 
     # bfloat16 (segmentation.precision: auto on CPUs that compute it natively): the same labels but for a few
     # voxels at structure borders
-    in_bfloat16 = Segmenter(None, V1, device="cpu", threads=2, precision="bfloat16").segment(native)
+    in_bfloat16 = Segmenter(None, V1, settings=replace(CPU_FLOAT32, threads=2, precision="bfloat16")).segment(native)
     assert np.mean(in_bfloat16 == ours) > 0.9999
 
     coarse_data, _, coarse_affine = phantom.render_subject(phantom.draw_subject(seed=1, index=1), spacing=(3.0, 3.0, 5.0))
@@ -372,7 +377,7 @@ def test_each_reader_gets_the_array_its_nnunet_reader_gives(tmp_path, reader, or
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader=reader,
                         spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
                         patch=(8, 12, 16), active_labels=(0, 1, 3, 5), seed=3)
-    ours = Segmenter(model, V2, device="cpu", precision="float32").segment(ct)
+    ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path)
     assert ours.shape == ct.shape == theirs.shape
     np.testing.assert_array_equal(ours, theirs)
@@ -386,7 +391,7 @@ def test_a_non_reorienting_reader_gets_the_scan_in_ras_as_totalsegmentator_feeds
     nib.save(nib.as_closest_canonical(lps), tmp_path / "ras.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader="SimpleITKIO",
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=3)
-    ours = Segmenter(model, V2, device="cpu", precision="float32").segment(lps)
+    ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(lps)
     theirs_ras = nnunet_own_labels(model, tmp_path / "ras.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours[::-1, ::-1, :], theirs_ras)
     assert not np.array_equal(ours, nnunet_own_labels(model, tmp_path / "lps.nii.gz", tmp_path))
@@ -409,7 +414,7 @@ def test_folds_are_ensembled_as_nnunet_does(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1),
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=5)
-    ours = Segmenter(model, V2, device="cpu", precision="float32", folds=[0, 1]).segment(ct)
+    ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, folds=[0, 1])).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0, 1))
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0,)))
@@ -420,19 +425,19 @@ def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(
     """Checked before any weights are loaded (missing fold) and when the predictor is built (configuration)."""
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1))
     with pytest.raises(ModelFolderError, match=r"model .*model: no fold_2/checkpoint_final\.pth \(segmentation\.folds\)"):
-        Segmenter(model, V2, device="cpu", precision="float32", folds=[0, 2])
+        Segmenter(model, V2, settings=replace(CPU_FLOAT32, folds=[0, 2]))
     plans = json.loads((model / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["RescaleTo01Normalization"]
     (model / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(ModelFolderError, match="one CT channel with CTNormalization or ZScoreNormalization"):
-        Segmenter(model, V2, device="cpu", precision="float32")
+        Segmenter(model, V2, settings=CPU_FLOAT32)
 
 
 def test_mirroring_is_nnunets_own(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", mirror_axes=(0, 1, 2),
                         spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=7)
-    ours = Segmenter(model, V2, device="cpu", precision="float32", mirroring=True).segment(ct)
+    ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, mirroring=True)).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=True)
     np.testing.assert_array_equal(ours, theirs)
     assert not np.array_equal(theirs, nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=False))
@@ -456,9 +461,9 @@ def test_a_mirrored_model_segments_the_mirrored_scan_as_the_model_the_scan(tmp_p
                         active_labels=(0, 1, 3, 5), seed=3)
     mirrored = mirror_model(model, tmp_path / "mirrored", ras_axis=0)
     flipped_ct = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)
-    labels = Segmenter(model, V2, device="cpu", precision="float32").segment(ct)
-    mirrored_labels = Segmenter(mirrored, V2, device="cpu", precision="float32").segment(flipped_ct)
-    unmirrored_labels = Segmenter(model, V2, device="cpu", precision="float32").segment(flipped_ct)
+    labels = Segmenter(model, V2, settings=CPU_FLOAT32).segment(ct)
+    mirrored_labels = Segmenter(mirrored, V2, settings=CPU_FLOAT32).segment(flipped_ct)
+    unmirrored_labels = Segmenter(model, V2, settings=CPU_FLOAT32).segment(flipped_ct)
     assert np.mean(mirrored_labels == labels[::-1]) > 0.99
     assert np.mean(unmirrored_labels == labels[::-1]) < 0.9
     _several_labels(labels)
@@ -597,7 +602,7 @@ def test_total_merges_its_parts_later_dataset_winning(release, tmp_path):
     """ctcohort's merged map equals the parts as nnU-Net predicts them, each mapped through the part table and
     laid over the earlier ones where it claims a voxel."""
     ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(1.5, 1.5, 1.5))
-    ours = Segmenter(release, V2, task="total", device="cpu", precision="float32").segment(ct)
+    ours = Segmenter(release, V2, task="total", settings=CPU_FLOAT32).segment(ct)
     expected = np.zeros(ct.shape, np.int64)
     claims = {}
     for dataset_id in TOTAL:
@@ -619,7 +624,7 @@ def test_total_merges_its_parts_later_dataset_winning(release, tmp_path):
 
 def test_total_fast_segments_as_nnunet_does(release, tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz", "LPS", spacing=(3.0, 3.0, 3.0))
-    ours = Segmenter(release, V2, task="total_fast", device="cpu", precision="float32").segment(ct)
+    ours = Segmenter(release, V2, task="total_fast", settings=CPU_FLOAT32).segment(ct)
     theirs = nnunet_own_labels(release_model_dir(release, 297), tmp_path / "ct.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours, theirs)
     _several_labels(ours, 4)

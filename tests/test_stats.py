@@ -13,7 +13,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from ctcohort.stats import (
-    CORRELATION_COLUMNS, MIN_N, age_correlations, group_summary, partial_spearman, spearman_ci,
+    CORRELATION_COLUMNS, MIN_N, StatisticsSettings, age_correlations, group_summary, partial_spearman, spearman_ci,
 )
 
 Z975 = 1.959963984540054  # standard normal 97.5 % quantile
@@ -563,3 +563,13 @@ def test_group_summary_counts_by_hand_and_leaves_combined_structures_out():
     assert organ["median_abs_rs"] == pytest.approx(0.5)  # median of 0.5, 0.6, 0.1
     assert summary.loc[("organ", "hu_mean"), "significant_down"] == 0
     assert summary.loc[("", "volume_ml"), "significant_up"] == 1
+
+
+def test_statistics_settings_check_min_n_correction_and_primary_once():
+    settings = StatisticsSettings(measures=["hu_mean"], partial_covariates=["sex"], min_n=3)
+    assert settings.measures == ("hu_mean",) and settings.partial_covariates == ("sex",)
+    for bad, message in (({"min_n": 2}, "min_n must be an integer >= 3"), ({"min_n": 10.0}, "min_n"),
+                         ({"correction": "holm"}, "unknown correction"), ({"primary": "both"}, "unknown primary")):
+        with pytest.raises(ValueError, match=message):
+            StatisticsSettings(**bad)
+    assert StatisticsSettings.from_config({"min_n": 12, "alpha": 0.05}) == StatisticsSettings(min_n=12, alpha=0.05)

@@ -13,7 +13,7 @@ from ctcohort import phantom
 from ctcohort.columns import MODEL_COLUMN
 from ctcohort.measure import measure_files, read_measurements
 from ctcohort.qc import QCSettings, read_qc
-from ctcohort.segment import BatchMeasurement, segment_batch
+from ctcohort.segment import BatchMeasurement, SegmentationSettings, segment_batch
 from ctcohort.study_models import (
     label_map_path,
     study_models,
@@ -92,7 +92,8 @@ def test_the_batch_job_segments_and_measures_with_each_model(phantom_scan, tmp_p
     measurement = BatchMeasurement([tmp_path / "a.tsv"], [tmp_path / "a.measure.json"],
                                    qc_tables=[tmp_path / "a.qc.tsv"], settings=QCSettings(min_voxels=5))
     segment_batch(["a"], [phantom_scan], outputs, [tmp_path / "a.json"], model={"demo": "", "copy": ""},
-                  structures="total_v1", device="cpu", precision="float32", measurement=measurement)
+                  structures="total_v1", measurement=measurement,
+                  settings=SegmentationSettings(device="cpu", precision="float32", threads=1))
     assert json.loads((tmp_path / "a.json").read_text())["ok"]
     first, second = (np.asanyarray(nib.load(p).dataobj) for p in outputs[0])
     assert first.any() and np.array_equal(first, second)  # the same weights under two names

@@ -50,7 +50,7 @@ def test_parity_mode_gives_totalsegmentators_labels(tmp_path):
     the model's (3 mm), with a border of zeros, with a release-shaped total_fast model: every structure's
     Dice >= 0.999. The default mode differs (that the comparison bites)."""
     pytest.importorskip("nnunetv2")
-    from ctcohort.segment import Segmenter
+    from ctcohort.segment import SegmentationSettings, Segmenter
     from ctcohort.structures import load_structure_table
     from totalseg_models import (RELEASE_TRAINERS, totalsegmentator_environment, totalsegmentator_labels,
                                  totalsegmentator_problem, write_release)
@@ -75,10 +75,12 @@ def test_parity_mode_gives_totalsegmentators_labels(tmp_path):
                                       trainer=RELEASE_TRAINERS[297], resample=[3.0] * 3)
     ct = nib.load(ct_path)
     table = load_structure_table("total_v2")
-    parity_segmenter = Segmenter(weights, table, task="total_fast", device="cpu", resampling="totalsegmentator")
+    parity_segmenter = Segmenter(weights, table, task="total_fast",
+                                 settings=SegmentationSettings(device="cpu", resampling="totalsegmentator", threads=1))
     assert not parity_segmenter.bfloat16  # precision auto: float32, as TotalSegmentator on the CPU
     parity = parity_segmenter.segment(ct)
-    default = Segmenter(weights, table, task="total_fast", device="cpu", precision="float32").segment(ct)
+    default = Segmenter(weights, table, task="total_fast",
+                        settings=SegmentationSettings(device="cpu", precision="float32", threads=1)).segment(ct)
     structures = sorted(set(np.unique(theirs).tolist()) - {0})
     assert structures == [5, 10, 20]
     for label in structures:

@@ -238,7 +238,7 @@ def test_time_budget_cuts_epochs_and_adam_and_topk_are_used(budgeted):
 def test_half_export_stores_each_tensor_once_and_segments(budgeted, release):
     import torch
 
-    from ctcohort.segment import Segmenter
+    from ctcohort.segment import SegmentationSettings, Segmenter
 
     _, model = budgeted
     path = model / "fold_0" / "checkpoint_final.pth"
@@ -248,7 +248,8 @@ def test_half_export_stores_each_tensor_once_and_segments(budgeted, release):
     assert path.stat().st_size < unique_bytes + 200_000  # shared conv weights are not stored twice
 
     ct = nib.load(release / release_subject_id(0) / "ct.nii.gz")
-    labels = Segmenter(model, load_structure_table("total_v1"), device="cpu").segment(ct)
+    labels = Segmenter(model, load_structure_table("total_v1"),
+                       settings=SegmentationSettings(device="cpu", threads=1)).segment(ct)
     assert labels.shape == ct.shape
 
 

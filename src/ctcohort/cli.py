@@ -9,6 +9,7 @@ import argparse
 import inspect
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from ctcohort.imaging import ScanChecks
@@ -51,16 +52,15 @@ def _output_name(ct: str) -> str:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from ctcohort.segment import Segmenter, segment_files  # needs the optional nnU-Net dependencies
+    from ctcohort.segment import Segmenter, SegmentationSettings, segment_files  # needs nnU-Net's dependencies
     from ctcohort.structures import load_structure_table
 
     names = [_output_name(ct) for ct in args.ct]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"several inputs would be written to the same output: {', '.join(duplicates)}")
-    segmenter = Segmenter(args.model, load_structure_table(args.structures), task=args.task, device=args.device,
-                          folds=args.folds, tile_step=args.tile_step, mirroring=args.mirroring,
-                          threads=args.threads, precision=args.precision, resampling=args.resampling)
+    settings = SegmentationSettings(**{item.name: getattr(args, item.name) for item in fields(SegmentationSettings)})
+    segmenter = Segmenter(args.model, load_structure_table(args.structures), task=args.task, settings=settings)
     segment_files(segmenter, args.ct, [Path(args.out) / f"{n}.nii.gz" for n in names])
     print(f"segmented {len(names)} scan(s) into {args.out}")
 
@@ -169,17 +169,24 @@ def _segment_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--structures", default="total_v1",
                    help="structure table the model's labels are named in (default total_v1)")
     s.add_argument("-o", "--out", required=True, help="output folder: one <name>.nii.gz per input")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--folds", nargs="+", default=[0], help="folds to ensemble (default 0)")
-    s.add_argument("--tile-step", type=float, default=0.5, help="sliding-window step (default 0.5)")
-    s.add_argument("--mirroring", action="store_true", help="test-time mirroring (off by default)")
-    s.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="on the CPU: bfloat16 where the CPU computes it natively (auto, the default), float32 or "
-                   "bfloat16")
-    s.add_argument("--resampling", default="trilinear", choices=("trilinear", "totalsegmentator"),
-                   help="trilinear (the CT and the logits, the default) or totalsegmentator (TotalSegmentator "
-                   "2.18.0's pre- and postprocessing, for its labels from its weights)")
-    s.add_argument("--threads", type=int, default=1)
+    from ctcohort import segment  # the settings' defaults and choices (imports neither nnU-Net nor torch)
+
+    defaults = segment.SegmentationSettings()
+    s.add_argument("--device", default=defaults.device, choices=segment.DEVICES)
+    s.add_argument("--folds", nargs="+", default=list(defaults.folds), help="folds to ensemble (default %(default)s)")
+    s.add_argument("--checkpoint", default=defaults.checkpoint,
+                   help="checkpoint file of each fold (default %(default)s)")
+    s.add_argument("--tile-step", type=float, default=defaults.tile_step,
+                   help="sliding-window step (default %(default)s)")
+    s.add_argument("--mirroring", action="store_true", default=defaults.mirroring,
+                   help="test-time mirroring (off by default)")
+    s.add_argument("--precision", default=defaults.precision, choices=segment.PRECISIONS,
+                   help="on the CPU: bfloat16 where the CPU computes it natively (auto), float32 or bfloat16 "
+                   "(default %(default)s)")
+    s.add_argument("--resampling", default=defaults.resampling, choices=segment.RESAMPLINGS,
+                   help="trilinear (the CT and the logits) or totalsegmentator (TotalSegmentator 2.18.0's pre- and "
+                   "postprocessing, for its labels from its weights; default %(default)s)")
+    s.add_argument("--threads", type=int, default=defaults.threads, help="(default %(default)s)")
     s.set_defaults(run=_segment)
 
 

@@ -8,9 +8,13 @@
 - ``structure_reference_problems``: names of structures in the configuration that the structure table does not
   have. A misspelled member of ``statistics.combined`` would make the combination vanish with a warning in a
   log, and a misspelled panel would draw an empty panel: both are mistakes to stop at, naming the key.
+- ``config_disagreements``: where config/config.yaml, the schema and config/README.md's table of keys disagree
+  (a key missing from one of them, a README default other than config.yaml's value); a test runs it on the
+  shipped files.
 """
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 
 import yaml
@@ -117,4 +121,84 @@ def structure_reference_problems(config: Mapping, structures: Iterable[str], tab
                 problems.append(f"config key {section}.{key}[{index}].structure: {panel['structure']!r} is neither a "
                                 f"structure of table {table_name} nor a combined structure"
                                 f"{_suggestion(panel['structure'], panel_names)}")
+    return problems
+
+
+# a README default that describes a list or mapping by its length: "nine pairs", "three panels"
+COUNT_WORDS = {word: n for n, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+NOT_SHIPPED = "(not in the shipped config)"  # a README default for optional keys that config.yaml leaves out
+
+
+def _sections(schema: Mapping, root: Mapping) -> Mapping:
+    """The fixed properties of an object schema (empty for a value such as a free mapping or a list)."""
+    return _resolve(schema, root).get("properties", {})
+
+
+def schema_keys(schema: Mapping, root: Mapping | None = None, prefix: str = "") -> list[str]:
+    """Every key of the schema as a dotted name, down into the sections with fixed properties."""
+    root = schema if root is None else root
+    keys = []
+    for name, item in _sections(schema, root).items():
+        inner = schema_keys(item, root, f"{prefix}{name}.")
+        keys += inner or [f"{prefix}{name}"]
+    return keys
+
+
+def config_values(config: Mapping, schema: Mapping, root: Mapping | None = None, prefix: str = "") -> dict:
+    """Every key of ``config`` as a dotted name -> its value, down into the sections the schema gives fixed
+    properties (a mapping of free names, statistics.combined, is one value)."""
+    root = schema if root is None else root
+    properties, values = _sections(schema, root), {}
+    for name, value in config.items():
+        item = properties.get(name, {})
+        if isinstance(value, Mapping) and _sections(item, root):
+            values.update(config_values(value, item, root, f"{prefix}{name}."))
+        else:
+            values[f"{prefix}{name}"] = value
+    return values
+
+
+def readme_defaults(text: str) -> dict[str, str]:
+    """Key -> default cell of the README's table of keys (``| key | default | meaning |``). A row may name
+    several keys of one section: `normative.families`, `tail_min_scans` (the later ones without the section)."""
+    defaults, in_table = {}, False
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)]
+        if cells[1:3] == ["key", "default"]:
+            in_table = True
+        elif in_table and not line.startswith("|"):
+            break
+        elif in_table and len(cells) > 3 and cells[1].startswith("`"):
+            names = re.findall(r"`([^`]+)`", cells[1])
+            section = names[0].rpartition(".")[0]
+            for name in names:
+                defaults[name if "." in name or not section else f"{section}.{name}"] = cells[2]
+    return defaults
+
+
+def documented_value_differs(cell: str, value) -> bool:
+    """Whether a README default cell disagrees with config.yaml's ``value``: a `literal` read as YAML, or a
+    count of entries ("nine pairs")."""
+    literal = re.fullmatch(r"`([^`]*)`", cell)
+    if literal:
+        return yaml.safe_load(literal.group(1)) != value
+    words = cell.split()
+    if len(words) == 2 and words[0] in COUNT_WORDS:
+        return not isinstance(value, (list, Mapping)) or len(value) != COUNT_WORDS[words[0]]
+    return True
+
+
+def config_disagreements(config: Mapping, schema: Mapping, readme: str) -> list[str]:
+    """One line per disagreement of config.yaml (``config``), its schema and the README's table of keys: a key
+    one of them lacks, or a README default that is not config.yaml's value. Optional keys that config.yaml
+    leaves out say so in the README's default cell (NOT_SHIPPED)."""
+    values, keys, documented = config_values(config, schema), schema_keys(schema), readme_defaults(readme)
+    problems = [f"config.yaml key {key} is not in the schema" for key in values if key not in keys]
+    problems += [f"schema key {key} is not in config.yaml" for key in keys
+                 if key not in values and documented.get(key) != NOT_SHIPPED]
+    problems += [f"{key} has no row in config/README.md" for key in keys if key not in documented]
+    problems += [f"config/README.md's {key} is not in the schema" for key in documented if key not in keys]
+    problems += [f"config/README.md's default of {key}, {documented[key]}, is not config.yaml's {value!r}"
+                 for key, value in values.items() if key in documented and documented_value_differs(documented[key], value)]
     return problems

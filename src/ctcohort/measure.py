@@ -260,8 +260,8 @@ def measure_structures(
     voxel_ml: float,
     table: pd.DataFrame,
     *,
-    border_margin: int = 3,
-    min_voxels: int = 10,
+    border_margin: int = QCSettings.border_margin,
+    min_voxels: int = QCSettings.min_voxels,
     source: str | Path = "segmentation",
     ct_source: str | Path = "CT",
 ) -> pd.DataFrame:
@@ -372,8 +372,8 @@ def measure_files(
     seg_path: str | Path,
     table: pd.DataFrame | Callable[[], pd.DataFrame],
     *,
-    border_margin: int = 3,
-    min_voxels: int = 10,
+    border_margin: int = QCSettings.border_margin,
+    min_voxels: int = QCSettings.min_voxels,
     checks: ScanChecks = ScanChecks(),
 ) -> pd.DataFrame:
     """Read a CT and its segmentation (``read_scan``) and measure them (``measure_structures``).

@@ -61,7 +61,7 @@ from scipy import stats
 from ctcohort.patients import patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders, smallest_p
 from ctcohort.stats import (
-    CONSTANT, MIN_N, PARTIAL_ROW_COLUMNS, TOO_FEW_SCANS, correct_p_values, is_categorical, partial_rows,
+    CONSTANT, DEFAULTS, PARTIAL_ROW_COLUMNS, TOO_FEW_SCANS, check_tests, correct_p_values, is_categorical, partial_rows,
     present_columns, spearman, spearman_ci, structure_blocks, structure_families,
 )
 
@@ -77,25 +77,17 @@ REGRESSION_COLUMNS = [
     "ci_high", "p", "percent_per_decade", "p_bonferroni", "q_fdr", "f_nonlinear", "df_nonlinear", "p_nonlinear",
     "p_nonlinear_bonferroni", "q_nonlinear_fdr", "peak_age", "trough_age", "note",
 ]
-SPLINE_DF = 3
 LEVERAGE_ONE = "leverage_one"
 GRID_POINTS = 1001
 log = logging.getLogger(__name__)
 
 
-def _check(correction: str, min_n) -> None:
-    if correction not in ("bonferroni", "fdr_bh"):
-        raise ValueError(f"unknown correction {correction!r}; choose bonferroni or fdr_bh")
-    if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
-        raise ValueError(f"min_n must be an integer >= 3, got {min_n!r}")
-
-
 def partial_table(
-    measurements: pd.DataFrame, measures: list[str], covariates: list[str], correction: str = "bonferroni",
-    alpha: float = 0.0001, min_n: int = MIN_N,
+    measurements: pd.DataFrame, measures: list[str], covariates: list[str], correction: str = DEFAULTS.correction,
+    alpha: float = DEFAULTS.alpha, min_n: int = DEFAULTS.min_n,
 ) -> pd.DataFrame:
     """results/stats/partial_correlations.tsv (columns PARTIAL_COLUMNS; module docstring)."""
-    _check(correction, min_n)
+    check_tests(correction, min_n)
     present = present_columns(measurements, covariates)
     table = partial_rows(measurements, measures, present, min_n)
     tested = table["note"] == ""
@@ -115,10 +107,10 @@ def spearman_difference(rs_a: float, n_a: int, rs_b: float, n_b: int) -> tuple[f
     return float(z), float(2 * stats.norm.sf(abs(z)))
 
 
-def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = MIN_N) -> pd.DataFrame:
+def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = DEFAULTS.min_n) -> pd.DataFrame:
     """results/stats/by_sex.tsv (columns BY_SEX_COLUMNS; module docstring). Without a sex column every
     row is untested (note_M / note_F "no_sex")."""
-    _check("bonferroni", min_n)
+    check_tests(DEFAULTS.correction, min_n)
     families = structure_families(measurements)
     rows = []
     for structure, group, block in structure_blocks(measurements):
@@ -154,7 +146,7 @@ def _curve_extrema(spline, frame: pd.DataFrame) -> tuple[float, float]:
     return ages[0], ages[1]
 
 
-def fit_age_models(frame: pd.DataFrame, spline_df: int = SPLINE_DF):
+def fit_age_models(frame: pd.DataFrame, spline_df: int = DEFAULTS.spline_df):
     """(linear, spline) statsmodels OLS results on ``frame`` (columns y, age and covariates c0, c1, ...;
     text covariates as pandas Categorical columns):
     y ~ age_decades + covariates and y ~ cr(age, df=spline_df) + covariates (classical covariance; the
@@ -279,11 +271,11 @@ def regression_row(frame: pd.DataFrame, categorical: list[str], spline_df: int, 
 
 
 def regression_table(
-    measurements: pd.DataFrame, measures: list[str], covariates: list[str], spline_df: int = SPLINE_DF,
-    min_n: int = MIN_N, seed: int = 0,
+    measurements: pd.DataFrame, measures: list[str], covariates: list[str], spline_df: int = DEFAULTS.spline_df,
+    min_n: int = DEFAULTS.min_n, seed: int = 0,
 ) -> pd.DataFrame:
     """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
-    _check("bonferroni", min_n)
+    check_tests(DEFAULTS.correction, min_n)
     if isinstance(spline_df, bool) or not isinstance(spline_df, (int, np.integer)) or spline_df < 2:
         raise ValueError(f"spline_df must be an integer >= 2, got {spline_df!r}")
     present = present_columns(measurements, covariates)

@@ -279,7 +279,7 @@ def _panel(hu: np.ndarray, labels: np.ndarray, colours: np.ndarray, spacing: tup
     return canvas
 
 
-def preview_png(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, width: int = 600) -> bytes:
+def preview_png(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, width: int = QCSettings.preview_width) -> bytes:
     """PNG of three square panels side by side (``width`` x ``width`` // 3 pixels): axial, coronal and sagittal
     planes through the body's centre (``body_centre``), soft-tissue window, labels as coloured overlay.
 

@@ -102,7 +102,8 @@ def _unless_mirrored(structures: pd.Series, flags: np.ndarray, compared: np.ndar
     return flags & ~table["structure"].isin(mirrored.index).to_numpy()
 
 
-def vertebra_order_flags(qc: pd.DataFrame, margin_mm: float = 5.0, min_voxels: int = 10) -> np.ndarray:
+def vertebra_order_flags(qc: pd.DataFrame, margin_mm: float = QCSettings.vertebra_order_margin_mm,
+                         min_voxels: int = QCSettings.min_voxels) -> np.ndarray:
     """Per row of ``qc`` (subject, structure, n_voxels, centroid_z_mm): a vertebra in a cranio-caudal
     inversion with another vertebra of its scan (module docstring)."""
     rank = qc["structure"].map(vertebra_rank)

@@ -36,7 +36,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -87,11 +87,11 @@ def _checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str) -> list
     return [part.folder / f"fold_{fold}" / checkpoint for fold in folds]
 
 
-def model_files(parts: Sequence[ModelPart], folds: Sequence[int], checkpoint: str = "checkpoint_final.pth") -> list[Path]:
+def model_files(parts: Sequence[ModelPart], settings: "SegmentationSettings") -> list[Path]:
     """The files a segmentation depends on: each part's dataset.json, plans.json and fold checkpoints.
     The workflow's segmentation jobs take them as inputs, so that new weights segment the scans again."""
-    return [path for part in parts
-            for path in [part.folder / name for name in MODEL_FILES] + _checkpoint_files(part, folds, checkpoint)]
+    return [path for part in parts for path in [part.folder / name for name in MODEL_FILES]
+            + _checkpoint_files(part, settings.folds, settings.checkpoint)]
 
 
 def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2")) -> str | None:
@@ -331,10 +331,44 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
+DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "float32", "bfloat16")
 # trilinear: the CT and the logits resampled trilinearly, argmax on the CT's grid; totalsegmentator: as
 # TotalSegmentator 2.18.0 does it (totalseg_geometry), for its labels from its weights
 RESAMPLINGS = ("trilinear", "totalsegmentator")
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """How the models segment: config's ``segmentation`` keys of the same names (documented in
+    config/README.md), which the workflow, ``ctcohort segment`` and ``Segmenter`` share. The field defaults
+    are the only defaults (config/config.yaml states the same values; a test keeps them equal)."""
+
+    device: str = "auto"
+    folds: tuple = (0,)  # fold_N folders to ensemble
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step: float = 0.5
+    mirroring: bool = False
+    precision: str = "auto"
+    resampling: str = "trilinear"
+    threads: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "folds", tuple(self.folds))
+        for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("resampling", RESAMPLINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown segmentation.{name} {getattr(self, name)!r}; "
+                                 f"choose one of {', '.join(allowed)}")
+
+    @classmethod
+    def from_config(cls, section: Mapping) -> "SegmentationSettings":
+        """From config's ``segmentation`` block (its other keys say where models are and what jobs request); a key
+        the block leaves out (segmentation.checkpoint, which configs older than it lack) keeps its default."""
+        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
+
+    def per_job(self) -> dict:
+        """The fields a segmentation job's output depends on: its params (threads follow the job's cores)."""
+        return {name: value for name, value in asdict(self).items() if name != "threads"}
 
 
 def cpu_bfloat16(precision: str, device) -> bool:
@@ -363,30 +397,16 @@ def _existing_checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str
 class Segmenter:
     """Every part of a model, loaded once; ``segment`` runs them all on one CT."""
 
-    def __init__(
-        self,
-        model_dir: str | Path | None,
-        table: pd.DataFrame,
-        *,
-        task=None,
-        device: str = "auto",
-        folds: Sequence = (0,),
-        checkpoint: str = "checkpoint_final.pth",
-        tile_step: float = 0.5,
-        mirroring: bool = False,
-        threads: int = 1,
-        precision: str = "auto",
-        resampling: str = "trilinear",
-    ):
+    def __init__(self, model_dir: str | Path | None, table: pd.DataFrame, *, task=None,
+                 settings: SegmentationSettings = SegmentationSettings()):
         import torch
 
-        if resampling not in RESAMPLINGS:
-            raise ValueError(f"unknown resampling {resampling!r}; choose one of {', '.join(RESAMPLINGS)}")
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, settings.threads))
         self.table = table
         self.parts = find_model_parts(model_dir, table, task)
-        self.device = resolve_device(device)
+        self.device = resolve_device(settings.device)
         # TotalSegmentator computes in float32 on the CPU: auto means that in its mode
+        resampling, precision, tile_step = settings.resampling, settings.precision, settings.tile_step
         auto = "float32" if resampling == "totalsegmentator" else "auto"
         self.bfloat16 = cpu_bfloat16(auto if precision == "auto" else precision, self.device)
         self.resampling = resampling
@@ -394,8 +414,8 @@ class Segmenter:
             total_ids = {i for ids in TASKS.values() for i in ids}
             tile_step = totalseg_geometry.tile_step([part.dataset_id for part in self.parts], total_ids, tile_step)
         self.predictors = [
-            load_predictor(part.folder, _existing_checkpoint_files(part, folds, checkpoint), self.device, tile_step,
-                           mirroring)
+            load_predictor(part.folder, _existing_checkpoint_files(part, settings.folds, settings.checkpoint),
+                           self.device, tile_step, settings.mirroring)
             for part in self.parts
         ]
         self.dtype = np.uint8 if int(table["label"].max()) <= 255 else np.uint16
@@ -599,9 +619,9 @@ def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, label_maps: Sequence
 class StudySegmenter:
     """Every model of the study (``study_models``), each loaded once; ``segment`` gives each one's label map."""
 
-    def __init__(self, models: Sequence[StudyModel], **settings):
+    def __init__(self, models: Sequence[StudyModel], settings: SegmentationSettings = SegmentationSettings()):
         self.models = list(models)
-        self.segmenters = [Segmenter(m.folder or None, m.table, task=m.task, **settings) for m in self.models]
+        self.segmenters = [Segmenter(m.folder or None, m.table, task=m.task, settings=settings) for m in self.models]
 
     def segment(self, ct: nib.Nifti1Image, hu: np.ndarray | None = None) -> list[np.ndarray]:
         return [segmenter.segment(ct, hu) for segmenter in self.segmenters]
@@ -626,12 +646,12 @@ def segment_batch(
     ct_checks: ScanChecks = ScanChecks(),
     measurement: BatchMeasurement | None = None,
     upstream: Sequence[str | Path] = (),
-    **settings,
+    settings: SegmentationSettings = SegmentationSettings(),
 ) -> None:
     """The workflow's batch job: load the model once, segment every scan, record each scan's status;
     with ``measurement``, measure each scan too. ``model``, ``task``, ``structures``: as the config keys
     (``study_models``); with several models, ``outputs`` holds per scan the label map path of each model, and
-    a scan fails if any model fails on it.
+    a scan fails if any model fails on it. ``settings``: how every model segments (config's segmentation block).
 
     A scan that fails (reading, segmenting or writing) gets an empty label map (so the batch's outputs
     exist) and a failed status, which the scan's later stages pass on to failures.tsv. A scan's status is
@@ -642,7 +662,7 @@ def segment_batch(
     its failure is passed on.
     """
     models = study_models(model, task, structures)
-    segmenter = StudySegmenter(models, **settings)
+    segmenter = StudySegmenter(models, settings)
     outputs = [[paths] if isinstance(paths, (str, Path)) else list(paths) for paths in outputs]
     done = []
     with ScanPipeline(segmenter, cts, ct_checks) as pipeline:

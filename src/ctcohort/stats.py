@@ -18,13 +18,15 @@ approximation above; never below 2/n!, the exact minimum.
 """
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from ctcohort.patients import patient_of
+from ctcohort.patients import PatientSettings, patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
 CORRELATION_COLUMNS = [
@@ -41,11 +43,64 @@ CORRECTIONS = ("bonferroni", "fdr_bh")
 PRIMARY = ("adjusted", "unadjusted")
 # correction families: the segmentation's own structures, and the combined ones (which repeat their members)
 STRUCTURES, COMBINED = "structures", "combined"
-MIN_N = 10
 TOO_FEW_SCANS = "too_few_scans"
 CONSTANT = "constant"
 NO_COVARIATES = "no_covariates"
+# statistics.combined's default: the paper's rows that join both sides of the body
+PAPER_COMBINED = {
+    "kidneys": ["kidney_left", "kidney_right"],
+    "iliac_arteries": ["iliac_artery_left", "iliac_artery_right"],
+    "iliopsoas": ["iliopsoas_left", "iliopsoas_right"],
+    "autochthon": ["autochthon_left", "autochthon_right"],
+    "gluteus_maximus": ["gluteus_maximus_left", "gluteus_maximus_right"],
+    "gluteus_medius": ["gluteus_medius_left", "gluteus_medius_right"],
+    "gluteus_minimus": ["gluteus_minimus_left", "gluteus_minimus_right"],
+    "hips": ["hip_left", "hip_right"],
+    "clavicles": ["clavicula_left", "clavicula_right"],
+}
 log = logging.getLogger(__name__)
+
+
+def check_tests(correction: str, min_n) -> None:
+    """The one check of a table's correction and its fewest scans per test (ValueError)."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
+        raise ValueError(f"min_n must be an integer >= 3 (Spearman's rs needs 3 scans), got {min_n!r}")
+
+
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """The cross-sectional statistics: config's ``statistics`` block key for key (documented in
+    config/README.md). The field defaults are the only defaults (config/config.yaml states the same values;
+    a test keeps them equal)."""
+
+    measures: tuple[str, ...] = ("volume_ml", "hu_mean", "hu_mean_eroded")
+    scan_per_patient: str = PatientSettings.scan_per_patient
+    seed: int = PatientSettings.seed
+    correction: str = "bonferroni"
+    alpha: float = 0.0001
+    partial_covariates: tuple[str, ...] = ("sex", "contrast")
+    primary: str = "adjusted"
+    min_n: int = 10
+    spline_df: int = 3
+    combined: Mapping[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in PAPER_COMBINED.items()})
+
+    def __post_init__(self):
+        object.__setattr__(self, "measures", tuple(self.measures))
+        object.__setattr__(self, "partial_covariates", tuple(self.partial_covariates))
+        check_tests(self.correction, self.min_n)
+        if self.primary not in PRIMARY:
+            raise ValueError(f"unknown primary analysis {self.primary!r}; choose one of {', '.join(PRIMARY)}")
+
+    @classmethod
+    def from_config(cls, section: Mapping) -> "StatisticsSettings":
+        """From config's ``statistics`` block (a key it leaves out keeps its default)."""
+        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
+
+
+DEFAULTS = StatisticsSettings()
+MIN_N = DEFAULTS.min_n
 
 
 def spearman_ci(rs: float, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -246,11 +301,11 @@ def _not_adjusted(table: pd.DataFrame) -> pd.DataFrame:
 def age_correlations(
     measurements: pd.DataFrame,
     measures: list[str],
-    correction: str = "bonferroni",
-    alpha: float = 0.0001,
+    correction: str = DEFAULTS.correction,
+    alpha: float = DEFAULTS.alpha,
     partial_covariates: list[str] = (),
-    min_n: int = MIN_N,
-    primary: str = "adjusted",
+    min_n: int = DEFAULTS.min_n,
+    primary: str = DEFAULTS.primary,
 ) -> pd.DataFrame:
     """One row per structure x measure (columns CORRELATION_COLUMNS; see the module docstring).
 
@@ -265,12 +320,9 @@ def age_correlations(
     group summary and Methods follow: ``adjusted`` where any covariate is present, else ``unadjusted``
     (said in the column ``primary``). Untested rows are NaN and never significant.
     """
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction {correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    check_tests(correction, min_n)
     if primary not in PRIMARY:
         raise ValueError(f"unknown primary analysis {primary!r}; choose one of {', '.join(PRIMARY)}")
-    if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 3:
-        raise ValueError(f"min_n must be an integer >= 3 (Spearman's rs needs 3 scans), got {min_n!r}")
     present = present_columns(measurements, partial_covariates, "partial correlation covariates")
     table = _spearman_rows(measurements, measures, min_n)
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", table["note"] == "")

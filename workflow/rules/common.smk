@@ -19,6 +19,7 @@ from ctcohort.qc import QCSettings, load_plausible_volumes, plausible_volumes_pa
 from ctcohort.review import check_decision_subjects
 from ctcohort.segment import (
     ModelFolderError,
+    SegmentationSettings,
     find_model_parts,
     missing_segmentation_packages,
     model_files,
@@ -47,6 +48,10 @@ DEMO = not config.get("cohort")
 DEMO_DIR = "results/demo"
 DEMO_SUBJECTS = phantom.subject_ids(config["demo"]["n_subjects"])
 PRECOMPUTED = config["segmentation"]["method"] == "precomputed"
+try:
+    SEGMENTATION = SegmentationSettings.from_config(config["segmentation"])
+except ValueError as err:
+    raise WorkflowError(f"config section segmentation: {err}") from None
 
 if DEMO:
     # The demo sheet is written by rule demo_cohort; its rows are known from the config alone.
@@ -151,7 +156,7 @@ else:
         raise WorkflowError(str(err)) from None
     # a folder that serves two models is listed once
     SEGMENTATION_MODEL_FILES = list(
-        dict.fromkeys(str(path) for path in model_files(parts, config["segmentation"]["folds"]))
+        dict.fromkeys(str(path) for path in model_files(parts, SEGMENTATION))
     )
     SEGMENTATION_BATCHES = in_batches(SUBJECTS, config["segmentation"]["scans_per_job"])
 
@@ -227,6 +232,13 @@ def batch_runtime_min(n_scans):
     """Run time (minutes) of a job measuring or evaluating ``n_scans`` scans; a retried job gets attempt x."""
     per_scan = config["resources"]["per_scan_runtime_min"]
     return lambda wildcards, attempt: attempt * (10 + math.ceil(n_scans * per_scan))
+
+
+def segmentation_runtime_min(n_scans):
+    """Run time (minutes) of a job segmenting ``n_scans`` scans, each once per model; a retried job gets attempt x.
+    (A factory, as batch_runtime_min: a lambda in a rule's loop would see the loop's last batch.)"""
+    minutes = config["segmentation"]["runtime_per_scan_min"] * n_scans * len(MODELS)
+    return lambda wildcards, attempt: attempt * minutes
 
 
 # Quality control (qc.py): written beside each scan's measurement by the job that measures it; the

@@ -16,7 +16,7 @@ rule figure_age_quartile_boxplots:
     input:
         measurements=rules.aggregate.output.measurements,
         selection=rules.scan_selection.output[0],
-        correlations="results/stats/age_correlations.tsv",
+        correlations=rules.age_correlations.output[0],
     output:
         **figure_outputs("age_quartile_boxplots"),
     params:
@@ -32,7 +32,7 @@ rule figure_age_quartile_boxplots:
 
 rule figure_rs_forest_plot:
     input:
-        "results/stats/age_correlations.tsv",
+        rules.age_correlations.output[0],
     output:
         **figure_outputs("rs_forest_plot"),
     params:
@@ -47,7 +47,7 @@ rule figure_rs_forest_plot:
 
 rule figure_rs_heatmap:
     input:
-        "results/stats/age_correlations.tsv",
+        rules.age_correlations.output[0],
     output:
         **figure_outputs("rs_heatmap"),
     params:
@@ -78,8 +78,8 @@ rule figure_scatter_lowess:
 
 rule figure_normative_charts:
     input:
-        charts="results/stats/normative_charts.tsv",
-        coefficients="results/stats/normative_covariates.tsv",
+        charts=rules.normative_charts.output.charts,
+        coefficients=rules.normative_charts.output.coefficients,
         measurements=rules.aggregate.output.measurements,
         selection=rules.scan_selection.output[0],
     output:

@@ -29,15 +29,17 @@ localrules:
 
 rule methods:
     input:
-        counts="results/tables/exclusion_counts.tsv",
-        correlations="results/stats/age_correlations.tsv",
+        counts=rules.aggregate.output.exclusions,
+        correlations=rules.age_correlations.output[0],
         selection=rules.scan_selection.output[0],
-        regression="results/stats/regression.tsv",
-        longitudinal="results/stats/longitudinal.tsv",
+        regression=rules.regression.output[0],
+        longitudinal=rules.longitudinal.output[0],
         # how many scans made each chart; [] without panels
-        calibration=lambda wildcards: ["results/stats/normative_calibration.tsv"] if config["normative"]["panels"] else [],
+        calibration=lambda wildcards: (
+            [rules.normative_charts.output.calibration] if config["normative"]["panels"] else []
+        ),
         ct_age=rules.ct_age.output.summary,
-        versions="results/tables/software_versions.tsv",
+        versions=rules.software_versions.output[0],
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
         markdown="results/methods.md",

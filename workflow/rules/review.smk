@@ -8,8 +8,8 @@ localrules:
 
 rule review_page:
     input:
-        qc="results/tables/qc.tsv",
-        failures="results/tables/failures.tsv",
+        qc=rules.aggregate.output.qc_table,
+        failures=rules.aggregate.output.failures,
     output:
         page="results/qc/review.html",
         scans="results/tables/review_scans.tsv",

@@ -26,22 +26,16 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             model=config["segmentation"]["model"],
             task=config["segmentation"]["task"],
             structures=config["structures"],
-            device=config["segmentation"]["device"],
-            folds=config["segmentation"]["folds"],
-            tile_step=config["segmentation"]["tile_step"],
-            mirroring=config["segmentation"]["mirroring"],
-            precision=config["segmentation"]["precision"],
-            resampling=config["segmentation"]["resampling"],
+            segmentation=SEGMENTATION.per_job(),  # threads follow the job's cores
             on_error=config["on_scan_error"],
             ct_checks=config["measure"]["ct_checks"],
             qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
-        threads: config["segmentation"]["threads"]
+        threads: SEGMENTATION.threads
         resources:
-            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory
+            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory and time
             mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
-            # each scan once per model
-            runtime=config["segmentation"]["runtime_per_scan_min"] * len(subjects) * len(MODELS),
-            gpu=int(config["segmentation"]["device"] == "cuda"),
+            runtime=segmentation_runtime_min(len(subjects)),
+            gpu=int(SEGMENTATION.device == "cuda"),
             # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
             **(
                 {"slurm_partition": config["segmentation"]["slurm_partition"]}

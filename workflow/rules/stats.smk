@@ -44,12 +44,7 @@ rule age_correlations:
             category="Age correlations",
         ),
     params:
-        measures=config["statistics"]["measures"],
-        correction=config["statistics"]["correction"],
-        alpha=config["statistics"]["alpha"],
-        partial_covariates=config["statistics"]["partial_covariates"],
-        min_n=config["statistics"]["min_n"],
-        primary=config["statistics"]["primary"],
+        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/age_correlations.log",
     conda:
@@ -70,7 +65,7 @@ localrules:
 
 rule paper_comparison:
     input:
-        correlations="results/stats/age_correlations.tsv",
+        correlations=rules.age_correlations.output[0],
         paper=lambda wildcards: str(PAPER_CORRELATIONS),
     output:
         report(
@@ -107,11 +102,7 @@ rule partial_correlations:
             category="Age correlations",
         ),
     params:
-        measures=config["statistics"]["measures"],
-        covariates=config["statistics"]["partial_covariates"],
-        correction=config["statistics"]["correction"],
-        alpha=config["statistics"]["alpha"],
-        min_n=config["statistics"]["min_n"],
+        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/partial_correlations.log",
     conda:
@@ -131,8 +122,7 @@ rule by_sex:
             category="Age correlations",
         ),
     params:
-        measures=config["statistics"]["measures"],
-        min_n=config["statistics"]["min_n"],
+        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/by_sex.log",
     conda:
@@ -152,10 +142,7 @@ rule regression:
             category="Age regression",
         ),
     params:
-        measures=config["statistics"]["measures"],
-        covariates=config["statistics"]["partial_covariates"],
-        spline_df=config["statistics"]["spline_df"],
-        min_n=config["statistics"]["min_n"],
+        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/regression.log",
     conda:
@@ -174,7 +161,7 @@ localrules:
 
 rule group_summary:
     input:
-        "results/stats/age_correlations.tsv",
+        rules.age_correlations.output[0],
     output:
         report(
             "results/stats/group_summary.tsv",

@@ -3,20 +3,21 @@ the significance of the primary analysis."""
 
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
-from ctcohort.stats import age_correlations
+from ctcohort.stats import StatisticsSettings, age_correlations
 from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
 table = age_correlations(
     measurements,
-    snakemake.params.measures,
-    correction=snakemake.params.correction,
-    alpha=snakemake.params.alpha,
-    partial_covariates=snakemake.params.partial_covariates,
-    min_n=snakemake.params.min_n,
-    primary=snakemake.params.primary,
+    settings.measures,
+    correction=settings.correction,
+    alpha=settings.alpha,
+    partial_covariates=settings.partial_covariates,
+    min_n=settings.min_n,
+    primary=settings.primary,
 )
 write_tsv(with_segmentation_model(table, measurements), snakemake.output[0], STATS_DIGITS)

@@ -3,10 +3,12 @@
 from ctcohort.models import by_sex_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
+from ctcohort.stats import StatisticsSettings
 from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
-table = by_sex_table(measurements, snakemake.params.measures, min_n=snakemake.params.min_n)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
+table = by_sex_table(measurements, settings.measures, min_n=settings.min_n)
 write_tsv(with_segmentation_model(table, measurements), snakemake.output[0], STATS_DIGITS)

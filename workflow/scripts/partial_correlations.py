@@ -3,17 +3,19 @@
 from ctcohort.models import partial_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
+from ctcohort.stats import StatisticsSettings
 from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)
+settings = StatisticsSettings.from_config(snakemake.params.statistics)
 table = partial_table(
     measurements,
-    snakemake.params.measures,
-    snakemake.params.covariates,
-    correction=snakemake.params.correction,
-    alpha=snakemake.params.alpha,
-    min_n=snakemake.params.min_n,
+    settings.measures,
+    settings.partial_covariates,
+    correction=settings.correction,
+    alpha=settings.alpha,
+    min_n=settings.min_n,
 )
 write_tsv(with_segmentation_model(table, measurements), snakemake.output[0], STATS_DIGITS)

@@ -4,7 +4,7 @@ not fatal."""
 from ctcohort.imaging import ScanChecks
 from ctcohort.qc import QCSettings
 from ctcohort.runlog import log_to
-from ctcohort.segment import BatchMeasurement, segment_batch
+from ctcohort.segment import BatchMeasurement, SegmentationSettings, segment_batch
 
 if __name__ == "__main__":  # nnU-Net starts worker processes
     log_to(snakemake.log[0])
@@ -28,11 +28,5 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
             previews=snakemake.output.get("previews") or (),
             settings=QCSettings(**snakemake.params.qc),
         ),
-        device=snakemake.params.device,
-        folds=snakemake.params.folds,
-        tile_step=snakemake.params.tile_step,
-        mirroring=snakemake.params.mirroring,
-        precision=snakemake.params.precision,
-        resampling=snakemake.params.resampling,
-        threads=snakemake.threads,
+        settings=SegmentationSettings(**snakemake.params.segmentation, threads=snakemake.threads),
     )
