@@ -82,6 +82,37 @@ def load_cohort_sheet(
         raise CohortSheetError(f"cohort sheet {path} {problem}")
     schema = yaml.safe_load(Path(schema_path).read_text())
     header, records = _read_tsv(path)
+    _check_header(path, header, schema, required_files)
+    if not records:
+        raise CohortSheetError(f"cohort sheet {path} has no rows")
+    validator = jsonschema.Draft202012Validator(schema)
+    kinds = {name: spec.get("type", "string") for name, spec in schema["properties"].items()}
+    problems, rows, first_line = [], [], {}
+    for line, cells in records:
+        if len(cells) != len(header):
+            problems.append(f"line {line}: {len(cells)} cells, but the header has {len(header)} columns")
+            continue
+        record = dict(zip(header, cells))
+        where = f"line {line} (subject {record.get('subject', '')!r})"
+        row = {k: _convert(v, kinds.get(k, "string")) for k, v in record.items() if v != ""}
+        problems += [f"{where}: column {column!r} is empty" for column in required_files
+                     if column not in row and column not in schema.get("required", [])]
+        problems += [f"{where}: {problem}" for problem in _cell_problems(validator, row, record)]
+        problems += [f"{where}: {problem}" for problem in _subject_problems(record.get("subject", ""), line,
+                                                                            first_line)]
+        problems += [f"{where}: {problem}" for problem in _resolve_paths(row, path.parent, check_files)]
+        rows.append(row)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise CohortSheetError(
+            f"cohort sheet {path}: {len(problems)} problem(s), nothing was run:\n  "
+            + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+        )
+    return _sheet_frame(rows, header, schema)
+
+
+def _check_header(path: Path, header: list[str], schema: dict, required_files: tuple[str, ...]) -> None:
     missing = [c for c in [*schema.get("required", []), *COVARIATE_COLUMNS, *required_files] if c not in header]
     if missing:
         raise CohortSheetError(
@@ -94,61 +125,56 @@ def load_cohort_sheet(
             f"cohort sheet {path}: column(s) {', '.join(reserved)} clash with the measurement table's "
             "columns; rename them"
         )
-    if not records:
-        raise CohortSheetError(f"cohort sheet {path} has no rows")
 
-    validator = jsonschema.Draft202012Validator(schema)
-    kinds = {name: spec.get("type", "string") for name, spec in schema["properties"].items()}
-    problems, rows = [], []
-    first_line = {}
-    for line, cells in records:
-        if len(cells) != len(header):
-            problems.append(f"line {line}: {len(cells)} cells, but the header has {len(header)} columns")
+
+def _cell_problems(validator, row: dict, record: dict) -> list[str]:
+    """The schema's complaints about a row, one per cell (a bad value may break several rules), in words."""
+    problems, reported = [], set()
+    for error in sorted(validator.iter_errors(row), key=lambda e: list(e.path)):
+        column = error.path[0] if error.path else None
+        if column in reported:
             continue
-        record = dict(zip(header, cells))
-        subject = record.get("subject", "")
-        where = f"line {line} (subject {subject!r})"
-        row = {k: _convert(v, kinds.get(k, "string")) for k, v in record.items() if v != ""}
-        for column in required_files:
-            if column not in row and column not in schema.get("required", []):
-                problems.append(f"{where}: column {column!r} is empty")
-        reported = set()
-        for error in sorted(validator.iter_errors(row), key=lambda e: list(e.path)):
-            column = error.path[0] if error.path else None
-            if column in reported:
-                continue  # one problem per cell: a bad value may break several rules
-            reported.add(column)
-            message = error.message
-            if column == "subject" and error.validator == "pattern":
-                message += " (letters, digits, '_', '.' and '-', starting with a letter or digit)"
-            elif column in ACCEPTED_VALUES and error.validator in ("enum", "type", "minimum", "maximum"):
-                message = f"{record[column]!r}: accepted values are {ACCEPTED_VALUES[column]}"
-            problems.append(f"{where}: " + (f"column {column!r}: " if column else "") + message)
-        if ".." in subject and "subject" not in reported:
-            problems.append(f"{where}: column 'subject': '..' in an id (ids name files and folders)")
-        # ids that differ in case only name the same files on case-insensitive file systems (macOS, Windows)
-        key = subject.casefold()
-        if key in first_line:
-            seen_line, seen = first_line[key]
-            same = "duplicate subject" if seen == subject else f"subject differs from {seen!r} in case only"
-            problems.append(f"{where}: {same}, first seen on line {seen_line}")
-        first_line.setdefault(key, (line, subject))
-        for column in PATH_COLUMNS:
-            if isinstance(row.get(column), str):
-                row[column] = _resolve(row[column], path.parent)
-                if check_files and not os.path.exists(row[column]):
-                    problems.append(f"{where}: column {column!r}: file not found: {row[column]}")
-                elif check_files and os.path.isdir(row[column]) and (column != "ct" or is_nifti(row[column])):
-                    # a folder in ct is a DICOM series; a NIfTI, a segmentation or a reference is a file
-                    problems.append(f"{where}: column {column!r}: a folder, not a NIfTI file: {row[column]}")
-        rows.append(row)
-    if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        raise CohortSheetError(
-            f"cohort sheet {path}: {len(problems)} problem(s), nothing was run:\n  "
-            + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
-        )
+        reported.add(column)
+        message = error.message
+        if column == "subject" and error.validator == "pattern":
+            message += " (letters, digits, '_', '.' and '-', starting with a letter or digit)"
+        elif column in ACCEPTED_VALUES and error.validator in ("enum", "type", "minimum", "maximum"):
+            message = f"{record[column]!r}: accepted values are {ACCEPTED_VALUES[column]}"
+        problems.append((f"column {column!r}: " if column else "") + message)
+    if ".." in record.get("subject", "") and "subject" not in reported:
+        problems.append("column 'subject': '..' in an id (ids name files and folders)")
+    return problems
+
+
+def _subject_problems(subject: str, line: int, first_line: dict) -> list[str]:
+    """A subject seen before; ``first_line`` (case-folded id -> (line, id)) remembers this one."""
+    # ids that differ in case only name the same files on case-insensitive file systems (macOS, Windows)
+    key = subject.casefold()
+    problems = []
+    if key in first_line:
+        seen_line, seen = first_line[key]
+        same = "duplicate subject" if seen == subject else f"subject differs from {seen!r} in case only"
+        problems.append(f"{same}, first seen on line {seen_line}")
+    first_line.setdefault(key, (line, subject))
+    return problems
+
+
+def _resolve_paths(row: dict, folder: Path, check_files: bool) -> list[str]:
+    """Resolves the row's paths against the sheet's ``folder`` (in place); the problems of those that are missing
+    or are folders where a file belongs."""
+    problems = []
+    for column in PATH_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = _resolve(row[column], folder)
+            if check_files and not os.path.exists(row[column]):
+                problems.append(f"column {column!r}: file not found: {row[column]}")
+            elif check_files and os.path.isdir(row[column]) and (column != "ct" or is_nifti(row[column])):
+                # a folder in ct is a DICOM series; a NIfTI, a segmentation or a reference is a file
+                problems.append(f"column {column!r}: a folder, not a NIfTI file: {row[column]}")
+    return problems
+
+
+def _sheet_frame(rows: list[dict], header: list[str], schema: dict) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=header)
     for column in set(frame.columns) - set(schema["properties"]):
         # extra covariates: numbers where every filled cell is a number, text otherwise
