@@ -39,7 +39,9 @@ def repeated_scans_study(tmp_path_factory):
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
     config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
               "statistics": {"min_n": 3}, "normative": {"panels": []}, "figures": {"scatter": []}}
-    run_workflow(workdir, config)
+    # the tables and the Methods that these tests read (the figures add nothing here)
+    run_workflow(workdir, config, "results/methods.md", "results/stats/partial_correlations.tsv",
+                 "results/stats/by_sex.tsv")
     return workdir / "results"
 
 
@@ -119,7 +121,8 @@ def repeated_scans_over_years(tmp_path_factory):
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
     config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
               "normative": {"panels": []}, "figures": {"scatter": [{"structure": "liver", "measure": "hu_mean"}]}}
-    run_workflow(workdir, config)
+    # the within-patient table and its figure, which these tests read
+    run_workflow(workdir, config, "results/stats/longitudinal.tsv", "results/figures/trajectories.png")
     table = pd.read_csv(workdir / "results" / "stats" / "longitudinal.tsv", sep="\t")
     return workdir / "results", table.set_index(["structure", "measure"])
 

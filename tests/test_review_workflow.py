@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 KIDNEY_RIGHT, KIDNEY_LEFT, L3, L1 = 2, 3, 20, 22
 SWAPS = {"kidneys": (KIDNEY_RIGHT, KIDNEY_LEFT), "lumbar": (L1, L3)}
 ORDINARY = ["plain1", "plain2", "plain3", "plain4"]
+# what these tests read: the review page, the tables behind it and after it, the Methods (not the figures)
+TARGETS = ["results/qc/review.html", "results/tables/exclusion_flow.tsv", "results/methods.md"]
 
 
 def swapped(labels, pair):
@@ -44,7 +46,7 @@ def review_study(tmp_path_factory):
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
     config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
               "statistics": {"min_n": 3}, "normative": {"panels": []}, "figures": {"scatter": []}}
-    run_workflow(workdir, config)
+    run_workflow(workdir, config, *TARGETS)
     return workdir, config
 
 
@@ -83,7 +85,7 @@ def test_review_page_ranks_them_first_and_its_decision_excludes_one_scan(review_
     before = analysed()
     assert before == len(ORDINARY) + len(SWAPS)
     per_scan = {path: path.stat().st_mtime_ns for path in (results / "measure").glob("*.tsv")}
-    run_workflow(workdir, {**config, "qc": {"review_decisions": str(decisions)}})
+    run_workflow(workdir, {**config, "qc": {"review_decisions": str(decisions)}}, *TARGETS)
     assert analysed() == before - 1
     counts = pd.read_csv(results / "tables" / "exclusion_counts.tsv", sep="\t").set_index(["level", "kind"])
     assert counts.loc[("scans", "measured, reviewer_excluded"), "count"] == 1

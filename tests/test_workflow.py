@@ -32,10 +32,13 @@ def demo_study(tmp_path_factory):
     """The demo study at 40 scans, segmented by the bundled nnU-Net model, run once for the tests below,
     with its report."""
     workdir = tmp_path_factory.mktemp("demo")
-    run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}})
-    run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--report", "results/report.html")
+    # a thread per segmentation job: its two batches run side by side on two cores, sooner than one after the
+    # other with two threads each (a setting of speed, not of what the study computes)
+    config = {"demo": {"n_subjects": 40, "seed": 1}, "segmentation": {"threads": 1}}
+    run_workflow(workdir, config)
+    run_workflow(workdir, config, "--report", "results/report.html")
     # a second run with nothing changed has nothing to do
-    again = run_workflow(workdir, {"demo": {"n_subjects": 40, "seed": 1}}, "--dry-run")
+    again = run_workflow(workdir, config, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
     return workdir / "results"
 
@@ -301,10 +304,10 @@ def test_demo_figures_and_report(demo_study):
     assert versions.at["snakemake", "version"][0].isdigit()
 
 
-@pytest.fixture
-def small_user_cohort(tmp_path):
-    """Six phantom scans written as a user's cohort (sheet with a seg column), two of them broken."""
-    cohort = tmp_path / "data"
+def write_small_user_cohort(workdir):
+    """Six phantom scans written as a user's cohort (sheet with a seg column) under ``workdir``, two of them
+    broken; the sheet's path."""
+    cohort = workdir / "data"
     phantom.write_cohort(cohort, 6, seed=3)
     sheet = pd.read_csv(cohort / "cohort.tsv", sep="\t")
     sheet["bmi"] = [21.5, 30.1, 25.0, 19.8, 27.3, 33.0]
@@ -312,12 +315,25 @@ def small_user_cohort(tmp_path):
     (cohort / "ct" / "demo002.nii.gz").write_bytes(b"truncated download")
     labels = nib.load(cohort / "labels" / "demo004.nii.gz")
     nib.save(labels.slicer[:, :, 5:], cohort / "labels" / "demo004.nii.gz")  # not on the CT's grid
-    return tmp_path, cohort / "cohort.tsv"
+    return cohort / "cohort.tsv"
 
 
-def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
-    workdir, sheet = small_user_cohort
-    result = run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED})
+@pytest.fixture
+def small_user_cohort(tmp_path):
+    """The small user cohort in a study folder of its own, not yet run."""
+    return tmp_path, write_small_user_cohort(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_user_study(tmp_path_factory):
+    """The small user cohort's whole study, run once for the tests that read it: its folder, config and run."""
+    workdir = tmp_path_factory.mktemp("small_user")
+    config = {"cohort": str(write_small_user_cohort(workdir)), "segmentation": PRECOMPUTED}
+    return workdir, config, run_workflow(workdir, config)
+
+
+def test_broken_scans_are_listed_and_the_others_finish(small_user_study):
+    workdir, _, result = small_user_study
     # said on the console at the end, not only in a table
     assert ("ctcohort: 2 of 6 scans failed and are left out of the study (measure: 2); "
             "the causes are in results/tables/failures.tsv") in result.stderr
@@ -332,10 +348,8 @@ def test_broken_scans_are_listed_and_the_others_finish(small_user_cohort):
     assert (workdir / "results" / "stats" / "age_correlations.tsv").exists()
 
 
-def test_a_second_run_with_nothing_changed_has_nothing_to_do(small_user_cohort):
-    workdir, sheet = small_user_cohort
-    config = {"cohort": str(sheet), "segmentation": PRECOMPUTED}
-    run_workflow(workdir, config)
+def test_a_second_run_with_nothing_changed_has_nothing_to_do(small_user_study):
+    workdir, config, _ = small_user_study
     again = run_workflow(workdir, config, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
 
