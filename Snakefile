@@ -32,6 +32,6 @@ onsuccess:
 
 
 rule all:
+    default_target: True
     input:
         study_outputs(),
-    default_target: True

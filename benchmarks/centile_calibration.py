@@ -53,8 +53,11 @@ def calibration_table(sizes, repeats: int, seed: int, settings) -> None:
             rng = np.random.default_rng(seed + n)
             rows = np.array([placed(truth, n, rng, settings) for _ in range(repeats)])
             refused = np.where(n < centiles.MIN_SCANS, 1.0, rows[:, 2].mean())
-            print(f"{name:7s} {n:5d} {rows[:, 0].mean():11.3f} {rows[:, 1].max():7.2f} {rows[:, 2].mean():19.2f} "
-                  f"{refused:21.2f}", flush=True)
+            print(
+                f"{name:7s} {n:5d} {rows[:, 0].mean():11.3f} {rows[:, 1].max():7.2f} {rows[:, 2].mean():19.2f} "
+                f"{refused:21.2f}",
+                flush=True,
+            )
 
 
 def timing(n: int, seed: int, settings) -> None:
@@ -67,9 +70,12 @@ def timing(n: int, seed: int, settings) -> None:
         calibrated = time.perf_counter()
         centiles.bootstrap_centiles(model, age, y, settings=settings)
         done = time.perf_counter()
-        print(f"{name}: n {n}, {model.family} {model.dfs}: selection {selected - start:.2f} s, calibration "
-              f"({settings.folds} folds) {calibrated - selected:.2f} s, bootstrap ({settings.bootstrap_resamples}) "
-              f"{done - calibrated:.2f} s, total {done - start:.2f} s", flush=True)
+        print(
+            f"{name}: n {n}, {model.family} {model.dfs}: selection {selected - start:.2f} s, calibration "
+            f"({settings.folds} folds) {calibrated - selected:.2f} s, bootstrap ({settings.bootstrap_resamples}) "
+            f"{done - calibrated:.2f} s, total {done - start:.2f} s",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:

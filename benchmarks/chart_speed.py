@@ -45,8 +45,9 @@ PARTS = ("selection + calibration", "bootstrap", "placement")
 
 def module_at(revision: str, folder: Path):
     """centiles.py as it was at ``revision``, imported under a name of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:src/ctcohort/centiles.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/ctcohort/centiles.py"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     path = folder / "centiles_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("centiles_baseline", path)
@@ -75,7 +76,7 @@ def study_charts(folder: Path, count: int) -> None:
     tables = folder / "results" / "tables"
     measurements = read_cross_sectional(tables / "measurements.tsv", tables / "scan_selection.tsv")
     every = list(dict.fromkeys(measurements["structure"]))
-    structures = every[::max(1, len(every) // count)][:count]
+    structures = every[:: max(1, len(every) // count)][:count]
     panels = [(structure, measure) for structure in structures for measure in ("volume_ml", "hu_mean")]
     started = time.perf_counter()
     fit = fit_panel_charts(measurements, panels, ChartSettings(method="lms", covariates=["contrast"]))
@@ -83,11 +84,15 @@ def study_charts(folder: Path, count: int) -> None:
     keys = fit.charts.drop_duplicates(["structure", "measure", "sex"])
     per_chart = elapsed / len(keys)
     print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; {folder}")
-    print(f"{len(keys)} charts ({', '.join(structures)}; volume_ml, hu_mean; M, F), {keys['n'].median():.0f} scans "
-          f"each (median), notes {dict(keys['note'].value_counts())}: {elapsed:.1f} s, {per_chart:.2f} s a chart")
+    print(
+        f"{len(keys)} charts ({', '.join(structures)}; volume_ml, hu_mean; M, F), {keys['n'].median():.0f} scans "
+        f"each (median), notes {dict(keys['note'].value_counts())}: {elapsed:.1f} s, {per_chart:.2f} s a chart"
+    )
     every_chart = len(every) * 2 * 2
-    print(f"every structure ({len(every)}) x 2 measures x 2 sexes = {every_chart} charts: about "
-          f"{every_chart * per_chart / 60:.1f} min in one process, {every_chart * per_chart / 120:.1f} min in two")
+    print(
+        f"every structure ({len(every)}) x 2 measures x 2 sexes = {every_chart} charts: about "
+        f"{every_chart * per_chart / 60:.1f} min in one process, {every_chart * per_chart / 120:.1f} min in two"
+    )
     scans = read_scans(tables / "measurements.tsv")
     started = time.perf_counter()
     scores = centile_scores(fit, scans)
@@ -95,9 +100,11 @@ def study_charts(folder: Path, count: int) -> None:
     started = time.perf_counter()
     everything = place_cohort(fit.charts, fit.coefficients, scans)
     every_row = time.perf_counter() - started
-    print(f"centile scores of every scan ({scans['subject'].nunique()}): {charted:.1f} s for the {len(scores):,} rows "
-          f"of the charted structures and measures; {every_row:.1f} s for the {len(everything):,} rows of every "
-          "structure and measure (what centile_scores placed before)")
+    print(
+        f"centile scores of every scan ({scans['subject'].nunique()}): {charted:.1f} s for the {len(scores):,} rows "
+        f"of the charted structures and measures; {every_row:.1f} s for the {len(everything):,} rows of every "
+        "structure and measure (what centile_scores placed before)"
+    )
 
 
 def main(argv=None) -> int:
@@ -113,8 +120,10 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as folder:
         versions = {"baseline": module_at(args.baseline, Path(folder)), "now": centiles}
-        print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-              f"baseline {args.baseline}; median of {args.rounds} rounds, seconds")
+        print(
+            f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+            f"baseline {args.baseline}; median of {args.rounds} rounds, seconds"
+        )
         print(f"{'truth':7s} {'n':>5s} {'version':8s} " + " ".join(f"{p:>24s}" for p in PARTS) + f" {'total':>7s}")
         for name, truth in TRUTHS.items():
             for n in args.n:
@@ -129,8 +138,12 @@ def main(argv=None) -> int:
                 for version, rounds in times.items():
                     parts = np.median(np.array(rounds), axis=0)
                     totals[version] = float(np.median(np.array(rounds).sum(axis=1)))
-                    print(f"{name:7s} {n:5d} {version:8s} " + " ".join(f"{t:24.2f}" for t in parts)
-                          + f" {totals[version]:7.2f}", flush=True)
+                    print(
+                        f"{name:7s} {n:5d} {version:8s} "
+                        + " ".join(f"{t:24.2f}" for t in parts)
+                        + f" {totals[version]:7.2f}",
+                        flush=True,
+                    )
                 print(f"{name:7s} {n:5d} baseline / now: {totals['baseline'] / totals['now']:.2f}x", flush=True)
     return 0
 

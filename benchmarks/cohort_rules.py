@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from snakemake_runs import REPO, timed_snakemake
 
 from ctcohort.columns import MEASURE_COLUMNS, QC_COLUMNS
 from ctcohort.measure import write_measurements
@@ -32,7 +33,6 @@ from ctcohort.qc import ScanQC, empty_qc, write_qc
 from ctcohort.review import vertebra_rank
 from ctcohort.scan_status import ScanStatus
 from ctcohort.structures import load_structure_table
-from snakemake_runs import REPO, timed_snakemake
 
 
 def patients_of(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -59,10 +59,18 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     subjects = [f"sub{i:06d}" for i in range(n)]
     patients, first_age, years = patients_of(n, rng)
     ages = (first_age + years).round(1)
-    sheet = pd.DataFrame({"subject": subjects, "ct": [f"{s}_ct.nii.gz" for s in subjects],
-                          "seg": [f"{s}_seg.nii.gz" for s in subjects], "age": ages,
-                          "sex": [("M", "F")[int(p[3:]) % 2] for p in patients], "contrast": rng.integers(0, 2, n),
-                          "patient": patients, "years": years.round(4)})
+    sheet = pd.DataFrame(
+        {
+            "subject": subjects,
+            "ct": [f"{s}_ct.nii.gz" for s in subjects],
+            "seg": [f"{s}_seg.nii.gz" for s in subjects],
+            "age": ages,
+            "sex": [("M", "F")[int(p[3:]) % 2] for p in patients],
+            "contrast": rng.integers(0, 2, n),
+            "patient": patients,
+            "years": years.round(4),
+        }
+    )
     for path in [*sheet["ct"], *sheet["seg"]]:
         (data / path).touch()
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
@@ -74,8 +82,13 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
     side = np.where(table["name"].str.contains("left"), -50.0, np.where(table["name"].str.contains("right"), 50.0, 0.0))
     spine = table["name"].map(vertebra_rank).astype(float)
     height = np.where(spine.notna(), -30.0 * spine, 0.0)
-    geometry = {"centroid_x_mm": side, "centroid_y_mm": 0.0, "centroid_z_mm": height, "second_piece_ml": 0.0,
-                "sform_qform_mm": 0.0}
+    geometry = {
+        "centroid_x_mm": side,
+        "centroid_y_mm": 0.0,
+        "centroid_z_mm": height,
+        "second_piece_ml": 0.0,
+        "sform_qform_mm": 0.0,
+    }
     for subject, age in zip(subjects, ages):
         status = ScanStatus(subject, "measure")
         if subject in failed:
@@ -85,25 +98,36 @@ def write_study(folder: Path, n: int, seed: int = 0) -> Path:
         else:
             n_voxels = (base_volume * (1 + 0.002 * (age - 50)) * rng.lognormal(0, 0.1, len(table)) * 1000).astype(int)
             hu = base_hu - 0.5 * (age - 50) + rng.normal(0, 20, len(table))
-            reason = np.where(rng.random(len(table)) < 0.05, "absent",
-                              np.where(rng.random(len(table)) < 0.05, "cut_off", ""))
-            frame = pd.DataFrame({
-                "structure": table["name"], "label": table["label"], "group": table["group"],
-                "n_voxels": np.where(reason == "absent", 0, n_voxels),
-                "volume_ml": np.where(reason == "", n_voxels / 1000.0, np.nan),
-                "hu_mean": np.where(reason == "absent", np.nan, hu),
-                "hu_median": np.where(reason == "absent", np.nan, hu + 1),
-                "hu_std": np.where(reason == "absent", np.nan, 30.0),
-                "hu_mean_eroded": np.where(reason == "absent", np.nan, hu + 2),
-                "complete": pd.array(np.where(reason == "absent", None, reason != "cut_off"), dtype="boolean"),
-                "exclusion_reason": reason,
-            })
+            reason = np.where(
+                rng.random(len(table)) < 0.05, "absent", np.where(rng.random(len(table)) < 0.05, "cut_off", "")
+            )
+            frame = pd.DataFrame(
+                {
+                    "structure": table["name"],
+                    "label": table["label"],
+                    "group": table["group"],
+                    "n_voxels": np.where(reason == "absent", 0, n_voxels),
+                    "volume_ml": np.where(reason == "", n_voxels / 1000.0, np.nan),
+                    "hu_mean": np.where(reason == "absent", np.nan, hu),
+                    "hu_median": np.where(reason == "absent", np.nan, hu + 1),
+                    "hu_std": np.where(reason == "absent", np.nan, 30.0),
+                    "hu_mean_eroded": np.where(reason == "absent", np.nan, hu + 2),
+                    "complete": pd.array(np.where(reason == "absent", None, reason != "cut_off"), dtype="boolean"),
+                    "exclusion_reason": reason,
+                }
+            )
             write_measurements(frame, measure / f"{subject}.tsv")
             # what the measuring job writes beside the table (the preview as the placeholder pixel)
-            faces = pd.DataFrame({"structure": table["name"], "label": table["label"],
-                                  "cut_faces": np.where(reason == "cut_off", "z+", ""),
-                                  "cranial_vertebra": "vertebrae_T12", "caudal_vertebra": "vertebrae_L5",
-                                  **geometry})
+            faces = pd.DataFrame(
+                {
+                    "structure": table["name"],
+                    "label": table["label"],
+                    "cut_faces": np.where(reason == "cut_off", "z+", ""),
+                    "cranial_vertebra": "vertebrae_T12",
+                    "caudal_vertebra": "vertebrae_L5",
+                    **geometry,
+                }
+            )
             write_qc(ScanQC(faces[QC_COLUMNS], None), qc / f"{subject}.tsv", qc / f"{subject}.png")
         status.write(measure / f"{subject}.status.json")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -150,16 +174,21 @@ def main() -> None:
             size_mb = (folder / "results" / "report.html").stat().st_size / 1e6
             rows.append((n, run, report, size_mb))
             per_rule.append(rule_seconds(folder))
-            print(f"  {n} scans: cohort rules {run:.1f} s ({', '.join(jobs)}), report {report:.1f} s, "
-                  f"report {size_mb:.1f} MB", flush=True)
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2  # kB on Linux
+            print(
+                f"  {n} scans: cohort rules {run:.1f} s ({', '.join(jobs)}), report {report:.1f} s, "
+                f"report {size_mb:.1f} MB",
+                flush=True,
+            )
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # kB on Linux
     print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print(f"{'scans':>8} {'cohort rules s':>15} {'report s':>9} {'report MB':>10}")
     for n, run, report, size_mb in rows:
         print(f"{n:>8} {run:>15.1f} {report:>9.1f} {size_mb:>10.1f}")
     (small, run_small, *_), (large, run_large, *_) = rows
-    print(f"cohort rules per scan, {large} vs {small} scans: {(run_large / large) / (run_small / small):.2f}x "
-          "(1.0: linear; Snakemake's start-up favours the larger cohort)")
+    print(
+        f"cohort rules per scan, {large} vs {small} scans: {(run_large / large) / (run_small / small):.2f}x "
+        "(1.0: linear; Snakemake's start-up favours the larger cohort)"
+    )
     print(f"peak memory of the largest process: {peak_gb:.2f} GB")
     print(f"\nseconds per rule (two jobs at a time on --cores 2; longest at {large} scans first)")
     print(f"{'rule':32s} {small:>8d} {large:>8d}")

@@ -39,17 +39,21 @@ def main() -> None:
     start = time.perf_counter()
     result = ct_age(measurements, selection, settings)
     seconds = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # kB on Linux
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
     table = result.table.set_index("subject")
     trained = table[table["trained"]]
     accelerated = planted.reindex(trained.index) > 0
     gap = trained["age_gap_corrected"]
     print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
-    print(f"{args.scans} scans ({int(table['trained'].sum())} patients) x 104 structures x {len(settings.measures)} "
-          f"measures: {seconds:.1f} s, peak memory {peak_gb:.2f} GB (the whole process, table included)")
+    print(
+        f"{args.scans} scans ({int(table['trained'].sum())} patients) x 104 structures x {len(settings.measures)} "
+        f"measures: {seconds:.1f} s, peak memory {peak_gb:.2f} GB (the whole process, table included)"
+    )
     print(result.summary[["features", "n_scans", "model", "mae", "r2", "bias_slope"]].to_string(index=False))
-    print(f"planted +10 years: difference of mean corrected gaps {gap[accelerated].mean() - gap[~accelerated].mean():.2f}"
-          f" years; MAE of the others {(trained['predicted_age'] - trained['age'])[~accelerated].abs().mean():.2f} years")
+    print(
+        f"planted +10 years: difference of mean corrected gaps {gap[accelerated].mean() - gap[~accelerated].mean():.2f}"
+        f" years; MAE of the others {(trained['predicted_age'] - trained['age'])[~accelerated].abs().mean():.2f} years"
+    )
     assert ALL in set(result.summary["features"])
 
 

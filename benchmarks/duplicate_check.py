@@ -43,9 +43,14 @@ def write_cohort(folder: Path, n: int, same_size: bool) -> tuple[pd.DataFrame, i
         content = rng.bytes(2000)
         (folder / "dicom_a" / f"IM{k:04d}.dcm").write_bytes(content)
         (folder / "dicom_b" / f"{1000 - k:08d}").write_bytes(content)
-    rows += [("dup1", str(scans / "copy1.nii.gz")), ("dup2", str(scans / "copy2.nii.gz")),
-             ("dup3", str(scans / "link3.nii.gz")), ("dup4", f"{scans}/../scans/s00004.nii.gz"),
-             ("dicom1", str(folder / "dicom_a")), ("dicom2", str(folder / "dicom_b"))]
+    rows += [
+        ("dup1", str(scans / "copy1.nii.gz")),
+        ("dup2", str(scans / "copy2.nii.gz")),
+        ("dup3", str(scans / "link3.nii.gz")),
+        ("dup4", f"{scans}/../scans/s00004.nii.gz"),
+        ("dicom1", str(folder / "dicom_a")),
+        ("dicom2", str(folder / "dicom_b")),
+    ]
     sheet = pd.DataFrame(rows, columns=["subject", "ct"]).set_index("subject", drop=False)
     return sheet, 5
 
@@ -58,8 +63,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         sheet, planted = write_cohort(Path(tmp), args.n, args.same_size)
-        print(f"{platform.node()}: {len(sheet)} rows ({args.n} distinct files{', one size' if args.same_size else ''}"
-              f" + {planted} duplicates), {os.cpu_count()} CPUs")
+        print(
+            f"{platform.node()}: {len(sheet)} rows ({args.n} distinct files{', one size' if args.same_size else ''}"
+            f" + {planted} duplicates), {os.cpu_count()} CPUs"
+        )
         for attempt in ("first call", "second call"):
             start = time.perf_counter()
             groups = find_duplicate_scans(sheet)

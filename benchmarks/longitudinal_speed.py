@@ -28,20 +28,35 @@ MEASURES = ["volume_ml", "hu_mean", "hu_mean_eroded"]
 
 def synthetic_cohort(patients: int, structures: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    counts = np.where(rng.random(patients) < 0.3, rng.choice([2, 3, 4, 5, 6], patients, p=[.5, .25, .1, .1, .05]), 1)
+    counts = np.where(
+        rng.random(patients) < 0.3, rng.choice([2, 3, 4, 5, 6], patients, p=[0.5, 0.25, 0.1, 0.1, 0.05]), 1
+    )
     patient = np.repeat(np.arange(patients), counts)
     time_ = np.concatenate([np.sort(np.r_[0.0, rng.uniform(0.2, 8, c - 1)]) for c in counts])
     baseline, sex = rng.uniform(20, 90, patients), rng.choice(["F", "M"], patients)
-    scans = pd.DataFrame({"subject": [f"s{i:06d}" for i in range(len(patient))],
-                          "patient": [f"p{p:05d}" for p in patient], "age": baseline[patient] + time_,
-                          "sex": sex[patient], "contrast": rng.integers(0, 2, len(patient))})
+    scans = pd.DataFrame(
+        {
+            "subject": [f"s{i:06d}" for i in range(len(patient))],
+            "patient": [f"p{p:05d}" for p in patient],
+            "age": baseline[patient] + time_,
+            "sex": sex[patient],
+            "contrast": rng.integers(0, 2, len(patient)),
+        }
+    )
     tables = []
     for k in range(structures):
         values = {}
         for measure in MEASURES:
             intercept, slope = rng.normal(0, 20, patients), rng.normal(0, 1, patients)
-            values[measure] = (100 + 0.3 * baseline[patient] + (2 + slope[patient]) * time_ + intercept[patient]
-                               + 5 * (sex[patient] == "M") + 8 * scans["contrast"] + rng.normal(0, 10, len(patient)))
+            values[measure] = (
+                100
+                + 0.3 * baseline[patient]
+                + (2 + slope[patient]) * time_
+                + intercept[patient]
+                + 5 * (sex[patient] == "M")
+                + 8 * scans["contrast"]
+                + rng.normal(0, 10, len(patient))
+            )
         tables.append(scans.assign(structure=f"structure_{k:03d}", group="organ", **values))
     return pd.concat(tables, ignore_index=True)
 
@@ -68,15 +83,18 @@ def one_fit(measurements: pd.DataFrame, repeats: int) -> None:
     print(f"one fit: {len(starts)} patients, {len(y)} scans")
     print(f"{'random effects':<22}{'ctcohort s':>12}{'statsmodels s':>15}{'within ctcohort':>17}{'statsmodels':>13}")
     for slope in (False, True):
-        (fit, used, _), ours = timed(lambda: fit_mixed_model(X, y, t, starts, slope), repeats)
+        (fit, used, _), ours = timed(lambda slope=slope: fit_mixed_model(X, y, t, starts, slope), repeats)
         exog_re = np.column_stack([np.ones(len(y)), t]) if slope else np.ones((len(y), 1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reference, theirs = timed(lambda: MixedLM(y, X, groups=patient, exog_re=exog_re).fit(
-                reml=True, method="lbfgs"), 1)
+            reference, theirs = timed(
+                lambda exog_re=exog_re: MixedLM(y, X, groups=patient, exog_re=exog_re).fit(reml=True, method="lbfgs"), 1
+            )
         name = "intercept + slope" if slope else "intercept"
-        print(f"{name:<22}{ours:>12.4f}{theirs:>15.2f}{fit.beta[1]:>17.5f}{reference.fe_params[1]:>13.5f}"
-              f"{'' if reference.converged else '  (statsmodels: not converged)'}")
+        print(
+            f"{name:<22}{ours:>12.4f}{theirs:>15.2f}{fit.beta[1]:>17.5f}{reference.fe_params[1]:>13.5f}"
+            f"{'' if reference.converged else '  (statsmodels: not converged)'}"
+        )
 
 
 def main() -> None:
@@ -89,13 +107,17 @@ def main() -> None:
     measurements = synthetic_cohort(args.patients, args.structures)
     scans = measurements.drop_duplicates("subject")
     repeated = scans.groupby("patient")["subject"].transform("size") >= 2
-    print(f"cohort: {len(scans)} scans of {scans['patient'].nunique()} patients; "
-          f"{scans.loc[repeated, 'patient'].nunique()} patients with 2+ scans hold {int(repeated.sum())} scans")
+    print(
+        f"cohort: {len(scans)} scans of {scans['patient'].nunique()} patients; "
+        f"{scans.loc[repeated, 'patient'].nunique()} patients with 2+ scans hold {int(repeated.sum())} scans"
+    )
     one_fit(measurements, args.repeats)
     table, seconds = timed(lambda: longitudinal_table(measurements, MEASURES, ["sex", "contrast"]), 1)
-    print(f"table: {len(table)} rows ({int((table['note'] == '').sum())} tested, "
-          f"{int(table['random_slope'].sum())} with a random slope) in {seconds:.1f} s "
-          f"({1000 * seconds / len(table):.0f} ms a row)")
+    print(
+        f"table: {len(table)} rows ({int((table['note'] == '').sum())} tested, "
+        f"{int(table['random_slope'].sum())} with a random slope) in {seconds:.1f} s "
+        f"({1000 * seconds / len(table):.0f} ms a row)"
+    )
 
 
 if __name__ == "__main__":

@@ -72,13 +72,18 @@ COARSENING = 2
 
 # --------------------------------------------------------------------------- synthetic scan
 
+
 def _structure_intensities(table: pd.DataFrame, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Mean HU and noise SD per label id, by anatomical group (lungs are air-filled)."""
     size = int(table["label"].max()) + 1
     mean_hu = np.zeros(size, dtype=np.float32)
     noise_hu = np.zeros(size, dtype=np.float32)
-    ranges = {"organ": (20, 70, 12, 25), "bone": (250, 800, 40, 120), "muscle": (35, 60, 12, 25),
-              "vessel": (150, 320, 15, 30)}
+    ranges = {
+        "organ": (20, 70, 12, 25),
+        "bone": (250, 800, 40, 120),
+        "muscle": (35, 60, 12, 25),
+        "vessel": (150, 320, 15, 30),
+    }
     for label, name, group in table[["label", "name", "group"]].itertuples(index=False):
         low, high, noise_low, noise_high = ranges.get(group, (20, 70, 12, 25))
         if name.startswith("lung") or name == "trachea":
@@ -215,13 +220,28 @@ def commands(ct: Path, seg: Path, workdir: Path, totalsegmentator: Path | None) 
     methods = {
         "nibabel read (dataobj)": ([python, "-c", READ_DATAOBJ, str(ct), str(seg)], env),
         "nibabel read (get_fdata)": ([python, "-c", READ_FDATA, str(ct), str(seg)], env),
-        "ctcohort measure": ([python, "-m", "ctcohort", "measure", "--ct", str(ct), "--seg", str(seg),
-                              "-o", str(workdir / "ctcohort.tsv")], env),
+        "ctcohort measure": (
+            [
+                python,
+                "-m",
+                "ctcohort",
+                "measure",
+                "--ct",
+                str(ct),
+                "--seg",
+                str(seg),
+                "-o",
+                str(workdir / "ctcohort.tsv"),
+            ],
+            env,
+        ),
     }
     if totalsegmentator is not None:
         ts_env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(totalsegmentator), env.get("PYTHONPATH")])))
         methods["TotalSegmentator"] = (
-            [python, "-c", TOTALSEGMENTATOR, str(ct), str(seg), str(workdir / "totalsegmentator.json")], ts_env)
+            [python, "-c", TOTALSEGMENTATOR, str(ct), str(seg), str(workdir / "totalsegmentator.json")],
+            ts_env,
+        )
     return methods
 
 
@@ -248,11 +268,14 @@ def find_totalsegmentator(folder: Path | None) -> tuple[Path | None, str]:
         return folder, ""
     if importlib.util.find_spec("totalsegmentator") is not None:
         return Path(importlib.util.find_spec("totalsegmentator").origin).parent.parent, ""
-    return None, ("TotalSegmentator not installed: not timed (pip install --no-deps --target DIR totalsegmentator; "
-                  "--totalsegmentator DIR)")
+    return None, (
+        "TotalSegmentator not installed: not timed (pip install --no-deps --target DIR totalsegmentator; "
+        "--totalsegmentator DIR)"
+    )
 
 
 # --------------------------------------------------------------------------- checking and reporting
+
 
 def disagreements(ours: pd.DataFrame, theirs: dict) -> list[str]:
     """Where ctcohort and TotalSegmentator differ on what both measure, one line each.
@@ -265,8 +288,10 @@ def disagreements(ours: pd.DataFrame, theirs: dict) -> list[str]:
         stats = theirs[row.structure]
         excluded = row.n_voxels == 0 or not row.complete
         if excluded != (stats["volume"] == 0):
-            problems.append(f"{row.structure}: TotalSegmentator volume {stats['volume']}, ctcohort "
-                            f"n_voxels {row.n_voxels}, complete {row.complete}")
+            problems.append(
+                f"{row.structure}: TotalSegmentator volume {stats['volume']}, ctcohort "
+                f"n_voxels {row.n_voxels}, complete {row.complete}"
+            )
         elif not excluded:
             if not np.isclose(row.volume_ml * 1000, stats["volume"], rtol=VOLUME_RTOL, atol=0):
                 problems.append(f"{row.structure}: volume {stats['volume']} mm3 vs {row.volume_ml} ml")
@@ -285,8 +310,10 @@ def _load_average() -> str:
 def _versions() -> str:
     import isal
 
-    return (f"python {platform.python_version()}, numpy {np.__version__}, nibabel {nib.__version__}, "
-            f"pandas {pd.__version__}, isal {isal.__version__}")
+    return (
+        f"python {platform.python_version()}, numpy {np.__version__}, nibabel {nib.__version__}, "
+        f"pandas {pd.__version__}, isal {isal.__version__}"
+    )
 
 
 def main(argv=None) -> int:
@@ -295,8 +322,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the processes (default 3)")
     parser.add_argument("--workdir", type=Path, help="write the scan here and keep it (default: a temporary dir)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--totalsegmentator", type=Path, metavar="DIR",
-                        help="folder holding the totalsegmentator package (pip install --no-deps --target DIR)")
+    parser.add_argument(
+        "--totalsegmentator",
+        type=Path,
+        metavar="DIR",
+        help="folder holding the totalsegmentator package (pip install --no-deps --target DIR)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -304,8 +335,7 @@ def main(argv=None) -> int:
     totalsegmentator, missing = find_totalsegmentator(args.totalsegmentator)
 
     print(_versions())
-    print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {_load_average()} at start")
+    print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, load average {_load_average()} at start")
     if missing:
         print(missing)
 
@@ -317,9 +347,11 @@ def main(argv=None) -> int:
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             facts = pool.submit(write_synthetic_scan, ct_path, seg_path, shape, args.seed).result()
         size_mb = (ct_path.stat().st_size + seg_path.stat().st_size) / 1e6
-        print(f"scan {shape[0]}x{shape[1]}x{shape[2]} at {'x'.join(map(str, SPACING_MM))} mm, seed {args.seed}: "
-              f"{facts['labels_present']} labels present, {facts['labelled_fraction']:.1%} of voxels labelled, "
-              f"{size_mb:.0f} MB on disk (generated in {facts['seconds']:.0f} s)")
+        print(
+            f"scan {shape[0]}x{shape[1]}x{shape[2]} at {'x'.join(map(str, SPACING_MM))} mm, seed {args.seed}: "
+            f"{facts['labels_present']} labels present, {facts['labelled_fraction']:.1%} of voxels labelled, "
+            f"{size_mb:.0f} MB on disk (generated in {facts['seconds']:.0f} s)"
+        )
 
         methods = commands(ct_path, seg_path, workdir, totalsegmentator)
         names = list(methods)
@@ -329,27 +361,37 @@ def main(argv=None) -> int:
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 runs[name].append(run_process(*methods[name]))
-            print(f"  round {round_index + 1}/{args.repeats}: "
-                  + ", ".join(f"{name} {runs[name][-1]['wall']:.2f} s" for name in names), flush=True)
+            print(
+                f"  round {round_index + 1}/{args.repeats}: "
+                + ", ".join(f"{name} {runs[name][-1]['wall']:.2f} s" for name in names),
+                flush=True,
+            )
         ours = read_measurements(workdir / "ctcohort.tsv")
-        theirs = (json.loads((workdir / "totalsegmentator.json").read_text())
-                  if "TotalSegmentator" in methods else None)
+        theirs = json.loads((workdir / "totalsegmentator.json").read_text()) if "TotalSegmentator" in methods else None
 
-    median = {name: {key: float(np.median([run[key] for run in values])) for key in ("wall", "cpu", "rss")}
-              for name, values in runs.items()}
+    median = {
+        name: {key: float(np.median([run[key] for run in values])) for key in ("wall", "cpu", "rss")}
+        for name, values in runs.items()
+    }
     print()
     print(f"{'process':<26}{'median s':>10}{'min s':>9}{'max s':>9}{'CPU s':>9}{'peak MB':>9}")
     for name in names:
         walls = [run["wall"] for run in runs[name]]
-        print(f"{name:<26}{median[name]['wall']:>10.2f}{min(walls):>9.2f}{max(walls):>9.2f}"
-              f"{median[name]['cpu']:>9.2f}{median[name]['rss']:>9.0f}")
+        print(
+            f"{name:<26}{median[name]['wall']:>10.2f}{min(walls):>9.2f}{max(walls):>9.2f}"
+            f"{median[name]['cpu']:>9.2f}{median[name]['rss']:>9.0f}"
+        )
     print()
     wall = {name: median[name]["wall"] for name in names}
     ctcohort, read = wall["ctcohort measure"], wall["nibabel read (dataobj)"]
     if theirs is not None:
-        print(f"TotalSegmentator / ctcohort measure        : {wall['TotalSegmentator'] / ctcohort:6.1f}x  (target >= 50x)")
-        print(f"TotalSegmentator / nibabel read (dataobj)  : {wall['TotalSegmentator'] / read:6.1f}x  "
-              "(what reading alone allows)")
+        print(
+            f"TotalSegmentator / ctcohort measure        : {wall['TotalSegmentator'] / ctcohort:6.1f}x  (target >= 50x)"
+        )
+        print(
+            f"TotalSegmentator / nibabel read (dataobj)  : {wall['TotalSegmentator'] / read:6.1f}x  "
+            "(what reading alone allows)"
+        )
     print(f"ctcohort measure / nibabel read (dataobj)  : {ctcohort / read:6.2f}x  (target <= 1.5x)")
     print(f"ctcohort measure / nibabel read (get_fdata): {ctcohort / wall['nibabel read (get_fdata)']:6.2f}x")
     # Other work on the machine inflates the timings; the load average shows whether there was any.
@@ -366,8 +408,10 @@ def main(argv=None) -> int:
             print(f"  {line}")
         return 1
     measured = sum(1 for stats in theirs.values() if stats["volume"] > 0)
-    print(f"ctcohort and TotalSegmentator agree on all {len(ours)} structures (border exclusions; volume within "
-          f"rtol {VOLUME_RTOL:g} and mean HU within {HU_ATOL:g} for the {measured} both measure)")
+    print(
+        f"ctcohort and TotalSegmentator agree on all {len(ours)} structures (border exclusions; volume within "
+        f"rtol {VOLUME_RTOL:g} and mean HU within {HU_ATOL:g} for the {measured} both measure)"
+    )
     return 0
 
 

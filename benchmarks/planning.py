@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from snakemake_runs import REPO, timed_snakemake
 
 
@@ -60,8 +59,10 @@ def main() -> None:
     for n in args.sizes:
         print(f"{n:>8} {median[n]:>10.1f} {1000 * median[n] / n:>12.2f}")
     small, large = args.sizes
-    print(f"per-scan time {large} vs {small} scans: {(median[large] / large) / (median[small] / small):.2f}x "
-          "(1.0: linear; includes Snakemake's fixed start-up, which favours the larger cohort)")
+    print(
+        f"per-scan time {large} vs {small} scans: {(median[large] / large) / (median[small] / small):.2f}x "
+        "(1.0: linear; includes Snakemake's fixed start-up, which favours the larger cohort)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import time
 
 import numpy as np
-
 from measure_speed import SPACING_MM, STRUCTURE_TABLE, make_synthetic_scan
 
 from ctcohort.measure import measure_structures, voxel_volume_ml
@@ -37,14 +36,15 @@ def main(argv=None) -> int:
     present = measured["n_voxels"].to_numpy() > 0
     steps = {
         "measure": lambda: measure_structures(hu, labels, voxel_volume_ml(affine), table),
-        "geometry": lambda: structure_geometry(labels, affine, measured["label"].to_numpy(),
-                                               measured["structure"].to_numpy(), present),
+        "geometry": lambda: structure_geometry(
+            labels, affine, measured["label"].to_numpy(), measured["structure"].to_numpy(), present
+        ),
         "QC without preview": lambda: scan_qc(hu, labels, affine, measured, QCSettings(preview_width=None)),
         "QC with preview": lambda: scan_qc(hu, labels, affine, measured, QCSettings()),
     }
     times = {name: [] for name in steps}
     for round_ in range(args.repeats):
-        names = list(steps)[round_ % len(steps):] + list(steps)[:round_ % len(steps)]
+        names = list(steps)[round_ % len(steps) :] + list(steps)[: round_ % len(steps)]
         for name in names:
             start = time.perf_counter()
             steps[name]()

@@ -7,7 +7,8 @@ opens it from disk and reads the browser's own timings: first-contentful-paint (
 DOMContentLoaded and load (the navigation entry; lazy images outside the viewport do not hold up load). Then
 scrolls to the bottom, one viewport per animation frame (at most 200 frames: longer pages take longer steps, each
 onto cards not drawn yet), and reports the frames' mean and longest interval (about 17 ms where nothing lags);
-jumps back to the top and to the bottom, and filters by one flag. Loads are repeated (--repeats) and the median reported.
+jumps back to the top and to the bottom, and filters by one flag. Loads are repeated (--repeats) and the median
+reported.
 
 Run:  python benchmarks/review_page.py [--n 100 10000] [--repeats 3] [--workdir DIR]
 """
@@ -30,10 +31,30 @@ from ctcohort.review_page import write_review_page
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from browser import missing_browser, start_chromium  # noqa: E402
 
-FLAGS = ["cut_off", "implausible_volume", "implausible_hu", "laterality", "vertebra_order", "fragments",
-         "volume_outlier"]
-STRUCTURES = ["liver", "spleen", "kidney_left", "kidney_right", "pancreas", "aorta", "lung_upper_lobe_left",
-              "vertebrae_L1", "vertebrae_L2", "gallbladder", "stomach", "urinary_bladder", ""]
+FLAGS = [
+    "cut_off",
+    "implausible_volume",
+    "implausible_hu",
+    "laterality",
+    "vertebra_order",
+    "fragments",
+    "volume_outlier",
+]
+STRUCTURES = [
+    "liver",
+    "spleen",
+    "kidney_left",
+    "kidney_right",
+    "pancreas",
+    "aorta",
+    "lung_upper_lobe_left",
+    "vertebrae_L1",
+    "vertebrae_L2",
+    "gallbladder",
+    "stomach",
+    "urinary_bladder",
+    "",
+]
 
 # the paint entry may come a frame after load: wait for it (null after 10 s)
 FIRST_RENDER = """const done = arguments[arguments.length - 1];
@@ -79,11 +100,19 @@ def write_cohort(folder: Path, n: int) -> Path:
     for subject, fail in zip(subjects, failed):
         if not fail:
             os.link(folder / "preview.png", folder / f"{subject}.png")
-    scans = pd.DataFrame({"subject": subjects, "score": scores,
-                          "preview": ["" if f else f"{s}.png" for s, f in zip(subjects, failed)],
-                          "status": ["failed at segment: synthetic" if f else "" for f in failed]})
-    flags = [(s, rng.choice(STRUCTURES), rng.choice(FLAGS), f"robust z = {rng.normal(0, 3):.1f}")
-             for s in subjects for _ in range(rng.integers(0, 5))]
+    scans = pd.DataFrame(
+        {
+            "subject": subjects,
+            "score": scores,
+            "preview": ["" if f else f"{s}.png" for s, f in zip(subjects, failed)],
+            "status": ["failed at segment: synthetic" if f else "" for f in failed],
+        }
+    )
+    flags = [
+        (s, rng.choice(STRUCTURES), rng.choice(FLAGS), f"robust z = {rng.normal(0, 3):.1f}")
+        for s in subjects
+        for _ in range(rng.integers(0, 5))
+    ]
     path = folder / "review.html"
     start = time.perf_counter()
     write_review_page(scans, pd.DataFrame(flags, columns=["subject", "structure", "flag", "detail"]), path)
@@ -101,11 +130,20 @@ def measure(driver, page: Path, repeats: int) -> dict[str, float]:
     gaps = driver.execute_async_script(SCROLL_DOWN, MAX_FRAMES)[1:]
     to_top, to_bottom = (driver.execute_async_script(JUMP, down) for down in (False, True))
     filter_ms, shown = driver.execute_script(FILTER, "volume_outlier")
-    return {"HTML size (MB)": page.stat().st_size / 1e6, "first-contentful-paint (ms)": fcp,
-            "DOMContentLoaded (ms; keys, filters work)": dcl, "load (ms)": load, "scroll to the bottom (s)": sum(gaps) / 1000,
-            "  frames": len(gaps), "  mean frame (ms)": statistics.mean(gaps), "  longest frame (ms)": max(gaps),
-            "jump to the top (ms)": to_top, "jump to the bottom (ms)": to_bottom,
-            "filter by one flag (ms)": filter_ms, "  cards shown": int(shown)}
+    return {
+        "HTML size (MB)": page.stat().st_size / 1e6,
+        "first-contentful-paint (ms)": fcp,
+        "DOMContentLoaded (ms; keys, filters work)": dcl,
+        "load (ms)": load,
+        "scroll to the bottom (s)": sum(gaps) / 1000,
+        "  frames": len(gaps),
+        "  mean frame (ms)": statistics.mean(gaps),
+        "  longest frame (ms)": max(gaps),
+        "jump to the top (ms)": to_top,
+        "jump to the bottom (ms)": to_bottom,
+        "filter by one flag (ms)": filter_ms,
+        "  cards shown": int(shown),
+    }
 
 
 def main() -> None:

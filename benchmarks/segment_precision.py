@@ -34,12 +34,17 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}, AMX {torch.cpu._is_amx_tile_supported()}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}, AMX {torch.cpu._is_amx_tile_supported()}"
+    )
     table = load_structure_table("total_v1")
-    segmenters = {precision: Segmenter(None, table, settings=SegmentationSettings(device="cpu", threads=args.threads,
-                                                                                  precision=precision))
-                  for precision in ("float32", "bfloat16")}
+    segmenters = {
+        precision: Segmenter(
+            None, table, settings=SegmentationSettings(device="cpu", threads=args.threads, precision=precision)
+        )
+        for precision in ("float32", "bfloat16")
+    }
     times = {precision: [] for precision in segmenters}
     dice = {precision: [] for precision in segmenters}
     agreement = []
@@ -59,14 +64,19 @@ def main() -> None:
                 metrics = surface_metrics(labels[precision], truth, voxel_spacing_mm(ct.affine), table)
                 dice[precision].append(metrics.set_index("structure")["dice"])
             agreement.append(float(np.mean(labels["float32"] == labels["bfloat16"])))
-            print(f"scan {i + 1}: float32 {times['float32'][-1]:.1f} s, bfloat16 {times['bfloat16'][-1]:.1f} s, "
-                  f"labels equal on {agreement[-1]:.5%} of voxels")
+            print(
+                f"scan {i + 1}: float32 {times['float32'][-1]:.1f} s, bfloat16 {times['bfloat16'][-1]:.1f} s, "
+                f"labels equal on {agreement[-1]:.5%} of voxels"
+            )
     print("\n| precision | median s/scan | lowest mean Dice per structure |\n| --- | --- | --- |")
     for precision in segmenters:
         per_structure = pd.concat(dice[precision], axis=1).mean(axis=1)  # NaN where no scan has the structure
         print(f"| {precision} | {statistics.median(times[precision]):.2f} | {per_structure.min():.4f} |")
-    print(f"\nfloat32 / bfloat16 time: {statistics.median(times['float32']) / statistics.median(times['bfloat16']):.2f}x; "
-          f"labels equal on {min(agreement):.5%} of voxels at least")
+    print(
+        f"\nfloat32 / bfloat16 time: "
+        f"{statistics.median(times['float32']) / statistics.median(times['bfloat16']):.2f}x; "
+        f"labels equal on {min(agreement):.5%} of voxels at least"
+    )
 
 
 if __name__ == "__main__":

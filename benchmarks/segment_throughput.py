@@ -73,8 +73,15 @@ CONFIGURATION = "3d_fullres"
 FIRST_DATASET_ID = 800  # parts are Dataset801_..., not TotalSegmentator's ids (whose label tables are built in)
 # Foreground intensities of a CT dataset, as nnU-Net's fingerprint stores them (CT normalisation clips
 # to the 0.5/99.5 percentiles and standardises with mean and std).
-CT_INTENSITIES = {"max": 3071.0, "mean": 95.3, "median": 67.0, "min": -1024.0,
-                  "percentile_00_5": -958.0, "percentile_99_5": 1283.0, "std": 312.4}
+CT_INTENSITIES = {
+    "max": 3071.0,
+    "mean": 95.3,
+    "median": 67.0,
+    "min": -1024.0,
+    "percentile_00_5": -958.0,
+    "percentile_99_5": 1283.0,
+    "std": 312.4,
+}
 
 
 def parse_args(argv=None):
@@ -82,8 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scans", type=int, default=3)
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 450], metavar=("X", "Y", "Z"))
-    p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0], metavar=("X", "Y", "Z"),
-                   help="CT voxel size in mm")
+    p.add_argument(
+        "--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0], metavar=("X", "Y", "Z"), help="CT voxel size in mm"
+    )
     p.add_argument("--parts", type=int, default=5)
     p.add_argument("--classes", type=int, default=21, help="labels per part (background not counted)")
     p.add_argument("--patch", type=int, default=128, help="cubic patch edge, voxels")
@@ -102,6 +110,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 # Synthetic model
 # ---------------------------------------------------------------------------------------------------
+
 
 def make_plans(args, dataset_name: str) -> dict:
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
@@ -123,44 +132,47 @@ def make_plans(args, dataset_name: str) -> dict:
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {"0": dict(CT_INTENSITIES)},
-        "configurations": {CONFIGURATION: {
-            "data_identifier": f"{PLANS}_{CONFIGURATION}",
-            "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": 2,
-            "patch_size": [int(x) for x in patch],
-            "median_image_size_in_voxels": [float(x) for x in median],
-            "spacing": spacing,
-            "normalization_schemes": ["CTNormalization"],
-            "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": resampling,
-            "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
-            "architecture": {
-                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                "arch_kwargs": {
-                    "n_stages": n_stages,
-                    "features_per_stage": [min(args.features_max, args.base_features * 2 ** i)
-                                           for i in range(n_stages)],
-                    "conv_op": "torch.nn.modules.conv.Conv3d",
-                    "kernel_sizes": [list(k) for k in kernels],
-                    "strides": [list(s) for s in strides],
-                    "n_conv_per_stage": [2] * n_stages,
-                    "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-                    "conv_bias": True,
-                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                    "dropout_op": None,
-                    "dropout_op_kwargs": None,
-                    "nonlin": "torch.nn.LeakyReLU",
-                    "nonlin_kwargs": {"inplace": True},
+        "configurations": {
+            CONFIGURATION: {
+                "data_identifier": f"{PLANS}_{CONFIGURATION}",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": [int(x) for x in patch],
+                "median_image_size_in_voxels": [float(x) for x in median],
+                "spacing": spacing,
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": resampling,
+                "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": {
+                        "n_stages": n_stages,
+                        "features_per_stage": [
+                            min(args.features_max, args.base_features * 2**i) for i in range(n_stages)
+                        ],
+                        "conv_op": "torch.nn.modules.conv.Conv3d",
+                        "kernel_sizes": [list(k) for k in kernels],
+                        "strides": [list(s) for s in strides],
+                        "n_conv_per_stage": [2] * n_stages,
+                        "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+                        "conv_bias": True,
+                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+                        "dropout_op": None,
+                        "dropout_op_kwargs": None,
+                        "nonlin": "torch.nn.LeakyReLU",
+                        "nonlin_kwargs": {"inplace": True},
+                    },
+                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
                 },
-                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-            },
-            "batch_dice": False,
-        }},
+                "batch_dice": False,
+            }
+        },
     }
 
 
@@ -171,8 +183,9 @@ def build_network(plans: dict, dataset_json: dict):
     plans_manager = PlansManager(plans)
     configuration = plans_manager.get_configuration(CONFIGURATION)
     heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(plans_manager, configuration, 1, heads,
-                                                    enable_deep_supervision=False)
+    return nnUNetTrainer.build_network_architecture(
+        plans_manager, configuration, 1, heads, enable_deep_supervision=False
+    )
 
 
 def write_model(args, model_dir: Path) -> Path:
@@ -186,20 +199,27 @@ def write_model(args, model_dir: Path) -> Path:
         folder = model_dir / dataset_name / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
         (folder / "fold_0").mkdir(parents=True, exist_ok=True)
         names = [f"p{part}_s{k}" for k in range(1, args.classes + 1)]
-        dataset_json = {"channel_names": {"0": "CT"},
-                        "labels": {"background": 0, **{name: k for k, name in enumerate(names, start=1)}},
-                        "numTraining": 1, "file_ending": ".nii.gz", "name": dataset_name}
+        dataset_json = {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, **{name: k for k, name in enumerate(names, start=1)}},
+            "numTraining": 1,
+            "file_ending": ".nii.gz",
+            "name": dataset_name,
+        }
         plans = make_plans(args, dataset_name)
         (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
         (folder / "plans.json").write_text(json.dumps(plans, indent=2))
         network = build_network(plans, dataset_json)
-        torch.save({"network_weights": network.state_dict(),
-                    "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0,
-                                  "dataset_json": dataset_json},
-                    "trainer_name": TRAINER,
-                    "inference_allowed_mirroring_axes": None,
-                    "current_epoch": 0},
-                   folder / "fold_0" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": network.state_dict(),
+                "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0, "dataset_json": dataset_json},
+                "trainer_name": TRAINER,
+                "inference_allowed_mirroring_axes": None,
+                "current_epoch": 0,
+            },
+            folder / "fold_0" / "checkpoint_final.pth",
+        )
         first = (part - 1) * args.classes
         rows += [(first + k, name, "organ") for k, name in enumerate(names, start=1)]
     table = model_dir / "structures.csv"
@@ -212,7 +232,7 @@ def write_scans(args, scan_dir: Path) -> list[Path]:
     scan_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     shape = tuple(args.shape)
-    x, y = np.ogrid[-1:1:shape[0] * 1j, -1:1:shape[1] * 1j]
+    x, y = np.ogrid[-1 : 1 : shape[0] * 1j, -1 : 1 : shape[1] * 1j]
     body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
     spine = (x / 0.08) ** 2 + ((y + 0.35) / 0.08) ** 2 < 1
     slab = np.where(body, 40, -1000).astype(np.int16)
@@ -233,6 +253,7 @@ def write_scans(args, scan_dir: Path) -> list[Path]:
 # Methods
 # ---------------------------------------------------------------------------------------------------
 
+
 def part_folders(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob(f"Dataset*/{TRAINER}__{PLANS}__{CONFIGURATION}"))
 
@@ -250,14 +271,26 @@ def run_anchor(args, device, model_dir: Path, scans: list[Path], out_dir: Path, 
         case_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for i, folder in enumerate(folders):
-            predictor = nnUNetPredictor(tile_step_size=args.tile_step, use_gaussian=True, use_mirroring=False,
-                                        perform_everything_on_device=device.type == "cuda", device=device,
-                                        verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,),
-                                                           checkpoint_name="checkpoint_final.pth")
-            predictor.predict_from_files([[str(scan)]], [str(case_dir / f"part{i + 1}")],
-                                         save_probabilities=False, overwrite=True,
-                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            predictor = nnUNetPredictor(
+                tile_step_size=args.tile_step,
+                use_gaussian=True,
+                use_mirroring=False,
+                perform_everything_on_device=device.type == "cuda",
+                device=device,
+                verbose=False,
+                allow_tqdm=False,
+            )
+            predictor.initialize_from_trained_model_folder(
+                str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth"
+            )
+            predictor.predict_from_files(
+                [[str(scan)]],
+                [str(case_dir / f"part{i + 1}")],
+                save_probabilities=False,
+                overwrite=True,
+                num_processes_preprocessing=1,
+                num_processes_segmentation_export=1,
+            )
             del predictor
         # merge as TotalSegmentator does: each part's labels shifted to the global ids, later parts win
         merged = None
@@ -281,15 +314,21 @@ def run_ctcohort(args, device, model_dir: Path, table_path: Path, scans: list[Pa
     (the next scan read and the last label map written while a scan is segmented). A scan's time is the
     interval between consecutive scans' completion; the last includes waiting for the outstanding writes."""
     import torch
+
     from ctcohort.segment import ScanPipeline, SegmentationSettings, Segmenter
     from ctcohort.structures import load_structure_table
 
     started = time.perf_counter()
     # float32: as the anchor computes on the CPU (a GPU autocasts both alike)
-    settings = SegmentationSettings(device=device.type, tile_step=args.tile_step, mirroring=False,
-                                    threads=args.threads, precision="float32")
-    segmenter = Segmenter(model_dir, load_structure_table(table_path),
-                          task=[FIRST_DATASET_ID + p for p in range(1, args.parts + 1)], settings=settings)
+    settings = SegmentationSettings(
+        device=device.type, tile_step=args.tile_step, mirroring=False, threads=args.threads, precision="float32"
+    )
+    segmenter = Segmenter(
+        model_dir,
+        load_structure_table(table_path),
+        task=[FIRST_DATASET_ID + p for p in range(1, args.parts + 1)],
+        settings=settings,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     load = time.perf_counter() - started
@@ -322,8 +361,13 @@ def warm_up(args, device, model_dir: Path) -> None:
         return
     torch.backends.cudnn.benchmark = True  # what nnUNetPredictor sets on CUDA
     folder = part_folders(model_dir)[0]
-    network = build_network(json.loads((folder / "plans.json").read_text()),
-                            json.loads((folder / "dataset.json").read_text())).to(device).eval()
+    network = (
+        build_network(
+            json.loads((folder / "plans.json").read_text()), json.loads((folder / "dataset.json").read_text())
+        )
+        .to(device)
+        .eval()
+    )
     patch = json.loads((folder / "plans.json").read_text())["configurations"][CONFIGURATION]["patch_size"]
     with torch.no_grad(), torch.autocast(device.type, enabled=True):
         network(torch.zeros((1, 1, *patch), device=device))
@@ -334,17 +378,23 @@ def warm_up(args, device, model_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 
+
 def environment(device) -> list[str]:
-    import nnunetv2  # noqa: F401
-    import torch
     from importlib.metadata import version
 
-    lines = [f"python {platform.python_version()} ({platform.machine()}), torch {torch.__version__}, "
-             f"nnunetv2 {version('nnunetv2')}, CPU cores {os.cpu_count()}"]
+    import nnunetv2  # noqa: F401
+    import torch
+
+    lines = [
+        f"python {platform.python_version()} ({platform.machine()}), torch {torch.__version__}, "
+        f"nnunetv2 {version('nnunetv2')}, CPU cores {os.cpu_count()}"
+    ]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        lines.append(f"device: {torch.cuda.get_device_name(device)} ({props.total_memory / 2 ** 30:.0f} GiB), "
-                     f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+        lines.append(
+            f"device: {torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB), "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
     else:
         lines.append(f"device: cpu (CUDA available: {torch.cuda.is_available()})")
     return lines
@@ -361,9 +411,16 @@ def agreement(workdir: Path, scan: Path) -> float:
 
 def summarise(name: str, load: float, times: list[float], peak) -> dict:
     total = load + sum(times)
-    return {"method": name, "load_s": load, "scan_s": times, "median_s": statistics.median(times),
-            "mean_s": total / len(times), "scans_per_hour": 3600 * len(times) / total,
-            "steady_scans_per_hour": 3600 / statistics.median(times), "peak_gpu_mib": peak}
+    return {
+        "method": name,
+        "load_s": load,
+        "scan_s": times,
+        "median_s": statistics.median(times),
+        "mean_s": total / len(times),
+        "scans_per_hour": 3600 * len(times) / total,
+        "steady_scans_per_hour": 3600 / statistics.median(times),
+        "peak_gpu_mib": peak,
+    }
 
 
 def main(argv=None) -> int:
@@ -376,6 +433,7 @@ def main(argv=None) -> int:
     os.environ["nnUNet_compile"] = "false"  # no torch.compile for either method
 
     import torch
+
     from ctcohort.segment import resolve_device
 
     device = resolve_device(args.device)
@@ -389,9 +447,11 @@ def main(argv=None) -> int:
     for line in environment(device):
         report(line)
     resampled = [round(s * e / args.model_spacing) for s, e in zip(args.spacing, args.shape)]
-    report(f"scans: {args.scans} x {args.shape} voxels of {args.spacing} mm (~{resampled} at "
-           f"{args.model_spacing} mm); model: {args.parts} parts x {args.classes} classes, patch {args.patch}^3, "
-           f"tile step {args.tile_step}, torch threads {args.threads}; workdir {workdir}")
+    report(
+        f"scans: {args.scans} x {args.shape} voxels of {args.spacing} mm (~{resampled} at "
+        f"{args.model_spacing} mm); model: {args.parts} parts x {args.classes} classes, patch {args.patch}^3, "
+        f"tile step {args.tile_step}, torch threads {args.threads}; workdir {workdir}"
+    )
 
     started = time.perf_counter()
     model_dir = workdir / "model"
@@ -399,9 +459,11 @@ def main(argv=None) -> int:
     table = write_model(args, model_dir)
     scans = write_scans(args, workdir / "scans")
     plans = json.loads((part_folders(model_dir)[0] / "plans.json").read_text())["configurations"][CONFIGURATION]
-    report(f"setup {time.perf_counter() - started:.1f} s: patch {plans['patch_size']}, features "
-           f"{plans['architecture']['arch_kwargs']['features_per_stage']}, strides "
-           f"{plans['architecture']['arch_kwargs']['strides']}")
+    report(
+        f"setup {time.perf_counter() - started:.1f} s: patch {plans['patch_size']}, features "
+        f"{plans['architecture']['arch_kwargs']['features_per_stage']}, strides "
+        f"{plans['architecture']['arch_kwargs']['strides']}"
+    )
     warm_up(args, device, model_dir)
 
     results = []
@@ -420,30 +482,39 @@ def main(argv=None) -> int:
                 load, times = 0.0, run_anchor(args, device, model_dir, scans, out_dir, report)
             else:
                 load, times = run_ctcohort(args, device, model_dir, table, scans, out_dir, report)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         results.append(summarise(method, load, times, peak))
 
     report("")
-    report(f"{'method':<10}{'load s':>8}{'median s/scan':>15}{'mean s/scan':>13}{'scans/hour':>12}"
-           f"{'steady scans/h':>16}{'peak GPU MiB':>14}")
+    report(
+        f"{'method':<10}{'load s':>8}{'median s/scan':>15}{'mean s/scan':>13}{'scans/hour':>12}"
+        f"{'steady scans/h':>16}{'peak GPU MiB':>14}"
+    )
     for r in results:
         peak = f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] is not None else "-"
-        report(f"{r['method']:<10}{r['load_s']:>8.2f}{r['median_s']:>15.1f}{r['mean_s']:>13.1f}"
-               f"{r['scans_per_hour']:>12.1f}{r['steady_scans_per_hour']:>16.1f}{peak:>14}")
-    report("(anchor: everything per scan; ctcohort: median excludes the one-off load, mean and scans/hour "
-           "include it spread over the scans; steady = 3600 / median)")
+        report(
+            f"{r['method']:<10}{r['load_s']:>8.2f}{r['median_s']:>15.1f}{r['mean_s']:>13.1f}"
+            f"{r['scans_per_hour']:>12.1f}{r['steady_scans_per_hour']:>16.1f}{peak:>14}"
+        )
+    report(
+        "(anchor: everything per scan; ctcohort: median excludes the one-off load, mean and scans/hour "
+        "include it spread over the scans; steady = 3600 / median)"
+    )
     by_name, extra = {r["method"]: r for r in results}, {}
     if {"anchor", "ctcohort"} <= set(by_name):
         a, c = by_name["anchor"], by_name["ctcohort"]
-        report(f"speed-up anchor/ctcohort: {a['mean_s'] / c['mean_s']:.2f}x per scan incl. load, "
-               f"{a['median_s'] / c['median_s']:.2f}x steady state (median per scan)")
+        report(
+            f"speed-up anchor/ctcohort: {a['mean_s'] / c['mean_s']:.2f}x per scan incl. load, "
+            f"{a['median_s'] / c['median_s']:.2f}x steady state (median per scan)"
+        )
         same = agreement(workdir, scans[0])
         report(f"same label in both outputs ({scans[0].name}): {100 * same:.3f}% of voxels")
         extra["agreement_first_scan"] = same
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "environment": environment(device),
-                                               "results": results, **extra}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "environment": environment(device), "results": results, **extra}, indent=2)
+        )
     return 0
 
 

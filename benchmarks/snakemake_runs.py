@@ -10,8 +10,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def timed_snakemake(folder: Path, *args: str) -> float:
     """Wall seconds of ``snakemake --cores 2 ARGS`` on the checkout's Snakefile in ``folder``; exits on failure."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(folder), "--cores", "2", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(folder),
+        "--cores",
+        "2",
+        *args,
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     elapsed = time.perf_counter() - started

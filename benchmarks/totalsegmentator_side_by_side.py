@@ -96,8 +96,21 @@ def demo_release(root: Path) -> Path:
 
 def ensure_totalsegmentator(env: dict, folder: str | None) -> None:
     if totalsegmentator_problem(env) and folder:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", folder,
-                        f"totalsegmentator=={TOTALSEGMENTATOR_VERSION}", "dicom2nifti==2.6.2"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                folder,
+                f"totalsegmentator=={TOTALSEGMENTATOR_VERSION}",
+                "dicom2nifti==2.6.2",
+            ],
+            check=True,
+        )
     problem = totalsegmentator_problem(env)
     if problem:
         sys.exit(problem + " (give --totalsegmentator FOLDER to install it there)")
@@ -131,11 +144,11 @@ def task_setup(task: str, weights: Path) -> tuple[list[int], str, list[float]]:
 
 def run_ctcohort(weights, task, structures, scans, out_dir: Path, mode: str, device: str, threads: int):
     """ctcohort's labels of each scan, and seconds: load once, then per scan read, preprocess, infer, write."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
     from ctcohort import segment
     from ctcohort.imaging import load_image
     from ctcohort.structures import load_structure_table
-
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     inference = [0.0]
     sliding_window = nnUNetPredictor.predict_sliding_window_return_logits
@@ -163,8 +176,15 @@ def run_ctcohort(weights, task, structures, scans, out_dir: Path, mode: str, dev
             nib.save(segment.label_map_image(labels, ct, segmenter.table), out_dir / f"{mode}_{path.name}")
             t3 = time.perf_counter()
             results.append(labels)
-            times.append({"read": t1 - t0, "preprocess": t2 - t1 - inference[0], "inference": inference[0],
-                          "write": t3 - t2, "total": t3 - t0})
+            times.append(
+                {
+                    "read": t1 - t0,
+                    "preprocess": t2 - t1 - inference[0],
+                    "inference": inference[0],
+                    "write": t3 - t2,
+                    "total": t3 - t0,
+                }
+            )
     finally:
         nnUNetPredictor.predict_sliding_window_return_logits = sliding_window
     return results, load_s, times
@@ -178,10 +198,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def model_label_map(weights: Path, dataset_ids, structures: str) -> np.ndarray:
     """Lookup from TotalSegmentator's output labels to the structure table's (by name): for a task of parts
     TotalSegmentator's outputs are its v2 ids already; for one model, dataset.json's."""
-    from ctcohort.segment import TOTALSEG_PARTS_TABLE
-    from ctcohort.resources import resources_dir
-    from ctcohort.structures import load_structure_table
     import pandas as pd
+
+    from ctcohort.resources import resources_dir
+    from ctcohort.segment import TOTALSEG_PARTS_TABLE
+    from ctcohort.structures import load_structure_table
 
     table = load_structure_table(structures)
     label_of = dict(zip(table["name"], table["label"]))
@@ -202,20 +223,30 @@ def structure_rows(table, theirs, ours_by_mode, truths, cts, voxel_ml):
     for label, name in zip(table["label"], table["name"]):
         row = {"structure": name}
         their_masks = [t == label for t in theirs]
-        if not any(m.any() for m in their_masks) and not any((o == label).any() for mode in MODES
-                                                             for o in ours_by_mode[mode]):
+        if not any(m.any() for m in their_masks) and not any(
+            (o == label).any() for mode in MODES for o in ours_by_mode[mode]
+        ):
             continue
         for mode in MODES:
             masks = [o == label for o in ours_by_mode[mode]]
             row[f"dice_{mode}"] = float(np.mean([dice(m, t) for m, t in zip(masks, their_masks)]))
-            row[f"volume_diff_ml_{mode}"] = float(np.mean(
-                [(np.count_nonzero(m) - np.count_nonzero(t)) * v for m, t, v in zip(masks, their_masks, voxel_ml)]))
-            row[f"hu_diff_{mode}"] = float(np.nanmean(
-                [(ct[m].mean() if m.any() else np.nan) - (ct[t].mean() if t.any() else np.nan)
-                 for m, t, ct in zip(masks, their_masks, cts)]))
+            row[f"volume_diff_ml_{mode}"] = float(
+                np.mean(
+                    [(np.count_nonzero(m) - np.count_nonzero(t)) * v for m, t, v in zip(masks, their_masks, voxel_ml)]
+                )
+            )
+            row[f"hu_diff_{mode}"] = float(
+                np.nanmean(
+                    [
+                        (ct[m].mean() if m.any() else np.nan) - (ct[t].mean() if t.any() else np.nan)
+                        for m, t, ct in zip(masks, their_masks, cts)
+                    ]
+                )
+            )
             row[f"truth_dice_{mode}"] = float(np.mean([dice(m, truth == label) for m, truth in zip(masks, truths)]))
-        row["truth_dice_totalsegmentator_code"] = float(np.mean([dice(t, truth == label)
-                                                                 for t, truth in zip(their_masks, truths)]))
+        row["truth_dice_totalsegmentator_code"] = float(
+            np.mean([dice(t, truth == label) for t, truth in zip(their_masks, truths)])
+        )
         rows.append(row)
     return rows
 
@@ -224,6 +255,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import pandas as pd
     import torch
+
     from ctcohort.structures import load_structure_table
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -233,18 +265,29 @@ def main(argv=None) -> None:
     env = totalsegmentator_environment(weights, work / "home", args.totalsegmentator)
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     ensure_totalsegmentator(env, args.totalsegmentator)
-    print(f"Python {platform.python_version()}, torch {torch.__version__}, device {args.device}, "
-          f"{args.threads} threads, CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"load average {os.getloadavg()[0]:.1f}; work folder {work}")
+    print(
+        f"Python {platform.python_version()}, torch {torch.__version__}, device {args.device}, "
+        f"{args.threads} threads, CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f}; work folder {work}"
+    )
     scans, truths = write_phantoms(work, args.scans, args.spacing)
     dataset_ids, trainer, resample = task_setup(args.task, weights)
-    print(f"weights {weights} task {args.task} (datasets {dataset_ids}), TotalSegmentator resamples to {resample} mm;"
-          f" {args.scans} phantom scans at {args.spacing} mm, LPS")
+    print(
+        f"weights {weights} task {args.task} (datasets {dataset_ids}), TotalSegmentator resamples to {resample} mm;"
+        f" {args.scans} phantom scans at {args.spacing} mm, LPS"
+    )
 
     started = time.perf_counter()
-    theirs = totalsegmentator_labels(env, scans, [work / f"totalsegmentator_{p.name}" for p in scans],
-                                     task_ids=dataset_ids, trainer=trainer, resample=resample, device=args.device,
-                                     timings=work / "totalsegmentator_timings.json")
+    theirs = totalsegmentator_labels(
+        env,
+        scans,
+        [work / f"totalsegmentator_{p.name}" for p in scans],
+        task_ids=dataset_ids,
+        trainer=trainer,
+        resample=resample,
+        device=args.device,
+        timings=work / "totalsegmentator_timings.json",
+    )
     ts_wall = time.perf_counter() - started
     ts_timings = json.loads((work / "totalsegmentator_timings.json").read_text())
     lookup = model_label_map(weights, dataset_ids, args.structures)
@@ -253,7 +296,8 @@ def main(argv=None) -> None:
     ours, ours_times, ours_load = {}, {}, {}
     for mode in MODES:
         ours[mode], ours_load[mode], ours_times[mode] = run_ctcohort(
-            weights, args.task, args.structures, scans, work, mode, args.device, args.threads)
+            weights, args.task, args.structures, scans, work, mode, args.device, args.threads
+        )
 
     table = load_structure_table(args.structures)
     cts = [np.asanyarray(nib.load(p).dataobj).astype(np.float64) for p in scans]
@@ -266,30 +310,43 @@ def main(argv=None) -> None:
         return float(np.mean([t.get(key, 0.0) for t in timings]))
 
     ts_scans = ts_timings["scans"]
-    print(f"\nTotalSegmentator {TOTALSEGMENTATOR_VERSION}, s per scan: total {per_scan(ts_scans, 'total'):.2f} "
-          f"(load {per_scan(ts_scans, 'load'):.2f}, resampling {per_scan(ts_scans, 'resampling'):.2f}, "
-          f"nnU-Net predict_from_files {per_scan(ts_scans, 'nnunet') - per_scan(ts_scans, 'load'):.2f}); "
-          f"import {ts_timings['import_s']:.1f} s once; process wall {ts_wall:.1f} s")
+    print(
+        f"\nTotalSegmentator {TOTALSEGMENTATOR_VERSION}, s per scan: total {per_scan(ts_scans, 'total'):.2f} "
+        f"(load {per_scan(ts_scans, 'load'):.2f}, resampling {per_scan(ts_scans, 'resampling'):.2f}, "
+        f"nnU-Net predict_from_files {per_scan(ts_scans, 'nnunet') - per_scan(ts_scans, 'load'):.2f}); "
+        f"import {ts_timings['import_s']:.1f} s once; process wall {ts_wall:.1f} s"
+    )
     for mode in MODES:
         t = ours_times[mode]
-        print(f"ctcohort {mode}, s per scan: total {per_scan(t, 'total'):.2f} (read {per_scan(t, 'read'):.2f}, "
-              f"pre/postprocess {per_scan(t, 'preprocess'):.2f}, inference {per_scan(t, 'inference'):.2f}, write "
-              f"{per_scan(t, 'write'):.2f}); load once {ours_load[mode]:.2f} s")
+        print(
+            f"ctcohort {mode}, s per scan: total {per_scan(t, 'total'):.2f} (read {per_scan(t, 'read'):.2f}, "
+            f"pre/postprocess {per_scan(t, 'preprocess'):.2f}, inference {per_scan(t, 'inference'):.2f}, write "
+            f"{per_scan(t, 'write'):.2f}); load once {ours_load[mode]:.2f} s"
+        )
     summary = {
         "dice_min_default": float(rows["dice_trilinear"].min()),
         "dice_median_default": float(rows["dice_trilinear"].median()),
         "dice_min_parity": float(rows["dice_totalsegmentator"].min()),
         "dice_median_parity": float(rows["dice_totalsegmentator"].median()),
         "s_per_scan_ctcohort": per_scan(ours_times["trilinear"], "total") + ours_load["trilinear"] / args.scans,
-        "s_per_scan_ctcohort_parity": (per_scan(ours_times["totalsegmentator"], "total")
-                                       + ours_load["totalsegmentator"] / args.scans),
+        "s_per_scan_ctcohort_parity": (
+            per_scan(ours_times["totalsegmentator"], "total") + ours_load["totalsegmentator"] / args.scans
+        ),
         "s_per_scan_totalsegmentator": per_scan(ts_scans, "total"),
-        "truth_dice_median": {name: float(rows[f"truth_dice_{name}"].median())
-                              for name in ("trilinear", "totalsegmentator", "totalsegmentator_code")},
-        "truth_dice_mean": {name: float(rows[f"truth_dice_{name}"].mean())
-                            for name in ("trilinear", "totalsegmentator", "totalsegmentator_code")},
-        "scans": args.scans, "spacing": list(args.spacing), "device": args.device, "threads": args.threads,
-        "task": args.task, "weights": "demo model as total_fast" if not args.weights else "given",
+        "truth_dice_median": {
+            name: float(rows[f"truth_dice_{name}"].median())
+            for name in ("trilinear", "totalsegmentator", "totalsegmentator_code")
+        },
+        "truth_dice_mean": {
+            name: float(rows[f"truth_dice_{name}"].mean())
+            for name in ("trilinear", "totalsegmentator", "totalsegmentator_code")
+        },
+        "scans": args.scans,
+        "spacing": list(args.spacing),
+        "device": args.device,
+        "threads": args.threads,
+        "task": args.task,
+        "weights": "demo model as total_fast" if not args.weights else "given",
     }
     print(json.dumps(summary, indent=1))
     if args.json:

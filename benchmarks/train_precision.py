@@ -32,11 +32,16 @@ def build(model_dir, configuration):
     classes = len(json.loads((model_dir / "dataset.json").read_text())["labels"])
     network = nnUNetTrainer.build_network_architecture(plans, config, 1, classes, enable_deep_supervision=True)
     stages = len(config.pool_op_kernel_sizes)
-    weights = np.array([1 / 2 ** i for i in range(stages)])
+    weights = np.array([1 / 2**i for i in range(stages)])
     weights[-1] = 0
     loss = DeepSupervisionWrapper(
-        DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                       dice_class=MemoryEfficientSoftDiceLoss), weights / weights.sum())
+        DC_and_CE_loss(
+            {"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False},
+            {},
+            dice_class=MemoryEfficientSoftDiceLoss,
+        ),
+        weights / weights.sum(),
+    )
     return network, loss, config, classes
 
 
@@ -78,8 +83,10 @@ def main(argv=None) -> None:
             seconds = step_seconds(network, loss, optimizer, image, targets, bf16=name == "bfloat16")
             if i > 0:
                 times[name].append(seconds)
-    print(f"3d_small of {model_dir}: patch {patch}, batch {config.batch_size}, {classes} classes, "
-          f"{args.threads} threads, {args.steps} steps each")
+    print(
+        f"3d_small of {model_dir}: patch {patch}, batch {config.batch_size}, {classes} classes, "
+        f"{args.threads} threads, {args.steps} steps each"
+    )
     for name, values in times.items():
         print(f"{name:9s} {np.median(values):6.2f} s per step (median; {', '.join(f'{v:.2f}' for v in values)})")
     print(f"bfloat16 speed-up: {np.median(times['float32']) / np.median(times['bfloat16']):.2f}x")

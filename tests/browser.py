@@ -50,11 +50,17 @@ def start_chromium(downloads: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = find_program(CHROMIUM_NAMES)
     # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     f"--window-size={WINDOW}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={WINDOW}",
+    ):
         options.add_argument(argument)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(options=options, service=Service(find_program(DRIVER_NAMES, DRIVER_FALLBACK)))
     # headless Chromium may ignore the download prefs; the DevTools command makes sure
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
@@ -77,8 +83,10 @@ class Browser:
             if path.is_file() and not list(self.downloads.glob("*.crdownload")):
                 return path
             time.sleep(0.05)
-        raise AssertionError(f"no download {name} within {timeout} s; the folder holds "
-                             f"{sorted(p.name for p in self.downloads.iterdir())}")
+        raise AssertionError(
+            f"no download {name} within {timeout} s; the folder holds "
+            f"{sorted(p.name for p in self.downloads.iterdir())}"
+        )
 
 
 def require_browser() -> None:

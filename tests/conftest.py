@@ -52,8 +52,18 @@ def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     # in the config's order: the first of several segmentation models is the one whose names stay
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(workdir), "--cores", "2", *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
 
 
 def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool = True):
@@ -61,5 +71,7 @@ def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool 
     command = workflow_command(workdir, config_overrides, *args)
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1200)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result

@@ -42,10 +42,12 @@ def write_copies(files: list[Path], folder: Path, edit: Callable | None = None, 
 def tilt(degrees: float) -> Callable:
     """An edit that shears the stack as a gantry tilt does (Siemens: the slices stay axial, each one shifted in
     y by its distance along the table times tan(tilt)) and records the tilt in GantryDetectorTilt."""
+
     def edit(ds, index):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y + (z + 766.5) * math.tan(math.radians(degrees)), z]
         ds.GantryDetectorTilt = degrees
+
     return edit
 
 
@@ -56,13 +58,15 @@ def reference_volume(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     first, last = slices[0], slices[-1]
     orientation = np.array(first.ImageOrientationPatient, float)
     row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    hu = np.stack([s.pixel_array.astype(np.float64) * float(s.RescaleSlope) + float(s.RescaleIntercept)
-                   for s in slices], axis=-1).transpose(1, 0, 2)
+    hu = np.stack(
+        [s.pixel_array.astype(np.float64) * float(s.RescaleSlope) + float(s.RescaleIntercept) for s in slices], axis=-1
+    ).transpose(1, 0, 2)
     lps = np.eye(4)
     lps[:3, 0] = orientation[:3] * column_spacing  # along a row: the next column
     lps[:3, 1] = orientation[3:] * row_spacing  # down a column: the next row
-    lps[:3, 2] = (np.array(last.ImagePositionPatient, float) - np.array(first.ImagePositionPatient, float)) \
-        / (len(slices) - 1)
+    lps[:3, 2] = (np.array(last.ImagePositionPatient, float) - np.array(first.ImagePositionPatient, float)) / (
+        len(slices) - 1
+    )
     lps[:3, 3] = np.array(first.ImagePositionPatient, float)
     return hu, LPS_TO_RAS @ lps
 
@@ -86,21 +90,46 @@ STUDY_DATES = {"A1": "20221208", "A2": "20230301"}
 # where B's 2 mm series lies in an export that names folders after the patient and the study, and what was typed
 # into its free-text fields
 B_FOLDER = {False: "B/s2", True: f"ROE_RICHARDO_PHIB-0815_MRN123456/STUDY_{STUDY_DATES['A1']}/SER3"}
-B_FREE_TEXT = dict(SeriesDescription="Roe^Richardo abdomen PHIB-0815 MRN123456 portal venous",
-                   ProtocolName="ROE RICHARDO MRN123456 abdomen", StudyDescription="CT abdomen Roe^Richardo MRN123456")
+B_FREE_TEXT = dict(
+    SeriesDescription="Roe^Richardo abdomen PHIB-0815 MRN123456 portal venous",
+    ProtocolName="ROE RICHARDO MRN123456 abdomen",
+    StudyDescription="CT abdomen Roe^Richardo MRN123456",
+)
 
 
 def export_phi() -> list[str]:
     """Every identifying value planted in an export tree, and each given name on its own (the three-letter family
     names alone would be found by chance in compressed bytes)."""
     names = [p["name"] for p in PATIENTS.values()]
-    return [*PATIENTS, *names, *(name.split("^")[1] for name in names), "19600315", "19000101",
-            *STUDY_DATES.values(), INSTITUTION, ACCESSION, PHYSICIAN, EXPORT_UID_ROOT, ORIGINAL_UID_ROOT, "MRN123456"]
+    return [
+        *PATIENTS,
+        *names,
+        *(name.split("^")[1] for name in names),
+        "19600315",
+        "19000101",
+        *STUDY_DATES.values(),
+        INSTITUTION,
+        ACCESSION,
+        PHYSICIAN,
+        EXPORT_UID_ROOT,
+        ORIGINAL_UID_ROOT,
+        "MRN123456",
+    ]
 
 
-def plant_patient(sources: list[Path], folder: Path, prefix: str, patient: str, n: int = 20,
-                  step: float | None = None, skip: int | None = None, uids: tuple[str, str] | None = None,
-                  sop_start: int = 0, study_date: str = STUDY_DATES["A1"], **tags) -> None:
+def plant_patient(
+    sources: list[Path],
+    folder: Path,
+    prefix: str,
+    patient: str,
+    n: int = 20,
+    step: float | None = None,
+    skip: int | None = None,
+    uids: tuple[str, str] | None = None,
+    sop_start: int = 0,
+    study_date: str = STUDY_DATES["A1"],
+    **tags,
+) -> None:
     """Copies of the first ``n`` of ``sources`` (the shared series' files by name: head to feet) into ``folder``
     with the patient's headers planted; ``step``: slice positions that far apart instead of the real 2 mm;
     ``skip``: leave out that slice; ``uids``: (StudyInstanceUID, SeriesInstanceUID), blank as in the shared
@@ -145,22 +174,59 @@ def build_export_tree(root: Path, shared_data: Path, everything: bool = True, na
     sources = sorted((shared_data / "totalseg-example" / "dicom").glob("*.dcm"))
     plant = partial(plant_patient, sources)
     plant(root / "A" / "1", "soft", "PHIA-4711")
-    plant(root / "A" / "1", "bone", "PHIA-4711", step=1.0, SliceThickness=1, ConvolutionKernel="Br64f",
-          SeriesDescription="CT Bone 1.0")
-    plant(root / "A" / "1", "loc", "PHIA-4711", n=1, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-          ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    plant(
+        root / "A" / "1",
+        "bone",
+        "PHIA-4711",
+        step=1.0,
+        SliceThickness=1,
+        ConvolutionKernel="Br64f",
+        SeriesDescription="CT Bone 1.0",
+    )
+    plant(
+        root / "A" / "1",
+        "loc",
+        "PHIA-4711",
+        n=1,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=[1, 0, 0, 0, 0, -1],
+    )
     study = f"{EXPORT_UID_ROOT}.3"
-    plant(root / B_FOLDER[named_folders], "im", "PHIB-0815", uids=(study, f"{study}.1"), SeriesNumber=2,
-          **(B_FREE_TEXT if named_folders else {}))
+    plant(
+        root / B_FOLDER[named_folders],
+        "im",
+        "PHIB-0815",
+        uids=(study, f"{study}.1"),
+        SeriesNumber=2,
+        **(B_FREE_TEXT if named_folders else {}),
+    )
     (root / "README.txt").write_text("not a DICOM file\n")
     if not everything:
         return root
     plant(root / "B" / "s4", "im", "PHIB-0815", step=4.0, n=10, uids=(study, f"{study}.2"), SeriesNumber=3)
     study = f"{EXPORT_UID_ROOT}.2"
-    plant(root / "A" / "2" / "ct", "im", "PHIA-4711", uids=(study, f"{study}.1"), study_date=STUDY_DATES["A2"],
-          ContrastBolusAgent=None, SeriesNumber=2, PatientAge="062Y")
-    plant(root / "A" / "2" / "thin", "im", "PHIA-4711", step=1.0, skip=10, uids=(study, f"{study}.2"),
-          study_date=STUDY_DATES["A2"], ContrastBolusAgent=None, SeriesNumber=3, SliceThickness=1)
+    plant(
+        root / "A" / "2" / "ct",
+        "im",
+        "PHIA-4711",
+        uids=(study, f"{study}.1"),
+        study_date=STUDY_DATES["A2"],
+        ContrastBolusAgent=None,
+        SeriesNumber=2,
+        PatientAge="062Y",
+    )
+    plant(
+        root / "A" / "2" / "thin",
+        "im",
+        "PHIA-4711",
+        step=1.0,
+        skip=10,
+        uids=(study, f"{study}.2"),
+        study_date=STUDY_DATES["A2"],
+        ContrastBolusAgent=None,
+        SeriesNumber=3,
+        SliceThickness=1,
+    )
     plant(root / "C", "im", "PHIC-1001", n=12)
     for patient, number in (("PHID-2002", 5), ("PHIE-3003", 6), ("PHIF-4004", 7)):
         study = f"{EXPORT_UID_ROOT}.{number}"

@@ -63,19 +63,21 @@ def scan_frame(subject: str) -> pd.DataFrame:
         reason = REASONS[subject][structure]
         n_voxels = 0 if reason == "absent" else (3 if reason == "too_small" else 1000 + label)
         hu = np.nan if reason in ("absent", "too_small") else 40.0 + label
-        rows.append({
-            "structure": structure,
-            "label": label,
-            "group": group,
-            "n_voxels": n_voxels,
-            "volume_ml": volume_of(subject, structure) if reason == "" else np.nan,
-            "hu_mean": hu,
-            "hu_median": hu,
-            "hu_std": np.nan if np.isnan(hu) else 5.0,
-            "hu_mean_eroded": hu,
-            "complete": pd.NA if reason == "absent" else reason != "cut_off",
-            "exclusion_reason": reason,
-        })
+        rows.append(
+            {
+                "structure": structure,
+                "label": label,
+                "group": group,
+                "n_voxels": n_voxels,
+                "volume_ml": volume_of(subject, structure) if reason == "" else np.nan,
+                "hu_mean": hu,
+                "hu_median": hu,
+                "hu_std": np.nan if np.isnan(hu) else 5.0,
+                "hu_mean_eroded": hu,
+                "complete": pd.NA if reason == "absent" else reason != "cut_off",
+                "exclusion_reason": reason,
+            }
+        )
     frame = pd.DataFrame(rows, columns=MEASURE_COLUMNS)
     frame["complete"] = frame["complete"].astype("boolean")
     return frame
@@ -103,8 +105,15 @@ def frame_sheet() -> pd.DataFrame:
     """A sheet as a plain DataFrame: subject, ct, seg, age, sex (+contrast, bmi), indexed by subject."""
     sheet = pd.DataFrame(
         [
-            {"subject": s, "ct": f"/data/{s}.nii.gz", "seg": f"/data/{s}_seg.nii.gz",
-             "age": age, "sex": sex, "contrast": contrast, "bmi": bmi}
+            {
+                "subject": s,
+                "ct": f"/data/{s}.nii.gz",
+                "seg": f"/data/{s}_seg.nii.gz",
+                "age": age,
+                "sex": sex,
+                "contrast": contrast,
+                "bmi": bmi,
+            }
             for s, (age, sex, contrast, bmi) in COVARIATES.items()
         ]
     )
@@ -158,7 +167,10 @@ def test_status_round_trip(tmp_path):
     path = tmp_path / "status.json"
     status.write(path)
     assert json.loads(path.read_text()) == {
-        "subject": "sub-01", "stage": "measure", "ok": False, "error": "ValueError: shapes differ"
+        "subject": "sub-01",
+        "stage": "measure",
+        "ok": False,
+        "error": "ValueError: shapes differ",
     }
     assert read_status(path) == status
 
@@ -284,11 +296,13 @@ def test_qc_summary_reasons_that_never_occur_are_zero(cohort, sheet):
 
 
 def test_qc_summary_on_a_hand_made_table():
-    table = pd.DataFrame({
-        "structure": ["b", "a", "b", "a", "b", "a", "b"],
-        "group": ["g2", "g1", "g2", "g1", "g2", "g1", "g2"],
-        "exclusion_reason": ["", "absent", "cut_off", "", "too_small", "absent", ""],
-    })
+    table = pd.DataFrame(
+        {
+            "structure": ["b", "a", "b", "a", "b", "a", "b"],
+            "group": ["g2", "g1", "g2", "g1", "g2", "g1", "g2"],
+            "exclusion_reason": ["", "absent", "cut_off", "", "too_small", "absent", ""],
+        }
+    )
     summary = qc_summary(table)
     assert summary["structure"].tolist() == ["b", "a"]  # order of first appearance
     b = summary.iloc[0]
@@ -305,12 +319,18 @@ def test_measurement_summary_against_numpy(cohort, sheet):
     summary = measurement_summary(table).set_index(["structure", "measure"])
     for structure in STRUCTURES:
         for measure in ("volume_ml", "hu_mean"):
-            values = np.array([
-                volume_of(s, structure) if measure == "volume_ml" else 40.0 + STRUCTURES[structure][0]
-                for s in REASONS if s != FAILED
-                and (REASONS[s][structure] == "" if measure == "volume_ml"
-                     else REASONS[s][structure] in ("", "cut_off"))
-            ])
+            values = np.array(
+                [
+                    volume_of(s, structure) if measure == "volume_ml" else 40.0 + STRUCTURES[structure][0]
+                    for s in REASONS
+                    if s != FAILED
+                    and (
+                        REASONS[s][structure] == ""
+                        if measure == "volume_ml"
+                        else REASONS[s][structure] in ("", "cut_off")
+                    )
+                ]
+            )
             row = summary.loc[(structure, measure)]
             assert row["n"] == len(values)
             assert row["mean"] == pytest.approx(values.mean())
@@ -346,10 +366,12 @@ def test_exclusion_counts_add_up(cohort, sheet):
 
 
 def test_failure_summary_names_the_count_stages_and_table(cohort):
-    failures = pd.concat([
-        collect_failures(cohort["statuses"]),
-        pd.DataFrame([("s9", "segment", "x"), ("s8", "segment", "y")], columns=FAILURE_COLUMNS),
-    ])
+    failures = pd.concat(
+        [
+            collect_failures(cohort["statuses"]),
+            pd.DataFrame([("s9", "segment", "x"), ("s8", "segment", "y")], columns=FAILURE_COLUMNS),
+        ]
+    )
     line = failure_summary(failures, 10, "results/tables/failures.tsv")
     assert line.startswith("ctcohort: 3 of 10 scans failed")
     assert "segment: 2" in line and "measure: 1" in line and "results/tables/failures.tsv" in line
@@ -384,7 +406,9 @@ def test_recording_failure_record_swallows_and_writes(tmp_path, caplog):
     assert status.error == "ValueError: CT shape (2, 2, 2) and label map shape (3, 3, 3) differ"
     written = json.loads(path.read_text())
     assert written == {
-        "subject": "sub-07", "stage": "measure", "ok": False,
+        "subject": "sub-07",
+        "stage": "measure",
+        "ok": False,
         "error": "ValueError: CT shape (2, 2, 2) and label map shape (3, 3, 3) differ",
     }
     # the failure shows up in the cohort's failure list
@@ -449,12 +473,15 @@ class OutOfMemoryError(RuntimeError):
     """Named like torch.cuda.OutOfMemoryError, which is what a CUDA allocation failure raises."""
 
 
-@pytest.mark.parametrize("error", [
-    MemoryError(),
-    OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-    OSError(errno.ENOSPC, "No space left on device"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
 def test_resource_errors_fail_the_job_instead_of_excluding_the_scan(tmp_path, error):
     path = tmp_path / "status.json"
     with pytest.raises(type(error)):

@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_workflow
-from ctcohort.structures import load_structure_table
 from dicom_edits import series_files, tilt, write_copies
+
+from ctcohort.structures import load_structure_table
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,7 @@ def real_ct_cohort(tmp_path_factory):
     def scout(ds, index):  # a coronal scout with the series' (blank) UIDs
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
     write_copies(files[:1], dicom / "localizer", scout, prefix="scout")
     write_copies(files[:9] + files[10:], dicom / "missingslice")
     write_copies(files, dicom / "tilt", tilt(15.0))
@@ -141,10 +142,19 @@ def real_ct_cohort(tmp_path_factory):
     sheet = pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"])
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
     # up to the tables and the age statistics these tests read (the figures, charts and CT age add nothing here)
-    result = run_workflow(workdir, {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"}},
-                          "results/stats/age_correlations.tsv")
-    return {"results": workdir / "results", "hu": hu, "labels": labels, "metal": metal,
-            "voxel_ml": abs(np.linalg.det(affine[:3, :3])) / 1000, "console": result.stderr}
+    result = run_workflow(
+        workdir,
+        {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"}},
+        "results/stats/age_correlations.tsv",
+    )
+    return {
+        "results": workdir / "results",
+        "hu": hu,
+        "labels": labels,
+        "metal": metal,
+        "voxel_ml": abs(np.linalg.det(affine[:3, :3])) / 1000,
+        "console": result.stderr,
+    }
 
 
 def test_broken_scans_fail_with_their_stage_and_reason(real_ct_cohort):
@@ -157,8 +167,10 @@ def test_broken_scans_fail_with_their_stage_and_reason(real_ct_cohort):
             assert word in error, (subject, word, error)
         assert "Traceback" not in error and "\n" not in error
     n = len(FAILING)
-    assert (f"{n} of {n + 5} scans failed and are left out of the study (measure: 10, import_ct: 6)"
-            in real_ct_cohort["console"])
+    assert (
+        f"{n} of {n + 5} scans failed and are left out of the study (measure: 10, import_ct: 6)"
+        in real_ct_cohort["console"]
+    )
 
 
 def test_failed_scans_reach_no_table_or_statistic(real_ct_cohort):
@@ -216,5 +228,9 @@ def test_non_finite_voxels_exclude_only_the_structure_that_holds_them(real_ct_co
     assert kidneys["volume_ml"] == pytest.approx(good.loc["kidneys", "volume_ml"])
     others = ~nan_scan.index.isin(["kidney_left", "kidneys"])
     covariates = ["subject", "age", "sex", "contrast"]
-    pd.testing.assert_frame_equal(nan_scan[others].drop(columns=covariates), good[others].drop(columns=covariates),
-                                  check_dtype=False, check_exact=False)
+    pd.testing.assert_frame_equal(
+        nan_scan[others].drop(columns=covariates),
+        good[others].drop(columns=covariates),
+        check_dtype=False,
+        check_exact=False,
+    )

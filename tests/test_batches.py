@@ -33,8 +33,9 @@ def test_a_failing_scan_is_recorded_and_the_rest_of_the_batch_goes_on(tmp_path):
     for subject, path in zip(subjects, upstream):
         ok = subject != "d"
         ScanStatus(subject, "segment", ok=ok, error="" if ok else "ValueError: no image").write(path)
-    scans = batch_outputs(subjects, [tmp_path / f"{s}.tsv" for s in subjects],
-                          [tmp_path / f"{s}.json" for s in subjects], upstream)
+    scans = batch_outputs(
+        subjects, [tmp_path / f"{s}.tsv" for s in subjects], [tmp_path / f"{s}.json" for s in subjects], upstream
+    )
     steps = []
 
     def step(i):
@@ -56,8 +57,9 @@ def test_scans_without_an_earlier_stage_run_beside_those_whose_earlier_stage_fai
     # a batch of NIfTI scans ("": no import stage) and DICOM scans (an import status each)
     imported = tmp_path / "b.import.json"
     ScanStatus("b", "import_ct", ok=False, error="DicomImportError: no CT image").write(imported)
-    scans = batch_outputs(["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"],
-                          [tmp_path / "a.json", tmp_path / "b.json"], ["", imported])
+    scans = batch_outputs(
+        ["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"], [tmp_path / "a.json", tmp_path / "b.json"], ["", imported]
+    )
     assert [scan.upstream for scan in scans] == [(), [imported]]
     statuses = run_batch("measure", scans, lambda i: "measured", write_text, lambda: "empty")
     assert [(s.stage, s.ok) for s in statuses] == [("measure", True), ("import_ct", False)]
@@ -65,8 +67,9 @@ def test_scans_without_an_earlier_stage_run_beside_those_whose_earlier_stage_fai
 
 
 def test_policy_fail_stops_the_batch_and_resource_errors_always_do(tmp_path):
-    scans = batch_outputs(["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"],
-                          [tmp_path / "a.json", tmp_path / "b.json"])
+    scans = batch_outputs(
+        ["a", "b"], [tmp_path / "a.tsv", tmp_path / "b.tsv"], [tmp_path / "a.json", tmp_path / "b.json"]
+    )
 
     def broken(i):
         raise ValueError("broken")

@@ -8,8 +8,17 @@ from scipy import integrate, optimize, stats
 
 from ctcohort import centiles
 from ctcohort.centile_truth import TRUTHS
-from ctcohort.centiles import (BCCG, BCT, CALIBRATION_FAILED, NORMAL, SHASH, TOO_FEW_SCANS, CentileSettings,
-                               fit_centile_chart, fit_model)
+from ctcohort.centiles import (
+    BCCG,
+    BCT,
+    CALIBRATION_FAILED,
+    NORMAL,
+    SHASH,
+    TOO_FEW_SCANS,
+    CentileSettings,
+    fit_centile_chart,
+    fit_model,
+)
 
 AGES_CHECKED = np.array([30.0, 50.0, 70.0])
 
@@ -22,15 +31,18 @@ def test_natural_spline_spans_the_same_space_as_patsy_cr():
     age = np.random.default_rng(1).uniform(20, 85, 200)
     knots = centiles.age_knots(age, 4)
     ours = np.column_stack([np.ones(len(age)), centiles.natural_spline(age, knots)])
-    theirs = patsy.dmatrix("cr(x, knots=inner, lower_bound=lo, upper_bound=hi) - 1",
-                           {"x": age, "inner": knots[1:-1], "lo": knots[0], "hi": knots[-1]})
+    theirs = patsy.dmatrix(
+        "cr(x, knots=inner, lower_bound=lo, upper_bound=hi) - 1",
+        {"x": age, "inner": knots[1:-1], "lo": knots[0], "hi": knots[-1]},
+    )
     residual = theirs - ours @ np.linalg.lstsq(ours, theirs, rcond=None)[0]
     assert ours.shape[1] == np.asarray(theirs).shape[1] == 5
     assert np.abs(residual).max() < 1e-9
 
 
-@pytest.mark.parametrize("family,dfs", [(NORMAL, (2, 1)), (BCCG, (2, 1, 1)), (BCCG, (0, 0, 0)), (SHASH, (2, 1, 0, 0)),
-                                        (BCT, (2, 1, 1, 0))])
+@pytest.mark.parametrize(
+    "family,dfs", [(NORMAL, (2, 1)), (BCCG, (2, 1, 1)), (BCCG, (0, 0, 0)), (SHASH, (2, 1, 0, 0)), (BCT, (2, 1, 1, 0))]
+)
 def test_gradients_match_finite_differences(family, dfs):
     age, y = drawn("skewed", 150, 2)
     design = centiles.Design.for_data(age, np.zeros((150, 0)), dfs)
@@ -38,8 +50,11 @@ def test_gradients_match_finite_differences(family, dfs):
     chosen = centiles.FAMILIES[family]
     start = np.concatenate([m.T @ e / 150 for m, e in zip(matrices, chosen.start(y, matrices))])
     theta = start + np.random.default_rng(3).normal(0, 0.05, len(start))
-    error = optimize.check_grad(lambda t: centiles._objective(t, y, matrices, chosen)[0],
-                                lambda t: centiles._objective(t, y, matrices, chosen)[1], theta)
+    error = optimize.check_grad(
+        lambda t: centiles._objective(t, y, matrices, chosen)[0],
+        lambda t: centiles._objective(t, y, matrices, chosen)[1],
+        theta,
+    )
     assert error < 1e-5
 
 
@@ -68,8 +83,13 @@ def test_centiles_at_120_scans_are_within_a_third_of_an_sd_of_the_truth(truth, f
         age, y = TRUTHS[truth].draw(120, rng)
         model, _ = centiles.select_model(age, y)
         families.add(model.family)
-        errors.append([(model.centile(p, AGES_CHECKED) - TRUTHS[truth].centile(p, AGES_CHECKED))
-                       / TRUTHS[truth].sd(AGES_CHECKED) for p in centiles.DEFAULTS.percentiles])
+        errors.append(
+            [
+                (model.centile(p, AGES_CHECKED) - TRUTHS[truth].centile(p, AGES_CHECKED))
+                / TRUTHS[truth].sd(AGES_CHECKED)
+                for p in centiles.DEFAULTS.percentiles
+            ]
+        )
     rmse = np.sqrt(np.mean(np.square(errors), axis=0))
     assert rmse.max() < 0.35, rmse.round(2)
     assert family in families
@@ -111,8 +131,15 @@ def test_every_z_is_finite_and_bounded_inside_the_ages_and_absent_outside():
     ages = [50, 50, 50, 50, 50, age.min() - 1, age.max() + 1]
     z, notes = chart.place(values, ages)
     assert list(z[:4]) == [-8, -8, -8, 8]
-    assert list(notes) == ["z_clipped", "below_support", "below_support", "z_clipped", "no_value",
-                           "age_outside_chart", "age_outside_chart"]
+    assert list(notes) == [
+        "z_clipped",
+        "below_support",
+        "below_support",
+        "z_clipped",
+        "no_value",
+        "age_outside_chart",
+        "age_outside_chart",
+    ]
     assert np.isnan(z[4:]).all()
     assert np.isnan(chart.model.centile(50, [age.max() + 1])).all()
 
@@ -184,8 +211,9 @@ def test_a_covariate_shifts_mu_and_the_curves_are_drawn_at_zero():
 
 def test_settings_from_config_and_checks():
     assert CentileSettings.from_config({}) == centiles.DEFAULTS
-    settings = CentileSettings.from_config({"panels": [], "min_n": 15, "families": ["normal"], "folds": 10,
-                                            "percentiles": [3, 50, 97]})
+    settings = CentileSettings.from_config(
+        {"panels": [], "min_n": 15, "families": ["normal"], "folds": 10, "percentiles": [3, 50, 97]}
+    )
     assert settings.families == (NORMAL,) and settings.folds == 10 and settings.percentiles == (3, 50, 97)
     assert settings.min_scans == centiles.MIN_SCANS
     with pytest.raises(ValueError, match="families"):
@@ -209,8 +237,10 @@ def test_selection_records_every_model_and_prefers_the_simpler_family_for_normal
 
 
 # linear predictors (mu or log mu, log sigma, nu, log delta or log tau) of skewed, heavy- and light-tailed shapes
-SHAPES = {SHASH: [(120.0, np.log(10.0), 0.6, np.log(0.7)), (80.0, np.log(5.0), -0.4, np.log(1.6))],
-          BCT: [(np.log(150.0), np.log(0.2), 0.5, np.log(4.0)), (np.log(90.0), np.log(0.3), -0.8, np.log(30.0))]}
+SHAPES = {
+    SHASH: [(120.0, np.log(10.0), 0.6, np.log(0.7)), (80.0, np.log(5.0), -0.4, np.log(1.6))],
+    BCT: [(np.log(150.0), np.log(0.2), 0.5, np.log(4.0)), (np.log(90.0), np.log(0.3), -0.8, np.log(30.0))],
+}
 
 
 def density(family, eta):
@@ -244,14 +274,23 @@ def test_shash_without_skew_or_tails_and_bct_with_nu_1_or_0_are_textbook_distrib
     nll = centiles.FAMILIES[SHASH].nll(y, [np.full(7, 130.0), np.full(7, np.log(20.0)), np.zeros(7), np.zeros(7)])[0]
     np.testing.assert_allclose(nll, -stats.norm.logpdf(y, 130.0, 20.0), rtol=1e-12)
     mu, sigma, tau = 130.0, 0.2, 4.0
-    for nu, reference in [(1.0, stats.t.logpdf(y, tau, mu, mu * sigma)),  # y = mu (1 + sigma T)
-                          (0.0, stats.t.logpdf(np.log(y), tau, np.log(mu), sigma) - np.log(y))]:  # log-t
+    for nu, reference in [
+        (1.0, stats.t.logpdf(y, tau, mu, mu * sigma)),  # y = mu (1 + sigma T)
+        (0.0, stats.t.logpdf(np.log(y), tau, np.log(mu), sigma) - np.log(y)),
+    ]:  # log-t
         eta = [np.full(7, np.log(mu)), np.full(7, np.log(sigma)), np.full(7, nu), np.full(7, np.log(tau))]
         np.testing.assert_allclose(centiles.FAMILIES[BCT].nll(y, eta)[0], -reference, rtol=1e-10)
 
 
-@pytest.mark.parametrize("family,eta", [(SHASH, SHAPES[SHASH][0]), (SHASH, SHAPES[SHASH][1]),
-                                        (BCT, SHAPES[BCT][0]), (BCT, (np.log(150.0), np.log(0.2), 0.5, np.log(5e3)))])
+@pytest.mark.parametrize(
+    "family,eta",
+    [
+        (SHASH, SHAPES[SHASH][0]),
+        (SHASH, SHAPES[SHASH][1]),
+        (BCT, SHAPES[BCT][0]),
+        (BCT, (np.log(150.0), np.log(0.2), 0.5, np.log(5e3))),
+    ],
+)
 def test_per_scan_gradients_equal_central_differences(family, eta):
     # the second BCT's tau = 5,000 is computed by the asymptotic series of the t's normalising constant
     y = np.array([40.0, 95.0, 130.0, 160.0, 260.0])

@@ -88,18 +88,27 @@ def r_centiles(rscript: str, tmp_path, age, y, knots, model: str) -> np.ndarray:
     data, script, result = tmp_path / "data.csv", tmp_path / "fit.R", tmp_path / "centiles.csv"
     pd.DataFrame({"age": age, "y": y}).to_csv(data, index=False)
     script.write_text(R_SCRIPT)
-    done = subprocess.run([rscript, str(script), str(data), ",".join(f"{k:.17g}" for k in knots), model,
-                           str(result)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [rscript, str(script), str(data), ",".join(f"{k:.17g}" for k in knots), model, str(result)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return pd.read_csv(result).to_numpy(float)
 
 
-@pytest.mark.parametrize("truth,family,model", [("skewed", centiles.BCCG, "lms.bcn"),
-                                                ("normal", centiles.NORMAL, "uninormal"),
-                                                ("normal", centiles.NORMAL, "gaulss"),
-                                                ("skewed", centiles.SHASH, "shash"),
-                                                ("heavy", centiles.SHASH, "shash"),
-                                                ("skewed", centiles.BCT, "lms.bcn")])
+@pytest.mark.parametrize(
+    "truth,family,model",
+    [
+        ("skewed", centiles.BCCG, "lms.bcn"),
+        ("normal", centiles.NORMAL, "uninormal"),
+        ("normal", centiles.NORMAL, "gaulss"),
+        ("skewed", centiles.SHASH, "shash"),
+        ("heavy", centiles.SHASH, "shash"),
+        ("skewed", centiles.BCT, "lms.bcn"),
+    ],
+)
 def test_maximum_likelihood_fits_agree_with_r(rscript, tmp_path, truth, family, model):
     age, y = TRUTHS[truth].draw(300, np.random.default_rng(18))
     dfs = DFS.get(family, (DF,) * len(centiles.FAMILY_PARAMETERS[family]))
@@ -150,16 +159,27 @@ def test_a_random_site_intercept_agrees_with_mgcv_reml(rscript, tmp_path):
     data, script, result = tmp_path / "data.csv", tmp_path / "fit.R", tmp_path / "result.csv"
     pd.DataFrame({"age": age, "y": y, "site": labels}).to_csv(data, index=False)
     script.write_text(SITE_SCRIPT)
-    done = subprocess.run([rscript, str(script), str(data), ",".join(f"{k:.17g}" for k in ours.design.knots[0]),
-                           str(result)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [rscript, str(script), str(data), ",".join(f"{k:.17g}" for k in ours.design.knots[0]), str(result)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     theirs = pd.read_csv(result).to_numpy(float)
     sd = TRUTHS["normal"].sd(np.array(AGES))[:, None]
     mine = np.column_stack([ours.centile(p, AGES) for p in centiles.DEFAULTS.percentiles])
     effects = np.array(list(ours.site_effects.values()))
     residual_sd = float(np.exp(ours.predictors(age)[1]).mean())
-    print("site SD ours, mgcv:", ours.site_sd, theirs[3, 0], "centiles (SD):", (np.abs(mine - theirs[:3]) / sd).max(),
-          "BLUPs (SD):", np.abs(effects - theirs[4:, 0]).max() / residual_sd)
+    print(
+        "site SD ours, mgcv:",
+        ours.site_sd,
+        theirs[3, 0],
+        "centiles (SD):",
+        (np.abs(mine - theirs[:3]) / sd).max(),
+        "BLUPs (SD):",
+        np.abs(effects - theirs[4:, 0]).max() / residual_sd,
+    )
     assert ours.site_sd == pytest.approx(theirs[3, 0], rel=SITE_SD_TOLERANCE)
     assert np.abs(effects - theirs[4:, 0]).max() < SITE_EFFECT_TOLERANCE_SD * residual_sd
     assert (np.abs(mine - theirs[:3]) / sd).max() < TOLERANCE_SD

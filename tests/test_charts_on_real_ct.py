@@ -7,15 +7,15 @@ new copies are placed in one `ctcohort zscore` call."""
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import real_example_v1
+
 from ctcohort import normative
 from ctcohort.centile_truth import TRUTHS
 from ctcohort.cli import main
 from ctcohort.imaging import voxel_volume_ml
 from ctcohort.measure import measure_structures
-from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.structures import load_structure_table
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 STRUCTURE = "kidney_right"  # wholly inside the example CT's field of view (the spleen and liver are cut off)
 TRUTH_OF = {"volume_ml": TRUTHS["skewed"], "hu_mean": TRUTHS["normal"]}
@@ -62,8 +62,9 @@ def reference(kidney):
 
 
 def charts_of(cohort: pd.DataFrame, min_n: int) -> normative.NormativeFit:
-    return normative.fit_charts(cohort, [STRUCTURE], list(TRUTH_OF),
-                                normative.ChartSettings(covariates=[], min_n=min_n, method="lms"))
+    return normative.fit_charts(
+        cohort, [STRUCTURE], list(TRUTH_OF), normative.ChartSettings(covariates=[], min_n=min_n, method="lms")
+    )
 
 
 def at_age(charts: pd.DataFrame, measure: str, sex: str, age: float) -> np.ndarray:
@@ -75,8 +76,22 @@ def placed_in_one_call(fit: normative.NormativeFit, new: pd.DataFrame, folder) -
     for name, table in (("charts", fit.charts), ("covariates", fit.coefficients), ("new", new)):
         write_tsv(table, folder / f"{name}.tsv", STATS_DIGITS)
     out = folder / "scores.tsv"
-    assert main(["zscore", "--charts", str(folder / "charts.tsv"), "--coefficients", str(folder / "covariates.tsv"),
-                 "--measurements", str(folder / "new.tsv"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zscore",
+                "--charts",
+                str(folder / "charts.tsv"),
+                "--coefficients",
+                str(folder / "covariates.tsv"),
+                "--measurements",
+                str(folder / "new.tsv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return pd.read_csv(out, sep="\t", keep_default_na=False, na_values=["NaN"])
 
 
@@ -101,11 +116,15 @@ def test_charts_of_120_copies_per_sex_match_the_truth_and_place_2000_new_copies(
     assert (fit.charts["note"] == "").all()
     for measure, truth in TRUTH_OF.items():
         for sex in ("M", "F"):
-            error = np.array([(at_age(fit.charts, measure, sex, age) - [truth.centile(p, age) for p in LEVELS])
-                              / truth.sd(age) for age in (30.0, 50.0, 70.0)])
+            error = np.array(
+                [
+                    (at_age(fit.charts, measure, sex, age) - [truth.centile(p, age) for p in LEVELS]) / truth.sd(age)
+                    for age in (30.0, 50.0, 70.0)
+                ]
+            )
             # in SD units over 5 centiles x 3 ages; an outer centile's own sampling error at 120 scans is about
             # 0.2 SD, so single ones pass 0.35 now and then (largest over three seeds: 0.52)
-            assert np.sqrt((error ** 2).mean()) < 0.35 and np.abs(error).max() < 0.6, (measure, sex)
+            assert np.sqrt((error**2).mean()) < 0.35 and np.abs(error).max() < 0.6, (measure, sex)
     scores = placed_in_one_call(fit, new_copies, tmp_path)
     assert len(scores) == 2 * len(new_copies) and scores["z"].notna().all()
     for measure in TRUTH_OF:

@@ -15,11 +15,13 @@ from ctcohort.structures import load_structure_table
 
 REPO = Path(__file__).parents[1]
 VOXEL_ML = 0.002
-TABLE = pd.DataFrame({
-    "label": [1, 2, 3, 4],
-    "name": ["kidney_left", "kidney_right", "spleen", "aorta"],
-    "group": ["organ", "organ", "organ", "vessel"],
-})
+TABLE = pd.DataFrame(
+    {
+        "label": [1, 2, 3, 4],
+        "name": ["kidney_left", "kidney_right", "spleen", "aorta"],
+        "group": ["organ", "organ", "organ", "vessel"],
+    }
+)
 COMBINED = {"kidneys": ["kidney_left", "kidney_right"], "mixed": ["spleen", "aorta"]}
 # subject: age, sex
 COVARIATES = {"a": (30.0, "F"), "b": (55.0, "M"), "c": (80.0, "F")}
@@ -37,7 +39,7 @@ def scan(seed: int, shapes: dict[int, tuple[slice, ...]], size=(40, 40, 40)) -> 
 
 
 BOXES = {
-    1: np.s_[5:15, 5:12, 5:20],     # left and right of different sizes
+    1: np.s_[5:15, 5:12, 5:20],  # left and right of different sizes
     2: np.s_[20:33, 5:14, 5:25],
     3: np.s_[5:18, 20:30, 22:34],
     4: np.s_[22:30, 20:26, 28:35],
@@ -118,14 +120,16 @@ def test_a_missing_member_leaves_the_combined_value_undefined():
 
 
 def test_add_combined_appends_rows_that_the_statistics_read_like_any_structure(tmp_path):
-    from ctcohort.stats import age_correlations
     from scipy import stats
+
+    from ctcohort.stats import age_correlations
 
     # kidney_left grows with age, kidney_right shrinks faster: the sum falls
     sizes = {"a": (10, 13), "b": (12, 9), "c": (14, 4)}
-    scans = {s: scan(seed, {**BOXES, 1: np.s_[5:5 + sizes[s][0], 5:12, 5:20],
-                            2: np.s_[20:20 + sizes[s][1], 5:14, 5:25]})
-             for seed, s in enumerate(COVARIATES, start=1)}
+    scans = {
+        s: scan(seed, {**BOXES, 1: np.s_[5 : 5 + sizes[s][0], 5:12, 5:20], 2: np.s_[20 : 20 + sizes[s][1], 5:14, 5:25]})
+        for seed, s in enumerate(COVARIATES, start=1)
+    }
     base = cohort(scans)
     table = add_combined(base, COMBINED)
     assert len(table) == len(base) + len(COVARIATES) * len(COMBINED)
@@ -135,8 +139,11 @@ def test_add_combined_appends_rows_that_the_statistics_read_like_any_structure(t
     back = pd.read_csv(path, sep="\t")
     result = age_correlations(back, ["volume_ml", "hu_mean"], min_n=3, partial_covariates=[])
     got = result.set_index(["structure", "measure"]).loc[("kidneys", "volume_ml")]
-    kidneys = base[base["structure"].str.startswith("kidney")].groupby("subject").agg(
-        age=("age", "first"), volume=("volume_ml", "sum"))
+    kidneys = (
+        base[base["structure"].str.startswith("kidney")]
+        .groupby("subject")
+        .agg(age=("age", "first"), volume=("volume_ml", "sum"))
+    )
     assert got["n"] == 3
     assert got["rs"] == pytest.approx(stats.spearmanr(kidneys["age"], kidneys["volume"]).statistic)
     assert got["group"] == "organ"

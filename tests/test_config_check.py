@@ -7,8 +7,8 @@ import sys
 import jsonschema
 import pytest
 import yaml
-
 from conftest import REPO
+
 from ctcohort import centiles, ct_age, imaging, patients, qc, segment, stats, train
 from ctcohort.config_check import config_disagreements, structure_reference_problems, typed_like_schema
 from ctcohort.structures import load_structure_table
@@ -20,11 +20,12 @@ README = (REPO / "config" / "README.md").read_text()
 # each stage's settings: how the workflow builds them from the whole config, and the config section that holds
 # their fields key for key (None: fields spread over sections, or optional keys the shipped config leaves out)
 SETTINGS = {
-    segment.SegmentationSettings: (lambda c: segment.SegmentationSettings.from_config(c["segmentation"]),
-                                   ("segmentation",)),
+    segment.SegmentationSettings: (
+        lambda c: segment.SegmentationSettings.from_config(c["segmentation"]),
+        ("segmentation",),
+    ),
     qc.QCSettings: (qc.QCSettings.from_config, None),
-    imaging.ScanChecks: (lambda c: imaging.ScanChecks.from_config(c["measure"]["ct_checks"]),
-                         ("measure", "ct_checks")),
+    imaging.ScanChecks: (lambda c: imaging.ScanChecks.from_config(c["measure"]["ct_checks"]), ("measure", "ct_checks")),
     stats.StatisticsSettings: (lambda c: stats.StatisticsSettings.from_config(c["statistics"]), ("statistics",)),
     patients.PatientSettings: (lambda c: patients.PatientSettings.from_config(c["statistics"]), ("statistics",)),
     train.TrainingSettings: (lambda c: train.TrainingSettings.from_config(c["training"]), None),
@@ -50,18 +51,20 @@ def test_a_disagreement_of_config_yaml_the_schema_or_the_readme_is_named():
     del schema["properties"]["ct_age"]["properties"]["threads"]
     readme = README.replace("| `training.half` | `false` |", "| `training.half` | `true` |")
     readme = readme.replace("| `demo.seed` |", "| `demo.sed` |")
-    assert sorted(config_disagreements(config, schema, readme)) == sorted([
-        "config.yaml key qc.preview_height is not in the schema",
-        "config.yaml key ct_age.threads is not in the schema",
-        "schema key segmentation.checkpoint is not in config.yaml",
-        "demo.seed has no row in config/README.md",
-        "config/README.md's demo.sed is not in the schema",
-        "config/README.md's ct_age.threads is not in the schema",
-        "config/README.md's default of measure.min_voxels, `10`, is not config.yaml's 11",
-        "config/README.md's default of training.half, `true`, is not config.yaml's False",
-        f"config/README.md's default of statistics.combined, nine pairs, is not config.yaml's "
-        f"{config['statistics']['combined']!r}",
-    ])
+    assert sorted(config_disagreements(config, schema, readme)) == sorted(
+        [
+            "config.yaml key qc.preview_height is not in the schema",
+            "config.yaml key ct_age.threads is not in the schema",
+            "schema key segmentation.checkpoint is not in config.yaml",
+            "demo.seed has no row in config/README.md",
+            "config/README.md's demo.sed is not in the schema",
+            "config/README.md's ct_age.threads is not in the schema",
+            "config/README.md's default of measure.min_voxels, `10`, is not config.yaml's 11",
+            "config/README.md's default of training.half, `true`, is not config.yaml's False",
+            f"config/README.md's default of statistics.combined, nine pairs, is not config.yaml's "
+            f"{config['statistics']['combined']!r}",
+        ]
+    )
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda settings: settings.__name__)
@@ -149,9 +152,25 @@ def test_misspelled_structures_are_named_with_their_key():
 
 
 def dry_run(tmp_path, *config_args):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
-                           "--dry-run", "--config", *config_args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+            "--dry-run",
+            "--config",
+            *config_args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_nested_config_value_as_the_readme_teaches_it_works(tmp_path):

@@ -1,7 +1,6 @@
 """The real-CT data fixture: skipped on a user's machine, an error in CI."""
 
 import pytest
-
 from conftest import require_shared_data
 
 

@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 PLANTED_GAP = 10.0
 
 
-def synthetic_cohort(n: int = 500, seed: int = 0, accelerated_share: float = 0.2, structures: int = 104,
-                     repeats_share: float = 0.0) -> tuple[pd.DataFrame, pd.Series]:
+def synthetic_cohort(
+    n: int = 500, seed: int = 0, accelerated_share: float = 0.2, structures: int = 104, repeats_share: float = 0.0
+) -> tuple[pd.DataFrame, pd.Series]:
     """(a cohort measurement table, each scan's planted extra years) of ``n`` scans x the first ``structures``
     of total_v1: a third of the structure x measure pairs follow age (linearly or along a curve) with noise,
     sex and contrast shift them, 5% of the values are missing; ``accelerated_share`` of the patients' measures
@@ -46,20 +47,37 @@ def synthetic_cohort(n: int = 500, seed: int = 0, accelerated_share: float = 0.2
     hu_slope = np.where(rng.random(k) < 1 / 3, rng.choice([-1, 1], k) * rng.uniform(4, 20, k), 0.0)
     hu_curve = np.where(rng.random(k) < 0.1, -rng.uniform(1, 3, k), 0.0)
     male = (sex[patient] == "M")[:, None]
-    volume = rng.uniform(10, 1500, k) * (1 + volume_slope * decades) * np.where(male, 1.08, 0.92) \
+    volume = (
+        rng.uniform(10, 1500, k)
+        * (1 + volume_slope * decades)
+        * np.where(male, 1.08, 0.92)
         * rng.lognormal(0, 0.08, (len(patient), k))
-    hu = (rng.uniform(-50, 400, k) + hu_slope * decades + hu_curve * decades ** 2 + 40 * contrast[:, None]
-          + rng.normal(0, 12, (len(patient), k)))
+    )
+    hu = (
+        rng.uniform(-50, 400, k)
+        + hu_slope * decades
+        + hu_curve * decades**2
+        + 40 * contrast[:, None]
+        + rng.normal(0, 12, (len(patient), k))
+    )
     volume[rng.random(volume.shape) < 0.05] = np.nan
     hu[rng.random(hu.shape) < 0.05] = np.nan
     subjects = [f"s{i:05d}" for i in range(len(patient))]
-    measurements = pd.DataFrame({
-        "subject": np.repeat(subjects, k), "age": np.repeat(age.round(1), k), "sex": np.repeat(sex[patient], k),
-        "contrast": np.repeat(contrast, k), "patient": np.repeat([f"p{p:05d}" for p in patient], k),
-        "structure": np.tile(table["name"], len(patient)), "label": np.tile(table["label"], len(patient)),
-        "group": np.tile(table["group"], len(patient)), "volume_ml": volume.ravel(), "hu_mean": hu.ravel(),
-        "exclusion_reason": "",
-    })
+    measurements = pd.DataFrame(
+        {
+            "subject": np.repeat(subjects, k),
+            "age": np.repeat(age.round(1), k),
+            "sex": np.repeat(sex[patient], k),
+            "contrast": np.repeat(contrast, k),
+            "patient": np.repeat([f"p{p:05d}" for p in patient], k),
+            "structure": np.tile(table["name"], len(patient)),
+            "label": np.tile(table["label"], len(patient)),
+            "group": np.tile(table["group"], len(patient)),
+            "volume_ml": volume.ravel(),
+            "hu_mean": hu.ravel(),
+            "exclusion_reason": "",
+        }
+    )
     return measurements, pd.Series(PLANTED_GAP * accelerated[patient], index=subjects, name="planted")
 
 
@@ -79,7 +97,9 @@ def test_planted_gap_is_recovered(planted):
     result, planted_years = planted
     table = result.table.set_index("subject")
     accelerated = planted_years.reindex(table.index) > 0
-    difference = table.loc[accelerated, "age_gap_corrected"].mean() - table.loc[~accelerated, "age_gap_corrected"].mean()
+    difference = (
+        table.loc[accelerated, "age_gap_corrected"].mean() - table.loc[~accelerated, "age_gap_corrected"].mean()
+    )
     others = table.loc[~accelerated]
     mae = (others["predicted_age"] - others["age"]).abs().mean()
     assert 0.15 < accelerated.mean() < 0.25
@@ -87,8 +107,10 @@ def test_planted_gap_is_recovered(planted):
     assert mae < 5, mae
     summary = result.summary.set_index("features").loc[ALL]
     assert summary["n_scans"] == 500 and summary["r2"] > 0.8 and summary["note"] == ""
-    print(f"recovered gap {difference:.2f} years, MAE of the others {mae:.2f}, R2 {summary['r2']:.3f}, "
-          f"models {summary['models_by_fold']}")
+    print(
+        f"recovered gap {difference:.2f} years, MAE of the others {mae:.2f}, R2 {summary['r2']:.3f}, "
+        f"models {summary['models_by_fold']}"
+    )
 
 
 def test_every_prediction_out_of_fold(planted):
@@ -131,8 +153,9 @@ def test_bias_correction_against_polyfit(planted):
         assert (model.intercept, model.slope) == pytest.approx((intercept, slope))
         assert 0.5 < slope < 1  # regression to the mean
         held_out = table["fold"] == model.fold
-        np.testing.assert_allclose(table.loc[held_out, "predicted_age_corrected"],
-                                   (table.loc[held_out, "predicted_age"] - intercept) / slope)
+        np.testing.assert_allclose(
+            table.loc[held_out, "predicted_age_corrected"], (table.loc[held_out, "predicted_age"] - intercept) / slope
+        )
     # out of fold, the corrected ages no longer regress to the mean; the raw ones do
     raw, corrected = (np.polyfit(age, table[column], 1)[0] for column in ("predicted_age", "predicted_age_corrected"))
     assert raw < 0.97 and abs(corrected - 1) < abs(raw - 1), (raw, corrected)
@@ -176,8 +199,11 @@ def test_table_columns_and_notes():
     measurements.loc[measurements["structure"] == structures[4], "hu_mean"] = 40.0
     combined = measurements[measurements["subject"] == subjects[2]].head(1).assign(structure="kidneys", label=np.nan)
     measurements = pd.concat([measurements, combined], ignore_index=True)
-    result = ct_age(measurements, selection_of(measurements),
-                    CtAgeSettings(groups=("bone",), min_scans=30, models=("gradient_boosting",)))
+    result = ct_age(
+        measurements,
+        selection_of(measurements),
+        CtAgeSettings(groups=("bone",), min_scans=30, models=("gradient_boosting",)),
+    )
     table = result.table.set_index("subject")
     assert list(result.table.columns) == table_columns(("bone",))
     assert table.at[subjects[0], "note"] == "no_age" and np.isfinite(table.at[subjects[0], "predicted_age"])
@@ -189,9 +215,15 @@ def test_table_columns_and_notes():
 
 
 def test_feature_matrix_leaves_combined_structures_out_and_logs_volumes():
-    measurements = pd.DataFrame({
-        "subject": ["a", "a", "b", "b", "a"], "structure": ["liver", "spleen", "liver", "spleen", "organs"],
-        "label": [5, 1, 5, 1, np.nan], "volume_ml": [np.e, 1.0, np.nan, 0.0, 9.0], "hu_mean": [50, 40, 51, 41, 45]})
+    measurements = pd.DataFrame(
+        {
+            "subject": ["a", "a", "b", "b", "a"],
+            "structure": ["liver", "spleen", "liver", "spleen", "organs"],
+            "label": [5, 1, 5, 1, np.nan],
+            "volume_ml": [np.e, 1.0, np.nan, 0.0, 9.0],
+            "hu_mean": [50, 40, 51, 41, 45],
+        }
+    )
     features = feature_matrix(measurements, ["volume_ml", "hu_mean"], ["b", "a"])
     assert list(features.index) == ["b", "a"]
     assert set(features.columns) == {"liver:volume_ml", "spleen:volume_ml", "liver:hu_mean", "spleen:hu_mean"}
@@ -225,7 +257,9 @@ def test_figure_and_methods_sentence(planted, tmp_path):
     plot_ct_age(result.table, result.summary, outputs)
     assert all(path.stat().st_size > 1000 for path in outputs)
     assert gap_columns(pd.DataFrame(columns=table_columns())) == [
-        (ALL, "age_gap_corrected"), *((g, f"{g}_age_gap_corrected") for g in ("organ", "bone", "muscle", "vessel"))]
+        (ALL, "age_gap_corrected"),
+        *((g, f"{g}_age_gap_corrected") for g in ("organ", "bone", "muscle", "vessel")),
+    ]
     measurements, _ = synthetic_cohort(n=20, structures=5)
     small = ct_age(measurements, selection_of(measurements), CtAgeSettings(groups=()))
     plot_ct_age(small.table, small.summary, [tmp_path / "empty.svg"])  # says why, draws nothing

@@ -54,8 +54,9 @@ def test_a_missing_slice_is_named_with_its_place():
     zs = [-804.5 + 2 * k for k in range(20) if k != 9]
     stack = measure_stack(axial(zs), AXIAL)
     assert not stack.regular and not stack.doubled and stack.spacing == 2
-    assert stack.problem == ("uneven slice spacing (17 gaps of 2 mm, 1 gap of 4 mm): slices missing "
-                             "(1 at -786.5 mm along the slice normal)")
+    assert stack.problem == (
+        "uneven slice spacing (17 gaps of 2 mm, 1 gap of 4 mm): slices missing (1 at -786.5 mm along the slice normal)"
+    )
     three = measure_stack(axial([0, 2, 4, 12, 14, 16, 18]), AXIAL)
     assert "slices missing (3 at 6 mm along the slice normal)" in three.problem
 
@@ -103,8 +104,10 @@ def test_a_volume_is_checked_against_the_headers_and_put_on_their_stack():
     assert down[2, 2] == pytest.approx(-stack.step) and down[2, 3] == pytest.approx(stack.start + 19 * stack.step)
     assert "5 slices" in volume_disagreement(taken, 5, stack, resliced=False)
     sideways = taken[:, [2, 1, 0, 3]]  # slices along x
-    assert volume_disagreement(sideways, 20, stack, resliced=False) == "its third axis not along the slice normal " \
+    assert (
+        volume_disagreement(sideways, 20, stack, resliced=False) == "its third axis not along the slice normal "
         "of the headers"
+    )
 
 
 def test_a_resliced_volume_must_span_the_headers_slices():
@@ -113,8 +116,10 @@ def test_a_resliced_volume_must_span_the_headers_slices():
     assert volume_disagreement(grid(-766.5, -2.0), 20, stack, resliced=True) == ""  # top down
     # what dcm2niix made of a series whose InstanceNumbers were shuffled: 10 slices of 3.33 mm, 2 mm too high
     wrong = volume_disagreement(grid(-802.5, 10 / 3), 10, stack, resliced=True)
-    assert wrong == ("10 slices 3.333 mm apart from -802.5 mm along the slice normal, where the headers put 19 "
-                     "slices 2 mm apart from -804.5 mm over 38 mm")
+    assert wrong == (
+        "10 slices 3.333 mm apart from -802.5 mm along the slice normal, where the headers put 19 "
+        "slices 2 mm apart from -804.5 mm over 38 mm"
+    )
     assert volume_disagreement(grid(-804.5, 2.0), 10, stack, resliced=True)  # too few slices to span them
 
 
@@ -132,9 +137,11 @@ def test_the_header_reader_reads_the_geometry_and_skips_what_is_not_an_image(tmp
 
 def moved(z_of):
     """An edit that moves each slice to ``z_of(index, z)`` (index: feet to head, as series_files orders them)."""
+
     def edit(ds, index):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y, z_of(index, z)]
+
     return edit
 
 
@@ -163,7 +170,7 @@ def edited_series(shared_data, folder, name):
         edit = tilt(float(edit[5:]))
     elif isinstance(edit, str):
         skipped = int(edit[5:])
-        files, edit = files[:skipped] + files[skipped + 1:], None
+        files, edit = files[:skipped] + files[skipped + 1 :], None
     return write_copies(files, folder, edit)
 
 

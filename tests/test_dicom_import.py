@@ -12,8 +12,11 @@ import pytest
 pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2000 with pylibjpeg (test extra)")
 
 from conftest import require_shared_data  # noqa: E402
+from dicom_edits import reference_volume, series_files, tilt, write_copies  # noqa: E402
+
 from ctcohort import dicom_import  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
+from ctcohort.dicom_geometry import measure_stack  # noqa: E402
 from ctcohort.dicom_import import (  # noqa: E402
     DicomImportError,
     _choose_volume,
@@ -23,10 +26,7 @@ from ctcohort.dicom_import import (  # noqa: E402
     import_series,
     import_table,
 )
-from ctcohort.dicom_geometry import measure_stack  # noqa: E402
 from ctcohort.scan_status import read_status  # noqa: E402
-from dicom_edits import reference_volume, series_files, tilt, write_copies  # noqa: E402
-
 
 AXIAL = (1, 0, 0, 0, 1, 0)
 
@@ -118,7 +118,7 @@ def test_a_file_list_holds_paths_relative_to_its_folder(files, tmp_path):
 def test_a_missing_slice_fails_or_is_resliced_where_allowed(files, reference_grid, reference, tmp_path, capsys):
     gap = 9
     folder = tmp_path / "missing"
-    write_copies(files[:gap] + files[gap + 1:], folder)
+    write_copies(files[:gap] + files[gap + 1 :], folder)
     with pytest.raises(DicomImportError) as failure:
         convert_series(folder)
     message = str(failure.value)
@@ -161,8 +161,9 @@ def shuffle_instance_numbers(ds, index):
 
 
 @pytest.mark.parametrize("allow_corrected", [False, True])
-def test_shuffled_instance_numbers_convert_on_the_positions_grid(files, reference_grid, reference, tmp_path,
-                                                                 allow_corrected):
+def test_shuffled_instance_numbers_convert_on_the_positions_grid(
+    files, reference_grid, reference, tmp_path, allow_corrected
+):
     folder = tmp_path / "shuffled"
     copies = write_copies(files, folder, shuffle_instance_numbers)
     before = [p.read_bytes() for p in copies]
@@ -176,7 +177,8 @@ def test_shuffled_instance_numbers_convert_on_the_positions_grid(files, referenc
 
 
 def test_a_volume_that_disagrees_with_the_headers_is_refused_even_where_corrections_are_allowed(
-        files, tmp_path, monkeypatch):
+    files, tmp_path, monkeypatch
+):
     """Without the numbering by position dcm2niix stacks the shuffled slices by InstanceNumber and keeps a few of
     the 20 (a Siemens CT: those up to the first that goes back): refused, with dcm2niix's own word for the cause."""
     folder = tmp_path / "shuffled"
@@ -205,6 +207,7 @@ def test_jittered_positions_convert_on_the_stack_they_describe(files, tmp_path):
     def jittered(ds, index):
         x, y, _ = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y, -804.5 + 5 * index + jitter[index % 3]]
+
     folder = tmp_path / "jittered"
     write_copies(files, folder, jittered)
     img, record = convert_series(folder)
@@ -218,13 +221,17 @@ def test_jittered_positions_convert_on_the_stack_they_describe(files, tmp_path):
 def set_series(uid, number):
     def edit(ds, index):
         ds.SeriesInstanceUID, ds.SeriesNumber = uid, number
+
     return edit
 
 
-@pytest.mark.parametrize("second, message", [
-    (set_series("1.2.826.0.1.3680043.8.498.2", 3), r"holds 2 series \(distinct SeriesInstanceUID\)"),
-    (set_series("", 3), r"more than one series: SeriesNumber 2 \(20 images\), 3 \(20 images\)"),
-])
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (set_series("1.2.826.0.1.3680043.8.498.2", 3), r"holds 2 series \(distinct SeriesInstanceUID\)"),
+        (set_series("", 3), r"more than one series: SeriesNumber 2 \(20 images\), 3 \(20 images\)"),
+    ],
+)
 def test_a_second_series_mixed_in_is_an_error(files, tmp_path, second, message):
     folder = tmp_path / "two"
     uid = "" if "SeriesNumber" in message else "1.2.826.0.1.3680043.8.498.1"
@@ -249,12 +256,14 @@ def test_a_localizer_mixed_in_is_an_error(files, tmp_path):
     def localizer(ds, index):  # a coronal scout with the series' (blank) UIDs, as dcm2niix would merge it
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
     write_copies(files[:1], folder, localizer, prefix="scout")
     with pytest.raises(DicomImportError, match=r"1 localizer image \(ImageType LOCALIZER\) mixed in with the 20"):
         convert_series(folder, allow_corrected=True)
 
     def scout_without_its_type(ds, index):
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
     write_copies(files[:1], folder, scout_without_its_type, prefix="scout")
     with pytest.raises(DicomImportError, match="slices in 2 different orientations"):
         convert_series(folder, allow_corrected=True)
@@ -271,6 +280,7 @@ def test_a_source_with_no_dicom_or_no_ct_is_an_error(files, tmp_path):
 
     def modality(ds, index):
         ds.Modality = "MR"
+
     write_copies(files, mr, modality)
     with pytest.raises(DicomImportError, match=r"holds no CT image: modality MR \(20\)"):
         convert_series(mr)
@@ -324,9 +334,11 @@ def test_a_batch_records_each_series_and_its_failure(files, tmp_path):
 
 def test_a_slice_with_another_rescale_gives_float32_hu_equal_to_the_reference(files, tmp_path):
     """int16 only where it is lossless: a non-integer intercept on one slice makes the volume float32."""
+
     def rescale(ds, index):
         if index == 7:
             ds.RescaleIntercept = -1024.5
+
     folder = tmp_path / "rescaled"
     copies = write_copies(files, folder, rescale)
     img, record = convert_series(folder)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import SHEET_SCHEMA, require_shared_data
+
 from ctcohort import dicom_series
 from ctcohort.cli import main
 from ctcohort.sheet import load_cohort_sheet
@@ -41,8 +41,10 @@ def shared_series() -> list[Path]:
 
 
 def original_positions() -> list[tuple[float, float, float]]:
-    return [tuple(float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient)
-            for f in shared_series()]
+    return [
+        tuple(float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient)
+        for f in shared_series()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,13 @@ def run_sheet(tree: Path, out: Path, secret: str = SECRET, **options) -> dicom_s
 
 
 def read(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype={"subject": str, "sex": str, "study": str, "reason": str},
-                       keep_default_na=False, na_values=[""])
+    return pd.read_csv(
+        path,
+        sep="\t",
+        dtype={"subject": str, "sex": str, "study": str, "reason": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
 
 
 def expected_pseudonym(patient_id: str, study_key: str, secret: str = SECRET) -> tuple[str, str]:
@@ -77,8 +84,9 @@ def test_one_series_chosen_per_study_with_age_sex_and_contrast(tree, tmp_path):
     # one row per study with a usable series: A twice, B-F; G has none
     assert len(sheet) == 7 and sheet["subject"].is_unique
     assert set(series["study"]) == set(sheet["subject"]) | {expected_pseudonym("PHIG-5005", f"uid\0{UID_ROOT}.8")[0]}
-    assert (series.groupby("study")["chosen"].sum().drop(expected_pseudonym("PHIG-5005", f"uid\0{UID_ROOT}.8")[0])
-            == 1).all()
+    assert (
+        series.groupby("study")["chosen"].sum().drop(expected_pseudonym("PHIG-5005", f"uid\0{UID_ROOT}.8")[0]) == 1
+    ).all()
 
     a1, a1_patient = expected_pseudonym("PHIA-4711", "date\0" + "\0".join(["20221208", "000000", "", ACCESSION]))
     a2, _ = expected_pseudonym("PHIA-4711", f"uid\0{UID_ROOT}.2")
@@ -88,6 +96,7 @@ def test_one_series_chosen_per_study_with_age_sex_and_contrast(tree, tmp_path):
     assert sheet.at[a1, "patient"] == sheet.at[a2, "patient"] == a1_patient and sheet.at[b, "patient"] == b_patient
     # years since the patient's first study, from the study dates (never the dates themselves), by hand
     from datetime import date
+
     first, second = sorted(date(int(d[:4]), int(d[4:6]), int(d[6:])) for d in STUDY_DATES.values())
     later, earlier = (a1, a2) if STUDY_DATES["A1"] > STUDY_DATES["A2"] else (a2, a1)
     assert sheet.at[earlier, "years"] == 0
@@ -138,8 +147,10 @@ def test_one_series_chosen_per_study_with_age_sex_and_contrast(tree, tmp_path):
 
     # ages by unit, by hand; a bare number flagged (and preferred to the birth date); unknowns blank
     by_patient = sheet.set_index("patient")
+
     def age(patient_id):
         return by_patient.loc[expected_pseudonym(patient_id, "")[1], ["age", "age_source", "sex"]].tolist()
+
     assert age("PHIC-1001")[0] == pytest.approx(21 / 365.2425, abs=1e-4)
     assert age("PHIC-1001")[1] == "age_tag" and pd.isna(age("PHIC-1001")[2])  # sex O: blank
     assert age("PHID-2002")[0] == pytest.approx(10 / 365.2425, abs=1e-4) and age("PHID-2002")[2] == "M"
@@ -167,8 +178,23 @@ def test_pseudonyms_stable_with_the_secret_and_no_phi_out(tree, tmp_path, monkey
     run_sheet(tree, first)
     monkeypatch.setenv(dicom_series.SECRET_VARIABLE, SECRET)  # the command takes the secret from the environment
     key = tmp_path / "private" / "key.tsv"
-    assert main(["sheet", str(tree), "-o", str(again / "cohort.tsv"), "--series-table", str(again / "series.tsv"),
-                 "--key-out", str(key), "--processes", "1"]) == 0
+    assert (
+        main(
+            [
+                "sheet",
+                str(tree),
+                "-o",
+                str(again / "cohort.tsv"),
+                "--series-table",
+                str(again / "series.tsv"),
+                "--key-out",
+                str(key),
+                "--processes",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "a CT series chosen for 7" in capsys.readouterr().out
     run_sheet(tree, other, secret="another secret")
 
@@ -207,8 +233,24 @@ def test_series_uid_named_by_the_user_and_refusals(tree, tmp_path, monkeypatch):
     series = read(tmp_path / "series.tsv")
     assert series[(series["study"] == b) & (series["chosen"] == 1)]["reason"].tolist() == ["named by --series-uid"]
     # --file-lists: the sheet names no folder of the export; the named series' 10 files listed
-    assert main(["sheet", str(tree), "-o", str(tmp_path / "lists.tsv"), "--secret", SECRET, "--file-lists",
-                 "--series-uid", f"{UID_ROOT}.3.2", "--processes", "1"]) == 0
+    assert (
+        main(
+            [
+                "sheet",
+                str(tree),
+                "-o",
+                str(tmp_path / "lists.tsv"),
+                "--secret",
+                SECRET,
+                "--file-lists",
+                "--series-uid",
+                f"{UID_ROOT}.3.2",
+                "--processes",
+                "1",
+            ]
+        )
+        == 0
+    )
     cts = read(tmp_path / "lists.tsv").set_index("subject")["ct"]
     assert all(ct.startswith(f"lists{dicom_series.LIST_FOLDER_SUFFIX}/") and ct.endswith(".txt") for ct in cts)
     assert [Path(f).parent.name for f in (tmp_path / cts[b]).read_text().splitlines()] == ["s4"] * 10
@@ -219,8 +261,21 @@ def test_series_uid_named_by_the_user_and_refusals(tree, tmp_path, monkeypatch):
         run_sheet(tree, tmp_path, series_uids=["1.2.3.4"])
     monkeypatch.delenv(dicom_series.SECRET_VARIABLE, raising=False)
     assert main(["sheet", str(tree), "-o", str(tmp_path / "x.tsv")]) == 1
-    assert main(["sheet", str(tree), "-o", str(tmp_path / "x.tsv"), "--secret", "s",
-                 "--key-out", str(tmp_path / "results" / "key.tsv")]) == 1
+    assert (
+        main(
+            [
+                "sheet",
+                str(tree),
+                "-o",
+                str(tmp_path / "x.tsv"),
+                "--secret",
+                "s",
+                "--key-out",
+                str(tmp_path / "results" / "key.tsv"),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "x.tsv").exists() and not (tmp_path / "results").exists()
 
 
@@ -255,8 +310,13 @@ def test_free_text_and_folder_names_carry_no_identifying_value(tmp_path):
 
     sources = shared_series()
     folder = tmp_path / "export" / "DOE_JANETTA_PHIA-4711" / "STUDY_20221208" / "SER3"
-    plant_patient(sources, folder, "im", "PHIA-4711",
-                  SeriesDescription="Doe^Janetta abdomen PHIA-4711 2022-12-08 MRN123456 portal venous")
+    plant_patient(
+        sources,
+        folder,
+        "im",
+        "PHIA-4711",
+        SeriesDescription="Doe^Janetta abdomen PHIA-4711 2022-12-08 MRN123456 portal venous",
+    )
     out = tmp_path / "out"
     run_sheet(tmp_path / "export", out)
     series = read(out / "series.tsv")

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_workflow
 from dicom_edits import series_files, write_copies
+
 from ctcohort import duplicate_scans
 from ctcohort.duplicate_scans import (
     IDENTICAL_CONTENT,
@@ -26,8 +26,7 @@ from ctcohort.duplicate_scans import (
 
 
 def sheet_of(rows: dict) -> pd.DataFrame:
-    return pd.DataFrame({"subject": list(rows), "ct": [str(p) for p in rows.values()]}).set_index(
-        "subject", drop=False)
+    return pd.DataFrame({"subject": list(rows), "ct": [str(p) for p in rows.values()]}).set_index("subject", drop=False)
 
 
 def later(groups) -> list[tuple[str, str, str]]:
@@ -48,8 +47,12 @@ def test_the_same_file_through_a_link_or_dotdot(tmp_path):
     scan.write_bytes(b"scan a" * 100)
     (tmp_path / "link.nii.gz").symlink_to(scan)
     (tmp_path / "other.nii.gz").write_bytes(b"scan b" * 100)
-    rows = {"s1": scan, "s2": tmp_path / "other.nii.gz", "s3": tmp_path / "link.nii.gz",
-            "s4": f"{tmp_path}/sub/../a.nii.gz"}
+    rows = {
+        "s1": scan,
+        "s2": tmp_path / "other.nii.gz",
+        "s3": tmp_path / "link.nii.gz",
+        "s4": f"{tmp_path}/sub/../a.nii.gz",
+    }
     groups = find_duplicate_scans(sheet_of(rows))
     assert len(groups) == 1 and groups[0].first == "s1" and groups[0].path == str(scan)
     assert later(groups) == [("s3", "s1", SAME_FILE), ("s4", "s1", SAME_FILE)]
@@ -87,8 +90,13 @@ def test_a_dicom_folder_exported_again_with_other_file_names(tmp_path):
     other = [*slices[:4], b"\1" * 2000]  # one slice differs, same sizes
     write_series(tmp_path / "other", [f"IM{i:04d}.dcm" for i in range(5)], other)
     (tmp_path / "list.txt").write_text("\n".join(f"export1/IM{i:04d}.dcm" for i in (4, 2, 0, 1, 3)) + "\n")
-    rows = {"a": tmp_path / "export1", "b": tmp_path / "other", "c": tmp_path / "export2", "d": tmp_path / "list.txt",
-            "e": tmp_path / "export1/"}
+    rows = {
+        "a": tmp_path / "export1",
+        "b": tmp_path / "other",
+        "c": tmp_path / "export2",
+        "d": tmp_path / "list.txt",
+        "e": tmp_path / "export1/",
+    }
     groups = find_duplicate_scans(sheet_of(rows))
     assert later(groups) == [("c", "a", IDENTICAL_CONTENT), ("d", "a", IDENTICAL_CONTENT), ("e", "a", SAME_FILE)]
 
@@ -98,8 +106,14 @@ def test_empty_or_missing_sources_are_never_duplicates(tmp_path):
     (tmp_path / "empty2").mkdir()
     (tmp_path / "zero1.nii.gz").write_bytes(b"")
     (tmp_path / "zero2.nii.gz").write_bytes(b"")
-    rows = {"a": tmp_path / "empty1", "b": tmp_path / "empty2", "c": tmp_path / "zero1.nii.gz",
-            "d": tmp_path / "zero2.nii.gz", "e": tmp_path / "gone1.nii.gz", "f": tmp_path / "gone2.nii.gz"}
+    rows = {
+        "a": tmp_path / "empty1",
+        "b": tmp_path / "empty2",
+        "c": tmp_path / "zero1.nii.gz",
+        "d": tmp_path / "zero2.nii.gz",
+        "e": tmp_path / "gone1.nii.gz",
+        "f": tmp_path / "gone2.nii.gz",
+    }
     assert find_duplicate_scans(sheet_of(rows)) == []
 
 
@@ -108,19 +122,33 @@ def test_groups_in_sheet_order_and_what_drop_later_drops(tmp_path):
         (tmp_path / f"{name}.nii.gz").write_bytes(name.encode() * 1000)
     for name in ("x2", "y2"):
         shutil.copy(tmp_path / f"{name[0]}.nii.gz", tmp_path / f"{name}.nii.gz")
-    rows = {"s1": tmp_path / "y2.nii.gz", "s2": tmp_path / "x.nii.gz", "s3": tmp_path / "y.nii.gz",
-            "s4": tmp_path / "x2.nii.gz", "s5": tmp_path / "y2.nii.gz"}
+    rows = {
+        "s1": tmp_path / "y2.nii.gz",
+        "s2": tmp_path / "x.nii.gz",
+        "s3": tmp_path / "y.nii.gz",
+        "s4": tmp_path / "x2.nii.gz",
+        "s5": tmp_path / "y2.nii.gz",
+    }
     groups = find_duplicate_scans(sheet_of(rows))
     assert [g.first for g in groups] == ["s1", "s2"]
     table = duplicates_table(groups)
-    assert table.values.tolist() == [["s3", "s1", IDENTICAL_CONTENT], ["s5", "s1", SAME_FILE],
-                                     ["s4", "s2", IDENTICAL_CONTENT]]
+    assert table.values.tolist() == [
+        ["s3", "s1", IDENTICAL_CONTENT],
+        ["s5", "s1", SAME_FILE],
+        ["s4", "s2", IDENTICAL_CONTENT],
+    ]
     assert duplicate_scans.dropped_subjects(groups) == ["s3", "s5", "s4"]
     failures = duplicate_failures(table)
     assert failures.values.tolist()[0] == ["s3", "duplicate", "duplicate_of:s1 (identical content)"]
     message = duplicates_message(groups, "cohort.tsv", {"s1": 2, "s3": 4})
-    for words in ("line 2 (subject 's1')", "line 4 (subject 's3')", "subject 's5'", "same file",
-                  str(tmp_path / "x2.nii.gz"), "drop_later"):
+    for words in (
+        "line 2 (subject 's1')",
+        "line 4 (subject 's3')",
+        "subject 's5'",
+        "same file",
+        str(tmp_path / "x2.nii.gz"),
+        "drop_later",
+    ):
         assert words in message
 
 
@@ -191,8 +219,14 @@ def duplicate_cohort(workdir, dicom=False):
     shutil.copy(data / "a_ct.nii.gz", data / "a_copy.nii.gz")
     (data / "a_link.nii.gz").symlink_to(data / "a_ct.nii.gz")
     seg = str(folder / "example_seg.nii.gz")
-    rows = [("s1", "a_ct.nii.gz", 40, "M"), ("s2", "b_ct.nii.gz", 50, "F"), ("s3", "a_link.nii.gz", 60, "M"),
-            ("s4", "c_ct.nii.gz", 70, "F"), ("s5", "sub/../a_ct.nii.gz", 45, "M"), ("s6", "a_copy.nii.gz", 55, "F")]
+    rows = [
+        ("s1", "a_ct.nii.gz", 40, "M"),
+        ("s2", "b_ct.nii.gz", 50, "F"),
+        ("s3", "a_link.nii.gz", 60, "M"),
+        ("s4", "c_ct.nii.gz", 70, "F"),
+        ("s5", "sub/../a_ct.nii.gz", 45, "M"),
+        ("s6", "a_copy.nii.gz", 55, "F"),
+    ]
     rows = [(s, ct, seg, age, sex) for s, ct, age, sex in rows]
     if dicom:  # the real DICOM series exported twice, with another header value: other bytes, the same image
         files = series_files(folder.parent)
@@ -212,9 +246,16 @@ def test_duplicates_stop_the_run_before_any_job(tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
-    for words in ("3 row(s) name a scan that an earlier row names already", "line 2 (subject 's1')",
-                  "line 4 (subject 's3')", "a_link.nii.gz (same file)", "line 6 (subject 's5')",
-                  "line 7 (subject 's6')", "a_copy.nii.gz (identical content)", "duplicates: drop_later"):
+    for words in (
+        "3 row(s) name a scan that an earlier row names already",
+        "line 2 (subject 's1')",
+        "line 4 (subject 's3')",
+        "a_link.nii.gz (same file)",
+        "line 6 (subject 's5')",
+        "line 7 (subject 's6')",
+        "a_copy.nii.gz (identical content)",
+        "duplicates: drop_later",
+    ):
         assert words in output, (words, output[-3000:])
     assert "subject 's2'" not in output and "subject 's4'" not in output
 
@@ -267,7 +308,12 @@ def test_the_same_image_after_import_stops_the_aggregation(tmp_path):
     result = run_workflow(tmp_path, {**STUDY, "cohort": str(sheet)}, check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    for words in ("1 row(s) hold the same image as an earlier row once imported", "line 5 (subject 'd1')",
-                  "line 6 (subject 'd2')", "export2 (identical voxels and geometry after import)", "drop_later"):
+    for words in (
+        "1 row(s) hold the same image as an earlier row once imported",
+        "line 5 (subject 'd1')",
+        "line 6 (subject 'd2')",
+        "export2 (identical voxels and geometry after import)",
+        "drop_later",
+    ):
         assert words in output, (words, output[-3000:])
     assert not (tmp_path / "results" / "tables" / "failures.tsv").exists()

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, require_shared_data, workflow_command
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import REPO, require_shared_data, workflow_command
 from ctcohort.nnunet_adapter import nnunet_version_problem
 
 ENVS = REPO / "envs"
@@ -118,8 +118,9 @@ def checkout_copy(folder: Path) -> Path:
     folder.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, folder / name)
-    shutil.copytree(REPO / "src" / "ctcohort", folder / "src" / "ctcohort",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "src" / "ctcohort", folder / "src" / "ctcohort", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (folder / "resources").symlink_to(REPO / "resources")
     return folder
 
@@ -154,13 +155,22 @@ def post_deploy(environment: Path, workdir: Path, checkout: Path | None) -> subp
         env["CTCOHORT_CHECKOUT"] = str(checkout)
     return subprocess.run(
         ["bash", "-c", f"source '{environment}/bin/activate'; {interpreter} {copy}"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def env_python(environment: Path, code: str) -> str:
-    result = subprocess.run([str(environment / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=environment)
+    result = subprocess.run(
+        [str(environment / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        cwd=environment,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -175,8 +185,11 @@ def test_post_deploy_installs_the_workflows_checkout(tmp_path):
     result = post_deploy(environment, study, checkout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"from {checkout.resolve()}/src/ctcohort" in result.stdout
-    where = env_python(environment, "import ctcohort, importlib.metadata as m; from ctcohort.resources import "
-                       "resources_dir; print(ctcohort.__file__, resources_dir(), m.distribution('ctcohort').version)")
+    where = env_python(
+        environment,
+        "import ctcohort, importlib.metadata as m; from ctcohort.resources import "
+        "resources_dir; print(ctcohort.__file__, resources_dir(), m.distribution('ctcohort').version)",
+    )
     module, resources, version = where.split()
     assert Path(module).resolve() == (checkout / "src" / "ctcohort" / "__init__.py").resolve()
     assert Path(resources) == checkout.resolve() / "resources" and version == PYPROJECT["project"]["version"]
@@ -238,8 +251,16 @@ def test_sdm_conda_runs_a_study_in_the_analysis_environment(tmp_path, request):
     rows = []
     for i in range(1, 4):
         nib.save(nib.Nifti1Image(hu + np.int16(i), ct.affine), tmp_path / f"s{i}.nii.gz")
-        rows.append({"subject": f"s{i}", "ct": str(tmp_path / f"s{i}.nii.gz"), "seg": str(tmp_path / "seg.nii.gz"),
-                     "age": 30 + 10 * i, "sex": "MF"[i % 2], "contrast": 0})
+        rows.append(
+            {
+                "subject": f"s{i}",
+                "ct": str(tmp_path / f"s{i}.nii.gz"),
+                "seg": str(tmp_path / "seg.nii.gz"),
+                "age": 30 + 10 * i,
+                "sex": "MF"[i % 2],
+                "contrast": 0,
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "cohort.tsv", sep="\t", index=False)
     config = {"cohort": str(tmp_path / "cohort.tsv"), "segmentation": {"method": "precomputed"}}
     targets = ("results/tables/measurements.tsv", "results/tables/software_versions.tsv")

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import surface_distance
-from surface_distance import lookup_tables
 from scipy import stats
+from surface_distance import lookup_tables
 
 from ctcohort import evaluate, runlog
 from ctcohort.evaluate import (
@@ -39,9 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 # surface-distance 0.1 imports scipy.ndimage's deprecated submodules
 pytestmark = pytest.mark.filterwarnings("ignore:Please import `:DeprecationWarning")
 
+
 def table_of(n_labels, group="organ"):
-    return pd.DataFrame({"label": range(1, n_labels + 1), "name": [f"s{i}" for i in range(1, n_labels + 1)],
-                         "group": group})
+    return pd.DataFrame(
+        {"label": range(1, n_labels + 1), "name": [f"s{i}" for i in range(1, n_labels + 1)], "group": group}
+    )
 
 
 def deepmind_nsd(pred_mask, ref_mask, spacing, tolerance):
@@ -102,9 +104,18 @@ def test_surfel_areas_equal_deepmind_table_for_every_code():
 
 # Random cases for the comparison with DeepMind's surface-distance: isotropic and anisotropic grids, blobs cut
 # by the image border, predictions off by a few voxels; each case at every tolerance of DEEPMIND_TOLERANCES.
-DEEPMIND_CASES = [(30, (1.0, 1.0, 1.0)), (31, (0.7, 1.3, 3.0)), (32, (2.5, 0.8, 1.1)), (33, (0.6, 0.6, 2.0)),
-                  (34, (1.6, 2.9, 0.9)), (35, (3.0, 3.0, 3.0)), (36, (1.5, 1.5, 1.5)), (37, (0.8, 0.8, 5.0)),
-                  (38, (1.0, 1.0, 1.0)), (39, (2.0, 0.7, 0.7))]
+DEEPMIND_CASES = [
+    (30, (1.0, 1.0, 1.0)),
+    (31, (0.7, 1.3, 3.0)),
+    (32, (2.5, 0.8, 1.1)),
+    (33, (0.6, 0.6, 2.0)),
+    (34, (1.6, 2.9, 0.9)),
+    (35, (3.0, 3.0, 3.0)),
+    (36, (1.5, 1.5, 1.5)),
+    (37, (0.8, 0.8, 5.0)),
+    (38, (1.0, 1.0, 1.0)),
+    (39, (2.0, 0.7, 0.7)),
+]
 DEEPMIND_TOLERANCES = [0.0, 1.0, 2.0, 3.0, 5.0]
 
 
@@ -113,8 +124,10 @@ def deepmind_cases(tolerances):
     for seed, spacing in DEEPMIND_CASES:
         ref = blobs(seed=seed, n_labels=8)
         pred = blobs(seed=seed, n_labels=8, jitter=2.0)
-        rows = {tolerance: surface_metrics(pred, ref, spacing, table_of(8), tolerance_mm=tolerance)
-                for tolerance in tolerances}
+        rows = {
+            tolerance: surface_metrics(pred, ref, spacing, table_of(8), tolerance_mm=tolerance)
+            for tolerance in tolerances
+        }
         for i, label in enumerate(range(1, 9)):
             p, r = pred == label, ref == label
             if p.any() and r.any():
@@ -309,12 +322,20 @@ def test_summarize_ci_agrees_with_scipy_bootstrap(level):
     nsd[[3, 9, 17]] = np.nan  # NSD missing where Dice is not: dropped per metric
     frame = per_scan_frame({"liver": ("organ", dice, nsd), "aorta": ("vessel", np.sqrt(dice), nsd**2)})
     got = summarize(frame, n_resamples=RESAMPLES, seed=3, level=level).set_index("structure")
-    for structure, values_by_metric in (("liver", {"dice": dice, "nsd": nsd}),
-                                        ("aorta", {"dice": np.sqrt(dice), "nsd": nsd**2})):
+    for structure, values_by_metric in (
+        ("liver", {"dice": dice, "nsd": nsd}),
+        ("aorta", {"dice": np.sqrt(dice), "nsd": nsd**2}),
+    ):
         for metric, values in values_by_metric.items():
             finite = values[np.isfinite(values)]
-            want = stats.bootstrap((finite,), np.mean, n_resamples=RESAMPLES, confidence_level=level,
-                                   method="percentile", rng=np.random.default_rng(2024)).confidence_interval
+            want = stats.bootstrap(
+                (finite,),
+                np.mean,
+                n_resamples=RESAMPLES,
+                confidence_level=level,
+                method="percentile",
+                rng=np.random.default_rng(2024),
+            ).confidence_interval
             width = want.high - want.low
             assert got.at[structure, f"{metric}_ci_low"] == pytest.approx(want.low, abs=MC_TOLERANCE * width)
             assert got.at[structure, f"{metric}_ci_high"] == pytest.approx(want.high, abs=MC_TOLERANCE * width)
@@ -336,11 +357,13 @@ def test_summarize_ci_of_a_large_sample_is_the_normal_interval():
 
 
 def test_summarize_degenerate_small_and_empty_inputs():
-    frame = per_scan_frame({
-        "same": ("organ", [0.8] * 6, [1.0] * 6),
-        "one": ("vessel", [0.5, np.nan, np.nan], [0.4, np.nan, np.nan]),
-        "none": ("muscle", [np.nan] * 3, [np.nan] * 3),
-    })
+    frame = per_scan_frame(
+        {
+            "same": ("organ", [0.8] * 6, [1.0] * 6),
+            "one": ("vessel", [0.5, np.nan, np.nan], [0.4, np.nan, np.nan]),
+            "none": ("muscle", [np.nan] * 3, [np.nan] * 3),
+        }
+    )
     got = summarize(frame, n_resamples=500).set_index("structure")
     assert got.loc["same", "n"] == 6
     for column in ("dice_mean", "dice_ci_low", "dice_ci_high"):
@@ -353,11 +376,13 @@ def test_summarize_degenerate_small_and_empty_inputs():
 
 
 def test_plot_dice_writes_png_and_svg(tmp_path):
-    frame = per_scan_frame({
-        "liver": ("organ", [0.9, 0.95, 0.92], [0.95, 0.97, 0.96]),
-        "aorta": ("vessel", [0.8, 0.85, 0.7], [0.9, 0.9, 0.8]),
-        "none": ("bone", [np.nan] * 3, [np.nan] * 3),
-    })
+    frame = per_scan_frame(
+        {
+            "liver": ("organ", [0.9, 0.95, 0.92], [0.95, 0.97, 0.96]),
+            "aorta": ("vessel", [0.8, 0.85, 0.7], [0.9, 0.9, 0.8]),
+            "none": ("bone", [np.nan] * 3, [np.nan] * 3),
+        }
+    )
     outputs = [tmp_path / "dice.png", tmp_path / "dice.svg"]
     plot_dice(summarize(frame, n_resamples=200), outputs)
     assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -377,10 +402,15 @@ def run_summary(tmp_path, scans):
     """write_evaluation_summary on ``scans`` ({subject: (tsv, status)}); returns the outputs read back."""
     out = tmp_path / "out"
     out.mkdir()
-    paths = {"dice_path": out / "dice.tsv", "summary_path": out / "summary.tsv", "failures_path": out / "failures.tsv",
-             "figure_paths": [out / "dice.png", out / "dice.svg"]}
-    write_evaluation_summary({s: tsv for s, (tsv, _) in scans.items()}, [st for _, st in scans.values()],
-                             n_resamples=500, **paths)
+    paths = {
+        "dice_path": out / "dice.tsv",
+        "summary_path": out / "summary.tsv",
+        "failures_path": out / "failures.tsv",
+        "figure_paths": [out / "dice.png", out / "dice.svg"],
+    }
+    write_evaluation_summary(
+        {s: tsv for s, (tsv, _) in scans.items()}, [st for _, st in scans.values()], n_resamples=500, **paths
+    )
     read = {name: pd.read_csv(paths[f"{name}_path"], sep="\t") for name in ("dice", "summary", "failures")}
     return read, paths["figure_paths"]
 
@@ -438,9 +468,13 @@ def test_evaluation_summary_script_runs_when_every_scan_failed(tmp_path, monkeyp
     out.mkdir()
     snakemake = Snakemake(
         input=SimpleNamespace(scans=[str(t) for t, _ in scans.values()], statuses=[str(s) for _, s in scans.values()]),
-        output=SimpleNamespace(dice=str(out / "dice.tsv"), summary=str(out / "summary.tsv"),
-                               failures=str(out / "failures.tsv"), png=str(out / "dice.png"),
-                               svg=str(out / "dice.svg")),
+        output=SimpleNamespace(
+            dice=str(out / "dice.tsv"),
+            summary=str(out / "summary.tsv"),
+            failures=str(out / "failures.tsv"),
+            png=str(out / "dice.png"),
+            svg=str(out / "dice.svg"),
+        ),
         params=SimpleNamespace(subjects=list(scans), resamples=100),
         log=[str(out / "log.txt")],
     )

@@ -31,13 +31,22 @@ def pacs_cohort(structures: int, seed: int = 2026) -> pd.DataFrame:
     years -= np.repeat([times[0] for times in np.split(years, np.cumsum(visits)[:-1])], visits)
     age = np.repeat(rng.uniform(20, 85, PATIENTS), visits) + years
     sex = np.repeat(np.where(rng.random(PATIENTS) < 0.5, "M", "F"), visits)
-    scans = pd.DataFrame({"subject": [f"s{i}" for i in range(len(patient))], "patient": [f"p{i}" for i in patient],
-                          "age": age.round(2), "years": years.round(4), "sex": sex,
-                          "contrast": rng.integers(0, 2, len(patient))})
+    scans = pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(len(patient))],
+            "patient": [f"p{i}" for i in patient],
+            "age": age.round(2),
+            "years": years.round(4),
+            "sex": sex,
+            "contrast": rng.integers(0, 2, len(patient)),
+        }
+    )
     own = rng.normal(0, np.sqrt(WITHIN_CORRELATION), (structures, PATIENTS))[:, patient]
     noise = rng.normal(0, np.sqrt(1 - WITHIN_CORRELATION), (structures, len(patient)))
-    frames = [scans.assign(structure=f"null{k}", group="organ", volume_ml=1000 + 50 * (own[k] + noise[k]))
-              for k in range(structures)]
+    frames = [
+        scans.assign(structure=f"null{k}", group="organ", volume_ml=1000 + 50 * (own[k] + noise[k]))
+        for k in range(structures)
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -66,9 +75,14 @@ def test_one_scan_per_patient_holds_the_level_of_every_correlation_table(cohort)
     assert (correlations["n_patients"] == PATIENTS).all()
     partial = partial_table(one_per_patient, ["volume_ml"], ["sex", "contrast"])
     by_sex = by_sex_table(one_per_patient, ["volume_ml"])
-    rates = {"spearman": rejection_rate(correlations["p"]), "p_partial": rejection_rate(correlations["p_partial"]),
-             "partial": rejection_rate(partial["p"]), "men": rejection_rate(by_sex["p_M"]),
-             "women": rejection_rate(by_sex["p_F"]), "sex difference": rejection_rate(by_sex["p_diff"])}
+    rates = {
+        "spearman": rejection_rate(correlations["p"]),
+        "p_partial": rejection_rate(correlations["p_partial"]),
+        "partial": rejection_rate(partial["p"]),
+        "men": rejection_rate(by_sex["p_M"]),
+        "women": rejection_rate(by_sex["p_F"]),
+        "sex difference": rejection_rate(by_sex["p_diff"]),
+    }
     assert all(0.03 <= rate <= 0.07 for rate in rates.values()), rates
 
 

@@ -21,7 +21,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import require_shared_data, run_workflow, workflow_command
 
 pytestmark = pytest.mark.slow
@@ -59,8 +58,15 @@ def cohort(tmp_path_factory) -> dict:
     rows = []
     for i in range(1, N_SCANS + 1):
         subject, age = f"s{i:02d}", 25 + 5 * i
-        row = {"subject": subject, "ct": f"{subject}.nii.gz", "seg": "seg.nii.gz", "age": age, "sex": "MF"[i % 2],
-               "contrast": i % 2, "reference": ""}
+        row = {
+            "subject": subject,
+            "ct": f"{subject}.nii.gz",
+            "seg": "seg.nii.gz",
+            "age": age,
+            "sex": "MF"[i % 2],
+            "contrast": i % 2,
+            "reference": "",
+        }
         if subject == BROKEN:
             (data / row["ct"]).write_bytes(b"an interrupted copy")
         else:
@@ -72,8 +78,11 @@ def cohort(tmp_path_factory) -> dict:
         rows.append(row)
     sheet = pd.DataFrame(rows).replace("", np.nan)
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
-    return {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
-            "measure": {"scans_per_job": SCANS_PER_JOB}}
+    return {
+        "cohort": str(data / "cohort.tsv"),
+        "segmentation": {"method": "precomputed"},
+        "measure": {"scans_per_job": SCANS_PER_JOB},
+    }
 
 
 def study_files(results: Path) -> dict[str, bytes]:
@@ -104,13 +113,19 @@ def kill_mid_run(workdir: Path, config: dict, timeout_s: float = 120) -> dict[Pa
     measured = workdir / "results" / "measure"
     console = workdir / "killed_run.log"
     with console.open("w") as stream:  # a session of its own: the group is snakemake and its jobs
-        process = subprocess.Popen(workflow_command(workdir, config), cwd=workdir, stdout=stream,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            workflow_command(workdir, config),
+            cwd=workdir,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout_s
     try:
         while len(list(measured.glob("*.status.json"))) < 3:
-            assert process.poll() is None, (f"snakemake ended ({process.returncode}) before it could be killed:\n"
-                                            f"{console.read_text()[-4000:]}")
+            assert process.poll() is None, (
+                f"snakemake ended ({process.returncode}) before it could be killed:\n{console.read_text()[-4000:]}"
+            )
             assert time.monotonic() < deadline, "no scan measured in time"
             time.sleep(0.02)
     finally:
@@ -133,9 +148,17 @@ def test_a_study_killed_mid_run_and_rerun_ends_as_an_uninterrupted_one(cohort, t
     # what the study holds, so that equal bytes below mean something
     failures = pd.read_csv(straight / "results" / "tables" / "failures.tsv", sep="\t")
     assert list(failures["subject"]) == [BROKEN]
-    assert {"stats/age_correlations.tsv", "tables/measurements.parquet", "evaluation/dice_summary.tsv",
-            "figures/age_quartile_boxplots.svg", "figures/rs_forest_plot.png", "figures/dice.svg",
-            "figures/rs_heatmap.svg", "figures/normative_charts.svg", "methods.md"} <= set(expected)
+    assert {
+        "stats/age_correlations.tsv",
+        "tables/measurements.parquet",
+        "evaluation/dice_summary.tsv",
+        "figures/age_quartile_boxplots.svg",
+        "figures/rs_forest_plot.png",
+        "figures/dice.svg",
+        "figures/rs_heatmap.svg",
+        "figures/normative_charts.svg",
+        "methods.md",
+    } <= set(expected)
     assert (pd.read_csv(straight / "results" / "stats" / "age_correlations.tsv", sep="\t")["note"] != "constant").any()
 
     measured = kill_mid_run(killed, cohort)

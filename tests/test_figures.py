@@ -15,10 +15,10 @@ from pathlib import Path
 import matplotlib
 import matplotlib.colors as mcolors
 import matplotlib.text as mtext
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from statsmodels.nonparametric.smoothers_lowess import lowess
 
 from ctcohort import evaluate, figures
@@ -74,8 +74,11 @@ def y_of_ticks(ax):
 
 def markers(ax):
     """(x, y, line) of every single-point marker line."""
-    return [(line.get_xdata()[0], line.get_ydata()[0], line) for line in ax.lines
-            if len(line.get_xdata()) == 1 and line.get_marker() not in ("", "None", None)]
+    return [
+        (line.get_xdata()[0], line.get_ydata()[0], line)
+        for line in ax.lines
+        if len(line.get_xdata()) == 1 and line.get_marker() not in ("", "None", None)
+    ]
 
 
 def segments(ax):
@@ -117,9 +120,15 @@ def measurements():
     rows = []
     for i, age in enumerate(AGES):
         for structure in ("liver", "aorta", "spleen"):
-            rows.append({"subject": f"s{i}", "age": age, "structure": structure,
-                         "volume_ml": rng.normal(1500, 200) if structure == "liver" else rng.normal(80, 10),
-                         "hu_mean": rng.normal(50, 8)})
+            rows.append(
+                {
+                    "subject": f"s{i}",
+                    "age": age,
+                    "structure": structure,
+                    "volume_ml": rng.normal(1500, 200) if structure == "liver" else rng.normal(80, 10),
+                    "hu_mean": rng.normal(50, 8),
+                }
+            )
     table = pd.DataFrame(rows)
     # gaps: a liver volume excluded (NaN) in two scans; aorta HU absent under 40 (an empty age group)
     table.loc[(table["structure"] == "liver") & table["subject"].isin(["s4", "s10"]), "volume_ml"] = np.nan
@@ -127,8 +136,12 @@ def measurements():
     return table
 
 
-PANELS = [{"structure": "liver", "measure": "volume_ml"}, {"structure": "aorta", "measure": "hu_mean"},
-          {"structure": "aorta", "measure": "volume_ml"}, {"structure": "liver", "measure": "hu_mean"}]
+PANELS = [
+    {"structure": "liver", "measure": "volume_ml"},
+    {"structure": "aorta", "measure": "hu_mean"},
+    {"structure": "aorta", "measure": "volume_ml"},
+    {"structure": "liver", "measure": "hu_mean"},
+]
 
 
 def medians_and_boxes(ax):
@@ -144,8 +157,14 @@ def medians_and_boxes(ax):
 
 
 def test_age_boxplots_show_one_box_per_age_group_with_counts_and_medians(tmp_path, saved, measurements):
-    correlations = pd.DataFrame({"structure": ["liver", "aorta"], "measure": ["volume_ml", "hu_mean"],
-                                 "rs": [-0.4321, 0.1789], "p": [3.2e-5, 0.41]})
+    correlations = pd.DataFrame(
+        {
+            "structure": ["liver", "aorta"],
+            "measure": ["volume_ml", "hu_mean"],
+            "rs": [-0.4321, 0.1789],
+            "p": [3.2e-5, 0.41],
+        }
+    )
     paths = outputs_in(tmp_path, "boxplots")
     figures.plot_age_boxplots(measurements, PANELS, EDGES, paths, correlations=correlations)
     (fig,) = saved
@@ -171,8 +190,9 @@ def test_age_boxplots_show_one_box_per_age_group_with_counts_and_medians(tmp_pat
             else:  # an empty group draws no box
                 assert not np.isfinite(medians.get(position, np.nan))
         assert panel["structure"].replace("_", " ") in ax.get_title()
-        hit = correlations[(correlations["structure"] == panel["structure"])
-                           & (correlations["measure"] == panel["measure"])]
+        hit = correlations[
+            (correlations["structure"] == panel["structure"]) & (correlations["measure"] == panel["measure"])
+        ]
         shown = re.search(r"rs = ([+-]\d\.\d+), P = (\S+)", ax.get_title())
         if len(hit):
             assert shown, ax.get_title()
@@ -187,13 +207,18 @@ def test_age_boxplots_without_correlations_and_with_other_edges(tmp_path, saved,
     figures.plot_age_boxplots(measurements, PANELS[:1], (30, 50, 70), outputs_in(tmp_path, "b"))
     (ax,) = [ax for ax in saved[0].axes if ax.get_visible()]
     ages = measurements.loc[(measurements["structure"] == "liver") & measurements["volume_ml"].notna(), "age"]
-    counts = [(ages < 30).sum(), ((ages >= 30) & (ages < 50)).sum(), ((ages >= 50) & (ages < 70)).sum(),
-              (ages >= 70).sum()]
+    counts = [
+        (ages < 30).sum(),
+        ((ages >= 30) & (ages < 50)).sum(),
+        ((ages >= 50) & (ages < 70)).sum(),
+        (ages >= 70).sum(),
+    ]
     assert tick_texts(ax) == [f"{g}\n(n={n})" for g, n in zip(["<30", "30-50", "50-70", ">=70"], counts)]
     assert "rs =" not in ax.get_title()
 
 
 # ---------------------------------------------------------------------------------------- rs overview
+
 
 @pytest.fixture
 def correlations():
@@ -226,8 +251,11 @@ def visible_texts(fig):
             for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
                 if not low - 1e-9 * span <= tick.get_loc() <= high + 1e-9 * span:
                     hidden.update((id(tick.label1), id(tick.label2)))
-    return [t for t in fig.findobj(mtext.Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden
-            and (t.axes is None or t.axes.get_visible())]
+    return [
+        t
+        for t in fig.findobj(mtext.Text)
+        if t.get_visible() and t.get_text().strip() and id(t) not in hidden and (t.axes is None or t.axes.get_visible())
+    ]
 
 
 def assert_legible(fig, min_pt=7.0):
@@ -239,9 +267,14 @@ def assert_legible(fig, min_pt=7.0):
     small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < min_pt]
     assert not small, small
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
-    clashes = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
-               if box_a.overlaps(box_b) and min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 1
-               and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 1]
+    clashes = [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b)
+        and min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 1
+        and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 1
+    ]
     assert not clashes, clashes[:5]
 
 
@@ -252,6 +285,7 @@ def top_to_bottom(ax):
 
 
 # ------------------------------------------------------------------------------------------- age edges
+
 
 def test_cohort_age_edges_takes_given_edges_or_the_cohorts_quartiles():
     assert figures.cohort_age_edges([20, 30], [41, 59, 78]) == [41.0, 59.0, 78.0]
@@ -273,17 +307,21 @@ def test_cohort_age_edges_takes_given_edges_or_the_cohorts_quartiles():
 
 
 def test_age_boxplots_take_an_age_axis_title(tmp_path, saved, measurements):
-    figures.plot_age_boxplots(measurements, PANELS[:1], EDGES, outputs_in(tmp_path, "b"),
-                              age_label="age quartile (years)")
+    figures.plot_age_boxplots(
+        measurements, PANELS[:1], EDGES, outputs_in(tmp_path, "b"), age_label="age quartile (years)"
+    )
     assert saved[0].axes[0].get_xlabel() == "age quartile (years)"
 
 
 # ---------------------------------------------------------------------------------------------- forest plot
 
+
 @pytest.fixture
 def correlations_with_other(correlations):
-    extra = pd.DataFrame([("mystery", "", "volume_ml", 0.3, 0.1, 0.5, True),
-                          ("brain", "organ", "hu_mean", -0.05, -0.2, 0.1, False)], columns=correlations.columns)
+    extra = pd.DataFrame(
+        [("mystery", "", "volume_ml", 0.3, 0.1, 0.5, True), ("brain", "organ", "hu_mean", -0.05, -0.2, 0.1, False)],
+        columns=correlations.columns,
+    )
     return pd.concat([correlations, extra], ignore_index=True)
 
 
@@ -297,8 +335,13 @@ def test_forest_plot_groups_structures_under_headings_with_rs_and_ci(tmp_path, s
     assert len(axes) == len(measures)
     plotted = table[table["measure"].isin(measures) & table["rs"].notna()]
     group = plotted.drop_duplicates("structure").set_index("structure")["group"].replace("", "other")
-    want = (group.reset_index().assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
-            .sort_values(["order", "structure"])["structure"].str.replace("_", " ").tolist())
+    want = (
+        group.reset_index()
+        .assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
+        .sort_values(["order", "structure"])["structure"]
+        .str.replace("_", " ")
+        .tolist()
+    )
     assert want == ["brain", "kidney right", "liver", "femur left", "iliopsoas left", "aorta", "mystery"]
     assert top_to_bottom(axes[0]) == want
     y_of = y_of_ticks(axes[0])
@@ -319,7 +362,7 @@ def test_forest_plot_groups_structures_under_headings_with_rs_and_ci(tmp_path, s
         assert len(points) == len(rows) == len(bars)
         for row in rows.itertuples():
             y = y_of[row.structure.replace("_", " ")]
-            (x, _, line), = [(x, yy, line) for x, yy, line in points if yy == y]
+            ((x, _, line),) = [(x, yy, line) for x, yy, line in points if yy == y]
             assert x == pytest.approx(row.rs)
             assert [(x0, x1) for x0, x1, yy in bars if yy == y] == [pytest.approx((row.ci_low, row.ci_high))]
             face = mcolors.to_rgba(line.get_markerfacecolor())
@@ -335,9 +378,17 @@ def many_structures(n=120, measures=("volume_ml", "hu_mean", "hu_mean_eroded")):
     for i in range(n):
         for measure in measures:
             rs = rng.uniform(-0.9, 0.9) if rng.random() > 0.1 else np.nan
-            rows.append({"structure": f"structure_with_a_long_name_{i:03d}", "group": groups[i % 5] if i % 5 < 4 else "",
-                         "measure": measure, "rs": rs, "ci_low": rs - 0.1, "ci_high": rs + 0.1,
-                         "significant": bool(np.isfinite(rs) and abs(rs) > 0.3)})
+            rows.append(
+                {
+                    "structure": f"structure_with_a_long_name_{i:03d}",
+                    "group": groups[i % 5] if i % 5 < 4 else "",
+                    "measure": measure,
+                    "rs": rs,
+                    "ci_low": rs - 0.1,
+                    "ci_high": rs + 0.1,
+                    "significant": bool(np.isfinite(rs) and abs(rs) > 0.3),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -353,6 +404,7 @@ def test_figures_of_every_structure_stay_legible_with_over_a_hundred_structures(
 
 # ------------------------------------------------------------------------------------------------- heat map
 
+
 def mesh_cells(ax):
     """{(row label, column label): RGBA} of the heat map's cells, read from its QuadMesh."""
     (mesh,) = [c for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
@@ -363,13 +415,14 @@ def mesh_cells(ax):
     cells = {}
     for i in range(coords.shape[0] - 1):
         for j in range(coords.shape[1] - 1):
-            cx, cy = coords[i:i + 2, j:j + 2].reshape(-1, 2).mean(axis=0)
+            cx, cy = coords[i : i + 2, j : j + 2].reshape(-1, 2).mean(axis=0)
             cells[(y_of[round(cy, 6)], x_of[round(cx, 6)])] = colours[i, j]
     return mesh, cells
 
 
 def test_rs_heatmap_colours_each_cell_by_rs_and_marks_significant_and_untested_cells(
-        tmp_path, saved, correlations_with_other):
+    tmp_path, saved, correlations_with_other
+):
     table = correlations_with_other
     measures = ["volume_ml", "hu_mean"]
     short = {"volume_ml": "volume", "hu_mean": "mean HU"}
@@ -379,11 +432,19 @@ def test_rs_heatmap_colours_each_cell_by_rs_and_marks_significant_and_untested_c
     ax = fig.axes[0]
     shown = table[table["measure"].isin(measures)]
     group = shown.drop_duplicates("structure").set_index("structure")["group"].replace("", "other")
-    want = (group.reset_index().assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
-            .sort_values(["order", "structure"])["structure"].str.replace("_", " ").tolist())
+    want = (
+        group.reset_index()
+        .assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
+        .sort_values(["order", "structure"])["structure"]
+        .str.replace("_", " ")
+        .tolist()
+    )
     # every structure with a row, the untested spleen too (all grey); heart has no row for these measures
-    assert top_to_bottom(ax) == want == ["brain", "kidney right", "liver", "spleen", "femur left",
-                                         "iliopsoas left", "aorta", "mystery"]
+    assert (
+        top_to_bottom(ax)
+        == want
+        == ["brain", "kidney right", "liver", "spleen", "femur left", "iliopsoas left", "aorta", "mystery"]
+    )
     assert tick_texts(ax) == [short[m] for m in measures]
     mesh, cells = mesh_cells(ax)
     assert mesh.get_clim() == (-1, 1)
@@ -417,6 +478,7 @@ def test_rs_heatmap_colours_each_cell_by_rs_and_marks_significant_and_untested_c
 
 # ------------------------------------------------------------------------------------ scatter with LOWESS
 
+
 @pytest.fixture
 def scans_with_sex():
     rng = np.random.default_rng(11)
@@ -425,9 +487,17 @@ def scans_with_sex():
     for i, sex in enumerate(sexes):
         age = float(rng.integers(20, 90))
         for structure in ("liver", "aorta"):
-            rows.append({"subject": f"s{i}", "age": age, "sex": sex, "contrast": i % 2, "structure": structure,
-                         "volume_ml": 1500 - 4 * age + rng.normal(0, 60) if structure == "liver" else rng.normal(80, 9),
-                         "hu_mean": rng.normal(50, 8) + 0.2 * age})
+            rows.append(
+                {
+                    "subject": f"s{i}",
+                    "age": age,
+                    "sex": sex,
+                    "contrast": i % 2,
+                    "structure": structure,
+                    "volume_ml": 1500 - 4 * age + rng.normal(0, 60) if structure == "liver" else rng.normal(80, 9),
+                    "hu_mean": rng.normal(50, 8) + 0.2 * age,
+                }
+            )
     table = pd.DataFrame(rows)
     table.loc[(table["structure"] == "liver") & table["subject"].isin(["s0", "s13"]), "volume_ml"] = np.nan
     # aorta HU: only 4 women with a value, too few for a curve
@@ -504,11 +574,24 @@ PERCENTILES = [5, 25, 50, 75, 95]
 
 def chart_rows(structure, measure, sex, n, base, slope, reference, note=""):
     if note:
-        return pd.DataFrame([{"structure": structure, "group": "organ", "measure": measure, "sex": sex, "n": n,
-                              "age": np.nan, **{f"p{p}": np.nan for p in PERCENTILES}, "contrast": np.nan,
-                              "note": note}])
-    table = pd.DataFrame({"structure": structure, "group": "organ", "measure": measure, "sex": sex, "n": n,
-                          "age": CHART_AGES})
+        return pd.DataFrame(
+            [
+                {
+                    "structure": structure,
+                    "group": "organ",
+                    "measure": measure,
+                    "sex": sex,
+                    "n": n,
+                    "age": np.nan,
+                    **{f"p{p}": np.nan for p in PERCENTILES},
+                    "contrast": np.nan,
+                    "note": note,
+                }
+            ]
+        )
+    table = pd.DataFrame(
+        {"structure": structure, "group": "organ", "measure": measure, "sex": sex, "n": n, "age": CHART_AGES}
+    )
     for p in PERCENTILES:
         table[f"p{p}"] = base + slope * CHART_AGES + (p - 50) * 2.0
     return table.assign(contrast=reference, note=note)
@@ -516,27 +599,42 @@ def chart_rows(structure, measure, sex, n, base, slope, reference, note=""):
 
 @pytest.fixture
 def charts():
-    return pd.concat([
-        chart_rows("liver", "volume_ml", "M", 12, 1600, -4, 0.0),
-        chart_rows("liver", "volume_ml", "F", 9, 1400, -3, 1.0),  # drawn at contrast = 1
-        chart_rows("aorta", "hu_mean", "M", 12, 40, 0.3, 0.0),
-        chart_rows("aorta", "hu_mean", "F", 4, 0, 0, 0, note="too_few_scans"),
-        chart_rows("aorta", "hu_mean", "all", 16, 45, 0.2, 0.0),
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            chart_rows("liver", "volume_ml", "M", 12, 1600, -4, 0.0),
+            chart_rows("liver", "volume_ml", "F", 9, 1400, -3, 1.0),  # drawn at contrast = 1
+            chart_rows("aorta", "hu_mean", "M", 12, 40, 0.3, 0.0),
+            chart_rows("aorta", "hu_mean", "F", 4, 0, 0, 0, note="too_few_scans"),
+            chart_rows("aorta", "hu_mean", "all", 16, 45, 0.2, 0.0),
+        ],
+        ignore_index=True,
+    )
 
 
 @pytest.fixture
 def coefficients():
     rows = []
-    for structure, measure, sex, p50 in [("liver", "volume_ml", "M", 30.0), ("liver", "volume_ml", "F", -20.0),
-                                         ("aorta", "hu_mean", "M", 150.0), ("aorta", "hu_mean", "all", 140.0)]:
-        rows.append({"structure": structure, "measure": measure, "sex": sex, "covariate": "contrast",
-                     **{f"p{p}": p50 + (p - 50) for p in PERCENTILES}})
+    for structure, measure, sex, p50 in [
+        ("liver", "volume_ml", "M", 30.0),
+        ("liver", "volume_ml", "F", -20.0),
+        ("aorta", "hu_mean", "M", 150.0),
+        ("aorta", "hu_mean", "all", 140.0),
+    ]:
+        rows.append(
+            {
+                "structure": structure,
+                "measure": measure,
+                "sex": sex,
+                "covariate": "contrast",
+                **{f"p{p}": p50 + (p - 50) for p in PERCENTILES},
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_normative_charts_show_the_curves_and_the_scans_adjusted_to_the_reference(
-        tmp_path, saved, charts, coefficients, scans_with_sex):
+    tmp_path, saved, charts, coefficients, scans_with_sex
+):
     paths = outputs_in(tmp_path, "charts")
     figures.plot_normative_charts(charts, coefficients, scans_with_sex, SCATTER_PANELS, paths)
     (fig,) = saved
@@ -571,13 +669,20 @@ def test_normative_charts_show_the_curves_and_the_scans_adjusted_to_the_referenc
                 if p != 50:
                     assert line.get_linewidth() < curves["p50"].get_linewidth() and line.get_linestyle() != "-"
             assert curves["p50"].get_linestyle() == "-"
-            scans = scans_with_sex[(scans_with_sex["structure"] == structure) & scans_with_sex[measure].notna()
-                                   & scans_with_sex["contrast"].notna()]
+            scans = scans_with_sex[
+                (scans_with_sex["structure"] == structure)
+                & scans_with_sex[measure].notna()
+                & scans_with_sex["contrast"].notna()
+            ]
             if sex != "all":
                 scans = scans[scans["sex"] == sex]
-            coef = coefficients.loc[(coefficients["structure"] == structure) & (coefficients["measure"] == measure)
-                                    & (coefficients["sex"] == sex) & (coefficients["covariate"] == "contrast"),
-                                    "p50"].iloc[0]
+            coef = coefficients.loc[
+                (coefficients["structure"] == structure)
+                & (coefficients["measure"] == measure)
+                & (coefficients["sex"] == sex)
+                & (coefficients["covariate"] == "contrast"),
+                "p50",
+            ].iloc[0]
             want = np.column_stack([scans["age"], scans[measure] - coef * (scans["contrast"] - reference)])
             (points,) = ax.collections
             got = np.asarray(points.get_offsets())
@@ -589,12 +694,14 @@ def test_normative_charts_show_the_curves_and_the_scans_adjusted_to_the_referenc
 
 
 def test_normative_charts_draw_the_bootstrap_bands_where_the_charts_have_them(
-        tmp_path, saved, charts, coefficients, scans_with_sex):
+    tmp_path, saved, charts, coefficients, scans_with_sex
+):
     banded = charts.copy()
     for p in PERCENTILES:
         banded[f"p{p}_low"], banded[f"p{p}_high"] = banded[f"p{p}"] - 1.0, banded[f"p{p}"] + 1.0
-    figures.plot_normative_charts(banded, coefficients, scans_with_sex, SCATTER_PANELS[:1],
-                                  outputs_in(tmp_path, "charts"))
+    figures.plot_normative_charts(
+        banded, coefficients, scans_with_sex, SCATTER_PANELS[:1], outputs_in(tmp_path, "charts")
+    )
     (fig,) = saved
     drawn = [ax for ax in fig.axes if ax.lines]
     assert drawn
@@ -607,17 +714,23 @@ def test_normative_charts_draw_the_bootstrap_bands_where_the_charts_have_them(
 
 
 def test_normative_charts_hold_at_a_constant_covariate_only_where_it_has_no_coefficient(
-        tmp_path, saved, charts, coefficients, scans_with_sex):
+    tmp_path, saved, charts, coefficients, scans_with_sex
+):
     """A covariate constant over a chart's scans is not in its model (no coefficient): the chart holds at
     that value only, so only scans with that value are shown, unadjusted."""
     paths = outputs_in(tmp_path, "c")
-    figures.plot_normative_charts(charts, coefficients[coefficients["sex"] != "F"], scans_with_sex,
-                                  SCATTER_PANELS[:1], paths)
+    figures.plot_normative_charts(
+        charts, coefficients[coefficients["sex"] != "F"], scans_with_sex, SCATTER_PANELS[:1], paths
+    )
     (fig,) = saved
     ax = fig.axes[1]  # liver volume, F: drawn at contrast = 1
     assert "contrast = 1" in ax.get_title()
-    scans = scans_with_sex[(scans_with_sex["structure"] == "liver") & (scans_with_sex["sex"] == "F")
-                           & scans_with_sex["volume_ml"].notna() & (scans_with_sex["contrast"] == 1)]
+    scans = scans_with_sex[
+        (scans_with_sex["structure"] == "liver")
+        & (scans_with_sex["sex"] == "F")
+        & scans_with_sex["volume_ml"].notna()
+        & (scans_with_sex["contrast"] == 1)
+    ]
     (points,) = ax.collections
     got = np.asarray(points.get_offsets())
     want = scans[["age", "volume_ml"]].to_numpy(float)
@@ -627,17 +740,18 @@ def test_normative_charts_hold_at_a_constant_covariate_only_where_it_has_no_coef
 
 def test_normative_charts_need_the_covariates_they_are_drawn_at(tmp_path, charts, coefficients, scans_with_sex):
     with pytest.raises(ValueError, match="contrast"):
-        figures.plot_normative_charts(charts, coefficients, scans_with_sex.drop(columns="contrast"),
-                                      SCATTER_PANELS[:1], outputs_in(tmp_path, "c"))
+        figures.plot_normative_charts(
+            charts, coefficients, scans_with_sex.drop(columns="contrast"), SCATTER_PANELS[:1], outputs_in(tmp_path, "c")
+        )
 
 
 # ------------------------------------------------------------------------------------------------- Dice
 
+
 def summary_table(rows):
     columns = ["structure", "group", "n", "dice_mean", "dice_ci_low", "dice_ci_high"]
     table = pd.DataFrame(rows, columns=columns)
-    return table.assign(nsd_mean=table["dice_mean"], nsd_ci_low=table["dice_ci_low"],
-                        nsd_ci_high=table["dice_ci_high"])
+    return table.assign(nsd_mean=table["dice_mean"], nsd_ci_low=table["dice_ci_low"], nsd_ci_high=table["dice_ci_high"])
 
 
 def test_normative_calibration_worms_show_each_charts_out_of_fold_z_against_normal_quantiles(tmp_path, saved):
@@ -645,14 +759,23 @@ def test_normative_calibration_worms_show_each_charts_out_of_fold_z_against_norm
 
     rng = np.random.default_rng(3)
     good, wide = rng.standard_normal(400), 1.5 * rng.standard_normal(300)
-    calibration = pd.DataFrame({"structure": ["liver", "liver", "spleen"], "measure": "volume_ml",
-                                "sex": ["M", "F", "M"], "n": [400, 300, 9],
-                                "note": ["", "calibration_failed", "too_few_scans"]})
-    scores = pd.concat([
-        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": good, "fit": "out_of_fold"}),
-        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "F", "z": wide, "fit": "out_of_fold"}),
-        # placed on the full chart: not the calibration's
-        pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": [7.0], "fit": "full_chart"})])
+    calibration = pd.DataFrame(
+        {
+            "structure": ["liver", "liver", "spleen"],
+            "measure": "volume_ml",
+            "sex": ["M", "F", "M"],
+            "n": [400, 300, 9],
+            "note": ["", "calibration_failed", "too_few_scans"],
+        }
+    )
+    scores = pd.concat(
+        [
+            pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": good, "fit": "out_of_fold"}),
+            pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "F", "z": wide, "fit": "out_of_fold"}),
+            # placed on the full chart: not the calibration's
+            pd.DataFrame({"structure": "liver", "measure": "volume_ml", "sex": "M", "z": [7.0], "fit": "full_chart"}),
+        ]
+    )
     figures.plot_normative_calibration(calibration, scores, outputs_in(tmp_path, "calibration"))
     (fig,) = saved
     first, second, third = fig.axes[:3]
@@ -671,22 +794,23 @@ def test_normative_calibration_worms_show_each_charts_out_of_fold_z_against_norm
 
 
 def test_plot_dice_shows_every_evaluable_structure_with_mean_and_ci(tmp_path, saved):
-    summary = summary_table([
-        ("liver", "organ", 30, 0.95, 0.93, 0.97),
-        ("aorta", "vessel", 28, 0.88, 0.80, 0.92),
-        ("femur_left", "bone", 1, 0.90, np.nan, np.nan),  # one scan: no CI
-        ("spleen", "organ", 0, np.nan, np.nan, np.nan),  # not evaluable
-        ("adrenal_gland_left", "organ", 12, 0.71, 0.62, 0.78),
-        ("mystery", "other", 5, 0.5, 0.3, 0.6),  # a group outside the four: shown last
-    ])
+    summary = summary_table(
+        [
+            ("liver", "organ", 30, 0.95, 0.93, 0.97),
+            ("aorta", "vessel", 28, 0.88, 0.80, 0.92),
+            ("femur_left", "bone", 1, 0.90, np.nan, np.nan),  # one scan: no CI
+            ("spleen", "organ", 0, np.nan, np.nan, np.nan),  # not evaluable
+            ("adrenal_gland_left", "organ", 12, 0.71, 0.62, 0.78),
+            ("mystery", "other", 5, 0.5, 0.3, 0.6),  # a group outside the four: shown last
+        ]
+    )
     paths = outputs_in(tmp_path, "dice")
     evaluate.plot_dice(summary, paths)
     (fig,) = saved
     (ax,) = fig.axes
     evaluable = summary[summary["dice_mean"].notna()]
     y_of = y_of_ticks(ax)
-    assert sorted(y_of, key=y_of.get, reverse=True) == [
-        "adrenal gland left", "liver", "femur left", "aorta", "mystery"]
+    assert sorted(y_of, key=y_of.get, reverse=True) == ["adrenal gland left", "liver", "femur left", "aorta", "mystery"]
     points, bars = markers(ax), segments(ax)
     legend_free = [(x, y) for x, y, line in points]
     assert len(legend_free) == len(evaluable)
@@ -713,8 +837,10 @@ def test_plot_dice_says_when_no_structure_is_evaluable(tmp_path, saved):
 
 # ------------------------------------------------------------------------------------------ same bytes
 
-def test_every_figure_is_the_same_bytes_each_time_it_is_drawn(tmp_path, measurements, correlations, scans_with_sex,
-                                                               charts, coefficients):
+
+def test_every_figure_is_the_same_bytes_each_time_it_is_drawn(
+    tmp_path, measurements, correlations, scans_with_sex, charts, coefficients
+):
     """A rerun (after a crash, or on another day) redraws a figure from the same tables: the files must
     not differ, so that a rerun changes no output and two runs can be compared file by file."""
     summary = summary_table([("liver", "organ", 30, 0.95, 0.93, 0.97), ("aorta", "vessel", 28, 0.88, 0.80, 0.92)])
@@ -724,8 +850,9 @@ def test_every_figure_is_the_same_bytes_each_time_it_is_drawn(tmp_path, measurem
         "forest": lambda paths: figures.plot_forest(correlations, ["volume_ml", "hu_mean"], paths),
         "heatmap": lambda paths: figures.plot_rs_heatmap(correlations, ["volume_ml", "hu_mean"], paths),
         "scatter": lambda paths: figures.plot_scatter_lowess(scans_with_sex, SCATTER_PANELS, paths),
-        "charts": lambda paths: figures.plot_normative_charts(charts, coefficients, scans_with_sex, SCATTER_PANELS,
-                                                              paths),
+        "charts": lambda paths: figures.plot_normative_charts(
+            charts, coefficients, scans_with_sex, SCATTER_PANELS, paths
+        ),
     }
     for name, plot in draw.items():
         drawn = []

@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import require_shared_data, run_workflow
+
 from ctcohort.fingerprints import source_files, source_fingerprint
 
 OLD = (946_684_800, 946_684_800)  # 2000-01-01: older than any output
@@ -63,8 +63,9 @@ def test_a_ct_replaced_with_an_older_copy_is_measured_again(tmp_path):
     nib.save(nib.Nifti1Image(labels.astype(np.uint8), ct.affine), data / "seg.nii.gz")
     for subject, shift in (("s1", 0), ("s2", 7)):
         nib.save(nib.Nifti1Image((hu + shift).astype(np.int16), ct.affine), data / f"{subject}.nii.gz")
-    pd.DataFrame({"subject": ["s1", "s2"], "ct": ["s1.nii.gz", "s2.nii.gz"], "seg": "seg.nii.gz", "age": [50, 60],
-                  "sex": "F"}).to_csv(data / "cohort.tsv", sep="\t", index=False)
+    pd.DataFrame(
+        {"subject": ["s1", "s2"], "ct": ["s1.nii.gz", "s2.nii.gz"], "seg": "seg.nii.gz", "age": [50, 60], "sex": "F"}
+    ).to_csv(data / "cohort.tsv", sep="\t", index=False)
     config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"}}
 
     def liver_hu():
@@ -82,7 +83,8 @@ def test_a_ct_replaced_with_an_older_copy_is_measured_again(tmp_path):
     shutil.copy2(replacement, data / "s1.nii.gz")
     run_workflow(tmp_path, config, target)
     assert liver_hu() == pytest.approx(before - 200, abs=1e-6)
-    assert pd.read_csv(tmp_path / target, sep="\t").query("subject == 's1' and structure == 'liver'")[
-        "hu_mean"].iloc[0] == pytest.approx(before - 200, abs=1e-6)
+    assert pd.read_csv(tmp_path / target, sep="\t").query("subject == 's1' and structure == 'liver'")["hu_mean"].iloc[
+        0
+    ] == pytest.approx(before - 200, abs=1e-6)
     again = run_workflow(tmp_path, config, "--dry-run", target)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -40,7 +40,13 @@ def statements(count: int, indent: int) -> str:
 
 
 def test_a_long_method_and_a_long_nested_function_are_named_and_80_lines_pass():
-    source = ("class Fitter:\n    def fit(self):\n" + statements(80, 8)
-              + "def outer():\n    def inner():\n" + statements(80, 8) + "    return inner\n"
-              + "def short():\n" + statements(79, 4))
+    source = (
+        "class Fitter:\n    def fit(self):\n"
+        + statements(80, 8)
+        + "def outer():\n    def inner():\n"
+        + statements(80, 8)
+        + "    return inner\n"
+        + "def short():\n"
+        + statements(79, 4)
+    )
     assert long_functions(source, "m") == {"m.Fitter.fit": 81, "m.outer": 83, "m.outer.inner": 81}

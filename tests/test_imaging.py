@@ -74,7 +74,9 @@ def test_lowest_hu_threshold_is_configurable_and_can_be_disabled():
     lowest = int(cropped.min())
     check_ct(cropped, spacing_affine(1, 1, 1), SOURCE, ScanChecks(lowest_hu_at_most=lowest))
     check_ct(cropped, spacing_affine(1, 1, 1), SOURCE, ScanChecks(lowest_hu_at_most=None))
-    assert f"lowest value {lowest} is above {lowest - 1} HU" in failure(cropped, checks=ScanChecks(lowest_hu_at_most=lowest - 1))
+    assert f"lowest value {lowest} is above {lowest - 1} HU" in failure(
+        cropped, checks=ScanChecks(lowest_hu_at_most=lowest - 1)
+    )
 
 
 def test_plausibility_uses_finite_voxels_only():
@@ -133,11 +135,14 @@ def test_spacing_range_is_configurable():
     assert "is below 2 mm" in failure(body(), spacing_affine(1, 1, 3), ScanChecks(min_spacing_mm=2))
 
 
-@pytest.mark.parametrize("linear", [
-    np.zeros((3, 3)),
-    np.diag([1.0, 1.0, 0.0]),
-    np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 3.0]]),  # two parallel voxel axes
-])
+@pytest.mark.parametrize(
+    "linear",
+    [
+        np.zeros((3, 3)),
+        np.diag([1.0, 1.0, 0.0]),
+        np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 3.0]]),  # two parallel voxel axes
+    ],
+)
 def test_non_invertible_affine_fails_even_with_spacing_checks_off(linear):
     affine = np.eye(4)
     affine[:3, :3] = linear
@@ -171,6 +176,7 @@ def test_scan_checks_from_config():
 
 # Reading: gzipped NIfTI inflates with ISA-L; the image must be the one nibabel's own reader gives.
 
+
 def nibabel_reference(path):
     img = nib.load(path)
     return np.asanyarray(img.dataobj), img.get_fdata(), img.affine, img.header
@@ -202,8 +208,9 @@ def example_files(tmp_path):
     return [
         scan_file(tmp_path, "ct.nii.gz", hu, affine),
         scan_file(tmp_path, "ct.nii", hu, affine),  # plain: nibabel's own reader (memory-mapped)
-        scan_file(tmp_path, "scaled.nii.gz", (hu.astype(np.int32) + 1024).astype(np.uint16), affine, slope=0.5,
-                  inter=-1024),
+        scan_file(
+            tmp_path, "scaled.nii.gz", (hu.astype(np.int32) + 1024).astype(np.uint16), affine, slope=0.5, inter=-1024
+        ),
         scan_file(tmp_path, "float.nii.gz", hu.astype(np.float32), affine),
         scan_file(tmp_path, "labels.nii.gz", (hu > 0).astype(np.uint8), affine),
         scan_file(tmp_path, "nifti2.nii.gz", hu, affine, nib.Nifti2Image),

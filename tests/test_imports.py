@@ -22,8 +22,11 @@ def imported_modules(path: Path, package_modules: set[str]) -> set[str]:
             names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         else:
             continue
-        found.update(name.split(".", 2)[1] for name in names
-                     if name.startswith(f"{PACKAGE}.") and name.split(".", 2)[1] in package_modules)
+        found.update(
+            name.split(".", 2)[1]
+            for name in names
+            if name.startswith(f"{PACKAGE}.") and name.split(".", 2)[1] in package_modules
+        )
     return found
 
 
@@ -38,7 +41,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(module):
         if module in path:
-            return [*path[path.index(module):], module]
+            return [*path[path.index(module) :], module]
         if module in done:
             return None
         path.append(module)

@@ -7,13 +7,29 @@ import pandas as pd
 import pytest
 
 from ctcohort.longitudinal import (
-    CONSTANT, LONGITUDINAL_COLUMNS, TOO_FEW_PATIENTS, fit_mixed_model, longitudinal_row, longitudinal_table,
+    CONSTANT,
+    LONGITUDINAL_COLUMNS,
+    TOO_FEW_PATIENTS,
+    fit_mixed_model,
+    longitudinal_row,
+    longitudinal_table,
     repeated_scans,
 )
 
 
-def cohort(seed=0, patients=400, within=0.0, between=0.0, sd_patient=30.0, sd_slope=0.0, sd_noise=10.0,
-           repeated_fraction=1.0, max_scans=5, structures=("liver",), years=False):
+def cohort(
+    seed=0,
+    patients=400,
+    within=0.0,
+    between=0.0,
+    sd_patient=30.0,
+    sd_slope=0.0,
+    sd_noise=10.0,
+    repeated_fraction=1.0,
+    max_scans=5,
+    structures=("liver",),
+    years=False,
+):
     """A long measurement table: ``patients`` patients, ``repeated_fraction`` of them with 2..max_scans scans
     over up to 8 years (the others one), hu_mean = 100 + between x baseline age + within x years since the
     first scan + a patient intercept and slope + noise; sex and contrast as covariates. With ``years`` the
@@ -26,17 +42,30 @@ def cohort(seed=0, patients=400, within=0.0, between=0.0, sd_patient=30.0, sd_sl
     sex = rng.choice(["F", "M"], patients)
     time = np.concatenate([np.sort(np.r_[0.0, rng.uniform(0.2, 8, c - 1)]) for c in counts])
     intercept, slope = rng.normal(0, sd_patient, patients), rng.normal(0, sd_slope, patients)
-    scans = pd.DataFrame({
-        "subject": [f"s{i:05d}" for i in range(len(patient))], "patient": [f"p{p:04d}" for p in patient],
-        "age": baseline[patient] + time, "sex": sex[patient], "contrast": rng.integers(0, 2, len(patient)),
-    })
+    scans = pd.DataFrame(
+        {
+            "subject": [f"s{i:05d}" for i in range(len(patient))],
+            "patient": [f"p{p:04d}" for p in patient],
+            "age": baseline[patient] + time,
+            "sex": sex[patient],
+            "contrast": rng.integers(0, 2, len(patient)),
+        }
+    )
     if years:
         scans["years"] = time
         scans["age"] = np.floor(scans["age"])
     tables = []
     for structure in structures:
-        hu = (100 + between * baseline[patient] + within * time + intercept[patient] + slope[patient] * time
-              + 5.0 * (sex[patient] == "M") + 8.0 * scans["contrast"] + rng.normal(0, sd_noise, len(patient)))
+        hu = (
+            100
+            + between * baseline[patient]
+            + within * time
+            + intercept[patient]
+            + slope[patient] * time
+            + 5.0 * (sex[patient] == "M")
+            + 8.0 * scans["contrast"]
+            + rng.normal(0, sd_noise, len(patient))
+        )
         tables.append(scans.assign(structure=structure, group="organ", hu_mean=hu))
     return pd.concat(tables, ignore_index=True)
 
@@ -203,8 +232,14 @@ def test_the_within_patient_p_keeps_its_level_under_no_change():
         patient = np.repeat(np.arange(patients), counts)
         time = np.concatenate([np.sort(np.r_[0.0, rng.uniform(0.2, 6, c - 1)]) for c in counts])
         baseline = rng.uniform(20, 85, patients)
-        frame = pd.DataFrame({"patient": patient, "time": time, "baseline_age": baseline[patient],
-                              "y": rng.normal(0, 20, patients)[patient] + rng.normal(0, 10, len(patient))})
+        frame = pd.DataFrame(
+            {
+                "patient": patient,
+                "time": time,
+                "baseline_age": baseline[patient],
+                "y": rng.normal(0, 20, patients)[patient] + rng.normal(0, 10, len(patient)),
+            }
+        )
         row = longitudinal_row(frame, min_patients=10, random_slope=True)
         assert row["note"] == ""
         rejections.append(row["p"] < 0.05)
@@ -213,8 +248,10 @@ def test_the_within_patient_p_keeps_its_level_under_no_change():
 
 # ----------------------------------------------------------------------------------- trajectory figure
 
+
 def test_trajectory_figure_writes_png_and_svg_the_same_bytes_twice_and_says_when_a_panel_is_empty(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from test_figures import assert_legible, svg_text
 
     from ctcohort import trajectory_figure
@@ -224,8 +261,11 @@ def test_trajectory_figure_writes_png_and_svg_the_same_bytes_twice_and_says_when
     monkeypatch.setattr(trajectory_figure, "save_figure", lambda fig, paths: (figures.append(fig), real(fig, paths)))
     measurements = cohort(seed=11, patients=40, within=5.0, repeated_fraction=0.5)
     measurements.loc[measurements["patient"].isin(["p0000", "p0001", "p0002"]), "sex"] = np.nan  # sex unknown
-    panels = [{"structure": "liver", "measure": "hu_mean"}, {"structure": "spleen", "measure": "hu_mean"},
-              {"structure": "liver", "measure": "volume_ml"}]
+    panels = [
+        {"structure": "liver", "measure": "hu_mean"},
+        {"structure": "spleen", "measure": "hu_mean"},
+        {"structure": "liver", "measure": "volume_ml"},
+    ]
     outputs = []
     for run in ("a", "b"):
         png, svg = tmp_path / f"{run}.png", tmp_path / f"{run}.svg"

@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage
 
 from ctcohort import measure
-from ctcohort.imaging import GridMismatchError, ImplausibleScanError, ScanChecks, ct_hounsfield, label_array
 from ctcohort.columns import EXCLUSION_REASONS, MEASURE_COLUMNS, SCAN_EXCLUSION_REASONS
+from ctcohort.imaging import GridMismatchError, ImplausibleScanError, ScanChecks, ct_hounsfield, label_array
 from ctcohort.measure import (
     LabelMapError,
     measure_files,
@@ -39,14 +39,18 @@ def per_structure_reference(hu, labels, voxel_ml, table, margin):
         if margin:
             shell[:] = True
             shell[margin:-margin, margin:-margin, margin:-margin] = False
-        rows.append({
-            "structure": name, "n_voxels": n, "raw_volume_ml": n * voxel_ml,
-            "hu_mean": values.mean() if n else np.nan,
-            "hu_median": np.median(values) if n else np.nan,
-            "hu_std": values.std() if n else np.nan,
-            "hu_mean_eroded": hu[inner].astype(float).mean() if inner.any() else np.nan,
-            "touches_border": bool((mask & shell).any()),
-        })
+        rows.append(
+            {
+                "structure": name,
+                "n_voxels": n,
+                "raw_volume_ml": n * voxel_ml,
+                "hu_mean": values.mean() if n else np.nan,
+                "hu_median": np.median(values) if n else np.nan,
+                "hu_std": values.std() if n else np.nan,
+                "hu_mean_eroded": hu[inner].astype(float).mean() if inner.any() else np.nan,
+                "touches_border": bool((mask & shell).any()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -245,8 +249,15 @@ def test_exclusion_reasons_in_order_of_precedence():
     assert SCAN_EXCLUSION_REASONS == ("absent", "too_small", "hu_nonfinite", "cut_off")
     # the cohort's plausibility checks (qc.apply_plausibility) add two, implausible_hu before cut_off, and a
     # reviewer's exclusion (review.apply_review_decisions) overrides them all
-    assert EXCLUSION_REASONS == ("absent", "too_small", "hu_nonfinite", "implausible_hu", "cut_off",
-                                 "implausible_volume", "reviewer_excluded")
+    assert EXCLUSION_REASONS == (
+        "absent",
+        "too_small",
+        "hu_nonfinite",
+        "implausible_hu",
+        "cut_off",
+        "implausible_volume",
+        "reviewer_excluded",
+    )
     hu, labels, _, _ = nonfinite_scene()
     got = measure_structures(hu, labels, 1.0, small_table(), border_margin=1, min_voxels=5)
     assert set(got["exclusion_reason"]) - {""} == set(SCAN_EXCLUSION_REASONS)
@@ -360,7 +371,9 @@ def test_real_ct_int32_is_read_as_integer_hu(shared_data):
 
 def test_real_v2_segmentation_with_v2_table(shared_data):
     folder = shared_data / "totalseg-example"
-    got = measure_files(folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz", load_structure_table("total_v2"))
+    got = measure_files(
+        folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz", load_structure_table("total_v2")
+    )
     assert len(got) == 117
     assert (got["n_voxels"] > 0).sum() > 10
     assert set(got["group"]) <= {"organ", "bone", "muscle", "vessel"}
@@ -376,6 +389,7 @@ def test_memory_order_of_the_arrays_does_not_matter():
 
 
 # Real CT made broken: each must fail with one line naming the file at fault, or exclude with a reason.
+
 
 @pytest.fixture
 def real_scan(shared_data):
@@ -504,8 +518,10 @@ def test_real_seg_with_an_unknown_label_fails(real_scan, tmp_path):
     values[60, 50, 50:53] = 250
     stray = save_nifti(values, seg.affine, tmp_path / "seg250.nii.gz")
     message = scan_error(LabelMapError, ct_path, stray, table)
-    assert message.startswith(f"{stray}: 1 label id(s) not in the structure table (104 structures, ids 1-104): "
-                              "250 (3 voxels); the structure table probably does not match")
+    assert message.startswith(
+        f"{stray}: 1 label id(s) not in the structure table (104 structures, ids 1-104): "
+        "250 (3 voxels); the structure table probably does not match"
+    )
     assert "config key structures" in message
 
 
@@ -579,8 +595,9 @@ def test_scan_read_and_measured_from_files_equals_the_arrays(tmp_path):
     np.testing.assert_array_equal(scan.labels, labels)
     np.testing.assert_array_equal(scan.affine, affine)
     table = small_table()
-    want = measure_structures(hu, labels, 0.75 * 0.5 * 2.0 / 1000, table, min_voxels=1,
-                              source=seg_path, ct_source=ct_path)
+    want = measure_structures(
+        hu, labels, 0.75 * 0.5 * 2.0 / 1000, table, min_voxels=1, source=seg_path, ct_source=ct_path
+    )
     pd.testing.assert_frame_equal(measure_files(ct_path, seg_path, table, min_voxels=1), want)
     pd.testing.assert_frame_equal(measure_files(ct_path, seg_path, lambda: table, min_voxels=1), want)
 
@@ -620,7 +637,16 @@ def test_measure_command_starts_without_the_heavy_modules(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     modules = set(result.stdout.split())
-    heavy = {"scipy.ndimage", "matplotlib", "torch", "statsmodels", "nnunetv2", "ctcohort.phantom",
-             "ctcohort.train", "ctcohort.segment", "ctcohort.release"}
+    heavy = {
+        "scipy.ndimage",
+        "matplotlib",
+        "torch",
+        "statsmodels",
+        "nnunetv2",
+        "ctcohort.phantom",
+        "ctcohort.train",
+        "ctcohort.segment",
+        "ctcohort.release",
+    }
     assert not heavy & modules
     assert len(read_measurements(tmp_path / "m.tsv")) == len(small_table())

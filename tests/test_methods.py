@@ -21,25 +21,47 @@ def settings():
 
 
 COUNTS = pd.DataFrame(
-    [("scans", "in the sheet", 120), ("scans", "measured", 117), ("scans", "failed: segment", 2),
-     ("scans", "failed: import_ct", 1), ("scans", "measured, no age", 4), ("scans", "measured, no sex", 0),
-     ("structures", "measured", 3500), ("structures", "absent", 40), ("structures", "too_small", 0),
-     ("structures", "cut_off", 61), ("structures", "implausible_volume", 3)],
+    [
+        ("scans", "in the sheet", 120),
+        ("scans", "measured", 117),
+        ("scans", "failed: segment", 2),
+        ("scans", "failed: import_ct", 1),
+        ("scans", "measured, no age", 4),
+        ("scans", "measured, no sex", 0),
+        ("structures", "measured", 3500),
+        ("structures", "absent", 40),
+        ("structures", "too_small", 0),
+        ("structures", "cut_off", 61),
+        ("structures", "implausible_volume", 3),
+    ],
     columns=["level", "kind", "count"],
 )
-VERSIONS = pd.DataFrame([("python", "3.11.9"), ("snakemake", "9.1.0"), ("scipy", "1.14.1"),
-                         ("nnunetv2", "2.6.2"), ("pydicom", "not installed")], columns=["software", "version"])
+VERSIONS = pd.DataFrame(
+    [
+        ("python", "3.11.9"),
+        ("snakemake", "9.1.0"),
+        ("scipy", "1.14.1"),
+        ("nnunetv2", "2.6.2"),
+        ("pydicom", "not installed"),
+    ],
+    columns=["software", "version"],
+)
 
 
 def correlations(primary: str = "adjusted"):
     # 6 rows: 4 tested, 2 significant positive, 1 significant negative, 1 row too small to test; the adjusted
     # analysis (primary) repeats the unadjusted numbers, adjusted for sex and contrast
-    table = pd.DataFrame({
-        "structure": ["a", "b", "c", "d", "e", "f"], "family": "structures", "measure": ["volume_ml"] * 6,
-        "n": 50, "rs": [0.5, 0.6, -0.4, 0.1, float("nan"), float("nan")],
-        "significant": [True, True, True, False, False, False],
-        "note": ["", "", "", "", "too_few_scans", "constant"],
-    })
+    table = pd.DataFrame(
+        {
+            "structure": ["a", "b", "c", "d", "e", "f"],
+            "family": "structures",
+            "measure": ["volume_ml"] * 6,
+            "n": 50,
+            "rs": [0.5, 0.6, -0.4, 0.1, float("nan"), float("nan")],
+            "significant": [True, True, True, False, False, False],
+            "note": ["", "", "", "", "too_few_scans", "constant"],
+        }
+    )
     for column in ("n", "rs", "note"):
         table[f"{column}_partial"] = table[column]
     return table.assign(covariates="sex,contrast", primary=primary)
@@ -64,11 +86,11 @@ def test_methods_quote_the_runs_counts_and_the_settings(settings):
     assert "adjusted for sex and contrast" in text
     assert f"({settings['statistics']['spline_df']} degrees of freedom, knots" in text
     assert "location-scale-shape models adjusted for contrast" in text and "5-fold cross-validation" in text
-    assert ("a normal, Box-Cox Cole-Green (LMS), sinh-arcsinh (Jones and Pewsey) or Box-Cox t distribution whose"
-            in text)
+    assert "a normal, Box-Cox Cole-Green (LMS), sinh-arcsinh (Jones and Pewsey) or Box-Cox t distribution whose" in text
     normal_only = {**settings, "normative": {**settings["normative"], "families": ["normal"]}}
     assert "models adjusted for contrast: a normal distribution whose" in " ".join(
-        methods_paragraphs(normal_only, run_tables()))
+        methods_paragraphs(normal_only, run_tables())
+    )
     calibration = pd.DataFrame({"n": [120, 80, 10], "note": ["", "", "too_few_scans"]})
     text = " ".join(methods_paragraphs(settings, run_tables(calibration=calibration)))
     assert "2 of 3 charts were drawn, from 80 to 120 patients each." in text
@@ -122,14 +144,16 @@ def test_methods_files(tmp_path, settings):
 
 
 def selection(patients: list[str], ages: list[float], chosen: list[bool]) -> pd.DataFrame:
-    return pd.DataFrame({"subject": [f"s{i}" for i in range(len(patients))], "patient": patients, "age": ages,
-                         "chosen": chosen})
+    return pd.DataFrame(
+        {"subject": [f"s{i}" for i in range(len(patients))], "patient": patients, "age": ages, "chosen": chosen}
+    )
 
 
 def test_methods_count_patients_and_say_which_scan(settings):
     settings["patient_column"] = True
-    picked = selection(["p1", "p1", "p1", "p2", "p3"], [60, 61, float("nan"), 40, float("nan")],
-                       [True, False, False, True, True])
+    picked = selection(
+        ["p1", "p1", "p1", "p2", "p3"], [60, 61, float("nan"), 40, float("nan")], [True, False, False, True, True]
+    )
     counts = COUNTS.copy()
     counts.loc[counts["kind"] == "in the sheet", "count"] = 5
     counts.loc[counts["kind"] == "measured", "count"] = 5
@@ -162,29 +186,53 @@ def study_tables(measurements, config):
     from ctcohort.stats import age_correlations
 
     stats_cfg = config["statistics"]
-    correlations = age_correlations(measurements, ["volume_ml"], partial_covariates=stats_cfg["partial_covariates"],
-                                    min_n=10)
+    correlations = age_correlations(
+        measurements, ["volume_ml"], partial_covariates=stats_cfg["partial_covariates"], min_n=10
+    )
     return correlations, regression_table(measurements, ["volume_ml"], stats_cfg["partial_covariates"])
 
 
-@pytest.mark.parametrize("drop, covariates, primary, regression", [
-    ([], ["sex", "contrast"], "the partial Spearman correlation adjusted for sex and contrast (ranks",
-     "with sex and contrast as covariates"),
-    (["contrast"], ["sex", "contrast"], "the partial Spearman correlation adjusted for sex (contrast configured but "
-     "not available)", "with sex as covariates"),
-    (["contrast", "sex"], ["sex", "contrast"], "the unadjusted correlation (sex and contrast configured but not "
-     "available); no covariate was adjusted for", "without covariates"),
-    ([], [], "the unadjusted correlation; no covariate was adjusted for", "without covariates"),
-])
+@pytest.mark.parametrize(
+    "drop, covariates, primary, regression",
+    [
+        (
+            [],
+            ["sex", "contrast"],
+            "the partial Spearman correlation adjusted for sex and contrast (ranks",
+            "with sex and contrast as covariates",
+        ),
+        (
+            ["contrast"],
+            ["sex", "contrast"],
+            "the partial Spearman correlation adjusted for sex (contrast configured but not available)",
+            "with sex as covariates",
+        ),
+        (
+            ["contrast", "sex"],
+            ["sex", "contrast"],
+            "the unadjusted correlation (sex and contrast configured but not available); no covariate was adjusted for",
+            "without covariates",
+        ),
+        ([], [], "the unadjusted correlation; no covariate was adjusted for", "without covariates"),
+    ],
+)
 def test_methods_say_what_the_tables_used_not_what_was_configured(settings, drop, covariates, primary, regression):
     import numpy as np
 
     rng = np.random.default_rng(0)
     n = 60
-    measurements = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": rng.uniform(20, 80, n),
-                                 "sex": rng.choice(["M", "F"], n), "contrast": rng.integers(0, 2, n),
-                                 "structure": "liver", "group": "organ", "label": 5,
-                                 "volume_ml": rng.normal(1500, 100, n)}).drop(columns=drop)
+    measurements = pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(n)],
+            "age": rng.uniform(20, 80, n),
+            "sex": rng.choice(["M", "F"], n),
+            "contrast": rng.integers(0, 2, n),
+            "structure": "liver",
+            "group": "organ",
+            "label": 5,
+            "volume_ml": rng.normal(1500, 100, n),
+        }
+    ).drop(columns=drop)
     settings["statistics"]["partial_covariates"] = covariates
     table, fits = study_tables(measurements, settings)
     text = " ".join(methods_paragraphs(settings, run_tables(correlation_table=table, regression=fits)))

@@ -10,13 +10,18 @@ import pandas as pd
 import pingouin
 import pytest
 from scipy import stats
+from test_stats import long_table
 
 from ctcohort.models import (
-    BY_SEX_COLUMNS, PARTIAL_COLUMNS, REGRESSION_COLUMNS, by_sex_table, partial_table, regression_table,
+    BY_SEX_COLUMNS,
+    PARTIAL_COLUMNS,
+    REGRESSION_COLUMNS,
+    by_sex_table,
+    partial_table,
+    regression_table,
     spearman_difference,
 )
 from ctcohort.stats import MIN_N, age_correlations
-from test_stats import long_table
 
 Z975 = 1.959963984540054
 
@@ -25,6 +30,8 @@ def reference_p(exact_or_t: float, n: int, permuted: float) -> float:
     """What the tables' P must be: above 30 scans the classical P (never below 2/n!); at or below, a seeded
     permutation P, which ``permuted`` (an independent Monte Carlo of its own) approximates."""
     return max(exact_or_t, 2 / math.factorial(n)) if n > 30 else permuted
+
+
 MEASURES = ["volume_ml", "hu_mean"]
 KEY = ["structure", "group", "measure"]
 
@@ -61,8 +68,9 @@ def test_partial_correlations_equal_pingouin(monkeypatch):
             r, n = reference["r"].iloc[0], len(valid)
             assert row["rs_partial"] == pytest.approx(r, abs=1e-6)
             if n > 30:
-                assert row["p"] == pytest.approx(max(reference["p_val"].iloc[0], 2 / math.factorial(n)),
-                                                 rel=1e-6, abs=1e-12)
+                assert row["p"] == pytest.approx(
+                    max(reference["p_val"].iloc[0], 2 / math.factorial(n)), rel=1e-6, abs=1e-12
+                )
             # Bonett & Wright's standard error on Fisher's z, with k covariates
             half = Z975 * math.sqrt((1 + r * r / 2) / (n - 3 - len(covariates)))
             assert row["ci_low"] == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-6)
@@ -146,8 +154,9 @@ def test_by_sex_equals_scipy_per_sex():
                 assert np.isnan(row["p_diff"])
     assert compared >= 5
     tested = result["p_diff"].notna()
-    np.testing.assert_allclose(result.loc[tested, "p_diff_bonferroni"],
-                               np.minimum(1, result.loc[tested, "p_diff"] * tested.sum()))
+    np.testing.assert_allclose(
+        result.loc[tested, "p_diff_bonferroni"], np.minimum(1, result.loc[tested, "p_diff"] * tested.sum())
+    )
     # the uterus is seen in women only: no men, no difference
     assert result.loc[("uterus", "abdomen", "volume_ml"), "n_M"] == 0
     assert result.loc[("uterus", "abdomen", "volume_ml"), "note_M"] == "too_few_scans"
@@ -205,8 +214,11 @@ def test_regression_equals_least_squares_with_hc3_by_hand():
             assert row["ci_low"] == pytest.approx(beta[1] - Z975 * se[1], rel=1e-7, abs=1e-9)
             assert row["ci_high"] == pytest.approx(beta[1] + Z975 * se[1], rel=1e-7, abs=1e-9)
             if len(valid) > 30:
-                assert row["p"] == pytest.approx(max(math.erfc(abs(beta[1] / se[1]) / math.sqrt(2)),
-                                                     2 / math.factorial(len(valid))), rel=1e-6, abs=1e-300)
+                assert row["p"] == pytest.approx(
+                    max(math.erfc(abs(beta[1] / se[1]) / math.sqrt(2)), 2 / math.factorial(len(valid))),
+                    rel=1e-6,
+                    abs=1e-300,
+                )
             median = float(np.median(valid[measure]))
             assert row["median"] == pytest.approx(median)
             assert row["percent_per_decade"] == pytest.approx(100 * beta[1] / median, rel=1e-8)
@@ -227,8 +239,17 @@ def synthetic(shape: str, n: int = 300, seed: int = 7) -> pd.DataFrame:
     contrast = rng.integers(0, 2, n)
     trend = 0.08 * (age - 55) ** 2 if shape == "quadratic" else 3.0 * age
     volume = 1000 + trend + 40 * (sex == "M") + 25 * contrast + rng.normal(0, 30, n)
-    return pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": age, "sex": sex, "contrast": contrast,
-                         "structure": shape, "group": "organ", "volume_ml": volume})
+    return pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(n)],
+            "age": age,
+            "sex": sex,
+            "contrast": contrast,
+            "structure": shape,
+            "group": "organ",
+            "volume_ml": volume,
+        }
+    )
 
 
 def test_nonlinearity_f_test_equals_statsmodels_model_comparison():
@@ -295,6 +316,7 @@ def test_small_n_slope_p_is_a_permutation_p_that_holds_its_level():
     assert 0.035 <= np.mean(np.array(permuted) < 0.05) <= 0.065
     assert min(permuted) >= 1 / 500
 
+
 def test_planted_quadratic_is_nonlinear_with_its_vertex():
     row = regression_table(synthetic("quadratic"), ["volume_ml"], ["sex", "contrast"]).iloc[0]
     assert row["note"] == ""
@@ -331,5 +353,6 @@ def test_a_covariate_category_of_one_scan_leaves_hc3_undefined():
     assert row["note"] == "leverage_one"
     assert np.isnan(row["p"]) and np.isnan(row["ci_low"]) and np.isnan(row["p_bonferroni"])
     design = np.column_stack([np.ones(len(frame)), frame["age"] / 10, frame["sex"] == "M", frame["contrast"]])
-    assert row["coef_per_decade"] == pytest.approx(np.linalg.lstsq(design.astype(float), frame["volume_ml"],
-                                                                   rcond=None)[0][1])
+    assert row["coef_per_decade"] == pytest.approx(
+        np.linalg.lstsq(design.astype(float), frame["volume_ml"], rcond=None)[0][1]
+    )

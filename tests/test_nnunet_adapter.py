@@ -22,8 +22,9 @@ def test_version_check_names_installed_and_supported_version():
     adapter.check_nnunet_version(adapter.SUPPORTED_NNUNET_VERSION)
     adapter.check_nnunet_version(adapter.SUPPORTED_NNUNET_VERSION + "+cu124")  # a local build of it
     for installed in ("2.9.0", "2.8.0", "2.8.1.post1", "2.8"):
-        with pytest.raises(adapter.UnsupportedNnunetError,
-                           match=rf"nnunetv2 {installed} is installed.*supports nnunetv2 2\.8\.1 only"):
+        with pytest.raises(
+            adapter.UnsupportedNnunetError, match=rf"nnunetv2 {installed} is installed.*supports nnunetv2 2\.8\.1 only"
+        ):
             adapter.check_nnunet_version(installed, "2.8.1")
     with pytest.raises(adapter.UnsupportedNnunetError, match=r"not installed.*supports nnunetv2 2\.8\.1"):
         adapter.check_nnunet_version(None, "2.8.1")
@@ -46,14 +47,20 @@ def test_another_version_is_an_error_when_the_adapter_is_used(monkeypatch, tmp_p
         train.plan_and_preprocess(1, tmp_path)
     assert os.environ.get("nnUNet_raw") == env_before and not any(tmp_path.iterdir())  # nothing was touched
     with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
-        train.make_small_configuration({"configurations": {"3d_fullres": {
-            "spacing": [1, 1, 1], "median_image_size_in_voxels": [8, 8, 8], "architecture": {}}}})
+        train.make_small_configuration(
+            {
+                "configurations": {
+                    "3d_fullres": {"spacing": [1, 1, 1], "median_image_size_in_voxels": [8, 8, 8], "architecture": {}}
+                }
+            }
+        )
     with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
         with adapter.bfloat16_autocast_on_cpu():
             pass
     with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
-        adapter.load_predictor(tmp_path / "no_model", [tmp_path / "no_model" / "fold_0" / "checkpoint_final.pth"],
-                               None, 0.5, False)
+        adapter.load_predictor(
+            tmp_path / "no_model", [tmp_path / "no_model" / "fold_0" / "checkpoint_final.pth"], None, 0.5, False
+        )
     with pytest.raises(adapter.UnsupportedNnunetError, match="2.9.0"):
         adapter.predict_labels(None, None, (1.0, 1.0, 1.0))
 

@@ -26,8 +26,6 @@ import pytest
 pytest.importorskip("pylibjpeg", reason="the reference conversion decodes JPEG 2000 with pylibjpeg (test extra)")
 
 from conftest import require_shared_data, run_workflow  # noqa: E402
-from ctcohort.dicom_import import DicomImportError, _read_image_header, _warnings, convert_series  # noqa: E402
-from ctcohort.cli import main  # noqa: E402
 from dicom_edits import (  # noqa: E402
     B_FOLDER,
     build_export_tree,
@@ -36,6 +34,9 @@ from dicom_edits import (  # noqa: E402
     series_files,
     write_copies,
 )
+
+from ctcohort.cli import main  # noqa: E402
+from ctcohort.dicom_import import DicomImportError, _read_image_header, _warnings, convert_series  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.9.7139"
 PLANTED = {
@@ -50,8 +51,9 @@ PLANTED = {
     "FrameOfReferenceUID": f"{UID_ROOT}.4.20240101.5551234",
 }
 # every piece a person could be found by, on its own
-NEEDLES = sorted({*PLANTED.values(), "Quixotic", "Zebulon", "Marmaduke", "Xylophone", "Brightwater", "Wolfgang",
-                  UID_ROOT})
+NEEDLES = sorted(
+    {*PLANTED.values(), "Quixotic", "Zebulon", "Marmaduke", "Xylophone", "Brightwater", "Wolfgang", UID_ROOT}
+)
 STUDY = {"segmentation": {"method": "precomputed"}, "structures": "total_v2"}
 
 
@@ -105,8 +107,7 @@ def study(planted, tmp_path_factory):
         ("broken", root / "missing_slice", example / "example_seg_dicom.nii.gz", 70, "M", 1),
     ]
     sheet = root / "cohort.tsv"
-    pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"]).to_csv(sheet, sep="\t",
-                                                                                       index=False)
+    pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"]).to_csv(sheet, sep="\t", index=False)
     workdir = tmp_path_factory.mktemp("dicom_study")
     config = {**STUDY, "cohort": str(sheet)}
     run = run_workflow(workdir, config)
@@ -232,8 +233,10 @@ def not_ct(ds, index):
     ds.Modality = "MR"
 
 
-@pytest.mark.parametrize("edit, cause", [(localizer, "localizer"), (second_series, "2 series"),
-                                         (not_ct, "more than one modality: CT (5), MR (2)")])
+@pytest.mark.parametrize(
+    "edit, cause",
+    [(localizer, "localizer"), (second_series, "2 series"), (not_ct, "more than one modality: CT (5), MR (2)")],
+)
 def test_import_errors_and_logs_name_no_header_value(planted, tmp_path, caplog, edit, cause):
     _, files, whole, _ = planted
     folder = tmp_path / "series"
@@ -257,10 +260,12 @@ def test_dcm2niix_messages_are_passed_on_without_header_values(planted, tmp_path
     output.write("Warning: name Zebulon Quixotic\n")
     output.write(f"Warning: {PLANTED['InstitutionName']}, accession {PLANTED['AccessionNumber']}\n")
     lines = _warnings(output.getvalue(), values, tmp_path)
-    assert lines == ["Warning: unexpected value <header value> in <series>/series/000001",
-                     "Error: series <uid> and <uid> differ",
-                     "Warning: name <header value> <header value>",
-                     "Warning: <header value>, accession <header value>"]
+    assert lines == [
+        "Warning: unexpected value <header value> in <series>/series/000001",
+        "Error: series <uid> and <uid> differ",
+        "Warning: name <header value> <header value>",
+        "Warning: <header value>, accession <header value>",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +281,20 @@ def export_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("pacs_sheet")
     console = io.StringIO()
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
-        code = main(["sheet", str(tree), "-o", str(out / "cohort.tsv"), "--series-table", str(out / "series.tsv"),
-                     "--secret", "test secret: not for real data", "--processes", "1"])
+        code = main(
+            [
+                "sheet",
+                str(tree),
+                "-o",
+                str(out / "cohort.tsv"),
+                "--series-table",
+                str(out / "series.tsv"),
+                "--secret",
+                "test secret: not for real data",
+                "--processes",
+                "1",
+            ]
+        )
     assert code == 0, console.getvalue()
     written = pd.read_csv(out / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
     written["seg"] = str(data / "totalseg-example" / "example_seg_dicom.nii.gz")
@@ -315,12 +332,20 @@ def test_a_sheet_from_a_planted_export_runs_with_header_age_and_sex_and_no_phi(e
     assert Path(sheet.set_index("age").at[1.5, "ct"]).suffix == ".txt"
     assert "[removed] abdomen [removed] MRN[removed] portal venous" in set(series["description"])
     needles = export_phi()
-    files = [out / "cohort.tsv", out / "series.tsv",
-             *(p for folder in (results, workdir / ".snakemake") for p in folder.rglob("*") if p.is_file())]
+    files = [
+        out / "cohort.tsv",
+        out / "series.tsv",
+        *(p for folder in (results, workdir / ".snakemake") for p in folder.rglob("*") if p.is_file()),
+    ]
     assert sum(p.parent.name == "ct" and p.name.endswith(".nii.gz") for p in files) == 2
     assert any(p.parent.name == "metadata" for p in files)
-    found = [(str(path), needle) for path in files for view in searchable(path)
-             for needle in needles if needle.encode() in view or needle.upper().encode() in view]
+    found = [
+        (str(path), needle)
+        for path in files
+        for view in searchable(path)
+        for needle in needles
+        if needle.encode() in view or needle.upper().encode() in view
+    ]
     assert not found
     assert not [needle for needle in needles if needle in console or needle.upper() in console.upper()]
     # where they are, they are found: patient A's values in a file of the export, B's folder in B's file list

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import patsy
 import pytest
+from conftest import REPO
 from scipy import stats
 from scipy.optimize import linprog
 
-from conftest import REPO
 from ctcohort import normative
 from ctcohort.cli import main
 from ctcohort.tables import STATS_DIGITS, read_statistics, write_tsv
@@ -35,8 +35,17 @@ def analytic_cohort(n: int = 40000, seed: int = 7) -> pd.DataFrame:
     contrast = rng.integers(0, 2, n).astype(float)
     mean = np.array([A[s] + B[s] * x for s, x in zip(sex, age)]) + DELTA * contrast
     sd = np.array([SD[s] for s in sex])
-    return pd.DataFrame({"subject": [f"s{i:05d}" for i in range(n)], "age": age, "sex": sex, "contrast": contrast,
-                         "structure": "liver", "group": "abdomen", "volume_ml": mean + sd * rng.standard_normal(n)})
+    return pd.DataFrame(
+        {
+            "subject": [f"s{i:05d}" for i in range(n)],
+            "age": age,
+            "sex": sex,
+            "contrast": contrast,
+            "structure": "liver",
+            "group": "abdomen",
+            "volume_ml": mean + sd * rng.standard_normal(n),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +62,31 @@ def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
 def test_charts_match_the_analytic_percentiles(fitted):
     charts, coefficients, _ = fitted
     intervals = [f"{c}_{end}" for c in COLUMNS for end in ("low", "high")]
-    assert list(charts.columns) == ["structure", "group", "members", "measure", "sex", "n", "age", *COLUMNS, "contrast",
-                                    "note", *normative.METHOD_COLUMNS, *normative.CALIBRATION_COLUMNS, *intervals]
-    assert list(coefficients.columns) == ["structure", "measure", "sex", "covariate", *COLUMNS, "eta_mu", "levels",
-                                          "effect"]
+    assert list(charts.columns) == [
+        "structure",
+        "group",
+        "members",
+        "measure",
+        "sex",
+        "n",
+        "age",
+        *COLUMNS,
+        "contrast",
+        "note",
+        *normative.METHOD_COLUMNS,
+        *normative.CALIBRATION_COLUMNS,
+        *intervals,
+    ]
+    assert list(coefficients.columns) == [
+        "structure",
+        "measure",
+        "sex",
+        "covariate",
+        *COLUMNS,
+        "eta_mu",
+        "levels",
+        "effect",
+    ]
     assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
     z = stats.norm.ppf(np.array(LEVELS) / 100)
     for sex in ("M", "F"):
@@ -93,9 +123,13 @@ def test_quantile_fits_reach_the_linear_programs_minimum(n):
     for p, fit in zip(LEVELS, fits):
         q = p / 100
         # min q 1'u + (1 - q) 1'v subject to X b + u - v = y, u, v >= 0, b free
-        lp = linprog(np.concatenate([np.zeros(k), np.full(n, q), np.full(n, 1 - q)]),
-                     A_eq=np.hstack([design, np.eye(n), -np.eye(n)]), b_eq=y,
-                     bounds=[(None, None)] * k + [(0, None)] * (2 * n), method="highs")
+        lp = linprog(
+            np.concatenate([np.zeros(k), np.full(n, q), np.full(n, 1 - q)]),
+            A_eq=np.hstack([design, np.eye(n), -np.eye(n)]),
+            b_eq=y,
+            bounds=[(None, None)] * k + [(0, None)] * (2 * n),
+            method="highs",
+        )
         assert lp.status == 0
         loss = check_loss(y - design @ np.asarray(fit.params), q)
         assert lp.fun <= loss + 1e-9 * lp.fun  # the LP is the minimum
@@ -104,8 +138,14 @@ def test_quantile_fits_reach_the_linear_programs_minimum(n):
 
 def noisy_sample(n: int = 20, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"age": rng.uniform(20, 80, n), "structure": "spleen", "group": "abdomen",
-                         "hu_mean": 100 + 10 * rng.standard_normal(n)})
+    return pd.DataFrame(
+        {
+            "age": rng.uniform(20, 80, n),
+            "structure": "spleen",
+            "group": "abdomen",
+            "hu_mean": 100 + 10 * rng.standard_normal(n),
+        }
+    )
 
 
 def test_rearranged_charts_do_not_cross_where_the_fits_do():
@@ -129,8 +169,9 @@ def scan_table(**values) -> pd.DataFrame:
 
 
 def placed(charts, coefficients, value, age=50.0, sex="F", structure="liver", **covariates):
-    placement = normative.place_on_charts(charts, coefficients, scan_table(**{structure: value}), age, sex,
-                                          covariates or {"contrast": 0})
+    placement = normative.place_on_charts(
+        charts, coefficients, scan_table(**{structure: value}), age, sex, covariates or {"contrast": 0}
+    )
     assert list(placement.columns) == ["structure", "measure", "value", "age", "sex", "percentile", "z", "note"]
     return placement.iloc[0]
 
@@ -160,15 +201,44 @@ def test_a_combined_structure_is_made_from_the_scans_members():
     rng = np.random.default_rng(3)
     n = 200
     age = rng.uniform(20, 80, n)
-    cohort = pd.DataFrame({"subject": [f"s{i}" for i in range(n)], "age": age, "sex": "F", "structure": "kidneys",
-                           "group": "organ", "volume_ml": 300 - age + rng.normal(0, 20, n)})
-    charts, coefficients, _ = normative.fit_charts(cohort, ["kidneys"], ["volume_ml"], normative.ChartSettings(
-        covariates=[]), combined={"kidneys": ["kidney_left", "kidney_right"]})
+    cohort = pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(n)],
+            "age": age,
+            "sex": "F",
+            "structure": "kidneys",
+            "group": "organ",
+            "volume_ml": 300 - age + rng.normal(0, 20, n),
+        }
+    )
+    charts, coefficients, _ = normative.fit_charts(
+        cohort,
+        ["kidneys"],
+        ["volume_ml"],
+        normative.ChartSettings(covariates=[]),
+        combined={"kidneys": ["kidney_left", "kidney_right"]},
+    )
     assert set(charts["members"]) == {"kidney_left+kidney_right"}
-    columns = ["structure", "label", "group", "n_voxels", "volume_ml", "hu_mean", "hu_median", "hu_std",
-               "hu_mean_eroded", "complete", "exclusion_reason"]
-    scan = pd.DataFrame([("kidney_left", 2, "organ", 1000, 120.0, 30.0, 30.0, 5.0, 31.0, True, ""),
-                         ("kidney_right", 3, "organ", 1100, 130.0, 32.0, 32.0, 5.0, 33.0, True, "")], columns=columns)
+    columns = [
+        "structure",
+        "label",
+        "group",
+        "n_voxels",
+        "volume_ml",
+        "hu_mean",
+        "hu_median",
+        "hu_std",
+        "hu_mean_eroded",
+        "complete",
+        "exclusion_reason",
+    ]
+    scan = pd.DataFrame(
+        [
+            ("kidney_left", 2, "organ", 1000, 120.0, 30.0, 30.0, 5.0, 31.0, True, ""),
+            ("kidney_right", 3, "organ", 1100, 130.0, 32.0, 32.0, 5.0, 33.0, True, ""),
+        ],
+        columns=columns,
+    )
     placement = normative.place_on_charts(charts, coefficients, scan, age=50, sex="F").set_index("structure")
     assert placement.at["kidneys", "value"] == 120.0 + 130.0
     assert placement.at["kidneys", "note"] == "" and np.isfinite(placement.at["kidneys", "z"])
@@ -267,11 +337,13 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     unfitted = charts[charts["note"] != ""]
     assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
     # without a sex column: one chart over every scan
-    charts, coefficients, _ = normative.fit_charts(sample.drop(columns="sex"), ["spleen"], ["hu_mean"],
-                                                   normative.ChartSettings(covariates=()))
+    charts, coefficients, _ = normative.fit_charts(
+        sample.drop(columns="sex"), ["spleen"], ["hu_mean"], normative.ChartSettings(covariates=())
+    )
     assert (charts["sex"] == "all").all() and (charts["n"] == 40).all() and (charts["note"] == "").all()
-    placement = normative.place_on_charts(charts, coefficients, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}),
-                                          50, "F")
+    placement = normative.place_on_charts(
+        charts, coefficients, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}), 50, "F"
+    )
     assert placement["sex"].tolist() == ["all"] and placement["note"].tolist() == [""]
     # a fit whose optimality cannot be shown (here: no duality gap is small enough) is no chart
     monkeypatch.setattr(normative, "DUALITY_GAP", -1.0)
@@ -297,8 +369,10 @@ def test_quantile_fits_reach_r_quantregs_minimum(n, tmp_path):
     where the statsmodels fits they replace stopped above it (the 25th percentile of 40 scans: n q = 10)."""
     import shutil
 
-    if not shutil.which("Rscript") or subprocess.run(["Rscript", "-e", "library(quantreg)"],
-                                                     capture_output=True).returncode:
+    if (
+        not shutil.which("Rscript")
+        or subprocess.run(["Rscript", "-e", "library(quantreg)"], capture_output=True).returncode
+    ):
         reason = "R with quantreg is not installed (Debian: r-base-core r-cran-quantreg)"
         if os.environ.get("CI"):
             pytest.fail(reason + "; CI is set, where the R checks must run")
@@ -311,8 +385,9 @@ def test_quantile_fits_reach_r_quantregs_minimum(n, tmp_path):
     table = pd.DataFrame(design, columns=[f"x{i}" for i in range(design.shape[1])]).assign(y=frame["y"])
     table.to_csv(tmp_path / "data.csv", index=False)
     (tmp_path / "fit.R").write_text(R_QUANTREG)
-    output = subprocess.run(["Rscript", str(tmp_path / "fit.R"), str(tmp_path / "data.csv")], capture_output=True,
-                            text=True, check=True).stdout.split()
+    output = subprocess.run(
+        ["Rscript", str(tmp_path / "fit.R"), str(tmp_path / "data.csv")], capture_output=True, text=True, check=True
+    ).stdout.split()
     r_loss = dict(zip(map(float, output[::2]), map(float, output[1::2])))
     for p, fit in zip(LEVELS, fits):
         ours = check_loss(frame["y"].to_numpy() - design @ fit.params.to_numpy(), p / 100)
@@ -357,8 +432,17 @@ def test_zscore_command(fitted, tmp_path, capsys):
     value = A["F"] + B["F"] * age + DELTA + SD["F"]
     scan = pd.DataFrame({"structure": ["liver", "spleen"], "volume_ml": [value, 200.0], "hu_mean": [60.0, np.nan]})
     scan.to_csv(tmp_path / "scan.tsv", sep="\t", index=False, na_rep="NaN")
-    common = ["zscore", "--charts", str(tmp_path / "charts.tsv"), "--coefficients", str(tmp_path / "covariates.tsv"),
-              "--measurements", str(tmp_path / "scan.tsv"), "--sex", "F"]
+    common = [
+        "zscore",
+        "--charts",
+        str(tmp_path / "charts.tsv"),
+        "--coefficients",
+        str(tmp_path / "covariates.tsv"),
+        "--measurements",
+        str(tmp_path / "scan.tsv"),
+        "--sex",
+        "F",
+    ]
     out = tmp_path / "z.tsv"
     assert main([*common, "--age", "50", "--covariate", "contrast=1", "--out", str(out)]) == 0
     assert "placed 1 of 2" in capsys.readouterr().out
@@ -374,13 +458,45 @@ def test_zscore_command(fitted, tmp_path, capsys):
     assert main([*common, "--age", "50", "--out", str(out)]) == 1
     assert "--measurements: no such file" in capsys.readouterr().err
     # as a module, the table on standard output
-    run = subprocess.run([sys.executable, "-m", "ctcohort", "zscore", *common[1:-4], "--measurements",
-                          str(tmp_path / "scan.tsv"), "--age", "50", "--covariate", "contrast=1"],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctcohort",
+            "zscore",
+            *common[1:-4],
+            "--measurements",
+            str(tmp_path / "scan.tsv"),
+            "--age",
+            "50",
+            "--covariate",
+            "contrast=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 1 and "sex must be M or F" in run.stderr  # --sex left off
-    run = subprocess.run([sys.executable, "-m", "ctcohort", "zscore", *common[1:-4], "--measurements",
-                          str(tmp_path / "scan.tsv"), "--sex", "F", "--age", "50", "--covariate", "contrast=1"],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctcohort",
+            "zscore",
+            *common[1:-4],
+            "--measurements",
+            str(tmp_path / "scan.tsv"),
+            "--sex",
+            "F",
+            "--age",
+            "50",
+            "--covariate",
+            "contrast=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0].split("\t") == normative.PLACEMENT_COLUMNS and "placed 1 of 2" in run.stderr
 
@@ -397,32 +513,70 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     new["subject"] = [f"0{i:04d}" for i in range(len(new))]  # ids as text: "00001" is not 1
     new.to_csv(tmp_path / "cohort.tsv", sep="\t", index=False)
     out = tmp_path / "scores.tsv"
-    assert main(["zscore", "--charts", str(tmp_path / "charts.tsv"), "--coefficients",
-                 str(tmp_path / "covariates.tsv"), "--measurements", str(tmp_path / "cohort.tsv"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zscore",
+                "--charts",
+                str(tmp_path / "charts.tsv"),
+                "--coefficients",
+                str(tmp_path / "covariates.tsv"),
+                "--measurements",
+                str(tmp_path / "cohort.tsv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"on the charts, {len(new)} scans" in capsys.readouterr().out
     scores = pd.read_csv(out, sep="\t", dtype={"subject": str}, keep_default_na=False, na_values=["NaN"])
     assert scores["subject"].tolist() == new["subject"].tolist()
     assert scores["note"].isin(["", "below_chart", "above_chart"]).all()
-    truth = np.array([(v - A[s] - B[s] * a - DELTA * c) / SD[s] for v, s, a, c in
-                      new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)])
+    truth = np.array(
+        [
+            (v - A[s] - B[s] * a - DELTA * c) / SD[s]
+            for v, s, a, c in new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)
+        ]
+    )
     # piecewise linear in normal-score space between five fitted curves: close to the truth, not equal
     assert np.abs(scores["z"] - truth).mean() < 0.05 and np.abs(scores["z"] - truth).max() < 0.3
     beyond = (scores["z"].abs() > 1.96).mean()
     assert 0.035 <= beyond <= 0.075 and scores["z"].abs().max() < 6
     first = new.iloc[0]
-    alone = normative.place_on_charts(charts, coefficients, scan_table(liver=first["volume_ml"]), first["age"],
-                                      first["sex"], {"contrast": first["contrast"]})
-    assert scores.loc[0, "z"] == pytest.approx(alone.loc[0, "z"], abs=1e-4)  # the CLI reads the charts as written, to 6 digits
+    alone = normative.place_on_charts(
+        charts,
+        coefficients,
+        scan_table(liver=first["volume_ml"]),
+        first["age"],
+        first["sex"],
+        {"contrast": first["contrast"]},
+    )
+    assert scores.loc[0, "z"] == pytest.approx(
+        alone.loc[0, "z"], abs=1e-4
+    )  # the CLI reads the charts as written, to 6 digits
 
 
 def test_the_reference_is_the_selected_scans_less_what_the_qc_flags():
-    measurements = pd.DataFrame({"subject": ["a", "a", "b", "b", "c", "c"],
-                                 "structure": ["kidney_left", "liver"] * 3, "healthy": [1, 1, 1, 1, 0, 0]})
-    qc = pd.DataFrame({"subject": ["a", "a", "b", "b", "c", "c"], "structure": ["kidney_left", "liver"] * 3,
-                       "laterality": [True, False, True, False, False, False],
-                       "vertebra_order": False, "fragments": False, "volume_outlier": False,
-                       "orientation": [False, False, False, False, True, True],
-                       "review": ["", "", "accept", "", "", ""]})
+    measurements = pd.DataFrame(
+        {
+            "subject": ["a", "a", "b", "b", "c", "c"],
+            "structure": ["kidney_left", "liver"] * 3,
+            "healthy": [1, 1, 1, 1, 0, 0],
+        }
+    )
+    qc = pd.DataFrame(
+        {
+            "subject": ["a", "a", "b", "b", "c", "c"],
+            "structure": ["kidney_left", "liver"] * 3,
+            "laterality": [True, False, True, False, False, False],
+            "vertebra_order": False,
+            "fragments": False,
+            "volume_outlier": False,
+            "orientation": [False, False, False, False, True, True],
+            "review": ["", "", "accept", "", "", ""],
+        }
+    )
     keys = lambda frame: list(zip(frame["subject"], frame["structure"]))  # noqa: E731
     # a's flagged kidney is left out (and the kidneys it is a member of), b's was accepted by a reviewer, c's
     # orientation is in doubt: the whole scan
@@ -431,8 +585,11 @@ def test_the_reference_is_the_selected_scans_less_what_the_qc_flags():
     with_kidneys = pd.concat([measurements, pd.DataFrame({"subject": ["a"], "structure": ["kidneys"], "healthy": [1]})])
     assert ("a", "kidneys") not in keys(normative.reference_scans(with_kidneys, "", qc, {"kidneys": ["kidney_left"]}))
     qc["orientation"] = False
-    assert keys(normative.reference_scans(measurements, "healthy == 1", qc)) == [("a", "liver"), ("b", "kidney_left"),
-                                                                                 ("b", "liver")]
+    assert keys(normative.reference_scans(measurements, "healthy == 1", qc)) == [
+        ("a", "liver"),
+        ("b", "kidney_left"),
+        ("b", "liver"),
+    ]
     assert len(normative.reference_scans(measurements, "healthy == 0")) == 2
     with pytest.raises(ValueError, match="normative.reference 'helthy == 1': UndefinedVariableError"):
         normative.reference_scans(measurements, "helthy == 1")
@@ -462,8 +619,12 @@ def test_lms_charts_match_the_truth_and_place_new_scans_by_the_model(lms_fitted)
     new = analytic_cohort(2000, seed=5)
     new = new[(new["age"] >= 22) & (new["age"] <= 83)].assign(subject=lambda f: [f"n{i}" for i in range(len(f))])
     placed = normative.place_cohort(charts, coefficients, new)
-    truth = np.array([(v - A[s] - B[s] * a - DELTA * c) / SD[s] for v, s, a, c in
-                      new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)])
+    truth = np.array(
+        [
+            (v - A[s] - B[s] * a - DELTA * c) / SD[s]
+            for v, s, a, c in new[["volume_ml", "sex", "age", "contrast"]].itertuples(index=False)
+        ]
+    )
     assert np.abs(placed["z"] - truth).mean() < 0.2  # the curves' own error at 400 scans a sex: about 0.1 SD
     beyond = (placed["z"].abs() > 1.96).mean()
     assert 0.035 <= beyond <= 0.075 and placed["z"].abs().max() < 6
@@ -479,12 +640,14 @@ def test_a_four_parameter_chart_stored_as_a_table_places_scans_as_its_model(fami
 
     cohort = analytic_cohort(300, seed=8)
     settings = centiles.CentileSettings(families=(family,), bootstrap_resamples=0, tail_min_scans=100)
-    fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"],
-                               normative.ChartSettings(method="lms", by_sex=False, centiles=settings))
+    fit = normative.fit_charts(
+        cohort, ["liver"], ["volume_ml"], normative.ChartSettings(method="lms", by_sex=False, centiles=settings)
+    )
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["family"] == family).all() and charts["eta_tau"].notna().all()
-    chart = centiles.fit_centile_chart(cohort["age"], cohort["volume_ml"], cohort[["contrast"]], settings,
-                                       calibrated=False)
+    chart = centiles.fit_centile_chart(
+        cohort["age"], cohort["volume_ml"], cohort[["contrast"]], settings, calibrated=False
+    )
     new = analytic_cohort(50, seed=9).assign(subject=lambda f: [f"n{i}" for i in range(len(f))])
     new = new[(new["age"] >= cohort["age"].min() + 1) & (new["age"] <= cohort["age"].max() - 1)]
     placed = normative.place_cohort(charts, coefficients, new)
@@ -497,8 +660,9 @@ def test_lms_charts_refuse_what_cannot_be_trusted():
     sample = noisy_sample(40).assign(group="")
     fit = normative.fit_charts(sample, ["spleen"], ["hu_mean"], normative.ChartSettings(method="lms", min_n=60))
     assert fit.charts["note"].tolist() == ["too_few_scans"]
-    placement = normative.place_on_charts(fit.charts, fit.coefficients, pd.DataFrame({"structure": ["spleen"],
-                                                                                     "hu_mean": [100.0]}), 50, "F")
+    placement = normative.place_on_charts(
+        fit.charts, fit.coefficients, pd.DataFrame({"structure": ["spleen"], "hu_mean": [100.0]}), 50, "F"
+    )
     assert placement["note"].tolist() == ["no_chart"] and placement["z"].isna().all()
 
 
@@ -516,8 +680,12 @@ def test_an_lms_chart_with_an_undefined_centile_is_refused(monkeypatch):
 
     monkeypatch.setattr(centiles.CentileChart, "curves", with_a_hole)
     two_families = centiles.CentileSettings(families=(centiles.NORMAL, centiles.BCCG))  # the refusal, not the choice
-    fit = normative.fit_charts(analytic_cohort(300, seed=3), ["liver"], ["volume_ml"],
-                               normative.ChartSettings(method="lms", by_sex=False, centiles=two_families))
+    fit = normative.fit_charts(
+        analytic_cohort(300, seed=3),
+        ["liver"],
+        ["volume_ml"],
+        normative.ChartSettings(method="lms", by_sex=False, centiles=two_families),
+    )
     assert fit.charts["note"].tolist() == ["undefined_centiles"] and fit.charts["p50"].isna().all()
 
 
@@ -528,8 +696,9 @@ MANUFACTURER_SHIFT = {"GE": 0.0, "SIEMENS": 80.0, "Toshiba": -200.0, "Philips": 
 def site_cohort(n: int, seed: int, sites=tuple(SITE_OFFSETS), manufacturers=("GE", "GE", "SIEMENS")) -> pd.DataFrame:
     """Women of the analytic cohort on scanners with intercepts SITE_OFFSETS and manufacturers' shifts."""
     rng = np.random.default_rng(seed)
-    cohort = analytic_cohort(n, seed).assign(sex="F", scanner=rng.choice(sites, n),
-                                            manufacturer=rng.choice(manufacturers, n))
+    cohort = analytic_cohort(n, seed).assign(
+        sex="F", scanner=rng.choice(sites, n), manufacturer=rng.choice(manufacturers, n)
+    )
     shift = cohort["scanner"].map(SITE_OFFSETS).fillna(0) + cohort["manufacturer"].map(MANUFACTURER_SHIFT)
     mean = A["F"] + B["F"] * cohort["age"] + DELTA * cohort["contrast"] + shift
     return cohort.assign(volume_ml=mean + SD["F"] * rng.standard_normal(n))
@@ -549,10 +718,16 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     cohort = site_cohort(600, 31)
     toshiba = cohort.index[:6]  # too few scans: pooled into other
     cohort.loc[toshiba, "volume_ml"] += MANUFACTURER_SHIFT["Toshiba"] - cohort.loc[toshiba, "manufacturer"].map(
-        MANUFACTURER_SHIFT)
+        MANUFACTURER_SHIFT
+    )
     cohort.loc[toshiba, "manufacturer"] = "Toshiba"
-    settings = normative.ChartSettings(covariates=["contrast", "manufacturer"], method="lms", site="scanner", by_sex=False,
-                                       centiles=CentileSettings(families=("normal",), bootstrap_resamples=0))
+    settings = normative.ChartSettings(
+        covariates=["contrast", "manufacturer"],
+        method="lms",
+        site="scanner",
+        by_sex=False,
+        centiles=CentileSettings(families=("normal",), bootstrap_resamples=0),
+    )
     fit = normative.fit_charts(cohort, ["liver"], ["volume_ml"], settings)
     charts, coefficients = fit.charts, fit.coefficients
     assert (charts["note"] == "").all() and (charts["manufacturer"] == "GE").all()
@@ -577,17 +752,25 @@ def test_lms_charts_with_a_text_covariate_and_a_random_site_intercept(tmp_path):
     assert (placed.loc[~philips & unseen, "note"] == "site_new").all()
     known = ~philips & ~unseen
     assert set(placed.loc[known, "note"]) <= {""} and placed.loc[known, "z"].notna().all()
-    truth = (new["volume_ml"] - A["F"] - B["F"] * new["age"] - DELTA * new["contrast"]
-             - new["scanner"].map(SITE_OFFSETS) - new["manufacturer"].map(MANUFACTURER_SHIFT)) / SD["F"]
+    truth = (
+        new["volume_ml"]
+        - A["F"]
+        - B["F"] * new["age"]
+        - DELTA * new["contrast"]
+        - new["scanner"].map(SITE_OFFSETS)
+        - new["manufacturer"].map(MANUFACTURER_SHIFT)
+    ) / SD["F"]
     assert np.abs(placed.loc[known, "z"] - truth[known]).mean() < 0.25
     # one scan: Toshiba (pooled into other) of scanner a; and of a new scanner: on the population curve, its
     # normal score's scale widened from sigma to sqrt(sigma^2 + tau^2 (1 + 1 / 6 sites))
     covariates = {"contrast": 0, "manufacturer": "GE", "scanner": "a"}
-    one = normative.place_on_charts(charts, coefficients, scan_table(liver=1000.0), 50, "all",
-                                    {**covariates, "manufacturer": "Toshiba"})
+    one = normative.place_on_charts(
+        charts, coefficients, scan_table(liver=1000.0), 50, "all", {**covariates, "manufacturer": "Toshiba"}
+    )
     assert one.loc[0, "note"] == "" and np.isfinite(one.loc[0, "z"])
-    new_site = normative.place_on_charts(charts, coefficients, scan_table(liver=1000.0), 50, "all",
-                                         {**covariates, "scanner": "z"})
+    new_site = normative.place_on_charts(
+        charts, coefficients, scan_table(liver=1000.0), 50, "all", {**covariates, "scanner": "z"}
+    )
     mu, log_sigma = (np.interp(50, charts["age"], charts[c]) for c in ("eta_mu", "eta_sigma"))
     widened = np.hypot(np.exp(log_sigma), charts["site_sd"].iloc[0] * np.sqrt(7 / 6))
     assert new_site.loc[0, "note"] == "site_new"
@@ -605,7 +788,13 @@ def test_charts_fitted_in_worker_processes_are_the_same_tables_in_the_same_order
     one = normative.fit_panel_charts(cohort, panels, settings, processes=1)
     three = normative.fit_panel_charts(cohort, panels, settings, processes=3)
     assert one.charts[["structure", "sex"]].drop_duplicates().values.tolist() == [
-        ["spleen", "M"], ["spleen", "F"], ["liver", "M"], ["liver", "F"], ["kidney", "M"], ["kidney", "F"]]
+        ["spleen", "M"],
+        ["spleen", "F"],
+        ["liver", "M"],
+        ["liver", "F"],
+        ["kidney", "M"],
+        ["kidney", "F"],
+    ]
     assert (one.charts["note"] == "").sum() > 100 and len(one.scores) == len(cohort)
     for mine, theirs in zip(one, three):
         pd.testing.assert_frame_equal(mine, theirs)
@@ -617,8 +806,12 @@ def test_centile_scores_have_one_row_per_scan_and_charted_measure_out_of_fold_fo
     from ctcohort.centiles import CentileSettings
 
     reference = analytic_cohort(300, seed=4).assign(hu_mean=50.0)
-    fit = normative.fit_charts(reference, ["liver"], ["volume_ml"], normative.ChartSettings(
-        method="lms", by_sex=False, centiles=CentileSettings(bootstrap_resamples=0)))
+    fit = normative.fit_charts(
+        reference,
+        ["liver"],
+        ["volume_ml"],
+        normative.ChartSettings(method="lms", by_sex=False, centiles=CentileSettings(bootstrap_resamples=0)),
+    )
     others = analytic_cohort(50, seed=8).assign(subject=lambda f: "new" + f["subject"], hu_mean=50.0)
     cohort = pd.concat([reference, others, reference.assign(structure="spleen")], ignore_index=True)
     scores = normative.centile_scores(fit, cohort)

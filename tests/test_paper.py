@@ -23,11 +23,17 @@ from ctcohort.structures import load_structure_table
 REPO = Path(__file__).parents[1]
 # Wasserthal et al. 2023 (doi:10.1148/ryai.230024), aging study, as printed: (structure, measure, rs)
 PRINTED = [
-    ("aorta", "volume", 0.64), ("iliac arteries", "volume", 0.33), ("kidneys", "volume", -0.49),
-    ("pancreas", "volume", -0.49), ("iliopsoas", "volume", -0.61),
-    ("autochthonous back muscles", "attenuation", -0.74), ("gluteus minimus", "attenuation", -0.79),
-    ("gluteus medius", "attenuation", -0.61), ("gluteus maximus", "attenuation", -0.51),
-    ("hip bone", "attenuation", -0.61), ("L4 vertebra", "attenuation", -0.55),
+    ("aorta", "volume", 0.64),
+    ("iliac arteries", "volume", 0.33),
+    ("kidneys", "volume", -0.49),
+    ("pancreas", "volume", -0.49),
+    ("iliopsoas", "volume", -0.61),
+    ("autochthonous back muscles", "attenuation", -0.74),
+    ("gluteus minimus", "attenuation", -0.79),
+    ("gluteus medius", "attenuation", -0.61),
+    ("gluteus maximus", "attenuation", -0.51),
+    ("hip bone", "attenuation", -0.61),
+    ("L4 vertebra", "attenuation", -0.55),
     ("clavicle", "attenuation", -0.53),
 ]
 
@@ -52,18 +58,20 @@ def correlations(rows) -> pd.DataFrame:
 
 def test_rows_the_study_cannot_give_stay_undecided():
     paper = load_paper_correlations()
-    ours = correlations([
-        ("aorta", "vessel", "volume_ml", 40, 0.5, 0.2, 0.7, 1e-3, ""),
-        ("kidneys", "organ", "volume_ml", 40, 0.1, -0.2, 0.4, 0.5, ""),        # opposite sign
-        ("pancreas", "organ", "volume_ml", 5, np.nan, np.nan, np.nan, np.nan, "too_few_scans"),
-        ("hips", "bone", "hu_mean", 40, 0.0, -0.3, 0.3, 1.0, ""),             # no direction
-        ("aorta", "vessel", "hu_mean", 40, 0.3, 0.0, 0.5, 0.05, ""),          # not a paper row
-    ])
+    ours = correlations(
+        [
+            ("aorta", "vessel", "volume_ml", 40, 0.5, 0.2, 0.7, 1e-3, ""),
+            ("kidneys", "organ", "volume_ml", 40, 0.1, -0.2, 0.4, 0.5, ""),  # opposite sign
+            ("pancreas", "organ", "volume_ml", 5, np.nan, np.nan, np.nan, np.nan, "too_few_scans"),
+            ("hips", "bone", "hu_mean", 40, 0.0, -0.3, 0.3, 1.0, ""),  # no direction
+            ("aorta", "vessel", "hu_mean", 40, 0.3, 0.0, 0.5, 0.05, ""),  # not a paper row
+        ]
+    )
     table = paper_comparison(ours, paper).set_index("structure")
     assert list(table.reset_index().columns) == COMPARISON_COLUMNS
     assert len(table) == 12
     assert table.loc["aorta", "same_direction"] == True  # noqa: E712
-    assert (table.loc["aorta", ["rs", "ci_low", "ci_high", "p", "n"]].tolist() == [0.5, 0.2, 0.7, 1e-3, 40])
+    assert table.loc["aorta", ["rs", "ci_low", "ci_high", "p", "n"]].tolist() == [0.5, 0.2, 0.7, 1e-3, 40]
     assert table.loc["kidneys", "same_direction"] == False  # noqa: E712
     assert table.loc["hips", "same_direction"] == False  # noqa: E712
     assert pd.isna(table.loc["pancreas", "same_direction"]) and np.isnan(table.loc["pancreas", "rs"])
@@ -99,13 +107,27 @@ def test_a_combined_paper_row_equals_spearman_of_the_summed_members():
     rows = []
     for i in range(n):
         for name, volume in (("kidney_left", left[i]), ("kidney_right", right[i])):
-            rows.append({"subject": f"s{i}", "age": age[i], "structure": name, "label": 2, "group": "organ",
-                         "n_voxels": 1000 + i, "volume_ml": volume, "hu_mean": 30.0, "hu_median": 30.0,
-                         "hu_std": 10.0, "hu_mean_eroded": 31.0, "complete": True,
-                         "exclusion_reason": "" if np.isfinite(volume) else "too_small"})
+            rows.append(
+                {
+                    "subject": f"s{i}",
+                    "age": age[i],
+                    "structure": name,
+                    "label": 2,
+                    "group": "organ",
+                    "n_voxels": 1000 + i,
+                    "volume_ml": volume,
+                    "hu_mean": 30.0,
+                    "hu_median": 30.0,
+                    "hu_std": 10.0,
+                    "hu_mean_eroded": 31.0,
+                    "complete": True,
+                    "exclusion_reason": "" if np.isfinite(volume) else "too_small",
+                }
+            )
     measurements = add_combined(pd.DataFrame(rows), {"kidneys": ["kidney_left", "kidney_right"]})
-    table = paper_comparison(age_correlations(measurements, ["volume_ml"], partial_covariates=[]),
-                             load_paper_correlations()).set_index("structure")
+    table = paper_comparison(
+        age_correlations(measurements, ["volume_ml"], partial_covariates=[]), load_paper_correlations()
+    ).set_index("structure")
     keep = np.isfinite(left)
     expected = stats.spearmanr(age[keep], (left + right)[keep])
     kidneys = table.loc["kidneys"]

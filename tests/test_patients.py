@@ -56,8 +56,9 @@ def test_a_scan_with_an_age_is_preferred_to_one_without():
 
 def test_random_is_seeded_and_stable_when_the_cohort_grows():
     rng = np.random.default_rng(5)
-    frame = scans(subject=[f"s{i}" for i in range(300)], patient=[f"p{i // 3}" for i in range(300)],
-                  age=rng.uniform(20, 90, 300))
+    frame = scans(
+        subject=[f"s{i}" for i in range(300)], patient=[f"p{i // 3}" for i in range(300)], age=rng.uniform(20, 90, 300)
+    )
     one = chosen(choose_scans(frame, PatientSettings("random", seed=7)))
     assert one == chosen(choose_scans(frame, PatientSettings("random", seed=7)))
     assert one != chosen(choose_scans(frame, PatientSettings("random", seed=8)))
@@ -81,16 +82,20 @@ def test_cross_sectional_keeps_every_structure_of_the_chosen_scans_and_counts():
     selection = scan_selection(long)
     table = cross_sectional(long, selection)
     assert table["subject"].tolist() == ["s1", "s1", "s3", "s3"]
-    assert patient_counts(selection) == {"scans": 3, "patients": 2, "patients_with_repeats": 1,
-                                         "patients_with_age": 2}
+    assert patient_counts(selection) == {"scans": 3, "patients": 2, "patients_with_repeats": 1, "patients_with_age": 2}
 
 
 def test_cross_sectional_reads_a_written_selection(tmp_path):
     from ctcohort.patients import read_cross_sectional
     from ctcohort.tables import STATS_DIGITS, write_tsv
 
-    frame = scans(subject=["001", "002"], patient=["7", "7"], age=[50, 52], structure=["liver", "liver"],
-                  volume_ml=[1500.0, 1490.0])
+    frame = scans(
+        subject=["001", "002"],
+        patient=["7", "7"],
+        age=[50, 52],
+        structure=["liver", "liver"],
+        volume_ml=[1500.0, 1490.0],
+    )
     frame.to_csv(tmp_path / "m.tsv", sep="\t", index=False)
     write_tsv(scan_selection(frame), tmp_path / "s.tsv", STATS_DIGITS)
     table = read_cross_sectional(tmp_path / "m.tsv", tmp_path / "s.tsv")

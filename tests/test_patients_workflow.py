@@ -11,15 +11,18 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import real_example_v1, run_workflow
 
 pytestmark = pytest.mark.slow
 
 # patient -> ages of its scans; the repeated patient is the oldest, so its first scan keeps the order
 PATIENTS = {"pA": [60, 61, 62, 63, 64, 65], "pB": [30], "pC": [40], "pD": [50]}
-P_COLUMNS = {"age_correlations": ["p", "p_partial"], "partial_correlations": ["p"],
-             "by_sex": ["p_M", "p_F", "p_diff"], "regression": ["p", "p_nonlinear"]}
+P_COLUMNS = {
+    "age_correlations": ["p", "p_partial"],
+    "partial_correlations": ["p"],
+    "by_sex": ["p_M", "p_F", "p_diff"],
+    "regression": ["p", "p_nonlinear"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,28 @@ def repeated_scans_study(tmp_path_factory):
         for visit, age in enumerate(ages):
             subject = f"{patient}_{visit}"
             nib.save(nib.Nifti1Image((hu + (age - 50)).astype(np.int16), affine), data / f"{subject}.nii.gz")
-            rows.append({"subject": subject, "ct": f"{subject}.nii.gz", "seg": "seg.nii.gz", "age": age, "sex": "M",
-                         "patient": patient})
+            rows.append(
+                {
+                    "subject": subject,
+                    "ct": f"{subject}.nii.gz",
+                    "seg": "seg.nii.gz",
+                    "age": age,
+                    "sex": "M",
+                    "patient": patient,
+                }
+            )
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
-              "statistics": {"min_n": 3}, "normative": {"panels": []}, "figures": {"scatter": []}}
+    config = {
+        "cohort": str(data / "cohort.tsv"),
+        "segmentation": {"method": "precomputed"},
+        "statistics": {"min_n": 3},
+        "normative": {"panels": []},
+        "figures": {"scatter": []},
+    }
     # the tables and the Methods that these tests read (the figures add nothing here)
-    run_workflow(workdir, config, "results/methods.md", "results/stats/partial_correlations.tsv",
-                 "results/stats/by_sex.tsv")
+    run_workflow(
+        workdir, config, "results/methods.md", "results/stats/partial_correlations.tsv", "results/stats/by_sex.tsv"
+    )
     return workdir / "results"
 
 
@@ -114,13 +131,25 @@ def repeated_scans_over_years(tmp_path_factory):
             copy[spleen] += int(offset[1] + round(BETWEEN_HU_PER_YEAR * (baseline_age - 50)) + rng.integers(-1, 2))
             subject = f"p{patient:02d}_{visit}"
             nib.save(nib.Nifti1Image(copy, affine), data / f"{subject}.nii.gz")
-            rows.append({"subject": subject, "ct": f"{subject}.nii.gz", "seg": "seg.nii.gz",
-                         "age": baseline_age + years, "sex": "MF"[patient % 2], "patient": f"p{patient:02d}",
-                         "years": years})
+            rows.append(
+                {
+                    "subject": subject,
+                    "ct": f"{subject}.nii.gz",
+                    "seg": "seg.nii.gz",
+                    "age": baseline_age + years,
+                    "sex": "MF"[patient % 2],
+                    "patient": f"p{patient:02d}",
+                    "years": years,
+                }
+            )
     sheet = pd.DataFrame(rows)
     sheet.to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
-              "normative": {"panels": []}, "figures": {"scatter": [{"structure": "liver", "measure": "hu_mean"}]}}
+    config = {
+        "cohort": str(data / "cohort.tsv"),
+        "segmentation": {"method": "precomputed"},
+        "normative": {"panels": []},
+        "figures": {"scatter": [{"structure": "liver", "measure": "hu_mean"}]},
+    }
     # the within-patient table and its figure, which these tests read
     run_workflow(workdir, config, "results/stats/longitudinal.tsv", "results/figures/trajectories.png")
     table = pd.read_csv(workdir / "results" / "stats" / "longitudinal.tsv", sep="\t")
@@ -134,8 +163,9 @@ def test_a_planted_within_patient_change_is_recovered(repeated_scans_over_years)
     assert liver["slope_within_per_year"] == pytest.approx(WITHIN_HU_PER_YEAR, abs=0.5)
     assert liver["between_ci_low"] < 0 < liver["between_ci_high"]  # no cross-sectional trend planted
     # a change this clear is as significant as 14 patients can show: an exact sign-flip test's 2^(1 - 14)
-    assert liver["p"] == pytest.approx(2.0 ** -13, rel=1e-5) and liver["p_difference"] == pytest.approx(2.0 ** -13,
-                                                                                                     rel=1e-5)
+    assert liver["p"] == pytest.approx(2.0**-13, rel=1e-5) and liver["p_difference"] == pytest.approx(
+        2.0**-13, rel=1e-5
+    )
 
 
 def test_a_cross_sectional_trend_is_not_a_within_patient_change(repeated_scans_over_years):

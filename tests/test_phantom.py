@@ -6,8 +6,8 @@ import itertools
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SHEET_SCHEMA, real_example_v1
+
 from ctcohort import phantom
 from ctcohort.cli import main
 from ctcohort.measure import measure_files
@@ -118,8 +118,9 @@ def test_cropped_field_of_view_is_flagged_cut_off(tmp_path, crop, cut):
     index, _ = _find_subject(1, lambda d: d.crop == crop)
     phantom.write_subject(tmp_path, 1, index)
     name = phantom.subject_id(index)
-    got = measure_files(tmp_path / "ct" / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz",
-                       load_structure_table("total_v1")).set_index("structure")
+    got = measure_files(
+        tmp_path / "ct" / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz", load_structure_table("total_v1")
+    ).set_index("structure")
     assert got.at[cut, "exclusion_reason"] == "cut_off"
     assert np.isnan(got.at[cut, "volume_ml"])
     assert got.at["liver", "exclusion_reason"] == ""

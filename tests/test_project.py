@@ -4,7 +4,6 @@ import re
 
 import jsonschema
 import yaml
-
 from conftest import REPO, SHEET_SCHEMA
 
 

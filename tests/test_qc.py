@@ -15,8 +15,8 @@ from PIL import Image
 
 from ctcohort import phantom
 from ctcohort.aggregate import exclusion_flow, value_exclusions
-from ctcohort.imaging import voxel_volume_ml
 from ctcohort.columns import EXCLUSION_REASONS, HU_COLUMNS
+from ctcohort.imaging import voxel_volume_ml
 from ctcohort.measure import measure_and_qc
 from ctcohort.qc import (
     FACES,
@@ -46,12 +46,15 @@ def _box_map():
     return labels
 
 
-@pytest.mark.parametrize("affine, want", [
-    (np.diag([2.0, 2.0, 3.0, 1.0]), ["x+", "", "y-;z+"]),  # RAS: voxel axes are x, y, z, increasing
-    (np.diag([-2.0, -2.0, 3.0, 1.0]), ["x-", "", "y+;z+"]),  # LPS storage: axes 0 and 1 run the other way
-    # axes permuted: voxel axis 0 is world z, axis 1 is x, axis 2 is y (decreasing)
-    (np.array([[0, 2.0, 0, 0], [0, 0, -3.0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]]), ["z+", "", "x-;y-"]),
-])
+@pytest.mark.parametrize(
+    "affine, want",
+    [
+        (np.diag([2.0, 2.0, 3.0, 1.0]), ["x+", "", "y-;z+"]),  # RAS: voxel axes are x, y, z, increasing
+        (np.diag([-2.0, -2.0, 3.0, 1.0]), ["x-", "", "y+;z+"]),  # LPS storage: axes 0 and 1 run the other way
+        # axes permuted: voxel axis 0 is world z, axis 1 is x, axis 2 is y (decreasing)
+        (np.array([[0, 2.0, 0, 0], [0, 0, -3.0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]]), ["z+", "", "x-;y-"]),
+    ],
+)
 def test_cut_faces_names_the_ras_face_of_each_structure(affine, want):
     assert cut_faces(_box_map(), affine, [1, 2, 3], margin=3) == want
 
@@ -95,7 +98,7 @@ def test_vertebral_coverage_from_a_map_with_t12_to_l3():
     labels = np.zeros((30, 30, 60), np.uint8)
     # cranial (z+) to caudal: T12, L1, L2, L3 as slabs; L4 with 5 voxels only (fewer than min_voxels)
     for k, name in enumerate(["vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "vertebrae_L3"]):
-        labels[10:20, 10:20, 50 - 10 * k: 58 - 10 * k] = V1_IDS[name]
+        labels[10:20, 10:20, 50 - 10 * k : 58 - 10 * k] = V1_IDS[name]
     labels[12, 12, 2:7] = V1_IDS["vertebrae_L4"]
     labels[10:20, 5:8, 40:45] = V1_IDS["liver"]
     hu = np.full(labels.shape, -1000, np.int16)
@@ -104,8 +107,9 @@ def test_vertebral_coverage_from_a_map_with_t12_to_l3():
     qc = result.qc.table
     assert set(qc["cranial_vertebra"]) == {"vertebrae_T12"} and set(qc["caudal_vertebra"]) == {"vertebrae_L3"}
     # the order is anatomical, not the table's or the names' alphabetical one
-    assert vertebral_coverage(["vertebrae_L5", "vertebrae_C1", "vertebrae_T2", "vertebrae_S1", "liver"],
-                              [True, True, True, True, True]) == ("vertebrae_C1", "vertebrae_S1")
+    assert vertebral_coverage(
+        ["vertebrae_L5", "vertebrae_C1", "vertebrae_T2", "vertebrae_S1", "liver"], [True, True, True, True, True]
+    ) == ("vertebrae_C1", "vertebrae_S1")
     assert vertebral_coverage(["vertebrae_T10", "vertebrae_T9"], [True, True]) == ("vertebrae_T9", "vertebrae_T10")
     assert vertebral_coverage(["liver"], [True]) == ("", "")
 
@@ -121,11 +125,14 @@ def test_the_plausible_volume_table_is_sound():
     assert load_plausible_volumes(None) is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("structure,min_ml,max_ml,source\nliver,900,800,x\n", "min_ml < max_ml"),
-    ("structure,min_ml,max_ml,source\nliver,1,800,x\nliver,2,900,y\n", "duplicate"),
-    ("structure,max_ml\nliver,800\n", "missing column"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("structure,min_ml,max_ml,source\nliver,900,800,x\n", "min_ml < max_ml"),
+        ("structure,min_ml,max_ml,source\nliver,1,800,x\nliver,2,900,y\n", "duplicate"),
+        ("structure,max_ml\nliver,800\n", "missing column"),
+    ],
+)
 def test_a_bad_plausible_volume_table_is_an_error(tmp_path, text, message):
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(ValueError, match=message):
@@ -134,10 +141,21 @@ def test_a_bad_plausible_volume_table_is_an_error(tmp_path, text, message):
 
 def _rows(**columns):
     n = len(next(iter(columns.values())))
-    base = {"subject": [f"s{i}" for i in range(n)], "structure": ["liver"] * n, "label": [5] * n,
-            "group": ["organ"] * n, "n_voxels": [1000] * n, "volume_ml": [1500.0] * n, "hu_mean": [60.0] * n,
-            "hu_median": [60.0] * n, "hu_std": [10.0] * n, "hu_mean_eroded": [61.0] * n,
-            "complete": pd.array([True] * n, dtype="boolean"), "exclusion_reason": [""] * n, "age": [50.0] * n}
+    base = {
+        "subject": [f"s{i}" for i in range(n)],
+        "structure": ["liver"] * n,
+        "label": [5] * n,
+        "group": ["organ"] * n,
+        "n_voxels": [1000] * n,
+        "volume_ml": [1500.0] * n,
+        "hu_mean": [60.0] * n,
+        "hu_median": [60.0] * n,
+        "hu_std": [10.0] * n,
+        "hu_mean_eroded": [61.0] * n,
+        "complete": pd.array([True] * n, dtype="boolean"),
+        "exclusion_reason": [""] * n,
+        "age": [50.0] * n,
+    }
     base.update(columns)
     return pd.DataFrame(base)
 
@@ -155,43 +173,59 @@ def test_volume_bounds_come_from_the_table():
     assert np.isnan(out.loc[[0, 4, 5], "volume_ml"]).all() and out.loc[[1, 2, 3], "volume_ml"].tolist() == volumes[1:4]
     assert out[HU_COLUMNS].notna().all().all()  # only the volume goes
     # a structure the table does not list is not checked; no table: nothing is
-    other = apply_plausibility(_rows(structure=["aorta", "liver"], volume_ml=[1e6, 1.0]),
-                               load_plausible_volumes("total_v1"), None)
+    other = apply_plausibility(
+        _rows(structure=["aorta", "liver"], volume_ml=[1e6, 1.0]), load_plausible_volumes("total_v1"), None
+    )
     assert other["volume_implausible"].tolist() == [False, True]
     assert not apply_plausibility(rows, None, None)["volume_implausible"].any()
     # a later model's liver (several models per scan) has liver's bounds
-    later = apply_plausibility(_rows(structure=["body:liver", "body:liver"], volume_ml=[1.0, 1500.0]),
-                               load_plausible_volumes("total_v1"), None)
+    later = apply_plausibility(
+        _rows(structure=["body:liver", "body:liver"], volume_ml=[1.0, 1500.0]), load_plausible_volumes("total_v1"), None
+    )
     assert later["volume_implausible"].tolist() == [True, False]
 
 
 def test_hu_window_excludes_hu_and_outranks_cut_off():
-    rows = _rows(hu_median=[60.0, -1200.0, 3500.0, 3500.0, 3500.0],
-                 exclusion_reason=["", "", "", "cut_off", "hu_nonfinite"])
+    rows = _rows(
+        hu_median=[60.0, -1200.0, 3500.0, 3500.0, 3500.0], exclusion_reason=["", "", "", "cut_off", "hu_nonfinite"]
+    )
     rows.loc[3, ["complete", "volume_ml"]] = [False, np.nan]
     rows.loc[4, HU_COLUMNS] = np.nan
     out = apply_plausibility(rows, None, [-1100, 3000])
     assert out["hu_implausible"].tolist() == [False, True, True, True, False]
-    assert out["exclusion_reason"].tolist() == ["", "implausible_hu", "implausible_hu", "implausible_hu",
-                                                "hu_nonfinite"]
+    assert out["exclusion_reason"].tolist() == [
+        "",
+        "implausible_hu",
+        "implausible_hu",
+        "implausible_hu",
+        "hu_nonfinite",
+    ]
     assert out.loc[[1, 2, 3], HU_COLUMNS].isna().all().all() and out.loc[0, HU_COLUMNS].notna().all()
     assert out.loc[[0, 1, 2], "volume_ml"].tolist() == [1500.0] * 3  # the volume stays
     # the reasons each value is NaN for: the cut-off row's volume is cut_off although its reason is implausible_hu
     assert value_exclusions(out, "volume_ml").tolist() == ["", "", "", "cut_off", ""]
-    assert value_exclusions(out, "hu_mean").tolist() == ["", "implausible_hu", "implausible_hu", "implausible_hu",
-                                                         "hu_nonfinite"]
+    assert value_exclusions(out, "hu_mean").tolist() == [
+        "",
+        "implausible_hu",
+        "implausible_hu",
+        "implausible_hu",
+        "hu_nonfinite",
+    ]
 
 
 def test_exclusion_flow_adds_up_to_the_scans_in():
-    rows = _rows(volume_ml=[1500.0, 10.0, 1500.0, np.nan, 1400.0, np.nan],
-                 hu_median=[60.0, 60.0, 5000.0, 60.0, 60.0, np.nan],
-                 exclusion_reason=["", "", "", "cut_off", "", "absent"],
-                 age=[40.0, 50.0, 60.0, 70.0, np.nan, 80.0])
+    rows = _rows(
+        volume_ml=[1500.0, 10.0, 1500.0, np.nan, 1400.0, np.nan],
+        hu_median=[60.0, 60.0, 5000.0, 60.0, 60.0, np.nan],
+        exclusion_reason=["", "", "", "cut_off", "", "absent"],
+        age=[40.0, 50.0, 60.0, 70.0, np.nan, 80.0],
+    )
     rows.loc[3, "complete"] = False
     rows.loc[5, ["complete", *HU_COLUMNS]] = [pd.NA, np.nan, np.nan, np.nan, np.nan]
     checked = apply_plausibility(rows, load_plausible_volumes("total_v1"), [-1100, 3000])
-    failures = pd.DataFrame({"subject": ["x1", "x2", "x3"], "stage": ["measure", "segment", "measure"],
-                             "error": ["e", "e", "e"]})
+    failures = pd.DataFrame(
+        {"subject": ["x1", "x2", "x3"], "stage": ["measure", "segment", "measure"], "error": ["e", "e", "e"]}
+    )
     flow = exclusion_flow(9, failures, checked, ["volume_ml", "hu_mean"]).set_index("measure")
     volume, hu = flow.loc["volume_ml"], flow.loc["hu_mean"]
     assert (volume["scans_in"], volume["failed_measure"], volume["failed_segment"], volume["measured"]) == (9, 2, 1, 6)
@@ -222,7 +256,7 @@ def test_preview_is_a_png_of_the_asked_size_and_the_same_bytes_twice():
     image = np.asarray(Image.open(io.BytesIO(first)).convert("RGB")).astype(int)
     coloured = np.abs(image - image.mean(axis=2, keepdims=True)).max(axis=2) > 30  # overlay: not grey
     for panel in range(3):
-        assert coloured[:, 200 * panel: 200 * (panel + 1)].sum() > 100
+        assert coloured[:, 200 * panel : 200 * (panel + 1)].sum() > 100
     # without labels, a grey image: nothing coloured
     plain = np.asarray(Image.open(io.BytesIO(preview_png(ct, np.zeros_like(labels), affine, 600)))).astype(int)
     assert np.abs(plain - plain.mean(axis=2, keepdims=True)).max() == 0
@@ -288,22 +322,31 @@ def qc_cohort(tmp_path_factory):
     hot = hu.copy()
     hot[labels == V1_IDS["gallbladder"]] = 4000
     # each a scan of its own: the copies of the CT get one background voxel changed each
-    scans = {"good1": (background_marked(hu, labels, 0), labels, 41),
-             "good2": (background_marked(hu, labels, 1), labels, 52),
-             "shrunk": (background_marked(hu, labels, 2), shrunk, 63), "hot": (hot, labels, 74),
-             "noage": (background_marked(hu, labels, 3), labels, None),
-             "broken": (background_marked(hu, labels, 4), labels, 45)}
+    scans = {
+        "good1": (background_marked(hu, labels, 0), labels, 41),
+        "good2": (background_marked(hu, labels, 1), labels, 52),
+        "shrunk": (background_marked(hu, labels, 2), shrunk, 63),
+        "hot": (hot, labels, 74),
+        "noage": (background_marked(hu, labels, 3), labels, None),
+        "broken": (background_marked(hu, labels, 4), labels, 45),
+    }
     rows = []
     for subject, (values, seg, age) in scans.items():
         nib.save(nib.Nifti1Image(values, affine), data / f"{subject}_ct.nii.gz")
         nib.save(nib.Nifti1Image(seg, affine), data / f"{subject}_seg.nii.gz")
-        rows.append({"subject": subject, "ct": f"{subject}_ct.nii.gz", "seg": f"{subject}_seg.nii.gz",
-                     "age": age, "sex": "MF"[len(rows) % 2]})
+        rows.append(
+            {
+                "subject": subject,
+                "ct": f"{subject}_ct.nii.gz",
+                "seg": f"{subject}_seg.nii.gz",
+                "age": age,
+                "sex": "MF"[len(rows) % 2],
+            }
+        )
     whole = (data / "broken_ct.nii.gz").read_bytes()
     (data / "broken_ct.nii.gz").write_bytes(whole[: len(whole) // 2])
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
-              "statistics": {"min_n": 3}}
+    config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"}, "statistics": {"min_n": 3}}
     run_workflow(workdir, config)
     run_workflow(workdir, config, "--report", "results/report.html")
     return {"results": workdir / "results", "labels": labels, "shrunk": shrunk, "voxel_ml": voxel_volume_ml(affine)}
@@ -350,8 +393,10 @@ def test_workflow_excludes_implausible_values_and_counts_them(qc_cohort):
 def test_the_report_shows_the_flow_table(qc_cohort):
     html = (qc_cohort["results"] / "report.html").read_text(errors="replace")
     assert "exclusion_flow.tsv" in html
-    embedded = {name: base64.b64decode(data).decode("utf-8", errors="replace")
-                for name, data in re.findall(r"filename=([^;\"]+);base64,([A-Za-z0-9+/=]+)", html)}
+    embedded = {
+        name: base64.b64decode(data).decode("utf-8", errors="replace")
+        for name, data in re.findall(r"filename=([^;\"]+);base64,([A-Za-z0-9+/=]+)", html)
+    }
     flow = pd.read_csv(io.StringIO(embedded["exclusion_flow.tsv"]), sep="\t").set_index(["structure", "measure"])
     assert flow.loc[("kidney_left", "volume_ml"), "excluded_implausible_volume"] == 1
 
@@ -376,8 +421,11 @@ def test_a_bad_plausible_volume_table_stops_before_any_job(qc_cohort, tmp_path):
     table = tmp_path / "volumes.csv"
     table.write_text("structure,min_ml,max_ml,source\nliver,900,800,typo\n")
     sheet = qc_cohort["results"].parent / "data" / "cohort.tsv"
-    result = run_workflow(tmp_path, {"cohort": str(sheet), "segmentation": {"method": "precomputed"},
-                                     "qc": {"plausible_volumes": str(table)}}, check=False)
+    result = run_workflow(
+        tmp_path,
+        {"cohort": str(sheet), "segmentation": {"method": "precomputed"}, "qc": {"plausible_volumes": str(table)}},
+        check=False,
+    )
     assert result.returncode != 0
     assert "config key qc.plausible_volumes" in result.stdout + result.stderr and "liver" in result.stderr
     assert not (tmp_path / "results").exists()

@@ -11,8 +11,18 @@ from scipy import stats
 
 from ctcohort import rank_null
 from ctcohort.rank_null import (
-    EXACT, PERMUTATION, PERMUTATION_RESAMPLES, T_APPROXIMATION, TABLE_MAX_N, TABLE_MIN_N, enumerated_p,
-    exact_null_counts, exact_null_table, pairing_p, spearman_p, write_exact_null_table,
+    EXACT,
+    PERMUTATION,
+    PERMUTATION_RESAMPLES,
+    T_APPROXIMATION,
+    TABLE_MAX_N,
+    TABLE_MIN_N,
+    enumerated_p,
+    exact_null_counts,
+    exact_null_table,
+    pairing_p,
+    spearman_p,
+    write_exact_null_table,
 )
 
 TABLE_SIZES = range(TABLE_MIN_N, TABLE_MAX_N + 1)
@@ -51,7 +61,7 @@ def test_enumerated_p_equals_rank_correlation_over_all_pairings_at_8(ties):
     paired = ranks_x[np.array(list(itertools.permutations(range(8))))]
     paired = paired - paired.mean(axis=1, keepdims=True)
     centred_y = ranks_y - ranks_y.mean()
-    rhos = paired @ centred_y / np.sqrt((paired ** 2).sum(axis=1) * (centred_y @ centred_y))
+    rhos = paired @ centred_y / np.sqrt((paired**2).sum(axis=1) * (centred_y @ centred_y))
     assert enumerated_p(x, y) == pytest.approx(brute_force_p(x, y, rhos), abs=1e-12)
 
 
@@ -87,8 +97,11 @@ def test_table_regenerated_by_the_dp_equals_the_shipped_rows(tmp_path):
     path = write_exact_null_table(tmp_path / "null.tsv", sizes=range(TABLE_MIN_N, 14), log=lambda _: None)
     text = path.read_text()
     assert "python -m ctcohort.rank_null" in text.split("\n", 4)[3]
-    shipped_rows = [line for line in rank_null.exact_null_path().read_text().splitlines()
-                    if line[:3] in {"10\t", "11\t", "12\t", "13\t"}]
+    shipped_rows = [
+        line
+        for line in rank_null.exact_null_path().read_text().splitlines()
+        if line[:3] in {"10\t", "11\t", "12\t", "13\t"}
+    ]
     assert [line for line in text.splitlines() if not line.startswith(("#", "n\t"))] == shipped_rows
 
 
@@ -102,22 +115,22 @@ def centred_moments(counts: dict[int, int], n: int) -> tuple[int, Fraction, Frac
     """(total, E D, E D^2, E D^4) of D = 4 (T - E T) = 4 T - n (n + 1)^2, exactly."""
     total = sum(counts.values())
     deviations = {4 * t - n * (n + 1) ** 2: c for t, c in counts.items()}
-    moment = [Fraction(sum(c * d ** k for d, c in deviations.items()), total) for k in (1, 2, 4)]
+    moment = [Fraction(sum(c * d**k for d, c in deviations.items()), total) for k in (1, 2, 4)]
     return total, *moment
 
 
 def rho_fourth_moment(n: int) -> Fraction:
     """E rho^4 under H0 (Kendall & Stuart): 3 (25 n^3 - 38 n^2 - 35 n + 72) / (25 n (n + 1) (n - 1)^3)."""
-    return Fraction(3 * (25 * n ** 3 - 38 * n ** 2 - 35 * n + 72), 25 * n * (n + 1) * (n - 1) ** 3)
+    return Fraction(3 * (25 * n**3 - 38 * n**2 - 35 * n + 72), 25 * n * (n + 1) * (n - 1) ** 3)
 
 
 def check_moments(counts: dict[int, int], n: int) -> None:
     total, mean, second, fourth = centred_moments(counts, n)
     assert total == math.factorial(n)
     assert mean == 0
-    assert second / 16 == Fraction(n ** 2 * (n + 1) ** 2 * (n - 1), 144)  # Var T
+    assert second / 16 == Fraction(n**2 * (n + 1) ** 2 * (n - 1), 144)  # Var T
     rho_scale = Fraction(3, n * (n * n - 1))  # rho = 3 D / (n (n^2 - 1))
-    assert fourth * rho_scale ** 4 == rho_fourth_moment(n)
+    assert fourth * rho_scale**4 == rho_fourth_moment(n)
 
 
 @pytest.mark.parametrize("n", range(3, 9))
@@ -163,12 +176,17 @@ def test_permutation_branch_agrees_with_scipy_permutation_test():
     ranks_measure = stats.rankdata(measure)
 
     def statistic(ranks_age, axis=-1):
-        return np.abs(np.sum(ranks_age * ranks_measure, axis=axis) - 15 * 8 ** 2)  # 8 = mean rank
+        return np.abs(np.sum(ranks_age * ranks_measure, axis=axis) - 15 * 8**2)  # 8 = mean rank
 
     reference_resamples = 50_000
     reference = stats.permutation_test(
-        (stats.rankdata(age),), statistic, permutation_type="pairings", vectorized=True,
-        n_resamples=reference_resamples, alternative="greater", rng=np.random.default_rng(99),
+        (stats.rankdata(age),),
+        statistic,
+        permutation_type="pairings",
+        vectorized=True,
+        n_resamples=reference_resamples,
+        alternative="greater",
+        rng=np.random.default_rng(99),
     ).pvalue
     standard_error = math.sqrt(p * (1 - p) * (1 / PERMUTATION_RESAMPLES + 1 / reference_resamples))
     assert abs(p - reference) < 4 * standard_error
@@ -179,7 +197,7 @@ def test_permutation_branch_is_seeded_and_never_below_one_over_b_plus_one():
     assert spearman_p(age, measure, seed=3) == spearman_p(age, measure, seed=3)
     assert spearman_p(age, measure, seed=3) != spearman_p(age, measure, seed=4)
     # a perfect monotone relation with ties: no random pairing reaches it, so P is the floor itself
-    p, method = spearman_p(age, age ** 2, resamples=999)
+    p, method = spearman_p(age, age**2, resamples=999)
     assert method == PERMUTATION and p == 1 / 1000
 
 
@@ -222,8 +240,15 @@ def test_four_scans_in_perfect_order():
 
 def test_branches_by_n_and_ties():
     rng = np.random.default_rng(5)
-    for n, ties, method in [(9, True, EXACT), (10, False, EXACT), (20, False, EXACT), (10, True, PERMUTATION),
-                            (21, False, PERMUTATION), (30, True, PERMUTATION), (31, False, T_APPROXIMATION)]:
+    for n, ties, method in [
+        (9, True, EXACT),
+        (10, False, EXACT),
+        (20, False, EXACT),
+        (10, True, PERMUTATION),
+        (21, False, PERMUTATION),
+        (30, True, PERMUTATION),
+        (31, False, T_APPROXIMATION),
+    ]:
         x = rng.integers(0, 4, size=n).astype(float) if ties else rng.normal(size=n)
         y = rng.normal(size=n)
         p, chosen = spearman_p(x, y, resamples=99)
@@ -233,12 +258,15 @@ def test_branches_by_n_and_ties():
             assert p == stats.spearmanr(x, y).pvalue
 
 
-@pytest.mark.parametrize("x, y", [
-    ([1.0, 2.0], [2.0, 1.0]),  # n < 3
-    ([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]),  # constant
-    ([1.0, np.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]),  # not finite
-    ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]),  # lengths differ
-])
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([1.0, 2.0], [2.0, 1.0]),  # n < 3
+        ([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]),  # constant
+        ([1.0, np.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]),  # not finite
+        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]),  # lengths differ
+    ],
+)
 def test_invalid_input_is_refused(x, y):
     with pytest.raises(ValueError):
         spearman_p(x, y)
@@ -250,12 +278,16 @@ def test_null_simulation_rejects_at_the_nominal_rate():
     rng = np.random.default_rng(2025)
     samples, alpha = 2000, 0.05
     standard_error = math.sqrt(alpha * (1 - alpha) / samples)
-    for n, tied_ages, expected in [(10, False, EXACT), (15, False, EXACT), (15, True, PERMUTATION),
-                                   (25, False, PERMUTATION)]:
+    for n, tied_ages, expected in [
+        (10, False, EXACT),
+        (15, False, EXACT),
+        (15, True, PERMUTATION),
+        (25, False, PERMUTATION),
+    ]:
         rejections = 0
         for _ in range(samples):
             x = rng.integers(40, 50, size=n).astype(float) if tied_ages else rng.normal(size=n)
-            p, method = spearman_p(x, rng.normal(size=n), seed=int(rng.integers(2 ** 31)), resamples=999)
+            p, method = spearman_p(x, rng.normal(size=n), seed=int(rng.integers(2**31)), resamples=999)
             assert method == expected
             rejections += p < alpha
         share = rejections / samples

@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_model import TINY_SPACING, write_test_release
 
 from ctcohort import phantom
 from ctcohort import release as rel
 from ctcohort.imaging import GridMismatchError
 from ctcohort.structures import load_structure_table
-from tiny_model import TINY_SPACING, write_test_release
 
 SPACING = TINY_SPACING
 STRUCTURE_NAMES = [s.name for s in phantom.ANATOMY]
@@ -25,7 +25,6 @@ def release(tmp_path_factory):
 
 def read(path):
     return np.asanyarray(nib.load(path).dataobj)
-
 
 
 def test_assign_splits_exact_counts_seeded():
@@ -78,14 +77,19 @@ def test_release_to_nnunet_raw(release, tmp_path):
     meta = pd.read_csv(release / "meta.csv", sep=";")
     trained = meta[meta["split"] != "test"]
     assert spec["numTraining"] == len(trained) == 5
-    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == \
-        sorted(f"{s}_0000.nii.gz" for s in trained["image_id"])
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == sorted(
+        f"{s}_0000.nii.gz" for s in trained["image_id"]
+    )
     test_subject = meta["image_id"][meta["split"] == "test"].item()
     assert (dataset / "imagesTs" / f"{test_subject}_0000.nii.gz").is_file()
     assert (dataset / "labelsTs" / f"{test_subject}.nii.gz").is_file()
     splits = json.loads((dataset / "splits_final.json").read_text())
-    assert splits == [{"train": trained["image_id"][trained["split"] == "train"].tolist(),
-                       "val": trained["image_id"][trained["split"] == "val"].tolist()}]
+    assert splits == [
+        {
+            "train": trained["image_id"][trained["split"] == "train"].tolist(),
+            "val": trained["image_id"][trained["split"] == "val"].tolist(),
+        }
+    ]
 
     for subject in trained["image_id"]:
         label_img = nib.load(dataset / "labelsTr" / f"{subject}.nii.gz")
@@ -99,8 +103,9 @@ def test_release_to_nnunet_raw(release, tmp_path):
             np.testing.assert_array_equal(labels == k, mask)  # the phantom's masks do not overlap
             union |= mask
         np.testing.assert_array_equal(labels > 0, union)
-        np.testing.assert_array_equal(read(dataset / "imagesTr" / f"{subject}_0000.nii.gz"),
-                                      read(release / subject / "ct.nii.gz"))
+        np.testing.assert_array_equal(
+            read(dataset / "imagesTr" / f"{subject}_0000.nii.gz"), read(release / subject / "ct.nii.gz")
+        )
 
 
 def write_mini_release(root, masks: dict, ct_affine=None, mask_affine=None, split="train"):
@@ -109,8 +114,10 @@ def write_mini_release(root, masks: dict, ct_affine=None, mask_affine=None, spli
     (root / "s0000" / "segmentations").mkdir(parents=True)
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), affine), root / "s0000" / "ct.nii.gz")
     for name, mask in masks.items():
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine if mask_affine is None else mask_affine),
-                 root / "s0000" / "segmentations" / f"{name}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(mask.astype(np.uint8), affine if mask_affine is None else mask_affine),
+            root / "s0000" / "segmentations" / f"{name}.nii.gz",
+        )
     (root / "meta.csv").write_text(f"image_id;age;gender;split\ns0000;50;f;{split}\n")
     return root
 
@@ -167,10 +174,10 @@ def test_cases_are_stored_canonical_like_inference_sees_them():
 
 
 def test_release_written_in_parallel_is_identical(release, tmp_path):
-    parallel = rel.write_phantom_release(tmp_path / "parallel", 6, seed=3, spacing=SPACING, val_fraction=0.2,
-                                         test_fraction=0.1, processes=2)
+    parallel = rel.write_phantom_release(
+        tmp_path / "parallel", 6, seed=3, spacing=SPACING, val_fraction=0.2, test_fraction=0.1, processes=2
+    )
     assert (parallel / "meta.csv").read_text() == (release / "meta.csv").read_text()
     subject = rel.release_subject_id(4)
     for name in ("ct.nii.gz", "segmentations/kidney_left.nii.gz", "segmentations/femur_right.nii.gz"):
         np.testing.assert_array_equal(read(parallel / subject / name), read(release / subject / name))
-

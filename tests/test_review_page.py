@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+from browser import browser  # noqa: F401  (the fixture)
 from PIL import Image
 
-from browser import browser  # noqa: F401  (the fixture)
 from ctcohort.review_page import (
     DECISION_COLUMNS,
     DECISIONS_FILE,
@@ -22,8 +22,16 @@ from ctcohort.review_page import (
 NASTY = "</script><b>bold</b><!--"
 # subject, score, status, flags as (structure, flag, detail)
 COHORT = [
-    ("s_high", 9.0, "", [("", "cut_off", "z+"), ("liver", "volume_outlier", "robust z = 5.2"),
-                          ("kidney_left", "implausible_hu", NASTY)]),
+    (
+        "s_high",
+        9.0,
+        "",
+        [
+            ("", "cut_off", "z+"),
+            ("liver", "volume_outlier", "robust z = 5.2"),
+            ("kidney_left", "implausible_hu", NASTY),
+        ],
+    ),
     ("s_mid", 4.0, "", [("liver", "fragments", "3 pieces"), ("spleen", "volume_outlier", "robust z = 4.1")]),
     ("s_tie_b", 2.0, "", []),
     ("s_tie_a", 2.0, "", [("kidney_right", "laterality", "centroid on the left")]),
@@ -135,22 +143,34 @@ def write_tsv(tmp_path, *lines: str):
 
 
 def test_read_decisions_reads_a_hand_written_file(tmp_path):
-    path = write_tsv(tmp_path, "subject\tstructure\tdecision\treason\tnote", "s1\t\texclude\tmotion\tx", "",
-                     "s2\tliver\tAccept", "s2\tliver\taccept\tagain")
+    path = write_tsv(
+        tmp_path,
+        "subject\tstructure\tdecision\treason\tnote",
+        "s1\t\texclude\tmotion\tx",
+        "",
+        "s2\tliver\tAccept",
+        "s2\tliver\taccept\tagain",
+    )
     table = read_decisions(path)
     assert list(table.columns) == DECISION_COLUMNS
     assert table.values.tolist() == [["s1", "", "exclude", "motion"], ["s2", "liver", "accept", ""]]
     assert read_decisions(write_tsv(tmp_path, "\t".join(DECISION_COLUMNS))).empty
 
 
-@pytest.mark.parametrize("lines, message", [
-    (["subject,structure,decision,reason", "s1,,exclude,"], "line 1: missing column"),
-    (["subject\tstructure\treason", "s1\t\t"], r"missing column\(s\) \['decision'\]"),
-    (["subject\tstructure\tdecision\treason", "s1\t\texclude\t", "s2\t\tdrop\t"], "line 3: decision 'drop'"),
-    (["subject\tstructure\tdecision\treason", "", "\tliver\texclude\t"], "line 3: empty subject"),
-    (["subject\tstructure\tdecision\treason", "s1\t\texclude\ta\tb"], "line 2: 5 fields"),
-    (["subject\tstructure\tdecision\treason", "s1\tliver\texclude", "s1\tliver\taccept"], "line 3: accept contradicts line 2"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["subject,structure,decision,reason", "s1,,exclude,"], "line 1: missing column"),
+        (["subject\tstructure\treason", "s1\t\t"], r"missing column\(s\) \['decision'\]"),
+        (["subject\tstructure\tdecision\treason", "s1\t\texclude\t", "s2\t\tdrop\t"], "line 3: decision 'drop'"),
+        (["subject\tstructure\tdecision\treason", "", "\tliver\texclude\t"], "line 3: empty subject"),
+        (["subject\tstructure\tdecision\treason", "s1\t\texclude\ta\tb"], "line 2: 5 fields"),
+        (
+            ["subject\tstructure\tdecision\treason", "s1\tliver\texclude", "s1\tliver\taccept"],
+            "line 3: accept contradicts line 2",
+        ),
+    ],
+)
 def test_read_decisions_names_the_bad_line(tmp_path, lines, message):
     with pytest.raises(ValueError, match=message):
         read_decisions(write_tsv(tmp_path, *lines))
@@ -161,7 +181,8 @@ def test_read_decisions_names_the_bad_line(tmp_path, lines, message):
 
 def shown(driver) -> list[str]:
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll('.card')).filter(c => !c.hidden).map(c => c.dataset.subject)")
+        "return Array.from(document.querySelectorAll('.card')).filter(c => !c.hidden).map(c => c.dataset.subject)"
+    )
 
 
 def choose(driver, select_id: str, value: str) -> None:
@@ -176,8 +197,13 @@ def test_cards_in_score_order_and_filters(browser, page):  # noqa: F811
 
     browser.open(page)
     driver = browser.driver
-    assert driver.execute_script("return Array.from(document.querySelectorAll('[data-subject]'), e => e.dataset.subject)") == ORDER
-    assert NASTY in driver.find_element(By.CSS_SELECTOR, '[data-subject="s_high"] li[data-structure="kidney_left"]').text
+    assert (
+        driver.execute_script("return Array.from(document.querySelectorAll('[data-subject]'), e => e.dataset.subject)")
+        == ORDER
+    )
+    assert (
+        NASTY in driver.find_element(By.CSS_SELECTOR, '[data-subject="s_high"] li[data-structure="kidney_left"]').text
+    )
     choose(driver, "flag-filter", "volume_outlier")
     assert shown(driver) == ["s_high", "s_mid"]
     assert driver.find_element(By.ID, "count").text == "2"
@@ -250,8 +276,11 @@ def test_decisions_download_as_tsv_and_survive_a_reload(browser, page):  # noqa:
     click('[data-subject="s_low"] .scan-decision .accept')  # taken back
     assert driver.find_element(By.ID, "decided").text == "3 decisions"
     click("#download")
-    expected = [["s_high", "", "exclude", "cut off at the top"], ["s_mid", "liver", "exclude", ""],
-                ["s_mid", "spleen", "accept", ""]]
+    expected = [
+        ["s_high", "", "exclude", "cut off at the top"],
+        ["s_mid", "liver", "exclude", ""],
+        ["s_mid", "spleen", "accept", ""],
+    ]
     downloaded = browser.wait_for_download(DECISIONS_FILE)
     assert downloaded.read_text().splitlines()[0] == "subject\tstructure\tdecision\treason"
     assert read_decisions(downloaded).values.tolist() == expected
@@ -259,19 +288,24 @@ def test_decisions_download_as_tsv_and_survive_a_reload(browser, page):  # noqa:
     driver.refresh()  # kept in the browser (localStorage)
     assert driver.find_element(By.ID, "decided").text == "3 decisions"
     assert "exclude" in driver.find_element(By.CSS_SELECTOR, '[data-subject="s_high"]').get_attribute("class")
-    assert "accept" in driver.find_element(By.CSS_SELECTOR, '[data-subject="s_mid"] li[data-structure="spleen"]').get_attribute("class")
+    assert "accept" in driver.find_element(
+        By.CSS_SELECTOR, '[data-subject="s_mid"] li[data-structure="spleen"]'
+    ).get_attribute("class")
 
 
 def test_loading_an_earlier_decisions_file(browser, page, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    earlier = write_tsv(tmp_path, "\t".join(DECISION_COLUMNS), "s_tie_a\tkidney_right\texclude\tswapped",
-                        "s_low\t\taccept\t")
+    earlier = write_tsv(
+        tmp_path, "\t".join(DECISION_COLUMNS), "s_tie_a\tkidney_right\texclude\tswapped", "s_low\t\taccept\t"
+    )
     browser.open(page)
     driver = browser.driver
     driver.find_element(By.ID, "load").send_keys(str(earlier))
     WebDriverWait(driver, 5).until(lambda d: d.find_element(By.ID, "decided").text == "2 decisions")
     driver.find_element(By.ID, "download").click()
     assert read_decisions(browser.wait_for_download(DECISIONS_FILE)).values.tolist() == [
-        ["s_tie_a", "kidney_right", "exclude", "swapped"], ["s_low", "", "accept", ""]]
+        ["s_tie_a", "kidney_right", "exclude", "swapped"],
+        ["s_low", "", "accept", ""],
+    ]

@@ -41,11 +41,23 @@ def review_study(tmp_path_factory):
         # each copy its own bytes (one HU apart), or the duplicate check would stop the run
         nib.save(nib.Nifti1Image((hu + i).astype(np.int16), affine), data / f"{subject}.nii.gz")
         nib.save(nib.Nifti1Image(seg, affine), data / f"{subject}_seg.nii.gz")
-        rows.append({"subject": subject, "ct": f"{subject}.nii.gz", "seg": f"{subject}_seg.nii.gz",
-                     "age": 40 + 5 * i, "sex": "MF"[i % 2]})
+        rows.append(
+            {
+                "subject": subject,
+                "ct": f"{subject}.nii.gz",
+                "seg": f"{subject}_seg.nii.gz",
+                "age": 40 + 5 * i,
+                "sex": "MF"[i % 2],
+            }
+        )
     pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "precomputed"},
-              "statistics": {"min_n": 3}, "normative": {"panels": []}, "figures": {"scatter": []}}
+    config = {
+        "cohort": str(data / "cohort.tsv"),
+        "segmentation": {"method": "precomputed"},
+        "statistics": {"min_n": 3},
+        "normative": {"panels": []},
+        "figures": {"scatter": []},
+    }
     run_workflow(workdir, config, *TARGETS)
     return workdir, config
 
@@ -69,7 +81,8 @@ def test_review_page_ranks_them_first_and_its_decision_excludes_one_scan(review_
     results = workdir / "results"
     browser.open(results / "qc" / "review.html")
     order = browser.driver.execute_script(
-        "return Array.from(document.querySelectorAll('[data-subject]'), e => e.dataset.subject)")
+        "return Array.from(document.querySelectorAll('[data-subject]'), e => e.dataset.subject)"
+    )
     assert sorted(order) == sorted([*ORDINARY, *SWAPS])
     assert set(order[:2]) == set(SWAPS)
 

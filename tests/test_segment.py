@@ -15,11 +15,22 @@ from PIL import Image
 
 pytest.importorskip("nnunetv2", reason="segmentation needs the optional 'segment' dependencies")
 
+from tiny_model import train_tiny_model  # noqa: E402
+from totalseg_models import (  # noqa: E402
+    RELEASE_FOLDERS,
+    nnunet_own_labels,
+    release_labels,
+    release_model_dir,
+    write_model,
+    write_release,
+)
+
 from ctcohort import phantom  # noqa: E402
 from ctcohort.cli import main  # noqa: E402
-from ctcohort.nnunet_adapter import network_axes  # noqa: E402
 from ctcohort.measure import measure_and_qc_files, measure_files, read_measurements, write_measurements  # noqa: E402
+from ctcohort.nnunet_adapter import network_axes  # noqa: E402
 from ctcohort.qc import QCSettings, read_qc  # noqa: E402
+from ctcohort.scan_status import ScanStatus  # noqa: E402
 from ctcohort.segment import (  # noqa: E402
     TASKS,
     BatchMeasurement,
@@ -33,25 +44,16 @@ from ctcohort.segment import (  # noqa: E402
     recorded_label_names,
     segment_batch,
 )
-from ctcohort.scan_status import ScanStatus  # noqa: E402
 from ctcohort.structures import load_structure_table  # noqa: E402
 from ctcohort.train import mirror_model  # noqa: E402
-from tiny_model import train_tiny_model  # noqa: E402
-from totalseg_models import (  # noqa: E402
-    RELEASE_FOLDERS,
-    nnunet_own_labels,
-    release_labels,
-    release_model_dir,
-    write_model,
-    write_release,
-)
 
 V1 = load_structure_table("total_v1")
 V2 = load_structure_table("total_v2")
 # the tests segment on one CPU thread, in float32 (bfloat16's labels may differ on a few voxels)
 CPU_FLOAT32 = SegmentationSettings(device="cpu", precision="float32", threads=1)
-PARTS_TABLE = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "resources", "structures",
-                                       "total_v2_parts.csv"))
+PARTS_TABLE = pd.read_csv(
+    os.path.join(os.path.dirname(__file__), "..", "resources", "structures", "total_v2_parts.csv")
+)
 PART_A = ["liver", "spleen", "kidney_left", "kidney_right"]
 PART_B = ["hip_left", "hip_right", "sacrum", "kidney_left"]  # kidney_left claimed by both parts
 TWO_PARTS = [998, 999]  # segmentation.task of two_part_model
@@ -63,8 +65,9 @@ def two_part_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     model_dir = root / "two_parts"
     for dataset_id, structures in ((998, PART_A), (999, PART_B)):
-        trained = train_tiny_model(root / f"train{dataset_id}", dataset_id=dataset_id, structures=structures,
-                                   iterations=3)
+        trained = train_tiny_model(
+            root / f"train{dataset_id}", dataset_id=dataset_id, structures=structures, iterations=3
+        )
         target = model_dir / f"Dataset{dataset_id:03d}_Part" / "nnUNetTrainer__nnUNetPlans__3d_small"
         target.parent.mkdir(parents=True)
         trained.rename(target)
@@ -122,8 +125,27 @@ def test_output_lies_on_the_input_grid_in_any_orientation(two_part_model, phanto
     lps_path = tmp_path / "lps.nii.gz"
     nib.save(lps, lps_path)
     out = tmp_path / "out"
-    assert main(["segment", "--ct", str(phantom_scan), str(lps_path), "--model", str(two_part_model),
-                 "--task", *map(str, TWO_PARTS), "--structures", "total_v1", "--device", "cpu", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--ct",
+                str(phantom_scan),
+                str(lps_path),
+                "--model",
+                str(two_part_model),
+                "--task",
+                *map(str, TWO_PARTS),
+                "--structures",
+                "total_v1",
+                "--device",
+                "cpu",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     seg_ras, seg_lps = nib.load(out / "ct.nii.gz"), nib.load(out / "lps.nii.gz")
     assert seg_lps.shape == lps.shape
     np.testing.assert_allclose(seg_lps.affine, lps.affine)
@@ -146,15 +168,25 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
     ScanStatus("unimported", "import_ct", ok=False, error="DicomImportError: a single slice").write(import_status)
     outputs = [tmp_path / f"{s}.nii.gz" for s in "abc"]
     statuses = [tmp_path / f"{s}.json" for s in "abc"]
-    measurement = BatchMeasurement([tmp_path / f"{s}.tsv" for s in "abc"],
-                                   [tmp_path / f"{s}.measure.json" for s in "abc"],
-                                   qc_tables=[tmp_path / f"{s}.qc.tsv" for s in "abc"],
-                                   previews=[tmp_path / f"{s}.png" for s in "abc"],
-                                   settings=QCSettings(min_voxels=5, preview_width=300))
-    segment_batch(["good", "bad", "unimported"], [phantom_scan, broken, unimported], outputs, statuses,
-                  model=two_part_model, structures="total_v1", task=TWO_PARTS, measurement=measurement,
-                  settings=SegmentationSettings(device="cpu", threads=1),
-                  upstream=["", "", import_status])
+    measurement = BatchMeasurement(
+        [tmp_path / f"{s}.tsv" for s in "abc"],
+        [tmp_path / f"{s}.measure.json" for s in "abc"],
+        qc_tables=[tmp_path / f"{s}.qc.tsv" for s in "abc"],
+        previews=[tmp_path / f"{s}.png" for s in "abc"],
+        settings=QCSettings(min_voxels=5, preview_width=300),
+    )
+    segment_batch(
+        ["good", "bad", "unimported"],
+        [phantom_scan, broken, unimported],
+        outputs,
+        statuses,
+        model=two_part_model,
+        structures="total_v1",
+        task=TWO_PARTS,
+        measurement=measurement,
+        settings=SegmentationSettings(device="cpu", threads=1),
+        upstream=["", "", import_status],
+    )
     good, bad, not_imported = (json.loads(p.read_text()) for p in statuses)
     assert not_imported == json.loads(import_status.read_text())
     assert json.loads(measurement.statuses[2].read_text()) == not_imported
@@ -180,10 +212,13 @@ def test_batch_records_a_broken_scan_and_segments_the_rest(two_part_model, phant
         assert read_qc(measurement.qc_tables[i]).empty and Image.open(measurement.previews[i]).size == (1, 1)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "expected an nnU-Net v2 trained model folder"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), "expected an nnU-Net v2 trained model folder"),
+    ],
+)
 def test_missing_or_empty_model_folder_says_what_to_provide(tmp_path, make, message):
     folder = tmp_path / "weights"
     make(folder)
@@ -234,8 +269,14 @@ def test_workflow_segments_in_batches_and_passes_failures_on(two_part_model, tmp
     nib.save(nib.Nifti1Image(np.asanyarray(raw.dataobj).astype(np.int16) + 1024, raw.affine), raw.get_filename())
     config = {
         "cohort": str(data / "cohort.tsv"),
-        "segmentation": {"method": "nnunet", "model": str(two_part_model), "task": TWO_PARTS, "device": "cpu",
-                         "threads": 1, "scans_per_job": 2},
+        "segmentation": {
+            "method": "nnunet",
+            "model": str(two_part_model),
+            "task": TWO_PARTS,
+            "device": "cpu",
+            "threads": 1,
+            "scans_per_job": 2,
+        },
     }
     # the segmentation and the tables after it, which this test reads (not the cohort's statistics and figures)
     targets = ["results/tables/measurements.tsv", "results/evaluation/dice.tsv"]
@@ -292,8 +333,9 @@ def _nnunet_own_labels(segmenter, ct):
     """nnU-Net's own preprocessing and export (predict_single_npy_array) for a single-part model, (x, y, z)."""
     hu = np.asanyarray(ct.dataobj).astype(np.float32)
     spacing = [float(s) for s in ct.header.get_zooms()[:3]]
-    local = segmenter.predictors[0].predict_single_npy_array(hu.transpose(2, 1, 0)[None], {"spacing": spacing[::-1]},
-                                                            None, None, False)
+    local = segmenter.predictors[0].predict_single_npy_array(
+        hu.transpose(2, 1, 0)[None], {"spacing": spacing[::-1]}, None, None, False
+    )
     lookup = np.zeros(max(segmenter.parts[0].global_labels) + 1, np.uint8)
     for part_label, label in segmenter.parts[0].global_labels.items():
         lookup[part_label] = label
@@ -316,7 +358,9 @@ def test_device_side_processing_matches_nnunets_own(tmp_path):
     in_bfloat16 = Segmenter(None, V1, settings=replace(CPU_FLOAT32, threads=2, precision="bfloat16")).segment(native)
     assert np.mean(in_bfloat16 == ours) > 0.9999
 
-    coarse_data, _, coarse_affine = phantom.render_subject(phantom.draw_subject(seed=1, index=1), spacing=(3.0, 3.0, 5.0))
+    coarse_data, _, coarse_affine = phantom.render_subject(
+        phantom.draw_subject(seed=1, index=1), spacing=(3.0, 3.0, 5.0)
+    )
     coarse = nib.Nifti1Image(coarse_data, coarse_affine)
     ours, theirs = segmenter.segment(coarse), _nnunet_own_labels(segmenter, coarse)
     assert ours.shape == coarse.shape
@@ -345,8 +389,11 @@ def _write_scan(path, orientation="RAS", spacing=SCAN_SPACING, shape=SCAN_SHAPE,
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-30.0, 12.0, 40.0]
     ras = nib.Nifti1Image(data, affine)
-    stored = ras.as_reoriented(nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(orientation))))
+    stored = ras.as_reoriented(
+        nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(orientation))
+        )
+    )
     assert nib.aff2axcodes(stored.affine) == tuple(orientation)
     stored.set_qform(stored.affine, code=1)
     stored.set_sform(stored.affine, code=1)
@@ -364,21 +411,32 @@ def _several_labels(labels, at_least=3):
     assert len(np.unique(labels)) >= at_least, "the random model should predict several labels for this test to bite"
 
 
-@pytest.mark.parametrize("reader, orientation, transpose_forward", [
-    ("SimpleITKIO", "RAS", (0, 1, 2)),
-    ("NibabelIO", "RAS", (0, 1, 2)),
-    ("SimpleITKIO", "RAS", (2, 0, 1)),  # planned with the largest spacing first, as nnU-Net's planner does
-    ("NibabelIOWithReorient", "LPS", (0, 1, 2)),
-    ("NibabelIOWithReorient", "SLP", (2, 0, 1)),
-    ("SimpleITKIOWithReorient", "PSL", (1, 2, 0)),
-])
+@pytest.mark.parametrize(
+    "reader, orientation, transpose_forward",
+    [
+        ("SimpleITKIO", "RAS", (0, 1, 2)),
+        ("NibabelIO", "RAS", (0, 1, 2)),
+        ("SimpleITKIO", "RAS", (2, 0, 1)),  # planned with the largest spacing first, as nnU-Net's planner does
+        ("NibabelIOWithReorient", "LPS", (0, 1, 2)),
+        ("NibabelIOWithReorient", "SLP", (2, 0, 1)),
+        ("SimpleITKIOWithReorient", "PSL", (1, 2, 0)),
+    ],
+)
 def test_each_reader_gets_the_array_its_nnunet_reader_gives(tmp_path, reader, orientation, transpose_forward):
     """ctcohort's labels equal nnU-Net's own (the plans' reader class reads the file and writes the labels,
     nnU-Net preprocesses, predicts and exports) on an anisotropic, non-cubic scan, on the model's spacing."""
     ct = _write_scan(tmp_path / "ct.nii.gz", orientation)
-    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader=reader,
-                        spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
-                        patch=(8, 12, 16), active_labels=(0, 1, 3, 5), seed=3)
+    model = write_model(
+        tmp_path / "model",
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        reader=reader,
+        spacing=_network_spacing(transpose_forward),
+        transpose_forward=transpose_forward,
+        patch=(8, 12, 16),
+        active_labels=(0, 1, 3, 5),
+        seed=3,
+    )
     ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path)
     assert ours.shape == ct.shape == theirs.shape
@@ -391,8 +449,15 @@ def test_a_non_reorienting_reader_gets_the_scan_in_ras_as_totalsegmentator_feeds
     stored LPS order): the labels of an LPS scan are nnU-Net's labels of its RAS copy."""
     lps = _write_scan(tmp_path / "lps.nii.gz", "LPS")
     nib.save(nib.as_closest_canonical(lps), tmp_path / "ras.nii.gz")
-    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", reader="SimpleITKIO",
-                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=3)
+    model = write_model(
+        tmp_path / "model",
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        reader="SimpleITKIO",
+        spacing=_network_spacing((0, 1, 2)),
+        active_labels=(0, 1, 3, 5),
+        seed=3,
+    )
     ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(lps)
     theirs_ras = nnunet_own_labels(model, tmp_path / "ras.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours[::-1, ::-1, :], theirs_ras)
@@ -414,8 +479,15 @@ def test_a_reader_ctcohort_cannot_honour_is_refused(tmp_path, reader):
 
 def test_folds_are_ensembled_as_nnunet_does(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
-    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1),
-                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=5)
+    model = write_model(
+        tmp_path / "model",
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        folds=(0, 1),
+        spacing=_network_spacing((0, 1, 2)),
+        active_labels=(0, 1, 3, 5),
+        seed=5,
+    )
     ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, folds=[0, 1])).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0, 1))
     np.testing.assert_array_equal(ours, theirs)
@@ -426,7 +498,9 @@ def test_folds_are_ensembled_as_nnunet_does(tmp_path):
 def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(tmp_path):
     """Checked before any weights are loaded (missing fold) and when the predictor is built (configuration)."""
     model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", folds=(0, 1))
-    with pytest.raises(ModelFolderError, match=r"model .*model: no fold_2/checkpoint_final\.pth \(segmentation\.folds\)"):
+    with pytest.raises(
+        ModelFolderError, match=r"model .*model: no fold_2/checkpoint_final\.pth \(segmentation\.folds\)"
+    ):
         Segmenter(model, V2, settings=replace(CPU_FLOAT32, folds=[0, 2]))
     plans = json.loads((model / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["RescaleTo01Normalization"]
@@ -437,8 +511,15 @@ def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(
 
 def test_mirroring_is_nnunets_own(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
-    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", mirror_axes=(0, 1, 2),
-                        spacing=_network_spacing((0, 1, 2)), active_labels=(0, 1, 3, 5), seed=7)
+    model = write_model(
+        tmp_path / "model",
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        mirror_axes=(0, 1, 2),
+        spacing=_network_spacing((0, 1, 2)),
+        active_labels=(0, 1, 3, 5),
+        seed=7,
+    )
     ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, mirroring=True)).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=True)
     np.testing.assert_array_equal(ours, theirs)
@@ -446,10 +527,13 @@ def test_mirroring_is_nnunets_own(tmp_path):
     _several_labels(ours)
 
 
-@pytest.mark.parametrize("transpose_forward, strides", [
-    ((0, 1, 2), [[1, 1, 1], [2, 2, 1], [2, 2, 1]]),  # RAS x on the network's last axis, as the demo model's plan
-    ((2, 0, 1), [[1, 1, 1], [1, 2, 2], [1, 2, 2]]),  # RAS x on its first
-])
+@pytest.mark.parametrize(
+    "transpose_forward, strides",
+    [
+        ((0, 1, 2), [[1, 1, 1], [2, 2, 1], [2, 2, 1]]),  # RAS x on the network's last axis, as the demo model's plan
+        ((2, 0, 1), [[1, 1, 1], [1, 2, 2], [1, 2, 2]]),  # RAS x on its first
+    ],
+)
 def test_a_mirrored_model_segments_the_mirrored_scan_as_the_model_the_scan(tmp_path, transpose_forward, strides):
     """mirror_model along RAS x: its labels of the scan flipped left-right are the model's labels of the scan,
     flipped. The networks are exact mirrors here (stride 1 along x; a strided conv on an even size makes them
@@ -458,9 +542,17 @@ def test_a_mirrored_model_segments_the_mirrored_scan_as_the_model_the_scan(tmp_p
     model itself, on the flipped scan, gives other labels in many."""
     ct = _write_scan(tmp_path / "ct.nii.gz")
     patch = [SCAN_SHAPE[axis] for axis in network_axes("SimpleITKIO", transpose_forward)]
-    model = write_model(tmp_path / "model", ORGANS, dataset_name="Dataset501_Organs", strides=strides, patch=patch,
-                        spacing=_network_spacing(transpose_forward), transpose_forward=transpose_forward,
-                        active_labels=(0, 1, 3, 5), seed=3)
+    model = write_model(
+        tmp_path / "model",
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        strides=strides,
+        patch=patch,
+        spacing=_network_spacing(transpose_forward),
+        transpose_forward=transpose_forward,
+        active_labels=(0, 1, 3, 5),
+        seed=3,
+    )
     mirrored = mirror_model(model, tmp_path / "mirrored", ras_axis=0)
     flipped_ct = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)
     labels = Segmenter(model, V2, settings=CPU_FLOAT32).segment(ct)
@@ -487,9 +579,14 @@ def _shared_names(model):
 # TotalSegmentator's release layout: 291 random over a few labels, 292 one label everywhere (local 4,
 # vertebrae_L4, global 28), 293 and 295 random over a few labels (background among them), 294 background
 # everywhere, 297 random over a few of the 117 classes.
-RELEASE_SETTINGS = {291: {"active_labels": (0, 2, 5, 7)}, 292: {"force_label": 4}, 293: {"active_labels": (0, 1, 3, 6)},
-                    294: {"force_label": 0}, 295: {"active_labels": (0, 2, 9, 14)},
-                    297: {"active_labels": (0, 5, 28, 51, 80)}}
+RELEASE_SETTINGS = {
+    291: {"active_labels": (0, 2, 5, 7)},
+    292: {"force_label": 4},
+    293: {"active_labels": (0, 1, 3, 6)},
+    294: {"force_label": 0},
+    295: {"active_labels": (0, 2, 9, 14)},
+    297: {"active_labels": (0, 5, 28, 51, 80)},
+}
 TOTAL = TASKS["total"]
 
 
@@ -533,19 +630,57 @@ def test_a_folder_of_several_tasks_without_a_task_is_refused_with_what_it_holds(
     message = str(error.value)
     assert str(release) in message and "segmentation.task" in message
     for dataset_id in TOTAL:
-        assert (f"{RELEASE_FOLDERS[dataset_id]}/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres: "
-                f"dataset {dataset_id}, part of task total") in message
-    assert (f"{RELEASE_FOLDERS[297]}/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres: dataset 297, "
-            "task total_fast") in message
+        assert (
+            f"{RELEASE_FOLDERS[dataset_id]}/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres: "
+            f"dataset {dataset_id}, part of task total"
+        ) in message
+    assert (
+        f"{RELEASE_FOLDERS[297]}/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres: dataset 297, "
+        "task total_fast"
+    ) in message
     assert "total (datasets 291-295) or total_fast (dataset 297)" in message
     # the command line says the same and stops
     scan = tmp_path / "ct.nii.gz"
     _write_scan(scan, spacing=(1.5, 1.5, 1.5))
-    assert main(["segment", "--ct", str(scan), "--model", str(release), "--structures", "total_v2",
-                 "--device", "cpu", "-o", str(tmp_path / "out")]) == 1
+    assert (
+        main(
+            [
+                "segment",
+                "--ct",
+                str(scan),
+                "--model",
+                str(release),
+                "--structures",
+                "total_v2",
+                "--device",
+                "cpu",
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     assert "total_fast (dataset 297)" in capsys.readouterr().err
-    assert main(["segment", "--ct", str(scan), "--model", str(release), "--task", "total_fast", "--structures",
-                 "total_v2", "--device", "cpu", "-o", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--ct",
+                str(scan),
+                "--model",
+                str(release),
+                "--task",
+                "total_fast",
+                "--structures",
+                "total_v2",
+                "--device",
+                "cpu",
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert nib.load(tmp_path / "out" / "ct.nii.gz").shape == SCAN_SHAPE
 
 
@@ -573,15 +708,21 @@ def test_an_incomplete_task_names_the_missing_datasets(release, tmp_path):
 
 def test_models_of_no_known_task_are_chosen_by_dataset_id(tmp_path):
     for dataset_id in (601, 602):
-        write_model(tmp_path / f"Dataset{dataset_id}_Mine" / "nnUNetTrainer__nnUNetPlans__3d_fullres", ORGANS,
-                    dataset_name=f"Dataset{dataset_id}_Mine")
+        write_model(
+            tmp_path / f"Dataset{dataset_id}_Mine" / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+            ORGANS,
+            dataset_name=f"Dataset{dataset_id}_Mine",
+        )
     with pytest.raises(ModelFolderError, match=r"(?s)dataset 601, no known task.*dataset ids, e.g. \[601, 602\]"):
         find_model_parts(tmp_path, V2)
     assert [part.dataset_id for part in find_model_parts(tmp_path, V2, [601, 602])] == [601, 602]
     assert [part.dataset_id for part in find_model_parts(tmp_path, V2, 602)] == [602]
     # two models of one dataset (e.g. two trainers) are ambiguous however selected
-    write_model(tmp_path / "Dataset602_Mine" / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres", ORGANS,
-                dataset_name="Dataset602_Mine")
+    write_model(
+        tmp_path / "Dataset602_Mine" / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres",
+        ORGANS,
+        dataset_name="Dataset602_Mine",
+    )
     with pytest.raises(ModelFolderError, match="several models of dataset 602"):
         find_model_parts(tmp_path, V2, [601, 602])
 
@@ -632,16 +773,30 @@ def test_total_fast_segments_as_nnunet_does(release, tmp_path):
     _several_labels(ours, 4)
 
 
-@pytest.mark.parametrize("task, valid", [
-    (None, True), ("", True), ("total", True), ("total_fast", True), ("total_fastest", True), (297, True),
-    ([291, 292, 293], True), ("totl", False), ([], False), (0, False), ([291, 291], False), (["total"], False),
-])
+@pytest.mark.parametrize(
+    "task, valid",
+    [
+        (None, True),
+        ("", True),
+        ("total", True),
+        ("total_fast", True),
+        ("total_fastest", True),
+        (297, True),
+        ([291, 292, 293], True),
+        ("totl", False),
+        ([], False),
+        (0, False),
+        ([291, 291], False),
+        (["total"], False),
+    ],
+)
 def test_the_config_schema_takes_the_tasks_the_code_knows(task, valid):
     import jsonschema
     import yaml
 
-    schema = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "workflow", "schemas",
-                                              "config.schema.yaml")).read())
+    schema = yaml.safe_load(
+        open(os.path.join(os.path.dirname(__file__), "..", "workflow", "schemas", "config.schema.yaml")).read()
+    )
     assert schema["properties"]["segmentation"]["properties"]["task"]["$ref"] == "#/definitions/task"
     task_schema = schema["definitions"]["task"]  # shared with a task per model of segmentation.model
     names = {name for option in task_schema["anyOf"] for name in option.get("enum", [])} - {""}

@@ -262,9 +262,7 @@ def test_cluster_jobs_skip_the_file_checks_but_not_the_values(scans):
 
 
 def test_missing_optional_file_is_checked_too(scans):
-    path = write_sheet(
-        scans, [("s1", "ct/s1.nii.gz", "30", "M", "ref/s1.nii.gz")], header=(*HEADER, "reference")
-    )
+    path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", "M", "ref/s1.nii.gz")], header=(*HEADER, "reference"))
     with pytest.raises(CohortSheetError) as info:
         load(path)
     (problem,) = problems(info)
@@ -429,8 +427,12 @@ def test_ct_may_name_a_dicom_series_but_a_nifti_or_segmentation_is_a_file(tmp_pa
     (tmp_path / "s4.nii.gz").mkdir()  # a folder named like a NIfTI
     (tmp_path / "segs").mkdir()
     header = ("subject", "ct", "seg", "age", "sex")
-    rows = [("s1", "dicom/s1", "s2.zip", 40, "M"), ("s2", "s2.zip", "", 41, "F"), ("s3", "lists/s3.txt", "", 42, "M"),
-            ("s4", "s4.nii.gz", "segs", 43, "F")]
+    rows = [
+        ("s1", "dicom/s1", "s2.zip", 40, "M"),
+        ("s2", "s2.zip", "", 41, "F"),
+        ("s3", "lists/s3.txt", "", 42, "M"),
+        ("s4", "s4.nii.gz", "segs", 43, "F"),
+    ]
     with pytest.raises(CohortSheetError) as error:
         load(write_sheet(tmp_path, rows, header))
     assert problems(error) == [
@@ -446,14 +448,19 @@ def test_ct_may_name_a_dicom_series_but_a_nifti_or_segmentation_is_a_file(tmp_pa
 SHEET_TEXT = "subject\tct\tage\tsex\ns1\tct/s1.nii.gz\t40\tM\ns2\tct/s2.nii.gz\t\tF\n"
 
 
-@pytest.mark.parametrize("encode", [
-    pytest.param(lambda text: text.replace("\n", "\r\n").encode(), id="crlf"),
-    pytest.param(lambda text: text.replace("\n", "\r").encode(), id="cr"),
-    pytest.param(lambda text: b"\xef\xbb\xbf" + text.encode(), id="utf8-bom"),
-    pytest.param(lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(), id="utf8-bom-crlf"),
-    pytest.param(lambda text: text.replace("\n", "\r\n").encode("utf-16"), id="utf16-bom"),  # Excel's "Unicode text"
-    pytest.param(lambda text: text.replace("\n", "\t\n").encode(), id="trailing-empty-column"),
-])
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(lambda text: text.replace("\n", "\r\n").encode(), id="crlf"),
+        pytest.param(lambda text: text.replace("\n", "\r").encode(), id="cr"),
+        pytest.param(lambda text: b"\xef\xbb\xbf" + text.encode(), id="utf8-bom"),
+        pytest.param(lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(), id="utf8-bom-crlf"),
+        pytest.param(
+            lambda text: text.replace("\n", "\r\n").encode("utf-16"), id="utf16-bom"
+        ),  # Excel's "Unicode text"
+        pytest.param(lambda text: text.replace("\n", "\t\n").encode(), id="trailing-empty-column"),
+    ],
+)
 def test_unambiguous_encodings_and_line_ends_read_as_plain_utf8(scans, encode):
     path = scans / "cohort.tsv"
     path.write_bytes(encode(SHEET_TEXT))
@@ -470,8 +477,9 @@ def test_crlf_line_numbers_are_those_an_editor_shows(scans):
     path.write_bytes(b"subject\tct\tage\tsex\r\ns1\tct/s1.nii.gz\t40\tM\r\n\r\ns2\tct/s2.nii.gz\t40\tQ\r\n")
     with pytest.raises(CohortSheetError) as error:
         load(path)
-    assert problems(error) == ["line 4 (subject 's2'): column 'sex': 'Q': accepted values are M or F, or a blank "
-                               "cell where unknown"]
+    assert problems(error) == [
+        "line 4 (subject 's2'): column 'sex': 'Q': accepted values are M or F, or a blank cell where unknown"
+    ]
 
 
 @pytest.mark.parametrize("separator, name", [(",", "commas"), (";", "semicolons")])
@@ -496,10 +504,13 @@ def test_text_not_in_utf8_is_named_by_its_line(scans):
         load(path)
 
 
-@pytest.mark.parametrize("header, message", [
-    ("subject\tct\tage\tsex\tage", "column 'age' appears 2 times"),
-    ("subject\tct\t\tage\tsex", "column 3 has no name"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ("subject\tct\tage\tsex\tage", "column 'age' appears 2 times"),
+        ("subject\tct\t\tage\tsex", "column 3 has no name"),
+    ],
+)
 def test_a_header_with_a_repeated_or_unnamed_column_is_refused(scans, header, message):
     path = scans / "cohort.tsv"
     path.write_text(f"{header}\ns1\tct/s1.nii.gz\t40\tM\t41\n")
@@ -529,8 +540,10 @@ def test_an_age_out_of_range_or_not_a_number_names_the_cell_and_the_range(scans,
     path = write_sheet(scans, [("s1", "ct/s1.nii.gz", age, "M")])
     with pytest.raises(CohortSheetError) as info:
         load(path)
-    assert problems(info) == [f"line 2 (subject 's1'): column 'age': {age!r}: accepted values are a number of years "
-                              "from 0 to 130, or a blank cell where unknown"]
+    assert problems(info) == [
+        f"line 2 (subject 's1'): column 'age': {age!r}: accepted values are a number of years "
+        "from 0 to 130, or a blank cell where unknown"
+    ]
 
 
 @pytest.mark.parametrize("sex", ["m", "O", "U", "W", "male", "1", "M/F"])
@@ -538,8 +551,9 @@ def test_an_unknown_sex_code_names_the_accepted_values(scans, sex):
     path = write_sheet(scans, [("s1", "ct/s1.nii.gz", "30", sex)])
     with pytest.raises(CohortSheetError) as info:
         load(path)
-    assert problems(info) == [f"line 2 (subject 's1'): column 'sex': {sex!r}: accepted values are M or F, or a blank "
-                              "cell where unknown"]
+    assert problems(info) == [
+        f"line 2 (subject 's1'): column 'sex': {sex!r}: accepted values are M or F, or a blank cell where unknown"
+    ]
 
 
 def test_a_workbook_is_refused_with_what_to_save_instead(tmp_path):
@@ -560,8 +574,10 @@ def test_sheet_problems_stop_the_workflow_before_any_job_naming_line_and_column(
         touch(tmp_path / "data" / f"{name}.nii.gz")
         touch(tmp_path / "data" / f"{name}_seg.nii.gz")
     rows = [("s1", 40, "M"), ("a;b", 41, "F"), ("s3", 131, "F"), ("s4", 42, "O"), ("S1", 43, "M")]
-    lines = ["subject\tct\tseg\tage\tsex", *(f"{s}\ts{i}.nii.gz\ts{i}_seg.nii.gz\t{age}\t{sex}"
-                                              for i, (s, age, sex) in enumerate(rows, start=1))]
+    lines = [
+        "subject\tct\tseg\tage\tsex",
+        *(f"{s}\ts{i}.nii.gz\ts{i}_seg.nii.gz\t{age}\t{sex}" for i, (s, age, sex) in enumerate(rows, start=1)),
+    ]
     sheet = tmp_path / "data" / "cohort.tsv"
     sheet.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
     result = run_workflow(tmp_path, {"cohort": str(sheet), "segmentation": {"method": "precomputed"}}, check=False)

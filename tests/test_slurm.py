@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, require_shared_data, workflow_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -95,8 +94,10 @@ def scans(tmp_path_factory) -> list[Path]:
 def real_ct_cohort(folder: Path, scans: list[Path]) -> Path:
     data = require_shared_data() / "totalseg-example"
     folder.mkdir(parents=True)
-    rows = [(f"scan{i}", ct, data / "example_seg_v1.nii.gz", 35 + 6 * i, "MF"[i % 2], i % 2)
-            for i, ct in enumerate(scans, start=1)]
+    rows = [
+        (f"scan{i}", ct, data / "example_seg_v1.nii.gz", 35 + 6 * i, "MF"[i % 2], i % 2)
+        for i, ct in enumerate(scans, start=1)
+    ]
     sheet = pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"])
     sheet.to_csv(folder / "cohort.tsv", sep="\t", index=False)
     return folder / "cohort.tsv"
@@ -110,8 +111,13 @@ TARGET = "results/stats/age_correlations.tsv"
 def snakemake(workdir: Path, scans: list[Path], *args: str, timeout_s: int = 420) -> subprocess.CompletedProcess:
     sheet = real_ct_cohort(workdir / "data", scans)
     # Snakemake does not stop on SIGTERM while jobs run: timeout sends SIGKILL 10 s later
-    command = ["timeout", "-k", "10", str(timeout_s),
-               *workflow_command(workdir, {**CONFIG, "cohort": str(sheet)}, *args, TARGET)]
+    command = [
+        "timeout",
+        "-k",
+        "10",
+        str(timeout_s),
+        *workflow_command(workdir, {**CONFIG, "cohort": str(sheet)}, *args, TARGET),
+    ]
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     assert result.returncode == 0, f"snakemake failed ({result.returncode}):\n{result.stderr[-6000:]}"
     return result
@@ -120,19 +126,38 @@ def snakemake(workdir: Path, scans: list[Path], *args: str, timeout_s: int = 420
 @pytest.fixture(scope="module")
 def runs(cluster, scans, tmp_path_factory):
     on_slurm = tmp_path_factory.mktemp("slurm_run")
-    run = snakemake(on_slurm, scans, "--profile", str(REPO / "profiles" / "slurm"),
-                    # this cluster has no accounting database (no sacct), and short jobs
-                    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-                    "--retries", str(RETRIES))
+    run = snakemake(
+        on_slurm,
+        scans,
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        # this cluster has no accounting database (no sacct), and short jobs
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--retries",
+        str(RETRIES),
+    )
     log = run.stdout + run.stderr
     run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
     # every job of the run, as SLURM knows it (finished jobs stay for MinJobAge, 300 s)
-    queue = subprocess.run(["squeue", "--states=all", "--noheader", f"--name={run_id}", "--format=%i|%k|%T|%m"],
-                           capture_output=True, text=True, timeout=30, check=True).stdout
+    queue = subprocess.run(
+        ["squeue", "--states=all", "--noheader", f"--name={run_id}", "--format=%i|%k|%T|%m"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     jobs = pd.DataFrame([line.split("|") for line in queue.split()], columns=["jobid", "comment", "state", "memory"])
     local = tmp_path_factory.mktemp("local_run")
     snakemake(local, scans)
-    return {"slurm": on_slurm, "local": local, "log": log, "jobs": jobs.sort_values("jobid", key=lambda s: s.astype(int))}
+    return {
+        "slurm": on_slurm,
+        "local": local,
+        "log": log,
+        "jobs": jobs.sort_values("jobid", key=lambda s: s.astype(int)),
+    }
 
 
 def test_every_measure_job_went_through_sbatch(runs):
@@ -159,8 +184,14 @@ def test_a_job_killed_for_memory_is_retried_with_more_and_completes(runs):
 
 def test_the_tables_are_those_of_a_local_run(runs):
     slurm, local = runs["slurm"] / "results", runs["local"] / "results"
-    tables = ["tables/measurements.tsv", "tables/failures.tsv", "tables/qc_summary.tsv",
-              "tables/exclusion_counts.tsv", "tables/measurement_summary.tsv", "stats/age_correlations.tsv"]
+    tables = [
+        "tables/measurements.tsv",
+        "tables/failures.tsv",
+        "tables/qc_summary.tsv",
+        "tables/exclusion_counts.tsv",
+        "tables/measurement_summary.tsv",
+        "stats/age_correlations.tsv",
+    ]
     for table in tables:
         assert (slurm / table).read_bytes() == (local / table).read_bytes(), table
     measurements = pd.read_csv(slurm / "tables" / "measurements.tsv", sep="\t")

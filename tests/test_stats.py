@@ -13,15 +13,23 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from ctcohort.stats import (
-    CORRELATION_COLUMNS, MIN_N, StatisticsSettings, age_correlations, group_summary, partial_spearman, spearman_ci,
+    CORRELATION_COLUMNS,
+    MIN_N,
+    StatisticsSettings,
+    age_correlations,
+    group_summary,
+    partial_spearman,
+    spearman_ci,
 )
 
 Z975 = 1.959963984540054  # standard normal 97.5 % quantile
 MEASURES = ["volume_ml", "hu_mean"]
 KEY = ["structure", "group", "measure"]
 UNTESTED = [  # rows of long_table() without a test, and why
-    ("rare", "other", "volume_ml", "too_few_scans"), ("rare", "other", "hu_mean", "too_few_scans"),
-    ("sparse", "other", "volume_ml", "too_few_scans"), ("sparse", "other", "hu_mean", "too_few_scans"),
+    ("rare", "other", "volume_ml", "too_few_scans"),
+    ("rare", "other", "hu_mean", "too_few_scans"),
+    ("sparse", "other", "volume_ml", "too_few_scans"),
+    ("sparse", "other", "hu_mean", "too_few_scans"),
     ("flat", "other", "volume_ml", "constant"),
 ]
 
@@ -60,8 +68,15 @@ def long_table(seed: int = 0, n_subjects: int = 40) -> pd.DataFrame:
             volume[5] = np.nan
         for i, subject in enumerate(subjects):
             rows.append(
-                {"subject": subject, "age": age[i], "sex": "MF"[i % 2], "structure": name,
-                 "group": group, "volume_ml": volume[i], "hu_mean": hu[i]}
+                {
+                    "subject": subject,
+                    "age": age[i],
+                    "sex": "MF"[i % 2],
+                    "structure": name,
+                    "group": group,
+                    "volume_ml": volume[i],
+                    "hu_mean": hu[i],
+                }
             )
     table = pd.DataFrame(rows)
     # row order of the long table should not matter
@@ -85,8 +100,9 @@ def expected_correlations(table: pd.DataFrame, measures, min_n: int = MIN_N) -> 
             else:
                 rs, p = stats.spearmanr(valid["age"], valid[measure])
                 note = ""
-            rows.append({"structure": structure, "group": group, "measure": measure, "n": n, "rs": rs, "p": p,
-                         "note": note})
+            rows.append(
+                {"structure": structure, "group": group, "measure": measure, "n": n, "rs": rs, "p": p, "note": note}
+            )
     out = pd.DataFrame(rows)
     tested = out["p"].notna()
     for column, method in (("p_bonferroni", "bonferroni"), ("q_fdr", "fdr_bh")):
@@ -176,8 +192,10 @@ def test_bonferroni_by_hand():
     age = np.arange(20.0, 32.0)  # 12 scans
     rows = []
     for name, values in {"a": age[::-1].copy(), "b": np.tile([1.0, 2.0], 6)}.items():
-        rows += [{"subject": i, "age": a, "structure": name, "group": "g", "v": v} for i, (a, v) in
-                 enumerate(zip(age, values))]
+        rows += [
+            {"subject": i, "age": a, "structure": name, "group": "g", "v": v}
+            for i, (a, v) in enumerate(zip(age, values))
+        ]
     rows += [{"subject": i, "age": age[i], "structure": "c", "group": "g", "v": float(i)} for i in range(5)]
     got = age_correlations(pd.DataFrame(rows), ["v"], "bonferroni", 0.05).set_index("structure")
     p_b = stats.spearmanr(age, np.tile([1.0, 2.0], 6)).pvalue
@@ -219,8 +237,7 @@ def test_the_correction_changes_the_verdict():
 
 
 def test_untested_rows_are_nan_uncounted_and_not_significant(table):
-    got = by_key(age_correlations(table, MEASURES, correction="fdr_bh", alpha=1.0,
-                                  partial_covariates=["sex"]))
+    got = by_key(age_correlations(table, MEASURES, correction="fdr_bh", alpha=1.0, partial_covariates=["sex"]))
     assert (got.loc[("rare", "other"), "n"] == 2).all()
     assert (got.loc[("sparse", "other"), "n"] == 6).all()
     assert got.loc[("flat", "other", "volume_ml"), "n"] >= MIN_N  # plenty of pairs, but a constant measure
@@ -269,8 +286,13 @@ def test_constant_age_gives_nan():
 
 def test_nothing_testable():
     table = pd.DataFrame(
-        {"subject": range(4), "age": [20.0, 30.0, np.nan, 50.0], "structure": "x", "group": "g",
-         "v": [np.nan, np.nan, 1.0, np.nan]}
+        {
+            "subject": range(4),
+            "age": [20.0, 30.0, np.nan, 50.0],
+            "structure": "x",
+            "group": "g",
+            "v": [np.nan, np.nan, 1.0, np.nan],
+        }
     )
     for correction in ("bonferroni", "fdr_bh"):
         got = age_correlations(table, ["v"], correction, 0.05)
@@ -307,12 +329,15 @@ def test_exact_p_of_one_swap_by_hand():
     assert row["p"] > 1.5 * stats.spearmanr([1, 2, 3, 4, 5, 6], [1, 2, 4, 3, 5, 6]).pvalue  # t says 0.0048
 
 
-@pytest.mark.parametrize("age, values", [
-    ([30, 30, 40, 50, 50, 60], [1.0, 2.0, 2.0, 3.0, 5.0, 4.0]),  # ties in both
-    ([30, 40, 40, 40, 50, 60], [3.0, 1.0, 2.0, 2.0, 4.0, 6.0]),  # a triple tie
-    ([30, 35, 40, 45, 50, 55, 60], [1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]),  # n = 7, few distinct values
-    ([60, 30, 45, 45, 20, 70], [5.0, 5.0, 1.0, 9.0, 2.0, 2.0]),  # weak relation, asymmetric null
-])
+@pytest.mark.parametrize(
+    "age, values",
+    [
+        ([30, 30, 40, 50, 50, 60], [1.0, 2.0, 2.0, 3.0, 5.0, 4.0]),  # ties in both
+        ([30, 40, 40, 40, 50, 60], [3.0, 1.0, 2.0, 2.0, 4.0, 6.0]),  # a triple tie
+        ([30, 35, 40, 45, 50, 55, 60], [1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]),  # n = 7, few distinct values
+        ([60, 30, 45, 45, 20, 70], [5.0, 5.0, 1.0, 9.0, 2.0, 2.0]),  # weak relation, asymmetric null
+    ],
+)
 def test_exact_p_equals_enumerated_pairings_with_ties(age, values):
     age = np.asarray(age, dtype=float)
     row = one_structure(age, values, min_n=len(age))
@@ -415,8 +440,9 @@ def test_spearman_ci_covers_the_population_rho_95_percent_of_the_time():
             assert 0.93 <= coverage <= 0.975, (n, r, coverage)
             z = np.arctanh(np.clip(rs, -0.999999, 0.999999))
             pearson_se = 1 / math.sqrt(n - 3)
-            old_style_coverage.append(np.mean((np.tanh(z - Z975 * pearson_se) <= rho)
-                                              & (rho <= np.tanh(z + Z975 * pearson_se))))
+            old_style_coverage.append(
+                np.mean((np.tanh(z - Z975 * pearson_se) <= rho) & (rho <= np.tanh(z + Z975 * pearson_se)))
+            )
     # the simulation can tell: Pearson's standard error undercovers at rho 0.9
     assert max(old_style_coverage[2::3]) < 0.93
 
@@ -477,11 +503,24 @@ def test_partial_spearman_equals_pingouin():
     age = rng.integers(20, 90, n).astype(float) + 10 * (sex == "M")
     values = 0.3 * age + 20 * (sex == "M") + 5 * contrast + bmi + rng.normal(0, 8, n)
     values[[2, 30]] = np.nan
-    table = pd.DataFrame({"subject": range(n), "age": age, "sex": sex, "contrast": contrast, "bmi": bmi,
-                          "structure": "liver", "group": "organ", "v": values})
+    table = pd.DataFrame(
+        {
+            "subject": range(n),
+            "age": age,
+            "sex": sex,
+            "contrast": contrast,
+            "bmi": bmi,
+            "structure": "liver",
+            "group": "organ",
+            "v": values,
+        }
+    )
     reference = table.assign(sex_M=(table["sex"] == "M").astype(float))
-    for covariates, reference_covariates in ((["sex"], ["sex_M"]), (["contrast", "bmi"], ["contrast", "bmi"]),
-                                             (["sex", "contrast", "bmi"], ["sex_M", "contrast", "bmi"])):
+    for covariates, reference_covariates in (
+        (["sex"], ["sex_M"]),
+        (["contrast", "bmi"], ["contrast", "bmi"]),
+        (["sex", "contrast", "bmi"], ["sex_M", "contrast", "bmi"]),
+    ):
         row = age_correlations(table, ["v"], partial_covariates=covariates).iloc[0]
         r, p = pingouin_partial(reference, reference_covariates)
         assert row["rs_partial"] == pytest.approx(r, abs=1e-10), covariates
@@ -493,8 +532,16 @@ def test_a_covariate_with_one_category_adjusts_for_nothing():
     rng = np.random.default_rng(5)
     n = 40
     age = rng.integers(20, 90, n).astype(float)
-    table = pd.DataFrame({"subject": range(n), "age": age, "sex": "F", "structure": "liver", "group": "organ",
-                          "v": 0.2 * age + rng.normal(0, 5, n)})
+    table = pd.DataFrame(
+        {
+            "subject": range(n),
+            "age": age,
+            "sex": "F",
+            "structure": "liver",
+            "group": "organ",
+            "v": 0.2 * age + rng.normal(0, 5, n),
+        }
+    )
     row = age_correlations(table, ["v"], partial_covariates=["sex"]).iloc[0]
     plain = stats.spearmanr(table["age"], table["v"])
     assert row["rs_partial"] == pytest.approx(plain.statistic, abs=1e-12)
@@ -525,11 +572,17 @@ def test_age_correlations_adjust_for_sex_and_contrast_in_the_table():
     n = 200
     sex = rng.choice(["M", "F"], n)
     age = rng.uniform(20, 60, n) + np.where(sex == "M", 30, 0)
-    table = pd.DataFrame({
-        "subject": [f"s{i}" for i in range(n)], "age": age, "sex": sex, "contrast": rng.integers(0, 2, n),
-        "structure": "liver", "group": "organ",
-        "volume_ml": np.where(sex == "M", 100.0, 0.0) + rng.normal(0, 5, n),  # sex, not age
-    })
+    table = pd.DataFrame(
+        {
+            "subject": [f"s{i}" for i in range(n)],
+            "age": age,
+            "sex": sex,
+            "contrast": rng.integers(0, 2, n),
+            "structure": "liver",
+            "group": "organ",
+            "volume_ml": np.where(sex == "M", 100.0, 0.0) + rng.normal(0, 5, n),  # sex, not age
+        }
+    )
     out = age_correlations(table, ["volume_ml"], partial_covariates=["sex", "contrast", "missing_column"])
     assert out.at[0, "rs"] > 0.3
     assert abs(out.at[0, "rs_partial"]) < 0.15
@@ -556,8 +609,12 @@ def test_group_summary_counts_by_hand_and_leaves_combined_structures_out():
     ]
     correlations = pd.DataFrame(rows, columns=["structure", "group", "measure", "rs", "significant", "note"])
     summary = group_summary(correlations, combined=["kidneys"]).set_index(["group", "measure"])
-    assert list(summary.index) == [("organ", "volume_ml"), ("organ", "hu_mean"), ("bone", "volume_ml"),
-                                   ("", "volume_ml")]
+    assert list(summary.index) == [
+        ("organ", "volume_ml"),
+        ("organ", "hu_mean"),
+        ("bone", "volume_ml"),
+        ("", "volume_ml"),
+    ]
     organ = summary.loc[("organ", "volume_ml")]
     assert (organ["structures"], organ["tested"], organ["significant_up"], organ["significant_down"]) == (4, 3, 1, 1)
     assert organ["median_abs_rs"] == pytest.approx(0.5)  # median of 0.5, 0.6, 0.1
@@ -568,8 +625,12 @@ def test_group_summary_counts_by_hand_and_leaves_combined_structures_out():
 def test_statistics_settings_check_min_n_correction_and_primary_once():
     settings = StatisticsSettings(measures=["hu_mean"], partial_covariates=["sex"], min_n=3)
     assert settings.measures == ("hu_mean",) and settings.partial_covariates == ("sex",)
-    for bad, message in (({"min_n": 2}, "min_n must be an integer >= 3"), ({"min_n": 10.0}, "min_n"),
-                         ({"correction": "holm"}, "unknown correction"), ({"primary": "both"}, "unknown primary")):
+    for bad, message in (
+        ({"min_n": 2}, "min_n must be an integer >= 3"),
+        ({"min_n": 10.0}, "min_n"),
+        ({"correction": "holm"}, "unknown correction"),
+        ({"primary": "both"}, "unknown primary"),
+    ):
         with pytest.raises(ValueError, match=message):
             StatisticsSettings(**bad)
     assert StatisticsSettings.from_config({"min_n": 12, "alpha": 0.05}) == StatisticsSettings(min_n=12, alpha=0.05)

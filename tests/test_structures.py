@@ -23,11 +23,14 @@ def test_custom_csv_without_group(tmp_path):
     assert list(table["name"]) == ["a", "b"] and list(table["group"]) == ["", ""]
 
 
-@pytest.mark.parametrize("rows, message", [
-    ({"label": [1, 1], "name": ["a", "b"]}, "duplicate label"),
-    ({"label": [0, 1], "name": ["a", "b"]}, "positive"),
-    ({"name": ["a"]}, "missing column"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ({"label": [1, 1], "name": ["a", "b"]}, "duplicate label"),
+        ({"label": [0, 1], "name": ["a", "b"]}, "positive"),
+        ({"name": ["a"]}, "missing column"),
+    ],
+)
 def test_bad_tables_are_rejected(tmp_path, rows, message):
     path = tmp_path / "bad.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
@@ -40,13 +43,16 @@ def test_unknown_table_name():
         load_structure_table("total_v9")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("label,name\nx,a\n", "integers"),
-    ("label,name\n1.5,a\n", "integers"),
-    ("label,name\n1,\n", "needs a name"),
-    ("label,name\n", "no rows"),
-    ("label,name,group\n1,a,organ\n2,a,organ\n", "duplicate name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("label,name\nx,a\n", "integers"),
+        ("label,name\n1.5,a\n", "integers"),
+        ("label,name\n1,\n", "needs a name"),
+        ("label,name\n", "no rows"),
+        ("label,name,group\n1,a,organ\n2,a,organ\n", "duplicate name"),
+    ],
+)
 def test_malformed_tables_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)

@@ -7,20 +7,20 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_workflow
+
 from ctcohort import phantom
 from ctcohort.columns import MODEL_COLUMN
 from ctcohort.measure import measure_files, read_measurements
 from ctcohort.qc import QCSettings, read_qc
 from ctcohort.segment import BatchMeasurement, SegmentationSettings, segment_batch
+from ctcohort.structures import load_structure_table
 from ctcohort.study_models import (
     label_map_path,
     study_models,
     study_structure_table,
     with_segmentation_model,
 )
-from ctcohort.structures import load_structure_table
 
 
 @pytest.fixture
@@ -41,10 +41,15 @@ def test_one_model_keeps_the_names_and_adds_no_column():
 
 
 def test_a_later_model_names_only_the_structures_an_earlier_one_has(body_table):
-    models = study_models({"total": "/models/ts", "body": {"folder": "/models/body", "task": 299}}, "total",
-                          {"total": "total_v1", "body": body_table})
-    assert [(m.name, m.folder, m.task) for m in models] == [("total", "/models/ts", "total"),
-                                                            ("body", "/models/body", 299)]
+    models = study_models(
+        {"total": "/models/ts", "body": {"folder": "/models/body", "task": 299}},
+        "total",
+        {"total": "total_v1", "body": body_table},
+    )
+    assert [(m.name, m.folder, m.task) for m in models] == [
+        ("total", "/models/ts", "total"),
+        ("body", "/models/body", 299),
+    ]
     table = study_structure_table(models)
     body = table[table[MODEL_COLUMN] == "body"]
     assert body["name"].tolist() == ["body_trunc", "skin", "body:liver"]
@@ -55,23 +60,33 @@ def test_a_later_model_names_only_the_structures_an_earlier_one_has(body_table):
     assert models[1].table["name"].tolist() == ["body_trunc", "skin", "liver"]
 
 
-@pytest.mark.parametrize("model, structures, message", [
-    ({"1st": "/m"}, "total_v1", "must start with a letter"),
-    ({"total": "/m", "body": "/b"}, {"total": "total_v1"}, "no table for model 'body'"),
-    ({"total": "/m"}, {"total": "total_v1", "bdy": "total_v1"}, "bdy is not a model"),
-    ("/m", {"total": "total_v1"}, "segmentation.model names one folder"),
-    ({}, "total_v1", "empty mapping"),
-    ({"total": {"task": 297}}, "total_v1", "give a folder"),
-])
+@pytest.mark.parametrize(
+    "model, structures, message",
+    [
+        ({"1st": "/m"}, "total_v1", "must start with a letter"),
+        ({"total": "/m", "body": "/b"}, {"total": "total_v1"}, "no table for model 'body'"),
+        ({"total": "/m"}, {"total": "total_v1", "bdy": "total_v1"}, "bdy is not a model"),
+        ("/m", {"total": "total_v1"}, "segmentation.model names one folder"),
+        ({}, "total_v1", "empty mapping"),
+        ({"total": {"task": 297}}, "total_v1", "give a folder"),
+    ],
+)
 def test_a_bad_model_mapping_names_the_key(model, structures, message):
     with pytest.raises(ValueError, match=message):
         study_models(model, None, structures)
 
 
 def test_statistics_get_each_structures_model_before_it():
-    measurements = pd.DataFrame({"subject": ["a", "a", "a"], MODEL_COLUMN: ["total", "total", "body"],
-                                 "structure": ["liver", "kidneys", "skin"]})
-    table = pd.DataFrame({"structure": ["skin", "liver", "kidneys"], "group": ["", "organ", "organ"], "rs": [.1, .2, .3]})
+    measurements = pd.DataFrame(
+        {
+            "subject": ["a", "a", "a"],
+            MODEL_COLUMN: ["total", "total", "body"],
+            "structure": ["liver", "kidneys", "skin"],
+        }
+    )
+    table = pd.DataFrame(
+        {"structure": ["skin", "liver", "kidneys"], "group": ["", "organ", "organ"], "rs": [0.1, 0.2, 0.3]}
+    )
     out = with_segmentation_model(table, measurements)
     assert out.columns.tolist() == [MODEL_COLUMN, "structure", "group", "rs"]
     assert out[MODEL_COLUMN].tolist() == ["body", "total", "total"]
@@ -89,11 +104,22 @@ def phantom_scan(tmp_path_factory):
 @pytest.mark.slow
 def test_the_batch_job_segments_and_measures_with_each_model(phantom_scan, tmp_path):
     outputs = [[tmp_path / "demo" / "a.nii.gz", tmp_path / "copy" / "a.nii.gz"]]
-    measurement = BatchMeasurement([tmp_path / "a.tsv"], [tmp_path / "a.measure.json"],
-                                   qc_tables=[tmp_path / "a.qc.tsv"], settings=QCSettings(min_voxels=5))
-    segment_batch(["a"], [phantom_scan], outputs, [tmp_path / "a.json"], model={"demo": "", "copy": ""},
-                  structures="total_v1", measurement=measurement,
-                  settings=SegmentationSettings(device="cpu", precision="float32", threads=1))
+    measurement = BatchMeasurement(
+        [tmp_path / "a.tsv"],
+        [tmp_path / "a.measure.json"],
+        qc_tables=[tmp_path / "a.qc.tsv"],
+        settings=QCSettings(min_voxels=5),
+    )
+    segment_batch(
+        ["a"],
+        [phantom_scan],
+        outputs,
+        [tmp_path / "a.json"],
+        model={"demo": "", "copy": ""},
+        structures="total_v1",
+        measurement=measurement,
+        settings=SegmentationSettings(device="cpu", precision="float32", threads=1),
+    )
     assert json.loads((tmp_path / "a.json").read_text())["ok"]
     first, second = (np.asanyarray(nib.load(p).dataobj) for p in outputs[0])
     assert first.any() and np.array_equal(first, second)  # the same weights under two names
@@ -113,18 +139,27 @@ def test_the_batch_job_segments_and_measures_with_each_model(phantom_scan, tmp_p
 def test_a_study_of_two_models_has_both_in_every_table(tmp_path):
     """The bundled model under two names: equal values, every table downstream keyed by the study's names."""
     # every table and the Methods; of the figures, two that read the statistics (each figure is a process)
-    run_workflow(tmp_path, {"demo": {"n_subjects": 4, "seed": 3},
-                            "segmentation": {"model": {"demo": "", "again": ""}}},
-                 "results/methods.md", "results/tables/qc.tsv", "results/stats/by_sex.tsv",
-                 "results/stats/partial_correlations.tsv", "results/stats/centile_scores.tsv",
-                 "results/figures/rs_forest_plot.png", "results/figures/rs_heatmap.png")
+    run_workflow(
+        tmp_path,
+        {"demo": {"n_subjects": 4, "seed": 3}, "segmentation": {"model": {"demo": "", "again": ""}}},
+        "results/methods.md",
+        "results/tables/qc.tsv",
+        "results/stats/by_sex.tsv",
+        "results/stats/partial_correlations.tsv",
+        "results/stats/centile_scores.tsv",
+        "results/figures/rs_forest_plot.png",
+        "results/figures/rs_heatmap.png",
+    )
     measurements = pd.read_csv(tmp_path / "results/tables/measurements.tsv", sep="\t")
-    by_model = {name: rows.set_index(["subject", rows["structure"].str.removeprefix(f"{name}:")])
-                for name, rows in measurements.groupby(MODEL_COLUMN)}
+    by_model = {
+        name: rows.set_index(["subject", rows["structure"].str.removeprefix(f"{name}:")])
+        for name, rows in measurements.groupby(MODEL_COLUMN)
+    }
     assert set(by_model) == {"demo", "again"} and by_model["again"].index.isin(by_model["demo"].index).all()
     shared = by_model["again"].index
-    assert np.allclose(by_model["demo"].loc[shared, "volume_ml"], by_model["again"].loc[shared, "volume_ml"],
-                       equal_nan=True)
+    assert np.allclose(
+        by_model["demo"].loc[shared, "volume_ml"], by_model["again"].loc[shared, "volume_ml"], equal_nan=True
+    )
     assert (tmp_path / "results/seg/again/demo001.nii.gz").exists()
     assert not list((tmp_path / "results/seg").glob("*.nii.gz"))  # each model's label maps in its folder
     qc = pd.read_csv(tmp_path / "results/tables/qc.tsv", sep="\t")

@@ -55,8 +55,14 @@ def test_pandas_list_of_missing_cells_where_asked_and_none_where_asked():
 
 
 def test_a_statistics_table_reads_back_a_missing_note_as_empty_text(tmp_path):
-    table = pd.DataFrame({"structure": ["liver", "aorta"], "rs": [0.25, np.nan], "note": [None, "too few scans"],
-                          "group": ["organ", None]})
+    table = pd.DataFrame(
+        {
+            "structure": ["liver", "aorta"],
+            "rs": [0.25, np.nan],
+            "note": [None, "too few scans"],
+            "group": ["organ", None],
+        }
+    )
     write_tsv(table, tmp_path / "s.tsv", STATS_DIGITS)
     assert (tmp_path / "s.tsv").read_text().splitlines()[1] == "liver\t0.25\tNaN\torgan"
     back = read_statistics(tmp_path / "s.tsv")

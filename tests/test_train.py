@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO
+from tiny_model import TINY_NETWORK, train_tiny_model, write_test_release
+
 from ctcohort import phantom, train
 from ctcohort.cli import main
 from ctcohort.nnunet_adapter import INFERENCE_CHECKPOINT_KEYS
 from ctcohort.release import release_subject_id
 from ctcohort.structures import load_structure_table
-from tiny_model import TINY_NETWORK, train_tiny_model, write_test_release
 
 try:
     import nnunetv2  # noqa: F401
@@ -51,11 +51,37 @@ def test_command_line_defaults_are_the_settings_defaults(monkeypatch):
     monkeypatch.setattr(train, "train_model", lambda out, work, settings, **kwargs: received.append(settings) or out)
     assert main(["train", "-o", "model", "--work", "work"]) == 0
     assert received.pop() == train.TrainingSettings()
-    assert main(["train", "-o", "model", "--work", "work", "--epochs", "3", "--bf16", "--no-augmentation",
-                 "--patch-voxels", "4096", "--name", "Other", "--release", "data"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "-o",
+                "model",
+                "--work",
+                "work",
+                "--epochs",
+                "3",
+                "--bf16",
+                "--no-augmentation",
+                "--patch-voxels",
+                "4096",
+                "--name",
+                "Other",
+                "--release",
+                "data",
+            ]
+        )
+        == 0
+    )
     assert received.pop() == dataclasses.replace(
-        train.TrainingSettings(), epochs=3, bf16=True, augmentation=False, name="Other", release="data",
-        small_configuration=dataclasses.replace(train.SmallConfiguration(), patch_voxels=4096))
+        train.TrainingSettings(),
+        epochs=3,
+        bf16=True,
+        augmentation=False,
+        name="Other",
+        release="data",
+        small_configuration=dataclasses.replace(train.SmallConfiguration(), patch_voxels=4096),
+    )
     assert main(["train", "-o", "model", "--work", "work", "--device", "cuda", "--bf16"]) == 1  # before any work
     assert not received
 
@@ -81,15 +107,30 @@ def test_contradictory_settings_are_errors_before_any_work():
 @needs_nnunet
 def test_small_configuration_is_consistent():
     """On a plans dict like the planner's: patch divisible by the total stride, one entry per stage."""
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
-                            "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
-                            "n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    plans = {"configurations": {"3d_fullres": {
-        "data_identifier": "nnUNetPlans_3d_fullres", "spacing": [4.0, 2.5, 2.5],
-        "median_image_size_in_voxels": [132, 112, 152], "patch_size": [96, 160, 160], "batch_size": 2,
-        "architecture": arch}}}
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": 6,
+            "features_per_stage": [32, 64, 128, 256, 320, 320],
+            "kernel_sizes": [[3, 3, 3]] * 6,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+            "n_conv_per_stage": [2] * 6,
+            "n_conv_per_stage_decoder": [2] * 5,
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    plans = {
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "spacing": [4.0, 2.5, 2.5],
+                "median_image_size_in_voxels": [132, 112, 152],
+                "patch_size": [96, 160, 160],
+                "batch_size": 2,
+                "architecture": arch,
+            }
+        }
+    }
     config = train.make_small_configuration(plans)
     kwargs = config["architecture"]["arch_kwargs"]
     n = kwargs["n_stages"]
@@ -98,7 +139,7 @@ def test_small_configuration_is_consistent():
     assert kwargs["features_per_stage"][0] == 16 and max(kwargs["features_per_stage"]) <= 256
     total_stride = np.prod(kwargs["strides"], axis=0)
     assert all(p % s == 0 for p, s in zip(config["patch_size"], total_stride))
-    assert 0.5 * 48 ** 3 <= np.prod(config["patch_size"]) <= 2 * 48 ** 3
+    assert 0.5 * 48**3 <= np.prod(config["patch_size"]) <= 2 * 48**3
     assert config["inherits_from"] == "3d_fullres" and config["data_identifier"] == "nnUNetPlans_3d_fullres"
     assert config["batch_size"] == 2
     assert arch["arch_kwargs"]["n_stages"] == 6  # the parent is left alone
@@ -112,8 +153,12 @@ def test_mirrored_checkpoint_computes_the_mirror_image_through_strided_and_trans
     torch.manual_seed(0)
 
     def network():
-        return torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, stride=2, padding=1), torch.nn.InstanceNorm3d(4, affine=True),
-                                   torch.nn.LeakyReLU(), torch.nn.ConvTranspose3d(4, 3, 2, stride=2)).eval()
+        return torch.nn.Sequential(
+            torch.nn.Conv3d(2, 4, 3, stride=2, padding=1),
+            torch.nn.InstanceNorm3d(4, affine=True),
+            torch.nn.LeakyReLU(),
+            torch.nn.ConvTranspose3d(4, 3, 2, stride=2),
+        ).eval()
 
     original, mirrored = network(), network()
     image = torch.randn(1, 2, 7, 9, 5)
@@ -175,8 +220,9 @@ def test_exported_model_is_small_and_complete(tiny):
     assert checkpoint["init_args"]["configuration"] == "3d_small"
     assert checkpoint["inference_allowed_mirroring_axes"] is None  # left/right structures: never mirror
     full = tiny / "nnunet" / "nnUNet_results" / "Dataset999_PhantomTiny" / "nnUNetTrainer__nnUNetPlans__3d_small"
-    assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size < \
-        0.6 * (full / "fold_0" / "checkpoint_final.pth").stat().st_size
+    assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size < 0.6 * (
+        full / "fold_0" / "checkpoint_final.pth"
+    ).stat().st_size
 
 
 @pytest.mark.slow
@@ -186,9 +232,16 @@ def test_exported_model_predicts(tiny):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     model = tiny / "model"
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
     predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     n_labels = len(json.loads((model / "dataset.json").read_text())["labels"]) - 1
     meta = pd.read_csv(tiny / "release" / "meta.csv", sep=";")
@@ -206,9 +259,19 @@ def budgeted(release, tmp_path_factory):
     if NNUNET_MISSING:
         pytest.skip(NNUNET_MISSING)
     out = tmp_path_factory.mktemp("budgeted")
-    settings = train.TrainingSettings(dataset_id=998, name="Budgeted", epochs=5, iterations=1, augmentation=False,
-                                      time_budget_min=1e-4, optimizer="adam", loss="dice_topk10", half=True,
-                                      bf16=True, small_configuration=TINY_NETWORK)
+    settings = train.TrainingSettings(
+        dataset_id=998,
+        name="Budgeted",
+        epochs=5,
+        iterations=1,
+        augmentation=False,
+        time_budget_min=1e-4,
+        optimizer="adam",
+        loss="dice_topk10",
+        half=True,
+        bf16=True,
+        small_configuration=TINY_NETWORK,
+    )
     model = train.train_from_release(release, out / "model", out / "nnunet", settings, threads=2, validate=False)
     return out, model
 
@@ -228,8 +291,10 @@ def test_time_budget_cuts_epochs_and_adam_and_topk_are_used(budgeted):
     plans = json.loads((results / "plans.json").read_text())
     small = plans["configurations"]["3d_small"]
     # whole-image patches: the patch covers the median image
-    assert all(p >= m for p, m in zip(small["patch_size"], plans["configurations"]["3d_fullres"]
-                                      ["median_image_size_in_voxels"]))
+    assert all(
+        p >= m
+        for p, m in zip(small["patch_size"], plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"])
+    )
     assert small["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
     assert max(small["architecture"]["arch_kwargs"]["features_per_stage"]) == 32
 
@@ -248,8 +313,9 @@ def test_half_export_stores_each_tensor_once_and_segments(budgeted, release):
     assert path.stat().st_size < unique_bytes + 200_000  # shared conv weights are not stored twice
 
     ct = nib.load(release / release_subject_id(0) / "ct.nii.gz")
-    labels = Segmenter(model, load_structure_table("total_v1"),
-                       settings=SegmentationSettings(device="cpu", threads=1)).segment(ct)
+    labels = Segmenter(
+        model, load_structure_table("total_v1"), settings=SegmentationSettings(device="cpu", threads=1)
+    ).segment(ct)
     assert labels.shape == ct.shape
 
 
@@ -258,38 +324,60 @@ def test_training_continues_from_a_model_and_rejects_another_network(budgeted, r
     import torch
 
     _, start = budgeted
-    settings = train.TrainingSettings(dataset_id=997, name="Continued", epochs=1, iterations=1, augmentation=False,
-                                      optimizer="adam", small_configuration=TINY_NETWORK)
-    continued = train.train_from_release(release, tmp_path / "model", tmp_path / "nnunet", settings, threads=2,
-                                         validate=False, initial_weights=start)
+    settings = train.TrainingSettings(
+        dataset_id=997,
+        name="Continued",
+        epochs=1,
+        iterations=1,
+        augmentation=False,
+        optimizer="adam",
+        small_configuration=TINY_NETWORK,
+    )
+    continued = train.train_from_release(
+        release, tmp_path / "model", tmp_path / "nnunet", settings, threads=2, validate=False, initial_weights=start
+    )
 
     def weights(model):
-        return torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                          weights_only=False)["network_weights"]
+        return torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)[
+            "network_weights"
+        ]
 
     before, after = weights(start), weights(continued)
     key = "encoder.stages.0.0.convs.0.conv.weight"
     # one AdamW step at lr 1e-3 moves a weight by about 1e-3; a fresh initialisation would differ by ~0.1
     assert (after[key].float() - before[key].float()).abs().max() < 0.01
     with pytest.raises(ValueError, match="not the network of this configuration"):
-        other = train.TrainingSettings(dataset_id=996, name="Other", epochs=1, iterations=1,
-                                       small_configuration=TINY_NETWORK)
-        train.train_from_release(release, tmp_path / "model2", tmp_path / "nnunet2", other, threads=2,
-                                 validate=False, initial_weights=tiny / "model")
+        other = train.TrainingSettings(
+            dataset_id=996, name="Other", epochs=1, iterations=1, small_configuration=TINY_NETWORK
+        )
+        train.train_from_release(
+            release,
+            tmp_path / "model2",
+            tmp_path / "nnunet2",
+            other,
+            threads=2,
+            validate=False,
+            initial_weights=tiny / "model",
+        )
 
 
 @pytest.mark.slow
 def test_snakemake_train_target_writes_a_model(tmp_path):
     import torch
-
     from conftest import run_workflow
 
     if NNUNET_MISSING:
         pytest.skip(NNUNET_MISSING)
-    training = {"phantom_n": 5, "epochs": 1, "iterations": 1, "optimizer": "adam", "augmentation": False,
-                "half": True, "time_budget_min": 10,
-                "small_configuration": {"patch_voxels": 32 ** 3, "base_features": 8, "max_features": 32,
-                                        "batch_size": 1}}
+    training = {
+        "phantom_n": 5,
+        "epochs": 1,
+        "iterations": 1,
+        "optimizer": "adam",
+        "augmentation": False,
+        "half": True,
+        "time_budget_min": 10,
+        "small_configuration": {"patch_voxels": 32**3, "base_features": 8, "max_features": 32, "batch_size": 1},
+    }
     run_workflow(tmp_path, {"training": training}, "train")
     model = tmp_path / "results" / "train" / "model"
     files = sorted(str(p.relative_to(model)) for p in model.rglob("*") if p.is_file())

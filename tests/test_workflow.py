@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from scipy import stats
-
 from conftest import REPO, run_workflow
+from scipy import stats
 from test_figures import svg_text
+
 from ctcohort import phantom
 from ctcohort.aggregate import read_cohort_qc
 from ctcohort.tables import read_statistics
@@ -83,8 +83,9 @@ def test_demo_left_and_right_lie_where_ras_puts_them(demo_study):
 
 def test_demo_correlations_equal_scipy_on_the_measurement_table(demo_study):
     measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
-    correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t", keep_default_na=False,
-                               na_values=["NaN"])
+    correlations = pd.read_csv(
+        demo_study / "stats" / "age_correlations.tsv", sep="\t", keep_default_na=False, na_values=["NaN"]
+    )
     min_n = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["statistics"]["min_n"]
     checked = 0
     for row in correlations.itertuples():
@@ -127,7 +128,8 @@ def test_demo_spline_test_finds_the_planted_curve_and_not_the_planted_lines(demo
     truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t")
     regression = pd.read_csv(demo_study / "stats" / "regression.tsv", sep="\t").set_index(["structure", "measure"])
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t").set_index(
-        ["structure", "measure"])
+        ["structure", "measure"]
+    )
     fitted = int(regression["p_nonlinear"].notna().sum())
     curved = truth[truth["trajectory"] == "peak"].set_index(["structure", "measure"])
     assert list(curved.index) == [("spleen", "hu_mean")]
@@ -138,20 +140,24 @@ def test_demo_spline_test_finds_the_planted_curve_and_not_the_planted_lines(demo
         assert not correlations.at[key, "significant"] and not row["p_bonferroni"] < 0.05
     lines = truth[truth["trajectory"] == "linear"].set_index(["structure", "measure"])
     assert len(lines) >= 20
-    assert (regression.loc[lines.index, "p_nonlinear"] * fitted >= 0.05).all(), regression.loc[lines.index, "p_nonlinear"]
+    assert (regression.loc[lines.index, "p_nonlinear"] * fitted >= 0.05).all(), regression.loc[
+        lines.index, "p_nonlinear"
+    ]
 
 
 def test_demo_paper_comparison_has_the_papers_rows_in_its_directions(demo_study):
     """The phantom's planted effects follow the paper: each of its 12 rows, combined ones included, has
     an rs of the paper's sign, and the report shows the table."""
     paper = pd.read_csv(REPO / "resources" / "paper" / "aging_correlations.tsv", sep="\t", comment="#")
-    table = pd.read_csv(demo_study / "stats" / "paper_comparison.tsv", sep="\t", keep_default_na=False,
-                        na_values=["NaN"])
+    table = pd.read_csv(
+        demo_study / "stats" / "paper_comparison.tsv", sep="\t", keep_default_na=False, na_values=["NaN"]
+    )
     assert list(zip(table["structure"], table["measure"])) == list(zip(paper["structure"], paper["measure"]))
     assert table["rs"].notna().all() and (table["note"] == "").all()
     assert (table["same_direction"].astype(str) == "True").all(), table[["structure", "rs", "rs_paper"]]
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t").set_index(
-        ["structure", "measure"])
+        ["structure", "measure"]
+    )
     # the primary analysis: adjusted for sex and contrast, which the demo sheet has
     assert (correlations["primary"] == "adjusted").all() and (table["primary"] == "adjusted").all()
     for row in table.itertuples():
@@ -168,7 +174,8 @@ def test_demo_adjusted_by_sex_and_regression_tables_against_pingouin_and_statsmo
 
     measurements = pd.read_csv(demo_study / "tables" / "measurements.tsv", sep="\t")
     partial = pd.read_csv(demo_study / "stats" / "partial_correlations.tsv", sep="\t").set_index(
-        ["structure", "measure"])
+        ["structure", "measure"]
+    )
     regression = pd.read_csv(demo_study / "stats" / "regression.tsv", sep="\t").set_index(["structure", "measure"])
     by_sex = pd.read_csv(demo_study / "stats" / "by_sex.tsv", sep="\t")
     for structure, measure in (("kidney_left", "volume_ml"), ("hip_left", "hu_mean"), ("liver", "hu_mean")):
@@ -178,7 +185,8 @@ def test_demo_adjusted_by_sex_and_regression_tables_against_pingouin_and_statsmo
         assert partial.at[(structure, measure), "rs_partial"] == pytest.approx(float(reference["r"].iloc[0]), abs=1e-6)
         fit = smf.ols(f"{measure} ~ I(age / 10) + sex_m + contrast", data=rows).fit(cov_type="HC3")
         assert regression.at[(structure, measure), "coef_per_decade"] == pytest.approx(
-            fit.params["I(age / 10)"], rel=1e-5)  # the table holds 6 significant digits
+            fit.params["I(age / 10)"], rel=1e-5
+        )  # the table holds 6 significant digits
         assert regression.at[(structure, measure), "p"] == pytest.approx(fit.pvalues["I(age / 10)"], rel=1e-4)
     truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t")
     planted = truth[truth["direction"] != 0].set_index(["structure", "measure"])
@@ -209,19 +217,58 @@ def test_demo_normative_charts_put_the_median_man_near_the_50th_percentile(demo_
     for name, array in (("ct", ct), ("seg", labels)):
         nib.save(nib.Nifti1Image(array, affine), tmp_path / f"{name}.nii.gz")
     cli = [sys.executable, "-m", "ctcohort"]
-    subprocess.run([*cli, "measure", "--ct", tmp_path / "ct.nii.gz", "--seg", tmp_path / "seg.nii.gz",
-                    "--structures", "total_v1", "-o", tmp_path / "scan.tsv"], check=True, capture_output=True)
-    subprocess.run([*cli, "zscore", "--charts", demo_study / "stats" / "normative_charts.tsv",
-                    "--coefficients", demo_study / "stats" / "normative_covariates.tsv",
-                    "--measurements", tmp_path / "scan.tsv", "--age", "55", "--sex", "M", "--covariate", "contrast=1",
-                    "-o", tmp_path / "z.tsv"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "measure",
+            "--ct",
+            tmp_path / "ct.nii.gz",
+            "--seg",
+            tmp_path / "seg.nii.gz",
+            "--structures",
+            "total_v1",
+            "-o",
+            tmp_path / "scan.tsv",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *cli,
+            "zscore",
+            "--charts",
+            demo_study / "stats" / "normative_charts.tsv",
+            "--coefficients",
+            demo_study / "stats" / "normative_covariates.tsv",
+            "--measurements",
+            tmp_path / "scan.tsv",
+            "--age",
+            "55",
+            "--sex",
+            "M",
+            "--covariate",
+            "contrast=1",
+            "-o",
+            tmp_path / "z.tsv",
+        ],
+        check=True,
+        capture_output=True,
+    )
     placed = read_statistics(tmp_path / "z.tsv").set_index(["structure", "measure"]).loc[sorted(panels)]
     assert (placed["note"] == "").all(), placed
     assert placed["percentile"].between(30, 70).all(), placed[["value", "percentile"]]
 
 
-FIGURES = ["age_quartile_boxplots", "rs_forest_plot", "rs_heatmap", "scatter_lowess", "normative_charts",
-           "normative_calibration", "ct_age"]
+FIGURES = [
+    "age_quartile_boxplots",
+    "rs_forest_plot",
+    "rs_heatmap",
+    "scatter_lowess",
+    "normative_charts",
+    "normative_calibration",
+    "ct_age",
+]
 
 
 def test_demo_figures_are_in_the_report_with_their_captions(demo_study):
@@ -246,8 +293,9 @@ def test_demo_group_summary_and_methods(demo_study):
     correlations = pd.read_csv(demo_study / "stats" / "age_correlations.tsv", sep="\t")
     own = correlations[~correlations["structure"].isin(list(config["statistics"]["combined"]))]
     assert (own["family"] == "structures").all()
-    assert (correlations.loc[correlations["structure"].isin(list(config["statistics"]["combined"])), "family"]
-            == "combined").all()
+    assert (
+        correlations.loc[correlations["structure"].isin(list(config["statistics"]["combined"])), "family"] == "combined"
+    ).all()
     summary = pd.read_csv(demo_study / "stats" / "group_summary.tsv", sep="\t").set_index(["group", "measure"])
     for (group, measure), rows in own.groupby(["group", "measure"]):
         tested = rows[rows["note_partial"].isna()]  # the primary analysis is the adjusted one
@@ -261,14 +309,18 @@ def test_demo_group_summary_and_methods(demo_study):
     tested = correlations["note_partial"].isna()
     significant = correlations["significant"]
     n_tested = (tested & (correlations["family"] == "structures")).sum()
-    for words in ("The demo cohort of 40 scans", "Every scan was processed",
-                  f"Of {len(correlations):,} structure-measure pairs, {tested.sum():,} were tested",
-                  f"{n_tested} of the segmentation's structures",
-                  f"a raw P below {config['statistics']['alpha'] / n_tested:.3g} among the structures",
-                  "The primary analysis was the partial Spearman correlation adjusted for sex and contrast",
-                  "each scan was taken as a patient of its own (40 patients)",
-                  f"{significant.sum()} were ({(significant & (correlations['rs_partial'] > 0)).sum()} positive",
-                  "the bundled demo model of ctcohort", "fold_0 SHA-256 "):
+    for words in (
+        "The demo cohort of 40 scans",
+        "Every scan was processed",
+        f"Of {len(correlations):,} structure-measure pairs, {tested.sum():,} were tested",
+        f"{n_tested} of the segmentation's structures",
+        f"a raw P below {config['statistics']['alpha'] / n_tested:.3g} among the structures",
+        "The primary analysis was the partial Spearman correlation adjusted for sex and contrast",
+        "each scan was taken as a patient of its own (40 patients)",
+        f"{significant.sum()} were ({(significant & (correlations['rs_partial'] > 0)).sum()} positive",
+        "the bundled demo model of ctcohort",
+        "fold_0 SHA-256 ",
+    ):
         assert words in methods, words
     assert str(demo_study) not in methods and str(REPO) not in methods
     assert "methods.html" in embedded_files(demo_study / "report.html")
@@ -335,8 +387,10 @@ def small_user_study(tmp_path_factory):
 def test_broken_scans_are_listed_and_the_others_finish(small_user_study):
     workdir, _, result = small_user_study
     # said on the console at the end, not only in a table
-    assert ("ctcohort: 2 of 6 scans failed and are left out of the study (measure: 2); "
-            "the causes are in results/tables/failures.tsv") in result.stderr
+    assert (
+        "ctcohort: 2 of 6 scans failed and are left out of the study (measure: 2); "
+        "the causes are in results/tables/failures.tsv"
+    ) in result.stderr
     failures = pd.read_csv(workdir / "results" / "tables" / "failures.tsv", sep="\t")
     assert list(failures["subject"]) == ["demo002", "demo004"]
     assert set(failures["stage"]) == {"measure"}
@@ -354,17 +408,21 @@ def test_a_second_run_with_nothing_changed_has_nothing_to_do(small_user_study):
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
 
 
-@pytest.mark.parametrize("table, message", [
-    ("label,name,group\n1,spleen,organ\n1,kidney_right,organ\n", "duplicate label"),
-    (None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("label,name,group\n1,spleen,organ\n1,kidney_right,organ\n", "duplicate label"),
+        (None, "no such file"),
+    ],
+)
 def test_a_bad_structure_table_stops_before_any_job(small_user_cohort, table, message):
     workdir, sheet = small_user_cohort
     path = workdir / "structures.csv"
     if table is not None:
         path.write_text(table)
-    result = run_workflow(workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED, "structures": str(path)},
-                          check=False)
+    result = run_workflow(
+        workdir, {"cohort": str(sheet), "segmentation": PRECOMPUTED, "structures": str(path)}, check=False
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "config key structures" in output and message in output
@@ -373,8 +431,9 @@ def test_a_bad_structure_table_stops_before_any_job(small_user_cohort, table, me
 
 def test_on_scan_error_fail_stops_the_study(small_user_cohort):
     workdir, sheet = small_user_cohort
-    result = run_workflow(workdir, {"cohort": str(sheet), "on_scan_error": "fail", "segmentation": PRECOMPUTED},
-                          check=False)
+    result = run_workflow(
+        workdir, {"cohort": str(sheet), "on_scan_error": "fail", "segmentation": PRECOMPUTED}, check=False
+    )
     assert result.returncode != 0
     assert not (workdir / "results" / "tables" / "measurements.tsv").exists()
     log = (workdir / "results" / "logs" / "measure" / "batch_00000.log").read_text()
@@ -400,16 +459,18 @@ def test_bad_sheet_stops_before_any_job(tmp_path):
 def test_a_user_cohort_needs_a_model_to_segment(tmp_path):
     data = tmp_path / "data"
     phantom.write_cohort(data, 2, seed=3)
-    result = run_workflow(tmp_path, {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "nnunet"}},
-                          check=False)
+    result = run_workflow(
+        tmp_path, {"cohort": str(data / "cohort.tsv"), "segmentation": {"method": "nnunet"}}, check=False
+    )
     assert result.returncode != 0
     assert "segmentation.model is empty" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_lint_is_clean():
-    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    lint = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 

@@ -28,6 +28,7 @@ def _timed(totals: dict, key: str, function):
             return function(*args, **kwargs)
         finally:
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+
     return wrapper
 
 
@@ -44,8 +45,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     import nibabel as nib
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from totalsegmentator import nnunet
     from totalseg_models import trainer_class
+    from totalsegmentator import nnunet
 
     # the trainers checkpoints name, found without nnU-Net's lookup that imports every trainer module (see
     # trainer_class); the classes are nnU-Net's own
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     totals: dict[str, float] = {}
     nnunet.change_spacing = _timed(totals, "resampling", nnunet.change_spacing)
     nnUNetPredictor.initialize_from_trained_model_folder = _timed(
-        totals, "load", nnUNetPredictor.initialize_from_trained_model_folder)
+        totals, "load", nnUNetPredictor.initialize_from_trained_model_folder
+    )
     nnunet.nnUNetv2_predict = _timed(totals, "nnunet", nnunet.nnUNetv2_predict)
     task_id = args.task_id[0] if len(args.task_id) == 1 else args.task_id
     scans = []
@@ -63,9 +65,19 @@ def main(argv=None) -> int:
         totals.clear()
         started = time.perf_counter()
         labels, _, _ = nnunet.nnUNet_predict_image(
-            ct_path, None, task_id, model="3d_fullres", folds=[0], trainer=args.trainer, tta=False,
-            resample=list(args.resample), task_name=args.task_name, quiet=True, device=args.device,
-            plans="nnUNetPlans")
+            ct_path,
+            None,
+            task_id,
+            model="3d_fullres",
+            folds=[0],
+            trainer=args.trainer,
+            tta=False,
+            resample=list(args.resample),
+            task_name=args.task_name,
+            quiet=True,
+            device=args.device,
+            plans="nnUNetPlans",
+        )
         nib.save(nib.Nifti1Image(labels.get_fdata().astype("uint8"), labels.affine), out_path)
         scans.append({"total": time.perf_counter() - started, **totals})
     if args.timings:

@@ -21,9 +21,25 @@ SUMMARY_COLUMNS = ["structure", "group", "measure", "n", "mean", "sd", "q25", "m
 # Stages a scan can fail at, in the order it meets them (failures at other stages follow)
 STAGES = ("import_ct", "segment", "measure")
 QC_TABLE_COLUMNS = [
-    "subject", "structure", "label", "group", "n_voxels", "volume_ml_measured", "hu_mean_measured", "complete",
-    "cut_faces", "volume_implausible", "hu_implausible", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
-    *GEOMETRY_COLUMNS, "sform_qform_mm", *SANITY_FLAGS, "volume_z", "review",
+    "subject",
+    "structure",
+    "label",
+    "group",
+    "n_voxels",
+    "volume_ml_measured",
+    "hu_mean_measured",
+    "complete",
+    "cut_faces",
+    "volume_implausible",
+    "hu_implausible",
+    "exclusion_reason",
+    "cranial_vertebra",
+    "caudal_vertebra",
+    *GEOMETRY_COLUMNS,
+    "sform_qform_mm",
+    *SANITY_FLAGS,
+    "volume_z",
+    "review",
 ]
 # Why a measure is NaN: per measure, the exclusion reasons that remove it (in order of precedence)
 HU_REASONS = ("absent", "too_small", "hu_nonfinite", "implausible_hu", REVIEWER_EXCLUDED)
@@ -101,34 +117,42 @@ def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequen
             continue
         rows = measurements[measurements["structure"].isin(members)]
         wide = rows.set_index(["subject", "structure"])
+
         def values(column, wide=wide, members=members):
-            return (wide[column].unstack().reindex(index=subjects["subject"], columns=members)
-                    .to_numpy(dtype=float))
+            return wide[column].unstack().reindex(index=subjects["subject"], columns=members).to_numpy(dtype=float)
+
         n = values("n_voxels")
         with np.errstate(invalid="ignore", divide="ignore"):
             total = n.sum(axis=1)
             volume, mean, std, eroded = (values(c) for c in ("volume_ml", "hu_mean", "hu_std", "hu_mean_eroded"))
             combined_mean = (n * mean).sum(axis=1) / total
-            pooled = (n * (std ** 2 + (mean - combined_mean[:, None]) ** 2)).sum(axis=1) / total
+            pooled = (n * (std**2 + (mean - combined_mean[:, None]) ** 2)).sum(axis=1) / total
             out = {
                 "volume_ml": np.where(np.isfinite(volume).all(axis=1), volume.sum(axis=1), np.nan),
                 "hu_mean": np.where(np.isfinite(mean).all(axis=1), combined_mean, np.nan),
-                "hu_std": np.where(np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1),
-                                   np.sqrt(pooled), np.nan),
-                "hu_mean_eroded": np.where(np.isfinite(eroded).all(axis=1),
-                                           (n * eroded).sum(axis=1) / total, np.nan),
+                "hu_std": np.where(
+                    np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1), np.sqrt(pooled), np.nan
+                ),
+                "hu_mean_eroded": np.where(np.isfinite(eroded).all(axis=1), (n * eroded).sum(axis=1) / total, np.nan),
             }
-        complete = wide["complete"].astype("boolean").unstack().reindex(
-            index=subjects["subject"], columns=members)
+        complete = wide["complete"].astype("boolean").unstack().reindex(index=subjects["subject"], columns=members)
         groups = set(rows["group"].fillna("").astype(str))
         models = set(rows[MODEL_COLUMN].astype(str)) if MODEL_COLUMN in rows.columns else set()
         model = {MODEL_COLUMN: models.pop() if len(models) == 1 else ""} if models else {}  # the members' one
         frame = subjects.assign(
-            **model, structure=name, label=np.nan, group=groups.pop() if len(groups) == 1 else "",
-            n_voxels=total, volume_ml=out["volume_ml"], hu_mean=out["hu_mean"], hu_median=np.nan,
-            hu_std=out["hu_std"], hu_mean_eroded=out["hu_mean_eroded"],
-            complete=pd.array(np.where(complete.isna().any(axis=1), pd.NA, complete.fillna(True).all(axis=1)),
-                              dtype="boolean"),
+            **model,
+            structure=name,
+            label=np.nan,
+            group=groups.pop() if len(groups) == 1 else "",
+            n_voxels=total,
+            volume_ml=out["volume_ml"],
+            hu_mean=out["hu_mean"],
+            hu_median=np.nan,
+            hu_std=out["hu_std"],
+            hu_mean_eroded=out["hu_mean_eroded"],
+            complete=pd.array(
+                np.where(complete.isna().any(axis=1), pd.NA, complete.fillna(True).all(axis=1)), dtype="boolean"
+            ),
             exclusion_reason=np.where(np.isnan(np.column_stack(list(out.values()))).any(axis=1), MEMBER_MISSING, ""),
         )
         frames.append(frame[list(measurements.columns)])
@@ -168,32 +192,47 @@ def measurement_summary(measurements: pd.DataFrame, measures=SUMMARY_MEASURES) -
     long = long[pd.to_numeric(long["value"], errors="coerce").notna()].astype({"value": float})
     if long.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    stats = long.groupby(["structure", "group", "measure"], sort=False, dropna=False)["value"].agg(
-        n="count", mean="mean", sd="std",
-        q25=lambda v: v.quantile(0.25), median="median", q75=lambda v: v.quantile(0.75),
-    ).reset_index()
+    stats = (
+        long.groupby(["structure", "group", "measure"], sort=False, dropna=False)["value"]
+        .agg(
+            n="count",
+            mean="mean",
+            sd="std",
+            q25=lambda v: v.quantile(0.25),
+            median="median",
+            q75=lambda v: v.quantile(0.75),
+        )
+        .reset_index()
+    )
     return stats[SUMMARY_COLUMNS]
 
 
 def exclusion_counts(n_scans: int, failures: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
     """How many scans were measured or failed (by stage), and how many structure measurements were
     excluded (by reason): the counts a reader of the report checks first."""
-    rows = [("scans", "in the sheet", n_scans),
-            ("scans", "measured", n_scans - failures["subject"].nunique())]
+    rows = [("scans", "in the sheet", n_scans), ("scans", "measured", n_scans - failures["subject"].nunique())]
     # rows dropped as the same scan as an earlier row (duplicate_scans.py) were never processed: "dropped"
-    rows += [("scans", f"{'dropped' if stage == 'duplicate' else 'failed'}: {stage}", int(count))
-             for stage, count in failures["stage"].value_counts().items()]
+    rows += [
+        ("scans", f"{'dropped' if stage == 'duplicate' else 'failed'}: {stage}", int(count))
+        for stage, count in failures["stage"].value_counts().items()
+    ]
     # a sheet may leave age or sex blank (de-identified exports): such scans are measured and left out of
     # the analyses that need the value
     scans = measurements.drop_duplicates("subject")
-    rows += [("scans", f"measured, no {column}", int(scans[column].isna().sum()))
-             for column in ("age", "sex") if column in scans.columns]
+    rows += [
+        ("scans", f"measured, no {column}", int(scans[column].isna().sum()))
+        for column in ("age", "sex")
+        if column in scans.columns
+    ]
     whole_scan = (measurements["exclusion_reason"] == REVIEWER_EXCLUDED).groupby(measurements["subject"]).all()
     rows.append(("scans", f"measured, {REVIEWER_EXCLUDED}", int(whole_scan.sum())))
     reasons = measurements["exclusion_reason"].fillna("").replace("", "measured").value_counts()
     rows += [("structures", reason, int(reasons.get(reason, 0))) for reason in ("measured", *EXCLUSION_REASONS)]
-    rows += [("structures", reason, int(count)) for reason, count in reasons.items()
-             if reason not in ("measured", *EXCLUSION_REASONS)]
+    rows += [
+        ("structures", reason, int(count))
+        for reason, count in reasons.items()
+        if reason not in ("measured", *EXCLUSION_REASONS)
+    ]
     return pd.DataFrame(rows, columns=["level", "kind", "count"])
 
 
@@ -202,16 +241,23 @@ def failure_summary(failures: pd.DataFrame, n_scans: int, table_path: str | Path
     if failures.empty:
         return None
     stages = ", ".join(f"{stage}: {count}" for stage, count in failures["stage"].value_counts().items())
-    return (f"ctcohort: {failures['subject'].nunique()} of {n_scans} scans failed and are left out of the study "
-            f"({stages}); the causes are in {table_path}")
+    return (
+        f"ctcohort: {failures['subject'].nunique()} of {n_scans} scans failed and are left out of the study "
+        f"({stages}); the causes are in {table_path}"
+    )
 
 
 def read_failures(path: str | Path) -> pd.DataFrame:
     return read_tsv(path, NOTHING_MISSING, dtype=str)
 
 
-def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str, str | Path],
-              settings: QCSettings = QCSettings(), decisions: pd.DataFrame | None = None) -> pd.DataFrame:
+def cohort_qc(
+    measured: pd.DataFrame,
+    checked: pd.DataFrame,
+    qc_paths: dict[str, str | Path],
+    settings: QCSettings = QCSettings(),
+    decisions: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per subject x structure of the cohort (QC_TABLE_COLUMNS): the values as measured, the
     faces that cut the structure (qc.cut_faces), the plausibility flags and final exclusion reason of
     ``checked`` (``qc.apply_plausibility`` of ``measured``, then the reviewer's decisions), the scan's
@@ -221,16 +267,34 @@ def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str,
     frames = [read_qc(path).assign(subject=subject) for subject, path in qc_paths.items() if subject in subjects]
     covariates = [c for c in ("age", "sex") if c in checked.columns]
     model = [MODEL_COLUMN] if MODEL_COLUMN in checked.columns else []
-    table = checked[["subject", *model, "structure", "label", "group", "n_voxels", "complete", "volume_implausible",
-                     "hu_implausible", "exclusion_reason", *covariates]].copy()
+    table = checked[
+        [
+            "subject",
+            *model,
+            "structure",
+            "label",
+            "group",
+            "n_voxels",
+            "complete",
+            "volume_implausible",
+            "hu_implausible",
+            "exclusion_reason",
+            *covariates,
+        ]
+    ].copy()
     table["volume_ml_measured"] = measured["volume_ml"].to_numpy()
     table["hu_mean_measured"] = measured["hu_mean"].to_numpy()
     if frames:
         qc = pd.concat(frames, ignore_index=True).drop(columns="label")
         table = table.merge(qc, on=["subject", "structure"], how="left", validate="one_to_one")
     else:
-        table = table.assign(cut_faces="", cranial_vertebra="", caudal_vertebra="", sform_qform_mm=np.nan,
-                             **{column: np.nan for column in GEOMETRY_COLUMNS})
+        table = table.assign(
+            cut_faces="",
+            cranial_vertebra="",
+            caudal_vertebra="",
+            sform_qform_mm=np.nan,
+            **{column: np.nan for column in GEOMETRY_COLUMNS},
+        )
     table = pd.concat([table, sanity_flags(table, settings)], axis=1)
     table["review"] = review_column(table, decisions)
     return table[["subject", *model, *QC_TABLE_COLUMNS[1:]]]
@@ -238,8 +302,17 @@ def cohort_qc(measured: pd.DataFrame, checked: pd.DataFrame, qc_paths: dict[str,
 
 def read_cohort_qc(path: str | Path) -> pd.DataFrame:
     """qc.tsv as ``cohort_qc`` wrote it: ids and text as text ("007" is an id), "NaN" a missing number."""
-    text = ["subject", MODEL_COLUMN, "structure", "group", "cut_faces", "exclusion_reason", "cranial_vertebra", "caudal_vertebra",
-            "review"]
+    text = [
+        "subject",
+        MODEL_COLUMN,
+        "structure",
+        "group",
+        "cut_faces",
+        "exclusion_reason",
+        "cranial_vertebra",
+        "caudal_vertebra",
+        "review",
+    ]
     return read_tsv(path, {c: [MISSING] for c in QC_TABLE_COLUMNS if c not in text}, dtype={c: str for c in text})
 
 
@@ -276,13 +349,37 @@ def exclusion_flow(n_scans: int, failures: pd.DataFrame, checked: pd.DataFrame, 
     rows = []
     for measure in measures:
         cause = value_exclusions(checked, measure)
-        frame = pd.DataFrame({"structure": checked["structure"], "group": checked["group"], "cause": cause,
-                              "no_age": (cause == "") & ~has_age, "analysed": (cause == "") & has_age})
+        frame = pd.DataFrame(
+            {
+                "structure": checked["structure"],
+                "group": checked["group"],
+                "cause": cause,
+                "no_age": (cause == "") & ~has_age,
+                "analysed": (cause == "") & has_age,
+            }
+        )
         for (structure, group), block in frame.groupby(["structure", "group"], sort=False, dropna=False):
             counts = block["cause"].value_counts()
-            rows.append({"structure": structure, "group": group, "measure": measure, **head,
-                         **{f"excluded_{r}": int(counts.get(r, 0)) for r in reasons},
-                         "no_age": int(block["no_age"].sum()), "analysed": int(block["analysed"].sum())})
-    columns = ["structure", "group", "measure", "scans_in", *[f"failed_{s}" for s in stages], "measured",
-               *[f"excluded_{r}" for r in reasons], "no_age", "analysed"]
+            rows.append(
+                {
+                    "structure": structure,
+                    "group": group,
+                    "measure": measure,
+                    **head,
+                    **{f"excluded_{r}": int(counts.get(r, 0)) for r in reasons},
+                    "no_age": int(block["no_age"].sum()),
+                    "analysed": int(block["analysed"].sum()),
+                }
+            )
+    columns = [
+        "structure",
+        "group",
+        "measure",
+        "scans_in",
+        *[f"failed_{s}" for s in stages],
+        "measured",
+        *[f"excluded_{r}" for r in reasons],
+        "no_age",
+        "analysed",
+    ]
     return pd.DataFrame(rows, columns=columns)

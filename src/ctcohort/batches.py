@@ -31,8 +31,9 @@ class ScanOutputs:
     upstream: Sequence[str | Path] = ()
 
 
-def batch_outputs(subjects: Sequence[str], tables: Sequence, statuses: Sequence,
-                  upstream: Sequence = ()) -> list[ScanOutputs]:
+def batch_outputs(
+    subjects: Sequence[str], tables: Sequence, statuses: Sequence, upstream: Sequence = ()
+) -> list[ScanOutputs]:
     """``ScanOutputs`` of a batch from the job's parallel lists (``upstream``: one status file per scan, ""
     for a scan without that earlier stage, or none at all)."""
     lists = [subjects, tables, statuses] + ([upstream] if upstream else [])
@@ -54,7 +55,10 @@ def run_batch(
     or this one failed; each scan's status is written as it finishes."""
     return [
         run_scan_step(
-            scan.subject, stage, scan.status, on_error,
+            scan.subject,
+            stage,
+            scan.status,
+            on_error,
             step=lambda i=i, scan=scan: write(step(i), scan.table),
             placeholder=lambda scan=scan: write(empty(), scan.table),
             upstream=scan.upstream,

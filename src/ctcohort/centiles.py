@@ -103,7 +103,8 @@ calibration (``calibrate``)
     quantiles of its own ages, and a held-out scan outside the fold's ages is placed by the spline's linear
     continuation: only here, never on a chart). With a site effect the folds are still of scans, so a held-out
     scan's site is nearly always in its training fold: the calibration measures placement on the reference's
-    own sites (their BLUPs), not the widened z of a new site (tests/test_centiles.py checks that). Reported: mean and SD of z, the share of scans beyond
+    own sites (their BLUPs), not the widened z of a new site (tests/test_centiles.py checks that). Reported: mean and
+    SD of z, the share of scans beyond
     |z| 1.96, below each lower and above each upper centile. The chart fails (``calibration_failed``) where
     the count beyond |z| 1.96 lies outside the two-sided ``calibration_level`` binomial interval around 5%,
     the SD of z outside the chi-square interval sqrt(chi2(n) / n), or the mean outside +-z / sqrt(n), each at
@@ -138,8 +139,12 @@ BCCG = "bccg"
 SHASH = "shash"
 BCT = "bct"
 # gamlss's names: nu the skewness, tau the tails (SHASH's epsilon and log delta, BCT's degrees of freedom)
-FAMILY_PARAMETERS = {NORMAL: ("mu", "sigma"), BCCG: ("mu", "sigma", "nu"), SHASH: ("mu", "sigma", "nu", "tau"),
-                     BCT: ("mu", "sigma", "nu", "tau")}
+FAMILY_PARAMETERS = {
+    NORMAL: ("mu", "sigma"),
+    BCCG: ("mu", "sigma", "nu"),
+    SHASH: ("mu", "sigma", "nu", "tau"),
+    BCT: ("mu", "sigma", "nu", "tau"),
+}
 # from the held-out calibration measured with benchmarks/centile_calibration.py (see the module docstring)
 MIN_SCANS = 70
 Z_LIMIT = 8.0
@@ -210,6 +215,7 @@ DEFAULTS = CentileSettings()
 # Age basis and design
 # ---------------------------------------------------------------------------------------------------------
 
+
 def natural_spline(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
     """Natural cubic spline basis without the constant (len(knots) - 1 columns; knots sorted, the first and
     last the boundary knots): x and the truncated-power columns of Hastie, Tibshirani & Friedman, Elements of
@@ -270,8 +276,10 @@ class Design:
     def matrices(self, age: np.ndarray, covariates: np.ndarray, sites=None) -> list[np.ndarray]:
         """Each parameter's columns; with a random intercept, mu's end in one indicator column per site (not
         orthonormalised: the penalty is on the site effects themselves). ``sites`` None: every site effect 0."""
-        matrices = [_columns(age, k, covariates if w else None) @ t
-                    for k, w, t in zip(self.knots, self.with_covariates, self.transforms)]
+        matrices = [
+            _columns(age, k, covariates if w else None) @ t
+            for k, w, t in zip(self.knots, self.with_covariates, self.transforms)
+        ]
         if self.site_levels:
             matrices[0] = np.hstack([matrices[0], site_indicators(sites, self.site_levels, len(age))])
         return matrices
@@ -298,11 +306,12 @@ def site_indicators(sites, levels: Sequence[str], n: int) -> np.ndarray:
 # Families: negative log-likelihood per scan and its gradient by linear predictor, z, quantiles
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _normal_nll(y, eta):
     mu, log_sigma = eta
     r = (y - mu) * np.exp(-log_sigma)
-    nll = log_sigma + 0.5 * r ** 2 + _LOG_2PI_HALF
-    return nll, [-r * np.exp(-log_sigma), 1 - r ** 2]
+    nll = log_sigma + 0.5 * r**2 + _LOG_2PI_HALF
+    return nll, [-r * np.exp(-log_sigma), 1 - r**2]
 
 
 def _normal_z(y, eta):
@@ -317,7 +326,7 @@ def _exprel_slope(x):
     """d/dx of (e^x - 1) / x, by its series near 0."""
     small = np.abs(x) < 1e-2
     xs = np.where(small, 1.0, x)
-    exact = (xs * np.exp(xs) - np.expm1(xs)) / xs ** 2
+    exact = (xs * np.exp(xs) - np.expm1(xs)) / xs**2
     series = 0.5 + x * (1 / 3 + x * (1 / 8 + x / 30))  # Horner: numpy's x ** 3 made this the fit's slowest line
     return np.where(small, series, exact)
 
@@ -334,14 +343,17 @@ def _box_cox_grads(distance, x, z, score, eta):
     """The gradient of a Box-Cox family's nll by (log mu, log sigma, nu), given the score -d log f(z) / dz of
     its standardised z (z itself for the normal)."""
     inv_sigma = np.exp(-eta[1])
-    return [eta[2] - score * np.exp(x) * inv_sigma, 1 - score * z,
-            -distance + score * distance ** 2 * _exprel_slope(x) * inv_sigma]
+    return [
+        eta[2] - score * np.exp(x) * inv_sigma,
+        1 - score * z,
+        -distance + score * distance**2 * _exprel_slope(x) * inv_sigma,
+    ]
 
 
 def _bccg_nll(y, eta):
     log_mu, log_sigma, nu = eta
     distance, x, z = _bccg_parts(y, eta)
-    nll = -nu * distance + np.log(y) + log_sigma + 0.5 * z ** 2 + _LOG_2PI_HALF
+    nll = -nu * distance + np.log(y) + log_sigma + 0.5 * z**2 + _LOG_2PI_HALF
     return nll, _box_cox_grads(distance, x, z, z, eta)
 
 
@@ -385,11 +397,15 @@ def _shash_nll(y, eta):
     u, delta, s = _shash_parts(y, eta)
     root = np.hypot(1, u)  # sqrt(1 + u^2) without overflow
     sinh_s = np.sinh(s)
-    nll = eta[1] + _LOG_2PI_HALF - _log_cosh(s) + np.log(root) + 0.5 * sinh_s ** 2
+    nll = eta[1] + _LOG_2PI_HALF - _log_cosh(s) + np.log(root) + 0.5 * sinh_s**2
     score_s = sinh_s * np.cosh(s) - np.tanh(s)  # d nll / d s
-    score_u = score_s * delta / root + u / root ** 2  # d nll / d u
-    grads = [-score_u * np.exp(-eta[1] - eta[3]), 1 - score_u * u, -score_s,
-             -score_u * u + score_s * delta * np.arcsinh(u)]
+    score_u = score_s * delta / root + u / root**2  # d nll / d u
+    grads = [
+        -score_u * np.exp(-eta[1] - eta[3]),
+        1 - score_u * u,
+        -score_s,
+        -score_u * u + score_s * delta * np.arcsinh(u),
+    ]
     return nll, grads
 
 
@@ -420,8 +436,8 @@ def _t_log_gamma_ratio(x):
     exact = special.gammaln(xs + 0.5) - special.gammaln(xs) - 0.5 * np.log(xs)
     exact_slope = special.digamma(xs + 0.5) - special.digamma(xs) - 0.5 / xs
     xl = np.where(large, x, _T_SERIES_FROM)
-    series = -1 / (8 * xl) + 1 / (192 * xl ** 3)
-    series_slope = 1 / (8 * xl ** 2) - 1 / (64 * xl ** 4)
+    series = -1 / (8 * xl) + 1 / (192 * xl**3)
+    series_slope = 1 / (8 * xl**2) - 1 / (64 * xl**4)
     return np.where(large, series, exact)[scans], np.where(large, series_slope, exact_slope)[scans]
 
 
@@ -438,11 +454,11 @@ def _bct_nll(y, eta):
     log_mu, log_sigma, nu, log_tau = eta
     distance, x, z = _bccg_parts(y, eta[:3])
     tau = _bct_df(log_tau)
-    w = z ** 2 / tau
+    w = z**2 / tau
     ratio, ratio_slope = _t_log_gamma_ratio(tau / 2)
     log_t = ratio - _LOG_2PI_HALF - 0.5 * (tau + 1) * np.log1p(w)  # log density of Student's t at z
     nll = -nu * distance + np.log(y) + log_sigma - log_t
-    score = (tau + 1) * z / (tau + z ** 2)
+    score = (tau + 1) * z / (tau + z**2)
     by_log_tau = -0.5 * (tau * ratio_slope - tau * np.log1p(w) + (tau + 1) * w / (1 + w)) * (log_tau < _BCT_LOG_MAX_DF)
     return nll, [*_box_cox_grads(distance, x, z, score, eta), by_log_tau]
 
@@ -487,6 +503,7 @@ FAMILIES = {
 # ---------------------------------------------------------------------------------------------------------
 # One model
 # ---------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CentileModel:
@@ -566,8 +583,9 @@ class CentileModel:
         return z, note
 
 
-def z_from_predictors(family: str, value: np.ndarray, eta: Sequence[np.ndarray], z_scale: float = 1.0,
-                      z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+def z_from_predictors(
+    family: str, value: np.ndarray, eta: Sequence[np.ndarray], z_scale: float = 1.0, z_limit: float = Z_LIMIT
+) -> tuple[np.ndarray, np.ndarray]:
     """(z, note) of values under the family's linear predictors (one array per parameter), widened by z_scale
     and clipped to +-z_limit (noted ``z_clipped``); a non-positive value of a positive family: -z_limit,
     ``below_support``. Also what a chart stored as a table places with (normative.place_values)."""
@@ -589,8 +607,15 @@ def new_site_sd(site_sd: float, sites: int) -> float:
     return site_sd * math.sqrt(1 + 1 / max(sites, 1))
 
 
-def z_by_site(family: str, value: np.ndarray, eta: Sequence[np.ndarray], new: np.ndarray, new_site_sd: float,
-              z_scale: float = 1.0, z_limit: float = Z_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+def z_by_site(
+    family: str,
+    value: np.ndarray,
+    eta: Sequence[np.ndarray],
+    new: np.ndarray,
+    new_site_sd: float,
+    z_scale: float = 1.0,
+    z_limit: float = Z_LIMIT,
+) -> tuple[np.ndarray, np.ndarray]:
     """``z_from_predictors``, where the scans ``new`` (of a site the chart has not) are widened by the new site's
     SD and noted ``site_new`` (module docstring, site)."""
     if new.any():
@@ -636,7 +661,7 @@ def _objective(theta, y, matrices, family, precision=None):
     n = len(y)
     gradient = np.concatenate([m.T @ g for m, g in zip(matrices, grads)])
     if precision is not None:
-        total, gradient = total + 0.5 * precision @ theta ** 2, gradient + precision * theta
+        total, gradient = total + 0.5 * precision @ theta**2, gradient + precision * theta
     return total / n, gradient / n
 
 
@@ -655,8 +680,14 @@ def _hessian(theta, y, matrices, family) -> np.ndarray:
 
 
 def _penalised_fit(start, y, matrices, family, precision):
-    return optimize.minimize(_objective, start, args=(y, matrices, family, precision), jac=True, method="L-BFGS-B",
-                             options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
+    return optimize.minimize(
+        _objective,
+        start,
+        args=(y, matrices, family, precision),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8},
+    )
 
 
 def _site_precision(design: Design, size: int, site_sd: float) -> np.ndarray | None:
@@ -665,7 +696,7 @@ def _site_precision(design: Design, size: int, site_sd: float) -> np.ndarray | N
     if not design.site_levels:
         return None
     precision = np.zeros(size)
-    precision[design.site_block()] = site_sd ** -2.0
+    precision[design.site_block()] = site_sd**-2.0
     return precision
 
 
@@ -695,8 +726,9 @@ def _site_fit(start, y, matrices, family, design: Design, site_sd: float | None)
     if site_sd is None:
         scale = math.exp(float(np.mean(_split_predictors(matrices, start)[1])))  # sigma of the start, on mu's scale
         bounds = (math.log(scale) - 7, math.log(scale) + 1)
-        site_sd = math.exp(optimize.minimize_scalar(negative_restricted, bounds=bounds, method="bounded",
-                                                    options={"xatol": 1e-3}).x)
+        site_sd = math.exp(
+            optimize.minimize_scalar(negative_restricted, bounds=bounds, method="bounded", options={"xatol": 1e-3}).x
+        )
     result = fit(math.log(site_sd))
     precision = precision_of(math.log(site_sd))
     hessian = _hessian(result.x, y, matrices, family)
@@ -705,9 +737,18 @@ def _site_fit(start, y, matrices, family, design: Design, site_sd: float | None)
     return result, site_sd, edf
 
 
-def fit_model(family: str, dfs: Sequence[int], age, y, covariates: np.ndarray | None = None,
-              names: Sequence[str] = (), design: Design | None = None,
-              start: np.ndarray | None = None, sites=None, site_sd: float | None = None) -> CentileModel:
+def fit_model(
+    family: str,
+    dfs: Sequence[int],
+    age,
+    y,
+    covariates: np.ndarray | None = None,
+    names: Sequence[str] = (),
+    design: Design | None = None,
+    start: np.ndarray | None = None,
+    sites=None,
+    site_sd: float | None = None,
+) -> CentileModel:
     """The maximum-likelihood fit of ``family`` with spline df ``dfs`` per parameter; ``design``: reuse one
     (the bootstrap's refits keep the chart's knots), ``start``: coefficients to start from. ``sites``: each
     scan's site, for a random intercept on mu (module docstring, site), its SD ``site_sd`` (None: estimated)."""
@@ -730,13 +771,25 @@ def fit_model(family: str, dfs: Sequence[int], age, y, covariates: np.ndarray | 
     # the likelihood of the fit itself, without the penalty (GAIC counts the site effects by their edf)
     log_likelihood = -_objective(result.x, y, matrices, chosen)[0] * len(y)
     converged = bool(np.isfinite(result.fun) and np.abs(result.jac).max() < 1e-4)
-    return CentileModel(family, tuple(dfs), tuple(names), design, result.x, (float(age.min()), float(age.max())),
-                        len(y), float(log_likelihood), converged, site_sd=float(site_sd), site_edf=edf)
+    return CentileModel(
+        family,
+        tuple(dfs),
+        tuple(names),
+        design,
+        result.x,
+        (float(age.min()), float(age.max())),
+        len(y),
+        float(log_likelihood),
+        converged,
+        site_sd=float(site_sd),
+        site_edf=edf,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _try_fit(family, dfs, age, y, covariates, names, sites=None):
     if any(df and np.unique(age).size < df + 2 for df in dfs):
@@ -763,7 +816,9 @@ def select_family_model(family: str, age, y, covariates, names, settings: Centil
                 tried.append((family, bigger, model))
                 if model is not None:
                     candidates.append(model)
-        improving = [m for m in candidates if m.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)]
+        improving = [
+            m for m in candidates if m.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)
+        ]
         if not improving:
             break
         best = min(improving, key=lambda m: m.criterion(settings.gaic_penalty))
@@ -776,25 +831,40 @@ def select_model(age, y, covariates=None, names=(), settings: CentileSettings = 
     criterion, chosen)."""
     age, y = np.asarray(age, float), np.asarray(y, float)
     covariates = np.zeros((len(age), 0)) if covariates is None else np.asarray(covariates, float)
-    families = [f for f in settings.families if (not FAMILIES[f].positive or (y > 0).all())
-                and (len(FAMILY_PARAMETERS[f]) < 4 or len(y) >= settings.tail_min_scans)]
+    families = [
+        f
+        for f in settings.families
+        if (not FAMILIES[f].positive or (y > 0).all())
+        and (len(FAMILY_PARAMETERS[f]) < 4 or len(y) >= settings.tail_min_scans)
+    ]
     best, rows = None, []
     for family in families:
         model, tried = select_family_model(family, age, y, covariates, names, settings, sites)
         rows += tried
-        if model is not None and (best is None or model.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)):
+        if model is not None and (
+            best is None or model.criterion(settings.gaic_penalty) < best.criterion(settings.gaic_penalty)
+        ):
             best = model
-    table = pd.DataFrame([{
-        "family": f, "dfs": "/".join(map(str, d)),
-        "log_likelihood": m.log_likelihood if m else np.nan, "parameters": m.n_parameters if m else np.nan,
-        "criterion": m.criterion(settings.gaic_penalty) if m else np.nan, "chosen": m is best and m is not None,
-    } for f, d, m in rows])
+    table = pd.DataFrame(
+        [
+            {
+                "family": f,
+                "dfs": "/".join(map(str, d)),
+                "log_likelihood": m.log_likelihood if m else np.nan,
+                "parameters": m.n_parameters if m else np.nan,
+                "criterion": m.criterion(settings.gaic_penalty) if m else np.nan,
+                "chosen": m is best and m is not None,
+            }
+            for f, d, m in rows
+        ]
+    )
     return best, table
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Calibration
 # ---------------------------------------------------------------------------------------------------------
+
 
 def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS, sites=None) -> np.ndarray:
     """The z of every scan from the model selected and fitted without its fold (NaN where no fit converged).
@@ -807,14 +877,16 @@ def out_of_fold_z(age, y, covariates=None, names=(), settings: CentileSettings =
     z = np.full(len(y), np.nan)
     for k in range(settings.folds):
         held = fold == k
-        model, _ = select_model(age[~held], y[~held], covariates[~held], names, settings,
-                                None if sites is None else sites[~held])
+        model, _ = select_model(
+            age[~held], y[~held], covariates[~held], names, settings, None if sites is None else sites[~held]
+        )
         if model is None:
             continue
         # the held-out scans are placed even a little outside the fold's ages (spline continued linearly)
         model = replace(model, age_range=(-np.inf, np.inf))
-        z[held] = model.z(y[held], age[held], covariates[held], settings.z_limit,
-                          None if sites is None else sites[held])[0]
+        z[held] = model.z(
+            y[held], age[held], covariates[held], settings.z_limit, None if sites is None else sites[held]
+        )[0]
     return z
 
 
@@ -824,9 +896,12 @@ def calibration_summary(z, settings: CentileSettings = DEFAULTS) -> dict:
     z = np.asarray(z, float)
     z = z[np.isfinite(z)]
     n = len(z)
-    summary = {"calibration_n": n, "z_mean": float(z.mean()) if n else np.nan,
-               "z_sd": float(z.std(ddof=1)) if n > 1 else np.nan,
-               "beyond_1.96": float((np.abs(z) > 1.96).mean()) if n else np.nan}
+    summary = {
+        "calibration_n": n,
+        "z_mean": float(z.mean()) if n else np.nan,
+        "z_sd": float(z.std(ddof=1)) if n > 1 else np.nan,
+        "beyond_1.96": float((np.abs(z) > 1.96).mean()) if n else np.nan,
+    }
     for p in settings.percentiles:
         if p != 50:
             zp = stats.norm.ppf(p / 100)
@@ -847,8 +922,9 @@ def calibration_fails(z: np.ndarray, level: float) -> bool:
     return bool(not low <= beyond <= high or not sd_low <= sd <= sd_high or abs(z.mean()) > mean_limit)
 
 
-def calibrate(age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS,
-              sites=None) -> tuple[dict, np.ndarray]:
+def calibrate(
+    age, y, covariates=None, names=(), settings: CentileSettings = DEFAULTS, sites=None
+) -> tuple[dict, np.ndarray]:
     """(calibration_summary of the out-of-fold z, the z)."""
     z = out_of_fold_z(age, y, covariates, names, settings, sites)
     return calibration_summary(z, settings), z
@@ -869,6 +945,7 @@ def worm_table(z) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------
 # Bootstrap and the chart
 # ---------------------------------------------------------------------------------------------------------
+
 
 def age_grid(youngest: float, oldest: float, step: float) -> np.ndarray:
     """youngest to oldest in steps of step, both ends included (the last step may be shorter)."""
@@ -895,8 +972,9 @@ def _newton_refit(theta, y, matrices, family, hessian_inverse, precision=None, s
     return None
 
 
-def bootstrap_centiles(model: CentileModel, age, y, covariates=None, ages=None,
-                       settings: CentileSettings = DEFAULTS, sites=None) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_centiles(
+    model: CentileModel, age, y, covariates=None, ages=None, settings: CentileSettings = DEFAULTS, sites=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) percentile-interval bounds (len(ages) x len(percentiles)) of the centile curves over
     ``bootstrap_resamples`` seeded resamples (the site SD kept at the chart's); NaN where there are none. Each
     resample is refitted with the chart's family, df and knots, from the chart's coefficients: by Newton steps
@@ -921,12 +999,24 @@ def bootstrap_centiles(model: CentileModel, age, y, covariates=None, ages=None,
     for _ in range(settings.bootstrap_resamples):
         pick = rng.integers(0, len(y), len(y))
         picked = [m[pick] for m in matrices]
-        theta = None if hessian_inverse is None else _newton_refit(model.coefficients, y[pick], picked, family,
-                                                                    hessian_inverse, precision)
+        theta = (
+            None
+            if hessian_inverse is None
+            else _newton_refit(model.coefficients, y[pick], picked, family, hessian_inverse, precision)
+        )
         if theta is None:
-            refit = fit_model(model.family, model.dfs, age[pick], y[pick], covariates[pick], model.covariates,
-                              design=model.design, start=model.coefficients,
-                              sites=None if sites is None else np.asarray(sites)[pick], site_sd=model.site_sd)
+            refit = fit_model(
+                model.family,
+                model.dfs,
+                age[pick],
+                y[pick],
+                covariates[pick],
+                model.covariates,
+                design=model.design,
+                start=model.coefficients,
+                sites=None if sites is None else np.asarray(sites)[pick],
+                site_sd=model.site_sd,
+            )
             theta = refit.coefficients if refit.converged else None
         if theta is not None:
             eta = _split_predictors(grid, theta)
@@ -954,11 +1044,16 @@ class CentileChart:
     def summary(self) -> dict:
         """One row for a table of charts: n, note, family, dfs, parameters, criterion and calibration."""
         m = self.model
-        return {"n": self.n, "note": self.note, "family": m.family if m else "",
-                "dfs": "/".join(map(str, m.dfs)) if m else "", "parameters": m.n_parameters if m else np.nan,
-                "criterion": m.criterion(self.settings.gaic_penalty) if m else np.nan,
-                "criterion_name": "BIC" if self.settings.gaic_penalty is None else f"GAIC({self.settings.gaic_penalty:g})",
-                **self.calibration}
+        return {
+            "n": self.n,
+            "note": self.note,
+            "family": m.family if m else "",
+            "dfs": "/".join(map(str, m.dfs)) if m else "",
+            "parameters": m.n_parameters if m else np.nan,
+            "criterion": m.criterion(self.settings.gaic_penalty) if m else np.nan,
+            "criterion_name": "BIC" if self.settings.gaic_penalty is None else f"GAIC({self.settings.gaic_penalty:g})",
+            **self.calibration,
+        }
 
     def curves(self, age, y, covariates=None, with_intervals: bool = True, sites=None) -> pd.DataFrame:
         """The drawn chart: age grid over the fitted ages, one column per centile (p5, ...), with the bootstrap
@@ -992,8 +1087,14 @@ def _varying(covariates: pd.DataFrame | None) -> tuple[np.ndarray, tuple[str, ..
     return covariates[list(names)].to_numpy(float), names
 
 
-def fit_centile_chart(age, y, covariates: pd.DataFrame | None = None,
-                      settings: CentileSettings = DEFAULTS, calibrated: bool = True, sites=None) -> CentileChart:
+def fit_centile_chart(
+    age,
+    y,
+    covariates: pd.DataFrame | None = None,
+    settings: CentileSettings = DEFAULTS,
+    calibrated: bool = True,
+    sites=None,
+) -> CentileChart:
     """Select, fit and calibrate one chart from complete cases (finite age, y and covariates), or refuse it
     with a note (module docstring). ``calibrated=False`` skips the k-fold check (and its refusal). ``sites``:
     each scan's site, for a random intercept on mu (None: none)."""
@@ -1008,8 +1109,7 @@ def fit_centile_chart(age, y, covariates: pd.DataFrame | None = None,
     model, selection = select_model(age, y, covariate_values, names, settings, sites)
     if model is None:
         return CentileChart(None, NOT_CONVERGED, n, selection, settings=settings)
-    calibration, held_out = (calibrate(age, y, covariate_values, names, settings, sites) if calibrated
-                             else ({}, None))
+    calibration, held_out = calibrate(age, y, covariate_values, names, settings, sites) if calibrated else ({}, None)
     if calibration.get(CALIBRATION_FAILED):
         return CentileChart(None, CALIBRATION_FAILED, n, selection, calibration, settings, held_out)
     return CentileChart(model, "", n, selection, calibration, settings, held_out)

@@ -19,8 +19,14 @@ from collections.abc import Iterable, Mapping
 
 import yaml
 
-JSON_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
-              "null": type(None)}
+JSON_TYPES = {
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
 # the configuration's lists of {structure, measure} panels
 PANEL_KEYS = (("figures", "boxplots"), ("figures", "scatter"), ("normative", "panels"))
 
@@ -49,8 +55,10 @@ def _takes_text(value: str, schema: Mapping, root: Mapping) -> bool:
     kinds = schema.get("type", [])
     if "string" in ([kinds] if isinstance(kinds, str) else kinds):
         return value in schema.get("enum", [value])
-    return any(_takes_text(value, _resolve(alternative, root), root)
-               for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ())))
+    return any(
+        _takes_text(value, _resolve(alternative, root), root)
+        for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ()))
+    )
 
 
 def _alternative_for(kind: str, schema: Mapping, root: Mapping) -> Mapping:
@@ -64,8 +72,11 @@ def _alternative_for(kind: str, schema: Mapping, root: Mapping) -> Mapping:
 
 
 def _matches(value, kinds: list[str]) -> bool:
-    return any(isinstance(value, JSON_TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
-               for kind in kinds if kind in JSON_TYPES)
+    return any(
+        isinstance(value, JSON_TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+        for kind in kinds
+        if kind in JSON_TYPES
+    )
 
 
 def typed_like_schema(value, schema: Mapping, root: Mapping | None = None):
@@ -82,14 +93,19 @@ def typed_like_schema(value, schema: Mapping, root: Mapping | None = None):
         except yaml.YAMLError:
             return value
         # text that stays text (a misspelt enum value) is left for the schema to refuse
-        return typed_like_schema(parsed, schema, root) if _matches(parsed, kinds) and not isinstance(parsed, str) \
+        return (
+            typed_like_schema(parsed, schema, root)
+            if _matches(parsed, kinds) and not isinstance(parsed, str)
             else value
+        )
     if isinstance(value, dict):
         schema = _alternative_for("object", schema, root)
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
-        return {key: typed_like_schema(item, properties.get(key, extra if isinstance(extra, dict) else {}), root)
-                for key, item in value.items()}
+        return {
+            key: typed_like_schema(item, properties.get(key, extra if isinstance(extra, dict) else {}), root)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         schema = _alternative_for("array", schema, root)
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
@@ -112,21 +128,26 @@ def structure_reference_problems(config: Mapping, structures: Iterable[str], tab
     for name, members in combined.items():
         for member in members:
             if member not in known:
-                problems.append(f"config key statistics.combined.{name}: {member!r} is not a structure of table "
-                                f"{table_name}{_suggestion(member, known)}")
+                problems.append(
+                    f"config key statistics.combined.{name}: {member!r} is not a structure of table "
+                    f"{table_name}{_suggestion(member, known)}"
+                )
     panel_names = known | set(combined)
     for section, key in PANEL_KEYS:
         for index, panel in enumerate(config[section].get(key) or []):
             if panel["structure"] not in panel_names:
-                problems.append(f"config key {section}.{key}[{index}].structure: {panel['structure']!r} is neither a "
-                                f"structure of table {table_name} nor a combined structure"
-                                f"{_suggestion(panel['structure'], panel_names)}")
+                problems.append(
+                    f"config key {section}.{key}[{index}].structure: {panel['structure']!r} is neither a "
+                    f"structure of table {table_name} nor a combined structure"
+                    f"{_suggestion(panel['structure'], panel_names)}"
+                )
     return problems
 
 
 # a README default that describes a list or mapping by its length: "nine pairs", "three panels"
-COUNT_WORDS = {word: n for n, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+COUNT_WORDS = {
+    word: n for n, word in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
+}
 NOT_SHIPPED = "(not in the shipped config)"  # a README default for optional keys that config.yaml leaves out
 
 
@@ -195,10 +216,16 @@ def config_disagreements(config: Mapping, schema: Mapping, readme: str) -> list[
     leaves out say so in the README's default cell (NOT_SHIPPED)."""
     values, keys, documented = config_values(config, schema), schema_keys(schema), readme_defaults(readme)
     problems = [f"config.yaml key {key} is not in the schema" for key in values if key not in keys]
-    problems += [f"schema key {key} is not in config.yaml" for key in keys
-                 if key not in values and documented.get(key) != NOT_SHIPPED]
+    problems += [
+        f"schema key {key} is not in config.yaml"
+        for key in keys
+        if key not in values and documented.get(key) != NOT_SHIPPED
+    ]
     problems += [f"{key} has no row in config/README.md" for key in keys if key not in documented]
     problems += [f"config/README.md's {key} is not in the schema" for key in documented if key not in keys]
-    problems += [f"config/README.md's default of {key}, {documented[key]}, is not config.yaml's {value!r}"
-                 for key, value in values.items() if key in documented and documented_value_differs(documented[key], value)]
+    problems += [
+        f"config/README.md's default of {key}, {documented[key]}, is not config.yaml's {value!r}"
+        for key, value in values.items()
+        if key in documented and documented_value_differs(documented[key], value)
+    ]
     return problems

@@ -68,8 +68,21 @@ NO_AGE = "no_age"
 TOO_FEW_MEASURES = "too_few_measures"
 TOO_FEW_SCANS = "too_few_scans"
 NO_FEATURES = "no_features"
-SUMMARY_COLUMNS = ["features", "n_scans", "n_patients", "folds", "inner_folds", "model", "models_by_fold", "mae",
-                   "r2", "bias_intercept", "bias_slope", "correction", "note"]
+SUMMARY_COLUMNS = [
+    "features",
+    "n_scans",
+    "n_patients",
+    "folds",
+    "inner_folds",
+    "model",
+    "models_by_fold",
+    "mae",
+    "r2",
+    "bias_intercept",
+    "bias_slope",
+    "correction",
+    "note",
+]
 log = logging.getLogger(__name__)
 
 
@@ -99,13 +112,15 @@ class CtAgeSettings:
         if self.folds < 2 or self.inner_folds < 2:
             raise ValueError(f"ct_age: folds and inner_folds must be at least 2, got {self.folds}, {self.inner_folds}")
         if self.min_scans < self.folds * self.inner_folds:
-            raise ValueError(f"ct_age.min_scans must be at least folds x inner_folds "
-                             f"({self.folds * self.inner_folds}), got {self.min_scans}")
+            raise ValueError(
+                f"ct_age.min_scans must be at least folds x inner_folds "
+                f"({self.folds * self.inner_folds}), got {self.min_scans}"
+            )
         if not 0 < self.min_measured <= 1:
             raise ValueError(f"ct_age.min_measured must be within (0, 1], got {self.min_measured}")
 
     @classmethod
-    def from_config(cls, section: Mapping) -> "CtAgeSettings":
+    def from_config(cls, section: Mapping) -> CtAgeSettings:
         """From config's ``ct_age`` section (missing keys take the defaults)."""
         names = {f.name for f in fields(cls)}
         unknown = set(section) - names
@@ -116,13 +131,25 @@ class CtAgeSettings:
 
 def table_columns(groups: Sequence[str] = GROUPS) -> list[str]:
     per_group = [column for g in groups for column in (f"{g}_age", f"{g}_age_gap_corrected")]
-    return ["subject", "patient", "age", "fold", "trained", "predicted_age", "predicted_age_corrected", "age_gap",
-            "age_gap_corrected", *per_group, "note"]
+    return [
+        "subject",
+        "patient",
+        "age",
+        "fold",
+        "trained",
+        "predicted_age",
+        "predicted_age_corrected",
+        "age_gap",
+        "age_gap_corrected",
+        *per_group,
+        "note",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Features
 # ---------------------------------------------------------------------------------------------------------
+
 
 def own_structures(measurements: pd.DataFrame) -> pd.DataFrame:
     """The rows of the segmentation's own structures (a combined structure's row has no label)."""
@@ -165,8 +192,9 @@ def scan_table(measurements: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFr
     """One row per scan, in the selection's order: subject, patient, age, chosen, and the covariate columns."""
     first = measurements.drop_duplicates("subject").set_index("subject")
     scans = selection[["subject"]].astype(str).copy()
-    scans["patient"] = (selection["patient"].astype(str).to_numpy() if "patient" in selection.columns
-                        else patient_of(scans).to_numpy())
+    scans["patient"] = (
+        selection["patient"].astype(str).to_numpy() if "patient" in selection.columns else patient_of(scans).to_numpy()
+    )
     scans["chosen"] = selection["chosen"].astype(str).str.lower().eq("true").to_numpy()
     scans = scans[scans["subject"].isin(first.index)].reset_index(drop=True)
     for column in first.columns:
@@ -178,6 +206,7 @@ def scan_table(measurements: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFr
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _estimator(name: str, seed: int):
     from sklearn.ensemble import HistGradientBoostingRegressor
@@ -191,7 +220,8 @@ def _estimator(name: str, seed: int):
 
 
 def candidate_grid(models: Sequence[str], seed: int) -> list[dict]:
-    """The grid over ``pipeline()`` (sklearn's ParameterGrid form): linear models behind the fold's imputer and scaler, gradient
+    """The grid over ``pipeline()`` (sklearn's ParameterGrid form): linear models behind the fold's imputer and
+    scaler, gradient
     boosting on the raw features (its own NaN handling)."""
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import StandardScaler
@@ -199,9 +229,11 @@ def candidate_grid(models: Sequence[str], seed: int) -> list[dict]:
     grid = []
     for name in models:
         linear = name != "gradient_boosting"
-        point = {"impute": [SimpleImputer(strategy="median", add_indicator=True)] if linear else ["passthrough"],
-                 "scale": [StandardScaler()] if linear else ["passthrough"],
-                 "model": [_estimator(name, seed)]}
+        point = {
+            "impute": [SimpleImputer(strategy="median", add_indicator=True)] if linear else ["passthrough"],
+            "scale": [StandardScaler()] if linear else ["passthrough"],
+            "model": [_estimator(name, seed)],
+        }
         point.update({f"model__{key}": values for key, values in GRIDS[name].items()})
         grid.append(point)
     return grid
@@ -214,8 +246,9 @@ def pipeline() -> Pipeline:
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import Pipeline
 
-    return Pipeline([("drop", VarianceThreshold()), ("impute", "passthrough"), ("scale", "passthrough"),
-                     ("model", Ridge())])
+    return Pipeline(
+        [("drop", VarianceThreshold()), ("impute", "passthrough"), ("scale", "passthrough"), ("model", Ridge())]
+    )
 
 
 def model_name(estimator: Pipeline) -> str:
@@ -266,8 +299,9 @@ def inner_predictions(estimator: Pipeline, x: np.ndarray, age: np.ndarray, split
     return predicted
 
 
-def fit_fold(x: np.ndarray, age: np.ndarray, patient: np.ndarray, settings: CtAgeSettings, fold: int,
-             trained: np.ndarray) -> FoldModel:
+def fit_fold(
+    x: np.ndarray, age: np.ndarray, patient: np.ndarray, settings: CtAgeSettings, fold: int, trained: np.ndarray
+) -> FoldModel:
     """Choose the candidate with the least inner out-of-fold mean absolute error on the training scans (inner
     folds by patient), refit it on them all, and fit its bias line on its inner predictions."""
     from sklearn.base import clone
@@ -308,8 +342,15 @@ class OutOfFold:
     models: list[FoldModel] = field(default_factory=list)
 
 
-def predict_out_of_fold(x: np.ndarray, age: np.ndarray, patient: np.ndarray, trainable: np.ndarray,
-                        predictable: np.ndarray, fold: np.ndarray, settings: CtAgeSettings) -> OutOfFold:
+def predict_out_of_fold(
+    x: np.ndarray,
+    age: np.ndarray,
+    patient: np.ndarray,
+    trainable: np.ndarray,
+    predictable: np.ndarray,
+    fold: np.ndarray,
+    settings: CtAgeSettings,
+) -> OutOfFold:
     """Every ``predictable`` scan predicted by the model of the fold that held its patient out, trained on the
     ``trainable`` scans of the other folds (module docstring)."""
     result = OutOfFold(np.full(len(age), np.nan), np.full(len(age), np.nan))
@@ -328,6 +369,7 @@ def predict_out_of_fold(x: np.ndarray, age: np.ndarray, patient: np.ndarray, tra
 # The study's tables
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CtAgeResult:
     table: pd.DataFrame  # TABLE_COLUMNS
@@ -342,23 +384,44 @@ def _design(features: pd.DataFrame, covariates: pd.DataFrame, columns: list[str]
     return np.hstack([block, covariates.to_numpy(dtype=float)]), measured
 
 
-def _summary_row(name: str, fit: OutOfFold | None, age: np.ndarray, trainable: np.ndarray, patient: np.ndarray,
-                 settings: CtAgeSettings, note: str) -> dict:
+def _summary_row(
+    name: str,
+    fit: OutOfFold | None,
+    age: np.ndarray,
+    trainable: np.ndarray,
+    patient: np.ndarray,
+    settings: CtAgeSettings,
+    note: str,
+) -> dict:
     from sklearn.metrics import mean_absolute_error, r2_score
 
-    row = {"features": name, "n_scans": int(trainable.sum()), "n_patients": len(set(patient[trainable])),
-           "folds": settings.folds, "inner_folds": settings.inner_folds, "model": "", "models_by_fold": "",
-           "mae": np.nan, "r2": np.nan, "bias_intercept": np.nan, "bias_slope": np.nan, "correction": CORRECTION,
-           "note": note}
+    row = {
+        "features": name,
+        "n_scans": int(trainable.sum()),
+        "n_patients": len(set(patient[trainable])),
+        "folds": settings.folds,
+        "inner_folds": settings.inner_folds,
+        "model": "",
+        "models_by_fold": "",
+        "mae": np.nan,
+        "r2": np.nan,
+        "bias_intercept": np.nan,
+        "bias_slope": np.nan,
+        "correction": CORRECTION,
+        "note": note,
+    }
     if fit is None:
         return row
     scored = trainable & np.isfinite(fit.predicted)
     names = Counter(model_name(m.estimator) for m in fit.models)
-    row.update(model=names.most_common(1)[0][0], models_by_fold="; ".join(model_words(m.estimator) for m in fit.models),
-               mae=float(mean_absolute_error(age[scored], fit.predicted[scored])),
-               r2=float(r2_score(age[scored], fit.predicted[scored])),
-               bias_intercept=float(np.mean([m.intercept for m in fit.models])),
-               bias_slope=float(np.mean([m.slope for m in fit.models])))
+    row.update(
+        model=names.most_common(1)[0][0],
+        models_by_fold="; ".join(model_words(m.estimator) for m in fit.models),
+        mae=float(mean_absolute_error(age[scored], fit.predicted[scored])),
+        r2=float(r2_score(age[scored], fit.predicted[scored])),
+        bias_intercept=float(np.mean([m.intercept for m in fit.models])),
+        bias_slope=float(np.mean([m.slope for m in fit.models])),
+    )
     return row
 
 
@@ -373,8 +436,15 @@ class FeatureSet:
     fit: OutOfFold | None
 
 
-def _fit_feature_set(name: str, columns: list[str], features: pd.DataFrame, covariates: pd.DataFrame,
-                     scans: pd.DataFrame, fold: np.ndarray, settings: CtAgeSettings) -> FeatureSet:
+def _fit_feature_set(
+    name: str,
+    columns: list[str],
+    features: pd.DataFrame,
+    covariates: pd.DataFrame,
+    scans: pd.DataFrame,
+    fold: np.ndarray,
+    settings: CtAgeSettings,
+) -> FeatureSet:
     x, measured = _design(features, covariates, columns)
     age, patient = scans["age"].to_numpy(dtype=float), scans["patient"].to_numpy(dtype=str)
     predictable = measured >= settings.min_measured
@@ -390,8 +460,9 @@ def _scan_notes(cohort: FeatureSet, age: np.ndarray) -> np.ndarray:
     return np.where(~cohort.predictable, TOO_FEW_MEASURES, np.where(np.isfinite(age), "", NO_AGE))
 
 
-def ct_age(measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeSettings = CtAgeSettings()
-           ) -> CtAgeResult:
+def ct_age(
+    measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeSettings = CtAgeSettings()
+) -> CtAgeResult:
     """CT age of every scan of the cohort table (``measurements``: one row per scan x structure) with the scan
     selection (``patients.scan_selection``'s table): the per-scan table, the summary, the fits."""
     scans = scan_table(measurements, selection)
@@ -409,8 +480,12 @@ def ct_age(measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeS
         # the variance of a feature never measured in a training fold (dropped) warns at every fit
         for message in ("Degrees of freedom <= 0", "All-NaN slice encountered"):
             warnings.filterwarnings("ignore", message, RuntimeWarning)
-        sets = [_fit_feature_set(name, group_columns(features, groups_of, name), features, covariates, scans, fold,
-                                 settings) for name in (ALL, *settings.groups)]
+        sets = [
+            _fit_feature_set(
+                name, group_columns(features, groups_of, name), features, covariates, scans, fold, settings
+            )
+            for name in (ALL, *settings.groups)
+        ]
     cohort, table = sets[0], scans[["subject", "patient", "age"]].copy()
     table["fold"], table["trained"] = fold, cohort.trainable
     nan = np.full(len(scans), np.nan)
@@ -422,6 +497,8 @@ def ct_age(measurements: pd.DataFrame, selection: pd.DataFrame, settings: CtAgeS
         table[f"{group.name}_age"] = group.fit.predicted if group.fit else nan
         table[f"{group.name}_age_gap_corrected"] = group.fit.corrected - age if group.fit else nan
     table["note"] = _scan_notes(cohort, age)
-    summary = pd.DataFrame([_summary_row(s.name, s.fit, age, s.trainable, patient, settings, s.note) for s in sets],
-                           columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(
+        [_summary_row(s.name, s.fit, age, s.trainable, patient, settings, s.note) for s in sets],
+        columns=SUMMARY_COLUMNS,
+    )
     return CtAgeResult(table[table_columns(settings.groups)], summary, {s.name: s.fit for s in sets if s.fit})

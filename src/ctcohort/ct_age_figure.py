@@ -6,21 +6,23 @@ Drawn in the journal style of ``ctcohort.figures`` (print size, no text below 7 
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # noqa: E402 - after ctcohort.figures, which selects the Agg backend
 import numpy as np
 import pandas as pd
 
 from ctcohort.ct_age import ALL
 from ctcohort.figures import GROUP_COLOURS, PAGE_WIDTH_IN, journal_style, save_figure, say
 
-import matplotlib.pyplot as plt  # noqa: E402 - after ctcohort.figures, which selects the Agg backend
-
 TRAINED_COLOUR, OTHER_COLOUR = "#4d4d4d", "#E69F00"
 
 
 def gap_columns(table: pd.DataFrame) -> list[tuple[str, str]]:
     """(feature set, its corrected-gap column): all, then each group the table has."""
-    groups = [c[: -len("_age_gap_corrected")] for c in table.columns
-              if c.endswith("_age_gap_corrected") and c != "age_gap_corrected"]
+    groups = [
+        c[: -len("_age_gap_corrected")]
+        for c in table.columns
+        if c.endswith("_age_gap_corrected") and c != "age_gap_corrected"
+    ]
     return [(ALL, "age_gap_corrected"), *((g, f"{g}_age_gap_corrected") for g in groups)]
 
 
@@ -31,12 +33,24 @@ def _scatter(ax, table: pd.DataFrame, summary: pd.DataFrame) -> None:
         say(ax, f"no CT age{': ' + note.replace('_', ' ') if note else ''}")
         return
     trained = scored["trained"].astype(str).str.lower() == "true"
-    for keep, colour, label in ((trained, TRAINED_COLOUR, "one scan per patient"),
-                                (~trained, OTHER_COLOUR, "other scans")):
+    for keep, colour, label in (
+        (trained, TRAINED_COLOUR, "one scan per patient"),
+        (~trained, OTHER_COLOUR, "other scans"),
+    ):
         if keep.any():
-            ax.scatter(scored.loc[keep, "age"], scored.loc[keep, "predicted_age"], s=6, color=colour, alpha=0.6,
-                       linewidths=0, label=f"{label} (n={int(keep.sum())})")
-    low, high = np.nanmin(scored[["age", "predicted_age"]].to_numpy()), np.nanmax(scored[["age", "predicted_age"]].to_numpy())
+            ax.scatter(
+                scored.loc[keep, "age"],
+                scored.loc[keep, "predicted_age"],
+                s=6,
+                color=colour,
+                alpha=0.6,
+                linewidths=0,
+                label=f"{label} (n={int(keep.sum())})",
+            )
+    low, high = (
+        np.nanmin(scored[["age", "predicted_age"]].to_numpy()),
+        np.nanmax(scored[["age", "predicted_age"]].to_numpy()),
+    )
     ax.plot([low, high], [low, high], color="black", linewidth=0.6, linestyle="--")
     row = summary.set_index("features").loc[ALL] if ALL in set(summary["features"]) else None
     if row is not None and np.isfinite(row["mae"]):
@@ -48,8 +62,7 @@ def _scatter(ax, table: pd.DataFrame, summary: pd.DataFrame) -> None:
 
 def _gaps(ax, table: pd.DataFrame) -> None:
     trained = table["trained"].astype(str).str.lower() == "true"
-    columns = [(name, column) for name, column in gap_columns(table)
-               if np.isfinite(table.loc[trained, column]).any()]
+    columns = [(name, column) for name, column in gap_columns(table) if np.isfinite(table.loc[trained, column]).any()]
     if not columns:
         say(ax, "no corrected age gaps")
         return

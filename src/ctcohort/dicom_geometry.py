@@ -29,8 +29,15 @@ POSITION_TOLERANCE_MM = 0.1
 MAX_TOLERANCE_FRACTION = 0.2  # of the slice spacing
 MAX_TILT_DEGREES = 0.1
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines; dcm2niix splits a stack whose orientations differ by more
-GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
-                 "NumberOfFrames", "InstanceNumber")
+GEOMETRY_TAGS = (
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "InstanceNumber",
+)
 VECTOR_TAGS = frozenset({"ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"})
 NUMBER_TAGS = frozenset({"Rows", "Columns", "SliceThickness", "KVP", "NumberOfFrames"})
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: an index, not an image
@@ -156,8 +163,10 @@ def _shared_positions(along: np.ndarray, tolerance: float) -> str:
         return ""
     slices = int(np.count_nonzero(np.r_[close, False] | np.r_[False, close]))
     places = int(np.count_nonzero(np.diff(np.r_[False, close].astype(int)) == 1))
-    return (f"slices at the same position: {slices} slices at {_plural(places, 'position')} (two series or "
-            "reconstructions merged, or files given twice)")
+    return (
+        f"slices at the same position: {slices} slices at {_plural(places, 'position')} (two series or "
+        "reconstructions merged, or files given twice)"
+    )
 
 
 def _uneven(along: np.ndarray, spacing: float, tolerance: float) -> str:
@@ -209,8 +218,16 @@ def measure_stack(positions, orientation) -> Stack | None:
     order = np.argsort(projected, kind="stable")
     along, points = projected[order], points[order]
     if len(along) < 2:
-        return Stack(tuple(int(i) for i in order), tuple(along), tuple(normal), None, None, None, None,
-                     ("a single slice, not a volume",))
+        return Stack(
+            tuple(int(i) for i in order),
+            tuple(along),
+            tuple(normal),
+            None,
+            None,
+            None,
+            None,
+            ("a single slice, not a volume",),
+        )
     spacing = float(np.median(np.diff(along)))
     tolerance = position_tolerance(spacing)
     problems = [_shared_positions(along, tolerance)]
@@ -222,8 +239,17 @@ def measure_stack(positions, orientation) -> Stack | None:
         if tilt_deg > MAX_TILT_DEGREES and shift > tolerance:
             problems.append(f"gantry tilt of {_degrees(tilt_deg)} degrees (slices sheared along the table)")
         tilt_deg = round(tilt_deg, 2)
-    return Stack(tuple(int(i) for i in order), tuple(float(a) for a in along), tuple(float(v) for v in normal),
-                 spacing, start, step, tilt_deg, tuple(p for p in problems if p), doubled=bool(problems[0]))
+    return Stack(
+        tuple(int(i) for i in order),
+        tuple(float(a) for a in along),
+        tuple(float(v) for v in normal),
+        spacing,
+        start,
+        step,
+        tilt_deg,
+        tuple(p for p in problems if p),
+        doubled=bool(problems[0]),
+    )
 
 
 # --- a converted volume against the stack ------------------------------------------------------------------------
@@ -250,15 +276,20 @@ def volume_disagreement(affine, slices: int, stack: Stack, resliced: bool) -> st
         first, step = first + step * (slices - 1), -step
     tolerance = stack.tolerance
     if resliced:
-        agrees = (abs(first - stack.along[0]) <= tolerance and step <= stack.spacing + tolerance
-                  and abs(step * (slices - 1) - stack.extent) <= max(tolerance, step / 2))
+        agrees = (
+            abs(first - stack.along[0]) <= tolerance
+            and step <= stack.spacing + tolerance
+            and abs(step * (slices - 1) - stack.extent) <= max(tolerance, step / 2)
+        )
     else:
         agrees = slices == len(stack.along)
     if agrees:
         return ""
-    return (f"{_plural(slices, 'slice')} {_mm(step)} mm apart from {_mm(first)} mm along the slice normal, where the "
-            f"headers put {len(stack.along)} slices {_mm(stack.spacing)} mm apart from {_mm(stack.along[0])} mm over "
-            f"{_mm(stack.extent)} mm")
+    return (
+        f"{_plural(slices, 'slice')} {_mm(step)} mm apart from {_mm(first)} mm along the slice normal, where the "
+        f"headers put {len(stack.along)} slices {_mm(stack.spacing)} mm apart from {_mm(stack.along[0])} mm over "
+        f"{_mm(stack.extent)} mm"
+    )
 
 
 def affine_on_stack(affine, stack: Stack) -> np.ndarray:

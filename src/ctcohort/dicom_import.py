@@ -59,16 +59,32 @@ STAGE = "import_ct"
 # a list of DICOM files: a text file, one path a line (what `ctcohort sheet` writes for a series that shares
 # its folder with other files)
 LIST_SUFFIX = ".txt"
-CORRECTIONS = {"Eq": "uneven slice spacing (a missing slice?) resliced to equal spacing",
-               "Tilt": "gantry tilt removed"}
+CORRECTIONS = {"Eq": "uneven slice spacing (a missing slice?) resliced to equal spacing", "Tilt": "gantry tilt removed"}
 # header fields read per file: what tells series, geometry and modality apart, and what may identify a
 # patient (only to blank it out of dcm2niix's messages)
 SERIES_TAGS = ["Modality", "ImageType", "SeriesInstanceUID", "SeriesNumber"]
-IDENTIFYING_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "InstitutionAddress",
-                    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "AccessionNumber",
-                    "StudyID", "StudyDate", "SeriesDate", "StudyInstanceUID", "SOPInstanceUID",
-                    "FrameOfReferenceUID", "StationName", "DeviceSerialNumber", "StudyDescription",
-                    "SeriesDescription", "ProtocolName"]
+IDENTIFYING_TAGS = [
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "SeriesDate",
+    "StudyInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+]
 UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
 DCM2NIIX_TIMEOUT_S = 3600
 
@@ -121,8 +137,10 @@ class ImportRecord:
 
     def describe(self) -> str:
         corrected = "" if self.correction == "none" else f", corrected by dcm2niix ({self.correction})"
-        return (f"{self.images} images -> {self.shape} voxels of {self.spacing_mm} mm, {self.orientation}, "
-                f"{self.dtype}{corrected}")
+        return (
+            f"{self.images} images -> {self.shape} voxels of {self.spacing_mm} mm, {self.orientation}, "
+            f"{self.dtype}{corrected}"
+        )
 
 
 @dataclass
@@ -156,10 +174,18 @@ def _read_image_header(path: Path, identifying: set[str]) -> _Image | None:
         return vector if vector is not None and len(vector) == count else None
 
     size = (int(header["Rows"]), int(header["Columns"] or 0))
-    return _Image(path, header["Modality"].upper(), "LOCALIZER" in header["ImageType"].upper(),
-                  header["SeriesInstanceUID"], header["SeriesNumber"], size,
-                  sized(header["ImageOrientationPatient"], 6), sized(header["ImagePositionPatient"], 3),
-                  int(header["NumberOfFrames"] or 1), header["InstanceNumber"])
+    return _Image(
+        path,
+        header["Modality"].upper(),
+        "LOCALIZER" in header["ImageType"].upper(),
+        header["SeriesInstanceUID"],
+        header["SeriesNumber"],
+        size,
+        sized(header["ImageOrientationPatient"], 6),
+        sized(header["ImagePositionPatient"], 3),
+        int(header["NumberOfFrames"] or 1),
+        header["InstanceNumber"],
+    )
 
 
 def _plural(n: int, word: str) -> str:
@@ -178,12 +204,16 @@ def _check_one_ct_series(images: list[_Image], files: int) -> None:
         raise DicomImportError(f"holds images of more than one modality: {found}; give one series only")
     localizers = sum(i.localizer for i in images)
     if localizers:
-        raise DicomImportError(f"{_plural(localizers, 'localizer image')} (ImageType LOCALIZER) mixed in with the "
-                               f"{len(images) - localizers} other images; give the axial series only")
+        raise DicomImportError(
+            f"{_plural(localizers, 'localizer image')} (ImageType LOCALIZER) mixed in with the "
+            f"{len(images) - localizers} other images; give the axial series only"
+        )
     uids = {i.series_uid for i in images}
     if len(uids) > 1:  # values not shown: they are UIDs
-        raise DicomImportError(f"holds {len(uids)} series (distinct SeriesInstanceUID"
-                               f"{', some blank' if '' in uids else ''}); give one series only")
+        raise DicomImportError(
+            f"holds {len(uids)} series (distinct SeriesInstanceUID"
+            f"{', some blank' if '' in uids else ''}); give one series only"
+        )
     numbers = Counter(i.series_number or "blank" for i in images)
     if len(numbers) > 1:
         found = ", ".join(f"{n} ({c} images)" for n, c in sorted(numbers.items()))
@@ -193,8 +223,9 @@ def _check_one_ct_series(images: list[_Image], files: int) -> None:
         found = ", ".join(f"{s} ({n} images)" for s, n in sizes.most_common())
         raise DicomImportError(f"images of different sizes: {found} (a localizer or a second series?)")
     if any(i.frames > 1 for i in images) and len(images) > 1:
-        raise DicomImportError(f"{len(images)} images, some of them multi-frame: give one multi-frame file or one "
-                               "series of single slices")
+        raise DicomImportError(
+            f"{len(images)} images, some of them multi-frame: give one multi-frame file or one series of single slices"
+        )
 
 
 def _measure_stack(images: list[_Image]) -> Stack:
@@ -204,8 +235,10 @@ def _measure_stack(images: list[_Image]) -> Stack:
         raise DicomImportError("a single slice, not a volume")
     if any(i.orientation is None or i.position is None for i in images):
         missing = sum(i.orientation is None or i.position is None for i in images)
-        raise DicomImportError(f"{_plural(missing, 'image')} without ImageOrientationPatient or "
-                               "ImagePositionPatient: the slices cannot be placed")
+        raise DicomImportError(
+            f"{_plural(missing, 'image')} without ImageOrientationPatient or "
+            "ImagePositionPatient: the slices cannot be placed"
+        )
     mixed = mixed_orientations([i.orientation for i in images])
     if mixed:
         raise DicomImportError(f"{mixed} (a localizer or a second series mixed in?); give one stack of slices")
@@ -279,9 +312,11 @@ def _gather(source, folder: Path) -> list[Path]:
         # by line number, not path: a listed path may run through an export folder named after the patient
         missing = [n for n, path in enumerate(listed, start=1) if not path.is_file()]
         if missing:
-            raise DicomImportError(f"{paths[0]}: {_plural(len(missing), 'listed file')} not found "
-                                   f"(line{'s' * (len(missing) > 1)} {', '.join(map(str, missing[:10]))}"
-                                   f"{' ...' if len(missing) > 10 else ''})")
+            raise DicomImportError(
+                f"{paths[0]}: {_plural(len(missing), 'listed file')} not found "
+                f"(line{'s' * (len(missing) > 1)} {', '.join(map(str, missing[:10]))}"
+                f"{' ...' if len(missing) > 10 else ''})"
+            )
         paths = listed
     elif len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         try:
@@ -345,22 +380,29 @@ def _choose_volume(out_folder: Path, allow_corrected: bool, stack: Stack | None)
     for name in written:
         match = re.fullmatch(r"volume(?:_(Tilt_Eq|Tilt|Eq)_1)?\.nii", name)
         if match is None:
-            raise DicomImportError(f"dcm2niix wrote more than one volume ({len(written)} files: "
-                                   f"{', '.join(written)}): the files hold more than one series or echo")
+            raise DicomImportError(
+                f"dcm2niix wrote more than one volume ({len(written)} files: "
+                f"{', '.join(written)}): the files hold more than one series or echo"
+            )
         volumes[match.group(1) or "none"] = out_folder / name
     if "none" not in volumes:
         raise DicomImportError(f"dcm2niix wrote no plain volume ({', '.join(written) or 'nothing'})")
     corrected = [k for k in volumes if k != "none"]
     if len(corrected) > 1:
         raise DicomImportError(f"dcm2niix wrote several corrected volumes ({', '.join(sorted(corrected))})")
-    for key, path in volumes.items():
+    for path in volumes.values():
         shape = nib.load(path).shape
         if len(shape) > 3 and any(n > 1 for n in shape[3:]):
-            raise DicomImportError(f"dcm2niix wrote a {len(shape)}-D volume of shape {'x'.join(map(str, shape))}: "
-                                   "more than one volume of the same slices (a second series, echo or phase)")
+            raise DicomImportError(
+                f"dcm2niix wrote a {len(shape)}-D volume of shape {'x'.join(map(str, shape))}: "
+                "more than one volume of the same slices (a second series, echo or phase)"
+            )
     if corrected and stack is not None and stack.regular:
-        log.info("dcm2niix also wrote a corrected volume (%s) of a series that is regular by its positions: its "
-                 "plain volume is taken", corrected[0])
+        log.info(
+            "dcm2niix also wrote a corrected volume (%s) of a series that is regular by its positions: its "
+            "plain volume is taken",
+            corrected[0],
+        )
         return volumes["none"], "none"
     expected = list(stack.problems) if stack is not None else []
     if corrected:
@@ -368,9 +410,11 @@ def _choose_volume(out_folder: Path, allow_corrected: bool, stack: Stack | None)
         reasons = "; ".join(CORRECTIONS[part] for part in kind.split("_"))
         if not allow_corrected:
             found = "; ".join(expected) or reasons
-            raise DicomImportError(f"dcm2niix had to correct the series ({found}); the corrected volume "
-                                   f"({kind}: {reasons}) is used only where allowed (import_ct.allow_corrected: "
-                                   "true, or ctcohort import-ct --allow-corrected)")
+            raise DicomImportError(
+                f"dcm2niix had to correct the series ({found}); the corrected volume "
+                f"({kind}: {reasons}) is used only where allowed (import_ct.allow_corrected: "
+                "true, or ctcohort import-ct --allow-corrected)"
+            )
         return volumes[kind], kind
     if expected:
         raise DicomImportError(f"{'; '.join(expected)}, but dcm2niix wrote no corrected volume")
@@ -418,16 +462,36 @@ def convert_series(source, allow_corrected: bool = False):
             _check_one_ct_series(images, count)
             stack = None if images[0].frames > 1 else _measure_stack(images)
             if stack is not None and not stack.regular and not allow_corrected:
-                raise DicomImportError(stack.problem + ": not imported unless allowed (import_ct.allow_corrected: "
-                                       "true, or ctcohort import-ct --allow-corrected), which takes dcm2niix's "
-                                       "corrected volume")
+                raise DicomImportError(
+                    stack.problem + ": not imported unless allowed (import_ct.allow_corrected: "
+                    "true, or ctcohort import-ct --allow-corrected), which takes dcm2niix's "
+                    "corrected volume"
+                )
             if stack is not None and _number_by_position(images, stack):
-                log.info("%s: InstanceNumber order is not the order of the slice positions: the slices numbered by "
-                         "their positions for dcm2niix", name)
-            command = [_dcm2niix_binary(), "-b", "n", "-ba", "y", "-f", "volume", "-z", "n", "-m", "y",
-                       "-o", str(out), str(series)]
-            result = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                                    timeout=DCM2NIIX_TIMEOUT_S)
+                log.info(
+                    "%s: InstanceNumber order is not the order of the slice positions: the slices numbered by "
+                    "their positions for dcm2niix",
+                    name,
+                )
+            command = [
+                _dcm2niix_binary(),
+                "-b",
+                "n",
+                "-ba",
+                "y",
+                "-f",
+                "volume",
+                "-z",
+                "n",
+                "-m",
+                "y",
+                "-o",
+                str(out),
+                str(series),
+            ]
+            result = subprocess.run(
+                command, capture_output=True, text=True, errors="replace", timeout=DCM2NIIX_TIMEOUT_S
+            )
             warnings = _warnings(result.stdout + result.stderr, identifying, Path(tmp))
             for line in warnings:
                 log.warning("%s: dcm2niix: %s", name, line)
@@ -491,8 +555,9 @@ def import_batch(
 
     lists = [subjects, sources, cts, records, statuses]
     if len({len(items) for items in lists}) != 1:
-        raise ValueError(f"an import batch needs one source, CT, record and status per scan: "
-                         f"{[len(items) for items in lists]}")
+        raise ValueError(
+            f"an import batch needs one source, CT, record and status per scan: {[len(items) for items in lists]}"
+        )
 
     def step(subject, source, ct, record) -> Callable[[], None]:
         return lambda: write_record(import_series(source, ct, allow_corrected), record, subject)
@@ -501,8 +566,14 @@ def import_batch(
         return lambda: (_write_placeholder(ct), write_record(None, record, subject))
 
     for subject, source, ct, record, status in zip(*lists):
-        run_scan_step(subject, STAGE, status, on_error, step=step(subject, source, ct, record),
-                      placeholder=placeholder(subject, ct, record))
+        run_scan_step(
+            subject,
+            STAGE,
+            status,
+            on_error,
+            step=step(subject, source, ct, record),
+            placeholder=placeholder(subject, ct, record),
+        )
 
 
 def import_table(records: Sequence[str | Path], statuses: Sequence[str | Path]):
@@ -517,6 +588,12 @@ def import_table(records: Sequence[str | Path], statuses: Sequence[str | Path]):
     for record, status_path in zip(records, statuses):
         status = read_status(status_path)
         row = read_tsv(record, NOTHING_MISSING, dtype=str).iloc[0].to_dict()
-        rows.append({"subject": status.subject, "imported": status.ok, "error": status.error,
-                     **{c: row.get(c, "") for c in ImportRecord.columns()}})
+        rows.append(
+            {
+                "subject": status.subject,
+                "imported": status.ok,
+                "error": status.error,
+                **{c: row.get(c, "") for c in ImportRecord.columns()},
+            }
+        )
     return pd.DataFrame(rows, columns=["subject", "imported", "error", *ImportRecord.columns()])

@@ -62,11 +62,32 @@ CHOICE_RULE = (
 
 # header tags read from every file (pydicom keywords); nothing else is parsed
 TAGS = [
-    "SOPClassUID", "Modality", "PatientID", "PatientBirthDate", "PatientAge", "PatientSex", "StudyInstanceUID",
-    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "SeriesInstanceUID", "SeriesNumber",
-    "SeriesDescription", "FrameOfReferenceUID", "AcquisitionNumber", "ImageType", "SliceThickness",
-    "ConvolutionKernel", "ContrastBolusAgent", "ContrastBolusRoute", "Manufacturer", "ManufacturerModelName", "KVP",
-    "PatientName", *GEOMETRY_TAGS,
+    "SOPClassUID",
+    "Modality",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientAge",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "FrameOfReferenceUID",
+    "AcquisitionNumber",
+    "ImageType",
+    "SliceThickness",
+    "ConvolutionKernel",
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "KVP",
+    "PatientName",
+    *GEOMETRY_TAGS,
 ]
 # text values that thousands of files repeat: one copy of each is kept
 _SHARED_TEXT = [t for t in TAGS if t not in VECTOR_TAGS | NUMBER_TAGS and t != "InstanceNumber"]
@@ -74,15 +95,63 @@ _SHARED_TEXT = [t for t in TAGS if t not in VECTOR_TAGS | NUMBER_TAGS and t != "
 # ContrastBolusAgent/Route values that say "none"
 NO_CONTRAST = {"", "NONE", "NO", "N", "0", "NATIVE", "WITHOUT", "NIL"}
 
-SHEET_COLUMNS = ["subject", "ct", "age", "sex", "contrast", "age_source", "patient", "years", "series", "series_number",
-                 "slices", "slice_spacing", "slice_thickness", "kernel", "kernel_class", "manufacturer", "model",
-                 "kvp", "study_year"]
-SERIES_COLUMNS = ["study", "patient", "series", "series_number", "modality", "description", "image_type",
-                  "orientation", "rows", "columns", "pixel_spacing", "files", "slices", "dropped_files",
-                  "slice_spacing", "slice_thickness", "tilt_deg", "complete", "kernel", "kernel_class", "contrast",
-                  "eligible", "chosen", "reason"]
-KEY_COLUMNS = ["subject", "patient", "PatientID", "StudyInstanceUID", "StudyDate", "series", "SeriesInstanceUID",
-               "SeriesNumber"]
+SHEET_COLUMNS = [
+    "subject",
+    "ct",
+    "age",
+    "sex",
+    "contrast",
+    "age_source",
+    "patient",
+    "years",
+    "series",
+    "series_number",
+    "slices",
+    "slice_spacing",
+    "slice_thickness",
+    "kernel",
+    "kernel_class",
+    "manufacturer",
+    "model",
+    "kvp",
+    "study_year",
+]
+SERIES_COLUMNS = [
+    "study",
+    "patient",
+    "series",
+    "series_number",
+    "modality",
+    "description",
+    "image_type",
+    "orientation",
+    "rows",
+    "columns",
+    "pixel_spacing",
+    "files",
+    "slices",
+    "dropped_files",
+    "slice_spacing",
+    "slice_thickness",
+    "tilt_deg",
+    "complete",
+    "kernel",
+    "kernel_class",
+    "contrast",
+    "eligible",
+    "chosen",
+    "reason",
+]
+KEY_COLUMNS = [
+    "subject",
+    "patient",
+    "PatientID",
+    "StudyInstanceUID",
+    "StudyDate",
+    "series",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+]
 
 
 # --- reading headers ---------------------------------------------------------------------------------
@@ -125,8 +194,10 @@ class Progress:
     def _show(self, now: float) -> None:
         rate = self.done / max(now - self.start, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else 0
-        line = (f"{self.what}: {self.done:,} of {self.total:,} ({100 * self.done / max(self.total, 1):.0f}%), "
-                f"{rate:,.0f}/s, {left:,.0f} s left")
+        line = (
+            f"{self.what}: {self.done:,} of {self.total:,} ({100 * self.done / max(self.total, 1):.0f}%), "
+            f"{rate:,.0f}/s, {left:,.0f} s left"
+        )
         self.stream.write(("\r" + line + ("\n" if self.done == self.total else "")) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -242,8 +313,13 @@ class Series:
 
     @property
     def contrast(self) -> int:
-        return int(any(h[tag].upper() not in NO_CONTRAST for h in (self.stack or self.files)
-                       for tag in ("ContrastBolusAgent", "ContrastBolusRoute")))
+        return int(
+            any(
+                h[tag].upper() not in NO_CONTRAST
+                for h in (self.stack or self.files)
+                for tag in ("ContrastBolusAgent", "ContrastBolusRoute")
+            )
+        )
 
     @property
     def spacing(self) -> float | None:
@@ -260,9 +336,15 @@ class Series:
 
     def rank(self) -> tuple:
         number = as_number(self.series_number)
-        return (not self.named, KERNEL_RANK[self.kernel_class],
-                round(self.spacing or math.inf, 2), round(self.thickness or math.inf, 2), -len(self.stack),
-                number if number is not None else math.inf, self.index)
+        return (
+            not self.named,
+            KERNEL_RANK[self.kernel_class],
+            round(self.spacing or math.inf, 2),
+            round(self.thickness or math.inf, 2),
+            -len(self.stack),
+            number if number is not None else math.inf,
+            self.index,
+        )
 
 
 def _study_key(h: dict) -> str:
@@ -274,8 +356,17 @@ def _study_key(h: dict) -> str:
 def _series_key(h: dict) -> tuple:
     if h["SeriesInstanceUID"]:
         return ("uid", h["SeriesInstanceUID"])
-    return ("blank", h["FrameOfReferenceUID"], h["SeriesNumber"], h["SeriesDescription"], h["ConvolutionKernel"],
-            _round(h["ImageOrientationPatient"]), h["Rows"], h["Columns"], h["AcquisitionNumber"])
+    return (
+        "blank",
+        h["FrameOfReferenceUID"],
+        h["SeriesNumber"],
+        h["SeriesDescription"],
+        h["ConvolutionKernel"],
+        _round(h["ImageOrientationPatient"]),
+        h["Rows"],
+        h["Columns"],
+        h["AcquisitionNumber"],
+    )
 
 
 def _stack_key(h: dict) -> tuple:
@@ -290,8 +381,9 @@ def group_series(headers: list[dict], min_slices: int = DEFAULT_MIN_SLICES) -> l
         study = _study_key(h)
         patient = h["PatientID"] or "study\0" + study
         groups[(patient, study, _series_key(h))].append(h)
-    series = [Series(patient, study, sorted(files, key=lambda h: h["path"]))
-              for (patient, study, _), files in groups.items()]
+    series = [
+        Series(patient, study, sorted(files, key=lambda h: h["path"])) for (patient, study, _), files in groups.items()
+    ]
     for s in series:
         _measure(s, min_slices)
     return series
@@ -356,8 +448,14 @@ def choose(series: list[Series], named_uids: list[str] | None = None) -> dict[tu
         studies[(s.patient_key, s.study_key)].append(s)
     chosen = {}
     for key, members in studies.items():
-        members.sort(key=lambda s: (as_number(s.series_number) if as_number(s.series_number) is not None else math.inf,
-                                    s.common("SeriesDescription"), s.kernel, s.files[0]["path"]))
+        members.sort(
+            key=lambda s: (
+                as_number(s.series_number) if as_number(s.series_number) is not None else math.inf,
+                s.common("SeriesDescription"),
+                s.kernel,
+                s.files[0]["path"],
+            )
+        )
         for i, s in enumerate(members, start=1):
             s.index = i
         named = [s for s in members if s.named]
@@ -440,8 +538,10 @@ def resolve_secret(secret: str | None) -> bytes:
     """The pseudonym key: the option's value, else the environment variable; an error without one."""
     secret = secret if secret else os.environ.get(SECRET_VARIABLE, "")
     if not secret:
-        raise ValueError(f"a secret is needed for the pseudonyms: set {SECRET_VARIABLE} (or --secret); keep it, "
-                         "the same secret gives the same pseudonyms in a later run")
+        raise ValueError(
+            f"a secret is needed for the pseudonyms: set {SECRET_VARIABLE} (or --secret); keep it, "
+            "the same secret gives the same pseudonyms in a later run"
+        )
     return secret.encode("utf-8")
 
 
@@ -567,8 +667,10 @@ def _files_below(paths: list[str], root: str) -> Counter:
 
 def _refuse_results(path: Path, what: str) -> None:
     if "results" in Path(os.path.abspath(path)).parts:
-        raise ValueError(f"{what} {path} lies in a folder named results: the key re-identifies patients and "
-                         "is never written next to the study's outputs; name a file elsewhere")
+        raise ValueError(
+            f"{what} {path} lies in a folder named results: the key re-identifies patients and "
+            "is never written next to the study's outputs; name a file elsewhere"
+        )
 
 
 @dataclass
@@ -592,9 +694,13 @@ class InventorySettings:
     progress: bool = True  # say on stderr how the reading goes
 
 
-def write_inventory(dicom_root: str | Path, sheet: str | Path, series_table: str | Path | None = None,
-                    key_out: str | Path | None = None, settings: InventorySettings = InventorySettings()
-                    ) -> Inventory:
+def write_inventory(
+    dicom_root: str | Path,
+    sheet: str | Path,
+    series_table: str | Path | None = None,
+    key_out: str | Path | None = None,
+    settings: InventorySettings = InventorySettings(),
+) -> Inventory:
     """Read the tree, choose a CT series per study and write the cohort sheet (and the series table and the
     pseudonym key where asked). The ``ct`` of a row is the series' folder where that folder holds the
     series' files and nothing else, else (and always with ``settings.file_lists``) a file list
@@ -634,14 +740,17 @@ def _study_pseudonyms(series: list[Series], key: bytes) -> dict[tuple[str, str],
         subject, patient = pseudonyms(key, s.patient_key, s.study_key)
         for name, source in ((subject, (s.patient_key, s.study_key)), (patient, s.patient_key)):
             if seen.setdefault(name, source) != source:
-                raise ValueError(f"two studies or patients have the same pseudonym {name}: a 1 in 10^9 event "
-                                 "at 10,000 studies; run again with another secret")
+                raise ValueError(
+                    f"two studies or patients have the same pseudonym {name}: a 1 in 10^9 event "
+                    "at 10,000 studies; run again with another secret"
+                )
         names[(s.patient_key, s.study_key)] = (subject, patient)
     return names
 
 
-def _write_sheet(sheet: Path, chosen: dict[tuple[str, str], Series], names: dict, files_below: Counter,
-                 file_lists: bool) -> list[dict]:
+def _write_sheet(
+    sheet: Path, chosen: dict[tuple[str, str], Series], names: dict, files_below: Counter, file_lists: bool
+) -> list[dict]:
     """The cohort sheet's rows (one per chosen series, by subject), written with their file lists; the lists
     of an earlier run whose study has no row now are removed."""
     list_dir = sheet.parent / (sheet.stem + LIST_FOLDER_SUFFIX)
@@ -657,8 +766,11 @@ def _write_sheet(sheet: Path, chosen: dict[tuple[str, str], Series], names: dict
             written_lists.add(ct.name)
         else:
             ct = Path(folder)
-        ct = os.path.relpath(os.path.abspath(ct), os.path.abspath(sheet.parent)) if _below(ct, sheet.parent) \
+        ct = (
+            os.path.relpath(os.path.abspath(ct), os.path.abspath(sheet.parent))
+            if _below(ct, sheet.parent)
             else os.path.abspath(ct)
+        )
         rows.append(_sheet_row(s, subject, patient, ct))
     add_years_since_first_study(rows)
     rows.sort(key=lambda r: r["subject"])
@@ -689,12 +801,24 @@ def _sheet_row(s: Series, subject: str, patient: str, ct: str) -> dict:
     age, age_source = age_years(s.first("PatientAge"), s.first("StudyDate"), s.first("PatientBirthDate"))
     study_date = _date(s.first("StudyDate"))
     return {
-        "subject": subject, "ct": ct, "age": age, "sex": sex_code(s.first("PatientSex")),
-        "contrast": s.contrast, "age_source": age_source, "patient": patient, "series": s.index,
-        "series_number": s.series_number, "slices": len(s.stack), "slice_spacing": s.spacing,
-        "slice_thickness": s.thickness, "kernel": s.kernel, "kernel_class": s.kernel_class,
-        "manufacturer": s.common("Manufacturer"), "model": s.common("ManufacturerModelName"),
-        "kvp": s.common("KVP"), "study_year": study_date.year if study_date else None,
+        "subject": subject,
+        "ct": ct,
+        "age": age,
+        "sex": sex_code(s.first("PatientSex")),
+        "contrast": s.contrast,
+        "age_source": age_source,
+        "patient": patient,
+        "series": s.index,
+        "series_number": s.series_number,
+        "slices": len(s.stack),
+        "slice_spacing": s.spacing,
+        "slice_thickness": s.thickness,
+        "kernel": s.kernel,
+        "kernel_class": s.kernel_class,
+        "manufacturer": s.common("Manufacturer"),
+        "model": s.common("ManufacturerModelName"),
+        "kvp": s.common("KVP"),
+        "study_year": study_date.year if study_date else None,
         "study_date": study_date,
     }
 
@@ -705,19 +829,34 @@ def _write_series_table(path: Path, series: list[Series], names: dict) -> None:
     for s in series:
         subject, patient = names[(s.patient_key, s.study_key)]
         pixel = s.first("PixelSpacing")
-        table.append({
-            "study": subject, "patient": patient, "series": s.index, "series_number": s.series_number,
-            "modality": s.common("Modality"), "description": scrub(s.common("SeriesDescription"), identifying_values(s)),
-            "image_type": s.common("ImageType").replace("\\", "/"),
-            "orientation": orientation_name(s.first("ImageOrientationPatient")) if s.stack else "",
-            "rows": s.first("Rows"), "columns": s.first("Columns"),
-            "pixel_spacing": "x".join(f"{v:.7g}" for v in pixel) if pixel else "",
-            "files": len(s.files), "slices": len(s.stack),
-            "dropped_files": ", ".join(f"{n} {why}" for why, n in sorted(s.dropped.items())),
-            "slice_spacing": s.spacing, "slice_thickness": s.thickness, "tilt_deg": s.tilt_deg,
-            "complete": s.complete, "kernel": s.kernel, "kernel_class": s.kernel_class,
-            "contrast": s.contrast, "eligible": not s.problem, "chosen": s.chosen, "reason": s.reason,
-        })
+        table.append(
+            {
+                "study": subject,
+                "patient": patient,
+                "series": s.index,
+                "series_number": s.series_number,
+                "modality": s.common("Modality"),
+                "description": scrub(s.common("SeriesDescription"), identifying_values(s)),
+                "image_type": s.common("ImageType").replace("\\", "/"),
+                "orientation": orientation_name(s.first("ImageOrientationPatient")) if s.stack else "",
+                "rows": s.first("Rows"),
+                "columns": s.first("Columns"),
+                "pixel_spacing": "x".join(f"{v:.7g}" for v in pixel) if pixel else "",
+                "files": len(s.files),
+                "slices": len(s.stack),
+                "dropped_files": ", ".join(f"{n} {why}" for why, n in sorted(s.dropped.items())),
+                "slice_spacing": s.spacing,
+                "slice_thickness": s.thickness,
+                "tilt_deg": s.tilt_deg,
+                "complete": s.complete,
+                "kernel": s.kernel,
+                "kernel_class": s.kernel_class,
+                "contrast": s.contrast,
+                "eligible": not s.problem,
+                "chosen": s.chosen,
+                "reason": s.reason,
+            }
+        )
     table.sort(key=lambda r: (r["study"], r["series"]))
     _write_tsv(path, SERIES_COLUMNS, table)
 
@@ -730,8 +869,11 @@ def _write_key(key_out: Path, series: list[Series], chosen: dict[tuple[str, str]
         best = chosen.get(study)
         subject, patient = names[study]
         studies[study] = {
-            "subject": subject, "patient": patient, "PatientID": s.first("PatientID"),
-            "StudyInstanceUID": s.first("StudyInstanceUID"), "StudyDate": s.first("StudyDate"),
+            "subject": subject,
+            "patient": patient,
+            "PatientID": s.first("PatientID"),
+            "StudyInstanceUID": s.first("StudyInstanceUID"),
+            "StudyDate": s.first("StudyDate"),
             "series": best.index if best else None,
             "SeriesInstanceUID": best.first("SeriesInstanceUID") if best else "",
             "SeriesNumber": best.series_number if best else "",

@@ -126,8 +126,9 @@ def _full_hash(path: str, size: int) -> bytes:
     return digest.digest()
 
 
-def _refine(groups: list[list[int]], files: dict[int, list[tuple[str, int]]],
-            file_key: Callable[[str, int], bytes]) -> list[list[int]]:
+def _refine(
+    groups: list[list[int]], files: dict[int, list[tuple[str, int]]], file_key: Callable[[str, int], bytes]
+) -> list[list[int]]:
     """Split each group of sources by the multiset of ``file_key`` of their files; keep groups of 2 or more."""
     cache: dict[str, bytes | None] = {}
 
@@ -223,8 +224,12 @@ def identical_images(cts: Mapping[str, str | Path], sources: Mapping[str, str] |
     def header_key(path):
         img = nib.load(path)
         header = img.header
-        return (header.get_data_shape(), str(header.get_data_dtype()), str(header.get_slope_inter()),
-                np.asarray(img.affine, dtype=np.float64).tobytes())
+        return (
+            header.get_data_shape(),
+            str(header.get_data_dtype()),
+            str(header.get_slope_inter()),
+            np.asarray(img.affine, dtype=np.float64).tobytes(),
+        )
 
     def voxel_key(path):
         img = nib.load(path)
@@ -264,8 +269,12 @@ def dropped_subjects(groups: Sequence[DuplicateGroup]) -> list[str]:
     return [d.subject for g in groups for d in g.later]
 
 
-def duplicates_message(groups: Sequence[DuplicateGroup], sheet_path: str | Path,
-                       lines: dict[str, int] | None = None, after_import: bool = False) -> str:
+def duplicates_message(
+    groups: Sequence[DuplicateGroup],
+    sheet_path: str | Path,
+    lines: dict[str, int] | None = None,
+    after_import: bool = False,
+) -> str:
     """The error for ``duplicates: error``: every row involved (line, subject, file, why) and what to do.
     ``after_import``: the groups are ``identical_images``' (found when the cohort is joined, after the jobs)."""
     lines = lines or {}
@@ -275,17 +284,23 @@ def duplicates_message(groups: Sequence[DuplicateGroup], sheet_path: str | Path,
 
     n_later = sum(len(g.later) for g in groups)
     if after_import:
-        parts = [f"cohort sheet {sheet_path}: {n_later} row(s) hold the same image as an earlier row once imported "
-                 "(identical voxels and geometry), the cohort tables were not written:"]
+        parts = [
+            f"cohort sheet {sheet_path}: {n_later} row(s) hold the same image as an earlier row once imported "
+            "(identical voxels and geometry), the cohort tables were not written:"
+        ]
     else:
-        parts = [f"cohort sheet {sheet_path}: {n_later} row(s) name a scan that an earlier row names already, "
-                 "nothing was run:"]
+        parts = [
+            f"cohort sheet {sheet_path}: {n_later} row(s) name a scan that an earlier row names already, "
+            "nothing was run:"
+        ]
     for group in groups:
         parts.append(f"  {where(group.first)}: {group.path}")
         parts += [f"    same scan: {where(d.subject)}: {d.path} ({d.reason})" for d in group.later]
-    parts.append("Remove the later rows from the sheet (or give them their own scans), or set duplicates: "
-                 "drop_later in the config to keep the first row of each group and list the others in "
-                 "results/tables/failures.tsv (stage duplicate).")
+    parts.append(
+        "Remove the later rows from the sheet (or give them their own scans), or set duplicates: "
+        "drop_later in the config to keep the first row of each group and list the others in "
+        "results/tables/failures.tsv (stage duplicate)."
+    )
     return "\n".join(parts)
 
 
@@ -324,16 +339,26 @@ def read_duplicates(path: str | Path) -> pd.DataFrame:
 def duplicate_failures(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``duplicates_table`` as failures.tsv rows: stage ``duplicate``, error
     ``duplicate_of:<first subject> (<reason>)``."""
-    return pd.DataFrame({
-        "subject": table["subject"].astype(str),
-        "stage": STAGE,
-        "error": [f"duplicate_of:{first} ({reason})" for first, reason in zip(table["duplicate_of"], table["reason"])],
-    }, columns=["subject", "stage", "error"])
+    return pd.DataFrame(
+        {
+            "subject": table["subject"].astype(str),
+            "stage": STAGE,
+            "error": [
+                f"duplicate_of:{first} ({reason})" for first, reason in zip(table["duplicate_of"], table["reason"])
+            ],
+        },
+        columns=["subject", "stage", "error"],
+    )
 
 
-def failures_with_duplicates(failures: pd.DataFrame, dropped_tables: Sequence[str | Path],
-                             imported: Sequence[str | Path], sheet: pd.DataFrame, sheet_path: str | Path,
-                             mode: str) -> tuple[pd.DataFrame, int]:
+def failures_with_duplicates(
+    failures: pd.DataFrame,
+    dropped_tables: Sequence[str | Path],
+    imported: Sequence[str | Path],
+    sheet: pd.DataFrame,
+    sheet_path: str | Path,
+    mode: str,
+) -> tuple[pd.DataFrame, int]:
     """The cohort's failures with its duplicates added (stage ``duplicate``), and how many sheet rows were
     dropped before any job. ``dropped_tables``: the table the main process wrote (drop_later), or none.
     ``imported``: the imported CTs (results/ct/{subject}.nii.gz); those of scans that did not fail are

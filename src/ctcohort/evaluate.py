@@ -37,7 +37,15 @@ METRIC_COLUMNS = ["structure", "label", "group", "dice", "nsd", "n_pred", "n_ref
 # The cohort's per-scan table (dice.tsv): one row per evaluated scan and structure.
 COHORT_METRIC_COLUMNS = ["subject", "structure", "group", "dice", "nsd", "n_pred", "n_ref"]
 SUMMARY_COLUMNS = [
-    "structure", "group", "n", "dice_mean", "dice_ci_low", "dice_ci_high", "nsd_mean", "nsd_ci_low", "nsd_ci_high",
+    "structure",
+    "group",
+    "n",
+    "dice_mean",
+    "dice_ci_low",
+    "dice_ci_high",
+    "nsd_mean",
+    "nsd_ci_low",
+    "nsd_ci_high",
 ]
 # Above this many (prediction, reference) label pairs, Dice counts come from three plain bincounts.
 MAX_JOINT_BINS = 50_000_000
@@ -196,20 +204,23 @@ def surface_metrics(
     if len(both):
         nsd[both] = _surface_dice(pred, ref, ids[both], size, spacing, tolerance_mm)
 
-    out = pd.DataFrame({
-        "structure": table["name"].to_numpy(),
-        "label": ids,
-        "group": table["group"].to_numpy() if "group" in table.columns else "",
-        "dice": dice,
-        "nsd": nsd,
-        "n_pred": n_pred[ids],
-        "n_ref": n_ref[ids],
-    })
+    out = pd.DataFrame(
+        {
+            "structure": table["name"].to_numpy(),
+            "label": ids,
+            "group": table["group"].to_numpy() if "group" in table.columns else "",
+            "dice": dice,
+            "nsd": nsd,
+            "n_pred": n_pred[ids],
+            "n_ref": n_ref[ids],
+        }
+    )
     return out[METRIC_COLUMNS]
 
 
-def _checked_inputs(pred, ref, spacing_mm: Sequence[float], tolerance_mm: float
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _checked_inputs(
+    pred, ref, spacing_mm: Sequence[float], tolerance_mm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The two label maps and the spacing as arrays; a map, spacing or tolerance that cannot be scored fails."""
     pred = _check_label_map(pred, "prediction")
     ref = _check_label_map(ref, "reference")
@@ -241,8 +252,9 @@ def _voxel_counts(pred: np.ndarray, ref: np.ndarray, size: int) -> tuple[np.ndar
     return joint.sum(axis=1), joint.sum(axis=0), np.diagonal(joint)
 
 
-def _surface_dice(pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, size: int, spacing: np.ndarray,
-                  tolerance_mm: float) -> np.ndarray:
+def _surface_dice(
+    pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, size: int, spacing: np.ndarray, tolerance_mm: float
+) -> np.ndarray:
     """The NSD of each of ``labels``, every one present in both maps."""
     areas = _surfel_areas(spacing)
     pred_boxes = ndimage.find_objects(pred, max_label=size - 1)

@@ -9,8 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are files; no display on a cluster node
 import matplotlib.patches  # noqa: E402
-import matplotlib.transforms  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.transforms  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -18,8 +18,12 @@ from ctcohort.stats import primary_view  # noqa: E402
 from ctcohort.structures import GROUPS  # noqa: E402
 
 GROUP_COLOURS = {"organ": "#c0504d", "bone": "#8c8c8c", "muscle": "#4f81bd", "vessel": "#9bbb59"}
-MEASURE_LABELS = {"volume_ml": "volume (ml)", "hu_mean": "mean attenuation (HU)",
-                  "hu_mean_eroded": "interior mean attenuation (HU)", "hu_median": "median attenuation (HU)"}
+MEASURE_LABELS = {
+    "volume_ml": "volume (ml)",
+    "hu_mean": "mean attenuation (HU)",
+    "hu_mean_eroded": "interior mean attenuation (HU)",
+    "hu_median": "median attenuation (HU)",
+}
 
 
 def age_group_labels(edges: Sequence[float]) -> list[str]:
@@ -49,7 +53,8 @@ def cohort_age_edges(age: Sequence[float] | pd.Series, spec: Sequence[float] | s
             raise ValueError(
                 f"age quartiles {edges} are not strictly increasing: too few distinct ages "
                 f"({len(np.unique(ages))} distinct among {len(ages)} scans) to cut the cohort into four groups; "
-                f"give the edges instead")
+                f"give the edges instead"
+            )
         return edges
     try:
         edges = [float(e) for e in spec]
@@ -80,8 +85,12 @@ def save_figure(fig, outputs: Sequence[str | Path]) -> None:
     with matplotlib.rc_context(REPRODUCIBLE_SVG):
         for path in outputs:
             suffix = Path(path).suffix
-            fig.savefig(path, dpi=150 if suffix == ".png" else None, bbox_inches="tight",
-                        metadata=SVG_METADATA if suffix == ".svg" else None)
+            fig.savefig(
+                path,
+                dpi=150 if suffix == ".png" else None,
+                bbox_inches="tight",
+                metadata=SVG_METADATA if suffix == ".svg" else None,
+            )
     plt.close(fig)
 
 
@@ -117,12 +126,10 @@ def plot_age_boxplots(
             if len(hit) and np.isfinite(hit["rs"].iloc[0]):
                 title += f"\nrs = {hit['rs'].iloc[0]:+.2f}, P = {hit['p'].iloc[0]:.1e}"
         ax.set_title(title, fontsize=10)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     save_figure(fig, outputs)
-
-
 
 
 # ------------------------------------------------------------------------------------------- journal style
@@ -130,25 +137,41 @@ def plot_age_boxplots(
 # 7.2 in), so that no text is smaller than 7 pt when printed.
 
 JOURNAL_STYLE = {
-    "font.size": 7, "axes.titlesize": 7.5, "axes.labelsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
-    "legend.fontsize": 7, "legend.title_fontsize": 7, "axes.linewidth": 0.6, "xtick.major.width": 0.6,
-    "ytick.major.width": 0.6, "xtick.major.size": 2.5, "ytick.major.size": 2.5, "lines.linewidth": 1.0,
+    "font.size": 7,
+    "axes.titlesize": 7.5,
+    "axes.labelsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "xtick.major.size": 2.5,
+    "ytick.major.size": 2.5,
+    "lines.linewidth": 1.0,
 }
 COLUMN_WIDTH_IN, PAGE_WIDTH_IN = 3.5, 7.2
 
 SEX_COLOURS = {"M": "#0072B2", "F": "#D55E00"}  # colour-blind safe (Okabe-Ito blue and vermilion)
 UNKNOWN_SEX_COLOUR = "#9a9a9a"
 NAN_GREY = "#d9d9d9"
-MEASURE_SHORT = {"volume_ml": "volume", "hu_mean": "mean HU", "hu_mean_eroded": "interior mean HU",
-                 "hu_median": "median HU"}
+MEASURE_SHORT = {
+    "volume_ml": "volume",
+    "hu_mean": "mean HU",
+    "hu_mean_eroded": "interior mean HU",
+    "hu_median": "median HU",
+}
 
 
 def journal_style(plot):
     """Draw (and save) the figure of ``plot`` under JOURNAL_STYLE."""
+
     @functools.wraps(plot)
     def styled(*args, **kwargs):
         with plt.rc_context(JOURNAL_STYLE):
             return plot(*args, **kwargs)
+
     return styled
 
 
@@ -182,6 +205,7 @@ def say(ax, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- forest plot
 
+
 @journal_style
 def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Sequence[str | Path]) -> None:
     """Forest plot: Spearman rs with its 95% CI per structure, one panel per measure.
@@ -212,15 +236,23 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
         else:
             blocks[-1][2] = y_of_row[i]
     for ax, measure in zip(axes.flat, measures):
-        for k, (group, top, bottom) in enumerate(blocks):
+        for k, (_, top, bottom) in enumerate(blocks):
             if k % 2 == 0:
                 ax.axhspan(bottom - 0.5, top + 0.5, color="#efefef", lw=0, zorder=0)
         table = correlations[(correlations["measure"] == measure) & correlations["rs"].notna()]
         for row in table.itertuples(index=False):
             y, colour = y_of[row.structure], GROUP_COLOURS.get(group_name(row.group), "black")
             ax.plot([row.ci_low, row.ci_high], [y, y], color=colour, lw=0.9, solid_capstyle="butt", zorder=2)
-            ax.plot(row.rs, y, "o", color=colour, mfc=colour if bool(row.significant) else "white", ms=3.2,
-                    mew=0.8, zorder=3)
+            ax.plot(
+                row.rs,
+                y,
+                "o",
+                color=colour,
+                mfc=colour if bool(row.significant) else "white",
+                ms=3.2,
+                mew=0.8,
+                zorder=3,
+            )
         ax.axvline(0.0, color="black", lw=0.5, zorder=1)
         ax.set_xlim(-1, 1)
         ax.set_ylim(-0.6, max(len(rows), 1) - 0.4)
@@ -230,20 +262,38 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
         ax.tick_params(axis="y", length=0)
     first = axes.flat[0]
     for group, top, _ in blocks:
-        first.text(-0.97, top, group, ha="left", va="center", fontsize=7.5, fontweight="bold",
-                   color=GROUP_COLOURS.get(group, "black"), zorder=4)
+        first.text(
+            -0.97,
+            top,
+            group,
+            ha="left",
+            va="center",
+            fontsize=7.5,
+            fontweight="bold",
+            color=GROUP_COLOURS.get(group, "black"),
+            zorder=4,
+        )
     first.set_yticks(list(y_of.values()), [pretty(s) for s in y_of])
     if not order:
         first.text(0.0, 0.5 * (len(rows) - 1), "no structure tested", ha="center", va="center")
-    handles = [plt.Line2D([], [], marker="o", color="black", mfc=face, ls="", ms=3.2, label=label)
-               for face, label in (("black", "significant"), ("white", "not significant"))]
+    handles = [
+        plt.Line2D([], [], marker="o", color="black", mfc=face, ls="", ms=3.2, label=label)
+        for face, label in (("black", "significant"), ("white", "not significant"))
+    ]
     fig.tight_layout(w_pad=0.8)
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
-               bbox_transform=fig.transFigure)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=2,
+        frameon=False,
+        bbox_transform=fig.transFigure,
+    )
     save_figure(fig, outputs)
 
 
 # ------------------------------------------------------------------------------------------------- heat map
+
 
 @journal_style
 def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs: Sequence[str | Path]) -> None:
@@ -257,21 +307,37 @@ def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs
     order = ordered_structures(table)
     names = [s for s, _ in order]
     rs = table.pivot(index="structure", columns="measure", values="rs").reindex(index=names, columns=measures)
-    significant = (table.assign(significant=table["significant"].astype(bool))
-                   .pivot(index="structure", columns="measure", values="significant")
-                   .reindex(index=names, columns=measures).fillna(False).astype(bool))
+    significant = (
+        table.assign(significant=table["significant"].astype(bool))
+        .pivot(index="structure", columns="measure", values="significant")
+        .reindex(index=names, columns=measures)
+        .fillna(False)
+        .astype(bool)
+    )
     values = rs.to_numpy(float)
     nrows, ncols = values.shape
     map_height = 0.12 * max(nrows, 3)
     width = min(PAGE_WIDTH_IN, 2.6 + 0.42 * ncols)
     top, gap, bar_height, bottom = 0.8, 0.25, 0.09, 0.65  # inches: measure names, colour bar, its label
     height = top + map_height + gap + bar_height + bottom
-    fig, (ax, cax) = plt.subplots(2, 1, figsize=(width, height), gridspec_kw={
-        "height_ratios": [map_height, bar_height], "hspace": gap / ((map_height + bar_height) / 2)})
+    fig, (ax, cax) = plt.subplots(
+        2,
+        1,
+        figsize=(width, height),
+        gridspec_kw={"height_ratios": [map_height, bar_height], "hspace": gap / ((map_height + bar_height) / 2)},
+    )
     fig.subplots_adjust(left=1.75 / width, right=1 - 0.75 / width, top=1 - top / height, bottom=bottom / height)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=NAN_GREY)
-    mesh = ax.pcolormesh(np.arange(ncols + 1), np.arange(nrows + 1), np.ma.masked_invalid(values), cmap=cmap,
-                         vmin=-1, vmax=1, edgecolors="white", linewidth=0.3)
+    mesh = ax.pcolormesh(
+        np.arange(ncols + 1),
+        np.arange(nrows + 1),
+        np.ma.masked_invalid(values),
+        cmap=cmap,
+        vmin=-1,
+        vmax=1,
+        edgecolors="white",
+        linewidth=0.3,
+    )
     ys, xs = np.nonzero(significant.to_numpy() & np.isfinite(values))
     ax.plot(xs + 0.5, ys + 0.5, ls="", marker="o", ms=2.0, mfc="black", mec="white", mew=0.3)
     ax.set_xlim(0, max(ncols, 1))
@@ -287,10 +353,25 @@ def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs
         size = sum(1 for _, g in order if g == group)
         if start:
             ax.axhline(start, color="black", lw=0.8)
-        ax.plot([1.03, 1.03], [start + 0.15, start + size - 0.15], color=GROUP_COLOURS.get(group, "black"), lw=1.5,
-                transform=ax.get_yaxis_transform(), clip_on=False, solid_capstyle="butt")
-        ax.text(1.07, start + size / 2, group, transform=ax.get_yaxis_transform(), ha="left", va="center",
-                color=GROUP_COLOURS.get(group, "black"), fontweight="bold")
+        ax.plot(
+            [1.03, 1.03],
+            [start + 0.15, start + size - 0.15],
+            color=GROUP_COLOURS.get(group, "black"),
+            lw=1.5,
+            transform=ax.get_yaxis_transform(),
+            clip_on=False,
+            solid_capstyle="butt",
+        )
+        ax.text(
+            1.07,
+            start + size / 2,
+            group,
+            transform=ax.get_yaxis_transform(),
+            ha="left",
+            va="center",
+            color=GROUP_COLOURS.get(group, "black"),
+            fontweight="bold",
+        )
         start += size
     if not names:
         ax.text(0.5, 0.5, "no structure", ha="center", va="center", transform=ax.transAxes)
@@ -298,13 +379,16 @@ def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs
     bar.set_ticks([-1, -0.5, 0, 0.5, 1], labels=["\u22121", "\u22120.5", "0", "0.5", "1"])
     bar.set_label("Spearman rs with age")
     bar.outline.set_linewidth(0.5)
-    handles = [plt.Line2D([], [], ls="", marker="o", ms=3, mfc="black", mec="white", mew=0.3, label="significant"),
-               matplotlib.patches.Patch(color=NAN_GREY, label="not tested")]
+    handles = [
+        plt.Line2D([], [], ls="", marker="o", ms=3, mfc="black", mec="white", mew=0.3, label="significant"),
+        matplotlib.patches.Patch(color=NAN_GREY, label="not tested"),
+    ]
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.32 / height), ncol=2, frameon=False)
     save_figure(fig, outputs)
 
 
 # ------------------------------------------------------------------------------------ scatter with LOWESS
+
 
 def sex_of(rows: pd.DataFrame) -> pd.Series:
     """Each row's sex, "M", "F" or None (missing, other, or no sex column)."""
@@ -319,8 +403,12 @@ SEX_NAMES = {"M": "M", "F": "F", None: "sex unknown", "all": "all"}
 
 @journal_style
 def plot_scatter_lowess(
-    measurements: pd.DataFrame, panels: Sequence[dict], outputs: Sequence[str | Path], frac: float = 2 / 3,
-    it: int = 3, min_points: int = 5,
+    measurements: pd.DataFrame,
+    panels: Sequence[dict],
+    outputs: Sequence[str | Path],
+    frac: float = 2 / 3,
+    it: int = 3,
+    min_points: int = 5,
 ) -> None:
     """Each panel's structure/measure over age: one point per scan coloured by sex (M, F; grey where the
     sex is unknown) and, for each sex with at least ``min_points`` scans, a LOWESS curve
@@ -340,8 +428,9 @@ def plot_scatter_lowess(
         if measure not in measurements:
             say(ax, f"no {measure} measured")
             continue
-        rows = measurements[(measurements["structure"] == structure) & measurements[measure].notna()
-                            & measurements["age"].notna()]
+        rows = measurements[
+            (measurements["structure"] == structure) & measurements[measure].notna() & measurements["age"].notna()
+        ]
         if rows.empty:
             say(ax, "no scan with a value")
             continue
@@ -352,20 +441,35 @@ def plot_scatter_lowess(
             if chosen.empty:
                 continue
             colour = SEX_COLOURS.get(key, UNKNOWN_SEX_COLOUR)
-            ax.scatter(chosen["age"], chosen[measure], s=5, color=colour, alpha=0.55, linewidths=0,
-                       label=f"{SEX_NAMES[key]} (n={len(chosen)})", zorder=2)
+            ax.scatter(
+                chosen["age"],
+                chosen[measure],
+                s=5,
+                color=colour,
+                alpha=0.55,
+                linewidths=0,
+                label=f"{SEX_NAMES[key]} (n={len(chosen)})",
+                zorder=2,
+            )
         curves = [("M", rows[sex == "M"]), ("F", rows[sex == "F"])] if known else [("all", rows)]
         for key, chosen in curves:
             if len(chosen) < min_points:
                 continue
             fit = lowess(chosen[measure].to_numpy(float), chosen["age"].to_numpy(float), frac=frac, it=it)
-            ax.plot(fit[:, 0], fit[:, 1], color=SEX_COLOURS.get(key, "black"), lw=1.6, label=f"_LOWESS {key}",
-                    zorder=3)
+            ax.plot(fit[:, 0], fit[:, 1], color=SEX_COLOURS.get(key, "black"), lw=1.6, label=f"_LOWESS {key}", zorder=3)
         below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -27 / 72, fig.dpi_scale_trans)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=2, frameon=False,
-                  markerscale=1.8,
-                  handletextpad=0.1, columnspacing=0.8, borderaxespad=0.0)
-    for ax in axes.flat[len(panels):]:
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0),
+            bbox_transform=below,
+            ncol=2,
+            frameon=False,
+            markerscale=1.8,
+            handletextpad=0.1,
+            columnspacing=0.8,
+            borderaxespad=0.0,
+        )
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout(h_pad=1.0, w_pad=0.8)
     save_figure(fig, outputs)
@@ -395,12 +499,14 @@ def text_of_note(note) -> str:
     return "" if note is None or (isinstance(note, float) and np.isnan(note)) else str(note).strip()
 
 
-def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coefficients: pd.DataFrame,
-                    sex: str) -> tuple[pd.Series, dict[str, float]]:
+def adjusted_values(
+    scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coefficients: pd.DataFrame, sex: str
+) -> tuple[pd.Series, dict[str, float]]:
     """The scans' ``measure`` adjusted to the chart's reference covariate values with the median's
     coefficients: value - coef_p50 * (covariate - reference), summed over the covariates of the chart's
     model (those with a row in ``coefficients``); on a Box-Cox chart (method lms, family bccg or bct, where the
-    covariate moves log mu: p50 empty, eta_mu given) value * exp(-eta_mu * (covariate - reference)). A covariate with a reference value but no coefficient was
+    covariate moves log mu: p50 empty, eta_mu given) value * exp(-eta_mu * (covariate - reference)). A covariate with
+    a reference value but no coefficient was
     constant over the chart's scans (the chart holds for that value only): only scans with that value are
     kept, unadjusted. A covariate whose reference is NaN (not in the table) is ignored. Scans without a
     value of a covariate used are left out. Returns the values (indexed like ``scans``) and the references.
@@ -419,8 +525,12 @@ def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coef
         if covariate not in scans:
             raise ValueError(f"normative chart {structure} {measure}: the scans have no {covariate!r} column")
         x = pd.to_numeric(scans[covariate], errors="coerce")
-        hit = coefficients[(coefficients["structure"] == structure) & (coefficients["measure"] == measure)
-                           & (coefficients["sex"].astype(str) == sex) & (coefficients["covariate"] == covariate)]
+        hit = coefficients[
+            (coefficients["structure"] == structure)
+            & (coefficients["measure"] == measure)
+            & (coefficients["sex"].astype(str) == sex)
+            & (coefficients["covariate"] == covariate)
+        ]
         coefficient = pd.to_numeric(hit["p50"], errors="coerce").dropna()
         log_shift = pd.to_numeric(hit["eta_mu"], errors="coerce").dropna() if "eta_mu" in hit else coefficient.iloc[:0]
         if coefficient.empty and not log_shift.empty:  # a Box-Cox (lms) chart: the covariate scales the median
@@ -437,7 +547,10 @@ def adjusted_values(scans: pd.DataFrame, measure: str, chart: pd.DataFrame, coef
 
 @journal_style
 def plot_normative_charts(
-    charts: pd.DataFrame, coefficients: pd.DataFrame, measurements: pd.DataFrame, panels: Sequence[dict],
+    charts: pd.DataFrame,
+    coefficients: pd.DataFrame,
+    measurements: pd.DataFrame,
+    panels: Sequence[dict],
     outputs: Sequence[str | Path],
 ) -> None:
     """Normative charts with the cohort's scans: one row per panel (structure/measure), one column per sex
@@ -457,13 +570,15 @@ def plot_normative_charts(
     percentiles = [(percentile_column(p), p) for p in chart_layout(charts)[0]]
     styles = percentile_styles([p for _, p in percentiles])
     nrows, ncols = max(1, len(panels)), len(sexes)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(min(PAGE_WIDTH_IN, 2.4 * ncols) if ncols > 1 else 3.0,
-                                                    2.35 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(min(PAGE_WIDTH_IN, 2.4 * ncols) if ncols > 1 else 3.0, 2.35 * nrows), squeeze=False
+    )
     for panel, row_axes in zip(panels, axes):
         structure, measure = panel["structure"], panel["measure"]
         for ax, sex in zip(row_axes, sexes):
-            chart = charts[(charts["structure"] == structure) & (charts["measure"] == measure)
-                           & (charts["sex"].astype(str) == sex)]
+            chart = charts[
+                (charts["structure"] == structure) & (charts["measure"] == measure) & (charts["sex"].astype(str) == sex)
+            ]
             head = f"{pretty(structure)}: {MEASURE_SHORT.get(measure, measure)}, {SEX_NAMES.get(sex, sex)}"
             if chart.empty:
                 ax.set_title(head)
@@ -482,13 +597,28 @@ def plot_normative_charts(
             if sex != "all":
                 scans = scans[sex_of(scans) == sex]
             values, references = adjusted_values(scans, measure, fitted, coefficients, sex)
-            ax.scatter(scans.loc[values.index, "age"], values, s=4, color=SEX_COLOURS.get(sex, "#555555"),
-                       alpha=0.45, linewidths=0, label="scans", zorder=1)
+            ax.scatter(
+                scans.loc[values.index, "age"],
+                values,
+                s=4,
+                color=SEX_COLOURS.get(sex, "#555555"),
+                alpha=0.45,
+                linewidths=0,
+                label="scans",
+                zorder=1,
+            )
             for column, p in percentiles:
                 ax.plot(fitted["age"], fitted[column], label=column, zorder=3, **styles[p])
                 if {f"{column}_low", f"{column}_high"} <= set(fitted.columns):  # method lms: bootstrap band
-                    ax.fill_between(fitted["age"], fitted[f"{column}_low"], fitted[f"{column}_high"],
-                                    color="#999999", alpha=0.18, linewidth=0, zorder=2)
+                    ax.fill_between(
+                        fitted["age"],
+                        fitted[f"{column}_low"],
+                        fitted[f"{column}_high"],
+                        color="#999999",
+                        alpha=0.18,
+                        linewidth=0,
+                        zorder=2,
+                    )
             at = ", ".join(f"{c} = {v:g}" for c, v in references.items())
             ax.set_title(f"{head}\n{n_text}" + (f"; at {at}" if at else ""))
             ax.set_xlabel("age (years)")
@@ -497,7 +627,7 @@ def plot_normative_charts(
     seen = {}
     for _, p in percentiles:
         seen.setdefault(abs(p - 50), []).append(p)
-    for distance, ps in sorted(seen.items()):
+    for _, ps in sorted(seen.items()):
         handles.append(plt.Line2D([], [], label=", ".join(f"p{p:g}" for p in ps), **styles[ps[0]]))
     fig.tight_layout(h_pad=1.2, w_pad=0.8)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), frameon=False)
@@ -516,9 +646,12 @@ def calibration_worms(calibration: pd.DataFrame, scores: pd.DataFrame) -> list[t
     from ctcohort.centiles import worm_table
 
     held = scores[scores["fit"].astype(str) == "out_of_fold"]
-    z_by_chart = {key: pd.to_numeric(rows["z"], errors="coerce").to_numpy(float)
-                  for key, rows in held.groupby([held["structure"].astype(str), held["measure"].astype(str),
-                                                 held["sex"].astype(str)])}
+    z_by_chart = {
+        key: pd.to_numeric(rows["z"], errors="coerce").to_numpy(float)
+        for key, rows in held.groupby(
+            [held["structure"].astype(str), held["measure"].astype(str), held["sex"].astype(str)]
+        )
+    }
     worms = []
     for row in calibration.to_dict("records"):
         z = z_by_chart.get((str(row["structure"]), str(row["measure"]), str(row["sex"])), np.empty(0))
@@ -529,16 +662,29 @@ def calibration_worms(calibration: pd.DataFrame, scores: pd.DataFrame) -> list[t
 
 def _draw_worm(ax, table: pd.DataFrame) -> None:
     deviation = table["deviation"].clip(-WORM_LIMIT, WORM_LIMIT)
-    ax.fill_between(table["expected"], table["band_low"].clip(-WORM_LIMIT), table["band_high"].clip(None, WORM_LIMIT),
-                    color="#dddddd", linewidth=0, zorder=1)
+    ax.fill_between(
+        table["expected"],
+        table["band_low"].clip(-WORM_LIMIT),
+        table["band_high"].clip(None, WORM_LIMIT),
+        color="#dddddd",
+        linewidth=0,
+        zorder=1,
+    )
     ax.axhline(0, color="#777777", lw=0.5, zorder=2)
     ax.plot(table["expected"], deviation, ls="", marker="o", ms=1.2, mew=0, color="black", zorder=3)
     ax.set_ylim(-WORM_LIMIT * 1.05, WORM_LIMIT * 1.05)
     beyond = float((np.abs(table["z"]) > 1.96).mean())
     mean = round(float(table["z"].mean()), 2) + 0.0  # + 0.0: no "-0.00"
     # at the top centre, where the band is narrowest and the worm of a calibrated chart stays low
-    ax.text(0.5, 0.97, f"n {len(table):,}; mean {mean:.2f}, SD {table['z'].std(ddof=1):.2f}\n"
-            f"{100 * beyond:.1f}% beyond |z| 1.96", transform=ax.transAxes, fontsize=5.5, ha="center", va="top")
+    ax.text(
+        0.5,
+        0.97,
+        f"n {len(table):,}; mean {mean:.2f}, SD {table['z'].std(ddof=1):.2f}\n{100 * beyond:.1f}% beyond |z| 1.96",
+        transform=ax.transAxes,
+        fontsize=5.5,
+        ha="center",
+        va="top",
+    )
 
 
 def draw_normative_calibration(calibration: pd.DataFrame, scores: pd.DataFrame):
@@ -546,18 +692,21 @@ def draw_normative_calibration(calibration: pd.DataFrame, scores: pd.DataFrame):
     worms = calibration_worms(calibration, scores)
     ncols = 2 if len(worms) > 1 else 1
     nrows = max(1, -(-len(worms) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(COLUMN_WIDTH_IN, 1.35 * nrows + 0.35), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(COLUMN_WIDTH_IN, 1.35 * nrows + 0.35), sharex=True, sharey=True, squeeze=False
+    )
     reach = max([3.0, *(np.abs(t["expected"]).max() + 0.2 for _, t, _ in worms if t is not None)])
-    for ax in axes.flat[len(worms):]:
+    for ax in axes.flat[len(worms) :]:
         ax.set_visible(False)
     if not worms:
         axes[0, 0].set_visible(True)
         say(axes[0, 0], "no normative charts")
     for ax, (row, table, note) in zip(axes.flat, worms):
-        ax.set_title(f"{pretty(row['structure'])}: {MEASURE_SHORT.get(row['measure'], row['measure'])}, "
-                     f"{SEX_NAMES.get(row['sex'], row['sex'])}" + (f"\nrefused: {pretty(note)}" if note else ""),
-                     fontsize=6.5)
+        ax.set_title(
+            f"{pretty(row['structure'])}: {MEASURE_SHORT.get(row['measure'], row['measure'])}, "
+            f"{SEX_NAMES.get(row['sex'], row['sex'])}" + (f"\nrefused: {pretty(note)}" if note else ""),
+            fontsize=6.5,
+        )
         if table is None:
             # not ``say``: taking this panel's ticks away would take those of every (shared) panel
             ax.text(0.5, 0.5, "no out-of-fold z", ha="center", va="center", transform=ax.transAxes)

@@ -137,7 +137,9 @@ def check_affine(affine: np.ndarray, source: str | Path, checks: ScanChecks = Sc
     """Raise ImplausibleScanError for a broken voxel-to-world matrix or an implausible voxel size."""
     linear = np.asarray(affine, dtype=np.float64)[:3, :3]
     if not np.all(np.isfinite(linear)):
-        raise ImplausibleScanError(f"{source}: the header's affine holds non-finite values: {one_line(linear.tolist())}")
+        raise ImplausibleScanError(
+            f"{source}: the header's affine holds non-finite values: {one_line(linear.tolist())}"
+        )
     spacing = voxel_spacing_mm(linear)
     determinant = abs(float(np.linalg.det(linear)))
     if determinant == 0 or determinant < MIN_AFFINE_ORTHOGONALITY * float(np.prod(spacing)):
@@ -163,8 +165,9 @@ def sform_qform_disagreement(img: nib.Nifti1Image) -> float | None:
     header = img.header
     if not hasattr(header, "get_sform") or header["sform_code"] <= 0 or header["qform_code"] <= 0:
         return None
-    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
-                        for k in (0, img.shape[2] - 1)]).T
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)]
+    ).T
     distance = float(np.linalg.norm(((header.get_sform() - header.get_qform()) @ corners)[:3], axis=0).max())
     return distance if distance > ORIENTATION_TOLERANCE_MM else None
 
@@ -174,8 +177,10 @@ def orientation_words(img: nib.Nifti1Image) -> str:
     distance = sform_qform_disagreement(img)
     if distance is None:
         return ""
-    return (f"its sform and qform disagree by up to {distance:.1f} mm (sform_code {int(img.header['sform_code'])}, "
-            f"qform_code {int(img.header['qform_code'])}); the sform is used, as nibabel and ITK do")
+    return (
+        f"its sform and qform disagree by up to {distance:.1f} mm (sform_code {int(img.header['sform_code'])}, "
+        f"qform_code {int(img.header['qform_code'])}); the sform is used, as nibabel and ITK do"
+    )
 
 
 def check_orientation(img: nib.Nifti1Image, source: str | Path) -> float | None:
@@ -187,7 +192,8 @@ def check_orientation(img: nib.Nifti1Image, source: str | Path) -> float | None:
     if hasattr(header, "get_sform") and header["sform_code"] <= 0 and header["qform_code"] <= 0:
         raise ImplausibleScanError(
             f"{source}: orientation undefined (sform_code and qform_code are 0): left and right cannot be told "
-            "apart; write the image with its orientation (convert the DICOM series again, or set the sform)")
+            "apart; write the image with its orientation (convert the DICOM series again, or set the sform)"
+        )
     words = orientation_words(img)
     if words:
         log.warning("%s: %s", source, words)
@@ -211,9 +217,7 @@ def check_ct(hu: np.ndarray, affine: np.ndarray, source: str | Path, checks: Sca
     if lowest is None:
         raise ImplausibleScanError(f"{source}: not plausibly in HU: all {hu.size} voxels are NaN or infinite")
     if lowest == highest:
-        raise ImplausibleScanError(
-            f"{source}: not plausibly in HU: constant image (every finite voxel is {lowest:g})"
-        )
+        raise ImplausibleScanError(f"{source}: not plausibly in HU: constant image (every finite voxel is {lowest:g})")
     limit = checks.lowest_hu_at_most
     if limit is not None and lowest > limit:
         # the hint also when the minimum is negative: padding below -1024 HU (common) shifted by +1024
@@ -274,12 +278,17 @@ def load_image(path: str | Path, *, in_memory: bool = False) -> nib.Nifti1Image:
     try:
         img = _load_gzipped_nifti(path, in_memory) or nib.load(path)
     except Exception as err:  # nibabel raises several types for unreadable files
-        hint = "; the file is cut short (an interrupted copy or download?): copy it again" if isinstance(
-            err, EOFError) or "ended before" in str(err) else ""
+        hint = (
+            "; the file is cut short (an interrupted copy or download?): copy it again"
+            if isinstance(err, EOFError) or "ended before" in str(err)
+            else ""
+        )
         raise ValueError(f"cannot read {path} as NIfTI: {one_line(err)}{hint}") from err
     if len(img.shape) != 3:
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {img.shape}: give one CT volume (not a slice, "
-                         "not a series of volumes)")
+        raise ValueError(
+            f"{path}: expected a 3-D volume, got shape {img.shape}: give one CT volume (not a slice, "
+            "not a series of volumes)"
+        )
     return img
 
 

@@ -56,18 +56,41 @@ from scipy import optimize, stats
 
 from ctcohort.patients import patient_of
 from ctcohort.stats import (
-    CONSTANT, CORRECTIONS, correct_p_values, encode_covariates, present_columns, structure_blocks,
+    CONSTANT,
+    CORRECTIONS,
+    correct_p_values,
+    encode_covariates,
+    present_columns,
+    structure_blocks,
     structure_families,
 )
 
 LONGITUDINAL_COLUMNS = [
-    "structure", "group", "family", "measure", "n_patients", "n_scans", "slope_within_per_year", "ci_low",
-    "ci_high", "p", "slope_between_per_year", "between_ci_low", "between_ci_high", "p_difference", "random_slope",
-    "random_slope_note", "p_bonferroni", "q_fdr", "significant", "note",
+    "structure",
+    "group",
+    "family",
+    "measure",
+    "n_patients",
+    "n_scans",
+    "slope_within_per_year",
+    "ci_low",
+    "ci_high",
+    "p",
+    "slope_between_per_year",
+    "between_ci_low",
+    "between_ci_high",
+    "p_difference",
+    "random_slope",
+    "random_slope_note",
+    "p_bonferroni",
+    "q_fdr",
+    "significant",
+    "note",
 ]
 # the estimates of a row, NaN where it is not tested
-ESTIMATE_COLUMNS = LONGITUDINAL_COLUMNS[LONGITUDINAL_COLUMNS.index("slope_within_per_year"):
-                                        LONGITUDINAL_COLUMNS.index("random_slope")]
+ESTIMATE_COLUMNS = LONGITUDINAL_COLUMNS[
+    LONGITUDINAL_COLUMNS.index("slope_within_per_year") : LONGITUDINAL_COLUMNS.index("random_slope")
+]
 MIN_PATIENTS = 10
 MIN_SLOPE_PATIENTS = 10
 SINGULAR_RATIO = 1e-4
@@ -82,17 +105,21 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ the data
 
+
 def structure_scans(block: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
     """The scans of ``block`` (one structure) with a finite age, time and covariates, sorted by patient and
     time: columns patient, position (the row in ``block``), age, clock (years or age) and the encoded
     covariate columns. Computed once per structure; ``repeated_scans`` picks each measure's rows from it."""
     has_years = "years" in block.columns and pd.to_numeric(block["years"], errors="coerce").notna().any()
     clock = block["years" if has_years else "age"]
-    scans = pd.DataFrame({
-        "patient": patient_of(block).to_numpy(), "position": np.arange(len(block)),
-        "age": pd.to_numeric(block["age"], errors="coerce").to_numpy(dtype=float),
-        "clock": pd.to_numeric(clock, errors="coerce").to_numpy(dtype=float),
-    })
+    scans = pd.DataFrame(
+        {
+            "patient": patient_of(block).to_numpy(),
+            "position": np.arange(len(block)),
+            "age": pd.to_numeric(block["age"], errors="coerce").to_numpy(dtype=float),
+            "clock": pd.to_numeric(clock, errors="coerce").to_numpy(dtype=float),
+        }
+    )
     scans = pd.concat([scans, encode_covariates(block, covariates).reset_index(drop=True)], axis=1)
     scans = scans[np.isfinite(scans.drop(columns="patient").to_numpy(dtype=float)).all(axis=1)]
     return scans.sort_values(["patient", "clock"], kind="stable").reset_index(drop=True)
@@ -103,8 +130,9 @@ def patient_starts(patient: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, patient[1:] != patient[:-1]]) if len(patient) else np.zeros(0, dtype=int)
 
 
-def repeated_scans(block: pd.DataFrame, measure: str, covariates: list[str],
-                   scans: pd.DataFrame | None = None) -> pd.DataFrame:
+def repeated_scans(
+    block: pd.DataFrame, measure: str, covariates: list[str], scans: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """The scans of ``block`` (one structure) that a measure's model uses, sorted by patient and time:
     columns patient, y, time, baseline_age and the encoded covariate columns (module docstring).
     ``scans``: ``structure_scans(block, covariates)`` where already at hand."""
@@ -123,8 +151,11 @@ def repeated_scans(block: pd.DataFrame, measure: str, covariates: list[str],
 
 def design(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     """Fixed-effects design: intercept, time, baseline_age and the covariate columns that vary."""
-    covariates = [c for c in frame.columns if c not in ("patient", "y", "time", "baseline_age")
-                  and np.ptp(frame[c].to_numpy()) > 0]
+    covariates = [
+        c
+        for c in frame.columns
+        if c not in ("patient", "y", "time", "baseline_age") and np.ptp(frame[c].to_numpy()) > 0
+    ]
     names = ["intercept", "time", "baseline_age", *covariates]
     columns = [np.ones(len(frame)), *(frame[c].to_numpy(dtype=float) for c in names[1:])]
     return np.column_stack(columns), names
@@ -137,6 +168,7 @@ def slope_identifiable(frame: pd.DataFrame, min_slope_patients: int = MIN_SLOPE_
 
 
 # -------------------------------------------------------------------------------------- the mixed model
+
 
 @dataclass(frozen=True)
 class PatientSums:
@@ -227,8 +259,9 @@ def reml_terms(D: np.ndarray, sums: PatientSums) -> RemlTerms:
     U = sums.ZW - sums.G @ AZW
     e = U @ np.r_[-beta, 1.0]
     UX = U[:, :, :p]
-    gradient = (-(dof / rss) * gram(e) + (sums.G @ inverse).sum(axis=0)
-                - np.einsum("gra,gsa->rs", UX @ np.linalg.inv(XHX), UX))
+    gradient = (
+        -(dof / rss) * gram(e) + (sums.G @ inverse).sum(axis=0) - np.einsum("gra,gsa->rs", UX @ np.linalg.inv(XHX), UX)
+    )
     return RemlTerms(criterion, beta, rss / dof, XHX, gradient)
 
 
@@ -263,6 +296,7 @@ def fit_reml(sums: PatientSums, start: np.ndarray) -> MixedFit:
     """Minimise the REML criterion over the Cholesky entries of D with BFGS and the analytic gradient
     (unconstrained: D = L L' is a covariance for any L). Not L-BFGS-B: its compiled BLAS calls and numpy's
     OpenBLAS threads slow each other down, 5-8x on two loaded cores."""
+
     def per_scan(theta):  # O(1) gradients: BFGS's first step (the identity as Hessian) is then a sane one
         criterion, gradient = reml_criterion(theta, sums)
         return criterion / sums.n_scans, gradient / sums.n_scans
@@ -304,8 +338,9 @@ def is_singular(D: np.ndarray) -> bool:
     return bool(eigenvalues[0] <= SINGULAR_RATIO * max(eigenvalues[-1], 1e-12))
 
 
-def fit_mixed_model(X: np.ndarray, y: np.ndarray, time: np.ndarray, starts: np.ndarray,
-                    random_slope: bool) -> tuple[MixedFit, bool, str]:
+def fit_mixed_model(
+    X: np.ndarray, y: np.ndarray, time: np.ndarray, starts: np.ndarray, random_slope: bool
+) -> tuple[MixedFit, bool, str]:
     """(fit, random slope used, why not): the random-intercept fit, then, where ``random_slope``, the
     random-slope fit started from it (time in SD units), kept where it converged and is not singular."""
     intercept = fit_reml(patient_sums(X, y, starts, None), np.array([intercept_start(X, y, starts)]))
@@ -324,6 +359,7 @@ def fit_mixed_model(X: np.ndarray, y: np.ndarray, time: np.ndarray, starts: np.n
 
 # ----------------------------------------------------------------------------------------- the table
 
+
 def wald(estimate: float, variance: float, n_patients: int) -> tuple[float, float, float]:
     """(ci_low, ci_high, two-sided P) of a normal Wald test, the P never below 2^(1 - n_patients): the smallest P
     an exact test of n independent patients (flipping the sign of each patient's change) can give. A Wald P of
@@ -333,12 +369,19 @@ def wald(estimate: float, variance: float, n_patients: int) -> tuple[float, floa
     return estimate - Z_95 * se, estimate + Z_95 * se, p
 
 
-def longitudinal_row(frame: pd.DataFrame, min_patients: int, random_slope: bool,
-                     min_slope_patients: int = MIN_SLOPE_PATIENTS) -> dict:
+def longitudinal_row(
+    frame: pd.DataFrame, min_patients: int, random_slope: bool, min_slope_patients: int = MIN_SLOPE_PATIENTS
+) -> dict:
     """One row's statistics (LONGITUDINAL_COLUMNS from n_patients to random_slope_note, and note)."""
     starts = patient_starts(frame["patient"].to_numpy())
-    row = {"n_patients": len(starts), "n_scans": len(frame), **dict.fromkeys(ESTIMATE_COLUMNS, np.nan),
-           "random_slope": False, "random_slope_note": "", "note": ""}
+    row = {
+        "n_patients": len(starts),
+        "n_scans": len(frame),
+        **dict.fromkeys(ESTIMATE_COLUMNS, np.nan),
+        "random_slope": False,
+        "random_slope_note": "",
+        "note": "",
+    }
     if len(starts) < min_patients:
         return {**row, "note": TOO_FEW_PATIENTS}
     X, names = design(frame)
@@ -359,18 +402,25 @@ def longitudinal_row(frame: pd.DataFrame, min_patients: int, random_slope: bool,
     contrast = np.zeros(len(names))
     contrast[[1, 2]] = 1, -1
     return {
-        **row, "slope_within_per_year": within,
+        **row,
+        "slope_within_per_year": within,
         **dict(zip(("ci_low", "ci_high", "p"), wald(within, fit.cov[1, 1], len(starts)))),
         "slope_between_per_year": between,
         **dict(zip(("between_ci_low", "between_ci_high"), wald(between, fit.cov[2, 2], len(starts))[:2])),
         "p_difference": wald(within - between, float(contrast @ fit.cov @ contrast), len(starts))[2],
-        "random_slope": used_slope, "random_slope_note": why,
+        "random_slope": used_slope,
+        "random_slope_note": why,
     }
 
 
 def longitudinal_table(
-    measurements: pd.DataFrame, measures: list[str], covariates: list[str], min_patients: int = MIN_PATIENTS,
-    correction: str = "bonferroni", alpha: float = 1e-4, random_slope: bool = True,
+    measurements: pd.DataFrame,
+    measures: list[str],
+    covariates: list[str],
+    min_patients: int = MIN_PATIENTS,
+    correction: str = "bonferroni",
+    alpha: float = 1e-4,
+    random_slope: bool = True,
 ) -> pd.DataFrame:
     """results/stats/longitudinal.tsv: one row per structure x group x measure (LONGITUDINAL_COLUMNS; module
     docstring). ``measurements``: the cohort's long table (one row per scan x structure) with subject, age,
@@ -389,16 +439,30 @@ def longitudinal_table(
         scans = structure_scans(block, present)
         for measure in measures:
             frame = repeated_scans(block, measure, present, scans)
-            rows.append({"structure": structure, "group": group, "family": families[structure], "measure": measure,
-                         **longitudinal_row(frame, min_patients, random_slope)})
-    table = pd.DataFrame(rows, columns=[c for c in LONGITUDINAL_COLUMNS if c not in ("p_bonferroni", "q_fdr",
-                                                                                     "significant")])
+            rows.append(
+                {
+                    "structure": structure,
+                    "group": group,
+                    "family": families[structure],
+                    "measure": measure,
+                    **longitudinal_row(frame, min_patients, random_slope),
+                }
+            )
+    table = pd.DataFrame(
+        rows, columns=[c for c in LONGITUDINAL_COLUMNS if c not in ("p_bonferroni", "q_fdr", "significant")]
+    )
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)
     adjusted = table["p_bonferroni"] if correction == "bonferroni" else table["q_fdr"]
     table["significant"] = (adjusted < alpha).fillna(False).astype(bool)
     table["random_slope"] = table["random_slope"].astype(bool)
     untested = ", ".join(f"{count} {note}" for note, count in table.loc[~tested, "note"].value_counts().items())
-    log.info("longitudinal mixed models given %s: %d of %d rows tested (%d with a random slope); not tested: %s",
-             present, tested.sum(), len(table), table["random_slope"].sum(), untested or "none")
+    log.info(
+        "longitudinal mixed models given %s: %d of %d rows tested (%d with a random slope); not tested: %s",
+        present,
+        tested.sum(),
+        len(table),
+        table["random_slope"].sum(),
+        untested or "none",
+    )
     return table[LONGITUDINAL_COLUMNS]

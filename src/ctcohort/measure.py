@@ -158,7 +158,11 @@ def _check_labels(counts: np.ndarray, table: pd.DataFrame, source: str | Path) -
 
 
 def _nonfinite_labels(
-    hu: np.ndarray, fg_labels: np.ndarray, fg_hu: np.ndarray, size: int, table: pd.DataFrame,
+    hu: np.ndarray,
+    fg_labels: np.ndarray,
+    fg_hu: np.ndarray,
+    size: int,
+    table: pd.DataFrame,
     source: str | Path,
 ) -> np.ndarray:
     """Boolean per label id: the structure holds a NaN or infinite voxel.
@@ -187,7 +191,10 @@ def _nonfinite_labels(
         ids = np.flatnonzero(flagged)
         log.warning(
             "%s: %d non-finite (NaN/inf) voxels inside %d structure(s) (%s): their HU is excluded (hu_nonfinite)",
-            source, inside, ids.size, ", ".join(str(names.get(i, i)) for i in ids),
+            source,
+            inside,
+            ids.size,
+            ", ".join(str(names.get(i, i)) for i in ids),
         )
     if outside:
         log.warning("%s: %d non-finite (NaN/inf) voxels outside every structure are ignored", source, outside)
@@ -195,7 +202,11 @@ def _nonfinite_labels(
 
 
 def _histogram_statistics(
-    hu: np.ndarray, labels: np.ndarray, size: int, table: pd.DataFrame, source: str | Path,
+    hu: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    table: pd.DataFrame,
+    source: str | Path,
 ) -> tuple[np.ndarray, ...] | None:
     """Per label id: counts, means, variances, medians, eroded means, non-finite flags (none) of an
     integer CT, from one joint histogram of (label, interior or not, HU) over the foreground: exact
@@ -231,7 +242,12 @@ def _histogram_statistics(
 
 
 def _statistics_by_sorting(
-    hu: np.ndarray, labels: np.ndarray, size: int, table: pd.DataFrame, source: str | Path, ct_source: str | Path,
+    hu: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    table: pd.DataFrame,
+    source: str | Path,
+    ct_source: str | Path,
 ) -> tuple[np.ndarray, ...]:
     """What ``_histogram_statistics`` gives, for any CT: from the foreground voxels gathered from every
     slab, medians by sorting; float CTs may hold non-finite voxels (``_nonfinite_labels``)."""
@@ -302,19 +318,21 @@ def measure_structures(
 
     ids = table["label"].to_numpy()
     n = counts[ids]
-    out = pd.DataFrame({
-        "structure": table["name"].to_numpy(),
-        "label": ids,
-        "group": table["group"].to_numpy(),
-        "n_voxels": n,
-        "volume_ml": n * voxel_ml,
-        "hu_mean": means[ids],
-        "hu_median": medians[ids],
-        "hu_std": np.sqrt(variances[ids]),
-        "hu_mean_eroded": eroded_means[ids],
-        "complete": pd.array(~touching[ids], dtype="boolean"),
-        "exclusion_reason": "",
-    })
+    out = pd.DataFrame(
+        {
+            "structure": table["name"].to_numpy(),
+            "label": ids,
+            "group": table["group"].to_numpy(),
+            "n_voxels": n,
+            "volume_ml": n * voxel_ml,
+            "hu_mean": means[ids],
+            "hu_median": medians[ids],
+            "hu_std": np.sqrt(variances[ids]),
+            "hu_mean_eroded": eroded_means[ids],
+            "complete": pd.array(~touching[ids], dtype="boolean"),
+            "exclusion_reason": "",
+        }
+    )
     absent = n == 0
     too_small = ~absent & (n < min_voxels)
     hu_nonfinite = ~absent & ~too_small & nonfinite[ids]
@@ -383,8 +401,14 @@ def measure_files(
     """
     scan, table = _read_with_table(ct_path, seg_path, table, checks)
     return measure_structures(
-        scan.hu, scan.labels, voxel_volume_ml(scan.affine), table,
-        border_margin=border_margin, min_voxels=min_voxels, source=seg_path, ct_source=ct_path,
+        scan.hu,
+        scan.labels,
+        voxel_volume_ml(scan.affine),
+        table,
+        border_margin=border_margin,
+        min_voxels=min_voxels,
+        source=seg_path,
+        ct_source=ct_path,
     )
 
 
@@ -406,16 +430,39 @@ def measure_and_qc_files(
     """Read a CT and its segmentation (``read_scan``), measure them and check them (``measure_and_qc``; ``qc``
     carries the border margin and the minimum voxel count the measurement uses)."""
     scan, table = _read_with_table(ct_path, seg_path, table, checks)
-    return measure_and_qc(scan.hu, scan.labels, scan.affine, table, qc, source=seg_path, ct_source=ct_path,
-                          sform_qform_mm=scan.sform_qform_mm)
+    return measure_and_qc(
+        scan.hu,
+        scan.labels,
+        scan.affine,
+        table,
+        qc,
+        source=seg_path,
+        ct_source=ct_path,
+        sform_qform_mm=scan.sform_qform_mm,
+    )
 
 
-def measure_and_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, table: pd.DataFrame,
-                   qc: QCSettings, source: str | Path = "segmentation", ct_source: str | Path = "CT",
-                   sform_qform_mm: float | None = None) -> MeasurementsAndQC:
+def measure_and_qc(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    table: pd.DataFrame,
+    qc: QCSettings,
+    source: str | Path = "segmentation",
+    ct_source: str | Path = "CT",
+    sform_qform_mm: float | None = None,
+) -> MeasurementsAndQC:
     """Measure arrays in memory (``measure_structures``) and check them (``qc.scan_qc``)."""
-    measured = measure_structures(hu, labels, voxel_volume_ml(affine), table, border_margin=qc.border_margin,
-                                  min_voxels=qc.min_voxels, source=source, ct_source=ct_source)
+    measured = measure_structures(
+        hu,
+        labels,
+        voxel_volume_ml(affine),
+        table,
+        border_margin=qc.border_margin,
+        min_voxels=qc.min_voxels,
+        source=source,
+        ct_source=ct_source,
+    )
     return MeasurementsAndQC(measured, scan_qc(hu, labels, affine, measured, qc, sform_qform_mm))
 
 
@@ -424,8 +471,9 @@ def empty_measurements_and_qc() -> MeasurementsAndQC:
     return MeasurementsAndQC(empty_measurements(), empty_qc())
 
 
-def write_measurements_and_qc(result: MeasurementsAndQC, table_path: str | Path, qc_path: str | Path | None,
-                              preview_path: str | Path | None) -> None:
+def write_measurements_and_qc(
+    result: MeasurementsAndQC, table_path: str | Path, qc_path: str | Path | None, preview_path: str | Path | None
+) -> None:
     """The measurement table, and the QC table and preview where their paths are given."""
     write_measurements(result.measurements, table_path)
     if qc_path:
@@ -450,5 +498,7 @@ def write_measurements(frame: pd.DataFrame, path: str | Path) -> None:
 
 def read_measurements(path: str | Path) -> pd.DataFrame:
     frame = read_tsv(path)
-    frame["complete"] = frame["complete"].map({"True": True, "False": False, True: True, False: False}).astype("boolean")
+    frame["complete"] = (
+        frame["complete"].map({"True": True, "False": False, True: True, False: False}).astype("boolean")
+    )
     return frame

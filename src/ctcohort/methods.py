@@ -18,8 +18,20 @@ import pandas as pd
 from ctcohort import rank_null
 
 # the packages a reader needs to redo the numbers, in the order they are named
-CITED_SOFTWARE = ("ctcohort", "snakemake", "nnunetv2", "torch", "nibabel", "numpy", "scipy", "statsmodels",
-                  "scikit-learn", "pandas", "matplotlib", "dcm2niix")
+CITED_SOFTWARE = (
+    "ctcohort",
+    "snakemake",
+    "nnunetv2",
+    "torch",
+    "nibabel",
+    "numpy",
+    "scipy",
+    "statsmodels",
+    "scikit-learn",
+    "pandas",
+    "matplotlib",
+    "dcm2niix",
+)
 REASON_WORDS = {
     "absent": "absent",
     "too_small": "smaller than {min_voxels} voxels",
@@ -30,21 +42,30 @@ REASON_WORDS = {
     "member_missing": "combined structures with a member missing",
     "reviewer_excluded": "excluded by a reviewer",
 }
-MEASURE_WORDS = {"volume_ml": "volume", "hu_mean": "mean attenuation", "hu_mean_eroded": "interior mean attenuation",
-                 "hu_median": "median attenuation", "hu_std": "standard deviation of attenuation",
-                 "n_voxels": "voxel count"}
+MEASURE_WORDS = {
+    "volume_ml": "volume",
+    "hu_mean": "mean attenuation",
+    "hu_mean_eroded": "interior mean attenuation",
+    "hu_median": "median attenuation",
+    "hu_std": "standard deviation of attenuation",
+    "n_voxels": "voxel count",
+}
 RESAMPLING_WORDS = {
     "trilinear": "the CT resampled trilinearly to the model's spacing and the logits back onto the CT's grid",
-    "totalsegmentator": ("with TotalSegmentator 2.18.0's pre- and postprocessing (the CT resampled to the model's "
-                         "spacing with linear interpolation, the labels back with nearest neighbour; for its total "
-                         "tasks its sliding-window step of 0.8)"),
+    "totalsegmentator": (
+        "with TotalSegmentator 2.18.0's pre- and postprocessing (the CT resampled to the model's "
+        "spacing with linear interpolation, the labels back with nearest neighbour; for its total "
+        "tasks its sliding-window step of 0.8)"
+    ),
 }
 STAGE_WORDS = {"import_ct": "DICOM import", "segment": "segmentation", "measure": "measurement"}
 # how rank-correlation P values are computed (ctcohort.rank_null)
-P_VALUE_WORDS = (f"Two-sided P values were exact (every pairing) up to {rank_null.ENUMERATION_MAX_N} patients "
-                 f"and, without ties, up to {rank_null.TABLE_MAX_N}; from a seeded permutation test "
-                 f"({rank_null.PERMUTATION_RESAMPLES:,} random pairings) up to {rank_null.PERMUTATION_MAX_N} "
-                 f"patients; from the t approximation above, never below 2/n!.")
+P_VALUE_WORDS = (
+    f"Two-sided P values were exact (every pairing) up to {rank_null.ENUMERATION_MAX_N} patients "
+    f"and, without ties, up to {rank_null.TABLE_MAX_N}; from a seeded permutation test "
+    f"({rank_null.PERMUTATION_RESAMPLES:,} random pairings) up to {rank_null.PERMUTATION_MAX_N} "
+    f"patients; from the t approximation above, never below 2/n!."
+)
 CORRECTION_WORDS = {"bonferroni": "Bonferroni", "fdr_bh": "Benjamini-Hochberg false discovery rate"}
 
 
@@ -121,8 +142,7 @@ def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> l
     return [
         _cohort_paragraph(config, tables.counts, version, model, tables.selection),
         _measures_paragraph(config, tables.counts),
-        _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal,
-                              tables.calibration),
+        _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal, tables.calibration),
         *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, tables.ct_age)]),
         _software_paragraph(version),
     ]
@@ -136,21 +156,30 @@ def _patients_sentence(config: Mapping, measured: int, selection: pd.DataFrame |
         return "", 0
     n = patient_counts(selection)
     if not config.get("patient_column"):
-        return (f"The cohort sheet named no patients, so each scan was taken as a patient of its own "
-                f"({_count_of(n['patients'], 'patient')})."), n["patients_with_age"]
+        return (
+            f"The cohort sheet named no patients, so each scan was taken as a patient of its own "
+            f"({_count_of(n['patients'], 'patient')})."
+        ), n["patients_with_age"]
     rule = RULE_WORDS.get(config["statistics"]["scan_per_patient"], config["statistics"]["scan_per_patient"])
-    repeats = (f", {n['patients_with_repeats']:,} of them with repeated scans" if n["patients_with_repeats"]
-               else ", none with repeated scans")
-    return (f"The {_scans(measured)} came from {_count_of(n['patients'], 'patient')}{repeats}; every "
-            f"cross-sectional analysis used one scan per patient, {rule} of the patient's measured scans with "
-            f"an age."), n["patients_with_age"]
+    repeats = (
+        f", {n['patients_with_repeats']:,} of them with repeated scans"
+        if n["patients_with_repeats"]
+        else ", none with repeated scans"
+    )
+    return (
+        f"The {_scans(measured)} came from {_count_of(n['patients'], 'patient')}{repeats}; every "
+        f"cross-sectional analysis used one scan per patient, {rule} of the patient's measured scans with "
+        f"an age."
+    ), n["patients_with_age"]
 
 
 def _models_words(names: Sequence[str]) -> str:
     if len(names) < 2:
         return ""
-    return (f" Each scan was segmented by each of {len(names)} models ({_listing(list(names))}); a structure that an "
-            "earlier of these models also segments is named model:structure.")
+    return (
+        f" Each scan was segmented by each of {len(names)} models ({_listing(list(names))}); a structure that an "
+        "earlier of these models also segments is named model:structure."
+    )
 
 
 def _cohort_paragraph(config, counts, version, model, selection) -> str:
@@ -159,34 +188,56 @@ def _cohort_paragraph(config, counts, version, model, selection) -> str:
     measured = _count(counts, "scans", "measured")
     no_age = _count(counts, "scans", "measured, no age")
     failed = counts[(counts["level"] == "scans") & counts["kind"].str.startswith("failed: ")]
-    failed_words = [f"{int(row['count'])} in {STAGE_WORDS.get(stage, stage)}" for _, row in failed.iterrows()
-                    if row["count"] and (stage := row["kind"][len("failed: "):])]
-    cohort = (f"The demo cohort of {_scans(n_in)} was synthetic (a phantom with planted age effects)."
-              if config.get("demo") else f"The cohort comprised {_scans(n_in)}.")
+    failed_words = [
+        f"{int(row['count'])} in {STAGE_WORDS.get(stage, stage)}"
+        for _, row in failed.iterrows()
+        if row["count"] and (stage := row["kind"][len("failed: ") :])
+    ]
+    cohort = (
+        f"The demo cohort of {_scans(n_in)} was synthetic (a phantom with planted age effects)."
+        if config.get("demo")
+        else f"The cohort comprised {_scans(n_in)}."
+    )
     if segmentation["method"] == "nnunet":
         nnunet = version.get("nnunetv2", "not installed")
-        seg = (f"Each scan was segmented into the anatomical structures of the TotalSegmentator model "
-               f"(structure table {config['structures']}) by nnU-Net v2 (nnunetv2 {nnunet}) with {model or 'the model'}, "
-               f"fold{'s' if len(segmentation['folds']) > 1 else ''} {_listing([str(f) for f in segmentation['folds']])}, "
-               f"sliding-window step {segmentation['tile_step']} of the patch size, "
-               f"{'with' if segmentation['mirroring'] else 'without'} test-time mirroring, "
-               + RESAMPLING_WORDS[segmentation["resampling"]] + "." + _models_words(config.get("models") or []))
+        seg = (
+            f"Each scan was segmented into the anatomical structures of the TotalSegmentator model "
+            f"(structure table {config['structures']}) by nnU-Net v2 (nnunetv2 {nnunet}) with {model or 'the model'}, "
+            f"fold{'s' if len(segmentation['folds']) > 1 else ''} {_listing([str(f) for f in segmentation['folds']])}, "
+            f"sliding-window step {segmentation['tile_step']} of the patch size, "
+            f"{'with' if segmentation['mirroring'] else 'without'} test-time mirroring, "
+            + RESAMPLING_WORDS[segmentation["resampling"]]
+            + "."
+            + _models_words(config.get("models") or [])
+        )
     else:
-        seg = (f"Segmentations were supplied with the cohort (structure table {config['structures']}) and "
-               f"measured as given.")
+        seg = (
+            f"Segmentations were supplied with the cohort (structure table {config['structures']}) and "
+            f"measured as given."
+        )
     dropped = _count(counts, "scans", "dropped: duplicate")
     failed_n = n_in - dropped - measured
-    fate = (f"{_scans(failed_n)} could not be processed ({_listing(failed_words)}) and "
-            f"{'was' if failed_n == 1 else 'were'} excluded" if failed_n else "Every scan was processed")
+    fate = (
+        f"{_scans(failed_n)} could not be processed ({_listing(failed_words)}) and "
+        f"{'was' if failed_n == 1 else 'were'} excluded"
+        if failed_n
+        else "Every scan was processed"
+    )
     if dropped:
-        cohort += (f" {_count_of(dropped, 'row')} of the sheet repeated another scan (the same file or identical "
-                   f"content) and {'was' if dropped == 1 else 'were'} dropped.")
+        cohort += (
+            f" {_count_of(dropped, 'row')} of the sheet repeated another scan (the same file or identical "
+            f"content) and {'was' if dropped == 1 else 'were'} dropped."
+        )
     patients, with_age = _patients_sentence(config, measured, selection)
     if patients:
-        fate += f"; {_scans(measured)} were measured. {patients} {_count_of(with_age, 'patient')} entered the age analyses."
+        fate += (
+            f"; {_scans(measured)} were measured. {patients} {_count_of(with_age, 'patient')} entered the age analyses."
+        )
     else:
-        fate += (f"; {_scans(measured)} were measured, of which {_scans(measured - no_age)} with a recorded age "
-                 f"entered the age analyses.")
+        fate += (
+            f"; {_scans(measured)} were measured, of which {_scans(measured - no_age)} with a recorded age "
+            f"entered the age analyses."
+        )
     return " ".join([cohort, seg, fate])
 
 
@@ -196,34 +247,47 @@ def _measures_paragraph(config, counts) -> str:
     words = {"min_voxels": measure_cfg["min_voxels"], "hu_low": hu_window[0], "hu_high": hu_window[1]}
     structures = counts[counts["level"] == "structures"]
     total = int(structures["count"].sum())
-    excluded = [f"{int(row['count']):,} {REASON_WORDS.get(row['kind'], row['kind']).format(**words)}"
-                for _, row in structures.iterrows() if row["kind"] != "measured" and row["count"]]
+    excluded = [
+        f"{int(row['count']):,} {REASON_WORDS.get(row['kind'], row['kind']).format(**words)}"
+        for _, row in structures.iterrows()
+        if row["kind"] != "measured" and row["count"]
+    ]
     checks = [f"structures smaller than {measure_cfg['min_voxels']} voxels or absent were excluded"]
     if measure_cfg["border_margin"]:
-        checks.append(f"a structure reaching within {measure_cfg['border_margin']} voxels of the image border "
-                      f"was considered cut off by the field of view and excluded from volume analyses")
+        checks.append(
+            f"a structure reaching within {measure_cfg['border_margin']} voxels of the image border "
+            f"was considered cut off by the field of view and excluded from volume analyses"
+        )
     if qc_cfg.get("plausible_volumes"):
         checks.append(f"volumes outside a plausible range (table {qc_cfg['plausible_volumes']}) were excluded")
     if qc_cfg.get("hu_window"):
-        checks.append(f"attenuation values were excluded where the structure's median lay outside "
-                      f"{hu_window[0]} to {hu_window[1]} HU")
-    measures = (f"For every structure, volume was computed as the number of voxels times the voxel volume and "
-                f"attenuation as the mean CT number (HU) over the structure's voxels, and over its interior after "
-                f"a one-voxel erosion. Excluded values were left missing, never set to zero: "
-                f"{'; '.join(checks)}. Of {total:,} structure measurements, "
-                f"{_listing(excluded) if excluded else 'none'} {'were excluded' if excluded else 'was excluded'}.")
+        checks.append(
+            f"attenuation values were excluded where the structure's median lay outside "
+            f"{hu_window[0]} to {hu_window[1]} HU"
+        )
+    measures = (
+        f"For every structure, volume was computed as the number of voxels times the voxel volume and "
+        f"attenuation as the mean CT number (HU) over the structure's voxels, and over its interior after "
+        f"a one-voxel erosion. Excluded values were left missing, never set to zero: "
+        f"{'; '.join(checks)}. Of {total:,} structure measurements, "
+        f"{_listing(excluded) if excluded else 'none'} {'were excluded' if excluded else 'was excluded'}."
+    )
     reviewed = _count(counts, "scans", "measured, reviewer_excluded")
     by_reviewer = _count(counts, "structures", "reviewer_excluded")
     if by_reviewer:
-        measures += (" After looking at each scan's preview on a review page that ranked the scans by automated "
-                     "sanity checks (left and right structures on the wrong side, vertebrae out of order, one-piece "
-                     f"structures in several pieces, robust volume outliers for age and sex), a reviewer excluded "
-                     f"{_scans(reviewed)} as a whole; {by_reviewer:,} structure measurements in all were excluded "
-                     f"by review.")
+        measures += (
+            " After looking at each scan's preview on a review page that ranked the scans by automated "
+            "sanity checks (left and right structures on the wrong side, vertebrae out of order, one-piece "
+            f"structures in several pieces, robust volume outliers for age and sex), a reviewer excluded "
+            f"{_scans(reviewed)} as a whole; {by_reviewer:,} structure measurements in all were excluded "
+            f"by review."
+        )
     combined = config["statistics"].get("combined") or {}
     if combined:
-        measures += (f" Combined structures were also analysed ({_listing(sorted(combined))}): summed "
-                     f"volume and voxel-weighted mean attenuation, defined only where every member was measured.")
+        measures += (
+            f" Combined structures were also analysed ({_listing(sorted(combined))}): summed "
+            f"volume and voxel-weighted mean attenuation, defined only where every member was measured."
+        )
     return measures
 
 
@@ -261,13 +325,17 @@ def _primary_sentence(stats_cfg, correlations) -> str:
     adjusted = primary_view(correlations).get("primary", pd.Series(dtype=str)).eq("adjusted").any()
     absent = f" ({_listing(missing)} configured but not available)" if missing and configured else ""
     if adjusted:
-        return (f"The primary analysis was the partial Spearman correlation adjusted for {_listing(used)}{absent} "
-                f"(ranks of age and of the measure regressed on the ranks of the covariates, categorical ones as "
-                f"indicator variables; scans with a missing covariate left out), with the unadjusted rs reported "
-                f"beside it.")
+        return (
+            f"The primary analysis was the partial Spearman correlation adjusted for {_listing(used)}{absent} "
+            f"(ranks of age and of the measure regressed on the ranks of the covariates, categorical ones as "
+            f"indicator variables; scans with a missing covariate left out), with the unadjusted rs reported "
+            f"beside it."
+        )
     if used:
-        return (f"The primary analysis was the unadjusted correlation; partial Spearman correlations adjusted for "
-                f"{_listing(used)} are reported beside it.")
+        return (
+            f"The primary analysis was the unadjusted correlation; partial Spearman correlations adjusted for "
+            f"{_listing(used)} are reported beside it."
+        )
     return f"The primary analysis was the unadjusted correlation{absent}; no covariate was adjusted for."
 
 
@@ -282,32 +350,42 @@ def _family_sentence(stats_cfg, correlations) -> str:
     significant = tested["significant"].astype(str).str.lower() == "true"
     correction = CORRECTION_WORDS.get(stats_cfg["correction"], stats_cfg["correction"])
     alpha = stats_cfg["alpha"]
-    families = (f"{n_structures:,} of the segmentation's structures and {n_combined:,} of combined structures, "
-                f"each set its own correction family (a combined structure repeats its members)"
-                if n_combined else f"{n_structures:,}, one correction family")
-    raw = (f" (for Bonferroni: a raw P below {alpha / max(n_structures, 1):.3g} among the structures)"
-           if stats_cfg["correction"] == "bonferroni" and n_structures else "")
-    return (f"Of {len(correlations):,} structure-measure pairs, {len(tested):,} were tested in the primary analysis: "
-            f"{families}. P values were corrected within each family ({correction}), and a correlation was called "
-            f"significant where its corrected P was below {alpha:g}{raw}, which holds the "
-            f"{'family-wise error' if stats_cfg['correction'] == 'bonferroni' else 'false discovery rate'} at "
-            f"{alpha:g}: {int(significant.sum())} were "
-            f"({int((significant & (tested['rs'] > 0)).sum())} positive, "
-            f"{int((significant & (tested['rs'] < 0)).sum())} negative). Measures that nearly repeat each other "
-            f"(mean attenuation over the whole structure and over its interior) share a family, which makes the "
-            f"correction conservative.")
+    families = (
+        f"{n_structures:,} of the segmentation's structures and {n_combined:,} of combined structures, "
+        f"each set its own correction family (a combined structure repeats its members)"
+        if n_combined
+        else f"{n_structures:,}, one correction family"
+    )
+    raw = (
+        f" (for Bonferroni: a raw P below {alpha / max(n_structures, 1):.3g} among the structures)"
+        if stats_cfg["correction"] == "bonferroni" and n_structures
+        else ""
+    )
+    return (
+        f"Of {len(correlations):,} structure-measure pairs, {len(tested):,} were tested in the primary analysis: "
+        f"{families}. P values were corrected within each family ({correction}), and a correlation was called "
+        f"significant where its corrected P was below {alpha:g}{raw}, which holds the "
+        f"{'family-wise error' if stats_cfg['correction'] == 'bonferroni' else 'false discovery rate'} at "
+        f"{alpha:g}: {int(significant.sum())} were "
+        f"({int((significant & (tested['rs'] > 0)).sum())} positive, "
+        f"{int((significant & (tested['rs'] < 0)).sum())} negative). Measures that nearly repeat each other "
+        f"(mean attenuation over the whole structure and over its interior) share a family, which makes the "
+        f"correction conservative."
+    )
 
 
 def _models_sentence(stats_cfg, regression) -> str:
     used = _used(regression)
-    return (f"Correlations were also computed separately in men and women (P per sex uncorrected), and their "
-            f"difference tested on Fisher's z with the Bonett-Wright variances (corrected over the structures "
-            f"tested in both sexes). Change per decade of age was estimated by ordinary least squares"
-            f"{' with ' + _listing(used) + ' as covariates' if used else ' without covariates'} and HC3 "
-            f"heteroscedasticity-consistent standard errors (P from a Freedman-Lane permutation test up to "
-            f"{rank_null.PERMUTATION_MAX_N} patients, from the normal reference above); non-linearity was tested by "
-            f"an F test of a natural cubic spline in age ({stats_cfg['spline_df']} degrees of freedom, knots at "
-            f"quantiles of the distinct ages) against the linear model, corrected as a family of its own.")
+    return (
+        f"Correlations were also computed separately in men and women (P per sex uncorrected), and their "
+        f"difference tested on Fisher's z with the Bonett-Wright variances (corrected over the structures "
+        f"tested in both sexes). Change per decade of age was estimated by ordinary least squares"
+        f"{' with ' + _listing(used) + ' as covariates' if used else ' without covariates'} and HC3 "
+        f"heteroscedasticity-consistent standard errors (P from a Freedman-Lane permutation test up to "
+        f"{rank_null.PERMUTATION_MAX_N} patients, from the normal reference above); non-linearity was tested by "
+        f"an F test of a natural cubic spline in age ({stats_cfg['spline_df']} degrees of freedom, knots at "
+        f"quantiles of the distinct ages) against the linear model, corrected as a family of its own."
+    )
 
 
 def _longitudinal_sentence(config, longitudinal) -> str:
@@ -316,20 +394,28 @@ def _longitudinal_sentence(config, longitudinal) -> str:
     settings = config.get("longitudinal") or {}
     tested = longitudinal[longitudinal["note"].astype(object).fillna("").astype(str) == ""]
     if tested.empty:
-        return (f"Within-patient change was not estimated: no structure had two or more scans of at least "
-                f"{settings.get('min_patients', 'the configured number of')} patients.")
+        return (
+            f"Within-patient change was not estimated: no structure had two or more scans of at least "
+            f"{settings.get('min_patients', 'the configured number of')} patients."
+        )
     covariates = _listing(_used(longitudinal) or list(settings.get("covariates") or []))
-    return (f"Within-patient change was estimated from every scan of the patients with repeated scans (up to "
-            f"{int(tested['n_patients'].max()):,} patients and {int(tested['n_scans'].max()):,} scans per structure) "
-            f"by a linear mixed model fitted by restricted maximum likelihood: the measure on years since the "
-            f"patient's first scan and age at that scan{', ' + covariates if covariates else ''}, with a random "
-            f"intercept per patient and a random slope on time where identifiable; the within-patient slope was "
-            f"tested by its Wald P (corrected over the tested structures) and compared with the cross-sectional "
-            f"slope of baseline age (P of the difference uncorrected).")
+    return (
+        f"Within-patient change was estimated from every scan of the patients with repeated scans (up to "
+        f"{int(tested['n_patients'].max()):,} patients and {int(tested['n_scans'].max()):,} scans per structure) "
+        f"by a linear mixed model fitted by restricted maximum likelihood: the measure on years since the "
+        f"patient's first scan and age at that scan{', ' + covariates if covariates else ''}, with a random "
+        f"intercept per patient and a random slope on time where identifiable; the within-patient slope was "
+        f"tested by its Wald P (corrected over the tested structures) and compared with the cross-sectional "
+        f"slope of baseline age (P of the difference uncorrected)."
+    )
 
 
-CENTILE_FAMILY_NAMES = {"normal": "normal", "bccg": "Box-Cox Cole-Green (LMS)",
-                        "shash": "sinh-arcsinh (Jones and Pewsey)", "bct": "Box-Cox t"}
+CENTILE_FAMILY_NAMES = {
+    "normal": "normal",
+    "bccg": "Box-Cox Cole-Green (LMS)",
+    "shash": "sinh-arcsinh (Jones and Pewsey)",
+    "bct": "Box-Cox t",
+}
 
 
 def _centile_families(families: Sequence[str]) -> str:
@@ -350,28 +436,34 @@ def _normative_sentence(normative, calibration: pd.DataFrame | None = None) -> s
     adjustment = f" adjusted for {_listing(adjusted)}" if adjusted else ""
     if normative.get("method") == "lms":
         lms = CentileSettings.from_config(normative)
-        model = (f"Age-specific reference centiles (the {percentiles}){by_sex} were estimated from location-scale-"
-                 f"shape models{adjustment}: {_centile_families(lms.families)} whose location and "
-                 f"scale followed age on natural cubic splines (skewness and tails constant), the family and the "
-                 f"splines' degrees "
-                 f"of freedom chosen by GAIC({lms.gaic_penalty:g}), fitted by maximum likelihood. Each chart was "
-                 f"calibrated by {lms.folds}-fold cross-validation (the model chosen again in each fold) and refused "
-                 f"where the held-out scans' share beyond |z| 1.96, or their mean or SD of z, left its "
-                 f"{100 * lms.calibration_level:g}% interval; charts were not extrapolated in age, z was bounded "
-                 f"at {lms.z_limit:g}, and the curves' {100 * lms.bootstrap_level:g}% bands came from "
-                 f"{lms.bootstrap_resamples} bootstrap resamples.{_site_sentence(normative, calibration)}")
+        model = (
+            f"Age-specific reference centiles (the {percentiles}){by_sex} were estimated from location-scale-"
+            f"shape models{adjustment}: {_centile_families(lms.families)} whose location and "
+            f"scale followed age on natural cubic splines (skewness and tails constant), the family and the "
+            f"splines' degrees "
+            f"of freedom chosen by GAIC({lms.gaic_penalty:g}), fitted by maximum likelihood. Each chart was "
+            f"calibrated by {lms.folds}-fold cross-validation (the model chosen again in each fold) and refused "
+            f"where the held-out scans' share beyond |z| 1.96, or their mean or SD of z, left its "
+            f"{100 * lms.calibration_level:g}% interval; charts were not extrapolated in age, z was bounded "
+            f"at {lms.z_limit:g}, and the curves' {100 * lms.bootstrap_level:g}% bands came from "
+            f"{lms.bootstrap_resamples} bootstrap resamples.{_site_sentence(normative, calibration)}"
+        )
     else:
-        model = (f"Age-specific reference percentiles (the {percentiles}){by_sex} were estimated by linear quantile "
-                 f"regression on a natural cubic spline in age ({normative['spline_df']} degrees of freedom)"
-                 f"{adjustment}, solved exactly and made non-crossing by monotone rearrangement.")
+        model = (
+            f"Age-specific reference percentiles (the {percentiles}){by_sex} were estimated by linear quantile "
+            f"regression on a natural cubic spline in age ({normative['spline_df']} degrees of freedom)"
+            f"{adjustment}, solved exactly and made non-crossing by monotone rearrangement."
+        )
     reference = f"the scans with {normative['reference']}" if normative.get("reference") else "every patient"
-    sentence = (f"{model} Charts needed at least {normative['min_n']} patients. The reference was {reference}, less "
-                f"the structures that the automated sanity checks flagged (unless a reviewer accepted them).")
+    sentence = (
+        f"{model} Charts needed at least {normative['min_n']} patients. The reference was {reference}, less "
+        f"the structures that the automated sanity checks flagged (unless a reviewer accepted them)."
+    )
     if calibration is not None and len(calibration):
         drawn = calibration[calibration["note"].fillna("") == ""]
-        sentence += (f" {len(drawn)} of {len(calibration)} charts were drawn"
-                     + (f", from {int(drawn['n'].min()):,} to {int(drawn['n'].max()):,} patients each." if len(drawn)
-                        else "."))
+        sentence += f" {len(drawn)} of {len(calibration)} charts were drawn" + (
+            f", from {int(drawn['n'].min()):,} to {int(drawn['n'].max()):,} patients each." if len(drawn) else "."
+        )
     return sentence
 
 
@@ -380,18 +472,23 @@ def _site_sentence(normative: Mapping, calibration: pd.DataFrame | None) -> str:
     site = normative.get("site")
     if not site:
         return ""
-    sentence = (f" Each chart's location had a Gaussian random intercept for {site}, estimated jointly by penalised "
-                f"maximum likelihood, its SD by the Laplace-approximate restricted likelihood (as mgcv's REML) and "
-                f"counted in GAIC by its effective degrees of freedom; the charts show the population curves, and a "
-                f"scan of a {site} outside the reference was placed on them with z widened by the {site} SD.")
+    sentence = (
+        f" Each chart's location had a Gaussian random intercept for {site}, estimated jointly by penalised "
+        f"maximum likelihood, its SD by the Laplace-approximate restricted likelihood (as mgcv's REML) and "
+        f"counted in GAIC by its effective degrees of freedom; the charts show the population curves, and a "
+        f"scan of a {site} outside the reference was placed on them with z widened by the {site} SD."
+    )
     counts = calibration["sites"].dropna() if calibration is not None and "sites" in calibration else pd.Series([])
     if len(counts):
         sentence += f" The charts had {_listing(sorted({f'{int(c)}' for c in counts}, key=int))} {site} levels."
     return sentence
 
 
-CT_AGE_MODEL_WORDS = {"ridge": "ridge regression", "elastic_net": "elastic-net regression",
-                      "gradient_boosting": "gradient-boosted trees"}
+CT_AGE_MODEL_WORDS = {
+    "ridge": "ridge regression",
+    "elastic_net": "elastic-net regression",
+    "gradient_boosting": "gradient-boosted trees",
+}
 
 
 def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
@@ -402,29 +499,36 @@ def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
     candidates = _listing([CT_AGE_MODEL_WORDS.get(m, m) for m in settings.get("models", [])])
     measures = _listing([MEASURE_WORDS.get(m, m) for m in settings.get("measures", [])])
     covariates = _listing(settings.get("covariates") or [])
-    design = (f"Age was predicted from every structure's {measures} (volumes as logarithms)"
-              f"{' with ' + covariates if covariates else ''} by nested cross-validation: {int(row['folds'])} outer "
-              f"folds by patient, each scan predicted by the model of the fold that held its patient out, trained on "
-              f"one scan per patient; within each training fold {int(row['inner_folds'])} inner folds chose among "
-              f"{candidates} (missing values imputed within the training fold) by mean absolute error. The age gap "
-              f"was corrected for regression to the mean as (predicted - b0) / b1 - age (de Lange & Cole 2020), "
-              f"with b0 and b1 from a regression of the inner out-of-fold predictions on age in the training fold.")
+    design = (
+        f"Age was predicted from every structure's {measures} (volumes as logarithms)"
+        f"{' with ' + covariates if covariates else ''} by nested cross-validation: {int(row['folds'])} outer "
+        f"folds by patient, each scan predicted by the model of the fold that held its patient out, trained on "
+        f"one scan per patient; within each training fold {int(row['inner_folds'])} inner folds chose among "
+        f"{candidates} (missing values imputed within the training fold) by mean absolute error. The age gap "
+        f"was corrected for regression to the mean as (predicted - b0) / b1 - age (de Lange & Cole 2020), "
+        f"with b0 and b1 from a regression of the inner out-of-fold predictions on age in the training fold."
+    )
     if row["note"]:
-        return (design + f" No model was fitted: fewer than {settings.get('min_scans')} patients with an age and "
-                         f"enough measurements.")
+        return (
+            design + f" No model was fitted: fewer than {settings.get('min_scans')} patients with an age and "
+            f"enough measurements."
+        )
     groups = list(summary["features"].iloc[1:])
-    return (design + f" In {_count_of(int(row['n_scans']), 'patient')} the out-of-fold mean absolute error was "
-            f"{row['mae']:.1f} years and R\u00b2 {row['r2']:.2f} ({CT_AGE_MODEL_WORDS.get(row['model'], row['model'])} "
-            f"chosen in most folds)" + (f"; separate models used the {_listing(groups)} structures only." if groups
-                                         else "."))
+    return (
+        design + f" In {_count_of(int(row['n_scans']), 'patient')} the out-of-fold mean absolute error was "
+        f"{row['mae']:.1f} years and R\u00b2 {row['r2']:.2f} ({CT_AGE_MODEL_WORDS.get(row['model'], row['model'])} "
+        f"chosen in most folds)"
+        + (f"; separate models used the {_listing(groups)} structures only." if groups else ".")
+    )
 
 
 def _software_paragraph(version: Mapping) -> str:
-    cited = [f"{name} {version[name]}" for name in CITED_SOFTWARE
-             if version.get(name) not in (None, "not installed")]
+    cited = [f"{name} {version[name]}" for name in CITED_SOFTWARE if version.get(name) not in (None, "not installed")]
     python = version.get("python")
-    return (f"Analyses were run with the ctcohort Snakemake workflow{f' on Python {python}' if python else ''} "
-            f"({_listing(cited)}).")
+    return (
+        f"Analyses were run with the ctcohort Snakemake workflow{f' on Python {python}' if python else ''} "
+        f"({_listing(cited)})."
+    )
 
 
 def write_methods(paragraphs: Sequence[str], markdown_path: str | Path, html_path: str | Path) -> None:
@@ -432,6 +536,6 @@ def write_methods(paragraphs: Sequence[str], markdown_path: str | Path, html_pat
     Path(markdown_path).write_text("# Methods\n\n" + "\n\n".join(paragraphs) + "\n")
     body = "\n".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
     Path(html_path).write_text(
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Methods</title></head>\n"
-        f"<body style=\"font-family: serif; max-width: 45em\">\n<h1>Methods</h1>\n{body}\n</body></html>\n"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Methods</title></head>\n'
+        f'<body style="font-family: serif; max-width: 45em">\n<h1>Methods</h1>\n{body}\n</body></html>\n'
     )

@@ -18,7 +18,8 @@ partial_correlations (``partial_table``)
     same number as the partial correlation from the inverse correlation matrix of the ranks). P: two-sided,
     as ``stats.partial_spearman`` computes it (the plain Spearman P where no covariate varies; a permutation
     P of the residuals at small n; t on n - 2 - k degrees of freedom above). 95% CI: Fisher z with Bonett &
-    Wright's variance, atanh(r) +- 1.96 sqrt((1 + r^2 / 2) / (n - 3 - k)). p_bonferroni and q_fdr (Benjamini-Hochberg) over the tested rows of
+    Wright's variance, atanh(r) +- 1.96 sqrt((1 + r^2 / 2) / (n - 3 - k)). p_bonferroni and q_fdr
+    (Benjamini-Hochberg) over the tested rows of
     this table only.
 
 by_sex (``by_sex_table``)
@@ -61,21 +62,60 @@ from scipy import stats
 from ctcohort.patients import patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, PERMUTATION_RESAMPLES, permutation_orders, smallest_p
 from ctcohort.stats import (
-    CONSTANT, DEFAULTS, PARTIAL_ROW_COLUMNS, TOO_FEW_SCANS, check_tests, correct_p_values, is_categorical, partial_rows,
-    present_columns, spearman, spearman_ci, structure_blocks, structure_families,
+    CONSTANT,
+    DEFAULTS,
+    PARTIAL_ROW_COLUMNS,
+    TOO_FEW_SCANS,
+    check_tests,
+    correct_p_values,
+    is_categorical,
+    partial_rows,
+    present_columns,
+    spearman,
+    spearman_ci,
+    structure_blocks,
+    structure_families,
 )
 
 PARTIAL_COLUMNS = [*PARTIAL_ROW_COLUMNS[:-1], "p_bonferroni", "q_fdr", "significant", "note"]
 SEXES = ("M", "F")
 BY_SEX_COLUMNS = [
-    "structure", "group", "family", "measure",
+    "structure",
+    "group",
+    "family",
+    "measure",
     *(f"{name}_{sex}" for sex in SEXES for name in ("n", "rs", "ci_low", "ci_high", "p")),
-    "z_diff", "p_diff", "p_diff_bonferroni", "q_diff_fdr", "note_M", "note_F",
+    "z_diff",
+    "p_diff",
+    "p_diff_bonferroni",
+    "q_diff_fdr",
+    "note_M",
+    "note_F",
 ]
 REGRESSION_COLUMNS = [
-    "structure", "group", "family", "measure", "n", "n_patients", "covariates", "median", "coef_per_decade", "ci_low",
-    "ci_high", "p", "percent_per_decade", "p_bonferroni", "q_fdr", "f_nonlinear", "df_nonlinear", "p_nonlinear",
-    "p_nonlinear_bonferroni", "q_nonlinear_fdr", "peak_age", "trough_age", "note",
+    "structure",
+    "group",
+    "family",
+    "measure",
+    "n",
+    "n_patients",
+    "covariates",
+    "median",
+    "coef_per_decade",
+    "ci_low",
+    "ci_high",
+    "p",
+    "percent_per_decade",
+    "p_bonferroni",
+    "q_fdr",
+    "f_nonlinear",
+    "df_nonlinear",
+    "p_nonlinear",
+    "p_nonlinear_bonferroni",
+    "q_nonlinear_fdr",
+    "peak_age",
+    "trough_age",
+    "note",
 ]
 LEVERAGE_ONE = "leverage_one"
 GRID_POINTS = 1001
@@ -83,8 +123,12 @@ log = logging.getLogger(__name__)
 
 
 def partial_table(
-    measurements: pd.DataFrame, measures: list[str], covariates: list[str], correction: str = DEFAULTS.correction,
-    alpha: float = DEFAULTS.alpha, min_n: int = DEFAULTS.min_n,
+    measurements: pd.DataFrame,
+    measures: list[str],
+    covariates: list[str],
+    correction: str = DEFAULTS.correction,
+    alpha: float = DEFAULTS.alpha,
+    min_n: int = DEFAULTS.min_n,
 ) -> pd.DataFrame:
     """results/stats/partial_correlations.tsv (columns PARTIAL_COLUMNS; module docstring)."""
     check_tests(correction, min_n)
@@ -119,8 +163,7 @@ def by_sex_table(measurements: pd.DataFrame, measures: list[str], min_n: int = D
             row, results = [structure, group, families[structure], measure], {}
             for s in SEXES:
                 part = block[(sex == s).to_numpy()]
-                n, rs, p, note = spearman(part["age"].to_numpy(dtype=float), part[measure].to_numpy(dtype=float),
-                                          min_n)
+                n, rs, p, note = spearman(part["age"].to_numpy(dtype=float), part[measure].to_numpy(dtype=float), min_n)
                 if "sex" not in block.columns:
                     note = "no_sex"
                 results[s] = (n, rs, note)
@@ -187,8 +230,11 @@ def _regression_frame(block: pd.DataFrame, measure: str, present: list[str]) -> 
 
 
 def _regression_note(frame: pd.DataFrame, categorical: list[str], spline_df: int, min_n: int) -> str:
-    n_parameters = 1 + spline_df + sum(frame[c].nunique() - 1 if c in categorical else 1
-                                       for c in frame.columns if c.startswith("c"))
+    n_parameters = (
+        1
+        + spline_df
+        + sum(frame[c].nunique() - 1 if c in categorical else 1 for c in frame.columns if c.startswith("c"))
+    )
     if len(frame) < min_n:
         return TOO_FEW_SCANS
     if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0:
@@ -207,8 +253,9 @@ def nonlinearity_f_test(linear, spline) -> tuple[float, float, float]:
     return float(f), float(dof), float(stats.f.sf(f, dof, spline.df_resid))
 
 
-def hc3_permutation_p(y: np.ndarray, exog: np.ndarray, index: int, seed: int = 0,
-                      resamples: int = PERMUTATION_RESAMPLES) -> float:
+def hc3_permutation_p(
+    y: np.ndarray, exog: np.ndarray, index: int, seed: int = 0, resamples: int = PERMUTATION_RESAMPLES
+) -> float:
     """Freedman-Lane permutation P of coefficient ``index`` of the OLS of y on exog, with the HC3 t statistic:
     the residuals of the model without that column are permuted, added back to its fitted values, and the
     full model refitted; P = (b + 1) / (B + 1). Valid at small n, where HC3's normal reference is not."""
@@ -255,24 +302,40 @@ def regression_row(frame: pd.DataFrame, categorical: list[str], spline_df: int, 
     """The statistics of one structure x measure (REGRESSION_COLUMNS from n on)."""
     n = len(frame)
     median = float(frame["y"].median()) if n else np.nan
-    row = {"n": n, "n_patients": int(frame["patient"].nunique()), "median": median,
-           **dict.fromkeys(REGRESSION_COLUMNS[REGRESSION_COLUMNS.index("coef_per_decade"):], np.nan)}
+    row = {
+        "n": n,
+        "n_patients": int(frame["patient"].nunique()),
+        "median": median,
+        **dict.fromkeys(REGRESSION_COLUMNS[REGRESSION_COLUMNS.index("coef_per_decade") :], np.nan),
+    }
     row["note"] = _regression_note(frame, categorical, spline_df, min_n)
     if row["note"]:
         return row
     linear, spline = fit_age_models(frame.drop(columns="patient"), spline_df)
     coef, low, high, p, note = _age_slope(linear, smallest_p(n), seed)
     f, dof, p_nonlinear = nonlinearity_f_test(linear, spline)
-    row.update(coef_per_decade=coef, ci_low=low, ci_high=high, p=p, note=note,
-               percent_per_decade=100 * coef / median if median != 0 else np.nan,
-               f_nonlinear=f, df_nonlinear=dof, p_nonlinear=p_nonlinear)
+    row.update(
+        coef_per_decade=coef,
+        ci_low=low,
+        ci_high=high,
+        p=p,
+        note=note,
+        percent_per_decade=100 * coef / median if median != 0 else np.nan,
+        f_nonlinear=f,
+        df_nonlinear=dof,
+        p_nonlinear=p_nonlinear,
+    )
     row["peak_age"], row["trough_age"] = _curve_extrema(spline, frame.drop(columns="patient"))
     return row
 
 
 def regression_table(
-    measurements: pd.DataFrame, measures: list[str], covariates: list[str], spline_df: int = DEFAULTS.spline_df,
-    min_n: int = DEFAULTS.min_n, seed: int = 0,
+    measurements: pd.DataFrame,
+    measures: list[str],
+    covariates: list[str],
+    spline_df: int = DEFAULTS.spline_df,
+    min_n: int = DEFAULTS.min_n,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
     check_tests(DEFAULTS.correction, min_n)
@@ -285,9 +348,16 @@ def regression_table(
         for measure in measures:
             frame, categorical = _regression_frame(block, measure, present)
             names = [present[int(c[1:])] for c in frame.columns if c.startswith("c")]
-            rows.append({"structure": structure, "group": group, "family": families[structure], "measure": measure,
-                         "covariates": ",".join(names),
-                         **regression_row(frame, categorical, spline_df, min_n, seed)})
+            rows.append(
+                {
+                    "structure": structure,
+                    "group": group,
+                    "family": families[structure],
+                    "measure": measure,
+                    "covariates": ",".join(names),
+                    **regression_row(frame, categorical, spline_df, min_n, seed),
+                }
+            )
     table = pd.DataFrame(rows, columns=REGRESSION_COLUMNS)
     tested = table["note"] == ""
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", tested)

@@ -48,6 +48,7 @@ SUPPORTED_NNUNET_VERSION = "2.8.1"
 # 1. Version
 # ---------------------------------------------------------------------------------------------------------
 
+
 class UnsupportedNnunetError(ImportError):
     """The installed nnunetv2 is missing or is not the version this adapter is written against."""
 
@@ -68,8 +69,10 @@ def nnunet_version_problem(installed: str | None, supported: str = SUPPORTED_NNU
     if installed is None:
         return f"nnunetv2 is not installed; ctcohort's nnU-Net adapter supports nnunetv2 {supported}: {install}"
     if installed.split("+")[0] != supported:
-        return (f"nnunetv2 {installed} is installed, but ctcohort's nnU-Net adapter supports nnunetv2 {supported} "
-                f"only (it relies on that version's internals): {install}")
+        return (
+            f"nnunetv2 {installed} is installed, but ctcohort's nnU-Net adapter supports nnunetv2 {supported} "
+            f"only (it relies on that version's internals): {install}"
+        )
     return None
 
 
@@ -143,8 +146,10 @@ def nnunet_environment(work_dir: str | Path, threads: int = 1, n_proc_da: int = 
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     values = {
-        "nnUNet_raw": str(dirs["raw"]), "nnUNet_preprocessed": str(dirs["preprocessed"]),
-        "nnUNet_results": str(dirs["results"]), "nnUNet_def_n_proc": str(threads),
+        "nnUNet_raw": str(dirs["raw"]),
+        "nnUNet_preprocessed": str(dirs["preprocessed"]),
+        "nnUNet_results": str(dirs["results"]),
+        "nnUNet_def_n_proc": str(threads),
         "nnUNet_n_proc_DA": str(n_proc_da),
         "nnUNet_compile": "false",  # no torch.compile (off on CPU anyway)
         "nnUNet_wandb_enabled": "0",  # no network access
@@ -179,19 +184,32 @@ def dataset_name(dataset_id: int) -> str:
 
 PLANS_IDENTIFIER = "nnUNetPlans"  # what plan_experiments names its plans (nnUNet_preprocessed/<dataset>/<id>.json)
 
+
 def fingerprint_and_plan(dataset_id: int, threads: int) -> str:
     """nnU-Net's dataset fingerprint and default plans (within ``nnunet_environment``); returns the plans identifier."""
     api = _nnunet("nnunetv2.experiment_planning.plan_and_preprocess_api")
-    api.extract_fingerprints([dataset_id], num_processes=threads, check_dataset_integrity=True, clean=True,
-                             verbose=False, show_progress_bar=False)
+    api.extract_fingerprints(
+        [dataset_id],
+        num_processes=threads,
+        check_dataset_integrity=True,
+        clean=True,
+        verbose=False,
+        show_progress_bar=False,
+    )
     return api.plan_experiments([dataset_id])
 
 
 def preprocess(dataset_id: int, plans_identifier: str, configuration: str, threads: int) -> None:
     """nnU-Net's preprocessing of one configuration (within ``nnunet_environment``)."""
     api = _nnunet("nnunetv2.experiment_planning.plan_and_preprocess_api")
-    api.preprocess([dataset_id], plans_identifier, configurations=[configuration], num_processes=[threads],
-                   verbose=False, show_progress_bar=False)
+    api.preprocess(
+        [dataset_id],
+        plans_identifier,
+        configurations=[configuration],
+        num_processes=[threads],
+        verbose=False,
+        show_progress_bar=False,
+    )
 
 
 def network_topology(spacing, patch_size) -> tuple[list, list, list]:
@@ -212,8 +230,16 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("dice_ce", "dice_topk10")
 
 
-def make_trainer(plans: dict, configuration: str, fold: int, dataset_json: dict, device: str, epochs: int,
-                 iterations_per_epoch: int, val_iterations_per_epoch: int):
+def make_trainer(
+    plans: dict,
+    configuration: str,
+    fold: int,
+    dataset_json: dict,
+    device: str,
+    epochs: int,
+    iterations_per_epoch: int,
+    val_iterations_per_epoch: int,
+):
     """nnU-Net's built-in trainer (``TRAINER``) for one configuration and fold, with the given schedule."""
     import torch
 
@@ -247,11 +273,21 @@ def without_mirroring(trainer, augmentation: bool) -> None:
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = types.MethodType(no_mirroring, trainer)
     if not augmentation:
         # nnUNetTrainerNoDA's choice: the validation transforms (deep supervision targets only)
-        def validation_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                  do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
-                                  foreground_labels=None, regions=None, ignore_label=None):
-            return type(trainer).get_validation_transforms(deep_supervision_scales, is_cascaded,
-                                                           foreground_labels, regions, ignore_label)
+        def validation_transforms(
+            patch_size,
+            rotation_for_DA,
+            deep_supervision_scales,
+            mirror_axes,
+            do_dummy_2d_data_aug,
+            use_mask_for_norm=None,
+            is_cascaded=False,
+            foreground_labels=None,
+            regions=None,
+            ignore_label=None,
+        ):
+            return type(trainer).get_validation_transforms(
+                deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label
+            )
 
         trainer.get_training_transforms = validation_transforms
 
@@ -268,8 +304,7 @@ def use_optimizer(trainer, name: str) -> None:
     poly_lr = _nnunet("nnunetv2.training.lr_scheduler.polylr").PolyLRScheduler
 
     def configure_optimizers(self):
-        optimizer = AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                          amsgrad=True)
+        optimizer = AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay, amsgrad=True)
         return optimizer, poly_lr(optimizer, self.initial_lr, self.num_epochs)
 
     trainer.initial_lr = 1e-3
@@ -367,13 +402,14 @@ def run_training_within(trainer, budget_s: float | None, initial_weights: str | 
         epoch_started = time.perf_counter()
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(next(trainer.dataloader_train))
-                   for _ in range(trainer.num_iterations_per_epoch)]
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
         trainer.on_train_epoch_end(outputs)
         with torch.no_grad():
             trainer.on_validation_epoch_start()
-            outputs = [trainer.validation_step(next(trainer.dataloader_val))
-                       for _ in range(trainer.num_val_iterations_per_epoch)]
+            outputs = [
+                trainer.validation_step(next(trainer.dataloader_val))
+                for _ in range(trainer.num_val_iterations_per_epoch)
+            ]
             trainer.on_validation_epoch_end(outputs)
         trainer.on_epoch_end()
         durations.append(time.perf_counter() - epoch_started)
@@ -382,8 +418,9 @@ def run_training_within(trainer, budget_s: float | None, initial_weights: str | 
             left = budget_s - (time.perf_counter() - started)
             affordable = trainer.current_epoch + max(0, int(left // per_epoch))
             if affordable < trainer.num_epochs:
-                LOG.info("time budget: %d epochs instead of %d (%.1f s per epoch)", affordable,
-                         trainer.num_epochs, per_epoch)
+                LOG.info(
+                    "time budget: %d epochs instead of %d (%.1f s per epoch)", affordable, trainer.num_epochs, per_epoch
+                )
                 trainer.num_epochs = affordable
                 trainer.lr_scheduler.max_steps = affordable
     trainer.on_train_end()
@@ -410,8 +447,13 @@ def results_folder(trainer) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 # What the predictor reads from a checkpoint; the rest (optimizer, logging) only serves to resume training.
-INFERENCE_CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes",
-                             "current_epoch")
+INFERENCE_CHECKPOINT_KEYS = (
+    "network_weights",
+    "init_args",
+    "trainer_name",
+    "inference_allowed_mirroring_axes",
+    "current_epoch",
+)
 
 
 def inference_checkpoint(checkpoint: dict, half: bool = False, source: str | Path = "checkpoint") -> dict:
@@ -431,13 +473,15 @@ def inference_checkpoint(checkpoint: dict, half: bool = False, source: str | Pat
         converted = {}
         slim["network_weights"] = {
             key: converted.setdefault(value.data_ptr(), value.half()) if value.is_floating_point() else value
-            for key, value in slim["network_weights"].items()}
+            for key, value in slim["network_weights"].items()
+        }
     return slim
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 6. Inference
 # ---------------------------------------------------------------------------------------------------------
+
 
 class ModelFolderError(ValueError):
     """The model folder is missing, does not hold an nnU-Net v2 model, or does not say which one to use."""
@@ -466,8 +510,9 @@ def network_axes(reader: str, transpose_forward) -> tuple[int, ...]:
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization")
 
 
-def load_predictor(folder: str | Path, checkpoint_files: Sequence[str | Path], device, tile_step: float,
-                   mirroring: bool):
+def load_predictor(
+    folder: str | Path, checkpoint_files: Sequence[str | Path], device, tile_step: float, mirroring: bool
+):
     """An nnUNetPredictor for the model in ``folder``, the weights of ``checkpoint_files`` (its folds, which
     must exist) loaded once, on ``device`` (a torch.device).
 
@@ -494,7 +539,8 @@ def load_predictor(folder: str | Path, checkpoint_files: Sequence[str | Path], d
     configuration = plans_manager.get_configuration(configuration_name)
     _check_configuration(folder, configuration, configuration_name)
     network = trainer_class.build_network_architecture(
-        plans_manager, configuration,
+        plans_manager,
+        configuration,
         label_handling.determine_num_input_channels(plans_manager, configuration, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
         enable_deep_supervision=False,
@@ -504,11 +550,21 @@ def load_predictor(folder: str | Path, checkpoint_files: Sequence[str | Path], d
     # even when it is False: kept out of the job logs, where it would read as a problem
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = predictor_class(
-            tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
-            perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
+            tile_step_size=tile_step,
+            use_gaussian=True,
+            use_mirroring=mirroring,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            allow_tqdm=False,
         )
     predictor.manual_initialization(
-        network, plans_manager, configuration, parameters, dataset_json, first["trainer_name"],
+        network,
+        plans_manager,
+        configuration,
+        parameters,
+        dataset_json,
+        first["trainer_name"],
         first.get("inference_allowed_mirroring_axes"),
     )
     return predictor
@@ -516,12 +572,15 @@ def load_predictor(folder: str | Path, checkpoint_files: Sequence[str | Path], d
 
 def _check_configuration(folder: Path, configuration, name: str) -> None:
     if len(configuration.patch_size) != 3 or configuration.previous_stage_name is not None:
-        raise ModelFolderError(f"model {folder}: configuration {name!r} is not a "
-                               "single-stage 3D one (3d_fullres, 3d_lowres, ...), the only kind supported")
+        raise ModelFolderError(
+            f"model {folder}: configuration {name!r} is not a "
+            "single-stage 3D one (3d_fullres, 3d_lowres, ...), the only kind supported"
+        )
     schemes = configuration.normalization_schemes
     if len(schemes) != 1 or schemes[0] not in NORMALIZATIONS or any(configuration.use_mask_for_norm):
-        raise ModelFolderError(f"model {folder}: one CT channel with {' or '.join(NORMALIZATIONS)} "
-                               f"(no mask) is supported, not {schemes}")
+        raise ModelFolderError(
+            f"model {folder}: one CT channel with {' or '.join(NORMALIZATIONS)} (no mask) is supported, not {schemes}"
+        )
 
 
 def predict_labels(predictor, hu, spacing: Sequence[float]):
@@ -580,9 +639,11 @@ def _labels_on_grid(logits, shape: Sequence[int], max_bytes: int = 1 << 28):
     slab = max(1, max_bytes // (4 * logits.shape[0] * shape[1] * shape[2]))
     source = logits[None].float()
     for z0 in range(0, shape[0], slab):
-        z = 2 * (torch.arange(z0, min(shape[0], z0 + slab), device=logits.device, dtype=torch.float32) + 0.5) \
-            / shape[0] - 1
+        z = (
+            2 * (torch.arange(z0, min(shape[0], z0 + slab), device=logits.device, dtype=torch.float32) + 0.5) / shape[0]
+            - 1
+        )
         grid = torch.stack(torch.meshgrid(z, y, x, indexing="ij")[::-1], dim=-1)[None]  # (x, y, z) last
         values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        labels[z0:z0 + len(z)] = values[0].argmax(0)
+        labels[z0 : z0 + len(z)] = values[0].argmax(0)
     return labels

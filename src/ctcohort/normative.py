@@ -39,10 +39,12 @@ charts (``fit_charts``, ``fit_panel_charts``; results/stats/normative_charts.tsv
     covariate holding the value the curves are drawn at: 0 where the covariate varies and enters the model
     (the curves are those of a scan with the covariate 0, e.g. native), the constant value where it is
     constant over the chart's scans, NaN where it is not in the table (or the chart is not fitted); then
-    note (a text covariate: its reference level). Ages: from the chart's youngest to its oldest scan in steps of age_step, both ends included (the
+    note (a text covariate: its reference level). Ages: from the chart's youngest to its oldest scan in steps of
+    age_step, both ends included (the
     last step may be shorter). A chart that is not fitted has one row, age and percentiles NaN, and a
     note: ``not_in_study`` (the table has no such structure), ``too_few_scans`` (n < min_n, n < the
-    model's parameters + 2, or fewer distinct ages than spline_df + 2), ``constant`` (age or the measure takes one value) or ``not_converged``. Fitted rows:
+    model's parameters + 2, or fewer distinct ages than spline_df + 2), ``constant`` (age or the measure takes one
+    value) or ``not_converged``. Fitted rows:
     note "".
 
 coefficients (results/stats/normative_covariates.tsv)
@@ -134,10 +136,25 @@ LMS = "lms"
 METHODS = (LMS, QUANTILE)
 # after note: how the chart was made and, for lms, the model's linear predictors at each age (covariates at the
 # reference) with which a scan is placed, and the chart's calibration on held-out scans
-METHOD_COLUMNS = ["method", "family", "z_scale", "eta_mu", "eta_sigma", "eta_nu", "eta_tau", "site_column", "site_sd",
-                  "sites"]
-CALIBRATION_FIELDS = {"calibration_n": "calibration_n", "z_mean": "z_mean", "z_sd": "z_sd",
-                      "beyond_1_96": "beyond_1.96", "calibration_failed": "calibration_failed"}
+METHOD_COLUMNS = [
+    "method",
+    "family",
+    "z_scale",
+    "eta_mu",
+    "eta_sigma",
+    "eta_nu",
+    "eta_tau",
+    "site_column",
+    "site_sd",
+    "sites",
+]
+CALIBRATION_FIELDS = {
+    "calibration_n": "calibration_n",
+    "z_mean": "z_mean",
+    "z_sd": "z_sd",
+    "beyond_1_96": "beyond_1.96",
+    "calibration_failed": "calibration_failed",
+}
 CALIBRATION_COLUMNS = list(CALIBRATION_FIELDS)
 SCORE_COLUMNS = ["subject", "structure", "measure", "sex", "value", "age", "z", "fold"]
 PLACEMENT_COLUMNS = ["structure", "measure", "value", "age", "sex", "percentile", "z", "note"]
@@ -156,8 +173,16 @@ def chart_columns(percentiles=PERCENTILES, covariates=COVARIATES) -> list[str]:
 
 
 def coefficient_columns(percentiles=PERCENTILES) -> list[str]:
-    return ["structure", "measure", "sex", "covariate", *(percentile_column(p) for p in percentiles), "eta_mu",
-            "levels", "effect"]
+    return [
+        "structure",
+        "measure",
+        "sex",
+        "covariate",
+        *(percentile_column(p) for p in percentiles),
+        "eta_mu",
+        "levels",
+        "effect",
+    ]
 
 
 def _check_percentiles(percentiles) -> tuple[float, ...]:
@@ -194,16 +219,18 @@ class QuantileFit(NamedTuple):
         return np.asarray(design) @ self.params.to_numpy()
 
 
-def quantile_fits(frame: pd.DataFrame, percentiles=PERCENTILES,
-                  spline_df: int = SPLINE_DF) -> tuple[list[QuantileFit], bool]:
+def quantile_fits(
+    frame: pd.DataFrame, percentiles=PERCENTILES, spline_df: int = SPLINE_DF
+) -> tuple[list[QuantileFit], bool]:
     """(fits, solved): one QuantileFit per percentile of y ~ cr(age, df=spline_df, constraints="center") + the
     other columns of ``frame`` (numeric covariates with formula-safe names), each at the exact minimum of its
     check loss (``exact_quantile_fit``); solved is False where the solver failed for a percentile."""
     import patsy
 
     terms = "".join(f" + {c}" for c in frame.columns if c not in ("y", "age"))
-    endog, exog = patsy.dmatrices(f"y ~ cr(age, df={spline_df}, constraints='center'){terms}", frame,
-                                  return_type="dataframe")
+    endog, exog = patsy.dmatrices(
+        f"y ~ cr(age, df={spline_df}, constraints='center'){terms}", frame, return_type="dataframe"
+    )
     fits, solved = [], True
     for p in percentiles:
         params = exact_quantile_fit(exog.to_numpy(), endog.to_numpy().ravel(), p / 100)
@@ -237,8 +264,12 @@ def exact_quantile_fit(exog: np.ndarray, endog: np.ndarray, q: float) -> np.ndar
     return params
 
 
-def reference_scans(measurements: pd.DataFrame, reference: str = "", qc: pd.DataFrame | None = None,
-                    combined: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+def reference_scans(
+    measurements: pd.DataFrame,
+    reference: str = "",
+    qc: pd.DataFrame | None = None,
+    combined: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
     """The rows of ``measurements`` (one row per subject x structure, the sheet's columns beside) that may make a
     chart: the scans that ``reference`` selects (a pandas query over the sheet's columns, e.g. "healthy == 1";
     "" for every scan), less the structures of a scan that a sanity check of ``qc`` (the cohort QC table) flags,
@@ -252,21 +283,35 @@ def reference_scans(measurements: pd.DataFrame, reference: str = "", qc: pd.Data
             selected = measurements.query(reference, engine="python")
         except Exception as err:  # a query names columns and operators of the user's own
             raise ValueError(f"normative.reference {reference!r}: {type(err).__name__}: {err}") from None
-        log.info("normative.reference %r: %d of %d scans", reference, selected["subject"].nunique(),
-                 measurements["subject"].nunique())
+        log.info(
+            "normative.reference %r: %d of %d scans",
+            reference,
+            selected["subject"].nunique(),
+            measurements["subject"].nunique(),
+        )
     if qc is None or qc.empty:
         return selected
-    flagged = qc[qc[list(SANITY_FLAGS)].astype(str).apply(lambda c: c.str.lower() == "true").any(axis=1)
-                 & (qc["review"].fillna("").astype(str) != "accept")]
+    flagged = qc[
+        qc[list(SANITY_FLAGS)].astype(str).apply(lambda c: c.str.lower() == "true").any(axis=1)
+        & (qc["review"].fillna("").astype(str) != "accept")
+    ]
     whole_scans = set(flagged.loc[flagged["orientation"].astype(str).str.lower() == "true", "subject"].astype(str))
     pairs = set(zip(flagged["subject"].astype(str), flagged["structure"].astype(str)))
-    pairs |= {(subject, name) for name, members in (combined or {}).items() for subject, structure in list(pairs)
-              if structure in members}
-    keys = pd.Series(list(zip(selected["subject"].astype(str), selected["structure"].astype(str))), index=selected.index)
+    pairs |= {
+        (subject, name)
+        for name, members in (combined or {}).items()
+        for subject, structure in list(pairs)
+        if structure in members
+    }
+    keys = pd.Series(
+        list(zip(selected["subject"].astype(str), selected["structure"].astype(str))), index=selected.index
+    )
     drop = keys.isin(pairs) | selected["subject"].astype(str).isin(whole_scans)
     if drop.any():
-        log.info("left out of the charts: %d structure measurements of scans flagged by the QC sanity checks",
-                 int(drop.sum()))
+        log.info(
+            "left out of the charts: %d structure measurements of scans flagged by the QC sanity checks",
+            int(drop.sum()),
+        )
     return selected[~drop.to_numpy()]
 
 
@@ -277,14 +322,18 @@ def text_dummies(values: pd.Series, min_scans: int = MIN_LEVEL_SCANS) -> tuple[s
     counts = values.value_counts()
     rare = sorted(counts.index[counts < min_scans]) if (counts >= min_scans).any() else []
     if rare:
-        log.info("covariate %s: levels %s (fewer than %d scans each) pooled into %r", values.name, rare, min_scans,
-                 OTHER)
+        log.info(
+            "covariate %s: levels %s (fewer than %d scans each) pooled into %r", values.name, rare, min_scans, OTHER
+        )
     pooled = values.where(~values.isin(rare), OTHER)
     counts = pooled.value_counts()
     reference = min(counts.index, key=lambda level: (-counts[level], level))
     members = {level: "|".join(rare) if level == OTHER and rare else level for level in counts.index}
-    return reference, {f"{values.name}={level}": ((pooled == level).to_numpy(float), members[level])
-                       for level in sorted(counts.index) if level != reference}
+    return reference, {
+        f"{values.name}={level}": ((pooled == level).to_numpy(float), members[level])
+        for level in sorted(counts.index)
+        if level != reference
+    }
 
 
 class NormativeFit(NamedTuple):
@@ -338,12 +387,21 @@ class ChartSettings:
 
         if self.method != LMS:
             return None
-        return replace(self.centiles or CentileSettings(), percentiles=self.percentiles, min_scans=self.min_n,
-                       age_step=float(self.age_step))
+        return replace(
+            self.centiles or CentileSettings(),
+            percentiles=self.percentiles,
+            min_scans=self.min_n,
+            age_step=float(self.age_step),
+        )
 
 
-def fit_charts(measurements: pd.DataFrame, structures, measures, settings: ChartSettings = ChartSettings(),
-               combined: Mapping[str, Sequence[str]] | None = None) -> NormativeFit:
+def fit_charts(
+    measurements: pd.DataFrame,
+    structures,
+    measures,
+    settings: ChartSettings = ChartSettings(),
+    combined: Mapping[str, Sequence[str]] | None = None,
+) -> NormativeFit:
     """``fit_panel_charts`` of every structure x measure: ``structures`` in this order (None: every structure of
     the table, in table order), each with ``measures`` in this order."""
     if structures is None:
@@ -352,8 +410,11 @@ def fit_charts(measurements: pd.DataFrame, structures, measures, settings: Chart
 
 
 def fit_panel_charts(
-    measurements: pd.DataFrame, panels: Sequence[tuple[str, str]], settings: ChartSettings = ChartSettings(),
-    combined: Mapping[str, Sequence[str]] | None = None, processes: int = 1,
+    measurements: pd.DataFrame,
+    panels: Sequence[tuple[str, str]],
+    settings: ChartSettings = ChartSettings(),
+    combined: Mapping[str, Sequence[str]] | None = None,
+    processes: int = 1,
 ) -> NormativeFit:
     """The charts (``chart_columns(percentiles, covariates)`` and, after note, METHOD_COLUMNS), their covariate
     coefficients (``coefficient_columns(percentiles)``) and, for method lms, each charted scan's out-of-fold z;
@@ -376,8 +437,7 @@ def fit_panel_charts(
     tasks = _chart_tasks(measurements, panels, settings.by_sex, combined)
     fitted = map_processes(fitter.fitted, *zip(*tasks), processes=min(processes, len(tasks))) if tasks else []
     chart_rows, coefficient_rows, scores = ([row for one in fitted for row in one[i]] for i in range(3))
-    charts = pd.DataFrame(chart_rows, columns=[*chart_columns(fitter.levels, fitter.covariates),
-                                               *fitter.extra_columns])
+    charts = pd.DataFrame(chart_rows, columns=[*chart_columns(fitter.levels, fitter.covariates), *fitter.extra_columns])
     # text: "" where the method has none, as read_statistics reads it
     for column in ("family", "site_column"):
         charts[column] = charts[column].astype(object).where(charts[column].notna(), "")
@@ -387,8 +447,12 @@ def fit_panel_charts(
     return NormativeFit(charts, coefficients, scores)
 
 
-def _chart_tasks(measurements: pd.DataFrame, panels: list[tuple[str, str]], by_sex: bool,
-                 combined: Mapping[str, Sequence[str]] | None) -> list[tuple[dict, pd.DataFrame, str, bool]]:
+def _chart_tasks(
+    measurements: pd.DataFrame,
+    panels: list[tuple[str, str]],
+    by_sex: bool,
+    combined: Mapping[str, Sequence[str]] | None,
+) -> list[tuple[dict, pd.DataFrame, str, bool]]:
     """(key, the chart's scans, measure, whether the structure is in the table) of each panel x sex."""
     if by_sex and "sex" not in measurements.columns:
         log.warning("no sex column: one chart over every scan (sex %s)", ALL)
@@ -404,8 +468,13 @@ def _chart_tasks(measurements: pd.DataFrame, panels: list[tuple[str, str]], by_s
         in_structure = (measurements["structure"] == structure).to_numpy()
         structure_group = group[in_structure].iloc[0] if in_structure.any() else ""
         for s in sexes:
-            key = {"structure": structure, "group": structure_group,
-                   "members": "+".join((combined or {}).get(structure, ())), "measure": measure, "sex": s}
+            key = {
+                "structure": structure,
+                "group": structure_group,
+                "members": "+".join((combined or {}).get(structure, ())),
+                "measure": measure,
+                "sex": s,
+            }
             tasks.append((key, measurements[in_structure & (sex == s).to_numpy()], measure, in_structure.any()))
     return tasks
 
@@ -414,8 +483,14 @@ def _log_fitted(charts: pd.DataFrame, method: str, present: list[str]) -> None:
     keys = charts.drop_duplicates(["structure", "measure", "sex"])
     notes = keys.loc[keys["note"] != "", "note"].value_counts()
     untested = ", ".join(f"{count} {note}" for note, count in notes.items())
-    log.info("normative charts (%s) given %s: %d of %d fitted; not fitted: %s", method, present,
-             (keys["note"] == "").sum(), len(keys), untested or "none")
+    log.info(
+        "normative charts (%s) given %s: %d of %d fitted; not fitted: %s",
+        method,
+        present,
+        (keys["note"] == "").sum(),
+        len(keys),
+        untested or "none",
+    )
 
 
 def centile_scores(fit: NormativeFit, measurements: pd.DataFrame) -> pd.DataFrame:
@@ -452,15 +527,19 @@ class ChartFitter:
         self.spline_df, self.min_n, self.method = settings.spline_df, settings.min_n, settings.method
         self.age_step, self.centiles = float(settings.age_step), settings.centile_settings()
         self.names = [percentile_column(p) for p in self.levels]
-        self.extra_columns = [*METHOD_COLUMNS, *CALIBRATION_COLUMNS,
-                              *(f"{name}_{end}" for name in self.names for end in ("low", "high"))]
+        self.extra_columns = [
+            *METHOD_COLUMNS,
+            *CALIBRATION_COLUMNS,
+            *(f"{name}_{end}" for name in self.names for end in ("low", "high")),
+        ]
         self.chart_rows, self.coefficient_rows, self.scores = [], [], []
 
     def _frame(self, block: pd.DataFrame, measure: str) -> pd.DataFrame:
         """Complete cases: y, age, the present covariates (text as text) and the site; an infinite value is no
         measurement, an empty text no value."""
-        frame = pd.DataFrame({"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)},
-                             index=block.index)
+        frame = pd.DataFrame(
+            {"y": block[measure].to_numpy(dtype=float), "age": block["age"].to_numpy(dtype=float)}, index=block.index
+        )
         keep = np.isfinite(frame.to_numpy()).all(axis=1)
         for name in [*self.present, *([self.site] if self.site else [])]:
             values = block[name]
@@ -508,8 +587,15 @@ class ChartFitter:
         n = len(frame)
         key = {**key, "n": n}
         design, labels, members, reference = self._covariate_design(frame)
-        note = (NOT_IN_STUDY if not in_study else TOO_FEW_SCANS if n < self.min_n
-                else CONSTANT if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0 else "")
+        note = (
+            NOT_IN_STUDY
+            if not in_study
+            else TOO_FEW_SCANS
+            if n < self.min_n
+            else CONSTANT
+            if np.ptp(frame["age"]) == 0 or np.ptp(frame["y"]) == 0
+            else ""
+        )
         model_frame = pd.concat([frame[["y", "age"]], design], axis=1)
         if not note and self.method == QUANTILE:
             note = self._quantile(key, model_frame, labels, members, reference)
@@ -519,15 +605,32 @@ class ChartFitter:
             self._refused(key, note)
 
     def _coefficient_row(self, key: dict, covariate: str, shifts, eta_mu: float, levels: str, effect: str) -> None:
-        self.coefficient_rows.append({"structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
-                                      "covariate": covariate, **dict(zip(self.names, shifts)), "eta_mu": eta_mu,
-                                      "levels": levels, "effect": effect})
+        self.coefficient_rows.append(
+            {
+                "structure": key["structure"],
+                "measure": key["measure"],
+                "sex": key["sex"],
+                "covariate": covariate,
+                **dict(zip(self.names, shifts)),
+                "eta_mu": eta_mu,
+                "levels": levels,
+                "effect": effect,
+            }
+        )
 
     def _refused(self, key: dict, note: str, **calibration) -> None:
         """The one row of a chart that is not drawn: its note, no ages or curves."""
-        self.chart_rows.append({**key, "age": np.nan, **dict.fromkeys(self.names, np.nan),
-                                **dict.fromkeys(self.covariates, np.nan), "note": note, "method": self.method,
-                                **calibration})
+        self.chart_rows.append(
+            {
+                **key,
+                "age": np.nan,
+                **dict.fromkeys(self.names, np.nan),
+                **dict.fromkeys(self.covariates, np.nan),
+                "note": note,
+                "method": self.method,
+                **calibration,
+            }
+        )
 
     def _quantile(self, key, frame, labels, members, reference) -> str:
         varying = list(labels)
@@ -541,11 +644,13 @@ class ChartFitter:
         # monotone rearrangement: the curves' values sorted across the levels at every age
         predicted = np.sort(np.column_stack([fit.predict(new) for fit in fits]), axis=1)
         for age, values in zip(ages, predicted):
-            self.chart_rows.append({**key, "age": float(age), **dict(zip(self.names, values)), **reference,
-                                    "note": "", "method": QUANTILE})
+            self.chart_rows.append(
+                {**key, "age": float(age), **dict(zip(self.names, values)), **reference, "note": "", "method": QUANTILE}
+            )
         for column in varying:
-            self._coefficient_row(key, labels[column], [float(fit.params[column]) for fit in fits], np.nan,
-                                  members[column], FIXED)
+            self._coefficient_row(
+                key, labels[column], [float(fit.params[column]) for fit in fits], np.nan, members[column], FIXED
+            )
         return ""
 
     def _lms(self, key, frame, labels, members, reference, block, raw) -> str:
@@ -556,11 +661,20 @@ class ChartFitter:
         chart = fit_centile_chart(frame["age"].to_numpy(), frame["y"].to_numpy(), named, self.centiles, sites=sites)
         calibration = {column: chart.calibration.get(field, np.nan) for column, field in CALIBRATION_FIELDS.items()}
         if chart.out_of_fold_z is not None:
-            self.scores.append(pd.DataFrame({
-                "subject": block.loc[frame.index, "subject"].to_numpy() if "subject" in block else frame.index,
-                "structure": key["structure"], "measure": key["measure"], "sex": key["sex"],
-                "value": frame["y"].to_numpy(), "age": frame["age"].to_numpy(), "z": chart.out_of_fold_z,
-                "fold": "out_of_fold"}))
+            self.scores.append(
+                pd.DataFrame(
+                    {
+                        "subject": block.loc[frame.index, "subject"].to_numpy() if "subject" in block else frame.index,
+                        "structure": key["structure"],
+                        "measure": key["measure"],
+                        "sex": key["sex"],
+                        "value": frame["y"].to_numpy(),
+                        "age": frame["age"].to_numpy(),
+                        "z": chart.out_of_fold_z,
+                        "fold": "out_of_fold",
+                    }
+                )
+            )
         if chart.model is None:
             self._refused(key, chart.note, **calibration)
             return ""
@@ -574,25 +688,42 @@ class ChartFitter:
         # at the reference (every varying covariate 0) and the population (site effect 0)
         eta = model.predictors(curves["age"].to_numpy())
         parameters = dict(zip(FAMILY_PARAMETERS[model.family], eta))
-        site = {"site_column": self.site or "", "site_sd": model.site_sd if self.site else np.nan,
-                "sites": len(model.design.site_levels) if self.site else np.nan}
+        site = {
+            "site_column": self.site or "",
+            "site_sd": model.site_sd if self.site else np.nan,
+            "sites": len(model.design.site_levels) if self.site else np.nan,
+        }
         for i, row in curves.iterrows():
-            self.chart_rows.append({
-                **key, **row.to_dict(), **reference, "note": "", "method": LMS, "family": model.family,
-                "z_scale": model.z_scale, **{f"eta_{p}": float(v[i]) for p, v in parameters.items()}, **site,
-                **calibration})
+            self.chart_rows.append(
+                {
+                    **key,
+                    **row.to_dict(),
+                    **reference,
+                    "note": "",
+                    "method": LMS,
+                    "family": model.family,
+                    "z_scale": model.z_scale,
+                    **{f"eta_{p}": float(v[i]) for p, v in parameters.items()},
+                    **site,
+                    **calibration,
+                }
+            )
         # a shift of mu's linear predictor is additive on the measure for normal and shash, and of log mu for the
         # positive families bccg and bct
         additive = not FAMILIES[model.family].positive
         for column, name in labels.items():
             at_reference = dict.fromkeys(labels.values(), 0.0)
-            shift = float(model.predictors([model.age_range[0]], {**at_reference, name: 1.0})[0][0]
-                          - model.predictors([model.age_range[0]], at_reference)[0][0])
-            self._coefficient_row(key, name, [shift if additive else np.nan] * len(self.names), shift,
-                                  members[column], FIXED)
+            shift = float(
+                model.predictors([model.age_range[0]], {**at_reference, name: 1.0})[0][0]
+                - model.predictors([model.age_range[0]], at_reference)[0][0]
+            )
+            self._coefficient_row(
+                key, name, [shift if additive else np.nan] * len(self.names), shift, members[column], FIXED
+            )
         for level, effect in model.site_effects.items():
-            self._coefficient_row(key, f"{self.site}={level}", [effect if additive else np.nan]
-                                  * len(self.names), effect, level, RANDOM)
+            self._coefficient_row(
+                key, f"{self.site}={level}", [effect if additive else np.nan] * len(self.names), effect, level, RANDOM
+            )
         return ""
 
 
@@ -603,14 +734,14 @@ def chart_layout(charts: pd.DataFrame) -> tuple[tuple[float, ...], list[str]]:
     missing = [c for c in [*LEADING_COLUMNS, "note"] if c not in columns and c != "members"]  # members: optional
     if missing:
         raise ValueError(f"not a charts table: no column {', '.join(missing)}")
-    middle = columns[columns.index("age") + 1:columns.index("note")]
+    middle = columns[columns.index("age") + 1 : columns.index("note")]
     levels = []
     for name in middle:
         match = _PERCENTILE_NAME.match(str(name))
         if not match:
             break
         levels.append(float(match.group(1)))
-    return _check_percentiles(levels), middle[len(levels):]
+    return _check_percentiles(levels), middle[len(levels) :]
 
 
 def normal_score(value: float, curves, percentiles) -> tuple[float, str]:
@@ -629,7 +760,9 @@ def normal_score(value: float, curves, percentiles) -> tuple[float, str]:
         if v[central] == v[end]:
             return np.nan, BELOW_CHART if below else ABOVE_CHART
         slope = (z[central] - z[end]) / (v[central] - v[end])
-        return float(np.clip(z[end] + slope * (value - v[end]), -Z_LIMIT, Z_LIMIT)), BELOW_CHART if below else ABOVE_CHART
+        return float(
+            np.clip(z[end] + slope * (value - v[end]), -Z_LIMIT, Z_LIMIT)
+        ), BELOW_CHART if below else ABOVE_CHART
     tied = np.flatnonzero(v == value)
     if len(tied):
         return float((z[tied[0]] + z[tied[-1]]) / 2), ""
@@ -656,17 +789,21 @@ def with_combined_structures(scans: pd.DataFrame, charts: pd.DataFrame) -> pd.Da
     if "members" not in charts.columns or "structure" not in scans.columns:
         return scans
     have = set(scans["structure"])
-    wanted = {structure: members.split("+") for structure, members in
-              charts[["structure", "members"]].drop_duplicates().itertuples(index=False)
-              if isinstance(members, str) and members and structure not in have}
+    wanted = {
+        structure: members.split("+")
+        for structure, members in charts[["structure", "members"]].drop_duplicates().itertuples(index=False)
+        if isinstance(members, str) and members and structure not in have
+    }
     if not wanted:
         return scans
     from ctcohort.aggregate import combine_structures
 
     lacking = [c for c in MEASURE_COLUMNS if c not in scans.columns]
     if lacking:
-        raise ValueError(f"the scan's table has no column {', '.join(lacking)}, needed to combine "
-                         f"{', '.join(wanted)} from their members (ctcohort measure's table has them)")
+        raise ValueError(
+            f"the scan's table has no column {', '.join(lacking)}, needed to combine "
+            f"{', '.join(wanted)} from their members (ctcohort measure's table has them)"
+        )
     cohort = scans if "subject" in scans.columns else scans.assign(subject="scan")
     covariates = [c for c in cohort.columns if c not in (MODEL_COLUMN, *MEASURE_COLUMNS)]
     rows = combine_structures(cohort[[*covariates, *MEASURE_COLUMNS]], wanted)
@@ -705,14 +842,25 @@ def _chart_models(charts: pd.DataFrame, coefficients: pd.DataFrame) -> dict[tupl
             dummy_levels.setdefault(key, {})[covariate] = set(held.split("|"))
     note = charts["note"].astype(object).where(charts["note"].notna(), "").astype(str)
     fitted = charts[(note == "").to_numpy() & np.isfinite(charts["age"].to_numpy(dtype=float))]
-    return {key: ChartModel(block.sort_values("age"), levels, names, shifts.get(key, {}), eta_shifts.get(key, {}),
-                            dummy_levels.get(key, {}), site_effects.get(key, {}))
-            for key, block in ((tuple(map(str, k)), b) for k, b in
-                               fitted.groupby(["structure", "measure", "sex"], sort=False))}
+    return {
+        key: ChartModel(
+            block.sort_values("age"),
+            levels,
+            names,
+            shifts.get(key, {}),
+            eta_shifts.get(key, {}),
+            dummy_levels.get(key, {}),
+            site_effects.get(key, {}),
+        )
+        for key, block in (
+            (tuple(map(str, k)), b) for k, b in fitted.groupby(["structure", "measure", "sex"], sort=False)
+        )
+    }
 
 
-def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
-                 covariates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def place_values(
+    chart: ChartModel, values: np.ndarray, ages: np.ndarray, covariates: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray]:
     """(z, note) of each value on one chart, at its age and covariates (``covariates``: one row per value, a
     column per covariate given, NaN where not given); notes as in the module docstring, placement."""
     columns = [percentile_column(p) for p in chart.levels]
@@ -725,8 +873,13 @@ def place_values(chart: ChartModel, values: np.ndarray, ages: np.ndarray,
     z = np.full(len(values), np.nan)
     if "method" in chart.rows and chart.rows["method"].iloc[0] == LMS:
         placed = notes == ""
-        z[placed], notes[placed] = _lms_z(chart, values[placed], ages[placed], covariates[placed],
-                                          {name: offset[placed] for name, offset in offsets.items()})
+        z[placed], notes[placed] = _lms_z(
+            chart,
+            values[placed],
+            ages[placed],
+            covariates[placed],
+            {name: offset[placed] for name, offset in offsets.items()},
+        )
         return z, notes
     for name, offset in offsets.items():
         curves = curves + np.outer(offset, chart.shifts[name])
@@ -822,8 +975,9 @@ def _charted_measures(charts: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     return [m for m in measures if m in table.columns]
 
 
-def _placement_rows(models: dict, table: pd.DataFrame, measures: list[str], sexes: pd.Series, ages: np.ndarray,
-                    covariates: pd.DataFrame) -> pd.DataFrame:
+def _placement_rows(
+    models: dict, table: pd.DataFrame, measures: list[str], sexes: pd.Series, ages: np.ndarray, covariates: pd.DataFrame
+) -> pd.DataFrame:
     """PLACEMENT_COLUMNS (and subject, where ``table`` has one) of every row of ``table`` x measure; ``sexes``,
     ``ages``, ``covariates``: each row's chart sex, age and covariates."""
     frames = []
@@ -834,9 +988,18 @@ def _placement_rows(models: dict, table: pd.DataFrame, measures: list[str], sexe
             chart = models.get((structure, measure, sex))
             if chart is not None:
                 z[rows], notes[rows] = place_values(chart, values[rows], ages[rows], covariates.iloc[rows])
-        frame = pd.DataFrame({"structure": table["structure"].to_numpy(), "measure": measure, "value": values,
-                              "age": ages, "sex": sexes.to_numpy(), "percentile": 100 * stats.norm.cdf(z), "z": z,
-                              "note": notes})
+        frame = pd.DataFrame(
+            {
+                "structure": table["structure"].to_numpy(),
+                "measure": measure,
+                "value": values,
+                "age": ages,
+                "sex": sexes.to_numpy(),
+                "percentile": 100 * stats.norm.cdf(z),
+                "z": z,
+                "note": notes,
+            }
+        )
         if "subject" in table.columns:
             frame.insert(0, "subject", table["subject"].to_numpy())
         frames.append(frame.assign(row=np.arange(len(table))))
@@ -844,8 +1007,14 @@ def _placement_rows(models: dict, table: pd.DataFrame, measures: list[str], sexe
     return pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").drop(columns="row")
 
 
-def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.DataFrame, age: float, sex,
-                    covariates: dict | None = None) -> pd.DataFrame:
+def place_on_charts(
+    charts: pd.DataFrame,
+    coefficients: pd.DataFrame,
+    scan: pd.DataFrame,
+    age: float,
+    sex,
+    covariates: dict | None = None,
+) -> pd.DataFrame:
     """One scan on the normative charts (columns PLACEMENT_COLUMNS; module docstring, placement).
 
     ``scan``: one row per structure, with a structure column and measure columns (``ctcohort measure``'s
@@ -868,11 +1037,19 @@ def place_on_charts(charts: pd.DataFrame, coefficients: pd.DataFrame, scan: pd.D
     measures = _charted_measures(charts, scan)
     duplicated = scan["structure"][scan["structure"].duplicated()].unique()
     if len(duplicated):
-        raise ValueError(f"the scan's table has several rows of {', '.join(map(str, duplicated[:5]))}: one scan, "
-                         "one row per structure")
+        raise ValueError(
+            f"the scan's table has several rows of {', '.join(map(str, duplicated[:5]))}: one scan, "
+            "one row per structure"
+        )
     scan = scan.drop(columns="subject", errors="ignore").reset_index(drop=True)
-    return _placement_rows(_chart_models(charts, coefficients), scan, measures, pd.Series(chart_sex, scan.index),
-                           np.full(len(scan), age), pd.DataFrame(given, index=scan.index))[PLACEMENT_COLUMNS]
+    return _placement_rows(
+        _chart_models(charts, coefficients),
+        scan,
+        measures,
+        pd.Series(chart_sex, scan.index),
+        np.full(len(scan), age),
+        pd.DataFrame(given, index=scan.index),
+    )[PLACEMENT_COLUMNS]
 
 
 def place_cohort(charts: pd.DataFrame, coefficients: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:

@@ -18,8 +18,19 @@ from ctcohort.tables import ANY_MISSING, STATS_DIGITS, read_tsv, write_tsv
 
 PAPER_COLUMNS = ["structure", "measure", "rs_paper", "paper_structure", "paper_measure"]
 COMPARISON_COLUMNS = [
-    "structure", "measure", "rs_paper", "rs", "ci_low", "ci_high", "p", "n", "primary", "same_direction",
-    "paper_structure", "paper_measure", "note",
+    "structure",
+    "measure",
+    "rs_paper",
+    "rs",
+    "ci_low",
+    "ci_high",
+    "p",
+    "n",
+    "primary",
+    "same_direction",
+    "paper_structure",
+    "paper_measure",
+    "note",
 ]
 NOT_IN_STUDY = "not_in_study"
 

@@ -43,8 +43,9 @@ class PatientSettings:
 
     def __post_init__(self):
         if self.scan_per_patient not in RULES:
-            raise ValueError(f"statistics.scan_per_patient must be one of {', '.join(RULES)}, "
-                             f"got {self.scan_per_patient!r}")
+            raise ValueError(
+                f"statistics.scan_per_patient must be one of {', '.join(RULES)}, got {self.scan_per_patient!r}"
+            )
 
     @classmethod
     def from_config(cls, statistics: dict) -> "PatientSettings":
@@ -77,8 +78,7 @@ def choose_scans(scans: pd.DataFrame, settings: PatientSettings = PatientSetting
     """One row per scan of ``scans`` (one row per subject, in sheet order; columns subject, age and
     optionally patient, years): SELECTION_COLUMNS, ``chosen`` True for one scan of each patient (module
     docstring)."""
-    table = pd.DataFrame({"subject": scans["subject"].astype(str).to_numpy(),
-                          "patient": patient_of(scans).to_numpy()})
+    table = pd.DataFrame({"subject": scans["subject"].astype(str).to_numpy(), "patient": patient_of(scans).to_numpy()})
     table["age"] = pd.to_numeric(scans["age"], errors="coerce").to_numpy(dtype=float) if "age" in scans else np.nan
     table["no_age"] = table["age"].isna()
     if "reviewer_excluded" in scans:  # scan_selection: the whole scan excluded
@@ -126,6 +126,9 @@ def patient_counts(selection: pd.DataFrame) -> dict[str, int]:
     """Scans, patients, patients with repeated scans, and chosen scans with an age: what Methods reports."""
     per_patient = selection.groupby("patient")["subject"].size()
     chosen = selection["chosen"].astype(str).str.lower() == "true"
-    return {"scans": len(selection), "patients": int(per_patient.size),
-            "patients_with_repeats": int((per_patient > 1).sum()),
-            "patients_with_age": int((chosen & pd.to_numeric(selection["age"], errors="coerce").notna()).sum())}
+    return {
+        "scans": len(selection),
+        "patients": int(per_patient.size),
+        "patients_with_repeats": int((per_patient > 1).sum()),
+        "patients_with_age": int((chosen & pd.to_numeric(selection["age"], errors="coerce").notna()).sum()),
+    }

@@ -62,6 +62,7 @@ class Structure:
 def _pair(name, shape, geometry, **kwargs):
     """Left and right copies of a structure; ``name`` gets _left/_right. ``geometry`` is the right one's, on the
     subject's right (RAS+: x > 0); the left one is its x-mirror."""
+
     def mirrored(point):
         return (-point[0], *point[1:])
 
@@ -81,32 +82,35 @@ def _pair(name, shape, geometry, **kwargs):
 # under Bonferroni at P < .0001; directions are the paper's.
 ANATOMY: tuple[Structure, ...] = (
     *_pair("lung_lower_lobe", "ellipsoid", ((95, -5, 140), (44, 50, 50)), hu=-840, hu_subject_sd=15),
-    *_pair("clavicula", "tube", ((32, 50, 218), (130, 25, 226), (8,)), hu=420, hu_per_decade=-30,
-           hu_subject_sd=25),
-    Structure("aorta", "tube", ((-25, 8, -95), (-25, 8, 186), (11,)), hu=45, volume_per_decade=0.07,
-              hu_contrast=160),
+    *_pair("clavicula", "tube", ((32, 50, 218), (130, 25, 226), (8,)), hu=420, hu_per_decade=-30, hu_subject_sd=25),
+    Structure("aorta", "tube", ((-25, 8, -95), (-25, 8, 186), (11,)), hu=45, volume_per_decade=0.07, hu_contrast=160),
     Structure("inferior_vena_cava", "tube", ((10, 8, -95), (10, 8, 70), (10,)), hu=40, hu_contrast=90),
     Structure("liver", "ellipsoid", ((85, 30, 30), (48, 45, 38)), hu=55, hu_contrast=50),
     # the non-linear control: attenuation peaks in mid-life and falls on both sides, a trajectory that
     # Spearman's rs and a linear age term miss and the spline test of results/stats/regression.tsv finds
-    Structure("spleen", "ellipsoid", ((-95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60,
-              hu_per_decade_squared=-1.5),
+    Structure("spleen", "ellipsoid", ((-95, 25, 35), (28, 32, 38)), hu=45, hu_contrast=60, hu_per_decade_squared=-1.5),
     Structure("gallbladder", "ellipsoid", ((60, 85, -40), (14, 14, 20)), hu=5),
-    *_pair("kidney", "ellipsoid", ((75, -55, -10), (26, 22, 45)), volume_per_decade=-0.07, hu=30,
-           hu_contrast=110),
-    Structure("pancreas", "ellipsoid", ((-25, 50, -30), (40, 12, 15)), hu=40, volume_per_decade=-0.07,
-              hu_contrast=45),
-    *[Structure(f"vertebrae_{level}", "ellipsoid", ((0, -40, z), (24, 19, 13)), hu=260,
-                hu_per_decade=-22 if level == "L4" else 0.0, hu_subject_sd=20)
-      for level, z in (("L3", -28), ("L4", -64), ("L5", -100))],
+    *_pair("kidney", "ellipsoid", ((75, -55, -10), (26, 22, 45)), volume_per_decade=-0.07, hu=30, hu_contrast=110),
+    Structure("pancreas", "ellipsoid", ((-25, 50, -30), (40, 12, 15)), hu=40, volume_per_decade=-0.07, hu_contrast=45),
+    *[
+        Structure(
+            f"vertebrae_{level}",
+            "ellipsoid",
+            ((0, -40, z), (24, 19, 13)),
+            hu=260,
+            hu_per_decade=-22 if level == "L4" else 0.0,
+            hu_subject_sd=20,
+        )
+        for level, z in (("L3", -28), ("L4", -64), ("L5", -100))
+    ],
     *_pair("autochthon", "ellipsoid", ((32, -95, -20), (20, 15, 100)), hu=50, hu_per_decade=-5),
     *_pair("iliopsoas", "ellipsoid", ((55, -30, -130), (16, 16, 55)), hu=52, volume_per_decade=-0.07),
     Structure("urinary_bladder", "ellipsoid", ((0, 55, -200), (35, 28, 25)), hu=10),
-    *_pair("iliac_artery", "tube", ((35, 8, -118), (66, 8, -185), (6,)), hu=45, volume_per_decade=0.07,
-           hu_contrast=160),
+    *_pair(
+        "iliac_artery", "tube", ((35, 8, -118), (66, 8, -185), (6,)), hu=45, volume_per_decade=0.07, hu_contrast=160
+    ),
     Structure("sacrum", "ellipsoid", ((0, -55, -168), (28, 18, 40)), hu=300, hu_subject_sd=20),
-    *_pair("hip", "ellipsoid", ((95, -10, -165), (16, 40, 45)), hu=380, hu_per_decade=-28,
-           hu_subject_sd=25),
+    *_pair("hip", "ellipsoid", ((95, -10, -165), (16, 40, 45)), hu=380, hu_per_decade=-28, hu_subject_sd=25),
     *_pair("gluteus_minimus", "ellipsoid", ((125, -20, -165), (7, 25, 32)), hu=52, hu_per_decade=-6),
     *_pair("gluteus_medius", "ellipsoid", ((115, -75, -165), (22, 12, 38)), hu=52, hu_per_decade=-5),
     *_pair("gluteus_maximus", "ellipsoid", ((62, -100, -205), (42, 12, 40)), hu=50, hu_per_decade=-4),
@@ -127,16 +131,37 @@ def truth_table() -> pd.DataFrame:
     ``extremum_age`` and no linear trend), extremum_age, curvature (unit per squared decade)."""
     rows = []
     for s in ANATOMY:
-        rows.append((s.name, "volume_ml", int(np.sign(s.volume_per_decade)), s.volume_per_decade,
-                     "relative change per decade", "linear" if s.volume_per_decade else "none", np.nan, 0.0))
+        rows.append(
+            (
+                s.name,
+                "volume_ml",
+                int(np.sign(s.volume_per_decade)),
+                s.volume_per_decade,
+                "relative change per decade",
+                "linear" if s.volume_per_decade else "none",
+                np.nan,
+                0.0,
+            )
+        )
         if s.hu_per_decade_squared:
             trajectory, extremum = "peak" if s.hu_per_decade_squared < 0 else "trough", REFERENCE_AGE
         else:
             trajectory, extremum = ("linear" if s.hu_per_decade else "none"), np.nan
-        rows.append((s.name, "hu_mean", int(np.sign(s.hu_per_decade)), s.hu_per_decade, "HU per decade",
-                     trajectory, extremum, s.hu_per_decade_squared))
-    return pd.DataFrame(rows, columns=["structure", "measure", "direction", "effect", "unit", "trajectory",
-                                       "extremum_age", "curvature"])
+        rows.append(
+            (
+                s.name,
+                "hu_mean",
+                int(np.sign(s.hu_per_decade)),
+                s.hu_per_decade,
+                "HU per decade",
+                trajectory,
+                extremum,
+                s.hu_per_decade_squared,
+            )
+        )
+    return pd.DataFrame(
+        rows, columns=["structure", "measure", "direction", "effect", "unit", "trajectory", "extremum_age", "curvature"]
+    )
 
 
 def subject_id(index: int) -> str:
@@ -213,7 +238,7 @@ def _grid(spacing, crop: str):
 
 def _scale(shape: str, volume_factor: float) -> float:
     # ellipsoids grow in all three axes; tubes keep their centre line and widen
-    return volume_factor ** (1.0 / 3.0) if shape == "ellipsoid" else volume_factor ** 0.5
+    return volume_factor ** (1.0 / 3.0) if shape == "ellipsoid" else volume_factor**0.5
 
 
 def _inside(shape: str, geometry: tuple, scale: float, x, y, z) -> np.ndarray:
@@ -223,8 +248,9 @@ def _inside(shape: str, geometry: tuple, scale: float, x, y, z) -> np.ndarray:
     start, end, (radius,) = geometry
     start, end = np.asarray(start, float), np.asarray(end, float)
     axis = end - start
-    t = np.clip(((x - start[0]) * axis[0] + (y - start[1]) * axis[1] + (z - start[2]) * axis[2])
-                / (axis @ axis), 0.0, 1.0)
+    t = np.clip(
+        ((x - start[0]) * axis[0] + (y - start[1]) * axis[1] + (z - start[2]) * axis[2]) / (axis @ axis), 0.0, 1.0
+    )
     distance2 = sum((c - (p + t * a)) ** 2 for c, p, a in zip((x, y, z), start, axis))
     return distance2 <= (radius * scale) ** 2
 
@@ -250,8 +276,7 @@ def rasterize(structure: Structure, volume_factor: float, affine: np.ndarray, sh
         return (slice(0, 0),) * 3, np.zeros((0, 0, 0), bool)
     box = tuple(slice(a, b) for a, b in zip(first, last))
     x, y, z = (origin[i] + spacing[i] * np.arange(first[i], last[i]) for i in range(3))
-    mask = _inside(structure.shape, structure.geometry, scale,
-                   x[:, None, None], y[None, :, None], z[None, None, :])
+    mask = _inside(structure.shape, structure.geometry, scale, x[:, None, None], y[None, :, None], z[None, None, :])
     return box, mask
 
 
@@ -293,9 +318,14 @@ def covariates(n: int, seed: int) -> pd.DataFrame:
 def subject_truth(n: int, seed: int) -> pd.DataFrame:
     """subject, age, accelerated (0/1), biological_age (the age the planted effects follow) of each subject."""
     draws = [draw_subject(seed, index) for index in range(n)]
-    return pd.DataFrame({"subject": subject_ids(n), "age": [d.age for d in draws],
-                         "accelerated": [int(d.accelerated) for d in draws],
-                         "biological_age": [d.biological_age for d in draws]})
+    return pd.DataFrame(
+        {
+            "subject": subject_ids(n),
+            "age": [d.age for d in draws],
+            "accelerated": [int(d.accelerated) for d in draws],
+            "biological_age": [d.biological_age for d in draws],
+        }
+    )
 
 
 def cohort_sheet(n: int, seed: int) -> pd.DataFrame:

@@ -6,8 +6,23 @@ from importlib import metadata
 
 import pandas as pd
 
-PACKAGES = ("ctcohort", "snakemake", "numpy", "scipy", "pandas", "statsmodels", "scikit-learn", "nibabel", "matplotlib",
-            "pyarrow", "jsonschema", "pydicom", "dcm2niix", "torch", "nnunetv2")
+PACKAGES = (
+    "ctcohort",
+    "snakemake",
+    "numpy",
+    "scipy",
+    "pandas",
+    "statsmodels",
+    "scikit-learn",
+    "nibabel",
+    "matplotlib",
+    "pyarrow",
+    "jsonschema",
+    "pydicom",
+    "dcm2niix",
+    "torch",
+    "nnunetv2",
+)
 
 
 def software_versions(packages=PACKAGES) -> pd.DataFrame:

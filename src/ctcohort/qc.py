@@ -51,14 +51,39 @@ GEOMETRY_GRID_MM = 3.0
 # Structures that are one piece in a body, named as in TotalSegmentator v1 and v2: a second sizeable piece is
 # a mislabelled region (a fragment of a neighbour). Left out: thin or tubular structures that a segmentation
 # often breaks without being wrong (ribs, adrenal glands, pancreas, bowel, vessels but the aorta, muscles).
-ONE_PIECE = frozenset({
-    "spleen", "kidney_left", "kidney_right", "liver", "gallbladder", "stomach", "urinary_bladder", "brain", "heart",
-    "aorta", "trachea", "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
-    "lung_middle_lobe_right", "lung_lower_lobe_right", "sacrum", "sternum", "skull",
-    *(f"{bone}_{side}" for bone in ("femur", "hip", "humerus", "scapula", "clavicula") for side in ("left", "right")),
-    *(f"vertebrae_{region}{n}" for region, count in (("C", 7), ("T", 12), ("L", 5), ("S", 1))
-      for n in range(1, count + 1)),
-})
+ONE_PIECE = frozenset(
+    {
+        "spleen",
+        "kidney_left",
+        "kidney_right",
+        "liver",
+        "gallbladder",
+        "stomach",
+        "urinary_bladder",
+        "brain",
+        "heart",
+        "aorta",
+        "trachea",
+        "lung_upper_lobe_left",
+        "lung_lower_lobe_left",
+        "lung_upper_lobe_right",
+        "lung_middle_lobe_right",
+        "lung_lower_lobe_right",
+        "sacrum",
+        "sternum",
+        "skull",
+        *(
+            f"{bone}_{side}"
+            for bone in ("femur", "hip", "humerus", "scapula", "clavicula")
+            for side in ("left", "right")
+        ),
+        *(
+            f"vertebrae_{region}{n}"
+            for region, count in (("C", 7), ("T", 12), ("L", 5), ("S", 1))
+            for n in range(1, count + 1)
+        ),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +121,7 @@ class QCSettings:
             raise ValueError("qc.volume_outlier_z must be above 0 and qc.volume_outlier_min_scans at least 3")
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "QCSettings":
+    def from_config(cls, config: Mapping) -> QCSettings:
         """From the whole config (its ``qc`` block and ``measure``'s border_margin and min_voxels)."""
         values = {key: value for key, value in dict(config["qc"]).items() if key not in ("preview",)}
         if not config["qc"].get("preview", True):
@@ -106,12 +131,11 @@ class QCSettings:
 
     def per_scan(self) -> dict:
         """The fields ``scan_qc`` uses: the per-scan jobs' params (a cohort threshold re-runs no scan)."""
-        return {"border_margin": self.border_margin, "min_voxels": self.min_voxels,
-                "preview_width": self.preview_width}
+        return {"border_margin": self.border_margin, "min_voxels": self.min_voxels, "preview_width": self.preview_width}
 
 
 class ScanQC(NamedTuple):
-    table: "pd.DataFrame"  # QC_COLUMNS, one row per structure
+    table: pd.DataFrame  # QC_COLUMNS, one row per structure
     preview: bytes | None  # PNG
 
 
@@ -171,8 +195,9 @@ def vertebra_rank(name: str) -> int | None:
 
 def vertebral_coverage(structures: Sequence[str], present: Sequence[bool]) -> tuple[str, str]:
     """(most cranial, most caudal) vertebra among ``structures`` that are ``present``; ("", "") for none."""
-    found = [(rank, name) for name, here in zip(structures, present) if here
-             and (rank := vertebra_rank(name)) is not None]
+    found = [
+        (rank, name) for name, here in zip(structures, present) if here and (rank := vertebra_rank(name)) is not None
+    ]
     if not found:
         return "", ""
     return min(found)[1], max(found)[1]
@@ -190,9 +215,12 @@ def geometry_strides(affine: np.ndarray) -> tuple[int, ...]:
 def _centroid(mask: np.ndarray) -> np.ndarray:
     """Centre of mass (voxel index, float) of a boolean array, from its three profiles."""
     total = np.count_nonzero(mask)
-    return np.array([float(profile @ np.arange(profile.size)) / total
-                     for profile in (np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
-                                     for axis in range(3))])
+    return np.array(
+        [
+            float(profile @ np.arange(profile.size)) / total
+            for profile in (np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis)) for axis in range(3))
+        ]
+    )
 
 
 def _second_piece_voxels(mask: np.ndarray) -> int:
@@ -205,8 +233,9 @@ def _second_piece_voxels(mask: np.ndarray) -> int:
     return int(np.sort(np.bincount(pieces.ravel())[1:])[-2])
 
 
-def structure_geometry(labels: np.ndarray, affine: np.ndarray, ids: Sequence[int], names: Sequence[str],
-                       present: Sequence[bool]) -> "pd.DataFrame":
+def structure_geometry(
+    labels: np.ndarray, affine: np.ndarray, ids: Sequence[int], names: Sequence[str], present: Sequence[bool]
+) -> pd.DataFrame:
     """Per label id of ``ids`` (GEOMETRY_COLUMNS): the centre of mass in world millimetres (RAS+: x grows to
     the subject's right, y anterior, z superior), and for structures of ONE_PIECE the volume (ml) of the
     second-largest connected piece; NaN where the structure is not ``present``. On the grid of ``geometry_strides``:
@@ -323,8 +352,14 @@ def placeholder_png() -> bytes:
 # --- per scan ---------------------------------------------------------------------------------------------
 
 
-def scan_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, measurements: "pd.DataFrame",
-            settings: QCSettings = QCSettings(), sform_qform_mm: float | None = None) -> ScanQC:
+def scan_qc(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    measurements: pd.DataFrame,
+    settings: QCSettings = QCSettings(),
+    sform_qform_mm: float | None = None,
+) -> ScanQC:
     """QC of one measured scan: per structure of ``measurements`` (columns.MEASURE_COLUMNS) the faces that
     cut it (only for structures with a voxel), its geometry (``structure_geometry``), and the scan's vertebral
     coverage (vertebrae with at least ``settings.min_voxels`` voxels, cut off or not) and ``sform_qform_mm``
@@ -333,16 +368,19 @@ def scan_qc(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, measurements
 
     faces = cut_faces(labels, affine, measurements["label"].to_numpy(), settings.border_margin)
     present = measurements["n_voxels"].to_numpy() > 0
-    cranial, caudal = vertebral_coverage(measurements["structure"],
-                                         measurements["n_voxels"].to_numpy() >= settings.min_voxels)
-    table = pd.DataFrame({
-        "structure": measurements["structure"].to_numpy(),
-        "label": measurements["label"].to_numpy(),
-        "cut_faces": [f if here else "" for f, here in zip(faces, present)],
-        "cranial_vertebra": cranial,
-        "caudal_vertebra": caudal,
-        "sform_qform_mm": np.nan if sform_qform_mm is None else float(sform_qform_mm),
-    })
+    cranial, caudal = vertebral_coverage(
+        measurements["structure"], measurements["n_voxels"].to_numpy() >= settings.min_voxels
+    )
+    table = pd.DataFrame(
+        {
+            "structure": measurements["structure"].to_numpy(),
+            "label": measurements["label"].to_numpy(),
+            "cut_faces": [f if here else "" for f, here in zip(faces, present)],
+            "cranial_vertebra": cranial,
+            "caudal_vertebra": caudal,
+            "sform_qform_mm": np.nan if sform_qform_mm is None else float(sform_qform_mm),
+        }
+    )
     geometry = structure_geometry(labels, affine, table["label"].to_numpy(), table["structure"].to_numpy(), present)
     table[GEOMETRY_COLUMNS] = geometry.to_numpy()
     preview = preview_png(hu, labels, affine, settings.preview_width) if settings.preview_width else None
@@ -362,10 +400,13 @@ def write_qc(result: ScanQC, table_path: str | Path, preview_path: str | Path | 
         Path(preview_path).write_bytes(result.preview if result.preview is not None else placeholder_png())
 
 
-def read_qc(path: str | Path) -> "pd.DataFrame":
+def read_qc(path: str | Path) -> pd.DataFrame:
     numbers = [*GEOMETRY_COLUMNS, "sform_qform_mm"]
-    table = read_tsv(path, {c: [MISSING, BLANK] for c in numbers},
-                     dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str})
+    table = read_tsv(
+        path,
+        {c: [MISSING, BLANK] for c in numbers},
+        dtype={"cut_faces": str, "cranial_vertebra": str, "caudal_vertebra": str},
+    )
     # a table written before a column existed (an older results folder) reads with it empty
     for column in numbers:
         if column not in table:
@@ -386,7 +427,7 @@ def plausible_volumes_path(spec: str | Path | None) -> Path | None:
     return Path(spec)
 
 
-def load_plausible_volumes(spec: str | Path | None) -> "pd.DataFrame | None":
+def load_plausible_volumes(spec: str | Path | None) -> pd.DataFrame | None:
     """The plausible-volume table (PLAUSIBLE_COLUMNS; min_ml < max_ml, unique structures), or None."""
     import pandas as pd
 
@@ -394,8 +435,10 @@ def load_plausible_volumes(spec: str | Path | None) -> "pd.DataFrame | None":
     if path is None:
         return None
     if not path.is_file():
-        raise FileNotFoundError(f"plausible volume table {spec!r}: not a built-in table "
-                                f"({', '.join(BUILTIN_PLAUSIBLE_VOLUMES)}) and no such file {path}")
+        raise FileNotFoundError(
+            f"plausible volume table {spec!r}: not a built-in table "
+            f"({', '.join(BUILTIN_PLAUSIBLE_VOLUMES)}) and no such file {path}"
+        )
     table = pd.read_csv(path, dtype={"structure": str, "source": str}, keep_default_na=False)
     missing = set(PLAUSIBLE_COLUMNS[:3]) - set(table.columns)
     if missing:
@@ -413,8 +456,9 @@ def load_plausible_volumes(spec: str | Path | None) -> "pd.DataFrame | None":
     return table[PLAUSIBLE_COLUMNS]
 
 
-def apply_plausibility(measurements: "pd.DataFrame", volumes: "pd.DataFrame | None",
-                       hu_window: Sequence[float] | None) -> "pd.DataFrame":
+def apply_plausibility(
+    measurements: pd.DataFrame, volumes: pd.DataFrame | None, hu_window: Sequence[float] | None
+) -> pd.DataFrame:
     """A copy of ``measurements`` with implausible values excluded and two flag columns.
 
     ``volume_implausible``: a finite volume outside [min_ml, max_ml] of the structure's row in ``volumes``

@@ -113,7 +113,7 @@ def exact_null_counts(n: int, chunk_rows: int = 16_384) -> tuple[np.ndarray, np.
         raise ValueError(f"the table is for 1 <= n <= {TABLE_MAX_N}, got n = {n}")
     popcount = np.zeros(1 << n, dtype=np.int8)
     for bit in range(n):
-        popcount[1 << bit:1 << (bit + 1)] = popcount[:1 << bit] + 1
+        popcount[1 << bit : 1 << (bit + 1)] = popcount[: 1 << bit] + 1
     row_of = np.zeros(1 << n, dtype=np.int64)
     masks = np.array([0], dtype=np.int64)
     counts = np.ones((1, 1), dtype=np.int64)
@@ -141,7 +141,7 @@ def add_shifted_rows(target, target_rows, source, source_rows, shift, chunk_rows
     last = min(source.shape[1], target.shape[1] - shift)
     for start in range(0, len(source_rows), chunk_rows):
         rows = slice(start, start + chunk_rows)
-        target[target_rows[rows], first + shift:last + shift] += source[source_rows[rows], first:last]
+        target[target_rows[rows], first + shift : last + shift] += source[source_rows[rows], first:last]
 
 
 def write_exact_null_table(path=None, sizes=range(TABLE_MIN_N, TABLE_MAX_N + 1), log=print) -> Path:
@@ -201,8 +201,9 @@ def pairing_p(a, b, seed: int = 0, resamples: int = PERMUTATION_RESAMPLES) -> fl
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"a and b must be 1-D of the same length, got shapes {a.shape} and {b.shape}")
     threshold = abs(a @ b) - RELATIVE_TOLERANCE * math.sqrt((a @ a) * (b @ b))
-    hits = sum(np.count_nonzero(np.abs(b[order] @ a) >= threshold)
-               for order in permutation_orders(len(b), resamples, seed))
+    hits = sum(
+        np.count_nonzero(np.abs(b[order] @ a) >= threshold) for order in permutation_orders(len(b), resamples, seed)
+    )
     return (hits + 1) / (resamples + 1)
 
 

@@ -40,6 +40,7 @@ RELEASE_SPLITS_FILE = "splits_final.json"  # in the raw dataset folder; nnU-Net'
 # 1. A phantom release
 # ---------------------------------------------------------------------------------------------------------
 
+
 def release_subject_id(index: int) -> str:
     """Subject names like the release's (s0000, s0001, ...), distinct from the demo cohort's demoNNN."""
     return f"s{index:04d}"
@@ -56,7 +57,7 @@ def assign_splits(n: int, seed: int, val_fraction: float = 0.2, test_fraction: f
     splits = np.array(["train"] * n, dtype=object)
     order = np.random.default_rng([seed, SPLIT_STREAM]).permutation(n)
     splits[order[:n_val]] = "val"
-    splits[order[n_val:n_val + n_test]] = "test"
+    splits[order[n_val : n_val + n_test]] = "test"
     return splits.tolist()
 
 
@@ -82,8 +83,15 @@ def write_release_subject(out_dir: Path, subject: str, draw: phantom.SubjectDraw
         _save_nifti(mask, affine, seg_dir / f"{structure.name}.nii.gz")
 
 
-def write_phantom_release(out_dir: str | Path, n: int, seed: int, spacing=phantom.DEFAULT_SPACING,
-                          val_fraction: float = 0.2, test_fraction: float = 0.0, processes: int = 1) -> Path:
+def write_phantom_release(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    spacing=phantom.DEFAULT_SPACING,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    processes: int = 1,
+) -> Path:
     """n phantom scans in the TotalSegmentator release layout under out_dir; returns out_dir.
 
     ``out_dir/<subject>/ct.nii.gz``, ``out_dir/<subject>/segmentations/<v1 name>.nii.gz`` and
@@ -100,14 +108,19 @@ def write_phantom_release(out_dir: str | Path, n: int, seed: int, spacing=phanto
     rows = [(subject, draw.age, draw.sex.lower(), split) for subject, draw, split in zip(subjects, draws, splits)]
     meta = pd.DataFrame(rows, columns=["image_id", "age", "gender", "split"])
     meta.to_csv(out_dir / META_FILE, sep=META_SEPARATOR, index=False)
-    LOG.info("phantom release: %d subjects (%s) in %s", n,
-             ", ".join(f"{(meta['split'] == s).sum()} {s}" for s in SPLITS), out_dir)
+    LOG.info(
+        "phantom release: %d subjects (%s) in %s",
+        n,
+        ", ".join(f"{(meta['split'] == s).sum()} {s}" for s in SPLITS),
+        out_dir,
+    )
     return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. Release -> nnU-Net raw dataset
 # ---------------------------------------------------------------------------------------------------------
+
 
 def dataset_folder_name(dataset_id: int, dataset_name: str) -> str:
     if not 1 <= dataset_id <= 999:
@@ -137,7 +150,7 @@ def read_release_meta(release_dir: str | Path) -> pd.DataFrame:
 def default_structures(release_dir: str | Path, subject: str) -> list[str]:
     """Structures with a mask in ``subject``, in v1 label order; names the v1 table lacks follow, sorted."""
     seg_dir = Path(release_dir) / subject / "segmentations"
-    names = sorted(p.name[:-len(FILE_ENDING)] for p in seg_dir.glob(f"*{FILE_ENDING}"))
+    names = sorted(p.name[: -len(FILE_ENDING)] for p in seg_dir.glob(f"*{FILE_ENDING}"))
     if not names:
         raise FileNotFoundError(f"no masks ({FILE_ENDING}) in {seg_dir}")
     table = load_structure_table("total_v1")
@@ -202,8 +215,14 @@ def _convert_case(release_dir: Path, subject: str, split: str, structures: list[
     nib.save(_label_image(labels, ct), label_file)
 
 
-def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset_id: int,
-                          dataset_name: str, structures: list[str] | None = None, processes: int = 1) -> Path:
+def release_to_nnunet_raw(
+    release_dir: str | Path,
+    raw_root: str | Path,
+    dataset_id: int,
+    dataset_name: str,
+    structures: list[str] | None = None,
+    processes: int = 1,
+) -> Path:
     """Convert a release into the nnU-Net raw dataset ``raw_root/DatasetXXX_<name>``; returns its folder.
 
     train and val subjects go to imagesTr/labelsTr (case id = image_id), test subjects to
@@ -215,8 +234,9 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
     meta = read_release_meta(release_dir)
     if meta.empty:
         raise ValueError(f"{release_dir / META_FILE} lists no subjects")
-    structures = list(structures) if structures is not None else \
-        default_structures(release_dir, meta["image_id"].iloc[0])
+    structures = (
+        list(structures) if structures is not None else default_structures(release_dir, meta["image_id"].iloc[0])
+    )
     if len(set(structures)) != len(structures):
         raise ValueError("structures: duplicate names")
     dataset_dir = Path(raw_root) / dataset_folder_name(dataset_id, dataset_name)
@@ -239,10 +259,19 @@ def release_to_nnunet_raw(release_dir: str | Path, raw_root: str | Path, dataset
         "description": f"converted from the release {release_dir.name} by ctcohort",
     }
     (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    splits = [{"train": trained["image_id"][trained["split"] == "train"].tolist(),
-               "val": trained["image_id"][trained["split"] == "val"].tolist()}]
+    splits = [
+        {
+            "train": trained["image_id"][trained["split"] == "train"].tolist(),
+            "val": trained["image_id"][trained["split"] == "val"].tolist(),
+        }
+    ]
     (dataset_dir / RELEASE_SPLITS_FILE).write_text(json.dumps(splits, indent=2))
-    LOG.info("nnU-Net raw dataset %s: %d training, %d validation, %d test cases, %d structures",
-             dataset_dir, len(splits[0]["train"]), len(splits[0]["val"]), len(meta) - len(trained),
-             len(structures))
+    LOG.info(
+        "nnU-Net raw dataset %s: %d training, %d validation, %d test cases, %d structures",
+        dataset_dir,
+        len(splits[0]["train"]),
+        len(splits[0]["val"]),
+        len(meta) - len(trained),
+        len(structures),
+    )
     return dataset_dir

@@ -40,20 +40,34 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ctcohort.columns import HU_COLUMNS, REVIEWER_EXCLUDED as REVIEW_REASON
+from ctcohort.columns import HU_COLUMNS
+from ctcohort.columns import REVIEWER_EXCLUDED as REVIEW_REASON
 from ctcohort.qc import QCSettings, vertebra_rank
 from ctcohort.review_page import FLAG_COLUMNS
 
 SANITY_FLAGS = ("laterality", "vertebra_order", "fragments", "volume_outlier", "orientation")
 # Flags that say the labels are wrong (a mix-up, a broken header) weigh more than ones that say a value is odd
-FLAG_WEIGHTS = {"laterality": 3.0, "vertebra_order": 3.0, "orientation": 3.0, "fragments": 1.0,
-                "volume_outlier": 1.0, "volume_implausible": 1.0, "hu_implausible": 1.0, "cut_off": 0.0}
+FLAG_WEIGHTS = {
+    "laterality": 3.0,
+    "vertebra_order": 3.0,
+    "orientation": 3.0,
+    "fragments": 1.0,
+    "volume_outlier": 1.0,
+    "volume_implausible": 1.0,
+    "hu_implausible": 1.0,
+    "cut_off": 0.0,
+}
 MAD_SCALE = 1.482602218505602  # 1 / the normal 75th percentile: a normal sample's MAD -> its SD
 MAX_Z_IN_SCORE = 9.0
 # what the review page says of each flag, from the QC table's row
-FLAG_DETAILS = {"volume_outlier": "robust z = {volume_z:.1f}", "fragments": "second piece {second_piece_ml:.1f} ml",
-                "orientation": "sform and qform {sform_qform_mm:.1f} mm apart", "cut_off": "cut at {cut_faces}",
-                "laterality": "centre at x = {centroid_x_mm:.0f} mm", "vertebra_order": "centre at z = {centroid_z_mm:.0f} mm"}
+FLAG_DETAILS = {
+    "volume_outlier": "robust z = {volume_z:.1f}",
+    "fragments": "second piece {second_piece_ml:.1f} ml",
+    "orientation": "sform and qform {sform_qform_mm:.1f} mm apart",
+    "cut_off": "cut at {cut_faces}",
+    "laterality": "centre at x = {centroid_x_mm:.0f} mm",
+    "vertebra_order": "centre at z = {centroid_z_mm:.0f} mm",
+}
 log = logging.getLogger(__name__)
 RANKING_COLUMNS = ["subject", "score", "n_flags", "status"]
 
@@ -96,21 +110,31 @@ def _unless_mirrored(structures: pd.Series, flags: np.ndarray, compared: np.ndar
     if len(mirrored):
         # one warning for the cohort: a mirrored cohort has every pair wrong, and a line each would bury the cause
         shares = ", ".join(f"{structure} {100 * fraction:.0f}%" for structure, fraction in mirrored.items())
-        log.warning("laterality: the cohort's left and right look mirrored (images, their orientation, or a model "
-                    "trained on mirrored images); not flagged per scan. Share of scans with the structure on the "
-                    "wrong side of its twin: %s", shares)
+        log.warning(
+            "laterality: the cohort's left and right look mirrored (images, their orientation, or a model "
+            "trained on mirrored images); not flagged per scan. Share of scans with the structure on the "
+            "wrong side of its twin: %s",
+            shares,
+        )
     return flags & ~table["structure"].isin(mirrored.index).to_numpy()
 
 
-def vertebra_order_flags(qc: pd.DataFrame, margin_mm: float = QCSettings.vertebra_order_margin_mm,
-                         min_voxels: int = QCSettings.min_voxels) -> np.ndarray:
+def vertebra_order_flags(
+    qc: pd.DataFrame, margin_mm: float = QCSettings.vertebra_order_margin_mm, min_voxels: int = QCSettings.min_voxels
+) -> np.ndarray:
     """Per row of ``qc`` (subject, structure, n_voxels, centroid_z_mm): a vertebra in a cranio-caudal
     inversion with another vertebra of its scan (module docstring)."""
     rank = qc["structure"].map(vertebra_rank)
     z = qc["centroid_z_mm"].to_numpy(dtype=float)
     usable = rank.notna().to_numpy() & np.isfinite(z) & (qc["n_voxels"].to_numpy(dtype=float) >= min_voxels)
-    spine = pd.DataFrame({"subject": qc["subject"].to_numpy()[usable], "rank": rank[usable].astype(float),
-                          "z": z[usable], "row": np.flatnonzero(usable)}).sort_values(["subject", "rank"])
+    spine = pd.DataFrame(
+        {
+            "subject": qc["subject"].to_numpy()[usable],
+            "rank": rank[usable].astype(float),
+            "z": z[usable],
+            "row": np.flatnonzero(usable),
+        }
+    ).sort_values(["subject", "rank"])
     by_subject = spine.groupby("subject", sort=False)["z"]
     # the highest centre among the more caudal vertebrae, the lowest among the more cranial ones
     below = by_subject.transform(lambda v: v[::-1].cummax()[::-1].shift(-1))
@@ -133,11 +157,19 @@ def volume_z(qc: pd.DataFrame, min_scans: int = 20) -> np.ndarray:
     """Per row of ``qc`` (structure, volume_ml_measured, complete, exclusion_reason, and the sheet's age
     and sex where it has them): the robust z of the log volume for age decade and sex (module docstring)."""
     volume = pd.to_numeric(qc["volume_ml_measured"], errors="coerce")
-    whole = (qc["complete"].astype(str).str.lower() == "true") & (volume > 0) & \
-        ~qc["exclusion_reason"].fillna("").isin(["absent", "too_small", "cut_off"])
-    frame = pd.DataFrame({"structure": qc["structure"], "log_volume": np.log(volume.where(whole)),
-                          "sex": qc["sex"].fillna("").astype(str) if "sex" in qc else "",
-                          "decade": (pd.to_numeric(qc["age"], errors="coerce") // 10) if "age" in qc else np.nan})
+    whole = (
+        (qc["complete"].astype(str).str.lower() == "true")
+        & (volume > 0)
+        & ~qc["exclusion_reason"].fillna("").isin(["absent", "too_small", "cut_off"])
+    )
+    frame = pd.DataFrame(
+        {
+            "structure": qc["structure"],
+            "log_volume": np.log(volume.where(whole)),
+            "sex": qc["sex"].fillna("").astype(str) if "sex" in qc else "",
+            "decade": (pd.to_numeric(qc["age"], errors="coerce") // 10) if "age" in qc else np.nan,
+        }
+    )
     z = pd.Series(np.nan, index=qc.index)
     for keys in (["structure", "sex", "decade"], ["structure", "sex"]):
         groups = frame.groupby(keys, dropna=False)["log_volume"]
@@ -155,14 +187,17 @@ def sanity_flags(qc: pd.DataFrame, settings: QCSettings = QCSettings()) -> pd.Da
     second = pd.to_numeric(qc["second_piece_ml"], errors="coerce").to_numpy(dtype=float)
     orientation = pd.to_numeric(qc["sform_qform_mm"], errors="coerce").to_numpy(dtype=float)
     with np.errstate(invalid="ignore"):
-        return pd.DataFrame({
-            "laterality": laterality_flags(qc, settings.laterality_margin_mm),
-            "vertebra_order": vertebra_order_flags(qc, settings.vertebra_order_margin_mm, settings.min_voxels),
-            "fragments": second >= max(settings.fragment_min_ml, np.finfo(float).tiny),
-            "volume_z": z,
-            "volume_outlier": np.abs(z) > settings.volume_outlier_z,
-            "orientation": orientation > 0,
-        }, index=qc.index)
+        return pd.DataFrame(
+            {
+                "laterality": laterality_flags(qc, settings.laterality_margin_mm),
+                "vertebra_order": vertebra_order_flags(qc, settings.vertebra_order_margin_mm, settings.min_voxels),
+                "fragments": second >= max(settings.fragment_min_ml, np.finfo(float).tiny),
+                "volume_z": z,
+                "volume_outlier": np.abs(z) > settings.volume_outlier_z,
+                "orientation": orientation > 0,
+            },
+            index=qc.index,
+        )
 
 
 # --- the review page's tables -----------------------------------------------------------------------------
@@ -175,22 +210,31 @@ def _flag_detail(row, flag: str) -> str:
 def review_flags(qc: pd.DataFrame) -> pd.DataFrame:
     """One row per flag of the cohort QC table (FLAG_COLUMNS); a scan's orientation flag once, on the scan
     (structure blank)."""
-    columns = {"cut_off": qc["cut_faces"].fillna("").astype(str) != "",
-               **{flag: qc[flag].astype(str).str.lower() == "true" for flag in FLAG_WEIGHTS if flag != "cut_off"}}
+    columns = {
+        "cut_off": qc["cut_faces"].fillna("").astype(str) != "",
+        **{flag: qc[flag].astype(str).str.lower() == "true" for flag in FLAG_WEIGHTS if flag != "cut_off"},
+    }
     frames = []
     for flag, flagged in columns.items():
         rows = qc[flagged.to_numpy()]
         if flag == "orientation":
             rows = rows.drop_duplicates("subject")
-        frames.append(pd.DataFrame({
-            "subject": rows["subject"].astype(str),
-            "structure": "" if flag == "orientation" else rows["structure"].astype(str),
-            "flag": flag, "detail": [_flag_detail(row, flag) for row in rows.itertuples()]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "subject": rows["subject"].astype(str),
+                    "structure": "" if flag == "orientation" else rows["structure"].astype(str),
+                    "flag": flag,
+                    "detail": [_flag_detail(row, flag) for row in rows.itertuples()],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)[FLAG_COLUMNS]
 
 
-def review_scans(subjects: Sequence[str], qc: pd.DataFrame, flags: pd.DataFrame,
-                 failures: pd.DataFrame) -> pd.DataFrame:
+def review_scans(
+    subjects: Sequence[str], qc: pd.DataFrame, flags: pd.DataFrame, failures: pd.DataFrame
+) -> pd.DataFrame:
     """One row per subject (RANKING_COLUMNS), highest score first: the score of the module docstring (NaN for
     a scan that failed: nothing to review), its flag count but cut-offs, and the failure as status."""
     weights = flags["flag"].map(FLAG_WEIGHTS).fillna(0.0)
@@ -198,15 +242,18 @@ def review_scans(subjects: Sequence[str], qc: pd.DataFrame, flags: pd.DataFrame,
     counted = (weights > 0).groupby(flags["subject"]).sum()
     largest_z = pd.to_numeric(qc["volume_z"], errors="coerce").abs().groupby(qc["subject"].astype(str)).max()
     table = pd.DataFrame({"subject": [str(s) for s in subjects]})
-    table["score"] = (table["subject"].map(score).fillna(0.0)
-                      + table["subject"].map(largest_z).fillna(0.0).clip(upper=MAX_Z_IN_SCORE) / 10)
+    table["score"] = (
+        table["subject"].map(score).fillna(0.0)
+        + table["subject"].map(largest_z).fillna(0.0).clip(upper=MAX_Z_IN_SCORE) / 10
+    )
     table["n_flags"] = table["subject"].map(counted).fillna(0).astype(int)
     failed = failures.drop_duplicates("subject").set_index("subject")
     status = table["subject"].map(failed["stage"].astype(str) + ": " + failed["error"].astype(str))
     table["status"] = status.fillna("")
     table.loc[table["status"] != "", "score"] = np.nan
-    return table.sort_values(["score", "subject"], ascending=[False, True], na_position="last",
-                             kind="stable").reset_index(drop=True)[RANKING_COLUMNS]
+    return table.sort_values(
+        ["score", "subject"], ascending=[False, True], na_position="last", kind="stable"
+    ).reset_index(drop=True)[RANKING_COLUMNS]
 
 
 # --- the reviewer's decisions -----------------------------------------------------------------------------
@@ -215,11 +262,16 @@ def review_scans(subjects: Sequence[str], qc: pd.DataFrame, flags: pd.DataFrame,
 def check_decisions(decisions: pd.DataFrame, subjects: set[str], structures: set[str], source: str) -> None:
     """A ValueError naming each decision (``review_page.read_decisions``' table) about a subject or a structure
     that the cohort does not have."""
-    problems = [f"subject {subject!r} is not a scan of the cohort"
-                for subject in dict.fromkeys(decisions["subject"]) if subject not in subjects]
-    problems += [f"structure {structure!r} (subject {subject!r}) is not a structure of the table"
-                 for subject, structure in zip(decisions["subject"], decisions["structure"])
-                 if structure and structure not in structures]
+    problems = [
+        f"subject {subject!r} is not a scan of the cohort"
+        for subject in dict.fromkeys(decisions["subject"])
+        if subject not in subjects
+    ]
+    problems += [
+        f"structure {structure!r} (subject {subject!r}) is not a structure of the table"
+        for subject, structure in zip(decisions["subject"], decisions["structure"])
+        if structure and structure not in structures
+    ]
     if problems:
         raise ValueError(f"review decisions {source}: " + "; ".join(problems))
 
@@ -252,8 +304,10 @@ def excluded_rows(measurements: pd.DataFrame, decisions: pd.DataFrame) -> np.nda
     scans = set(exclude.loc[exclude["structure"] == "", "subject"])
     pairs = set(zip(exclude["subject"], exclude["structure"]))
     subject = measurements["subject"].astype(str)
-    return (subject.isin(scans) | pd.Series(list(zip(subject, measurements["structure"].astype(str))),
-                                             index=measurements.index).isin(pairs)).to_numpy()
+    return (
+        subject.isin(scans)
+        | pd.Series(list(zip(subject, measurements["structure"].astype(str))), index=measurements.index).isin(pairs)
+    ).to_numpy()
 
 
 def apply_review_decisions(measurements: pd.DataFrame, decisions: pd.DataFrame | None) -> pd.DataFrame:
@@ -288,6 +342,7 @@ def count_sentence(decisions: pd.DataFrame | None) -> str:
     structures = int((exclude["structure"] != "").sum())
     if not scans and not structures:
         return ""
-    return (f"A reviewer excluded {scans} scan{'s' * (scans != 1)} and {structures} further structure "
-            f"measurement{'s' * (structures != 1)} after looking at the QC review page ({REVIEW_REASON}).")
-
+    return (
+        f"A reviewer excluded {scans} scan{'s' * (scans != 1)} and {structures} further structure "
+        f"measurement{'s' * (structures != 1)} after looking at the QC review page ({REVIEW_REASON})."
+    )

@@ -68,8 +68,9 @@ def review_order(scans: pd.DataFrame) -> pd.DataFrame:
     duplicated = table.loc[table["subject"].duplicated(), "subject"].tolist()
     if duplicated:
         raise ValueError(f"review page scans: subject(s) listed twice: {duplicated[:10]}")
-    return table.sort_values(["score", "subject"], ascending=[False, True], na_position="last",
-                             kind="stable").reset_index(drop=True)
+    return table.sort_values(
+        ["score", "subject"], ascending=[False, True], na_position="last", kind="stable"
+    ).reset_index(drop=True)
 
 
 def flag_table(flags: pd.DataFrame, subjects: pd.Series) -> pd.DataFrame:
@@ -92,8 +93,10 @@ def preview_html(preview: str) -> str:
         return '<div class="preview none">no preview</div>'
     width, height = PREVIEW_SIZE
     # quote(): a relative URL whatever the path holds (a ':' or '#' cannot turn it into a link elsewhere)
-    return (f'<img class="preview" src="{esc(quote(preview))}" loading="lazy" '
-            f'width="{width}" height="{height}" alt="preview">')
+    return (
+        f'<img class="preview" src="{esc(quote(preview))}" loading="lazy" '
+        f'width="{width}" height="{height}" alt="preview">'
+    )
 
 
 def decision_buttons() -> str:
@@ -102,8 +105,9 @@ def decision_buttons() -> str:
 
 def structure_html(structure: str, flags: list[tuple[str, str]]) -> str:
     """One structure's flags; a structure of its own (not the whole scan) gets its decision buttons."""
-    items = "".join(f'<span data-flag="{esc(f)}">{esc(f)}{" <i>" + esc(d) + "</i>" if d else ""}</span>'
-                    for f, d in flags)
+    items = "".join(
+        f'<span data-flag="{esc(f)}">{esc(f)}{" <i>" + esc(d) + "</i>" if d else ""}</span>' for f, d in flags
+    )
     buttons = decision_buttons() if structure else ""
     return f'<li data-structure="{esc(structure)}"><b>{esc(structure) or "scan"}</b> {items} {buttons}</li>'
 
@@ -127,18 +131,21 @@ def flags_by_structure(flags: pd.DataFrame) -> dict[str, dict[str, list[tuple[st
 def card_html(scan, structures: dict[str, list[tuple[str, str]]]) -> str:
     subject = esc(scan.subject)
     status = f'<p class="status">{esc(scan.status)}</p>' if scan.status else ""
-    return (f'<article class="card{" failed" if scan.status else ""}" data-subject="{subject}" '
-            f'data-score="{scan.score!r}"><h2>{subject}</h2> <span class="score">{score_text(scan.score)}</span> '
-            f'<span class="scan-decision">{decision_buttons()}</span>{status}'
-            f'{preview_html(scan.preview)}{flags_html(structures)}'
-            f'<input class="reason" placeholder="reason"></article>\n')
+    return (
+        f'<article class="card{" failed" if scan.status else ""}" data-subject="{subject}" '
+        f'data-score="{scan.score!r}"><h2>{subject}</h2> <span class="score">{score_text(scan.score)}</span> '
+        f'<span class="scan-decision">{decision_buttons()}</span>{status}'
+        f"{preview_html(scan.preview)}{flags_html(structures)}"
+        f'<input class="reason" placeholder="reason"></article>\n'
+    )
 
 
 def options_html(values: list[str], any_label: str, labels: dict[str, str] | None = None) -> str:
     """<option>s: '*' for any, then each value (with its label where given)."""
     labels = labels or {}
     return f'<option value="*">{any_label}</option>' + "".join(
-        f'<option value="{esc(v)}">{esc(labels.get(v, v))}</option>' for v in values)
+        f'<option value="{esc(v)}">{esc(labels.get(v, v))}</option>' for v in values
+    )
 
 
 def filters_html(flags: pd.DataFrame) -> str:
@@ -146,14 +153,18 @@ def filters_html(flags: pd.DataFrame) -> str:
     scans_per_flag = flags.groupby("flag")["subject"].nunique().sort_index()
     flag_labels = {flag: f"{flag} ({n})" for flag, n in scans_per_flag.items()}
     structures = sorted(set(flags["structure"]))
-    return (f'<label>flag <select id="flag-filter">{options_html(list(scans_per_flag.index), "any", flag_labels)}'
-            f'</select></label> <label>structure <select id="structure-filter">'
-            f'{options_html(structures, "any", {"": "whole scan"})}</select></label>')
+    return (
+        f'<label>flag <select id="flag-filter">{options_html(list(scans_per_flag.index), "any", flag_labels)}'
+        f'</select></label> <label>structure <select id="structure-filter">'
+        f"{options_html(structures, 'any', {'': 'whole scan'})}</select></label>"
+    )
 
 
-KEYS_HELP = ("<kbd>j</kbd>/<kbd>&darr;</kbd> next scan, <kbd>k</kbd>/<kbd>&uarr;</kbd> previous, "
-             "<kbd>x</kbd> exclude the scan, <kbd>a</kbd> accept it, <kbd>Enter</kbd> larger view, "
-             "<kbd>Esc</kbd> close it; a second click on a decision takes it back")
+KEYS_HELP = (
+    "<kbd>j</kbd>/<kbd>&darr;</kbd> next scan, <kbd>k</kbd>/<kbd>&uarr;</kbd> previous, "
+    "<kbd>x</kbd> exclude the scan, <kbd>a</kbd> accept it, <kbd>Enter</kbd> larger view, "
+    "<kbd>Esc</kbd> close it; a second click on a decision takes it back"
+)
 
 
 def page_html(scans: pd.DataFrame, flags: pd.DataFrame, title: str) -> str:
@@ -186,8 +197,9 @@ def page_html(scans: pd.DataFrame, flags: pd.DataFrame, title: str) -> str:
 """
 
 
-def write_review_page(scans: pd.DataFrame, flags: pd.DataFrame, path: str | Path,
-                      title: str = "ctcohort QC review") -> None:
+def write_review_page(
+    scans: pd.DataFrame, flags: pd.DataFrame, path: str | Path, title: str = "ctcohort QC review"
+) -> None:
     """Write the review page: ``scans`` (SCAN_COLUMNS: subject, score (NaN: none), preview (path relative to the
     page's folder, '' for none), status ('' for a measured scan, else the failure)), ``flags`` (FLAG_COLUMNS:
     subject, structure ('' for the whole scan), flag, detail). Other columns are ignored."""
@@ -230,6 +242,8 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
         row = decision_row(line.split("\t"), header, f"{path}, line {number}")
         earlier = decided.setdefault((row[0], row[1]), (number, row))
         if earlier[1][2] != row[2]:
-            raise ValueError(f"{path}, line {number}: {row[2]} contradicts line {earlier[0]} ({earlier[1][2]}) for "
-                             f"subject {row[0]!r}{', structure ' + repr(row[1]) if row[1] else ''}")
+            raise ValueError(
+                f"{path}, line {number}: {row[2]} contradicts line {earlier[0]} ({earlier[1][2]}) for "
+                f"subject {row[0]!r}{', structure ' + repr(row[1]) if row[1] else ''}"
+            )
     return pd.DataFrame([row for _, row in decided.values()], columns=DECISION_COLUMNS, dtype=str)

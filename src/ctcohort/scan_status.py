@@ -71,8 +71,12 @@ def recording_failure(subject: str, stage: str, status_path: str | Path, policy:
         if policy == "fail":
             raise
         if is_resource_error(err):
-            log.error("scan %s: %s is a resource error; the job fails so that it can be retried with more "
-                      "resources, and the scan is not excluded", subject, type(err).__name__)
+            log.error(
+                "scan %s: %s is a resource error; the job fails so that it can be retried with more "
+                "resources, and the scan is not excluded",
+                subject,
+                type(err).__name__,
+            )
             raise
         status.ok, status.error = False, one_line(f"{type(err).__name__}: {err}")
     status.write(status_path)

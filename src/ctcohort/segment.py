@@ -44,11 +44,18 @@ import numpy as np
 import pandas as pd
 
 from ctcohort import nnunet_adapter, totalseg_geometry
-from ctcohort.imaging import (ScanChecks, check_ct, check_orientation, ct_hounsfield, load_image,
-                              sform_qform_disagreement, voxel_spacing_mm)
+from ctcohort.imaging import (
+    ScanChecks,
+    check_ct,
+    check_orientation,
+    ct_hounsfield,
+    load_image,
+    sform_qform_disagreement,
+    voxel_spacing_mm,
+)
 from ctcohort.measure import empty_measurements_and_qc, measure_and_qc, write_measurements_and_qc
-from ctcohort.qc import QCSettings
 from ctcohort.nnunet_adapter import READER_AXES, ModelFolderError, load_predictor, predict_labels
+from ctcohort.qc import QCSettings
 from ctcohort.resources import resources_dir
 from ctcohort.scan_status import passed_on_failure, recording_failure, run_scan_step
 from ctcohort.study_models import StudyModel, measuring_table, models_measurements_and_qc, study_models
@@ -90,8 +97,12 @@ def _checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str) -> list
 def model_files(parts: Sequence[ModelPart], settings: "SegmentationSettings") -> list[Path]:
     """The files a segmentation depends on: each part's dataset.json, plans.json and fold checkpoints.
     The workflow's segmentation jobs take them as inputs, so that new weights segment the scans again."""
-    return [path for part in parts for path in [part.folder / name for name in MODEL_FILES]
-            + _checkpoint_files(part, settings.folds, settings.checkpoint)]
+    return [
+        path
+        for part in parts
+        for path in [part.folder / name for name in MODEL_FILES]
+        + _checkpoint_files(part, settings.folds, settings.checkpoint)
+    ]
 
 
 def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2")) -> str | None:
@@ -100,8 +111,10 @@ def missing_segmentation_packages(packages: Sequence[str] = ("torch", "nnunetv2"
     segmentation job."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
-        return (f"segmentation.method nnunet needs {' and '.join(missing)}, which this environment lacks: "
-                "pip install -e '.[segment]' (or set segmentation.method: precomputed)")
+        return (
+            f"segmentation.method nnunet needs {' and '.join(missing)}, which this environment lacks: "
+            "pip install -e '.[segment]' (or set segmentation.method: precomputed)"
+        )
     if "nnunetv2" in packages:  # present, but maybe not the version the adapter is written against
         return nnunet_adapter.nnunet_version_problem(nnunet_adapter.installed_nnunet_version())
     return None
@@ -163,7 +176,8 @@ def task_dataset_ids(task) -> tuple[str, tuple[int, ...]] | None:
         is_id = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
         if isinstance(value, bool) or not is_id:
             raise ModelFolderError(
-                f"segmentation.task {task!r}: not a known task ({', '.join(TASKS)}) nor a list of nnU-Net dataset ids")
+                f"segmentation.task {task!r}: not a known task ({', '.join(TASKS)}) nor a list of nnU-Net dataset ids"
+            )
         ids.append(int(value))
     if not ids:
         return None
@@ -187,8 +201,12 @@ def _found_models(model_dir: Path) -> list[tuple[Path, dict]]:
     if _is_trained_model(model_dir):
         folders = [model_dir]
     else:
-        folders = [folder for pattern in ("*", "*/*") for folder in model_dir.glob(pattern)
-                   if folder.is_dir() and _is_trained_model(folder)]
+        folders = [
+            folder
+            for pattern in ("*", "*/*")
+            for folder in model_dir.glob(pattern)
+            if folder.is_dir() and _is_trained_model(folder)
+        ]
     found = [(folder, _read_json(folder / "plans.json")) for folder in folders]
     return sorted(found, key=lambda item: (_dataset_id(*item) is None, _dataset_id(*item) or 0, str(item[0])))
 
@@ -199,8 +217,12 @@ def _listing(model_dir: Path, found: Sequence[tuple[Path, dict]]) -> str:
         dataset_id = _dataset_id(folder, plans)
         name = folder.relative_to(model_dir) if folder != model_dir else folder.name
         task = _known_task(dataset_id)
-        what = "no dataset id" if dataset_id is None else f"dataset {dataset_id}, " + (
-            f"part of task {task}" if task and len(TASKS[task]) > 1 else f"task {task}" if task else "no known task")
+        what = (
+            "no dataset id"
+            if dataset_id is None
+            else f"dataset {dataset_id}, "
+            + (f"part of task {task}" if task and len(TASKS[task]) > 1 else f"task {task}" if task else "no known task")
+        )
         lines.append(f"  {name}: {what}")
     return "\n".join(lines)
 
@@ -221,8 +243,11 @@ def _select(model_dir: Path, found: list[tuple[Path, dict]], task) -> list[tuple
             values = []
             for name in (name for name in TASKS if set(TASKS[name]) & set(known)):
                 absent = sorted(set(TASKS[name]) - set(known))
-                values.append(f"{name} ({_id_range(TASKS[name])}"
-                              + (f"; {', '.join(map(str, absent))} missing here" if absent else "") + ")")
+                values.append(
+                    f"{name} ({_id_range(TASKS[name])}"
+                    + (f"; {', '.join(map(str, absent))} missing here" if absent else "")
+                    + ")"
+                )
             others = [str(i) for i in known if _known_task(i) is None]
             if others:
                 values.append(f"dataset ids, e.g. [{', '.join(others)}]")
@@ -231,8 +256,12 @@ def _select(model_dir: Path, found: list[tuple[Path, dict]], task) -> list[tuple
                 "segmentation.task (ctcohort segment --task) does not say which to run:\n"
                 f"{_listing(model_dir, found)}\n"
                 f"set segmentation.task to {' or '.join(values) if values else 'their dataset ids'}"
-                + ("; a model without a dataset id is run by pointing segmentation.model at its own folder"
-                   if None in ids else ""))
+                + (
+                    "; a model without a dataset id is run by pointing segmentation.model at its own folder"
+                    if None in ids
+                    else ""
+                )
+            )
     description, wanted_ids = wanted
     selected = [(f, p) for (f, p), i in zip(found, ids) if i in wanted_ids]
     missing = sorted(set(wanted_ids) - {i for i in ids if i is not None})
@@ -241,13 +270,15 @@ def _select(model_dir: Path, found: list[tuple[Path, dict]], task) -> list[tuple
         raise ModelFolderError(
             f"model folder {model_dir}: {description} needs dataset{'s' if len(wanted_ids) > 1 else ''} "
             f"{', '.join(map(str, wanted_ids))}; missing {', '.join(map(str, missing))} "
-            f"(found: {', '.join(map(str, present)) or 'no model with a dataset id'}):\n{_listing(model_dir, found)}")
+            f"(found: {', '.join(map(str, present)) or 'no model with a dataset id'}):\n{_listing(model_dir, found)}"
+        )
     chosen = [i for i in ids if i in wanted_ids]
     doubled = sorted({i for i in chosen if chosen.count(i) > 1})
     if doubled:
         raise ModelFolderError(
             f"model folder {model_dir}: several models of dataset {', '.join(map(str, doubled))}; keep one, or point "
-            f"segmentation.model at a folder that holds one:\n{_listing(model_dir, selected)}")
+            f"segmentation.model at a folder that holds one:\n{_listing(model_dir, selected)}"
+        )
     return selected
 
 
@@ -278,14 +309,22 @@ def _part(folder: Path, plans: dict, table: pd.DataFrame) -> ModelPart:
     if reader not in READER_AXES:
         raise ModelFolderError(
             f"model {folder}: plans.json's image_reader_writer {reader!r} is not supported; ctcohort feeds "
-            f"3D CT as nnU-Net's {', '.join(READER_AXES)} do")
+            f"3D CT as nnU-Net's {', '.join(READER_AXES)} do"
+        )
     forward = plans.get("transpose_forward", [0, 1, 2])
     backward = plans.get("transpose_backward", [0, 1, 2])
     if sorted(forward) != [0, 1, 2] or [list(forward).index(i) for i in range(3)] != list(backward):
-        raise ModelFolderError(f"model {folder}: plans.json's transpose_forward {forward} and transpose_backward "
-                               f"{backward} are not a 3D axis permutation and its inverse")
-    return ModelPart(folder, dataset_id, {local: int(label_of[name]) for local, name in names.items()},
-                     reader, tuple(int(i) for i in forward))
+        raise ModelFolderError(
+            f"model {folder}: plans.json's transpose_forward {forward} and transpose_backward "
+            f"{backward} are not a 3D axis permutation and its inverse"
+        )
+    return ModelPart(
+        folder,
+        dataset_id,
+        {local: int(label_of[name]) for local, name in names.items()},
+        reader,
+        tuple(int(i) for i in forward),
+    )
 
 
 def _dataset_json_labels(folder: Path) -> dict[int, str]:
@@ -317,7 +356,8 @@ def _part_label_names(folder: Path, dataset_id: int | None) -> dict[int, str]:
         raise ModelFolderError(
             f"model {folder}: dataset {dataset_id} is a part of TotalSegmentator's 'total' model, but its dataset.json "
             f"labels differ from that part's ({len(names)} labels, published {len(expected)}; {shown}"
-            f"{', ...' if len(differ) > 5 else ''}): not the published weights")
+            f"{', ...' if len(differ) > 5 else ''}): not the published weights"
+        )
     return expected
 
 
@@ -357,8 +397,9 @@ class SegmentationSettings:
         object.__setattr__(self, "folds", tuple(self.folds))
         for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("resampling", RESAMPLINGS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown segmentation.{name} {getattr(self, name)!r}; "
-                                 f"choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"unknown segmentation.{name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
 
     @classmethod
     def from_config(cls, section: Mapping) -> "SegmentationSettings":
@@ -397,8 +438,14 @@ def _existing_checkpoint_files(part: ModelPart, folds: Sequence, checkpoint: str
 class Segmenter:
     """Every part of a model, loaded once; ``segment`` runs them all on one CT."""
 
-    def __init__(self, model_dir: str | Path | None, table: pd.DataFrame, *, task=None,
-                 settings: SegmentationSettings = SegmentationSettings()):
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        table: pd.DataFrame,
+        *,
+        task=None,
+        settings: SegmentationSettings = SegmentationSettings(),
+    ):
         import torch
 
         torch.set_num_threads(max(1, settings.threads))
@@ -414,13 +461,23 @@ class Segmenter:
             total_ids = {i for ids in TASKS.values() for i in ids}
             tile_step = totalseg_geometry.tile_step([part.dataset_id for part in self.parts], total_ids, tile_step)
         self.predictors = [
-            load_predictor(part.folder, _existing_checkpoint_files(part, settings.folds, settings.checkpoint),
-                           self.device, tile_step, settings.mirroring)
+            load_predictor(
+                part.folder,
+                _existing_checkpoint_files(part, settings.folds, settings.checkpoint),
+                self.device,
+                tile_step,
+                settings.mirroring,
+            )
             for part in self.parts
         ]
         self.dtype = np.uint8 if int(table["label"].max()) <= 255 else np.uint16
-        log.info("loaded %d model part(s) from %s on %s%s", len(self.parts), model_dir or bundled_model_dir(),
-                 self.device, " (bfloat16)" if self.bfloat16 else "")
+        log.info(
+            "loaded %d model part(s) from %s on %s%s",
+            len(self.parts),
+            model_dir or bundled_model_dir(),
+            self.device,
+            " (bfloat16)" if self.bfloat16 else "",
+        )
 
     def segment(self, ct: nib.Nifti1Image, hu: np.ndarray | None = None) -> np.ndarray:
         """Label map of ``ct`` on its own grid (same shape, same affine); ``hu``: its HU array, if read already."""
@@ -473,8 +530,9 @@ class Segmenter:
         target = self._model_spacing()
         resampled = totalseg_geometry.resample_ct(image, spacing, target)
         labels = torch.zeros(resampled.shape, dtype=torch.int32, device=self.device)
-        for source, kept, destination in totalseg_geometry.slabs(resampled.shape[2], resampled.numel(),
-                                                                 len(self.parts) > 1):
+        for source, kept, destination in totalseg_geometry.slabs(
+            resampled.shape[2], resampled.numel(), len(self.parts) > 1
+        ):
             slab = resampled[:, :, source]
             box = totalseg_geometry.nonzero_box(slab)
             slab_labels = torch.zeros(slab.shape, dtype=torch.int32, device=self.device)
@@ -603,14 +661,28 @@ class BatchMeasurement:
         return self.settings if self.previews else replace(self.settings, preview_width=None)
 
 
-def _measure_segmented(ct: nib.Nifti1Image, hu: np.ndarray, label_maps: Sequence[np.ndarray],
-                       models: Sequence[StudyModel], measurement: BatchMeasurement, ct_path, seg_paths):
+def _measure_segmented(
+    ct: nib.Nifti1Image,
+    hu: np.ndarray,
+    label_maps: Sequence[np.ndarray],
+    models: Sequence[StudyModel],
+    measurement: BatchMeasurement,
+    ct_path,
+    seg_paths,
+):
     # the CT passed the same checks when it was read for segmentation
     sform_qform_mm = sform_qform_disagreement(ct)
     results = [
-        measure_and_qc(hu, labels, ct.affine, measuring_table(model),
-                       measurement.qc if k == 0 else replace(measurement.qc, preview_width=None),  # one preview
-                       source=seg_path, ct_source=ct_path, sform_qform_mm=sform_qform_mm)
+        measure_and_qc(
+            hu,
+            labels,
+            ct.affine,
+            measuring_table(model),
+            measurement.qc if k == 0 else replace(measurement.qc, preview_width=None),  # one preview
+            source=seg_path,
+            ct_source=ct_path,
+            sform_qform_mm=sform_qform_mm,
+        )
         for k, (model, labels, seg_path) in enumerate(zip(models, label_maps, seg_paths))
     ]
     return models_measurements_and_qc(results, list(models))
@@ -627,8 +699,9 @@ class StudySegmenter:
         return [segmenter.segment(ct, hu) for segmenter in self.segmenters]
 
 
-def _write_label_maps(label_maps: Sequence[np.ndarray], ct: nib.Nifti1Image, models: Sequence[StudyModel],
-                      out_paths: Sequence[str | Path]) -> None:
+def _write_label_maps(
+    label_maps: Sequence[np.ndarray], ct: nib.Nifti1Image, models: Sequence[StudyModel], out_paths: Sequence[str | Path]
+) -> None:
     for labels, model, out_path in zip(label_maps, models, out_paths):
         _write_label_map(labels, ct, model.table, out_path)
 
@@ -668,7 +741,7 @@ def segment_batch(
     with ScanPipeline(segmenter, cts, ct_checks) as pipeline:
         for i, (subject, ct_path, out_paths, status_path) in enumerate(zip(subjects, cts, outputs, statuses)):
             write = measured = None
-            if upstream and passed_on_failure(subject, upstream[i:i + 1], status_path) is not None:
+            if upstream and passed_on_failure(subject, upstream[i : i + 1], status_path) is not None:
                 done.append((i, subject, out_paths, status_path, write, measured))
                 continue
             with recording_failure(subject, "segment", status_path, on_error) as status:
@@ -677,8 +750,9 @@ def segment_batch(
                 log.info("segmented %s (%d of %d)", ct_path, i + 1, len(cts))  # progress, as it happens
                 write = pipeline.in_background(_write_label_maps, label_maps, ct, models, out_paths)
                 if measurement is not None:
-                    measured = pipeline.in_background(_measure_segmented, ct, hu, label_maps, models, measurement,
-                                                      ct_path, out_paths)
+                    measured = pipeline.in_background(
+                        _measure_segmented, ct, hu, label_maps, models, measurement, ct_path, out_paths
+                    )
                 del ct, hu, label_maps  # the background tasks hold them only as long as they need them
             done.append((i, subject, out_paths, status_path, write, measured))
         for i, subject, out_paths, status_path, write, measured in done:
@@ -693,8 +767,9 @@ def segment_batch(
                 _record_measurement(subject, status_path, measured, measurement, i, on_error)
 
 
-def _record_measurement(subject, seg_status_path, measured, measurement: BatchMeasurement, i: int,
-                        on_error: str) -> None:
+def _record_measurement(
+    subject, seg_status_path, measured, measurement: BatchMeasurement, i: int, on_error: str
+) -> None:
     out_path, status_path = measurement.outputs[i], measurement.statuses[i]
     qc_path = measurement.qc_tables[i] if measurement.qc_tables else None
     preview = measurement.previews[i] if measurement.previews else None
@@ -703,7 +778,10 @@ def _record_measurement(subject, seg_status_path, measured, measurement: BatchMe
         write_measurements_and_qc(result, out_path, qc_path, preview)
 
     run_scan_step(
-        subject, "measure", status_path, on_error,
+        subject,
+        "measure",
+        status_path,
+        on_error,
         step=lambda: write(measured.result()),
         placeholder=lambda: write(empty_measurements_and_qc()),
         upstream=[seg_status_path],

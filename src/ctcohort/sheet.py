@@ -31,8 +31,11 @@ MAX_REPORTED_PROBLEMS = 30
 # Separators a header written by a spreadsheet's "CSV" export may hold instead of tabs.
 OTHER_SEPARATORS = {",": "commas", ";": "semicolons", "|": "vertical bars"}
 # What each enumerated column accepts, said in the message when a cell holds something else.
-ACCEPTED_VALUES = {"age": "a number of years from 0 to 130, or a blank cell where unknown",
-                   "sex": "M or F, or a blank cell where unknown", "contrast": "1 or 0, or a blank cell where unknown"}
+ACCEPTED_VALUES = {
+    "age": "a number of years from 0 to 130, or a blank cell where unknown",
+    "sex": "M or F, or a blank cell where unknown",
+    "contrast": "1 or 0, or a blank cell where unknown",
+}
 # Columns every sheet has, though a cell may be blank (de-identified exports blank age and sex): the scan is
 # measured and left out of the analyses that need the value.
 COVARIATE_COLUMNS = ("age", "sex")
@@ -95,11 +98,15 @@ def load_cohort_sheet(
         record = dict(zip(header, cells))
         where = f"line {line} (subject {record.get('subject', '')!r})"
         row = {k: _convert(v, kinds.get(k, "string")) for k, v in record.items() if v != ""}
-        problems += [f"{where}: column {column!r} is empty" for column in required_files
-                     if column not in row and column not in schema.get("required", [])]
+        problems += [
+            f"{where}: column {column!r} is empty"
+            for column in required_files
+            if column not in row and column not in schema.get("required", [])
+        ]
         problems += [f"{where}: {problem}" for problem in _cell_problems(validator, row, record)]
-        problems += [f"{where}: {problem}" for problem in _subject_problems(record.get("subject", ""), line,
-                                                                            first_line)]
+        problems += [
+            f"{where}: {problem}" for problem in _subject_problems(record.get("subject", ""), line, first_line)
+        ]
         problems += [f"{where}: {problem}" for problem in _resolve_paths(row, path.parent, check_files)]
         rows.append(row)
     if problems:
@@ -107,7 +114,8 @@ def load_cohort_sheet(
         more = len(problems) - len(shown)
         raise CohortSheetError(
             f"cohort sheet {path}: {len(problems)} problem(s), nothing was run:\n  "
-            + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+            + "\n  ".join(shown)
+            + (f"\n  ... and {more} more" if more else "")
         )
     return _sheet_frame(rows, header, schema)
 
@@ -216,8 +224,9 @@ def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     # CRLF, CR and LF line ends alike (quoting is off: a quote is a character of its cell)
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
-        lines = [(n, [c.strip() for c in cells]) for n, cells in enumerate(rows, start=1)
-                 if any(c.strip() for c in cells)]
+        lines = [
+            (n, [c.strip() for c in cells]) for n, cells in enumerate(rows, start=1) if any(c.strip() for c in cells)
+        ]
     except csv.Error as err:
         raise CohortSheetError(f"cohort sheet {path}: line {rows.line_num}: {err}") from err
     if not lines:

@@ -30,14 +30,46 @@ from ctcohort.patients import PatientSettings, patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
 CORRELATION_COLUMNS = [
-    "structure", "group", "family", "measure", "n", "n_patients", "rs", "ci_low", "ci_high", "p", "p_bonferroni",
-    "q_fdr", "note", "n_partial", "covariates", "rs_partial", "ci_partial_low", "ci_partial_high", "p_partial",
-    "p_partial_bonferroni", "q_partial_fdr", "note_partial", "primary", "significant",
+    "structure",
+    "group",
+    "family",
+    "measure",
+    "n",
+    "n_patients",
+    "rs",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_bonferroni",
+    "q_fdr",
+    "note",
+    "n_partial",
+    "covariates",
+    "rs_partial",
+    "ci_partial_low",
+    "ci_partial_high",
+    "p_partial",
+    "p_partial_bonferroni",
+    "q_partial_fdr",
+    "note_partial",
+    "primary",
+    "significant",
 ]
 # one row of the adjusted analysis (partial_rows), before its corrections
 PARTIAL_ROW_COLUMNS = [
-    "structure", "group", "family", "measure", "n", "n_patients", "k", "covariates", "rs_partial", "ci_low",
-    "ci_high", "p", "note",
+    "structure",
+    "group",
+    "family",
+    "measure",
+    "n",
+    "n_patients",
+    "k",
+    "covariates",
+    "rs_partial",
+    "ci_low",
+    "ci_high",
+    "p",
+    "note",
 ]
 CORRECTIONS = ("bonferroni", "fdr_bh")
 PRIMARY = ("adjusted", "unadjusted")
@@ -150,8 +182,10 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray) -> tu
     if k == 0:
         return float(stats.spearmanr(x, y).statistic), spearman_p(x, y)[0]
     design = np.column_stack([np.ones(n), *(stats.rankdata(c) for c in covariates.T)])
-    rx, ry = (ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0]
-              for ranks in (stats.rankdata(x), stats.rankdata(y)))
+    rx, ry = (
+        ranks - design @ np.linalg.lstsq(design, ranks, rcond=None)[0]
+        for ranks in (stats.rankdata(x), stats.rankdata(y))
+    )
     denominator = np.sqrt((rx @ rx) * (ry @ ry))
     if denominator <= 1e-12 * n:
         return np.nan, np.nan
@@ -270,8 +304,22 @@ def partial_rows(measurements: pd.DataFrame, measures: list[str], present: list[
             else:
                 r, p = partial_spearman(age, values, used.to_numpy(dtype=float))
                 note = "" if np.isfinite(r) else CONSTANT
-            rows.append((structure, group, families[structure], measure, n, n_patients, k, names, r,
-                         *partial_spearman_ci(r, n, k), p, note))
+            rows.append(
+                (
+                    structure,
+                    group,
+                    families[structure],
+                    measure,
+                    n,
+                    n_patients,
+                    k,
+                    names,
+                    r,
+                    *partial_spearman_ci(r, n, k),
+                    p,
+                    note,
+                )
+            )
     return pd.DataFrame(rows, columns=PARTIAL_ROW_COLUMNS)
 
 
@@ -286,8 +334,9 @@ def _spearman_rows(measurements: pd.DataFrame, measures: list[str], min_n: int) 
             values = block[measure].to_numpy(dtype=float)
             n, rs, p, note = spearman(age, values, min_n)
             n_patients = len(set(patients[np.isfinite(age) & np.isfinite(values)]))
-            rows.append((structure, group, families[structure], measure, n, n_patients, rs, *spearman_ci(rs, n), p,
-                         note))
+            rows.append(
+                (structure, group, families[structure], measure, n, n_patients, rs, *spearman_ci(rs, n), p, note)
+            )
     return pd.DataFrame(rows, columns=[*CORRELATION_COLUMNS[:10], "note"])
 
 
@@ -326,28 +375,47 @@ def age_correlations(
     present = present_columns(measurements, partial_covariates, "partial correlation covariates")
     table = _spearman_rows(measurements, measures, min_n)
     correct_p_values(table, "p", "p_bonferroni", "q_fdr", table["note"] == "")
-    adjusted = (partial_rows(measurements, measures, present, min_n) if present
-                else _not_adjusted(table)).rename(columns={
-        "n": "n_partial", "ci_low": "ci_partial_low", "ci_high": "ci_partial_high", "p": "p_partial",
-        "note": "note_partial"})
+    adjusted = (partial_rows(measurements, measures, present, min_n) if present else _not_adjusted(table)).rename(
+        columns={
+            "n": "n_partial",
+            "ci_low": "ci_partial_low",
+            "ci_high": "ci_partial_high",
+            "p": "p_partial",
+            "note": "note_partial",
+        }
+    )
     correct_p_values(adjusted, "p_partial", "p_partial_bonferroni", "q_partial_fdr", adjusted["note_partial"] == "")
-    table = pd.concat([table, adjusted.drop(columns=["structure", "group", "family", "measure", "n_patients", "k"])],
-                      axis=1)
+    table = pd.concat(
+        [table, adjusted.drop(columns=["structure", "group", "family", "measure", "n_patients", "k"])], axis=1
+    )
     table["primary"] = "adjusted" if primary == "adjusted" and present else "unadjusted"
     view = primary_view(table)
     corrected = view["p_bonferroni"] if correction == "bonferroni" else view["q_fdr"]
     table["significant"] = (corrected < alpha).fillna(False).astype(bool)
     tested = view["note"] == ""
     untested = ", ".join(f"{count} {note}" for note, count in view.loc[~tested, "note"].value_counts().items())
-    log.info("%s analysis: %d of %d structure x measure rows tested (min_n %d); not tested: %s",
-             table["primary"].iloc[0] if len(table) else primary, tested.sum(), len(table), min_n, untested or "none")
+    log.info(
+        "%s analysis: %d of %d structure x measure rows tested (min_n %d); not tested: %s",
+        table["primary"].iloc[0] if len(table) else primary,
+        tested.sum(),
+        len(table),
+        min_n,
+        untested or "none",
+    )
     return table[CORRELATION_COLUMNS]
 
 
 # the columns of the adjusted analysis that stand for the headline ones in primary_view
-ADJUSTED_AS_PRIMARY = {"n_partial": "n", "rs_partial": "rs", "ci_partial_low": "ci_low", "ci_partial_high": "ci_high",
-                       "p_partial": "p", "p_partial_bonferroni": "p_bonferroni", "q_partial_fdr": "q_fdr",
-                       "note_partial": "note"}
+ADJUSTED_AS_PRIMARY = {
+    "n_partial": "n",
+    "rs_partial": "rs",
+    "ci_partial_low": "ci_low",
+    "ci_partial_high": "ci_high",
+    "p_partial": "p",
+    "p_partial_bonferroni": "p_bonferroni",
+    "q_partial_fdr": "q_fdr",
+    "note_partial": "note",
+}
 
 
 def primary_view(correlations: pd.DataFrame) -> pd.DataFrame:
@@ -367,13 +435,20 @@ def primary_view(correlations: pd.DataFrame) -> pd.DataFrame:
 
 
 GROUP_SUMMARY_COLUMNS = [
-    "group", "measure", "structures", "tested", "significant_up", "significant_down", "median_abs_rs",
+    "group",
+    "measure",
+    "structures",
+    "tested",
+    "significant_up",
+    "significant_down",
+    "median_abs_rs",
 ]
 
 
 def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
     """Per structure group (organ, bone, muscle, vessel, then any other group; "" last) and measure, from
-    ``age_correlations``' table as its primary analysis (``primary_view``): structures (rows of the table), tested (note ""), significant_up /
+    ``age_correlations``' table as its primary analysis (``primary_view``): structures (rows of the table), tested
+    (note ""), significant_up /
     significant_down (significant with rs > 0 / rs < 0) and median_abs_rs (median |rs| over the tested
     rows; NaN where none is tested). The structures named in ``combined`` are left out: a combined
     structure repeats its members, and counting both would count one effect twice."""
@@ -388,16 +463,22 @@ def group_summary(correlations: pd.DataFrame, combined=()) -> pd.DataFrame:
     table["down"] = significant & (table["rs"] < 0)
     table["abs_rs"] = table["rs"].abs().where(table["tested"])
     present = set(table["group"])
-    order = [g for g in GROUPS if g in present] + sorted(present - set(GROUPS) - {""}) + (
-        [""] if "" in present else [])
+    order = [g for g in GROUPS if g in present] + sorted(present - set(GROUPS) - {""}) + ([""] if "" in present else [])
     rows = []
     for group in order:
         for measure in pd.unique(table["measure"]):
             block = table[(table["group"] == group) & (table["measure"] == measure)]
             if block.empty:
                 continue
-            rows.append((group, measure, len(block), int(block["tested"].sum()), int(block["up"].sum()),
-                         int(block["down"].sum()), float(block["abs_rs"].median())))
+            rows.append(
+                (
+                    group,
+                    measure,
+                    len(block),
+                    int(block["tested"].sum()),
+                    int(block["up"].sum()),
+                    int(block["down"].sum()),
+                    float(block["abs_rs"].median()),
+                )
+            )
     return pd.DataFrame(rows, columns=GROUP_SUMMARY_COLUMNS)
-
-

@@ -35,8 +35,7 @@ def load_structure_table(spec: str | Path) -> pd.DataFrame:
     path = resources_dir() / "structures" / BUILTIN_TABLES[spec] if spec in BUILTIN_TABLES else Path(spec)
     if not path.is_file():
         raise FileNotFoundError(
-            f"structure table {spec!r}: not a built-in table ({', '.join(BUILTIN_TABLES)}) "
-            f"and no such file {path}"
+            f"structure table {spec!r}: not a built-in table ({', '.join(BUILTIN_TABLES)}) and no such file {path}"
         )
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -58,7 +57,9 @@ def load_structure_table(spec: str | Path) -> pd.DataFrame:
     if (labels <= 0).any():
         raise ValueError(f"structure table {path}: labels must be positive (0 is background)")
     if (table["name"] == "").any():
-        raise ValueError(f"structure table {path}: every label needs a name (rows {list(table.index[table['name'] == ''] + 2)})")
+        raise ValueError(
+            f"structure table {path}: every label needs a name (rows {list(table.index[table['name'] == ''] + 2)})"
+        )
     table["label"] = labels.astype(int)
     for column in ("label", "name"):
         dupes = table[column][table[column].duplicated()].tolist()

@@ -2,7 +2,8 @@
 several by name (``segmentation.model`` a mapping name -> folder, or name -> {folder, task}), each scan segmented
 by each of them in the same job.
 
-With several models every measurement carries a ``segmentation_model`` column (columns.MODEL_COLUMN), and the label maps lie in
+With several models every measurement carries a ``segmentation_model`` column (columns.MODEL_COLUMN), and the label
+maps lie in
 results/seg/{model}/. A structure is named as in its model's structure table, except where an earlier model of
 the mapping has a structure of that name: then it is ``{model}:{name}``, so that adding a model to a study never
 renames a structure the study had, and every structure name stays one key for the tables downstream.
@@ -40,8 +41,10 @@ def study_models(model, task, structures) -> list[StudyModel]:
     (one table for every model, or a mapping model name -> table). ValueError names the key at fault."""
     if not isinstance(model, Mapping):
         if isinstance(structures, Mapping):
-            raise ValueError("structures is a mapping per model, but segmentation.model names one folder: "
-                             "give structures one table, or segmentation.model a mapping name -> folder")
+            raise ValueError(
+                "structures is a mapping per model, but segmentation.model names one folder: "
+                "give structures one table, or segmentation.model a mapping name -> folder"
+            )
         table = load_structure_table(structures)
         return [StudyModel(None, model or "", task, str(structures), table, dict(zip(table["name"], table["name"])))]
     if not model:
@@ -49,8 +52,10 @@ def study_models(model, task, structures) -> list[StudyModel]:
     models, taken = [], set()
     for name, spec in model.items():
         if not MODEL_NAME.match(str(name)):
-            raise ValueError(f"segmentation.model: model name {name!r} must start with a letter and hold only "
-                             "letters, digits and _ (it names a folder of results/seg/)")
+            raise ValueError(
+                f"segmentation.model: model name {name!r} must start with a letter and hold only "
+                "letters, digits and _ (it names a folder of results/seg/)"
+            )
         folder, model_task = _folder_and_task(name, spec, task)
         table_spec = _table_spec(name, structures, model)
         table = load_structure_table(table_spec)
@@ -64,8 +69,10 @@ def _folder_and_task(name, spec, task):
     if isinstance(spec, Mapping):
         unknown = set(spec) - {"folder", "task"}
         if unknown or "folder" not in spec:
-            raise ValueError(f"segmentation.model.{name}: give a folder, or {{folder: ..., task: ...}} "
-                             f"(not {sorted(unknown) or 'no folder'})")
+            raise ValueError(
+                f"segmentation.model.{name}: give a folder, or {{folder: ..., task: ...}} "
+                f"(not {sorted(unknown) or 'no folder'})"
+            )
         return str(spec["folder"]), spec.get("task", task)
     return str(spec or ""), task
 
@@ -74,7 +81,9 @@ def _table_spec(name, structures, model):
     if not isinstance(structures, Mapping):
         return structures
     if name not in structures:
-        raise ValueError(f"structures: no table for model {name!r} (structures names {', '.join(map(str, structures))})")
+        raise ValueError(
+            f"structures: no table for model {name!r} (structures names {', '.join(map(str, structures))})"
+        )
     extra = sorted(set(map(str, structures)) - set(map(str, model)))
     if extra:
         raise ValueError(f"structures: {', '.join(extra)} is not a model of segmentation.model")
@@ -105,14 +114,14 @@ def models_measurements_and_qc(results: list[MeasurementsAndQC], models: list[St
     """One scan's measurements and QC from each model in one table each, the preview of the first model."""
     if len(results) == 1:
         return results[0]
-    measurements = pd.concat([with_model_column(r.measurements, m) for r, m in zip(results, models)],
-                             ignore_index=True)
+    measurements = pd.concat([with_model_column(r.measurements, m) for r, m in zip(results, models)], ignore_index=True)
     qc = pd.concat([with_model_column(r.qc.table, m) for r, m in zip(results, models)], ignore_index=True)
     return MeasurementsAndQC(measurements, ScanQC(qc, results[0].qc.preview))
 
 
 def models_description(models: list[StudyModel]) -> str:
     """The structure tables in words, without paths: "total_v2", or "total: total_v2; body: body.csv"."""
+
     def table_name(model):
         return os.path.basename(model.structures)
 
@@ -128,5 +137,6 @@ def with_segmentation_model(table: pd.DataFrame, measurements: pd.DataFrame) -> 
         return table
     model_of = measurements.drop_duplicates("structure").set_index("structure")[MODEL_COLUMN]
     at = list(table.columns).index("structure")
-    return pd.concat([table.iloc[:, :at], table["structure"].map(model_of).rename(MODEL_COLUMN), table.iloc[:, at:]],
-                     axis=1)
+    return pd.concat(
+        [table.iloc[:, :at], table["structure"].map(model_of).rename(MODEL_COLUMN), table.iloc[:, at:]], axis=1
+    )

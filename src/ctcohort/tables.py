@@ -32,19 +32,34 @@ MEASUREMENT_DIGITS = "%.10g"  # measurements and the cohort's QC table: values a
 REVIEW_DIGITS = "%.4g"  # the review page's scan table
 
 # text columns of the statistics tables: a missing cell (None, written "NaN") reads back as ""
-STATISTICS_TEXT_COLUMNS = ("note", "group", "members", "family", "covariates", "note_partial", "primary", "note_M",
-                           "note_F", "random_slope_note")
+STATISTICS_TEXT_COLUMNS = (
+    "note",
+    "group",
+    "members",
+    "family",
+    "covariates",
+    "note_partial",
+    "primary",
+    "note_M",
+    "note_F",
+    "random_slope_note",
+)
 
 
-def write_tsv(table: pd.DataFrame, path: str | Path | IO[str] | None, digits: str | None = None,
-              missing: str = MISSING) -> str | None:
+def write_tsv(
+    table: pd.DataFrame, path: str | Path | IO[str] | None, digits: str | None = None, missing: str = MISSING
+) -> str | None:
     """Write ``table`` as TSV to a path or an open file, floats in the format ``digits`` (None: as many
     digits as it takes), missing cells as ``missing``. With ``path`` None, the text instead."""
     return table.to_csv(path, sep="\t", index=False, na_rep=missing, float_format=digits)
 
 
-def read_tsv(path: str | Path | IO[str], missing: Sequence[str] | Mapping[str, Sequence[str]] | None = (MISSING,),
-             text: Sequence[str] = (), **options) -> pd.DataFrame:
+def read_tsv(
+    path: str | Path | IO[str],
+    missing: Sequence[str] | Mapping[str, Sequence[str]] | None = (MISSING,),
+    text: Sequence[str] = (),
+    **options,
+) -> pd.DataFrame:
     """A TSV table. A cell is missing (NaN) only where it is one of ``missing`` (per column where a mapping;
     ANY_MISSING: pandas' list); columns of ``text`` present in the table read a missing cell as "" and every
     cell as text. Other options (dtype, comment) go to ``pandas.read_csv``."""

@@ -80,8 +80,12 @@ def zoom_nearest(labels, shape: Sequence[int]):
     takes the input voxel at floor(coordinate + 0.5)."""
     import torch
 
-    index = [torch.from_numpy(np.minimum(np.floor(_source_coordinates(n_in, n_out) + 0.5).astype(np.int64), n_in - 1))
-             .to(labels.device) for n_in, n_out in zip(labels.shape, shape)]
+    index = [
+        torch.from_numpy(np.minimum(np.floor(_source_coordinates(n_in, n_out) + 0.5).astype(np.int64), n_in - 1)).to(
+            labels.device
+        )
+        for n_in, n_out in zip(labels.shape, shape)
+    ]
     return labels[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
 
 
@@ -119,7 +123,11 @@ def slabs(depth: int, n_voxels: int, multi_part: bool) -> list[tuple[slice, slic
     return [
         (slice(0, third + margin), slice(0, third), slice(0, third)),
         (slice(third + 1 - margin, 2 * third + margin), slice(margin - 1, margin - 1 + third), slice(third, 2 * third)),
-        (slice(2 * third + 1 - margin, depth), slice(margin - 1, depth - 2 * third - 1 + margin), slice(2 * third, depth)),
+        (
+            slice(2 * third + 1 - margin, depth),
+            slice(margin - 1, depth - 2 * third - 1 + margin),
+            slice(2 * third, depth),
+        ),
     ]
 
 

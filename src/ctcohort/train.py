@@ -41,12 +41,13 @@ DEVICES = ("cpu", "cuda")
 # Settings
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SmallConfiguration:
     """The size of the ``3d_small`` configuration (``make_small_configuration``): about ``patch_voxels`` voxels
     per patch, features from ``base_features`` doubling per stage up to ``max_features``, ``batch_size``."""
 
-    patch_voxels: int = 48 ** 3
+    patch_voxels: int = 48**3
     base_features: int = 16
     max_features: int = 256
     batch_size: int = 2
@@ -82,10 +83,14 @@ class TrainingSettings:
 
     def __post_init__(self):
         if self.bf16 and self.device != "cpu":
-            raise ValueError(f"bf16 is for CPU training; on {self.device} nnU-Net trains in float16 mixed "
-                             "precision already")
-        for what, value, choices in (("device", self.device, DEVICES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("loss", self.loss, LOSSES)):
+            raise ValueError(
+                f"bf16 is for CPU training; on {self.device} nnU-Net trains in float16 mixed precision already"
+            )
+        for what, value, choices in (
+            ("device", self.device, DEVICES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("loss", self.loss, LOSSES),
+        ):
             if value not in choices:
                 raise ValueError(f"{what} {value!r}: choose one of {', '.join(choices)}")
 
@@ -101,8 +106,10 @@ class TrainingSettings:
         """From a flat mapping that holds every field by name, the small configuration's fields too (the command
         line's options, ``vars(args)``); other keys are ignored."""
         small = SmallConfiguration(**{f.name: options[f.name] for f in fields(SmallConfiguration)})
-        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name != "small_configuration"},
-                   small_configuration=small)
+        return cls(
+            **{f.name: options[f.name] for f in fields(cls) if f.name != "small_configuration"},
+            small_configuration=small,
+        )
 
 
 DEFAULTS = TrainingSettings()
@@ -112,8 +119,10 @@ DEFAULTS = TrainingSettings()
 # Fingerprint, plans (+ the small configuration), preprocessing
 # ---------------------------------------------------------------------------------------------------------
 
-def make_small_configuration(plans: dict, small: SmallConfiguration = DEFAULTS.small_configuration,
-                             parent: str = "3d_fullres") -> dict:
+
+def make_small_configuration(
+    plans: dict, small: SmallConfiguration = DEFAULTS.small_configuration, parent: str = "3d_fullres"
+) -> dict:
     """A CPU-sized configuration that ``inherits_from`` ``parent`` and reuses its preprocessed data.
 
     The patch keeps the parent spacing's physical aspect (as nnU-Net's planner does) with about
@@ -136,14 +145,16 @@ def make_small_configuration(plans: dict, small: SmallConfiguration = DEFAULTS.s
     architecture = json.loads(json.dumps(parent_config["architecture"]))  # a deep copy
     arch_kwargs = architecture["arch_kwargs"]
     convs_encoder, convs_decoder = arch_kwargs["n_conv_per_stage"][0], arch_kwargs["n_conv_per_stage_decoder"][0]
-    arch_kwargs.update({
-        "n_stages": n_stages,
-        "features_per_stage": [min(small.max_features, small.base_features * 2 ** i) for i in range(n_stages)],
-        "kernel_sizes": [list(k) for k in kernel_sizes],
-        "strides": [list(s) for s in strides],
-        "n_conv_per_stage": [convs_encoder] * n_stages,
-        "n_conv_per_stage_decoder": [convs_decoder] * (n_stages - 1),
-    })
+    arch_kwargs.update(
+        {
+            "n_stages": n_stages,
+            "features_per_stage": [min(small.max_features, small.base_features * 2**i) for i in range(n_stages)],
+            "kernel_sizes": [list(k) for k in kernel_sizes],
+            "strides": [list(s) for s in strides],
+            "n_conv_per_stage": [convs_encoder] * n_stages,
+            "n_conv_per_stage_decoder": [convs_decoder] * (n_stages - 1),
+        }
+    )
     return {
         "inherits_from": parent,
         # same resampling and normalisation as the parent, so its preprocessed folder serves both
@@ -154,8 +165,9 @@ def make_small_configuration(plans: dict, small: SmallConfiguration = DEFAULTS.s
     }
 
 
-def add_small_configuration(plans_file: str | Path, small: SmallConfiguration = DEFAULTS.small_configuration,
-                            name: str = SMALL_CONFIGURATION) -> dict:
+def add_small_configuration(
+    plans_file: str | Path, small: SmallConfiguration = DEFAULTS.small_configuration, name: str = SMALL_CONFIGURATION
+) -> dict:
     """Write ``make_small_configuration(plans, small)`` into a plans JSON as configuration ``name``; returns it."""
     plans_file = Path(plans_file)
     plans = json.loads(plans_file.read_text())
@@ -164,8 +176,12 @@ def add_small_configuration(plans_file: str | Path, small: SmallConfiguration = 
     return plans["configurations"][name]
 
 
-def plan_and_preprocess(dataset_id: int, work_dir: str | Path, threads: int = 1,
-                        small_configuration: SmallConfiguration | None = DEFAULTS.small_configuration) -> str:
+def plan_and_preprocess(
+    dataset_id: int,
+    work_dir: str | Path,
+    threads: int = 1,
+    small_configuration: SmallConfiguration | None = DEFAULTS.small_configuration,
+) -> str:
     """Fingerprint, plan and preprocess a raw dataset under ``work_dir/nnUNet_raw``; returns the plans identifier.
 
     Only 3d_fullres is preprocessed: the small configuration (added unless ``small_configuration`` is None)
@@ -182,8 +198,13 @@ def plan_and_preprocess(dataset_id: int, work_dir: str | Path, threads: int = 1,
         plans_identifier = nnunet.fingerprint_and_plan(dataset_id, threads)
         if small_configuration is not None:
             config = add_small_configuration(preprocessed_dir / f"{plans_identifier}.json", small_configuration)
-            LOG.info("plans: added %s (patch %s, features %s, batch %d)", SMALL_CONFIGURATION, config["patch_size"],
-                     config["architecture"]["arch_kwargs"]["features_per_stage"], config["batch_size"])
+            LOG.info(
+                "plans: added %s (patch %s, features %s, batch %d)",
+                SMALL_CONFIGURATION,
+                config["patch_size"],
+                config["architecture"]["arch_kwargs"]["features_per_stage"],
+                config["batch_size"],
+            )
         nnunet.preprocess(dataset_id, plans_identifier, "3d_fullres", threads)
     LOG.info("planned and preprocessed %s in %.1f s", dataset_name, time.perf_counter() - started)
     return plans_identifier
@@ -192,6 +213,7 @@ def plan_and_preprocess(dataset_id: int, work_dir: str | Path, threads: int = 1,
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
+
 
 def write_release_splits(raw_dataset_dir: Path, preprocessed_dataset_dir: Path, fold: int) -> None:
     """Make nnU-Net's fold ``fold`` the release's train/val split (splits_final.json in the preprocessed folder).
@@ -206,14 +228,24 @@ def write_release_splits(raw_dataset_dir: Path, preprocessed_dataset_dir: Path, 
     if fold >= len(splits):
         raise ValueError(f"fold {fold}: the release split defines fold(s) 0..{len(splits) - 1} only")
     if not splits[fold]["train"] or not splits[fold]["val"]:
-        raise ValueError(f"{source}: fold {fold} needs training and validation cases "
-                         f"(has {len(splits[fold]['train'])} and {len(splits[fold]['val'])})")
+        raise ValueError(
+            f"{source}: fold {fold} needs training and validation cases "
+            f"(has {len(splits[fold]['train'])} and {len(splits[fold]['val'])})"
+        )
     (preprocessed_dataset_dir / "splits_final.json").write_text(json.dumps(splits, indent=2))
 
 
-def train(work_dir: str | Path, settings: TrainingSettings = DEFAULTS, *, fold: int = 0, threads: int = 1,
-          validate: bool = True, val_iterations_per_epoch: int | None = None,
-          plans_identifier: str = nnunet.PLANS_IDENTIFIER, initial_weights: str | Path | None = None) -> Path:
+def train(
+    work_dir: str | Path,
+    settings: TrainingSettings = DEFAULTS,
+    *,
+    fold: int = 0,
+    threads: int = 1,
+    validate: bool = True,
+    val_iterations_per_epoch: int | None = None,
+    plans_identifier: str = nnunet.PLANS_IDENTIFIER,
+    initial_weights: str | Path | None = None,
+) -> Path:
     """Train nnU-Net's built-in trainer in-process on the planned dataset ``settings.dataset_id``; returns the
     results folder (``nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__<configuration>``).
 
@@ -237,18 +269,30 @@ def train(work_dir: str | Path, settings: TrainingSettings = DEFAULTS, *, fold: 
     if val_iterations_per_epoch is None:
         val_iterations_per_epoch = max(1, iterations // 5)
     budget_s = None if settings.time_budget_min is None else 60.0 * settings.time_budget_min
-    with nnunet.nnunet_environment(work_dir, threads, n_proc_da=settings.data_workers) as dirs, \
-            nnunet.bfloat16_autocast_on_cpu(settings.bf16):
+    with (
+        nnunet.nnunet_environment(work_dir, threads, n_proc_da=settings.data_workers) as dirs,
+        nnunet.bfloat16_autocast_on_cpu(settings.bf16),
+    ):
         dataset_name = nnunet.dataset_name(settings.dataset_id)
         preprocessed_dir = dirs["preprocessed"] / dataset_name
         write_release_splits(dirs["raw"] / dataset_name, preprocessed_dir, fold)
         plans = json.loads((preprocessed_dir / f"{plans_identifier}.json").read_text())
         if settings.configuration not in plans["configurations"]:
-            raise ValueError(f"configuration {settings.configuration!r} is not in the plans "
-                             f"({', '.join(plans['configurations'])}); plan with a small configuration?")
+            raise ValueError(
+                f"configuration {settings.configuration!r} is not in the plans "
+                f"({', '.join(plans['configurations'])}); plan with a small configuration?"
+            )
         dataset_json = json.loads((preprocessed_dir / "dataset.json").read_text())
-        trainer = nnunet.make_trainer(plans, settings.configuration, fold, dataset_json, settings.device,
-                                      settings.epochs, iterations, val_iterations_per_epoch)
+        trainer = nnunet.make_trainer(
+            plans,
+            settings.configuration,
+            fold,
+            dataset_json,
+            settings.device,
+            settings.epochs,
+            iterations,
+            val_iterations_per_epoch,
+        )
         nnunet.without_mirroring(trainer, settings.augmentation)
         nnunet.use_optimizer(trainer, settings.optimizer)
         nnunet.use_loss(trainer, settings.loss)
@@ -256,10 +300,19 @@ def train(work_dir: str | Path, settings: TrainingSettings = DEFAULTS, *, fold: 
         started = time.perf_counter()
         nnunet.run_training_within(trainer, budget_s, initial_weights)
         seconds = time.perf_counter() - started
-        LOG.info("trained %s %s fold %d on %s: %d epochs x %d iterations in %.1f s (%.3f s/iteration incl. "
-                 "validation), last pseudo Dice %.3f", dataset_name, settings.configuration, fold, settings.device,
-                 trainer.num_epochs, iterations, seconds, seconds / max(1, trainer.num_epochs * iterations),
-                 nnunet.last_pseudo_dice(trainer))
+        LOG.info(
+            "trained %s %s fold %d on %s: %d epochs x %d iterations in %.1f s (%.3f s/iteration incl. "
+            "validation), last pseudo Dice %.3f",
+            dataset_name,
+            settings.configuration,
+            fold,
+            settings.device,
+            trainer.num_epochs,
+            iterations,
+            seconds,
+            seconds / max(1, trainer.num_epochs * iterations),
+            nnunet.last_pseudo_dice(trainer),
+        )
         if validate:
             nnunet.validate(trainer, threads)
         return nnunet.results_folder(trainer)
@@ -269,8 +322,14 @@ def train(work_dir: str | Path, settings: TrainingSettings = DEFAULTS, *, fold: 
 # Export
 # ---------------------------------------------------------------------------------------------------------
 
-def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
-                 checkpoint_name: str = "checkpoint_final.pth", half: bool = False) -> Path:
+
+def export_model(
+    results_folder: str | Path,
+    out_dir: str | Path,
+    fold: int = 0,
+    checkpoint_name: str = "checkpoint_final.pth",
+    half: bool = False,
+) -> Path:
     """Copy what inference needs into out_dir, in nnU-Net's layout; returns out_dir.
 
     ``dataset.json``, ``plans.json`` and ``fold_<k>/<checkpoint_name>`` with only the keys the predictor
@@ -292,8 +351,13 @@ def export_model(results_folder: str | Path, out_dir: str | Path, fold: int = 0,
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     target = out_dir / f"fold_{fold}" / checkpoint_name
     torch.save(nnunet.inference_checkpoint(checkpoint, half, source), target)
-    LOG.info("exported %s to %s: checkpoint %.2f MB (was %.2f MB)", results_folder, out_dir,
-             target.stat().st_size / 1e6, source.stat().st_size / 1e6)
+    LOG.info(
+        "exported %s to %s: checkpoint %.2f MB (was %.2f MB)",
+        results_folder,
+        out_dir,
+        target.stat().st_size / 1e6,
+        source.stat().st_size / 1e6,
+    )
     return out_dir
 
 
@@ -319,8 +383,13 @@ def mirror_checkpoint(checkpoint: dict, axis: int) -> dict:
     return {**checkpoint, "network_weights": weights}
 
 
-def mirror_model(model_dir: str | Path, out_dir: str | Path, ras_axis: int = 0, fold: int = 0,
-                 checkpoint_name: str = "checkpoint_final.pth") -> Path:
+def mirror_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    ras_axis: int = 0,
+    fold: int = 0,
+    checkpoint_name: str = "checkpoint_final.pth",
+) -> Path:
     """An exported model (``export_model``'s layout) mirrored along RAS voxel axis ``ras_axis`` (0: left-right)
     into out_dir (returned): ``mirror_checkpoint`` along the network axis that its plans' reader and
     transpose_forward put that RAS axis on; dtypes and checkpoint metadata unchanged. For a model trained on
@@ -343,33 +412,59 @@ def mirror_model(model_dir: str | Path, out_dir: str | Path, ras_axis: int = 0, 
 # The whole chain
 # ---------------------------------------------------------------------------------------------------------
 
-def train_from_release(release_dir: str | Path, out_dir: str | Path, work_dir: str | Path,
-                       settings: TrainingSettings = DEFAULTS, *, threads: int = 1,
-                       structures: list[str] | None = None, validate: bool = True,
-                       initial_weights: str | Path | None = None) -> Path:
+
+def train_from_release(
+    release_dir: str | Path,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    settings: TrainingSettings = DEFAULTS,
+    *,
+    threads: int = 1,
+    structures: list[str] | None = None,
+    validate: bool = True,
+    initial_weights: str | Path | None = None,
+) -> Path:
     """Release folder -> exported nnU-Net model in out_dir (returned); nnU-Net's folders live in work_dir.
 
     ``structures``: the labels to train, in order (default: every mask of the release, ``default_structures``);
     ``settings.release`` is not read (``train_model`` reads it). The other arguments are ``train()``'s.
     """
     raw_root = nnunet.nnunet_dirs(work_dir)["raw"]
-    release_to_nnunet_raw(release_dir, raw_root, settings.dataset_id, settings.name, structures,
-                          processes=max(threads, settings.data_workers))
+    release_to_nnunet_raw(
+        release_dir,
+        raw_root,
+        settings.dataset_id,
+        settings.name,
+        structures,
+        processes=max(threads, settings.data_workers),
+    )
     small = settings.small_configuration if settings.configuration == SMALL_CONFIGURATION else None
     plan_and_preprocess(settings.dataset_id, work_dir, threads, small_configuration=small)
     results = train(work_dir, settings, fold=0, threads=threads, validate=validate, initial_weights=initial_weights)
     return export_model(results, out_dir, fold=0, half=settings.half)
 
 
-def train_model(out_dir: str | Path, work_dir: str | Path, settings: TrainingSettings = DEFAULTS, *,
-                threads: int = 1, structures: list[str] | None = None,
-                initial_weights: str | Path | None = None) -> Path:
+def train_model(
+    out_dir: str | Path,
+    work_dir: str | Path,
+    settings: TrainingSettings = DEFAULTS,
+    *,
+    threads: int = 1,
+    structures: list[str] | None = None,
+    initial_weights: str | Path | None = None,
+) -> Path:
     """``ctcohort train`` and ``snakemake train``: ``settings.release`` (empty: a phantom release written to
     ``work_dir/release``) -> exported model in out_dir (returned), nnU-Net's folders in ``work_dir/nnunet``."""
     work_dir = Path(work_dir)
     release = settings.release or write_phantom_release(
-        work_dir / "release", settings.phantom_n, settings.phantom_seed,
-        processes=max(threads, settings.data_workers))
-    return train_from_release(release, out_dir, work_dir / "nnunet", settings, threads=threads,
-                              structures=structures, initial_weights=initial_weights)
-
+        work_dir / "release", settings.phantom_n, settings.phantom_seed, processes=max(threads, settings.data_workers)
+    )
+    return train_from_release(
+        release,
+        out_dir,
+        work_dir / "nnunet",
+        settings,
+        threads=threads,
+        structures=structures,
+        initial_weights=initial_weights,
+    )

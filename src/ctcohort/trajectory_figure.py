@@ -6,17 +6,24 @@ Drawn in the journal style of ``ctcohort.figures`` (print size, no text below 7 
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.collections  # noqa: E402 - after ctcohort.figures, which selects the Agg backend
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.transforms  # noqa: E402
 import numpy as np
 import pandas as pd
 
 from ctcohort.figures import (
-    MEASURE_LABELS, SEX_COLOURS, SEX_NAMES, UNKNOWN_SEX_COLOUR, journal_style, pretty, save_figure, say, sex_of,
+    MEASURE_LABELS,
+    SEX_COLOURS,
+    SEX_NAMES,
+    UNKNOWN_SEX_COLOUR,
+    journal_style,
+    pretty,
+    save_figure,
+    say,
+    sex_of,
 )
 from ctcohort.patients import patient_of
-
-import matplotlib.collections  # noqa: E402 - after ctcohort.figures, which selects the Agg backend
-import matplotlib.transforms  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 
 LINE_WIDTH = 0.5
 LINE_ALPHA = 0.35
@@ -26,10 +33,14 @@ def patient_lines(rows: pd.DataFrame, measure: str) -> dict:
     """{sex key: [array of (age, value) points of one patient, ...]} of the patients with 2+ scans among
     ``rows`` that have a finite age and ``measure``; each patient's points in age order, patients in id order,
     keyed by the sex of the patient's first scan ("M", "F" or None)."""
-    frame = pd.DataFrame({"patient": patient_of(rows).to_numpy(),
-                          "age": pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=float),
-                          "value": pd.to_numeric(rows[measure], errors="coerce").to_numpy(dtype=float),
-                          "sex": sex_of(rows).to_numpy()})
+    frame = pd.DataFrame(
+        {
+            "patient": patient_of(rows).to_numpy(),
+            "age": pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=float),
+            "value": pd.to_numeric(rows[measure], errors="coerce").to_numpy(dtype=float),
+            "sex": sex_of(rows).to_numpy(),
+        }
+    )
     frame = frame[np.isfinite(frame["age"]) & np.isfinite(frame["value"])]
     frame = frame[frame.groupby("patient")["age"].transform("size") >= 2]
     if frame.empty:
@@ -62,19 +73,30 @@ def draw_panel(ax, measurements: pd.DataFrame, structure: str, measure: str) -> 
         if key not in lines:
             continue
         colour = SEX_COLOURS.get(key, UNKNOWN_SEX_COLOUR)
-        ax.add_collection(matplotlib.collections.LineCollection(
-            lines[key], colors=colour, linewidths=LINE_WIDTH, alpha=LINE_ALPHA, zorder=2))
+        ax.add_collection(
+            matplotlib.collections.LineCollection(
+                lines[key], colors=colour, linewidths=LINE_WIDTH, alpha=LINE_ALPHA, zorder=2
+            )
+        )
         ax.plot([], [], color=colour, lw=1.2, label=f"{SEX_NAMES[key]} (n={len(lines[key])} patients)")
     ax.autoscale_view()
     # below the age axis title, as in the scatter plots: inside, it would hide lines
     below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -27 / 72, ax.figure.dpi_scale_trans)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=1, frameon=False,
-              handlelength=1.2, borderaxespad=0.0)
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0),
+        bbox_transform=below,
+        ncol=1,
+        frameon=False,
+        handlelength=1.2,
+        borderaxespad=0.0,
+    )
 
 
 @journal_style
-def plot_trajectories(measurements: pd.DataFrame, panels: Sequence[dict], png_path: str | Path,
-                      svg_path: str | Path) -> None:
+def plot_trajectories(
+    measurements: pd.DataFrame, panels: Sequence[dict], png_path: str | Path, svg_path: str | Path
+) -> None:
     """One panel per {structure, measure} of ``panels``: one thin, light line per patient with two or more
     scans (the measure over age at each scan; ``ctcohort.patients.patient_of``: without a patient column
     every scan is its own patient and every panel says it has none), coloured by sex."""
@@ -84,7 +106,7 @@ def plot_trajectories(measurements: pd.DataFrame, panels: Sequence[dict], png_pa
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         draw_panel(ax, measurements, panel["structure"], panel["measure"])
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     if not panels:
         say(axes.flat[0], "no panel configured")

@@ -51,14 +51,14 @@ rule aggregate:
             caption="../report/measurement_summary.rst",
             category="Tables",
         ),
+    log:
+        "results/logs/aggregate.log",
+    conda:
+        "../../envs/analysis.yaml"
     params:
         qc=asdict(QC),
         measures=config["statistics"]["measures"],
         combined=config["statistics"]["combined"],
         duplicates=config["duplicates"],
-    log:
-        "results/logs/aggregate.log",
-    conda:
-        "../../envs/analysis.yaml"
     script:
         "../scripts/aggregate.py"

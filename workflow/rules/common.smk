@@ -32,7 +32,6 @@ from ctcohort.study_models import (
     study_structure_table,
 )
 
-
 # nested --config values arrive as text (Snakemake reads them with YAML's base loader): read them with the
 # schema's types before validating
 with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as stream:
@@ -92,9 +91,7 @@ if not DEMO:
                 )
             )
         if DUPLICATES_INPUT:
-            duplicate_scans.write_table_if_changed(
-                duplicate_scans.duplicates_table(DUPLICATE_GROUPS), DUPLICATES_TABLE
-            )
+            duplicate_scans.write_table_if_changed(duplicate_scans.duplicates_table(DUPLICATE_GROUPS), DUPLICATES_TABLE)
             DROPPED_SUBJECTS = duplicate_scans.dropped_subjects(DUPLICATE_GROUPS)
     elif DUPLICATES_INPUT and os.path.exists(DUPLICATES_TABLE):
         DROPPED_SUBJECTS = duplicate_scans.read_duplicates(DUPLICATES_TABLE)["subject"].tolist()
@@ -147,23 +144,15 @@ else:
             "seg column."
         )
     try:  # a missing or malformed model folder stops the run before any job
-        parts = [
-            part
-            for model in MODELS
-            for part in find_model_parts(model.folder, model.table, model.task)
-        ]
+        parts = [part for model in MODELS for part in find_model_parts(model.folder, model.table, model.task)]
     except ModelFolderError as err:
         raise WorkflowError(str(err)) from None
     # a folder that serves two models is listed once
-    SEGMENTATION_MODEL_FILES = list(
-        dict.fromkeys(str(path) for path in model_files(parts, SEGMENTATION))
-    )
+    SEGMENTATION_MODEL_FILES = list(dict.fromkeys(str(path) for path in model_files(parts, SEGMENTATION)))
     SEGMENTATION_BATCHES = in_batches(SUBJECTS, config["segmentation"]["scans_per_job"])
 
 # Scans with a reference segmentation are evaluated (Dice, NSD).
-EVALUATED_SUBJECTS = (
-    SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
-)
+EVALUATED_SUBJECTS = SHEET.index[SHEET["reference"].notna()].tolist() if "reference" in SHEET.columns else []
 # Measurement of precomputed segmentations and evaluation run in batches: one job per batch, not per scan.
 MEASURE_BATCHES = in_batches(SUBJECTS, config["measure"]["scans_per_job"]) if PRECOMPUTED else []
 EVALUATION_BATCHES = in_batches(EVALUATED_SUBJECTS, config["evaluation"]["scans_per_job"])
@@ -279,9 +268,7 @@ def per_scan(pattern):
 def figure_outputs(name):
     """A figure's PNG (registered in the report with its caption) and SVG."""
     return {
-        "png": report(
-            f"results/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures"
-        ),
+        "png": report(f"results/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures"),
         "svg": f"results/figures/{name}.svg",
     }
 
@@ -316,8 +303,11 @@ def study_outputs():
         "results/stats/longitudinal.tsv",
         "results/stats/paper_comparison.tsv",
         "results/stats/group_summary.tsv",
-        *(["results/stats/normative_charts.tsv", "results/stats/centile_scores.tsv"]
-          if config["normative"]["panels"] else []),
+        *(
+            ["results/stats/normative_charts.tsv", "results/stats/centile_scores.tsv"]
+            if config["normative"]["panels"]
+            else []
+        ),
         "results/stats/ct_age.tsv",
         "results/stats/ct_age_summary.tsv",
         *(f"results/figures/{name}.png" for name in FIGURES),

@@ -24,13 +24,13 @@ rule ct_age:
             caption="../report/ct_age_summary.rst",
             category="CT age",
         ),
-    params:
-        settings=config["ct_age"],
-    threads: config["ct_age"]["threads"]
     log:
         "results/logs/ct_age.log",
     conda:
         "../../envs/analysis.yaml"
+    threads: config["ct_age"]["threads"]
+    params:
+        settings=config["ct_age"],
     script:
         "../scripts/ct_age.py"
 

@@ -8,18 +8,18 @@ rule demo_cohort:
         truth_subjects=f"{DEMO_DIR}/truth_subjects.tsv",
         cts=expand(f"{DEMO_DIR}/ct/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
         labels=expand(f"{DEMO_DIR}/labels/{{subject}}.nii.gz", subject=DEMO_SUBJECTS),
+    log:
+        "results/logs/demo_cohort.log",
+    conda:
+        "../../envs/analysis.yaml"
+    threads: 4
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         n=config["demo"]["n_subjects"],
         seed=config["demo"]["seed"],
         spacing=config["demo"]["spacing"],
         folder=lambda wildcards, output: os.path.dirname(output.sheet),
-    threads: 4
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    log:
-        "results/logs/demo_cohort.log",
-    conda:
-        "../../envs/analysis.yaml"
     script:
         "../scripts/demo_cohort.py"

@@ -14,6 +14,15 @@ for batch, subjects in enumerate(EVALUATION_BATCHES):
         output:
             tables=[f"results/evaluation/scans/{s}.tsv" for s in subjects],
             statuses=[f"results/evaluation/scans/{s}.status.json" for s in subjects],
+        log:
+            f"results/logs/evaluate/batch_{batch:05d}.log",
+        benchmark:
+            f"results/benchmarks/evaluate/batch_{batch:05d}.tsv"
+        conda:
+            "../../envs/analysis.yaml"
+        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
+            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
+            runtime=batch_runtime_min(len(subjects)),
         params:
             subjects=subjects,
             # a replaced file reruns
@@ -21,15 +30,6 @@ for batch, subjects in enumerate(EVALUATION_BATCHES):
             structures=MODELS[0].structures,  # the first model's, whose label maps are evaluated
             tolerance_mm=config["evaluation"]["nsd_tolerance_mm"],
             on_error=config["on_scan_error"],
-        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
-            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
-            runtime=batch_runtime_min(len(subjects)),
-        log:
-            f"results/logs/evaluate/batch_{batch:05d}.log",
-        benchmark:
-            f"results/benchmarks/evaluate/batch_{batch:05d}.tsv"
-        conda:
-            "../../envs/analysis.yaml"
         script:
             "../scripts/evaluate_batch.py"
 
@@ -41,9 +41,7 @@ localrules:
 rule evaluation_summary:
     input:  # functions: see rule aggregate
         scans=lambda wildcards: expand("results/evaluation/scans/{subject}.tsv", subject=EVALUATED_SUBJECTS),
-        statuses=lambda wildcards: expand(
-            "results/evaluation/scans/{subject}.status.json", subject=EVALUATED_SUBJECTS
-        ),
+        statuses=lambda wildcards: expand("results/evaluation/scans/{subject}.status.json", subject=EVALUATED_SUBJECTS),
     output:
         dice=report(
             "results/evaluation/dice.tsv",
@@ -62,12 +60,12 @@ rule evaluation_summary:
             category="Segmentation quality",
         ),
         svg="results/figures/dice.svg",
-    params:
-        subjects=EVALUATED_SUBJECTS,
-        resamples=config["evaluation"]["bootstrap_resamples"],
     log:
         "results/logs/evaluation_summary.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        subjects=EVALUATED_SUBJECTS,
+        resamples=config["evaluation"]["bootstrap_resamples"],
     script:
         "../scripts/evaluation_summary.py"

@@ -19,13 +19,13 @@ rule figure_age_quartile_boxplots:
         correlations=rules.age_correlations.output[0],
     output:
         **figure_outputs("age_quartile_boxplots"),
-    params:
-        panels=config["figures"]["boxplots"],
-        age_edges=config["figures"]["age_edges"],
     log:
         "results/logs/figure_age_quartile_boxplots.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        panels=config["figures"]["boxplots"],
+        age_edges=config["figures"]["age_edges"],
     script:
         "../scripts/figure_age_quartile_boxplots.py"
 
@@ -35,12 +35,12 @@ rule figure_rs_forest_plot:
         rules.age_correlations.output[0],
     output:
         **figure_outputs("rs_forest_plot"),
-    params:
-        measures=config["figures"]["overview_measures"],
     log:
         "results/logs/figure_rs_forest_plot.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        measures=config["figures"]["overview_measures"],
     script:
         "../scripts/figure_rs_forest_plot.py"
 
@@ -50,12 +50,12 @@ rule figure_rs_heatmap:
         rules.age_correlations.output[0],
     output:
         **figure_outputs("rs_heatmap"),
-    params:
-        measures=config["statistics"]["measures"],
     log:
         "results/logs/figure_rs_heatmap.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        measures=config["statistics"]["measures"],
     script:
         "../scripts/figure_rs_heatmap.py"
 
@@ -66,12 +66,12 @@ rule figure_scatter_lowess:
         selection=rules.scan_selection.output[0],
     output:
         **figure_outputs("scatter_lowess"),
-    params:
-        panels=config["figures"]["scatter"],
     log:
         "results/logs/figure_scatter_lowess.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        panels=config["figures"]["scatter"],
     script:
         "../scripts/figure_scatter_lowess.py"
 
@@ -84,12 +84,12 @@ rule figure_normative_charts:
         selection=rules.scan_selection.output[0],
     output:
         **figure_outputs("normative_charts"),
-    params:
-        panels=config["normative"]["panels"],
     log:
         "results/logs/figure_normative_charts.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        panels=config["normative"]["panels"],
     script:
         "../scripts/figure_normative_charts.py"
 

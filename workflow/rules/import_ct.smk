@@ -15,20 +15,20 @@ for batch, subjects in enumerate(IMPORT_BATCHES):
             cts=[f"results/ct/{s}.nii.gz" for s in subjects],
             records=[f"results/ct/{s}.import.tsv" for s in subjects],
             statuses=[f"results/ct/{s}.status.json" for s in subjects],
-        params:
-            subjects=subjects,
-            sources=sources_fingerprint(subjects, ("ct",), imported=True),  # rewritten DICOM files rerun
-            allow_corrected=config["import_ct"]["allow_corrected"],
-            on_error=config["on_scan_error"],
-        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
-            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
-            runtime=batch_runtime_min(len(subjects)),
         log:
             f"results/logs/import_ct/batch_{batch:05d}.log",
         benchmark:
             f"results/benchmarks/import_ct/batch_{batch:05d}.tsv"
         conda:
             "../../envs/analysis.yaml"
+        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
+            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
+            runtime=batch_runtime_min(len(subjects)),
+        params:
+            subjects=subjects,
+            sources=sources_fingerprint(subjects, ("ct",), imported=True),  # rewritten DICOM files rerun
+            allow_corrected=config["import_ct"]["allow_corrected"],
+            on_error=config["on_scan_error"],
         script:
             "../scripts/import_ct_batch.py"
 

@@ -16,6 +16,10 @@ rule longitudinal:
             caption="../report/longitudinal.rst",
             category="Longitudinal change",
         ),
+    log:
+        "results/logs/longitudinal.log",
+    conda:
+        "../../envs/analysis.yaml"
     params:
         measures=config["statistics"]["measures"],
         covariates=config["longitudinal"]["covariates"],
@@ -23,10 +27,6 @@ rule longitudinal:
         random_slope=config["longitudinal"]["random_slope"],
         correction=config["statistics"]["correction"],
         alpha=config["statistics"]["alpha"],
-    log:
-        "results/logs/longitudinal.log",
-    conda:
-        "../../envs/analysis.yaml"
     script:
         "../scripts/longitudinal.py"
 
@@ -36,11 +36,11 @@ rule figure_trajectories:
         rules.aggregate.output.measurements,
     output:
         **figure_outputs("trajectories"),
-    params:
-        panels=config["figures"]["scatter"],
     log:
         "results/logs/figure_trajectories.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        panels=config["figures"]["scatter"],
     script:
         "../scripts/figure_trajectories.py"

@@ -13,9 +13,18 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
             segs=batch_files(segmentation_file, subjects),
             upstream=import_statuses(subjects),
         output:
+            **qc_outputs(subjects),
             tables=[f"results/measure/{s}.tsv" for s in subjects],
             statuses=[f"results/measure/{s}.status.json" for s in subjects],
-            **qc_outputs(subjects),
+        log:
+            f"results/logs/measure/batch_{batch:05d}.log",
+        benchmark:
+            f"results/benchmarks/measure/batch_{batch:05d}.tsv"
+        conda:
+            "../../envs/analysis.yaml"
+        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
+            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
+            runtime=batch_runtime_min(len(subjects)),
         params:
             subjects=subjects,
             sources=sources_fingerprint(subjects, ("ct", "seg")),  # a file replaced by another reruns
@@ -24,14 +33,5 @@ for batch, subjects in enumerate(MEASURE_BATCHES):
             qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
             ct_checks=config["measure"]["ct_checks"],
             on_error=config["on_scan_error"],
-        resources:  # attempt x: a retried job (--retries; profiles/slurm retries twice) gets more
-            mem_mb=lambda wildcards, attempt: config["resources"]["per_scan_mem_mb"] * attempt,
-            runtime=batch_runtime_min(len(subjects)),
-        log:
-            f"results/logs/measure/batch_{batch:05d}.log",
-        benchmark:
-            f"results/benchmarks/measure/batch_{batch:05d}.tsv"
-        conda:
-            "../../envs/analysis.yaml"
         script:
             "../scripts/measure_batch.py"

@@ -44,6 +44,10 @@ rule methods:
     output:
         markdown="results/methods.md",
         html=report("results/methods.html", caption="../report/methods.rst", category="Methods"),
+    log:
+        "results/logs/methods.log",
+    conda:
+        "../../envs/analysis.yaml"
     params:
         # no paths (the sheet's, the model folder's): the report shows a rule's params
         settings={
@@ -54,12 +58,11 @@ rule methods:
             "models": [model.name for model in MODELS if model.name],
             # a table's name, not where it lies
             "structures": models_description(MODELS),
-            "qc": {**config["qc"], "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or ""))},
+            "qc": {
+                **config["qc"],
+                "plausible_volumes": os.path.basename(str(config["qc"]["plausible_volumes"] or "")),
+            },
             **{key: config[key] for key in ("measure", "statistics", "normative", "longitudinal", "ct_age")},
         },
-    log:
-        "results/logs/methods.log",
-    conda:
-        "../../envs/analysis.yaml"
     script:
         "../scripts/methods.py"

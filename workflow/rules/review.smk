@@ -14,11 +14,11 @@ rule review_page:
         page="results/qc/review.html",
         scans="results/tables/review_scans.tsv",
         flags="results/tables/review_flags.tsv",
-    params:
-        previews=bool(QC_PREVIEW_WIDTH),  # the page shows results/qc/{subject}.png, beside it
     log:
         "results/logs/review_page.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        previews=bool(QC_PREVIEW_WIDTH),  # the page shows results/qc/{subject}.png, beside it
     script:
         "../scripts/review_page.py"

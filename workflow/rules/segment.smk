@@ -13,12 +13,30 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             upstream=import_statuses(subjects),
             model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # new weights segment again
         output:
+            **qc_outputs(subjects),
             # per scan, the label map of each model
             segs=[label_map_path(s, model) for s in subjects for model in MODELS],
             statuses=[f"results/seg/{s}.status.json" for s in subjects],
             measurements=[f"results/measure/{s}.tsv" for s in subjects],
             measure_statuses=[f"results/measure/{s}.status.json" for s in subjects],
-            **qc_outputs(subjects),
+        log:
+            f"results/logs/segment/batch_{batch:05d}.log",
+        benchmark:
+            f"results/benchmarks/segment/batch_{batch:05d}.tsv"
+        conda:
+            "../../envs/segmentation.yaml"
+        threads: SEGMENTATION.threads
+        resources:
+            **(
+                {"slurm_partition": config["segmentation"]["slurm_partition"]}
+                if config["segmentation"]["slurm_partition"]
+                else {}
+            ),
+            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory and time
+            mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
+            runtime=segmentation_runtime_min(len(subjects)),
+            gpu=int(SEGMENTATION.device == "cuda"),
+            # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
         params:
             subjects=subjects,
             sources=sources_fingerprint(subjects, ("ct",)),  # a file replaced by another reruns
@@ -30,23 +48,5 @@ for batch, subjects in enumerate(SEGMENTATION_BATCHES):
             on_error=config["on_scan_error"],
             ct_checks=config["measure"]["ct_checks"],
             qc=QC.per_scan(),  # a cohort-wide QC threshold re-runs no scan
-        threads: SEGMENTATION.threads
-        resources:
-            # a retried job (--retries; profiles/slurm retries twice) asks for attempt x the memory and time
-            mem_mb=lambda wildcards, attempt: config["segmentation"]["mem_mb"] * attempt,
-            runtime=segmentation_runtime_min(len(subjects)),
-            gpu=int(SEGMENTATION.device == "cuda"),
-            # on SLURM: these rules are generated, a profile cannot name them; empty: the profile's partition
-            **(
-                {"slurm_partition": config["segmentation"]["slurm_partition"]}
-                if config["segmentation"]["slurm_partition"]
-                else {}
-            ),
-        log:
-            f"results/logs/segment/batch_{batch:05d}.log",
-        benchmark:
-            f"results/benchmarks/segment/batch_{batch:05d}.tsv"
-        conda:
-            "../../envs/segmentation.yaml"
         script:
             "../scripts/segment_batch.py"

@@ -15,13 +15,13 @@ rule scan_selection:
             caption="../report/scan_selection.rst",
             category="Quality control",
         ),
-    params:
-        scan_per_patient=config["statistics"]["scan_per_patient"],
-        seed=config["statistics"]["seed"],
     log:
         "results/logs/scan_selection.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        scan_per_patient=config["statistics"]["scan_per_patient"],
+        seed=config["statistics"]["seed"],
     script:
         "../scripts/scan_selection.py"
 
@@ -43,12 +43,12 @@ rule age_correlations:
             caption="../report/age_correlations.rst",
             category="Age correlations",
         ),
-    params:
-        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/age_correlations.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        statistics=config["statistics"],  # StatisticsSettings
     script:
         "../scripts/age_correlations.py"
 
@@ -101,12 +101,12 @@ rule partial_correlations:
             caption="../report/partial_correlations.rst",
             category="Age correlations",
         ),
-    params:
-        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/partial_correlations.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        statistics=config["statistics"],  # StatisticsSettings
     script:
         "../scripts/partial_correlations.py"
 
@@ -121,12 +121,12 @@ rule by_sex:
             caption="../report/by_sex.rst",
             category="Age correlations",
         ),
-    params:
-        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/by_sex.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        statistics=config["statistics"],  # StatisticsSettings
     script:
         "../scripts/by_sex.py"
 
@@ -141,12 +141,12 @@ rule regression:
             caption="../report/regression.rst",
             category="Age regression",
         ),
-    params:
-        statistics=config["statistics"],  # StatisticsSettings
     log:
         "results/logs/regression.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        statistics=config["statistics"],  # StatisticsSettings
     script:
         "../scripts/regression.py"
 
@@ -168,12 +168,12 @@ rule group_summary:
             caption="../report/group_summary.rst",
             category="Age correlations",
         ),
-    params:
-        combined=list(config["statistics"]["combined"]),
     log:
         "results/logs/group_summary.log",
     conda:
         "../../envs/analysis.yaml"
+    params:
+        combined=list(config["statistics"]["combined"]),
     script:
         "../scripts/group_summary.py"
 
@@ -200,13 +200,13 @@ rule normative_charts:
             category="Normative charts",
         ),
         scores="results/stats/centile_scores.tsv",
-    params:
-        settings=config["normative"],
-        combined=config["statistics"]["combined"],
-    threads: config["normative"]["threads"]
     log:
         "results/logs/normative_charts.log",
     conda:
         "../../envs/analysis.yaml"
+    threads: config["normative"]["threads"]
+    params:
+        settings=config["normative"],
+        combined=config["statistics"]["combined"],
     script:
         "../scripts/normative_charts.py"

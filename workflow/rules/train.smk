@@ -5,17 +5,17 @@
 rule train:
     output:
         directory("results/train/model"),
-    params:
-        training=config["training"],
-        work="results/train/work",
+    log:
+        "results/logs/train.log",
+    conda:
+        "../../envs/segmentation.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=24 * 60,
         gpu=int(config["training"]["device"] == "cuda"),
-    log:
-        "results/logs/train.log",
-    conda:
-        "../../envs/segmentation.yaml"
+    params:
+        training=config["training"],
+        work="results/train/work",
     script:
         "../scripts/train.py"

@@ -4,8 +4,8 @@ the significance of the primary analysis."""
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import StatisticsSettings, age_correlations
-from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 # An empty group (structure table without groups) reads back as NaN; age_correlations treats it as "".

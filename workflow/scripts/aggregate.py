@@ -21,8 +21,14 @@ statuses = [read_status(path) for path in snakemake.input.statuses]
 failures = aggregate.failure_table(statuses)
 # rows left out before any job as the same scan as an earlier row (config duplicates: drop_later), and imported
 # DICOM series with identical voxels and geometry (one series exported twice, other headers)
-failures, n_dropped = failures_with_duplicates(failures, snakemake.input.duplicates, snakemake.input.imported, sheet,
-                                               snakemake.input.sheet, snakemake.params.duplicates)
+failures, n_dropped = failures_with_duplicates(
+    failures,
+    snakemake.input.duplicates,
+    snakemake.input.imported,
+    sheet,
+    snakemake.input.sheet,
+    snakemake.params.duplicates,
+)
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
@@ -47,5 +53,8 @@ write_tsv(aggregate.qc_summary(measurements), snakemake.output.qc, missing=BLANK
 write_tsv(aggregate.measurement_summary(study), snakemake.output.summary, STATS_DIGITS)
 n_scans = len(subjects) + n_dropped  # the sheet's rows
 write_tsv(aggregate.exclusion_counts(n_scans, failures, measurements), snakemake.output.exclusions, missing=BLANK)
-write_tsv(aggregate.exclusion_flow(n_scans, failures, checked, snakemake.params.measures), snakemake.output.flow,
-          missing=BLANK)
+write_tsv(
+    aggregate.exclusion_flow(n_scans, failures, checked, snakemake.params.measures),
+    snakemake.output.flow,
+    missing=BLANK,
+)

@@ -6,7 +6,10 @@ from ctcohort.runlog import log_to
 from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
-result = ct_age(read_scans(snakemake.input.measurements), read_scans(snakemake.input.selection),
-                CtAgeSettings.from_config(snakemake.params.settings))
+result = ct_age(
+    read_scans(snakemake.input.measurements),
+    read_scans(snakemake.input.selection),
+    CtAgeSettings.from_config(snakemake.params.settings),
+)
 write_tsv(result.table, snakemake.output.table, STATS_DIGITS)
 write_tsv(result.summary, snakemake.output.summary, STATS_DIGITS)

@@ -9,8 +9,9 @@ log_to(snakemake.log[0])
 table = load_structure_table(snakemake.params.structures)
 run_batch(
     "evaluate",
-    batch_outputs(snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses,
-                  snakemake.input.upstream),
+    batch_outputs(
+        snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses, snakemake.input.upstream
+    ),
     step=lambda i: evaluate_scan(
         snakemake.input.segs[i],
         snakemake.input.references[i],

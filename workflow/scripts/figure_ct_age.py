@@ -5,5 +5,8 @@ from ctcohort.runlog import log_to
 from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_ct_age(read_statistics(snakemake.input.table), read_statistics(snakemake.input.summary),
-            [snakemake.output.png, snakemake.output.svg])
+plot_ct_age(
+    read_statistics(snakemake.input.table),
+    read_statistics(snakemake.input.summary),
+    [snakemake.output.png, snakemake.output.svg],
+)

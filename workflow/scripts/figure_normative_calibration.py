@@ -5,5 +5,8 @@ from ctcohort.runlog import log_to
 from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_normative_calibration(read_statistics(snakemake.input.calibration), read_statistics(snakemake.input.scores),
-                           [snakemake.output.png, snakemake.output.svg])
+plot_normative_calibration(
+    read_statistics(snakemake.input.calibration),
+    read_statistics(snakemake.input.scores),
+    [snakemake.output.png, snakemake.output.svg],
+)

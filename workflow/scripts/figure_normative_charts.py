@@ -6,6 +6,10 @@ from ctcohort.runlog import log_to
 from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_normative_charts(read_statistics(snakemake.input.charts), read_statistics(snakemake.input.coefficients),
-                      read_cross_sectional(snakemake.input.measurements, snakemake.input.selection), snakemake.params.panels,
-                      [snakemake.output.png, snakemake.output.svg])
+plot_normative_charts(
+    read_statistics(snakemake.input.charts),
+    read_statistics(snakemake.input.coefficients),
+    read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
+    snakemake.params.panels,
+    [snakemake.output.png, snakemake.output.svg],
+)

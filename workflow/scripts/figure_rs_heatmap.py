@@ -5,5 +5,6 @@ from ctcohort.runlog import log_to
 from ctcohort.tables import read_statistics
 
 log_to(snakemake.log[0])
-plot_rs_heatmap(read_statistics(snakemake.input[0]), snakemake.params.measures,
-                [snakemake.output.png, snakemake.output.svg])
+plot_rs_heatmap(
+    read_statistics(snakemake.input[0]), snakemake.params.measures, [snakemake.output.png, snakemake.output.svg]
+)

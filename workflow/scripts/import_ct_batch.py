@@ -5,5 +5,12 @@ from ctcohort.runlog import log_to
 
 log_to(snakemake.log[0])
 out, params = snakemake.output, snakemake.params
-import_batch(params.subjects, snakemake.input.sources, out.cts, out.records, out.statuses,
-             allow_corrected=params.allow_corrected, on_error=params.on_error)
+import_batch(
+    params.subjects,
+    snakemake.input.sources,
+    out.cts,
+    out.records,
+    out.statuses,
+    allow_corrected=params.allow_corrected,
+    on_error=params.on_error,
+)

@@ -1,10 +1,10 @@
 """Within-patient change per year from repeated scans: a linear mixed model per structure x measure."""
 
 from ctcohort.longitudinal import longitudinal_table
-from ctcohort.runlog import log_to
 from ctcohort.patients import read_scans
-from ctcohort.tables import STATS_DIGITS, write_tsv
+from ctcohort.runlog import log_to
 from ctcohort.study_models import with_segmentation_model
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 # every scan, not one per patient: the model needs each patient's repeated scans

@@ -17,10 +17,10 @@ previews = snakemake.output.get("previews") or [None] * len(snakemake.output.tab
 qc_outputs = dict(zip(snakemake.output.tables, zip(snakemake.output.qc, previews)))
 run_batch(
     "measure",
-    batch_outputs(snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses,
-                  snakemake.params.upstream),
-    step=lambda i: measure_and_qc_files(snakemake.input.cts[i], snakemake.input.segs[i], table, checks=checks,
-                                        qc=qc),
+    batch_outputs(
+        snakemake.params.subjects, snakemake.output.tables, snakemake.output.statuses, snakemake.params.upstream
+    ),
+    step=lambda i: measure_and_qc_files(snakemake.input.cts[i], snakemake.input.segs[i], table, checks=checks, qc=qc),
     write=lambda result, path: write_measurements_and_qc(result, path, *qc_outputs[path]),
     empty=empty_measurements_and_qc,
     on_error=snakemake.params.on_error,

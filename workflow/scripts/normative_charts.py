@@ -11,11 +11,19 @@ from ctcohort.tables import STATS_DIGITS, write_tsv
 log_to(snakemake.log[0])
 settings = snakemake.params.settings
 # the reference: the scans normative.reference selects, one per patient, without structures the QC flags
-measurements = reference_scans(read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
-                               settings.get("reference", ""), read_cohort_qc(snakemake.input.qc), snakemake.params.combined)
-fit = fit_panel_charts(measurements, [(panel["structure"], panel["measure"]) for panel in settings["panels"]],
-                       ChartSettings.from_config(settings), combined=snakemake.params.combined,
-                       processes=snakemake.threads)
+measurements = reference_scans(
+    read_cross_sectional(snakemake.input.measurements, snakemake.input.selection),
+    settings.get("reference", ""),
+    read_cohort_qc(snakemake.input.qc),
+    snakemake.params.combined,
+)
+fit = fit_panel_charts(
+    measurements,
+    [(panel["structure"], panel["measure"]) for panel in settings["panels"]],
+    ChartSettings.from_config(settings),
+    combined=snakemake.params.combined,
+    processes=snakemake.threads,
+)
 write_tsv(fit.charts, snakemake.output.charts, STATS_DIGITS)
 write_tsv(fit.coefficients, snakemake.output.coefficients, STATS_DIGITS)
 keys = ["structure", "measure", "sex"]

@@ -4,8 +4,8 @@ from ctcohort.models import partial_table
 from ctcohort.patients import read_cross_sectional
 from ctcohort.runlog import log_to
 from ctcohort.stats import StatisticsSettings
-from ctcohort.tables import STATS_DIGITS, write_tsv
 from ctcohort.study_models import with_segmentation_model
+from ctcohort.tables import STATS_DIGITS, write_tsv
 
 log_to(snakemake.log[0])
 measurements = read_cross_sectional(snakemake.input.measurements, snakemake.input.selection)

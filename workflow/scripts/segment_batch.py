@@ -13,7 +13,7 @@ if __name__ == "__main__":  # nnU-Net starts worker processes
         snakemake.params.subjects,
         snakemake.input.cts,
         # per scan, the label map of each model
-        [segs[i:i + n_models] for i in range(0, len(segs), n_models)],
+        [segs[i : i + n_models] for i in range(0, len(segs), n_models)],
         snakemake.output.statuses,
         model=snakemake.params.model,
         task=snakemake.params.task,
