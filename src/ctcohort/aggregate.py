@@ -121,20 +121,7 @@ def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequen
         def values(column, wide=wide, members=members):
             return wide[column].unstack().reindex(index=subjects["subject"], columns=members).to_numpy(dtype=float)
 
-        n = values("n_voxels")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            total = n.sum(axis=1)
-            volume, mean, std, eroded = (values(c) for c in ("volume_ml", "hu_mean", "hu_std", "hu_mean_eroded"))
-            combined_mean = (n * mean).sum(axis=1) / total
-            pooled = (n * (std**2 + (mean - combined_mean[:, None]) ** 2)).sum(axis=1) / total
-            out = {
-                "volume_ml": np.where(np.isfinite(volume).all(axis=1), volume.sum(axis=1), np.nan),
-                "hu_mean": np.where(np.isfinite(mean).all(axis=1), combined_mean, np.nan),
-                "hu_std": np.where(
-                    np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1), np.sqrt(pooled), np.nan
-                ),
-                "hu_mean_eroded": np.where(np.isfinite(eroded).all(axis=1), (n * eroded).sum(axis=1) / total, np.nan),
-            }
+        total, out = _pooled_measures(values)
         complete = wide["complete"].astype("boolean").unstack().reindex(index=subjects["subject"], columns=members)
         groups = set(rows["group"].fillna("").astype(str))
         models = set(rows[MODEL_COLUMN].astype(str)) if MODEL_COLUMN in rows.columns else set()
@@ -159,6 +146,24 @@ def combine_structures(measurements: pd.DataFrame, combined: Mapping[str, Sequen
     if not frames:
         return measurements.iloc[:0].copy()
     return pd.concat(frames, ignore_index=True)
+
+
+def _pooled_measures(values) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The members' total voxel count and the combined measures (see ``combine_structures``), per subject, from
+    ``values(column)``: a subject x member array of each measure."""
+    n = values("n_voxels")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = n.sum(axis=1)
+        volume, mean, std, eroded = (values(c) for c in ("volume_ml", "hu_mean", "hu_std", "hu_mean_eroded"))
+        combined_mean = (n * mean).sum(axis=1) / total
+        pooled = (n * (std**2 + (mean - combined_mean[:, None]) ** 2)).sum(axis=1) / total
+        out = {
+            "volume_ml": np.where(np.isfinite(volume).all(axis=1), volume.sum(axis=1), np.nan),
+            "hu_mean": np.where(np.isfinite(mean).all(axis=1), combined_mean, np.nan),
+            "hu_std": np.where(np.isfinite(mean).all(axis=1) & np.isfinite(std).all(axis=1), np.sqrt(pooled), np.nan),
+            "hu_mean_eroded": np.where(np.isfinite(eroded).all(axis=1), (n * eroded).sum(axis=1) / total, np.nan),
+        }
+    return total, out
 
 
 def add_combined(measurements: pd.DataFrame, combined: Mapping[str, Sequence[str]]) -> pd.DataFrame:

@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> None:
 def _train_arguments(t: argparse.ArgumentParser) -> None:
     from ctcohort import train  # the settings' defaults (imports neither nnU-Net nor torch)
 
-    defaults, small = train.DEFAULTS, train.DEFAULTS.small_configuration
+    defaults = train.DEFAULTS
     t.add_argument(
         "--release",
         default=defaults.release,
@@ -104,6 +104,46 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
         default=defaults.configuration,
         help="nnU-Net configuration: 3d_small (a slim network) or 3d_fullres (default %(default)s)",
     )
+    _training_arguments(t, train)
+    t.add_argument(
+        "--initial-weights",
+        metavar="MODEL",
+        help="continue training from this exported model folder (same structures and configuration)",
+    )
+    t.add_argument(
+        "--bf16",
+        action="store_true",
+        default=defaults.bf16,
+        help="CPU: train in bfloat16 mixed precision (faster on CPUs with bfloat16 instructions; "
+        "CUDA always uses nnU-Net's float16)",
+    )
+    t.add_argument(
+        "--half", action="store_true", default=defaults.half, help="export the weights as float16 (half the size)"
+    )
+    t.add_argument("--device", default=defaults.device, choices=train.DEVICES)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument(
+        "--data-workers",
+        type=int,
+        default=defaults.data_workers,
+        help="data loading/augmentation processes (default %(default)s: in the main process)",
+    )
+    t.add_argument("--dataset-id", type=int, default=defaults.dataset_id)
+    t.add_argument("--name", default=defaults.name, help="nnU-Net dataset name (default %(default)s)")
+    t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
+    t.add_argument(
+        "--phantom-n",
+        type=int,
+        default=defaults.phantom_n,
+        help="phantom scans when no --release is given (default %(default)s)",
+    )
+    t.add_argument("--phantom-seed", type=int, default=defaults.phantom_seed)
+    t.set_defaults(run=_train)
+
+
+def _training_arguments(t: argparse.ArgumentParser, train) -> None:
+    """``ctcohort train``'s options of the network and its optimisation."""
+    defaults, small = train.DEFAULTS, train.DEFAULTS.small_configuration
     t.add_argument(
         "--patch-voxels",
         type=int,
@@ -152,40 +192,6 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
         help="dice_ce: nnU-Net's Dice + cross-entropy; dice_topk10: cross-entropy over the hardest 10%% "
         "of voxels (small structures get learned sooner; default %(default)s)",
     )
-    t.add_argument(
-        "--initial-weights",
-        metavar="MODEL",
-        help="continue training from this exported model folder (same structures and configuration)",
-    )
-    t.add_argument(
-        "--bf16",
-        action="store_true",
-        default=defaults.bf16,
-        help="CPU: train in bfloat16 mixed precision (faster on CPUs with bfloat16 instructions; "
-        "CUDA always uses nnU-Net's float16)",
-    )
-    t.add_argument(
-        "--half", action="store_true", default=defaults.half, help="export the weights as float16 (half the size)"
-    )
-    t.add_argument("--device", default=defaults.device, choices=train.DEVICES)
-    t.add_argument("--threads", type=int, default=1)
-    t.add_argument(
-        "--data-workers",
-        type=int,
-        default=defaults.data_workers,
-        help="data loading/augmentation processes (default %(default)s: in the main process)",
-    )
-    t.add_argument("--dataset-id", type=int, default=defaults.dataset_id)
-    t.add_argument("--name", default=defaults.name, help="nnU-Net dataset name (default %(default)s)")
-    t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
-    t.add_argument(
-        "--phantom-n",
-        type=int,
-        default=defaults.phantom_n,
-        help="phantom scans when no --release is given (default %(default)s)",
-    )
-    t.add_argument("--phantom-seed", type=int, default=defaults.phantom_seed)
-    t.set_defaults(run=_train)
 
 
 def _phantom_arguments(p: argparse.ArgumentParser) -> None:

@@ -236,30 +236,14 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
         else:
             blocks[-1][2] = y_of_row[i]
     for ax, measure in zip(axes.flat, measures):
-        for k, (_, top, bottom) in enumerate(blocks):
-            if k % 2 == 0:
-                ax.axhspan(bottom - 0.5, top + 0.5, color="#efefef", lw=0, zorder=0)
-        table = correlations[(correlations["measure"] == measure) & correlations["rs"].notna()]
-        for row in table.itertuples(index=False):
-            y, colour = y_of[row.structure], GROUP_COLOURS.get(group_name(row.group), "black")
-            ax.plot([row.ci_low, row.ci_high], [y, y], color=colour, lw=0.9, solid_capstyle="butt", zorder=2)
-            ax.plot(
-                row.rs,
-                y,
-                "o",
-                color=colour,
-                mfc=colour if bool(row.significant) else "white",
-                ms=3.2,
-                mew=0.8,
-                zorder=3,
-            )
-        ax.axvline(0.0, color="black", lw=0.5, zorder=1)
-        ax.set_xlim(-1, 1)
-        ax.set_ylim(-0.6, max(len(rows), 1) - 0.4)
-        ax.set_xticks([-1, -0.5, 0, 0.5, 1], ["\u22121", "\u22120.5", "0", "0.5", "1"])
-        ax.set_xlabel(f"{MEASURE_LABELS.get(measure, measure)}\nSpearman rs with age")
-        ax.grid(axis="x", alpha=0.3, lw=0.5)
-        ax.tick_params(axis="y", length=0)
+        _forest_panel(
+            ax,
+            correlations[(correlations["measure"] == measure) & correlations["rs"].notna()],
+            measure,
+            blocks,
+            y_of,
+            len(rows),
+        )
     first = axes.flat[0]
     for group, top, _ in blocks:
         first.text(
@@ -290,6 +274,33 @@ def plot_forest(correlations: pd.DataFrame, measures: Sequence[str], outputs: Se
         bbox_transform=fig.transFigure,
     )
     save_figure(fig, outputs)
+
+
+def _forest_panel(ax, table: pd.DataFrame, measure: str, blocks: list, y_of: dict, n_rows: int) -> None:
+    """One measure's panel of the forest plot: the group bands, each tested structure's CI and rs."""
+    for k, (_, top, bottom) in enumerate(blocks):
+        if k % 2 == 0:
+            ax.axhspan(bottom - 0.5, top + 0.5, color="#efefef", lw=0, zorder=0)
+    for row in table.itertuples(index=False):
+        y, colour = y_of[row.structure], GROUP_COLOURS.get(group_name(row.group), "black")
+        ax.plot([row.ci_low, row.ci_high], [y, y], color=colour, lw=0.9, solid_capstyle="butt", zorder=2)
+        ax.plot(
+            row.rs,
+            y,
+            "o",
+            color=colour,
+            mfc=colour if bool(row.significant) else "white",
+            ms=3.2,
+            mew=0.8,
+            zorder=3,
+        )
+    ax.axvline(0.0, color="black", lw=0.5, zorder=1)
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-0.6, max(n_rows, 1) - 0.4)
+    ax.set_xticks([-1, -0.5, 0, 0.5, 1], ["\u22121", "\u22120.5", "0", "0.5", "1"])
+    ax.set_xlabel(f"{MEASURE_LABELS.get(measure, measure)}\nSpearman rs with age")
+    ax.grid(axis="x", alpha=0.3, lw=0.5)
+    ax.tick_params(axis="y", length=0)
 
 
 # ------------------------------------------------------------------------------------------------- heat map
@@ -348,6 +359,23 @@ def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    _heatmap_group_marks(ax, order)
+    if not names:
+        ax.text(0.5, 0.5, "no structure", ha="center", va="center", transform=ax.transAxes)
+    bar = fig.colorbar(mesh, cax=cax, orientation="horizontal")
+    bar.set_ticks([-1, -0.5, 0, 0.5, 1], labels=["\u22121", "\u22120.5", "0", "0.5", "1"])
+    bar.set_label("Spearman rs with age")
+    bar.outline.set_linewidth(0.5)
+    handles = [
+        plt.Line2D([], [], ls="", marker="o", ms=3, mfc="black", mec="white", mew=0.3, label="significant"),
+        matplotlib.patches.Patch(color=NAN_GREY, label="not tested"),
+    ]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.32 / height), ncol=2, frameon=False)
+    save_figure(fig, outputs)
+
+
+def _heatmap_group_marks(ax, order: list[tuple[str, str]]) -> None:
+    """Lines between the heat map's groups of structures, and each group's bar and name on the right."""
     start = 0
     for group in dict.fromkeys(g for _, g in order):
         size = sum(1 for _, g in order if g == group)
@@ -373,18 +401,6 @@ def plot_rs_heatmap(correlations: pd.DataFrame, measures: Sequence[str], outputs
             fontweight="bold",
         )
         start += size
-    if not names:
-        ax.text(0.5, 0.5, "no structure", ha="center", va="center", transform=ax.transAxes)
-    bar = fig.colorbar(mesh, cax=cax, orientation="horizontal")
-    bar.set_ticks([-1, -0.5, 0, 0.5, 1], labels=["\u22121", "\u22120.5", "0", "0.5", "1"])
-    bar.set_label("Spearman rs with age")
-    bar.outline.set_linewidth(0.5)
-    handles = [
-        plt.Line2D([], [], ls="", marker="o", ms=3, mfc="black", mec="white", mew=0.3, label="significant"),
-        matplotlib.patches.Patch(color=NAN_GREY, label="not tested"),
-    ]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.32 / height), ncol=2, frameon=False)
-    save_figure(fig, outputs)
 
 
 # ------------------------------------------------------------------------------------ scatter with LOWESS
@@ -597,28 +613,7 @@ def plot_normative_charts(
             if sex != "all":
                 scans = scans[sex_of(scans) == sex]
             values, references = adjusted_values(scans, measure, fitted, coefficients, sex)
-            ax.scatter(
-                scans.loc[values.index, "age"],
-                values,
-                s=4,
-                color=SEX_COLOURS.get(sex, "#555555"),
-                alpha=0.45,
-                linewidths=0,
-                label="scans",
-                zorder=1,
-            )
-            for column, p in percentiles:
-                ax.plot(fitted["age"], fitted[column], label=column, zorder=3, **styles[p])
-                if {f"{column}_low", f"{column}_high"} <= set(fitted.columns):  # method lms: bootstrap band
-                    ax.fill_between(
-                        fitted["age"],
-                        fitted[f"{column}_low"],
-                        fitted[f"{column}_high"],
-                        color="#999999",
-                        alpha=0.18,
-                        linewidth=0,
-                        zorder=2,
-                    )
+            _draw_chart(ax, scans.loc[values.index, "age"], values, fitted, percentiles, styles, sex)
             at = ", ".join(f"{c} = {v:g}" for c, v in references.items())
             ax.set_title(f"{head}\n{n_text}" + (f"; at {at}" if at else ""))
             ax.set_xlabel("age (years)")
@@ -632,6 +627,34 @@ def plot_normative_charts(
     fig.tight_layout(h_pad=1.2, w_pad=0.8)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), frameon=False)
     save_figure(fig, outputs)
+
+
+def _draw_chart(
+    ax, ages: pd.Series, values: pd.Series, fitted: pd.DataFrame, percentiles: list, styles: dict, sex: str
+) -> None:
+    """One chart's scans as points, its percentile curves and, where it has them, their bootstrap bands."""
+    ax.scatter(
+        ages,
+        values,
+        s=4,
+        color=SEX_COLOURS.get(sex, "#555555"),
+        alpha=0.45,
+        linewidths=0,
+        label="scans",
+        zorder=1,
+    )
+    for column, p in percentiles:
+        ax.plot(fitted["age"], fitted[column], label=column, zorder=3, **styles[p])
+        if {f"{column}_low", f"{column}_high"} <= set(fitted.columns):  # method lms: bootstrap band
+            ax.fill_between(
+                fitted["age"],
+                fitted[f"{column}_low"],
+                fitted[f"{column}_high"],
+                color="#999999",
+                alpha=0.18,
+                linewidth=0,
+                zorder=2,
+            )
 
 
 # ------------------------------------------------------------------------------- normative calibration

@@ -276,12 +276,7 @@ def train(
         dataset_name = nnunet.dataset_name(settings.dataset_id)
         preprocessed_dir = dirs["preprocessed"] / dataset_name
         write_release_splits(dirs["raw"] / dataset_name, preprocessed_dir, fold)
-        plans = json.loads((preprocessed_dir / f"{plans_identifier}.json").read_text())
-        if settings.configuration not in plans["configurations"]:
-            raise ValueError(
-                f"configuration {settings.configuration!r} is not in the plans "
-                f"({', '.join(plans['configurations'])}); plan with a small configuration?"
-            )
+        plans = _read_plans(preprocessed_dir / f"{plans_identifier}.json", settings.configuration)
         dataset_json = json.loads((preprocessed_dir / "dataset.json").read_text())
         trainer = nnunet.make_trainer(
             plans,
@@ -316,6 +311,16 @@ def train(
         if validate:
             nnunet.validate(trainer, threads)
         return nnunet.results_folder(trainer)
+
+
+def _read_plans(path: Path, configuration: str) -> dict:
+    plans = json.loads(path.read_text())
+    if configuration not in plans["configurations"]:
+        raise ValueError(
+            f"configuration {configuration!r} is not in the plans "
+            f"({', '.join(plans['configurations'])}); plan with a small configuration?"
+        )
+    return plans
 
 
 # ---------------------------------------------------------------------------------------------------------
