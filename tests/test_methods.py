@@ -123,6 +123,16 @@ def test_methods_follow_the_configuration(settings):
     assert "Segmentations were supplied with the cohort" in text and "nnU-Net" not in text
 
 
+def test_methods_name_several_segmentation_models(settings):
+    settings = {**settings, "models": ["total", "body"], "structures": "total: total_v2; body: body.csv"}
+    text = " ".join(methods_paragraphs(settings, run_tables()))
+    assert "Each scan was segmented by each of 2 models (total and body)" in text
+    assert "named model:structure" in text and "structure table total: total_v2; body: body.csv" in text
+    assert "Each scan was segmented by each" not in " ".join(
+        methods_paragraphs({**settings, "models": []}, run_tables())
+    )
+
+
 def test_model_description_names_folders_and_checksums_not_paths(tmp_path):
     checkpoint = tmp_path / "site" / "Dataset291_Organs" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
     checkpoint.mkdir(parents=True)
