@@ -330,9 +330,10 @@ def regression_table(
     measurements: pd.DataFrame,
     measures: list[str],
     covariates: list[str],
+    *,  # by name: seed, spline_df and min_n are all integers, easily swapped by position
+    seed: int = 0,
     spline_df: int = DEFAULTS.spline_df,
     min_n: int = DEFAULTS.min_n,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
     check_tests(DEFAULTS.correction, min_n)
