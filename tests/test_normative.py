@@ -78,16 +78,8 @@ def test_charts_match_the_analytic_percentiles(fitted):
         *normative.CALIBRATION_COLUMNS,
         *intervals,
     ]
-    assert list(coefficients.columns) == [
-        "structure",
-        "measure",
-        "sex",
-        "covariate",
-        *COLUMNS,
-        "eta_mu",
-        "levels",
-        "effect",
-    ]
+    named, effect = ["structure", "measure", "sex", "covariate"], ["eta_mu", "levels", "effect"]
+    assert list(coefficients.columns) == [*named, *COLUMNS, *effect]
     assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
     z = stats.norm.ppf(np.array(LEVELS) / 100)
     for sex in ("M", "F"):
