@@ -15,13 +15,18 @@ Run:  python benchmarks/longitudinal_speed.py [--patients 7000] [--structures 11
 import argparse
 import os
 import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ctcohort.longitudinal import fit_mixed_model, longitudinal_table, repeated_scans
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_longitudinal import scan_table  # noqa: E402
 
 MEASURES = ["volume_ml", "hu_mean", "hu_mean_eroded"]
 
@@ -34,15 +39,7 @@ def synthetic_cohort(patients: int, structures: int, seed: int = 0) -> pd.DataFr
     patient = np.repeat(np.arange(patients), counts)
     time_ = np.concatenate([np.sort(np.r_[0.0, rng.uniform(0.2, 8, c - 1)]) for c in counts])
     baseline, sex = rng.uniform(20, 90, patients), rng.choice(["F", "M"], patients)
-    scans = pd.DataFrame(
-        {
-            "subject": [f"s{i:06d}" for i in range(len(patient))],
-            "patient": [f"p{p:05d}" for p in patient],
-            "age": baseline[patient] + time_,
-            "sex": sex[patient],
-            "contrast": rng.integers(0, 2, len(patient)),
-        }
-    )
+    scans = scan_table(rng, patient, baseline[patient] + time_, sex[patient], id_digits=(6, 5))
     tables = []
     for k in range(structures):
         values = {}

@@ -67,6 +67,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from totalseg_models import plain_conv_unet  # noqa: E402
+
 TRAINER = "nnUNetTrainer"  # the built-in trainer: the predictor looks it up by this name
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
@@ -148,28 +151,12 @@ def make_plans(args, dataset_name: str) -> dict:
                 "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
                 "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {
-                        "n_stages": n_stages,
-                        "features_per_stage": [
-                            min(args.features_max, args.base_features * 2**i) for i in range(n_stages)
-                        ],
-                        "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [list(k) for k in kernels],
-                        "strides": [list(s) for s in strides],
-                        "n_conv_per_stage": [2] * n_stages,
-                        "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-                        "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                        "dropout_op": None,
-                        "dropout_op_kwargs": None,
-                        "nonlin": "torch.nn.LeakyReLU",
-                        "nonlin_kwargs": {"inplace": True},
-                    },
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
+                "architecture": plain_conv_unet(
+                    [min(args.features_max, args.base_features * 2**i) for i in range(n_stages)],
+                    kernels,
+                    strides,
+                    convs_per_stage=2,
+                ),
                 "batch_dice": False,
             }
         },
@@ -261,7 +248,8 @@ def part_folders(model_dir: Path) -> list[Path]:
 def run_anchor(args, device, model_dir: Path, scans: list[Path], out_dir: Path, report) -> list[float]:
     """TotalSegmentator's way: per scan and part a new predictor, weights from disk, file in, file out."""
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from ctcohort.nnunet_adapter import new_predictor
 
     folders = part_folders(model_dir)
     times = []
@@ -271,15 +259,7 @@ def run_anchor(args, device, model_dir: Path, scans: list[Path], out_dir: Path, 
         case_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for i, folder in enumerate(folders):
-            predictor = nnUNetPredictor(
-                tile_step_size=args.tile_step,
-                use_gaussian=True,
-                use_mirroring=False,
-                perform_everything_on_device=device.type == "cuda",
-                device=device,
-                verbose=False,
-                allow_tqdm=False,
-            )
+            predictor = new_predictor(device, args.tile_step, mirroring=False)
             predictor.initialize_from_trained_model_folder(
                 str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth"
             )

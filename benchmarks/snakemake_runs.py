@@ -6,22 +6,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import snakemake_command  # noqa: E402
 
 
 def timed_snakemake(folder: Path, *args: str) -> float:
     """Wall seconds of ``snakemake --cores 2 ARGS`` on the checkout's Snakefile in ``folder``; exits on failure."""
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(folder),
-        "--cores",
-        "2",
-        *args,
-    ]
+    command = snakemake_command(folder, "--cores", "2", *args)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     elapsed = time.perf_counter() - started

@@ -40,6 +40,20 @@ def real_example_v1():
     return ct.affine, np.asanyarray(ct.dataobj).astype(np.int16), labels
 
 
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """``snakemake ARGS`` on this checkout's Snakefile in ``workdir``, by the running Python."""
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
+
+
 def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[str]:
     """The snakemake command line that runs the real workflow in ``workdir``, whose config/config.yaml it
     writes: the shipped config with ``config_overrides``."""
@@ -52,18 +66,7 @@ def workflow_command(workdir: Path, config_overrides: dict, *args: str) -> list[
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     # in the config's order: the first of several segmentation models is the one whose names stay
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        *args,
-    ]
+    return snakemake_command(workdir, "--cores", "2", *args)
 
 
 def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool = True):

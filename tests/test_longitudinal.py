@@ -17,6 +17,21 @@ from ctcohort.longitudinal import (
 )
 
 
+def scan_table(rng, patient, age, sex, id_digits=(5, 4)) -> pd.DataFrame:
+    """One row per scan of the patients numbered in ``patient``: subject and patient ids (``id_digits`` wide),
+    age, sex and a random contrast phase (0/1)."""
+    subject_digits, patient_digits = id_digits
+    return pd.DataFrame(
+        {
+            "subject": [f"s{i:0{subject_digits}d}" for i in range(len(patient))],
+            "patient": [f"p{p:0{patient_digits}d}" for p in patient],
+            "age": age,
+            "sex": sex,
+            "contrast": rng.integers(0, 2, len(patient)),
+        }
+    )
+
+
 def cohort(
     seed=0,
     patients=400,
@@ -42,15 +57,7 @@ def cohort(
     sex = rng.choice(["F", "M"], patients)
     time = np.concatenate([np.sort(np.r_[0.0, rng.uniform(0.2, 8, c - 1)]) for c in counts])
     intercept, slope = rng.normal(0, sd_patient, patients), rng.normal(0, sd_slope, patients)
-    scans = pd.DataFrame(
-        {
-            "subject": [f"s{i:05d}" for i in range(len(patient))],
-            "patient": [f"p{p:04d}" for p in patient],
-            "age": baseline[patient] + time,
-            "sex": sex[patient],
-            "contrast": rng.integers(0, 2, len(patient)),
-        }
-    )
+    scans = scan_table(rng, patient, baseline[patient] + time, sex[patient])
     if years:
         scans["years"] = time
         scans["age"] = np.floor(scans["age"])

@@ -20,8 +20,9 @@ from ctcohort.models import (
     partial_table,
     regression_table,
     spearman_difference,
+    statistics_table,
 )
-from ctcohort.stats import MIN_N, age_correlations
+from ctcohort.stats import MIN_N, StatisticsSettings, age_correlations
 
 Z975 = 1.959963984540054
 
@@ -356,3 +357,22 @@ def test_a_covariate_category_of_one_scan_leaves_hc3_undefined():
     assert row["coef_per_decade"] == pytest.approx(
         np.linalg.lstsq(design.astype(float), frame["volume_ml"], rcond=None)[0][1]
     )
+
+
+def test_each_analysis_of_the_statistics_stage_takes_its_settings():
+    table, measures = cohort(), ["volume_ml"]
+    settings = StatisticsSettings(
+        measures=measures, correction="fdr_bh", alpha=0.05, partial_covariates=["contrast"], min_n=12, spline_df=4
+    )
+    expected = {
+        "age_correlations": age_correlations(
+            table, measures, "fdr_bh", 0.05, partial_covariates=["contrast"], min_n=12, primary="adjusted"
+        ),
+        "partial_correlations": partial_table(table, measures, ["contrast"], "fdr_bh", 0.05, 12),
+        "by_sex": by_sex_table(table, measures, 12),
+        "regression": regression_table(table, measures, ["contrast"], spline_df=4, min_n=12),
+    }
+    for analysis, want in expected.items():
+        pd.testing.assert_frame_equal(statistics_table(analysis, table, settings), want)
+    with pytest.raises(ValueError, match="unknown analysis 'ages'"):
+        statistics_table("ages", table, settings)

@@ -17,6 +17,7 @@ from scipy.optimize import linprog
 
 from ctcohort import normative
 from ctcohort.cli import main
+from ctcohort.columns import MEASURE_COLUMNS
 from ctcohort.tables import STATS_DIGITS, read_statistics, write_tsv
 
 # the analytic cohort: volume_ml ~ Normal(A + B age + DELTA contrast, SD) per sex
@@ -77,16 +78,8 @@ def test_charts_match_the_analytic_percentiles(fitted):
         *normative.CALIBRATION_COLUMNS,
         *intervals,
     ]
-    assert list(coefficients.columns) == [
-        "structure",
-        "measure",
-        "sex",
-        "covariate",
-        *COLUMNS,
-        "eta_mu",
-        "levels",
-        "effect",
-    ]
+    named, effect = ["structure", "measure", "sex", "covariate"], ["eta_mu", "levels", "effect"]
+    assert list(coefficients.columns) == [*named, *COLUMNS, *effect]
     assert (charts["note"] == "").all() and (charts["contrast"] == 0).all() and (charts["group"] == "abdomen").all()
     z = stats.norm.ppf(np.array(LEVELS) / 100)
     for sex in ("M", "F"):
@@ -219,25 +212,12 @@ def test_a_combined_structure_is_made_from_the_scans_members():
         combined={"kidneys": ["kidney_left", "kidney_right"]},
     )
     assert set(charts["members"]) == {"kidney_left+kidney_right"}
-    columns = [
-        "structure",
-        "label",
-        "group",
-        "n_voxels",
-        "volume_ml",
-        "hu_mean",
-        "hu_median",
-        "hu_std",
-        "hu_mean_eroded",
-        "complete",
-        "exclusion_reason",
-    ]
     scan = pd.DataFrame(
         [
             ("kidney_left", 2, "organ", 1000, 120.0, 30.0, 30.0, 5.0, 31.0, True, ""),
             ("kidney_right", 3, "organ", 1100, 130.0, 32.0, 32.0, 5.0, 33.0, True, ""),
         ],
-        columns=columns,
+        columns=MEASURE_COLUMNS,
     )
     placement = normative.place_on_charts(charts, coefficients, scan, age=50, sex="F").set_index("structure")
     assert placement.at["kidneys", "value"] == 120.0 + 130.0

@@ -53,6 +53,32 @@ def release_labels(dataset_id: int) -> dict[str, int]:
     return dict(zip(classes["name"], classes["label"].astype(int)))
 
 
+def plain_conv_unet(features, kernels, strides, convs_per_stage: int) -> dict:
+    """A plans configuration's ``architecture``: nnU-Net's plain 3D U-Net (instance norm, leaky ReLU, no dropout)
+    with these features, kernel sizes and strides per stage."""
+    n_stages = len(features)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n_stages,
+            "features_per_stage": list(features),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [list(k) for k in kernels],
+            "strides": [list(s) for s in strides],
+            "n_conv_per_stage": [convs_per_stage] * n_stages,
+            "n_conv_per_stage_decoder": [convs_per_stage] * (n_stages - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
 def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, features, strides=None) -> dict:
     n_stages = len(features)
     strides = strides or [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1)
@@ -89,26 +115,7 @@ def _plans(dataset_name: str, reader: str, spacing, patch, transpose_forward, fe
                     "order_z": 0,
                     "force_separate_z": None,
                 },
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {
-                        "n_stages": n_stages,
-                        "features_per_stage": list(features),
-                        "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * n_stages,
-                        "strides": [list(s) for s in strides],
-                        "n_conv_per_stage": [1] * n_stages,
-                        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-                        "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                        "dropout_op": None,
-                        "dropout_op_kwargs": None,
-                        "nonlin": "torch.nn.LeakyReLU",
-                        "nonlin_kwargs": {"inplace": True},
-                    },
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
+                "architecture": plain_conv_unet(features, [[3, 3, 3]] * n_stages, strides, convs_per_stage=1),
                 "batch_dice": False,
             }
         },

@@ -23,6 +23,11 @@ MEASURE_DEFAULTS = {
 }
 
 
+def _flag(name: str) -> str:
+    """The option of a settings field: --min-spacing-mm for min_spacing_mm."""
+    return "--" + name.replace("_", "-")
+
+
 def _phantom(args: argparse.Namespace) -> None:
     from ctcohort import phantom
 
@@ -132,10 +137,7 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--name", default=defaults.name, help="nnU-Net dataset name (default %(default)s)")
     t.add_argument("--structures", nargs="+", help="structures to train (default: every mask of the release)")
     t.add_argument(
-        "--phantom-n",
-        type=int,
-        default=defaults.phantom_n,
-        help="phantom scans when no --release is given (default %(default)s)",
+        "--phantom-n", type=int, default=defaults.phantom_n, help="phantom scans if no --release (default %(default)s)"
     )
     t.add_argument("--phantom-seed", type=int, default=defaults.phantom_seed)
     t.set_defaults(run=_train)
@@ -144,28 +146,17 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
 def _training_arguments(t: argparse.ArgumentParser, train) -> None:
     """``ctcohort train``'s options of the network and its optimisation."""
     defaults, small = train.DEFAULTS, train.DEFAULTS.small_configuration
-    t.add_argument(
-        "--patch-voxels",
-        type=int,
-        default=small.patch_voxels,
-        help="3d_small: voxels per patch (default %(default)s; clipped to the median image, so a large "
-        "number means whole-image patches)",
-    )
-    t.add_argument(
-        "--base-features",
-        type=int,
-        default=small.base_features,
-        help="3d_small: features of the first stage (default %(default)s)",
-    )
-    t.add_argument(
-        "--max-features",
-        type=int,
-        default=small.max_features,
-        help="3d_small: most features of a stage (default %(default)s)",
-    )
-    t.add_argument(
-        "--batch-size", type=int, default=small.batch_size, help="3d_small: patches per iteration (default %(default)s)"
-    )
+    for name, help_text in (  # an option per field of the 3d_small configuration, named as the field
+        (
+            "patch_voxels",
+            "voxels per patch (default %(default)s; clipped to the median image, so a large number "
+            "means whole-image patches)",
+        ),
+        ("base_features", "features of the first stage (default %(default)s)"),
+        ("max_features", "most features of a stage (default %(default)s)"),
+        ("batch_size", "patches per iteration (default %(default)s)"),
+    ):
+        t.add_argument(_flag(name), type=int, default=getattr(small, name), help=f"3d_small: {help_text}")
     t.add_argument(
         "--no-augmentation",
         dest="augmentation",
@@ -177,6 +168,7 @@ def _training_arguments(t: argparse.ArgumentParser, train) -> None:
         "--time-budget-min",
         type=float,
         default=defaults.time_budget_min,
+        metavar="MINUTES",
         help="fit the epochs into this many minutes (fewer epochs if needed)",
     )
     t.add_argument(
@@ -233,25 +225,13 @@ def _measure_arguments(m: argparse.ArgumentParser) -> None:
         default=MEASURE_DEFAULTS["min_voxels"],
         help="fewer voxels than this is an implausible segmentation (default %(default)s)",
     )
-    defaults = ScanChecks()
-    m.add_argument(
-        "--min-spacing-mm",
-        type=float,
-        default=defaults.min_spacing_mm,
-        help="a voxel size below this fails the scan (default %(default)s mm)",
-    )
-    m.add_argument(
-        "--max-spacing-mm",
-        type=float,
-        default=defaults.max_spacing_mm,
-        help="a voxel size above this fails the scan (default %(default)s mm)",
-    )
-    m.add_argument(
-        "--lowest-hu-at-most",
-        type=float,
-        default=defaults.lowest_hu_at_most,
-        help="a CT whose lowest value is above this is not in HU and fails (default %(default)s)",
-    )
+    checks = ScanChecks()
+    for name, help_text in (  # an option per check of the scan, named as its field of ScanChecks
+        ("min_spacing_mm", "a voxel size below this fails the scan (default %(default)s mm)"),
+        ("max_spacing_mm", "a voxel size above this fails the scan (default %(default)s mm)"),
+        ("lowest_hu_at_most", "a CT whose lowest value is above this is not in HU and fails (default %(default)s)"),
+    ):
+        m.add_argument(_flag(name), type=float, default=getattr(checks, name), help=help_text)
     m.set_defaults(run=_measure)
 
 

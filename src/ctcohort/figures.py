@@ -203,6 +203,14 @@ def say(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+def legend_below_age_axis(ax, **style) -> None:
+    """The legend centred under the age axis's title, where it hides no point or line of the panel."""
+    below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -27 / 72, ax.figure.dpi_scale_trans)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, frameon=False, borderaxespad=0.0, **style
+    )
+
+
 # ---------------------------------------------------------------------------------------------- forest plot
 
 
@@ -473,18 +481,7 @@ def plot_scatter_lowess(
                 continue
             fit = lowess(chosen[measure].to_numpy(float), chosen["age"].to_numpy(float), frac=frac, it=it)
             ax.plot(fit[:, 0], fit[:, 1], color=SEX_COLOURS.get(key, "black"), lw=1.6, label=f"_LOWESS {key}", zorder=3)
-        below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -27 / 72, fig.dpi_scale_trans)
-        ax.legend(
-            loc="upper center",
-            bbox_to_anchor=(0.5, 0),
-            bbox_transform=below,
-            ncol=2,
-            frameon=False,
-            markerscale=1.8,
-            handletextpad=0.1,
-            columnspacing=0.8,
-            borderaxespad=0.0,
-        )
+        legend_below_age_axis(ax, ncol=2, markerscale=1.8, handletextpad=0.1, columnspacing=0.8)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout(h_pad=1.0, w_pad=0.8)

@@ -65,7 +65,10 @@ from ctcohort.stats import (
     CONSTANT,
     DEFAULTS,
     PARTIAL_ROW_COLUMNS,
+    STRUCTURE_MEASURE,
     TOO_FEW_SCANS,
+    StatisticsSettings,
+    age_correlations,
     check_tests,
     correct_p_values,
     is_categorical,
@@ -80,10 +83,7 @@ from ctcohort.stats import (
 PARTIAL_COLUMNS = [*PARTIAL_ROW_COLUMNS[:-1], "p_bonferroni", "q_fdr", "significant", "note"]
 SEXES = ("M", "F")
 BY_SEX_COLUMNS = [
-    "structure",
-    "group",
-    "family",
-    "measure",
+    *STRUCTURE_MEASURE,
     *(f"{name}_{sex}" for sex in SEXES for name in ("n", "rs", "ci_low", "ci_high", "p")),
     "z_diff",
     "p_diff",
@@ -93,10 +93,7 @@ BY_SEX_COLUMNS = [
     "note_F",
 ]
 REGRESSION_COLUMNS = [
-    "structure",
-    "group",
-    "family",
-    "measure",
+    *STRUCTURE_MEASURE,
     "n",
     "n_patients",
     "covariates",
@@ -333,9 +330,10 @@ def regression_table(
     measurements: pd.DataFrame,
     measures: list[str],
     covariates: list[str],
+    *,  # by name: seed, spline_df and min_n are all integers, easily swapped by position
+    seed: int = 0,
     spline_df: int = DEFAULTS.spline_df,
     min_n: int = DEFAULTS.min_n,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """results/stats/regression.tsv (columns REGRESSION_COLUMNS; module docstring)."""
     check_tests(DEFAULTS.correction, min_n)
@@ -365,3 +363,27 @@ def regression_table(
     correct_p_values(table, "p_nonlinear", "p_nonlinear_bonferroni", "q_nonlinear_fdr", table["p_nonlinear"].notna())
     log.info("regression on age given %s: %d of %d rows fitted", present, tested.sum(), len(table))
     return table[REGRESSION_COLUMNS]
+
+
+def statistics_table(analysis: str, measurements: pd.DataFrame, settings: StatisticsSettings) -> pd.DataFrame:
+    """The table of one cross-sectional analysis (the rule that writes it: age_correlations,
+    partial_correlations, by_sex or regression) with the statistics stage's settings."""
+    measures, covariates, min_n = settings.measures, settings.partial_covariates, settings.min_n
+    correction, alpha = settings.correction, settings.alpha
+    if analysis == "age_correlations":
+        return age_correlations(
+            measurements,
+            measures,
+            correction,
+            alpha,
+            partial_covariates=covariates,
+            min_n=min_n,
+            primary=settings.primary,
+        )
+    if analysis == "partial_correlations":
+        return partial_table(measurements, measures, covariates, correction=correction, alpha=alpha, min_n=min_n)
+    if analysis == "by_sex":
+        return by_sex_table(measurements, measures, min_n=min_n)
+    if analysis == "regression":
+        return regression_table(measurements, measures, covariates, spline_df=settings.spline_df, min_n=min_n)
+    raise ValueError(f"unknown analysis {analysis!r}")

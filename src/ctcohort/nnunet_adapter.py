@@ -521,7 +521,6 @@ def load_predictor(
     (epochs, mirroring), and the lookup imports every trainer module nnU-Net has. ModelFolderError for a
     configuration that ``predict_labels`` cannot serve.
     """
-    predictor_class = _nnunet("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
     trainer_class = getattr(_nnunet(TRAINER_MODULE), TRAINER)
     label_handling = _nnunet("nnunetv2.utilities.label_handling.label_handling")
     plans_manager_class = _nnunet("nnunetv2.utilities.plans_handling.plans_handler").PlansManager
@@ -546,18 +545,7 @@ def load_predictor(
         enable_deep_supervision=False,
     )
     network.load_state_dict(parameters[0])
-    # 2.8.1 prints "perform_everything_on_device=True is only supported for cuda" for any non-CUDA device,
-    # even when it is False: kept out of the job logs, where it would read as a problem
-    with contextlib.redirect_stdout(io.StringIO()):
-        predictor = predictor_class(
-            tile_step_size=tile_step,
-            use_gaussian=True,
-            use_mirroring=mirroring,
-            perform_everything_on_device=device.type == "cuda",
-            device=device,
-            verbose=False,
-            allow_tqdm=False,
-        )
+    predictor = new_predictor(device, tile_step, mirroring)
     predictor.manual_initialization(
         network,
         plans_manager,
@@ -568,6 +556,24 @@ def load_predictor(
         first.get("inference_allowed_mirroring_axes"),
     )
     return predictor
+
+
+def new_predictor(device, tile_step: float, mirroring: bool):
+    """An nnUNetPredictor without a model, as TotalSegmentator sets one up (Gaussian-weighted tiles, everything on
+    a CUDA device, quiet)."""
+    predictor_class = _nnunet("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
+    # 2.8.1 prints "perform_everything_on_device=True is only supported for cuda" for any non-CUDA device,
+    # even when it is False: kept out of the job logs, where it would read as a problem
+    with contextlib.redirect_stdout(io.StringIO()):
+        return predictor_class(
+            tile_step_size=tile_step,
+            use_gaussian=True,
+            use_mirroring=mirroring,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            allow_tqdm=False,
+        )
 
 
 def _check_configuration(folder: Path, configuration, name: str) -> None:

@@ -29,11 +29,10 @@ from statsmodels.stats.multitest import multipletests
 from ctcohort.patients import PatientSettings, patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
+# the columns that name a structure x measure, leading each table of tests
+STRUCTURE_MEASURE = ["structure", "group", "family", "measure"]
 CORRELATION_COLUMNS = [
-    "structure",
-    "group",
-    "family",
-    "measure",
+    *STRUCTURE_MEASURE,
     "n",
     "n_patients",
     "rs",
@@ -57,10 +56,7 @@ CORRELATION_COLUMNS = [
 ]
 # one row of the adjusted analysis (partial_rows), before its corrections
 PARTIAL_ROW_COLUMNS = [
-    "structure",
-    "group",
-    "family",
-    "measure",
+    *STRUCTURE_MEASURE,
     "n",
     "n_patients",
     "k",
@@ -343,7 +339,7 @@ def _spearman_rows(measurements: pd.DataFrame, measures: list[str], min_n: int) 
 def _not_adjusted(table: pd.DataFrame) -> pd.DataFrame:
     """PARTIAL_ROW_COLUMNS for the rows of ``table`` where no covariate is in the table: adjusted for nothing, the
     plain analysis again, which would only repeat it; NaN with note NO_COVARIATES."""
-    rows = table[["structure", "group", "family", "measure", "n_patients"]].assign(covariates="", note=NO_COVARIATES)
+    rows = table[[*STRUCTURE_MEASURE, "n_patients"]].assign(covariates="", note=NO_COVARIATES)
     return rows.reindex(columns=PARTIAL_ROW_COLUMNS)
 
 
@@ -385,9 +381,7 @@ def age_correlations(
         }
     )
     correct_p_values(adjusted, "p_partial", "p_partial_bonferroni", "q_partial_fdr", adjusted["note_partial"] == "")
-    table = pd.concat(
-        [table, adjusted.drop(columns=["structure", "group", "family", "measure", "n_patients", "k"])], axis=1
-    )
+    table = pd.concat([table, adjusted.drop(columns=[*STRUCTURE_MEASURE, "n_patients", "k"])], axis=1)
     table["primary"] = "adjusted" if primary == "adjusted" and present else "unadjusted"
     view = primary_view(table)
     corrected = view["p_bonferroni"] if correction == "bonferroni" else view["q_fdr"]

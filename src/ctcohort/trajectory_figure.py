@@ -8,7 +8,6 @@ from pathlib import Path
 
 import matplotlib.collections  # noqa: E402 - after ctcohort.figures, which selects the Agg backend
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.transforms  # noqa: E402
 import numpy as np
 import pandas as pd
 
@@ -18,6 +17,7 @@ from ctcohort.figures import (
     SEX_NAMES,
     UNKNOWN_SEX_COLOUR,
     journal_style,
+    legend_below_age_axis,
     pretty,
     save_figure,
     say,
@@ -81,16 +81,7 @@ def draw_panel(ax, measurements: pd.DataFrame, structure: str, measure: str) -> 
         ax.plot([], [], color=colour, lw=1.2, label=f"{SEX_NAMES[key]} (n={len(lines[key])} patients)")
     ax.autoscale_view()
     # below the age axis title, as in the scatter plots: inside, it would hide lines
-    below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -27 / 72, ax.figure.dpi_scale_trans)
-    ax.legend(
-        loc="upper center",
-        bbox_to_anchor=(0.5, 0),
-        bbox_transform=below,
-        ncol=1,
-        frameon=False,
-        handlelength=1.2,
-        borderaxespad=0.0,
-    )
+    legend_below_age_axis(ax, ncol=1, handlelength=1.2)
 
 
 @journal_style

@@ -50,7 +50,7 @@ rule age_correlations:
     params:
         statistics=config["statistics"],  # StatisticsSettings
     script:
-        "../scripts/age_correlations.py"
+        "../scripts/statistics_table.py"
 
 
 # The paper's 12 reported correlations (resources/paper/aging_correlations.tsv) beside the study's own.
@@ -108,7 +108,7 @@ rule partial_correlations:
     params:
         statistics=config["statistics"],  # StatisticsSettings
     script:
-        "../scripts/partial_correlations.py"
+        "../scripts/statistics_table.py"
 
 
 rule by_sex:
@@ -128,7 +128,7 @@ rule by_sex:
     params:
         statistics=config["statistics"],  # StatisticsSettings
     script:
-        "../scripts/by_sex.py"
+        "../scripts/statistics_table.py"
 
 
 rule regression:
@@ -148,7 +148,7 @@ rule regression:
     params:
         statistics=config["statistics"],  # StatisticsSettings
     script:
-        "../scripts/regression.py"
+        "../scripts/statistics_table.py"
 
 
 # Per structure group and measure: how many structures were tested, and went up or down with age.
