@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_workflow
+from conftest import background_marked, run_workflow
 from dicom_edits import series_files, tilt, write_copies
 
 from ctcohort.structures import load_structure_table
@@ -46,16 +46,6 @@ FAILING = {
 
 def save(array, affine, path, dtype):
     nib.save(nib.Nifti1Image(np.asarray(array).astype(dtype), affine), path)
-
-
-def background_marked(hu, labels, k):
-    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
-    (the sheet may not name one scan twice: duplicates), measured exactly as ``hu``. The voxel is outside every
-    structure (label 0), above the CT's minimum and below -600 HU (in air: no range, body or window changes)."""
-    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
-    marked = hu.copy()
-    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
-    return marked
 
 
 @pytest.fixture(scope="module")
