@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import real_example_v1, run_workflow
+from conftest import precomputed_study, real_example_v1, run_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +47,7 @@ def repeated_scans_study(tmp_path_factory):
                     "patient": patient,
                 }
             )
-    pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {
-        "cohort": str(data / "cohort.tsv"),
-        "segmentation": {"method": "precomputed"},
-        "statistics": {"min_n": 3},
-        "normative": {"panels": []},
-        "figures": {"scatter": []},
-    }
+    config = precomputed_study(data, rows)
     # the tables and the Methods that these tests read (the figures add nothing here)
     run_workflow(
         workdir, config, "results/methods.md", "results/stats/partial_correlations.tsv", "results/stats/by_sex.tsv"
