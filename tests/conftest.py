@@ -104,3 +104,10 @@ def precomputed_study(data: Path, rows: list[dict]) -> dict:
         "normative": {"panels": []},
         "figures": {"scatter": []},
     }
+
+
+def study_folder(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A new study folder (the workflow's working directory) and its data/ folder, for the scans and the sheet."""
+    workdir = tmp_path_factory.mktemp(name)
+    (workdir / "data").mkdir()
+    return workdir, workdir / "data"

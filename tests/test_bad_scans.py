@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import background_marked, run_workflow
+from conftest import background_marked, run_workflow, study_folder
 from dicom_edits import series_files, tilt, write_copies
 
 from ctcohort.structures import load_structure_table
@@ -55,9 +55,7 @@ def real_ct_cohort(tmp_path_factory):
     from conftest import require_shared_data
 
     folder = require_shared_data() / "totalseg-example"
-    workdir = tmp_path_factory.mktemp("realct")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "realct")
     ct_img = nib.load(folder / "example_ct.nii.gz")
     seg_img = nib.load(folder / "example_seg_v1.nii.gz")
     hu = np.asanyarray(ct_img.dataobj).astype(np.int32)

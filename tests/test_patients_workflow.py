@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import precomputed_study, real_example_v1, run_workflow
+from conftest import precomputed_study, real_example_v1, run_workflow, study_folder
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ P_COLUMNS = {
 @pytest.fixture(scope="module")
 def repeated_scans_study(tmp_path_factory):
     affine, hu, labels = real_example_v1()
-    workdir = tmp_path_factory.mktemp("patients")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "patients")
     nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     rows = []
     for patient, ages in PATIENTS.items():
@@ -106,9 +104,7 @@ def repeated_scans_over_years(tmp_path_factory):
     hu, labels = hu[:, :, 60:112], labels[:, :, 60:112]  # the abdomen; the origin moves to slice 60
     affine = affine.copy()
     affine[:3, 3] = (affine @ [0, 0, 60, 1])[:3]
-    workdir = tmp_path_factory.mktemp("longitudinal")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "longitudinal")
     nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     liver, spleen = labels == LIVER, labels == SPLEEN
     assert liver.sum() > 1000 and spleen.sum() > 1000

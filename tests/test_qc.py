@@ -297,12 +297,10 @@ def qc_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation, run through the real workflow: one scan's
     left kidney shrunk to an implausible volume, one scan's gallbladder set to 4000 HU, one CT truncated,
     one scan without an age."""
-    from conftest import background_marked, real_example_v1, run_workflow
+    from conftest import background_marked, real_example_v1, run_workflow, study_folder
 
     affine, hu, labels = real_example_v1()
-    workdir = tmp_path_factory.mktemp("qc")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "qc")
     kidney = V1_IDS["kidney_left"]
     shrunk = labels.copy()
     inside = np.argwhere(labels == kidney)
