@@ -78,3 +78,39 @@ def run_workflow(workdir: Path, config_overrides: dict, *args: str, check: bool 
             f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def background_marked(hu, labels, k: int):
+    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
+    (the sheet may not name one scan twice: duplicates; scans whose shifts round alike would otherwise be the
+    same bytes), measured exactly as ``hu``. The voxel is outside every structure (label 0), above the CT's
+    minimum and below -600 HU: in air, below the body threshold and the soft-tissue window, so neither the CT's
+    range, its body nor its preview changes."""
+    import numpy as np
+
+    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
+    marked = hu.copy()
+    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
+    return marked
+
+
+def precomputed_study(data: Path, rows: list[dict]) -> dict:
+    """Writes ``rows`` as the cohort sheet in ``data`` and returns the config overrides of a small study of
+    precomputed segmentations: statistics from 3 scans, neither normative charts nor scatter figures."""
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
+    return {
+        "cohort": str(data / "cohort.tsv"),
+        "segmentation": {"method": "precomputed"},
+        "statistics": {"min_n": 3},
+        "normative": {"panels": []},
+        "figures": {"scatter": []},
+    }
+
+
+def study_folder(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A new study folder (the workflow's working directory) and its data/ folder, for the scans and the sheet."""
+    workdir = tmp_path_factory.mktemp(name)
+    (workdir / "data").mkdir()
+    return workdir, workdir / "data"

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_workflow
+from conftest import background_marked, run_workflow, study_folder
 from dicom_edits import series_files, tilt, write_copies
 
 from ctcohort.structures import load_structure_table
@@ -48,16 +48,6 @@ def save(array, affine, path, dtype):
     nib.save(nib.Nifti1Image(np.asarray(array).astype(dtype), affine), path)
 
 
-def background_marked(hu, labels, k):
-    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
-    (the sheet may not name one scan twice: duplicates), measured exactly as ``hu``. The voxel is outside every
-    structure (label 0), above the CT's minimum and below -600 HU (in air: no range, body or window changes)."""
-    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
-    marked = hu.copy()
-    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
-    return marked
-
-
 @pytest.fixture(scope="module")
 def real_ct_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation: three good, one with metal, one with non-finite
@@ -65,9 +55,7 @@ def real_ct_cohort(tmp_path_factory):
     from conftest import require_shared_data
 
     folder = require_shared_data() / "totalseg-example"
-    workdir = tmp_path_factory.mktemp("realct")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "realct")
     ct_img = nib.load(folder / "example_ct.nii.gz")
     seg_img = nib.load(folder / "example_seg_v1.nii.gz")
     hu = np.asanyarray(ct_img.dataobj).astype(np.int32)

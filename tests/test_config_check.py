@@ -6,7 +6,7 @@ import subprocess
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO, snakemake_command
+from conftest import REPO, workflow_command
 
 from ctcohort import centiles, ct_age, imaging, patients, qc, segment, stats, train
 from ctcohort.config_check import config_disagreements, structure_reference_problems, typed_like_schema
@@ -151,9 +151,9 @@ def test_misspelled_structures_are_named_with_their_key():
 
 
 def dry_run(tmp_path, *config_args):
-    configfile = str(REPO / "config" / "config.yaml")
-    command = snakemake_command(tmp_path, "--configfile", configfile, "--dry-run", "--config", *config_args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """A dry run of the shipped config in ``tmp_path`` with ``--config`` values, as a user types them."""
+    command = workflow_command(tmp_path, {}, "--dry-run", "--config", *config_args)
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def test_a_nested_config_value_as_the_readme_teaches_it_works(tmp_path):

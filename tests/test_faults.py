@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import require_shared_data, run_workflow, workflow_command
+from conftest import background_marked, require_shared_data, run_workflow, workflow_command
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +32,6 @@ EVALUATED = ["s01", "s02"]
 # Not compared: logs and benchmarks hold times and process ids of the run that wrote them (and a rerun
 # appends to a killed job's log); the HTML report (not built here) embeds its creation date and run info.
 RUN_RECORDS = ("logs", "benchmarks")
-
-
-def background_marked(hu, labels, k):
-    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
-    (the sheet may not name one scan twice: duplicates; scans whose shifts round alike would otherwise be the
-    same bytes), measured exactly as ``hu``. The voxel is outside every structure (label 0), above the CT's
-    minimum and below -600 HU (in air: no range, body or preview window changes)."""
-    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
-    marked = hu.copy()
-    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
-    return marked
 
 
 @pytest.fixture(scope="module")

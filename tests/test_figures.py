@@ -325,6 +325,23 @@ def correlations_with_other(correlations):
     return pd.concat([correlations, extra], ignore_index=True)
 
 
+def group_of_structure(rows: pd.DataFrame) -> pd.Series:
+    """Each structure's group, "other" where it has none."""
+    return rows.drop_duplicates("structure").set_index("structure")["group"].replace("", "other")
+
+
+def labels_in_group_order(group: pd.Series) -> list[str]:
+    """The structures as the figures label them, top to bottom: by group in GROUP_ORDER (other last), then by
+    name."""
+    return (
+        group.reset_index()
+        .assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
+        .sort_values(["order", "structure"])["structure"]
+        .str.replace("_", " ")
+        .tolist()
+    )
+
+
 def test_forest_plot_groups_structures_under_headings_with_rs_and_ci(tmp_path, saved, correlations_with_other):
     table = correlations_with_other
     measures = ["volume_ml", "hu_mean"]
@@ -334,14 +351,8 @@ def test_forest_plot_groups_structures_under_headings_with_rs_and_ci(tmp_path, s
     axes = fig.axes
     assert len(axes) == len(measures)
     plotted = table[table["measure"].isin(measures) & table["rs"].notna()]
-    group = plotted.drop_duplicates("structure").set_index("structure")["group"].replace("", "other")
-    want = (
-        group.reset_index()
-        .assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
-        .sort_values(["order", "structure"])["structure"]
-        .str.replace("_", " ")
-        .tolist()
-    )
+    group = group_of_structure(plotted)
+    want = labels_in_group_order(group)
     assert want == ["brain", "kidney right", "liver", "femur left", "iliopsoas left", "aorta", "mystery"]
     assert top_to_bottom(axes[0]) == want
     y_of = y_of_ticks(axes[0])
@@ -431,14 +442,8 @@ def test_rs_heatmap_colours_each_cell_by_rs_and_marks_significant_and_untested_c
     (fig,) = saved
     ax = fig.axes[0]
     shown = table[table["measure"].isin(measures)]
-    group = shown.drop_duplicates("structure").set_index("structure")["group"].replace("", "other")
-    want = (
-        group.reset_index()
-        .assign(order=lambda t: t["group"].map((GROUP_ORDER + ["other"]).index))
-        .sort_values(["order", "structure"])["structure"]
-        .str.replace("_", " ")
-        .tolist()
-    )
+    group = group_of_structure(shown)
+    want = labels_in_group_order(group)
     # every structure with a row, the untested spleen too (all grey); heart has no row for these measures
     assert (
         top_to_bottom(ax)

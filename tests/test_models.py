@@ -48,35 +48,46 @@ def cohort(seed: int = 0) -> pd.DataFrame:
     return pd.concat([table, women], ignore_index=True)
 
 
-def test_partial_correlations_equal_pingouin(monkeypatch):
-    monkeypatch.setitem(pingouin.options, "round.column.CI95", None)  # pingouin shows the CI to 2 decimals
+def adjusted_table(fit, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cohort and the table ``fit`` makes of it adjusted for sex and contrast (checked to have ``columns``),
+    indexed by structure, group and measure."""
     table = cohort()
-    result = partial_table(table, MEASURES, ["sex", "contrast"])
-    assert list(result.columns) == PARTIAL_COLUMNS
-    result = result.set_index(KEY)
-    checked = 0
+    result = fit(table, MEASURES, ["sex", "contrast"])
+    assert list(result.columns) == columns
+    return table, result.set_index(KEY)
+
+
+def rows_and_scans(table: pd.DataFrame, result: pd.DataFrame):
+    """Each row of ``result`` with the scans of its structure and group, and its measure."""
     for (structure, group), block in table.groupby(["structure", "group"]):
         for measure in MEASURES:
-            valid = block[["age", measure, "sex", "contrast"]].dropna().copy()
-            valid["male"] = (valid["sex"] == "M").astype(float)
-            covariates = [c for c in ("male", "contrast") if valid[c].nunique() > 1]
-            row = result.loc[(structure, group, measure)]
-            assert row["n"] == len(valid)
-            if row["note"]:
-                continue
-            assert row["k"] == len(covariates)
-            reference = pingouin.partial_corr(data=valid, x="age", y=measure, covar=covariates, method="spearman")
-            r, n = reference["r"].iloc[0], len(valid)
-            assert row["rs_partial"] == pytest.approx(r, abs=1e-6)
-            if n > 30:
-                assert row["p"] == pytest.approx(
-                    max(reference["p_val"].iloc[0], 2 / math.factorial(n)), rel=1e-6, abs=1e-12
-                )
-            # Bonett & Wright's standard error on Fisher's z, with k covariates
-            half = Z975 * math.sqrt((1 + r * r / 2) / (n - 3 - len(covariates)))
-            assert row["ci_low"] == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-6)
-            assert row["ci_high"] == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-6)
-            checked += 1
+            yield result.loc[(structure, group, measure)], block, measure
+
+
+def test_partial_correlations_equal_pingouin(monkeypatch):
+    monkeypatch.setitem(pingouin.options, "round.column.CI95", None)  # pingouin shows the CI to 2 decimals
+    table, result = adjusted_table(partial_table, PARTIAL_COLUMNS)
+    checked = 0
+    for row, block, measure in rows_and_scans(table, result):
+        valid = block[["age", measure, "sex", "contrast"]].dropna().copy()
+        valid["male"] = (valid["sex"] == "M").astype(float)
+        covariates = [c for c in ("male", "contrast") if valid[c].nunique() > 1]
+        assert row["n"] == len(valid)
+        if row["note"]:
+            continue
+        assert row["k"] == len(covariates)
+        reference = pingouin.partial_corr(data=valid, x="age", y=measure, covar=covariates, method="spearman")
+        r, n = reference["r"].iloc[0], len(valid)
+        assert row["rs_partial"] == pytest.approx(r, abs=1e-6)
+        if n > 30:
+            assert row["p"] == pytest.approx(
+                max(reference["p_val"].iloc[0], 2 / math.factorial(n)), rel=1e-6, abs=1e-12
+            )
+        # Bonett & Wright's standard error on Fisher's z, with k covariates
+        half = Z975 * math.sqrt((1 + r * r / 2) / (n - 3 - len(covariates)))
+        assert row["ci_low"] == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-6)
+        assert row["ci_high"] == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-6)
+        checked += 1
     assert checked >= 10
     assert result.loc[("uterus", "abdomen", "volume_ml"), "k"] == 1  # contrast only: every scan is F
 
@@ -193,37 +204,32 @@ def hc3(design: np.ndarray, y: np.ndarray):
 
 
 def test_regression_equals_least_squares_with_hc3_by_hand():
-    table = cohort()
-    result = regression_table(table, MEASURES, ["sex", "contrast"])
-    assert list(result.columns) == REGRESSION_COLUMNS
-    result = result.set_index(KEY)
+    table, result = adjusted_table(regression_table, REGRESSION_COLUMNS)
     checked = 0
-    for (structure, group), block in table.groupby(["structure", "group"]):
-        for measure in MEASURES:
-            row = result.loc[(structure, group, measure)]
-            valid = block[["age", measure, "sex", "contrast"]].dropna()
-            assert row["n"] == len(valid)
-            if row["note"]:
-                continue
-            columns = [np.ones(len(valid)), valid["age"].to_numpy() / 10]
-            if valid["sex"].nunique() > 1:
-                columns.append((valid["sex"] == "M").to_numpy(dtype=float))
-            if valid["contrast"].nunique() > 1:
-                columns.append(valid["contrast"].to_numpy(dtype=float))
-            beta, se, _ = hc3(np.column_stack(columns), valid[measure].to_numpy())
-            assert row["coef_per_decade"] == pytest.approx(beta[1], rel=1e-8, abs=1e-10)
-            assert row["ci_low"] == pytest.approx(beta[1] - Z975 * se[1], rel=1e-7, abs=1e-9)
-            assert row["ci_high"] == pytest.approx(beta[1] + Z975 * se[1], rel=1e-7, abs=1e-9)
-            if len(valid) > 30:
-                assert row["p"] == pytest.approx(
-                    max(math.erfc(abs(beta[1] / se[1]) / math.sqrt(2)), 2 / math.factorial(len(valid))),
-                    rel=1e-6,
-                    abs=1e-300,
-                )
-            median = float(np.median(valid[measure]))
-            assert row["median"] == pytest.approx(median)
-            assert row["percent_per_decade"] == pytest.approx(100 * beta[1] / median, rel=1e-8)
-            checked += 1
+    for row, block, measure in rows_and_scans(table, result):
+        valid = block[["age", measure, "sex", "contrast"]].dropna()
+        assert row["n"] == len(valid)
+        if row["note"]:
+            continue
+        columns = [np.ones(len(valid)), valid["age"].to_numpy() / 10]
+        if valid["sex"].nunique() > 1:
+            columns.append((valid["sex"] == "M").to_numpy(dtype=float))
+        if valid["contrast"].nunique() > 1:
+            columns.append(valid["contrast"].to_numpy(dtype=float))
+        beta, se, _ = hc3(np.column_stack(columns), valid[measure].to_numpy())
+        assert row["coef_per_decade"] == pytest.approx(beta[1], rel=1e-8, abs=1e-10)
+        assert row["ci_low"] == pytest.approx(beta[1] - Z975 * se[1], rel=1e-7, abs=1e-9)
+        assert row["ci_high"] == pytest.approx(beta[1] + Z975 * se[1], rel=1e-7, abs=1e-9)
+        if len(valid) > 30:
+            assert row["p"] == pytest.approx(
+                max(math.erfc(abs(beta[1] / se[1]) / math.sqrt(2)), 2 / math.factorial(len(valid))),
+                rel=1e-6,
+                abs=1e-300,
+            )
+        median = float(np.median(valid[measure]))
+        assert row["median"] == pytest.approx(median)
+        assert row["percent_per_decade"] == pytest.approx(100 * beta[1] / median, rel=1e-8)
+        checked += 1
     assert checked >= 10
 
 

@@ -404,25 +404,22 @@ def test_tables_round_trip(fitted, tmp_path):
     assert normative.chart_layout(read) == (tuple(map(float, LEVELS)), ["contrast"])
 
 
-def test_zscore_command(fitted, tmp_path, capsys):
+def chart_options(fitted, folder) -> list[str]:
+    """The fitted charts and coefficients written to ``folder`` as the command reads them, and its options naming
+    them."""
     charts, coefficients, _ = fitted
-    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
-    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
+    write_tsv(charts, folder / "charts.tsv", STATS_DIGITS)
+    write_tsv(coefficients, folder / "covariates.tsv", STATS_DIGITS)
+    return ["--charts", str(folder / "charts.tsv"), "--coefficients", str(folder / "covariates.tsv")]
+
+
+def test_zscore_command(fitted, tmp_path, capsys):
+    chart_args = chart_options(fitted, tmp_path)
     age = 50.0
     value = A["F"] + B["F"] * age + DELTA + SD["F"]
     scan = pd.DataFrame({"structure": ["liver", "spleen"], "volume_ml": [value, 200.0], "hu_mean": [60.0, np.nan]})
     scan.to_csv(tmp_path / "scan.tsv", sep="\t", index=False, na_rep="NaN")
-    common = [
-        "zscore",
-        "--charts",
-        str(tmp_path / "charts.tsv"),
-        "--coefficients",
-        str(tmp_path / "covariates.tsv"),
-        "--measurements",
-        str(tmp_path / "scan.tsv"),
-        "--sex",
-        "F",
-    ]
+    common = ["zscore", *chart_args, "--measurements", str(tmp_path / "scan.tsv"), "--sex", "F"]
     out = tmp_path / "z.tsv"
     assert main([*common, "--age", "50", "--covariate", "contrast=1", "--out", str(out)]) == 0
     assert "placed 1 of 2" in capsys.readouterr().out
@@ -437,46 +434,16 @@ def test_zscore_command(fitted, tmp_path, capsys):
     common[common.index("--measurements") + 1] = str(tmp_path / "absent.tsv")
     assert main([*common, "--age", "50", "--out", str(out)]) == 1
     assert "--measurements: no such file" in capsys.readouterr().err
+
     # as a module, the table on standard output
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctcohort",
-            "zscore",
-            *common[1:-4],
-            "--measurements",
-            str(tmp_path / "scan.tsv"),
-            "--age",
-            "50",
-            "--covariate",
-            "contrast=1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    def zscore_as_module(*sex):
+        arguments = [*chart_args, "--measurements", str(tmp_path / "scan.tsv"), *sex, "--age", "50"]
+        command = [sys.executable, "-m", "ctcohort", "zscore", *arguments, "--covariate", "contrast=1"]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+
+    run = zscore_as_module()
     assert run.returncode == 1 and "sex must be M or F" in run.stderr  # --sex left off
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctcohort",
-            "zscore",
-            *common[1:-4],
-            "--measurements",
-            str(tmp_path / "scan.tsv"),
-            "--sex",
-            "F",
-            "--age",
-            "50",
-            "--covariate",
-            "contrast=1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    run = zscore_as_module("--sex", "F")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0].split("\t") == normative.PLACEMENT_COLUMNS and "placed 1 of 2" in run.stderr
 
@@ -486,29 +453,13 @@ def test_a_cohort_of_new_healthy_scans_placed_in_one_call(fitted, tmp_path, caps
     sex, contrast as columns): one `ctcohort zscore` call places all; their z is the analytic one, about 5% lie
     beyond |z| 1.96, none beyond 6; each equals the scan placed alone."""
     charts, coefficients, _ = fitted
-    write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
-    write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)
+    chart_args = chart_options(fitted, tmp_path)
     new = analytic_cohort(2000, seed=99)
     new = new[(new["age"] >= 21) & (new["age"] <= 84)]  # inside every chart's ages
     new["subject"] = [f"0{i:04d}" for i in range(len(new))]  # ids as text: "00001" is not 1
     new.to_csv(tmp_path / "cohort.tsv", sep="\t", index=False)
     out = tmp_path / "scores.tsv"
-    assert (
-        main(
-            [
-                "zscore",
-                "--charts",
-                str(tmp_path / "charts.tsv"),
-                "--coefficients",
-                str(tmp_path / "covariates.tsv"),
-                "--measurements",
-                str(tmp_path / "cohort.tsv"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["zscore", *chart_args, "--measurements", str(tmp_path / "cohort.tsv"), "--out", str(out)]) == 0
     assert f"on the charts, {len(new)} scans" in capsys.readouterr().out
     scores = pd.read_csv(out, sep="\t", dtype={"subject": str}, keep_default_na=False, na_values=["NaN"])
     assert scores["subject"].tolist() == new["subject"].tolist()

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import real_example_v1, run_workflow
+from conftest import precomputed_study, real_example_v1, run_workflow, study_folder
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ P_COLUMNS = {
 @pytest.fixture(scope="module")
 def repeated_scans_study(tmp_path_factory):
     affine, hu, labels = real_example_v1()
-    workdir = tmp_path_factory.mktemp("patients")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "patients")
     nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     rows = []
     for patient, ages in PATIENTS.items():
@@ -47,14 +45,7 @@ def repeated_scans_study(tmp_path_factory):
                     "patient": patient,
                 }
             )
-    pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {
-        "cohort": str(data / "cohort.tsv"),
-        "segmentation": {"method": "precomputed"},
-        "statistics": {"min_n": 3},
-        "normative": {"panels": []},
-        "figures": {"scatter": []},
-    }
+    config = precomputed_study(data, rows)
     # the tables and the Methods that these tests read (the figures add nothing here)
     run_workflow(
         workdir, config, "results/methods.md", "results/stats/partial_correlations.tsv", "results/stats/by_sex.tsv"
@@ -113,9 +104,7 @@ def repeated_scans_over_years(tmp_path_factory):
     hu, labels = hu[:, :, 60:112], labels[:, :, 60:112]  # the abdomen; the origin moves to slice 60
     affine = affine.copy()
     affine[:3, 3] = (affine @ [0, 0, 60, 1])[:3]
-    workdir = tmp_path_factory.mktemp("longitudinal")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "longitudinal")
     nib.save(nib.Nifti1Image(labels, affine), data / "seg.nii.gz")
     liver, spleen = labels == LIVER, labels == SPLEEN
     assert liver.sum() > 1000 and spleen.sum() > 1000

@@ -292,28 +292,15 @@ def test_preview_shows_the_subjects_right_on_the_left():
 # --- the workflow -----------------------------------------------------------------------------------------
 
 
-def background_marked(hu, labels, k):
-    """A copy of ``hu`` with the ``k``-th of a fixed set of background voxels raised by 1 HU: a scan of its own
-    (the sheet may not name one scan twice: duplicates), measured exactly as ``hu``. The voxel is outside every
-    structure (label 0), above the CT's minimum and below -600 HU: neither the CT's range nor the preview changes
-    (below the body threshold and the soft-tissue window, it stays black)."""
-    candidates = np.argwhere((labels == 0) & (hu > hu.min()) & (hu <= -600))
-    marked = hu.copy()
-    marked[tuple(candidates[len(candidates) // 2 + k])] += 1
-    return marked
-
-
 @pytest.fixture(scope="module")
 def qc_cohort(tmp_path_factory):
     """Copies of the real example CT and its v1 segmentation, run through the real workflow: one scan's
     left kidney shrunk to an implausible volume, one scan's gallbladder set to 4000 HU, one CT truncated,
     one scan without an age."""
-    from conftest import real_example_v1, run_workflow
+    from conftest import background_marked, real_example_v1, run_workflow, study_folder
 
     affine, hu, labels = real_example_v1()
-    workdir = tmp_path_factory.mktemp("qc")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "qc")
     kidney = V1_IDS["kidney_left"]
     shrunk = labels.copy()
     inside = np.argwhere(labels == kidney)

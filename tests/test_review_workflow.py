@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import browser  # noqa: F401
-from conftest import real_example_v1, run_workflow
+from conftest import precomputed_study, real_example_v1, run_workflow, study_folder
 
 from ctcohort.aggregate import read_cohort_qc
 from ctcohort.review import SANITY_FLAGS
@@ -32,9 +32,7 @@ def swapped(labels, pair):
 @pytest.fixture(scope="module")
 def review_study(tmp_path_factory):
     affine, hu, labels = real_example_v1()
-    workdir = tmp_path_factory.mktemp("review")
-    data = workdir / "data"
-    data.mkdir()
+    workdir, data = study_folder(tmp_path_factory, "review")
     rows = []
     for i, subject in enumerate([*ORDINARY, *SWAPS]):
         seg = swapped(labels, SWAPS[subject]) if subject in SWAPS else labels
@@ -50,14 +48,7 @@ def review_study(tmp_path_factory):
                 "sex": "MF"[i % 2],
             }
         )
-    pd.DataFrame(rows).to_csv(data / "cohort.tsv", sep="\t", index=False)
-    config = {
-        "cohort": str(data / "cohort.tsv"),
-        "segmentation": {"method": "precomputed"},
-        "statistics": {"min_n": 3},
-        "normative": {"panels": []},
-        "figures": {"scatter": []},
-    }
+    config = precomputed_study(data, rows)
     run_workflow(workdir, config, *TARGETS)
     return workdir, config
 

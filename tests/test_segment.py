@@ -407,6 +407,21 @@ def _network_spacing(transpose_forward, spacing=SCAN_SPACING):
     return tuple(zyx[i] for i in transpose_forward)
 
 
+def _model_on_scan_spacing(folder, *, seed: int, transpose_forward=(0, 1, 2), **options):
+    """A random model of ORGANS on the test scan's spacing (it resamples nothing) that predicts labels 0, 1, 3 and 5
+    only; ``options``: more ``write_model`` arguments."""
+    return write_model(
+        folder,
+        ORGANS,
+        dataset_name="Dataset501_Organs",
+        spacing=_network_spacing(transpose_forward),
+        transpose_forward=transpose_forward,
+        active_labels=(0, 1, 3, 5),
+        seed=seed,
+        **options,
+    )
+
+
 def _several_labels(labels, at_least=3):
     assert len(np.unique(labels)) >= at_least, "the random model should predict several labels for this test to bite"
 
@@ -426,16 +441,8 @@ def test_each_reader_gets_the_array_its_nnunet_reader_gives(tmp_path, reader, or
     """ctcohort's labels equal nnU-Net's own (the plans' reader class reads the file and writes the labels,
     nnU-Net preprocesses, predicts and exports) on an anisotropic, non-cubic scan, on the model's spacing."""
     ct = _write_scan(tmp_path / "ct.nii.gz", orientation)
-    model = write_model(
-        tmp_path / "model",
-        ORGANS,
-        dataset_name="Dataset501_Organs",
-        reader=reader,
-        spacing=_network_spacing(transpose_forward),
-        transpose_forward=transpose_forward,
-        patch=(8, 12, 16),
-        active_labels=(0, 1, 3, 5),
-        seed=3,
+    model = _model_on_scan_spacing(
+        tmp_path / "model", seed=3, transpose_forward=transpose_forward, reader=reader, patch=(8, 12, 16)
     )
     ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path)
@@ -449,15 +456,7 @@ def test_a_non_reorienting_reader_gets_the_scan_in_ras_as_totalsegmentator_feeds
     stored LPS order): the labels of an LPS scan are nnU-Net's labels of its RAS copy."""
     lps = _write_scan(tmp_path / "lps.nii.gz", "LPS")
     nib.save(nib.as_closest_canonical(lps), tmp_path / "ras.nii.gz")
-    model = write_model(
-        tmp_path / "model",
-        ORGANS,
-        dataset_name="Dataset501_Organs",
-        reader="SimpleITKIO",
-        spacing=_network_spacing((0, 1, 2)),
-        active_labels=(0, 1, 3, 5),
-        seed=3,
-    )
+    model = _model_on_scan_spacing(tmp_path / "model", seed=3, reader="SimpleITKIO")
     ours = Segmenter(model, V2, settings=CPU_FLOAT32).segment(lps)
     theirs_ras = nnunet_own_labels(model, tmp_path / "ras.nii.gz", tmp_path)
     np.testing.assert_array_equal(ours[::-1, ::-1, :], theirs_ras)
@@ -479,15 +478,7 @@ def test_a_reader_ctcohort_cannot_honour_is_refused(tmp_path, reader):
 
 def test_folds_are_ensembled_as_nnunet_does(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
-    model = write_model(
-        tmp_path / "model",
-        ORGANS,
-        dataset_name="Dataset501_Organs",
-        folds=(0, 1),
-        spacing=_network_spacing((0, 1, 2)),
-        active_labels=(0, 1, 3, 5),
-        seed=5,
-    )
+    model = _model_on_scan_spacing(tmp_path / "model", seed=5, folds=(0, 1))
     ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, folds=[0, 1])).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, folds=(0, 1))
     np.testing.assert_array_equal(ours, theirs)
@@ -511,15 +502,7 @@ def test_a_missing_fold_or_an_unsupported_configuration_is_a_model_folder_error(
 
 def test_mirroring_is_nnunets_own(tmp_path):
     ct = _write_scan(tmp_path / "ct.nii.gz")
-    model = write_model(
-        tmp_path / "model",
-        ORGANS,
-        dataset_name="Dataset501_Organs",
-        mirror_axes=(0, 1, 2),
-        spacing=_network_spacing((0, 1, 2)),
-        active_labels=(0, 1, 3, 5),
-        seed=7,
-    )
+    model = _model_on_scan_spacing(tmp_path / "model", seed=7, mirror_axes=(0, 1, 2))
     ours = Segmenter(model, V2, settings=replace(CPU_FLOAT32, mirroring=True)).segment(ct)
     theirs = nnunet_own_labels(model, tmp_path / "ct.nii.gz", tmp_path, mirroring=True)
     np.testing.assert_array_equal(ours, theirs)
@@ -542,16 +525,8 @@ def test_a_mirrored_model_segments_the_mirrored_scan_as_the_model_the_scan(tmp_p
     model itself, on the flipped scan, gives other labels in many."""
     ct = _write_scan(tmp_path / "ct.nii.gz")
     patch = [SCAN_SHAPE[axis] for axis in network_axes("SimpleITKIO", transpose_forward)]
-    model = write_model(
-        tmp_path / "model",
-        ORGANS,
-        dataset_name="Dataset501_Organs",
-        strides=strides,
-        patch=patch,
-        spacing=_network_spacing(transpose_forward),
-        transpose_forward=transpose_forward,
-        active_labels=(0, 1, 3, 5),
-        seed=3,
+    model = _model_on_scan_spacing(
+        tmp_path / "model", seed=3, transpose_forward=transpose_forward, strides=strides, patch=patch
     )
     mirrored = mirror_model(model, tmp_path / "mirrored", ras_axis=0)
     flipped_ct = nib.Nifti1Image(np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)
@@ -642,45 +617,14 @@ def test_a_folder_of_several_tasks_without_a_task_is_refused_with_what_it_holds(
     # the command line says the same and stops
     scan = tmp_path / "ct.nii.gz"
     _write_scan(scan, spacing=(1.5, 1.5, 1.5))
-    assert (
-        main(
-            [
-                "segment",
-                "--ct",
-                str(scan),
-                "--model",
-                str(release),
-                "--structures",
-                "total_v2",
-                "--device",
-                "cpu",
-                "-o",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 1
-    )
+
+    def segment(*task):
+        options = ["--structures", "total_v2", "--device", "cpu", "-o", str(tmp_path / "out")]
+        return main(["segment", "--ct", str(scan), "--model", str(release), *task, *options])
+
+    assert segment() == 1
     assert "total_fast (dataset 297)" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "segment",
-                "--ct",
-                str(scan),
-                "--model",
-                str(release),
-                "--task",
-                "total_fast",
-                "--structures",
-                "total_v2",
-                "--device",
-                "cpu",
-                "-o",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    assert segment("--task", "total_fast") == 0
     assert nib.load(tmp_path / "out" / "ct.nii.gz").shape == SCAN_SHAPE
 
 
