@@ -250,3 +250,13 @@ def test_methods_say_what_the_tables_used_not_what_was_configured(settings, drop
     assert f"ordinary least squares {regression} and HC3" in text
     # the by-sex, regression and spline sentences are there whatever the covariates
     assert "separately in men and women" in text and "F test of a natural cubic spline" in text
+
+
+def test_methods_count_the_scans_with_an_estimated_contrast_phase(settings):
+    phases = pd.DataFrame({"phase": ["native", "portal_venous", "native", "not_available"], "note": ""})
+    versions = pd.concat([VERSIONS, pd.DataFrame({"software": ["totalsegmentator"], "version": ["2.18.0"]})])
+    text = " ".join(methods_paragraphs(settings, RunTables(COUNTS, correlations(), versions, phases=phases)))
+    assert "(totalsegmentator 2.18.0), for 3 of 4 scans: native 2, portal venous 1." in text
+    assert "contrast phase" not in " ".join(methods_paragraphs(settings, run_tables()))
+    none = RunTables(COUNTS, correlations(), versions, phases=phases.assign(phase="not_available"))
+    assert "(totalsegmentator 2.18.0), for no scan." in " ".join(methods_paragraphs(settings, none))

@@ -71,6 +71,13 @@ def test_demo_tables(demo_study):
     assert qc.at["clavicula_left", "cut_off"] == cut[measurements["structure"] == "clavicula_left"].sum()
 
 
+def test_demo_contrast_phase_is_not_available_and_says_why(demo_study):
+    """The bundled model gives total_v1 names: no phase estimate from partial inputs."""
+    phases = pd.read_csv(demo_study / "tables" / "contrast_phase.tsv", sep="\t")
+    assert len(phases) == 40 and (phases["phase"] == "not_available").all()
+    assert phases["note"].str.contains("lacks heart, pulmonary_vein").all()
+
+
 def test_demo_left_and_right_lie_where_ras_puts_them(demo_study):
     """The phantom is drawn in RAS+ (the subject's right at x > 0) and the bundled model segments it so: no pair is
     flagged on the wrong side of its twin, and the cohort does not look mirrored."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctcohort import rank_null
+from ctcohort.contrast_phase import NOT_AVAILABLE
 
 # the packages a reader needs to redo the numbers, in the order they are named
 CITED_SOFTWARE = (
@@ -131,6 +132,7 @@ class RunTables:
     longitudinal: pd.DataFrame | None = None  # its rows say which covariates it used
     calibration: pd.DataFrame | None = None  # the normative charts' (one row per chart: n, note, calibration)
     ct_age: pd.DataFrame | None = None  # ct_age.ct_age's summary table (None: no CT age)
+    phases: pd.DataFrame | None = None  # contrast_phase.contrast_phase_table's (None: not estimated)
 
 
 def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> list[str]:
@@ -144,6 +146,7 @@ def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> l
         _measures_paragraph(config, tables.counts),
         _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal, tables.calibration),
         *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, tables.ct_age)]),
+        *filter(None, [_phase_sentence(tables.phases, version)]),
         _software_paragraph(version),
     ]
 
@@ -519,6 +522,20 @@ def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
         f"{row['mae']:.1f} years and R\u00b2 {row['r2']:.2f} ({CT_AGE_MODEL_WORDS.get(row['model'], row['model'])} "
         f"chosen in most folds)"
         + (f"; separate models used the {_listing(groups)} structures only." if groups else ".")
+    )
+
+
+def _phase_sentence(phases: pd.DataFrame | None, version: Mapping) -> str:
+    """How many scans have a contrast phase estimated from the image, and which phases."""
+    if phases is None or phases.empty:
+        return ""
+    estimated = phases.loc[phases["phase"] != NOT_AVAILABLE, "phase"]
+    counts = [f"{phase.replace('_', ' ')} {n}" for phase, n in estimated.value_counts().sort_index().items()]
+    result = f"for {len(estimated):,} of {_scans(len(phases))}: {', '.join(counts)}" if counts else "for no scan"
+    return (
+        f"The contrast phase of a scan was estimated from the median attenuation of 16 structures and 4 head-neck "
+        f"vessels in its own measurement with TotalSegmentator's phase classifier (totalsegmentator "
+        f"{version.get('totalsegmentator', 'not installed')}), {result}."
     )
 
 

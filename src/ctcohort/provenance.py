@@ -22,6 +22,9 @@ PACKAGES = (
     "dcm2niix",
     "torch",
     "nnunetv2",
+    # the contrast phase classifier (contrast_phase.py)
+    "totalsegmentator",
+    "xgboost-cpu",
 )
 
 

@@ -292,6 +292,7 @@ def study_outputs():
         "results/tables/qc_summary.tsv",
         "results/tables/qc.tsv",
         "results/tables/exclusion_flow.tsv",
+        "results/tables/contrast_phase.tsv",
         *(per_scan("results/qc/{subject}.png") if QC_PREVIEW_WIDTH else []),
         "results/qc/review.html",
         "results/tables/software_versions.tsv",

@@ -39,6 +39,7 @@ rule methods:
             [rules.normative_charts.output.calibration] if config["normative"]["panels"] else []
         ),
         ct_age=rules.ct_age.output.summary,
+        phases=rules.contrast_phase.output[0],
         versions=rules.software_versions.output[0],
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
