@@ -39,6 +39,8 @@ rule methods:
             [rules.normative_charts.output.calibration] if config["normative"]["panels"] else []
         ),
         ct_age=rules.ct_age.output.summary,
+        acquisition=rules.acquisition.output.association,
+        sensitivity=rules.acquisition.output.sensitivity,
         versions=rules.software_versions.output[0],
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:
