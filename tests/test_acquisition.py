@@ -135,7 +135,11 @@ def test_the_demo_plants_a_kvp_confounded_null_and_keeps_its_age_effects():
     for key in confounded:
         if table.at[key, "significant_primary"]:
             assert table.at[key, "conclusion_changed"] and not table.at[key, "significant_acquisition_adjusted"]
-    assert table.loc[[("iliopsoas_left", "hu_mean"), ("iliopsoas_right", "hu_mean")], "conclusion_changed"].all()
+    # the only rows that change: a sign flip of a non-significant rs near 0 changes no conclusion
+    assert set(table.index[table["conclusion_changed"]]) == {
+        ("iliopsoas_left", "hu_mean"),
+        ("iliopsoas_right", "hu_mean"),
+    }
     planted = truth.index[truth["direction"] != 0]
     assert table.loc[planted, "significant_primary"].all()
     assert table.loc[planted, "significant_acquisition_adjusted"].all(), table.loc[planted].query(

@@ -131,6 +131,8 @@ def test_demo_acquisition_check_flags_the_kvp_confounded_null_and_no_planted_eff
     sensitivity = read_statistics(demo_study / "stats" / "sensitivity_acquisition.tsv")
     sensitivity = sensitivity.set_index(["structure", "measure"])
     assert sensitivity.loc[[("iliopsoas_left", "hu_mean"), ("iliopsoas_right", "hu_mean")], "conclusion_changed"].all()
+    changed = sensitivity.index[sensitivity["conclusion_changed"]].get_level_values("structure")
+    assert set(changed) == {"iliopsoas_left", "iliopsoas_right", "iliopsoas"}
     planted = truth.index[truth["direction"] != 0]
     assert not sensitivity.loc[planted, "conclusion_changed"].any(), sensitivity.loc[planted].query(
         "conclusion_changed"

@@ -22,7 +22,8 @@ sensitivity (``sensitivity_table``; results/stats/sensitivity_acquisition.tsv)
     categories held by fewer than ``acquisition_min_scans`` scans pooled into ``other``, said in
     ``pooled``), on the complete cases, with P corrected as the primary table's (``correction`` over each
     family's tested rows) and judged at the same ``alpha``. conclusion_changed: both tested, and
-    significance or the sign of rs differs.
+    significance differs, or both are significant with opposite signs (the sign of
+    an rs near 0 that neither calls significant is noise, not a conclusion).
 """
 
 import logging
@@ -179,9 +180,9 @@ def sensitivity_table(measurements: pd.DataFrame, settings: StatisticsSettings) 
         table["significant_acquisition_adjusted"] = False
     table["delta_rs"] = table["rs_acquisition_adjusted"] - table["rs_primary"]
     tested = (primary["note"] == "") & (adjusted["note"] == "") & bool(acquisition)
-    changed = (table["significant_primary"] != table["significant_acquisition_adjusted"]) | (
-        np.sign(table["rs_primary"]) != np.sign(table["rs_acquisition_adjusted"])
-    )
+    significant = table["significant_primary"] & table["significant_acquisition_adjusted"]
+    reversed_sign = significant & (np.sign(table["rs_primary"]) != np.sign(table["rs_acquisition_adjusted"]))
+    changed = (table["significant_primary"] != table["significant_acquisition_adjusted"]) | reversed_sign
     table["conclusion_changed"] = tested & changed
     table["pooled"] = pooled_note
     table["note"] = adjusted["note"] if acquisition else NO_COVARIATES

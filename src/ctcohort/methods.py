@@ -510,7 +510,7 @@ def _acquisition_sentence(association: pd.DataFrame | None, sensitivity: pd.Data
         changed = int(sensitivity["conclusion_changed"].astype(str).str.lower().eq("true").sum())
         sentence += (
             f" Adjusted additionally for {_listing(used)}, {_count_of(changed, 'structure-measure pair')} "
-            f"changed significance or the sign of rs."
+            f"changed significance (or, significant both times, the sign of rs)."
         )
     return sentence
 
