@@ -143,5 +143,5 @@ def test_accelerated_agers_follow_age_plus_ten_years():
     draw = next(d for d in (phantom.draw_subject(1, i) for i in range(50)) if d.accelerated)
     older = dataclasses.replace(draw, age=draw.age + int(phantom.ACCELERATED_YEARS), accelerated=False)
     for k, s in enumerate(phantom.ANATOMY):
-        assert phantom._attenuation(s, draw, k) == phantom._attenuation(s, older, k)
+        assert phantom._attenuation(s, "muscle", draw, k) == phantom._attenuation(s, "muscle", older, k)
         assert phantom._volume_factor(s, "organ", draw, k) == phantom._volume_factor(s, "organ", older, k)

@@ -58,7 +58,7 @@ def test_demo_tables(demo_study):
     combined = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["statistics"]["combined"]
     assert len(measurements) == 40 * (104 + len(combined))
     assert set(measurements.loc[measurements["label"].isna(), "structure"]) == set(combined)
-    assert list(measurements.columns[:5]) == ["subject", "age", "sex", "contrast", "structure"]
+    assert list(measurements.columns[:6]) == ["subject", "age", "sex", "contrast", "kvp", "structure"]
     parquet = pd.read_parquet(demo_study / "tables" / "measurements.parquet")
     assert len(parquet) == len(measurements)
     np.testing.assert_allclose(parquet["volume_ml"], measurements["volume_ml"], equal_nan=True)
@@ -126,6 +126,25 @@ def test_demo_recovers_planted_effects_and_keeps_nulls_null(demo_study):
     null_rows = correlations[correlations["structure"].isin(nulls[nulls].index)]
     assert len(null_rows) >= 15
     assert not null_rows["significant"].any(), null_rows[null_rows["significant"]]
+
+
+def test_demo_acquisition_check_flags_the_kvp_confounded_null_and_no_planted_effect(demo_study):
+    """The phantom's kVp is lower in the young and raises muscle HU: acquisition.tsv finds kvp associated with age,
+    and the sensitivity table flags the iliopsoas HU (no age effect; significant through kVp alone) and no
+    structure with a planted age effect."""
+    truth = pd.read_csv(demo_study / "demo" / "truth.tsv", sep="\t").set_index(["structure", "measure"])
+    association = read_statistics(demo_study / "stats" / "acquisition.tsv").set_index("variable")
+    assert association.at["kvp", "p"] < 0.05 and association.at["kvp", "statistic"] > 0
+    sensitivity = read_statistics(demo_study / "stats" / "sensitivity_acquisition.tsv")
+    sensitivity = sensitivity.set_index(["structure", "measure"])
+    assert sensitivity.loc[[("iliopsoas_left", "hu_mean"), ("iliopsoas_right", "hu_mean")], "conclusion_changed"].all()
+    changed = sensitivity.index[sensitivity["conclusion_changed"]].get_level_values("structure")
+    assert set(changed) == {"iliopsoas_left", "iliopsoas_right", "iliopsoas"}
+    planted = truth.index[truth["direction"] != 0]
+    assert not sensitivity.loc[planted, "conclusion_changed"].any(), sensitivity.loc[planted].query(
+        "conclusion_changed"
+    )
+    assert (demo_study / "figures" / "acquisition_mix.png").exists()
 
 
 def test_demo_spline_test_finds_the_planted_curve_and_not_the_planted_lines(demo_study):

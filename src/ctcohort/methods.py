@@ -133,6 +133,8 @@ class RunTables:
     calibration: pd.DataFrame | None = None  # the normative charts' (one row per chart: n, note, calibration)
     ct_age: pd.DataFrame | None = None  # ct_age.ct_age's summary table (None: no CT age)
     phases: pd.DataFrame | None = None  # contrast_phase.contrast_phase_table's (None: not estimated)
+    acquisition: pd.DataFrame | None = None  # acquisition.association_table's table
+    sensitivity: pd.DataFrame | None = None  # acquisition.sensitivity_table's table
 
 
 def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> list[str]:
@@ -145,6 +147,7 @@ def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> l
         _cohort_paragraph(config, tables.counts, version, model, tables.selection),
         _measures_paragraph(config, tables.counts),
         _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal, tables.calibration),
+        *filter(None, [_acquisition_sentence(tables.acquisition, tables.sensitivity)]),
         *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, tables.ct_age)]),
         *filter(None, [_phase_sentence(tables.phases, version)]),
         _software_paragraph(version),
@@ -492,6 +495,27 @@ CT_AGE_MODEL_WORDS = {
     "elastic_net": "elastic-net regression",
     "gradient_boosting": "gradient-boosted trees",
 }
+
+
+def _acquisition_sentence(association: pd.DataFrame | None, sensitivity: pd.DataFrame | None) -> str:
+    """Which acquisition variables were checked against age, which were associated (P < .05), and how many
+    rows of the primary analysis changed their conclusion once adjusted for them; "" without any."""
+    if association is None or association.empty:
+        return ""
+    associated = association.loc[association["p"] < 0.05, "variable"].tolist()
+    sentence = (
+        f"Acquisition variables ({_listing(association['variable'].tolist())}) were tested for an association "
+        f"with age (Spearman's rs for numbers, the Kruskal-Wallis test for categories); "
+        f"{_listing(associated) + ' changed' if associated else 'none changed'} with age at P < .05."
+    )
+    if sensitivity is not None and (sensitivity["covariates"] != "").any():
+        used = _used(sensitivity)
+        changed = int(sensitivity["conclusion_changed"].astype(str).str.lower().eq("true").sum())
+        sentence += (
+            f" Adjusted additionally for {_listing(used)}, {_count_of(changed, 'structure-measure pair')} "
+            f"changed significance (or, significant both times, the sign of rs)."
+        )
+    return sentence
 
 
 def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:

@@ -6,6 +6,9 @@ noise, stored as int16 HU; its label map uses the paper's v1 label ids.
 Age, sex and contrast change volumes and attenuation as the anatomy table
 says; structures with no age effect are the null controls. A few scans have a
 field of view that cuts a structure off, and some lack the gallbladder.
+The tube voltage (``kvp``, 100 or 120) is commoner low in younger subjects and moves fat and muscle HU
+(KVP_HU_EFFECT): the iliopsoas, with no age effect on its HU, looks younger-is-denser through kVp alone, the
+confounding that results/stats/sensitivity_acquisition.tsv should find.
 Accelerated agers (a fifth of the subjects, ``accelerated``) have every age effect of a subject
 ACCELERATED_YEARS older: the gap that CT age should find (subject_truth, truth_subjects.tsv).
 
@@ -103,17 +106,20 @@ ANATOMY: tuple[Structure, ...] = (
         )
         for level, z in (("L3", -28), ("L4", -64), ("L5", -100))
     ],
-    *_pair("autochthon", "ellipsoid", ((32, -95, -20), (20, 15, 100)), hu=50, hu_per_decade=-5),
-    *_pair("iliopsoas", "ellipsoid", ((55, -30, -130), (16, 16, 55)), hu=52, volume_per_decade=-0.07),
+    # muscles with an age effect vary little between subjects (hu_subject_sd 3), so that their age effect stays
+    # significant when adjusted for kVp, which is tied to age
+    *_pair("autochthon", "ellipsoid", ((32, -95, -20), (20, 15, 100)), hu=50, hu_per_decade=-5, hu_subject_sd=3),
+    # no age effect on HU and little spread between subjects: its HU follows kVp, which follows age
+    *_pair("iliopsoas", "ellipsoid", ((55, -30, -130), (16, 16, 55)), hu=52, volume_per_decade=-0.07, hu_subject_sd=2),
     Structure("urinary_bladder", "ellipsoid", ((0, 55, -200), (35, 28, 25)), hu=10),
     *_pair(
         "iliac_artery", "tube", ((35, 8, -118), (66, 8, -185), (6,)), hu=45, volume_per_decade=0.07, hu_contrast=160
     ),
     Structure("sacrum", "ellipsoid", ((0, -55, -168), (28, 18, 40)), hu=300, hu_subject_sd=20),
     *_pair("hip", "ellipsoid", ((95, -10, -165), (16, 40, 45)), hu=380, hu_per_decade=-28, hu_subject_sd=25),
-    *_pair("gluteus_minimus", "ellipsoid", ((125, -20, -165), (7, 25, 32)), hu=52, hu_per_decade=-6),
-    *_pair("gluteus_medius", "ellipsoid", ((115, -75, -165), (22, 12, 38)), hu=52, hu_per_decade=-5),
-    *_pair("gluteus_maximus", "ellipsoid", ((62, -100, -205), (42, 12, 40)), hu=50, hu_per_decade=-4),
+    *_pair("gluteus_minimus", "ellipsoid", ((125, -20, -165), (7, 25, 32)), hu=52, hu_per_decade=-6, hu_subject_sd=3),
+    *_pair("gluteus_medius", "ellipsoid", ((115, -75, -165), (22, 12, 38)), hu=52, hu_per_decade=-5, hu_subject_sd=3),
+    *_pair("gluteus_maximus", "ellipsoid", ((62, -100, -205), (42, 12, 40)), hu=50, hu_per_decade=-4, hu_subject_sd=3),
     *_pair("femur", "tube", ((135, 10, -238), (135, 10, -222), (12,)), hu=500, hu_subject_sd=25),
 )
 
@@ -121,6 +127,12 @@ SEX_VOLUME_FACTOR = {"M": 1.08, "F": 0.92}
 SEX_HU_OFFSET = {"M": 3.0, "F": -3.0}
 CONTRAST_VOLUME_FACTOR = {"vessel": 1.05, "kidney": 1.04}
 VOLUME_SUBJECT_SD = 0.05  # log-normal spread of volumes between subjects
+# kVp: HU at the lower tube voltage minus HU at the higher one, per tissue; clinically about -5 HU for fat and +2
+# for muscle between 100 and 120 kVp, exaggerated here as the age effects are, so that 40 scans show it
+KVP_SETTINGS = (100, 120)
+KVP_HU_EFFECT = {"fat": -10.0, "muscle": 20.0}
+KVP_AGE_SPLIT = 55  # below it, LOW_KVP_SHARE of the subjects are scanned at the lower kVp; from it, the rest
+LOW_KVP_SHARE = 0.95
 ACCELERATED_SHARE = 0.2
 ACCELERATED_YEARS = 10.0
 
@@ -128,7 +140,9 @@ ACCELERATED_YEARS = 10.0
 def truth_table() -> pd.DataFrame:
     """What the phantom plants: structure, measure, direction (+1/-1/0: the linear trend), effect (per
     decade), unit, trajectory ("none", "linear", or "peak"/"trough": a curve with its extremum at
-    ``extremum_age`` and no linear trend), extremum_age, curvature (unit per squared decade)."""
+    ``extremum_age`` and no linear trend), extremum_age, curvature (unit per squared decade), kvp_effect (HU
+    that the lower kVp adds: KVP_HU_EFFECT of the structure's group; 0 for volumes)."""
+    groups = load_structure_table("total_v1").set_index("name")["group"]
     rows = []
     for s in ANATOMY:
         rows.append(
@@ -140,6 +154,7 @@ def truth_table() -> pd.DataFrame:
                 "relative change per decade",
                 "linear" if s.volume_per_decade else "none",
                 np.nan,
+                0.0,
                 0.0,
             )
         )
@@ -157,10 +172,22 @@ def truth_table() -> pd.DataFrame:
                 trajectory,
                 extremum,
                 s.hu_per_decade_squared,
+                kvp_offset(groups[s.name], KVP_SETTINGS[0]),
             )
         )
     return pd.DataFrame(
-        rows, columns=["structure", "measure", "direction", "effect", "unit", "trajectory", "extremum_age", "curvature"]
+        rows,
+        columns=[
+            "structure",
+            "measure",
+            "direction",
+            "effect",
+            "unit",
+            "trajectory",
+            "extremum_age",
+            "curvature",
+            "kvp_effect",
+        ],
     )
 
 
@@ -187,6 +214,7 @@ class SubjectDraw:
     hu_noise: np.ndarray
     image_seed: int
     accelerated: bool = False  # every age effect follows age + ACCELERATED_YEARS
+    kvp: int = KVP_SETTINGS[1]
 
     @property
     def biological_age(self) -> float:
@@ -206,8 +234,17 @@ def draw_subject(seed: int, index: int) -> SubjectDraw:
     volume_noise = rng.normal(0.0, VOLUME_SUBJECT_SD, len(ANATOMY))
     hu_noise = rng.normal(0.0, 1.0, len(ANATOMY))
     image_seed = int(rng.integers(2**31))
-    accelerated = bool(rng.random() < ACCELERATED_SHARE)  # drawn last: the earlier draws stay as they were
-    return SubjectDraw(age, sex, contrast, crop, gallbladder_removed, volume_noise, hu_noise, image_seed, accelerated)
+    accelerated = bool(rng.random() < ACCELERATED_SHARE)  # drawn late: the earlier draws stay as they were
+    low_share = LOW_KVP_SHARE if age < KVP_AGE_SPLIT else 1.0 - LOW_KVP_SHARE
+    kvp = KVP_SETTINGS[0] if rng.random() < low_share else KVP_SETTINGS[1]
+    return SubjectDraw(
+        age, sex, contrast, crop, gallbladder_removed, volume_noise, hu_noise, image_seed, accelerated, kvp
+    )
+
+
+def kvp_offset(tissue: str, kvp: int) -> float:
+    """HU that a scan at ``kvp`` adds to ``tissue`` (fat, muscle; 0 for any other) over the higher setting."""
+    return KVP_HU_EFFECT.get(tissue, 0.0) if kvp == KVP_SETTINGS[0] else 0.0
 
 
 def _volume_factor(s: Structure, group: str, draw: SubjectDraw, k: int) -> float:
@@ -218,10 +255,11 @@ def _volume_factor(s: Structure, group: str, draw: SubjectDraw, k: int) -> float
     return factor
 
 
-def _attenuation(s: Structure, draw: SubjectDraw, k: int) -> float:
+def _attenuation(s: Structure, group: str, draw: SubjectDraw, k: int) -> float:
     decades = (draw.biological_age - REFERENCE_AGE) / 10.0
     hu = s.hu + s.hu_per_decade * decades + s.hu_per_decade_squared * decades**2 + SEX_HU_OFFSET[draw.sex]
-    return hu + s.hu_contrast * draw.contrast + s.hu_subject_sd * draw.hu_noise[k]
+    hu += s.hu_contrast * draw.contrast + kvp_offset(group, draw.kvp)
+    return hu + s.hu_subject_sd * draw.hu_noise[k]
 
 
 def _grid(spacing, crop: str):
@@ -292,11 +330,12 @@ def render_subject(draw: SubjectDraw, spacing=DEFAULT_SPACING) -> tuple[np.ndarr
         label, group = int(table.at[s.name, "label"]), table.at[s.name, "group"]
         box, mask = rasterize(s, _volume_factor(s, group, draw, k), affine, shape)
         labels[box][mask] = label
-        hu_of_label[label] = _attenuation(s, draw, k)
+        hu_of_label[label] = _attenuation(s, group, draw, k)
 
     x, y = (affine[i, 3] + spacing[i] * np.arange(shape[i]) for i in range(2))
     body = (x[:, None] / BODY_SEMI_AXES[0]) ** 2 + (y[None, :] / BODY_SEMI_AXES[1]) ** 2 <= 1.0
-    image = np.where(body[:, :, None], np.float32(FAT_HU), np.float32(AIR_HU))
+    fat = np.float32(FAT_HU + kvp_offset("fat", draw.kvp))
+    image = np.where(body[:, :, None], fat, np.float32(AIR_HU))
     image = np.where(labels > 0, hu_of_label[labels], image)
     # partial volume: about one millimetre of blur, then scanner noise
     image = ndimage.gaussian_filter(image, sigma=[1.0 / d for d in spacing])
@@ -307,12 +346,12 @@ def render_subject(draw: SubjectDraw, spacing=DEFAULT_SPACING) -> tuple[np.ndarr
 
 
 def covariates(n: int, seed: int) -> pd.DataFrame:
-    """subject, age, sex, contrast of a phantom cohort, without rendering it."""
+    """subject, age, sex, contrast, kvp of a phantom cohort, without rendering it."""
     rows = []
     for index, subject in enumerate(subject_ids(n)):
         draw = draw_subject(seed, index)
-        rows.append((subject, draw.age, draw.sex, draw.contrast))
-    return pd.DataFrame(rows, columns=["subject", "age", "sex", "contrast"])
+        rows.append((subject, draw.age, draw.sex, draw.contrast, draw.kvp))
+    return pd.DataFrame(rows, columns=["subject", "age", "sex", "contrast", "kvp"])
 
 
 def subject_truth(n: int, seed: int) -> pd.DataFrame:

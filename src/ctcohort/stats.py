@@ -113,11 +113,16 @@ class StatisticsSettings:
     min_n: int = 10
     spline_df: int = 3
     combined: Mapping[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in PAPER_COMBINED.items()})
+    # the acquisition sensitivity analysis (ctcohort.acquisition)
+    acquisition_covariates: tuple[str, ...] = ("kvp", "kernel_class")
+    acquisition_min_scans: int = 10
 
     def __post_init__(self):
-        object.__setattr__(self, "measures", tuple(self.measures))
-        object.__setattr__(self, "partial_covariates", tuple(self.partial_covariates))
+        for name in ("measures", "partial_covariates", "acquisition_covariates"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         check_tests(self.correction, self.min_n)
+        if isinstance(self.acquisition_min_scans, bool) or not isinstance(self.acquisition_min_scans, int):
+            raise ValueError(f"acquisition_min_scans must be an integer, got {self.acquisition_min_scans!r}")
         if self.primary not in PRIMARY:
             raise ValueError(f"unknown primary analysis {self.primary!r}; choose one of {', '.join(PRIMARY)}")
 

@@ -281,6 +281,7 @@ FIGURES = [
     *(["scatter_lowess", "trajectories"] if config["figures"]["scatter"] else []),
     *(["normative_charts", "normative_calibration"] if config["normative"]["panels"] else []),
     "ct_age",
+    "acquisition_mix",
 ]
 
 
@@ -304,6 +305,9 @@ def study_outputs():
         "results/stats/longitudinal.tsv",
         "results/stats/paper_comparison.tsv",
         "results/stats/group_summary.tsv",
+        "results/stats/acquisition.tsv",
+        "results/stats/acquisition_by_decade.tsv",
+        "results/stats/sensitivity_acquisition.tsv",
         *(
             ["results/stats/normative_charts.tsv", "results/stats/centile_scores.tsv"]
             if config["normative"]["panels"]

@@ -40,6 +40,8 @@ rule methods:
         ),
         ct_age=rules.ct_age.output.summary,
         phases=rules.contrast_phase.output[0],
+        acquisition=rules.acquisition.output.association,
+        sensitivity=rules.acquisition.output.sensitivity,
         versions=rules.software_versions.output[0],
         model=lambda wildcards: SEGMENTATION_MODEL_FILES,  # its checksum is quoted
     output:

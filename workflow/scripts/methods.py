@@ -15,6 +15,8 @@ tables = RunTables(
     calibration=read_statistics(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
     ct_age=read_statistics(snakemake.input.ct_age),
     phases=read_statistics(snakemake.input.phases),
+    acquisition=read_statistics(snakemake.input.acquisition),
+    sensitivity=read_statistics(snakemake.input.sensitivity),
 )
 model = model_description(snakemake.params.settings["bundled_model"], snakemake.input.model)
 paragraphs = methods_paragraphs(snakemake.params.settings, tables, model=model)
