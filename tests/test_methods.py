@@ -256,7 +256,10 @@ def test_methods_count_the_scans_with_an_estimated_contrast_phase(settings):
     phases = pd.DataFrame({"phase": ["native", "portal_venous", "native", "not_available"], "note": ""})
     versions = pd.concat([VERSIONS, pd.DataFrame({"software": ["totalsegmentator"], "version": ["2.18.0"]})])
     text = " ".join(methods_paragraphs(settings, RunTables(COUNTS, correlations(), versions, phases=phases)))
-    assert "(totalsegmentator 2.18.0), for 3 of 4 scans: native 2, portal venous 1." in text
+    assert "(totalsegmentator 2.18.0) for 3 of 4 scans: native 2, portal venous 1." in text
     assert "contrast phase" not in " ".join(methods_paragraphs(settings, run_tables()))
-    none = RunTables(COUNTS, correlations(), versions, phases=phases.assign(phase="not_available"))
-    assert "(totalsegmentator 2.18.0), for no scan." in " ".join(methods_paragraphs(settings, none))
+    lacking = phases.assign(phase="not_available", note="structure table lacks heart")
+    text = " ".join(methods_paragraphs(settings, RunTables(COUNTS, correlations(), versions, phases=lacking)))
+    assert (
+        "could be estimated" in text and "(totalsegmentator 2.18.0) for no scan (structure table lacks heart)." in text
+    )

@@ -555,12 +555,17 @@ def _phase_sentence(phases: pd.DataFrame | None, version: Mapping) -> str:
         return ""
     estimated = phases.loc[phases["phase"] != NOT_AVAILABLE, "phase"]
     counts = [f"{phase.replace('_', ' ')} {n}" for phase, n in estimated.value_counts().sort_index().items()]
-    result = f"for {len(estimated):,} of {_scans(len(phases))}: {', '.join(counts)}" if counts else "for no scan"
-    return (
-        f"The contrast phase of a scan was estimated from the median attenuation of 16 structures and 4 head-neck "
-        f"vessels in its own measurement with TotalSegmentator's phase classifier (totalsegmentator "
-        f"{version.get('totalsegmentator', 'not installed')}), {result}."
+    method = (
+        "from the median attenuation of 16 structures and 4 head-neck vessels in its own measurement with "
+        f"TotalSegmentator's phase classifier (totalsegmentator {version.get('totalsegmentator', 'not installed')})"
     )
+    if counts:
+        return f"The contrast phase was estimated {method} for {len(estimated):,} of {_scans(len(phases))}: " + (
+            ", ".join(counts) + "."
+        )
+    # why not: the most common reason, e.g. a structure table without the classifier's structures
+    reason = phases["note"].fillna("").astype(str).replace("", "no reason recorded").mode().iloc[0]
+    return f"The contrast phase could be estimated {method} for no scan ({reason})."
 
 
 def _software_paragraph(version: Mapping) -> str:
