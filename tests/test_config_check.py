@@ -8,11 +8,19 @@ import pytest
 import yaml
 from conftest import REPO, workflow_command
 
-from ctcohort import centiles, ct_age, imaging, patients, qc, segment, stats, train
-from ctcohort.config_check import config_disagreements, structure_reference_problems, typed_like_schema
+from ctcohort import centiles, config_defaults, ct_age, imaging, patients, qc, segment, stats, train
+from ctcohort.config_check import (
+    config_disagreements,
+    config_values,
+    readme_defaults,
+    schema_keys,
+    structure_reference_problems,
+    typed_like_schema,
+)
 from ctcohort.structures import load_structure_table
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA_KEYS = schema_keys(SCHEMA)
 
 
 README = (REPO / "config" / "README.md").read_text()
@@ -83,6 +91,74 @@ def test_a_config_yaml_value_other_than_the_default_is_seen():
     config["statistics"]["min_n"] = 12
     for settings in (segment.SegmentationSettings, qc.QCSettings, stats.StatisticsSettings):
         assert SETTINGS[settings][0](config) != settings()
+
+
+def test_config_yaml_and_the_readme_are_what_the_generator_writes():
+    generated = config_defaults.generated_files(REPO)
+    for name, path in config_defaults.PATHS.items():
+        assert (REPO / path).read_text() == generated[name], (
+            f"{path} is not current: run `python -m ctcohort.config_defaults` in the repository's root"
+        )
+
+
+def test_every_stages_settings_class_has_its_section():
+    held = {settings for classes in config_defaults.SETTINGS_OF_SECTION.values() for settings in classes}
+    assert set(SETTINGS) <= held
+
+
+CHANGED_DEFAULTS = {
+    "measure.min_voxels": 12,
+    "segmentation.folds": [0, 1, 2, 3, 4],
+    "normative.gaic_penalty": None,
+    "training.small_configuration.patch_voxels": 1000,
+    "statistics.combined": {"kidneys": ["kidney_left", "kidney_right"], "hips": ["hip_left", "hip_right"]},
+}
+
+
+def test_a_changed_default_reaches_config_yaml_and_the_readme():
+    text = (REPO / "config" / "config.yaml").read_text()
+    changed = config_defaults.config_with_defaults(text, CHANGED_DEFAULTS)
+    expected = shipped_config()
+    expected["measure"]["min_voxels"] = 12
+    expected["segmentation"]["folds"] = [0, 1, 2, 3, 4]
+    expected["normative"]["gaic_penalty"] = None
+    expected["training"]["small_configuration"]["patch_voxels"] = 1000
+    expected["statistics"]["combined"] = CHANGED_DEFAULTS["statistics.combined"]
+    assert yaml.safe_load(changed) == expected
+    # the lines' comments and every comment line stay
+    assert "    patch_voxels: 1000  # 48^3\n" in changed
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert comments == [line for line in changed.splitlines() if line.lstrip().startswith("#")]
+    assert len(text.splitlines()) - len(changed.splitlines()) == 9 - 2  # the combined block: nine pairs, now two
+    readme = config_defaults.readme_with_defaults(README, config_values(yaml.safe_load(changed), SCHEMA))
+    defaults = readme_defaults(readme)
+    assert defaults["measure.min_voxels"] == "`12`" and defaults["normative.gaic_penalty"] == "`null`"
+    assert defaults["segmentation.folds"] == "`[0, 1, 2, 3, 4]`" and defaults["statistics.combined"] == "two pairs"
+    assert config_disagreements(yaml.safe_load(changed), SCHEMA, readme) == []
+    assert config_defaults.config_with_defaults(text, config_defaults.settings_defaults(SCHEMA_KEYS)) == text
+
+
+def test_two_classes_that_give_one_key_two_defaults_are_refused(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class OtherStatistics:
+        min_n: int = 11
+
+    sections = {"statistics": (stats.StatisticsSettings, OtherStatistics)}
+    monkeypatch.setattr(config_defaults, "SETTINGS_OF_SECTION", sections)
+    with pytest.raises(ValueError, match="statistics.min_n: two defaults, 10 and 11"):
+        config_defaults.settings_defaults(SCHEMA_KEYS)
+
+
+def test_the_command_rewrites_a_stale_file_and_checks(tmp_path):
+    for path in (*config_defaults.PATHS.values(), config_defaults.SCHEMA):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text((REPO / path).read_text())
+    readme = tmp_path / config_defaults.PATHS["readme"]
+    readme.write_text(readme.read_text().replace("| `qc.preview_width` | `600` |", "| `qc.preview_width` | `800` |"))
+    assert config_defaults.main(["--root", str(tmp_path), "--check"]) == 1
+    assert config_defaults.main(["--root", str(tmp_path)]) == 0
+    assert readme.read_text() == README
+    assert config_defaults.main(["--root", str(tmp_path), "--check"]) == 0
 
 
 def as_base_loader_reads(value):

@@ -25,6 +25,7 @@ A = {"M": 1500.0, "F": 1300.0}
 B = {"M": -4.0, "F": -2.5}
 SD = {"M": 120.0, "F": 90.0}
 DELTA = 60.0
+QUANTILE_CHARTS = normative.ChartSettings(method=normative.QUANTILE)  # the tests of quantile regression
 LEVELS = (5, 25, 50, 75, 95)
 COLUMNS = [f"p{p}" for p in LEVELS]
 
@@ -51,7 +52,7 @@ def analytic_cohort(n: int = 40000, seed: int = 7) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fitted():
-    return normative.fit_charts(analytic_cohort(), ["liver"], ["volume_ml"])
+    return normative.fit_charts(analytic_cohort(), ["liver"], ["volume_ml"], QUANTILE_CHARTS)
 
 
 def at_age(charts: pd.DataFrame, sex: str, age: float) -> np.ndarray:
@@ -143,7 +144,7 @@ def noisy_sample(n: int = 20, seed: int = 0) -> pd.DataFrame:
 
 def test_rearranged_charts_do_not_cross_where_the_fits_do():
     sample = noisy_sample()
-    settings = normative.ChartSettings(covariates=())
+    settings = normative.ChartSettings(method=normative.QUANTILE, covariates=())
     charts, coefficients, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert (charts["note"] == "").all() and (charts["sex"] == "all").all() and coefficients.empty
     fits, converged = normative.quantile_fits(sample[["age"]].assign(y=sample["hu_mean"])[["y", "age"]])
@@ -208,7 +209,7 @@ def test_a_combined_structure_is_made_from_the_scans_members():
         cohort,
         ["kidneys"],
         ["volume_ml"],
-        normative.ChartSettings(covariates=[]),
+        normative.ChartSettings(method=normative.QUANTILE, covariates=[]),
         combined={"kidneys": ["kidney_left", "kidney_right"]},
     )
     assert set(charts["members"]) == {"kidney_left+kidney_right"}
@@ -256,7 +257,7 @@ def test_placement_notes(fitted):
 
 def test_a_covariate_constant_in_the_chart():
     cohort = analytic_cohort(1200).assign(contrast=1.0)
-    charts, coefficients, _ = normative.fit_charts(cohort, ["liver"], ["volume_ml"])
+    charts, coefficients, _ = normative.fit_charts(cohort, ["liver"], ["volume_ml"], QUANTILE_CHARTS)
     assert coefficients.empty and (charts["contrast"] == 1.0).all() and (charts["note"] == "").all()
     value = A["M"] + B["M"] * 50 + DELTA
     assert placed(charts, coefficients, value, sex="M", contrast=0)["note"] == "covariate_outside_chart"
@@ -303,7 +304,9 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     sample["sex"] = ["M"] * 10 + ["F"] * 25 + [np.nan] * 5
     sample["volume_ml"] = 5.0
     with caplog.at_level(logging.WARNING, logger="ctcohort.normative"):
-        charts, coefficients, _ = normative.fit_charts(sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"])
+        charts, coefficients, _ = normative.fit_charts(
+            sample, ["spleen", "kidney"], ["hu_mean", "volume_ml"], QUANTILE_CHARTS
+        )
     assert "contrast" in caplog.text  # not in the table: left out, with a warning
     assert coefficients.empty and charts["contrast"].isna().all()
     keys = charts.set_index(["structure", "measure", "sex"])
@@ -318,7 +321,10 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     assert len(unfitted) == 7 and unfitted[["age", *COLUMNS]].isna().all().all()
     # without a sex column: one chart over every scan
     charts, coefficients, _ = normative.fit_charts(
-        sample.drop(columns="sex"), ["spleen"], ["hu_mean"], normative.ChartSettings(covariates=())
+        sample.drop(columns="sex"),
+        ["spleen"],
+        ["hu_mean"],
+        normative.ChartSettings(method=normative.QUANTILE, covariates=()),
     )
     assert (charts["sex"] == "all").all() and (charts["n"] == 40).all() and (charts["note"] == "").all()
     placement = normative.place_on_charts(
@@ -327,7 +333,7 @@ def test_charts_that_are_not_fitted(caplog, monkeypatch):
     assert placement["sex"].tolist() == ["all"] and placement["note"].tolist() == [""]
     # a fit whose optimality cannot be shown (here: no duality gap is small enough) is no chart
     monkeypatch.setattr(normative, "DUALITY_GAP", -1.0)
-    settings = normative.ChartSettings(by_sex=False, covariates=())
+    settings = normative.ChartSettings(method=normative.QUANTILE, by_sex=False, covariates=())
     charts, _, _ = normative.fit_charts(sample, ["spleen"], ["hu_mean"], settings)
     assert charts["note"].tolist() == ["not_converged"] and charts["age"].isna().all()
 
@@ -377,22 +383,22 @@ def test_quantile_fits_reach_r_quantregs_minimum(n, tmp_path):
 def test_bad_arguments():
     sample = noisy_sample().assign(scanner="a")
     with pytest.raises(ValueError, match="'scanner': a random site intercept needs method lms"):
-        normative.ChartSettings(site="scanner")
+        normative.ChartSettings(method=normative.QUANTILE, site="scanner")
     for bad in ((5, 5, 50), (0, 50), (50, 100), (50, 25)):
         with pytest.raises(ValueError, match="percentiles"):
-            normative.ChartSettings(percentiles=bad)
+            normative.ChartSettings(method=normative.QUANTILE, percentiles=bad)
     with pytest.raises(ValueError, match="min_n"):
-        normative.ChartSettings(min_n=4)
+        normative.ChartSettings(method=normative.QUANTILE, min_n=4)
     with pytest.raises(ValueError, match="spline_df"):
-        normative.ChartSettings(spline_df=1)
+        normative.ChartSettings(method=normative.QUANTILE, spline_df=1)
     with pytest.raises(ValueError, match="volume_ml"):
-        normative.fit_charts(sample, ["spleen"], ["volume_ml"])
+        normative.fit_charts(sample, ["spleen"], ["volume_ml"], QUANTILE_CHARTS)
 
 
 def test_tables_round_trip(fitted, tmp_path):
     charts, coefficients, _ = fitted
     sample = noisy_sample(12)  # one row not fitted: a note and NaNs
-    small, _, _ = normative.fit_charts(sample.assign(group=""), ["spleen"], ["hu_mean"])
+    small, _, _ = normative.fit_charts(sample.assign(group=""), ["spleen"], ["hu_mean"], QUANTILE_CHARTS)
     charts = pd.concat([charts, small], ignore_index=True)
     write_tsv(charts, tmp_path / "charts.tsv", STATS_DIGITS)
     write_tsv(coefficients, tmp_path / "covariates.tsv", STATS_DIGITS)

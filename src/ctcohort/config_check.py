@@ -148,7 +148,6 @@ def structure_reference_problems(config: Mapping, structures: Iterable[str], tab
 COUNT_WORDS = {
     word: n for n, word in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
 }
-NOT_SHIPPED = "(not in the shipped config)"  # a README default for optional keys that config.yaml leaves out
 
 
 def _sections(schema: Mapping, root: Mapping) -> Mapping:
@@ -212,15 +211,10 @@ def documented_value_differs(cell: str, value) -> bool:
 
 def config_disagreements(config: Mapping, schema: Mapping, readme: str) -> list[str]:
     """One line per disagreement of config.yaml (``config``), its schema and the README's table of keys: a key
-    one of them lacks, or a README default that is not config.yaml's value. Optional keys that config.yaml
-    leaves out say so in the README's default cell (NOT_SHIPPED)."""
+    one of them lacks, or a README default that is not config.yaml's value."""
     values, keys, documented = config_values(config, schema), schema_keys(schema), readme_defaults(readme)
     problems = [f"config.yaml key {key} is not in the schema" for key in values if key not in keys]
-    problems += [
-        f"schema key {key} is not in config.yaml"
-        for key in keys
-        if key not in values and documented.get(key) != NOT_SHIPPED
-    ]
+    problems += [f"schema key {key} is not in config.yaml" for key in keys if key not in values]
     problems += [f"{key} has no row in config/README.md" for key in keys if key not in documented]
     problems += [f"config/README.md's {key} is not in the schema" for key in documented if key not in keys]
     problems += [

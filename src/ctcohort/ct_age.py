@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CtAgeSettings:
     """How CT age is modelled: config's ``ct_age`` section key for key (config/README.md). The field defaults
-    are the only defaults; config/config.yaml states the same values (tests/test_ct_age.py keeps them equal)."""
+    are the only defaults (``ctcohort.config_defaults`` writes them into config/config.yaml)."""
 
     measures: tuple[str, ...] = ("volume_ml", "hu_mean")
     covariates: tuple[str, ...] = ("sex", "contrast")

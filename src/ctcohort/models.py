@@ -331,7 +331,7 @@ def regression_table(
     measures: list[str],
     covariates: list[str],
     *,  # by name: seed, spline_df and min_n are all integers, easily swapped by position
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     spline_df: int = DEFAULTS.spline_df,
     min_n: int = DEFAULTS.min_n,
 ) -> pd.DataFrame:
@@ -385,5 +385,7 @@ def statistics_table(analysis: str, measurements: pd.DataFrame, settings: Statis
     if analysis == "by_sex":
         return by_sex_table(measurements, measures, min_n=min_n)
     if analysis == "regression":
-        return regression_table(measurements, measures, covariates, spline_df=settings.spline_df, min_n=min_n)
+        return regression_table(
+            measurements, measures, covariates, seed=settings.seed, spline_df=settings.spline_df, min_n=min_n
+        )
     raise ValueError(f"unknown analysis {analysis!r}")

@@ -97,6 +97,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ctcohort.centiles import Z_LIMIT  # one bound of z for both methods
 from ctcohort.columns import MEASURE_COLUMNS, MODEL_COLUMN
 from ctcohort.stats import CONSTANT, TOO_FEW_SCANS, present_columns
 
@@ -110,7 +111,6 @@ MIN_N = 15
 AGE_STEP = 1.0
 # |z| beyond the outer curves is a straight line's, not a fitted percentile's; beyond this (Phi(-8) = 6e-16)
 # a number says no more than "far outside the chart"
-Z_LIMIT = 8.0
 DUALITY_GAP = 1e-8  # relative: an exact quantile fit's check loss and its dual optimum agree to this
 SEXES = ("M", "F")
 ALL = "all"
@@ -355,7 +355,7 @@ class ChartSettings:
     spline_df: int = SPLINE_DF  # method quantile: degrees of freedom of the natural spline in age
     min_n: int = MIN_N  # the fewest scans of a chart
     age_step: float = AGE_STEP  # years between the chart's rows
-    method: str = QUANTILE  # one of METHODS
+    method: str = LMS  # one of METHODS
     site: str | None = None  # a column whose values get a random intercept on the location (method lms)
     # method lms: its settings; its percentiles, age step and least scans are this object's (None: defaults)
     centiles: "CentileSettings | None" = None

@@ -90,8 +90,8 @@ ONE_PIECE = frozenset(
 class QCSettings:
     """Quality control: config's ``qc`` block key for key (documented in config/README.md), plus the border
     margin and minimum voxel count of the ``measure`` block, which the cut-off faces and the vertebral
-    coverage share with the measurement. The field defaults are the only defaults (config/config.yaml states
-    the same values; a test keeps them equal).
+    coverage share with the measurement. The field defaults are the only defaults (``ctcohort.config_defaults``
+    writes them into config/config.yaml).
 
     Per scan (``scan_qc``, in the job that measures the scan): ``border_margin``, ``min_voxels`` and
     ``preview_width`` (pixels; None: no preview). The rest is applied cohort-wide (aggregate rule,

@@ -382,7 +382,7 @@ RESAMPLINGS = ("trilinear", "totalsegmentator")
 class SegmentationSettings:
     """How the models segment: config's ``segmentation`` keys of the same names (documented in
     config/README.md), which the workflow, ``ctcohort segment`` and ``Segmenter`` share. The field defaults
-    are the only defaults (config/config.yaml states the same values; a test keeps them equal)."""
+    are the only defaults (``ctcohort.config_defaults`` writes them into config/config.yaml)."""
 
     device: str = "auto"
     folds: tuple = (0,)  # fold_N folders to ensemble

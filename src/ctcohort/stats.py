@@ -100,8 +100,8 @@ def check_tests(correction: str, min_n) -> None:
 @dataclass(frozen=True)
 class StatisticsSettings:
     """The cross-sectional statistics: config's ``statistics`` block key for key (documented in
-    config/README.md). The field defaults are the only defaults (config/config.yaml states the same values;
-    a test keeps them equal)."""
+    config/README.md). The field defaults are the only defaults (``ctcohort.config_defaults`` writes
+    them into config/config.yaml)."""
 
     measures: tuple[str, ...] = ("volume_ml", "hu_mean", "hu_mean_eroded")
     scan_per_patient: str = PatientSettings.scan_per_patient

@@ -59,7 +59,7 @@ class TrainingSettings:
     in config/README.md), plus the nnU-Net dataset ``name`` (command line only).
 
     The field defaults are the only defaults: the command line's options and the functions here take theirs
-    from them, and config/config.yaml states the same values (a test keeps them equal). A contradiction
+    from them, and ``ctcohort.config_defaults`` writes them into config/config.yaml. A contradiction
     (bf16 on CUDA, an unknown device, optimizer or loss) is a ValueError here, before any work starts.
     """
 
