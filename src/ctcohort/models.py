@@ -368,7 +368,7 @@ def regression_table(
 def statistics_table(analysis: str, measurements: pd.DataFrame, settings: StatisticsSettings) -> pd.DataFrame:
     """The table of one cross-sectional analysis (the rule that writes it: age_correlations,
     partial_correlations, by_sex or regression) with the statistics stage's settings."""
-    measures, covariates, min_n = settings.measures, settings.partial_covariates, settings.min_n
+    measures, covariates, min_n = settings.measures, settings.adjusted_for, settings.min_n
     correction, alpha = settings.correction, settings.alpha
     if analysis == "age_correlations":
         return age_correlations(
