@@ -63,15 +63,16 @@ def test_unknown_source_is_refused():
 
 
 def test_without_an_estimate_the_sheet_is_left_as_it_is():
+    """The demo's case (byte-identical tables): no estimate, so no phase column, no QC record, the sheet's contrast
+    column untouched, and none added; unless statistics.contrast asks for the estimate alone."""
     sheet = pd.DataFrame({"subject": ["a", "b"], "age": [50, 60], "contrast": [1, 0]})
     phases = pd.DataFrame({"subject": ["a", "b"], "phase": contrast_phase.NOT_AVAILABLE, "probability": np.nan})
-    resolved = contrast_phase.resolve_contrast(sheet, phases)
-    assert not contrast_phase.any_estimate(resolved)
-    kept = contrast_phase.with_resolved_contrast(sheet, resolved)
-    assert kept.columns.tolist() == sheet.columns.tolist() and kept["contrast"].dtype == sheet["contrast"].dtype
+    kept, record = contrast_phase.resolved_sheet(sheet, phases)
+    assert record is None and kept.columns.tolist() == sheet.columns.tolist()
+    assert kept["contrast"].dtype == sheet["contrast"].dtype
     no_column = sheet.drop(columns="contrast")
-    resolved = contrast_phase.resolve_contrast(no_column, phases)
-    assert contrast_phase.with_resolved_contrast(no_column, resolved).columns.tolist() == ["subject", "age"]
+    assert contrast_phase.resolved_sheet(no_column, phases)[0].columns.tolist() == ["subject", "age"]
+    assert contrast_phase.resolved_sheet(sheet, phases, "estimated")[0]["contrast"].isna().all()
 
 
 def _cohort(n: int, blank: int, tmp_path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

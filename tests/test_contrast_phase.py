@@ -218,8 +218,8 @@ def test_a_sheet_value_that_contradicts_a_certain_estimate_is_flagged(planted, t
     sheet = pd.DataFrame(
         {"subject": list(cohort), "age": 60.0, "sex": "F", "contrast": [c for _, c in cohort.values()]}
     )
-    resolved = contrast_phase.resolve_contrast(sheet, phases)
-    measured = aggregate.cohort_measurements(contrast_phase.with_resolved_contrast(sheet, resolved), paths, set())
+    joined, resolved = contrast_phase.resolved_sheet(sheet, phases)
+    measured = aggregate.cohort_measurements(joined, paths, set())
     qc = aggregate.cohort_qc(measured, apply_plausibility(measured, None, None), {}, contrast=resolved)
 
     flags = review_flags(qc)

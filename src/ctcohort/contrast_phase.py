@@ -23,6 +23,7 @@ ctcohort uses the study's segmentation at whatever resolution it has.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 from importlib import resources
@@ -78,6 +79,7 @@ PHASE_BANDS = (
     (100.0, "portal_venous", 0.7),
 )
 LATE = ("portal_venous", 0.3)
+log = logging.getLogger(__name__)
 
 
 class PhaseUnavailable(RuntimeError):
@@ -281,6 +283,20 @@ def with_resolved_contrast(sheet: pd.DataFrame, resolved: pd.DataFrame) -> pd.Da
     if any_estimate(resolved) and PHASE_COLUMN not in sheet.columns:
         table[PHASE_COLUMN] = resolved["phase"].to_numpy(dtype=object)
     return table
+
+
+def resolved_sheet(
+    sheet: pd.DataFrame, phases: pd.DataFrame, source: str = SHEET_ELSE_ESTIMATED
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(``with_resolved_contrast``'s sheet, ``resolve_contrast``'s table for the QC table or None where no scan has
+    an estimate): what the cohort is joined with."""
+    resolved = resolve_contrast(sheet, phases, source)
+    if not any_estimate(resolved):
+        if source == ESTIMATED:
+            log.warning("statistics.contrast estimated, but no scan has a phase estimate: no scan has a contrast")
+        return with_resolved_contrast(sheet, resolved), None
+    log.info("contrast (statistics.contrast %s): %s", source, contrast_counts(resolved))
+    return with_resolved_contrast(sheet, resolved), resolved
 
 
 def contrast_counts(record: pd.DataFrame) -> dict[str, int]:

@@ -4,7 +4,7 @@ failed scans; QC and summaries for the report."""
 import logging
 
 from ctcohort import aggregate
-from ctcohort.contrast_phase import any_estimate, contrast_counts, read_phases, resolve_contrast, with_resolved_contrast
+from ctcohort.contrast_phase import read_phases, resolved_sheet
 from ctcohort.duplicate_scans import failures_with_duplicates
 from ctcohort.qc import QCSettings, apply_plausibility, load_plausible_volumes
 from ctcohort.review import apply_review_decisions, count_sentence, load_decisions
@@ -34,11 +34,7 @@ failures, n_dropped = failures_with_duplicates(
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
 # the contrast covariate resolved once, here, so that every analysis reading measurements.tsv adjusts for the same
-contrast = resolve_contrast(sheet, read_phases(snakemake.input.phases), snakemake.params.contrast)
-contrast = contrast if any_estimate(contrast) else None
-if contrast is not None:
-    log.info("contrast (statistics.contrast %s): %s", snakemake.params.contrast, contrast_counts(contrast))
-    sheet = with_resolved_contrast(sheet, contrast)
+sheet, contrast = resolved_sheet(sheet, read_phases(snakemake.input.phases), snakemake.params.contrast)
 measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
 # the reviewer's exclusions (qc.review_decisions) override every other reason
