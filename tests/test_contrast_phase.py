@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 from conftest import require_shared_data
 
-from ctcohort import contrast_phase
-from ctcohort.measure import measure_structures
+from ctcohort import aggregate, contrast_phase
+from ctcohort.measure import measure_structures, read_measurements, write_measurements
+from ctcohort.qc import apply_plausibility
+from ctcohort.review import review_flags
 from ctcohort.structures import load_structure_table
 
 DRIVER = Path(__file__).with_name("totalseg_phase_driver.py")
@@ -53,16 +55,24 @@ def _planted_cts(folder: Path, tmp_path: Path, v2: pd.DataFrame) -> dict[str, tu
     return cts
 
 
-def test_phase_equals_totalsegmentators_on_the_real_ct(tmp_path):
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[dict[str, tuple[Path, np.ndarray]], dict[str, pd.DataFrame]]:
+    """The real CT and its planted copies (path and HU, by phase), and ctcohort's measurement of each with the
+    real v2 segmentation (measured once for the module's tests)."""
+    folder = require_shared_data() / "totalseg-example"
+    v2 = load_structure_table("total_v2")
+    cts = _planted_cts(folder, tmp_path_factory.mktemp("planted"), v2)
+    labels = np.asanyarray(nib.load(folder / "example_seg.nii.gz").dataobj).astype(np.uint8)
+    return cts, {name: measure_structures(hu, labels, 0.027, v2) for name, (_, hu) in cts.items()}
+
+
+def test_phase_equals_totalsegmentators_on_the_real_ct(planted):
     """pi time within 1 s of TotalSegmentator's and the same phase, for the real CT (native) and copies
     with planted arterial and portal venous enhancement."""
     classifiers = _classifiers_or_skip()
     pytest.importorskip("totalsegmentator.statistics")
     folder = require_shared_data() / "totalseg-example"
-    v2 = load_structure_table("total_v2")
-    cts = _planted_cts(folder, tmp_path, v2)
-    labels = np.asanyarray(nib.load(folder / "example_seg.nii.gz").dataobj).astype(np.uint8)
-    tables = {name: measure_structures(hu, labels, 0.027, v2) for name, (_, hu) in cts.items()}
+    cts, tables = planted
     ours = contrast_phase.contrast_phase_table(tables, classifiers).set_index("subject")
     command = [sys.executable, str(DRIVER), str(folder / "example_seg.nii.gz"), *(str(p) for p, _ in cts.values())]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -185,3 +195,39 @@ def test_the_fast_models_segmentation_gives_the_same_phase(tmp_path):
         assert phases.at[name, "phase"] == phases.at[f"{name} fast", "phase"] == name
     differences = np.abs(tables["native"]["hu_median"] - tables["native fast"]["hu_median"])
     assert differences[tables["native"]["structure"].isin(contrast_phase.PHASE_STRUCTURES)].max() > 0
+
+
+def test_a_sheet_value_that_contradicts_a_certain_estimate_is_flagged(planted, tmp_path):
+    """A cohort of the real measurements of the planted copies: the native scan marked contrast 1 and the early
+    arterial one marked 0 are flagged contrast_disagrees in the cohort QC table and on the review page, once per
+    scan, and keep the sheet's value; scans whose sheet agrees, or is blank (estimated), are not flagged."""
+    classifiers = _classifiers_or_skip()
+    _, tables = planted
+    cohort = {  # subject: (the planted phase, the sheet's contrast; NaN: blank)
+        "native_marked_1": ("native", 1),
+        "arterial_marked_0": ("arterial_early", 0),
+        "native_marked_0": ("native", 0),
+        "late_marked_1": ("arterial_late", 1),
+        "portal_blank": ("portal_venous", np.nan),
+    }
+    paths = {subject: tmp_path / f"{subject}.tsv" for subject in cohort}
+    for subject, (phase, _) in cohort.items():
+        write_measurements(tables[phase], paths[subject])
+    phases = contrast_phase.contrast_phase_table({s: read_measurements(p) for s, p in paths.items()}, classifiers)
+    assert (phases["probability"] == contrast_phase.CERTAIN).all()
+    sheet = pd.DataFrame(
+        {"subject": list(cohort), "age": 60.0, "sex": "F", "contrast": [c for _, c in cohort.values()]}
+    )
+    joined, resolved = contrast_phase.resolved_sheet(sheet, phases)
+    measured = aggregate.cohort_measurements(joined, paths, set())
+    qc = aggregate.cohort_qc(measured, apply_plausibility(measured, None, None), {}, contrast=resolved)
+
+    flags = review_flags(qc)
+    disagreeing = flags[flags["flag"] == "contrast_disagrees"]
+    assert sorted(disagreeing["subject"]) == ["arterial_marked_0", "native_marked_1"]
+    assert (disagreeing["structure"] == "").all()
+    scans = measured.drop_duplicates("subject").set_index("subject")
+    assert scans["contrast"].to_dict() == {subject: 0.0 if "marked_0" in subject else 1.0 for subject in cohort}
+    assert scans["phase"].to_dict() == {subject: phase for subject, (phase, _) in cohort.items()}
+    sources = qc.drop_duplicates("subject").set_index("subject")["contrast_source"]
+    assert sources.to_dict() == {subject: "estimated" if subject == "portal_blank" else "sheet" for subject in cohort}

@@ -153,13 +153,13 @@ def sensitivity_table(measurements: pd.DataFrame, settings: StatisticsSettings) 
         age_correlations(
             measurements,
             settings.measures,
-            partial_covariates=settings.partial_covariates,
+            partial_covariates=settings.adjusted_for,
             primary=settings.primary,
             **analysis,
         )
     )
     acquisition = [c for c in settings.acquisition_covariates if c in measurements.columns]
-    base = list(settings.partial_covariates) if (primary["primary"] == "adjusted").any() else []
+    base = list(settings.adjusted_for) if (primary["primary"] == "adjusted").any() else []
     pooled, pooled_note = pool_rare(measurements, acquisition, settings.acquisition_min_scans)
     adjusted = primary_view(
         age_correlations(

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ctcohort.columns import EXCLUSION_REASONS, GEOMETRY_COLUMNS, MEASURE_COLUMNS, MODEL_COLUMN, REVIEWER_EXCLUDED
+from ctcohort.contrast_phase import CONTRAST_QC_COLUMNS
 from ctcohort.measure import read_measurements
 from ctcohort.qc import QCSettings, read_qc
 from ctcohort.review import SANITY_FLAGS, review_column, sanity_flags
@@ -262,12 +263,15 @@ def cohort_qc(
     qc_paths: dict[str, str | Path],
     settings: QCSettings = QCSettings(),
     decisions: pd.DataFrame | None = None,
+    contrast: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per subject x structure of the cohort (QC_TABLE_COLUMNS): the values as measured, the
     faces that cut the structure (qc.cut_faces), the plausibility flags and final exclusion reason of
     ``checked`` (``qc.apply_plausibility`` of ``measured``, then the reviewer's decisions), the scan's
     vertebral coverage, the geometry of each structure and the sanity checks made from it
-    (``review.sanity_flags``, with the sheet's age and sex), and the reviewer's decision."""
+    (``review.sanity_flags``, with the sheet's age and sex), and the reviewer's decision; with ``contrast``
+    (``contrast_phase.resolve_contrast``'s table, where some scan has a phase estimate) also each scan's
+    CONTRAST_QC_COLUMNS, after the others."""
     subjects = set(measured["subject"])
     frames = [read_qc(path).assign(subject=subject) for subject, path in qc_paths.items() if subject in subjects]
     covariates = [c for c in ("age", "sex") if c in checked.columns]
@@ -302,7 +306,11 @@ def cohort_qc(
         )
     table = pd.concat([table, sanity_flags(table, settings)], axis=1)
     table["review"] = review_column(table, decisions)
-    return table[["subject", *model, *QC_TABLE_COLUMNS[1:]]]
+    table = table[["subject", *model, *QC_TABLE_COLUMNS[1:]]]
+    if contrast is None:
+        return table
+    scans = contrast[["subject", *CONTRAST_QC_COLUMNS]]
+    return table.merge(scans, on="subject", how="left", validate="many_to_one")
 
 
 def read_cohort_qc(path: str | Path) -> pd.DataFrame:
@@ -317,8 +325,20 @@ def read_cohort_qc(path: str | Path) -> pd.DataFrame:
         "cranial_vertebra",
         "caudal_vertebra",
         "review",
+        "contrast_source",
     ]
-    return read_tsv(path, {c: [MISSING] for c in QC_TABLE_COLUMNS if c not in text}, dtype={c: str for c in text})
+    numbers = [c for c in [*QC_TABLE_COLUMNS, *CONTRAST_QC_COLUMNS] if c not in text]
+    return read_tsv(path, {c: [MISSING] for c in numbers}, dtype={c: str for c in text})
+
+
+def read_contrast_record(path: str | Path) -> pd.DataFrame | None:
+    """Per scan of qc.tsv its CONTRAST_QC_COLUMNS (subject first); None where the table has none (no scan had
+    a phase estimate). Reads those columns alone: at 10,000 scans qc.tsv holds over a million rows."""
+    header = pd.read_csv(path, sep="\t", nrows=0).columns
+    if not set(CONTRAST_QC_COLUMNS) <= set(header):
+        return None
+    columns = ["subject", *CONTRAST_QC_COLUMNS]
+    return pd.read_csv(path, sep="\t", usecols=columns, dtype=str).drop_duplicates("subject")[columns]
 
 
 def value_exclusions(checked: pd.DataFrame, measure: str) -> pd.Series:

@@ -23,6 +23,7 @@ ctcohort uses the study's segmentation at whatever resolution it has.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 from importlib import resources
@@ -30,6 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from ctcohort.tables import read_tsv
 
 # in the classifier's feature order (totalseg_get_phase.py's ``organs`` then ``organs_hn``); total_v2 names
 PHASE_STRUCTURES = (
@@ -76,6 +79,7 @@ PHASE_BANDS = (
     (100.0, "portal_venous", 0.7),
 )
 LATE = ("portal_venous", 0.3)
+log = logging.getLogger(__name__)
 
 
 class PhaseUnavailable(RuntimeError):
@@ -207,3 +211,102 @@ def estimated_contrast(phases: pd.DataFrame) -> pd.DataFrame:
     contrast = pd.array(np.where(phases["phase"] == NATIVE, 0, 1), dtype="Int64")
     contrast[~available.to_numpy()] = pd.NA
     return pd.DataFrame({"subject": phases["subject"], "contrast": contrast, "phase": phases["phase"]})
+
+
+# --- the contrast covariate: from the sheet, from the estimate, or both (statistics.contrast) ----------------
+
+SHEET = "sheet"
+NO_SOURCE = "none"
+SHEET_ELSE_ESTIMATED = "sheet_else_estimated"
+CONTRAST_SOURCES = (SHEET, ESTIMATED, SHEET_ELSE_ESTIMATED)
+PHASES = (NATIVE, "arterial_early", "arterial_late", "portal_venous")
+PHASE_COLUMN = "phase"  # the estimated phase in the cohort tables, a covariate (statistics.phase_covariate)
+# per scan, where the contrast covariate is resolved (aggregate): its value, where that came from, the check
+CONTRAST_COLUMNS = ["subject", "contrast", "contrast_source", "contrast_disagrees", "phase"]
+# the columns the cohort QC table gains where some scan has an estimate
+CONTRAST_QC_COLUMNS = ["contrast_source", "contrast_disagrees"]
+CERTAIN = 1.0  # TotalSegmentator's probability away from every cut-off: only such an estimate can contradict
+
+
+def check_contrast_source(source: str) -> None:
+    if source not in CONTRAST_SOURCES:
+        raise ValueError(f"unknown contrast source {source!r}; choose one of {', '.join(CONTRAST_SOURCES)}")
+
+
+def resolve_contrast(sheet: pd.DataFrame, phases: pd.DataFrame, source: str = SHEET_ELSE_ESTIMATED) -> pd.DataFrame:
+    """Per row of the cohort ``sheet`` (CONTRAST_COLUMNS): ``contrast`` (1.0 / 0.0 / NaN) from the sheet's column,
+    from the phase estimate (``estimated_contrast``), or from the sheet where it has a value and the estimate
+    elsewhere, as ``source`` says; ``contrast_source`` (sheet, estimated or none); ``contrast_disagrees``: the
+    sheet's value contradicts an estimate of probability CERTAIN, whatever ``source``; ``phase``: the estimated
+    phase (NaN where none), the category ``statistics.phase_covariate`` adjusts for."""
+    check_contrast_source(source)
+    subjects = sheet["subject"].astype(str).reset_index(drop=True)
+    estimates = phases.assign(subject=phases["subject"].astype(str)).set_index("subject")
+    column = sheet["contrast"] if "contrast" in sheet.columns else pd.Series(np.nan, index=sheet.index)
+    from_sheet = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+    estimated = subjects.map(estimated_contrast(phases).set_index("subject")["contrast"].astype(float))
+    estimated = estimated.to_numpy(dtype=float)
+    use_sheet = (source != ESTIMATED) & ~np.isnan(from_sheet)
+    use_estimate = ~use_sheet & (source != SHEET) & ~np.isnan(estimated)
+    certain = subjects.map(estimates["probability"]).to_numpy(dtype=float) == CERTAIN
+    with np.errstate(invalid="ignore"):
+        disagrees = certain & (from_sheet != estimated) & ~np.isnan(from_sheet) & ~np.isnan(estimated)
+    phase = subjects.map(estimates["phase"])
+    return pd.DataFrame(
+        {
+            "subject": subjects,
+            "contrast": np.where(use_sheet, from_sheet, np.where(use_estimate, estimated, np.nan)),
+            "contrast_source": np.select([use_sheet, use_estimate], [SHEET, ESTIMATED], NO_SOURCE),
+            "contrast_disagrees": disagrees,
+            "phase": phase.where(phase.isin(PHASES)),
+        }
+    )
+
+
+def any_estimate(resolved: pd.DataFrame) -> bool:
+    """Whether some scan has a phase estimate: without one the sheet is the only source and nothing is added."""
+    return bool(resolved["phase"].notna().any())
+
+
+def with_resolved_contrast(sheet: pd.DataFrame, resolved: pd.DataFrame) -> pd.DataFrame:
+    """The sheet with ``resolve_contrast``'s contrast in its ``contrast`` column (added where the sheet has none) and
+    the estimated ``phase`` (where some scan has one and the sheet has no such column). A column whose values
+    would not change is left as it is, so that a cohort without estimates keeps its tables byte for byte."""
+    table = sheet.copy()
+    contrast = resolved["contrast"].to_numpy(dtype=float)
+    if "contrast" in sheet.columns:
+        before = pd.to_numeric(sheet["contrast"], errors="coerce").to_numpy(dtype=float)
+        if not np.array_equal(before, contrast, equal_nan=True):
+            table["contrast"] = contrast
+    elif not np.isnan(contrast).all():
+        table["contrast"] = contrast
+    if any_estimate(resolved) and PHASE_COLUMN not in sheet.columns:
+        table[PHASE_COLUMN] = resolved["phase"].to_numpy(dtype=object)
+    return table
+
+
+def resolved_sheet(
+    sheet: pd.DataFrame, phases: pd.DataFrame, source: str = SHEET_ELSE_ESTIMATED
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(``with_resolved_contrast``'s sheet, ``resolve_contrast``'s table for the QC table or None where no scan has
+    an estimate): what the cohort is joined with."""
+    resolved = resolve_contrast(sheet, phases, source)
+    if not any_estimate(resolved):
+        if source == ESTIMATED:
+            log.warning("statistics.contrast estimated, but no scan has a phase estimate: no scan has a contrast")
+        return with_resolved_contrast(sheet, resolved), None
+    log.info("contrast (statistics.contrast %s): %s", source, contrast_counts(resolved))
+    return with_resolved_contrast(sheet, resolved), resolved
+
+
+def contrast_counts(record: pd.DataFrame) -> dict[str, int]:
+    """Scans per contrast_source (sheet, estimated, none) and the scans flagged contrast_disagrees, of a per-scan
+    record with CONTRAST_QC_COLUMNS."""
+    sources = record["contrast_source"].value_counts()
+    counts = {source: int(sources.get(source, 0)) for source in (SHEET, ESTIMATED, NO_SOURCE)}
+    return counts | {"disagrees": int(record["contrast_disagrees"].astype(str).str.lower().eq("true").sum())}
+
+
+def read_phases(path) -> pd.DataFrame:
+    """contrast_phase.tsv as written: subjects and phases as text ("007" is an id)."""
+    return read_tsv(path, dtype={"subject": str, "phase": str})

@@ -16,7 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from ctcohort import rank_null
-from ctcohort.contrast_phase import NOT_AVAILABLE
+from ctcohort.contrast_phase import (
+    ESTIMATED,
+    NO_SOURCE,
+    NOT_AVAILABLE,
+    SHEET,
+    SHEET_ELSE_ESTIMATED,
+    contrast_counts,
+)
+from ctcohort.stats import StatisticsSettings
 
 # the packages a reader needs to redo the numbers, in the order they are named
 CITED_SOFTWARE = (
@@ -133,6 +141,7 @@ class RunTables:
     calibration: pd.DataFrame | None = None  # the normative charts' (one row per chart: n, note, calibration)
     ct_age: pd.DataFrame | None = None  # ct_age.ct_age's summary table (None: no CT age)
     phases: pd.DataFrame | None = None  # contrast_phase.contrast_phase_table's (None: not estimated)
+    contrast: pd.DataFrame | None = None  # per scan contrast_source and contrast_disagrees (None: no estimate)
     acquisition: pd.DataFrame | None = None  # acquisition.association_table's table
     sensitivity: pd.DataFrame | None = None  # acquisition.sensitivity_table's table
 
@@ -149,7 +158,7 @@ def methods_paragraphs(config: Mapping, tables: RunTables, model: str = "") -> l
         _statistics_paragraph(config, tables.correlations, tables.regression, tables.longitudinal, tables.calibration),
         *filter(None, [_acquisition_sentence(tables.acquisition, tables.sensitivity)]),
         *filter(None, [_ct_age_sentence(config.get("ct_age") or {}, tables.ct_age)]),
-        *filter(None, [_phase_sentence(tables.phases, version)]),
+        *filter(None, [_contrast_paragraph(config, tables, version)]),
         _software_paragraph(version),
     ]
 
@@ -325,7 +334,7 @@ def _primary_sentence(stats_cfg, correlations) -> str:
     """Which analysis is primary, adjusted for the covariates the table says it used."""
     from ctcohort.stats import primary_view
 
-    configured = list(stats_cfg.get("partial_covariates") or [])
+    configured = list(StatisticsSettings.from_config(stats_cfg).adjusted_for)
     used = _used(correlations)
     missing = [c for c in configured if c not in used]
     adjusted = primary_view(correlations).get("primary", pd.Series(dtype=str)).eq("adjusted").any()
@@ -549,6 +558,11 @@ def _ct_age_sentence(settings: Mapping, summary: pd.DataFrame | None) -> str:
     )
 
 
+def _contrast_paragraph(config: Mapping, tables: RunTables, version: Mapping) -> str:
+    sentences = [_phase_sentence(tables.phases, version), _contrast_sentence(config, tables.contrast)]
+    return " ".join(sentence for sentence in sentences if sentence)
+
+
 def _phase_sentence(phases: pd.DataFrame | None, version: Mapping) -> str:
     """How many scans have a contrast phase estimated from the image, and which phases."""
     if phases is None or phases.empty:
@@ -566,6 +580,39 @@ def _phase_sentence(phases: pd.DataFrame | None, version: Mapping) -> str:
     # why not: the most common reason, e.g. a structure table without the classifier's structures
     reason = phases["note"].fillna("").astype(str).replace("", "no reason recorded").mode().iloc[0]
     return f"The contrast phase could be estimated {method} for no scan ({reason})."
+
+
+CONTRAST_SOURCE_WORDS = {
+    SHEET: "the cohort sheet",
+    ESTIMATED: "the estimated phase (native 0, any other phase 1)",
+    SHEET_ELSE_ESTIMATED: (
+        "the cohort sheet where it had a value and the estimated phase (native 0, any other phase 1) where it was blank"
+    ),
+}
+
+
+def _contrast_sentence(config: Mapping, record: pd.DataFrame | None) -> str:
+    """Where the contrast covariate came from, how many values were estimated, how many scans were flagged."""
+    if record is None or record.empty:
+        return ""
+    settings = StatisticsSettings.from_config(config["statistics"])
+    n = contrast_counts(record)
+    sources = [f"{n[SHEET]:,} from the sheet", f"{n[ESTIMATED]:,} estimated"]
+    if n[NO_SOURCE]:
+        sources.append(f"{n[NO_SOURCE]:,} without a value (left out of the adjusted analyses)")
+    kept = "took the estimate" if settings.contrast == ESTIMATED else "kept the sheet's value"
+    flagged = f"in {_scans(n['disagrees'])}, flagged for review, which {kept}" if n["disagrees"] else "in no scan"
+    sentence = (
+        f"The contrast covariate came from {CONTRAST_SOURCE_WORDS[settings.contrast]}: {_listing(sources)}. The "
+        f"sheet's value contradicted an estimate of probability 1.0 (native with contrast, arterial or portal "
+        f"venous without) {flagged}."
+    )
+    if settings.phase_covariate:
+        sentence += (
+            " The adjusted analyses used the estimated phase as a category (native, arterial early, arterial late, "
+            "portal venous) in place of the contrast covariate."
+        )
+    return sentence
 
 
 def _software_paragraph(version: Mapping) -> str:

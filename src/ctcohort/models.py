@@ -5,8 +5,9 @@ Rows below ``min_n`` (note ``too_few_scans``) or with a constant age or measure 
 tested, as in ``ctcohort.stats.age_correlations``; their statistics are NaN and they do not count in the
 corrections.
 
-Covariates (``statistics.partial_covariates``): a numeric column (age-independent numbers such as contrast
-0/1) enters as it is; a text column (sex) enters as indicator columns, one per category except the first in
+Covariates (``StatisticsSettings.adjusted_for``: ``statistics.partial_covariates``, with the estimated phase for
+contrast under ``statistics.phase_covariate``): a numeric column (age-independent numbers such as contrast 0/1)
+enters as it is; a text column (sex, phase) enters as indicator columns, one per category except the first in
 sorted order (M/F: one column, "M"). A covariate or indicator column that is constant over a row's scans
 (every scan F, every scan native) adjusts for nothing and is left out; ``k`` counts the covariate columns
 used. A scan with a missing covariate value is left out of the adjusted statistics (complete cases).
@@ -368,7 +369,7 @@ def regression_table(
 def statistics_table(analysis: str, measurements: pd.DataFrame, settings: StatisticsSettings) -> pd.DataFrame:
     """The table of one cross-sectional analysis (the rule that writes it: age_correlations,
     partial_correlations, by_sex or regression) with the statistics stage's settings."""
-    measures, covariates, min_n = settings.measures, settings.partial_covariates, settings.min_n
+    measures, covariates, min_n = settings.measures, settings.adjusted_for, settings.min_n
     correction, alpha = settings.correction, settings.alpha
     if analysis == "age_correlations":
         return age_correlations(

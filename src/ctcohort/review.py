@@ -22,6 +22,10 @@ structures) and on the cohort's volumes. Each flags a structure of a scan; none 
 - ``orientation``: the CT's sform and qform disagree (``sform_qform_mm``); flagged on every structure row of
   the scan, since every centre of mass depends on it.
 
+``contrast_disagrees`` (``contrast_phase.resolve_contrast``: the sheet's contrast contradicts a certain phase
+estimate) is a flag of the whole scan too, on the review page; it questions a covariate, not the segmentation,
+so unlike the sanity checks it keeps the scan's structures in the normative charts.
+
 A scan's review score orders the review page: the sum of FLAG_WEIGHTS over its flagged structures, plus its
 largest |z| (at most 9) / 10, which orders scans with the same flags. Cut-off structures are listed on the
 page (a filter) but weigh nothing: a partial field of view is expected and already excluded from volumes.
@@ -55,8 +59,11 @@ FLAG_WEIGHTS = {
     "volume_outlier": 1.0,
     "volume_implausible": 1.0,
     "hu_implausible": 1.0,
+    "contrast_disagrees": 1.0,
     "cut_off": 0.0,
 }
+# flags of the whole scan: listed once, with the structure blank
+SCAN_FLAGS = ("orientation", "contrast_disagrees")
 MAD_SCALE = 1.482602218505602  # 1 / the normal 75th percentile: a normal sample's MAD -> its SD
 MAX_Z_IN_SCORE = 9.0
 # what the review page says of each flag, from the QC table's row
@@ -67,6 +74,7 @@ FLAG_DETAILS = {
     "cut_off": "cut at {cut_faces}",
     "laterality": "centre at x = {centroid_x_mm:.0f} mm",
     "vertebra_order": "centre at z = {centroid_z_mm:.0f} mm",
+    "contrast_disagrees": "the sheet's contrast against the estimated phase (contrast_phase.tsv)",
 }
 log = logging.getLogger(__name__)
 RANKING_COLUMNS = ["subject", "score", "n_flags", "status"]
@@ -208,22 +216,26 @@ def _flag_detail(row, flag: str) -> str:
 
 
 def review_flags(qc: pd.DataFrame) -> pd.DataFrame:
-    """One row per flag of the cohort QC table (FLAG_COLUMNS); a scan's orientation flag once, on the scan
-    (structure blank)."""
+    """One row per flag of the cohort QC table (FLAG_COLUMNS); a flag of SCAN_FLAGS once, on the scan (structure
+    blank). A flag column the table lacks flags nothing (contrast_disagrees exists where a phase was estimated)."""
     columns = {
         "cut_off": qc["cut_faces"].fillna("").astype(str) != "",
-        **{flag: qc[flag].astype(str).str.lower() == "true" for flag in FLAG_WEIGHTS if flag != "cut_off"},
+        **{
+            flag: qc[flag].astype(str).str.lower() == "true" if flag in qc.columns else pd.Series(False, qc.index)
+            for flag in FLAG_WEIGHTS
+            if flag != "cut_off"
+        },
     }
     frames = []
     for flag, flagged in columns.items():
         rows = qc[flagged.to_numpy()]
-        if flag == "orientation":
+        if flag in SCAN_FLAGS:
             rows = rows.drop_duplicates("subject")
         frames.append(
             pd.DataFrame(
                 {
                     "subject": rows["subject"].astype(str),
-                    "structure": "" if flag == "orientation" else rows["structure"].astype(str),
+                    "structure": "" if flag in SCAN_FLAGS else rows["structure"].astype(str),
                     "flag": flag,
                     "detail": [_flag_detail(row, flag) for row in rows.itertuples()],
                 }

@@ -26,6 +26,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from ctcohort.contrast_phase import PHASE_COLUMN, SHEET_ELSE_ESTIMATED, check_contrast_source
 from ctcohort.patients import PatientSettings, patient_of
 from ctcohort.rank_null import PERMUTATION_MAX_N, pairing_p, smallest_p, spearman_p
 
@@ -109,6 +110,8 @@ class StatisticsSettings:
     correction: str = "bonferroni"
     alpha: float = 0.0001
     partial_covariates: tuple[str, ...] = ("sex", "contrast")
+    contrast: str = SHEET_ELSE_ESTIMATED  # where the contrast covariate comes from (contrast_phase.resolve_contrast)
+    phase_covariate: bool = False  # adjust for the estimated phase (a category) where partial_covariates names contrast
     primary: str = "adjusted"
     min_n: int = 10
     spline_df: int = 3
@@ -121,10 +124,19 @@ class StatisticsSettings:
         for name in ("measures", "partial_covariates", "acquisition_covariates"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_tests(self.correction, self.min_n)
+        check_contrast_source(self.contrast)
         if isinstance(self.acquisition_min_scans, bool) or not isinstance(self.acquisition_min_scans, int):
             raise ValueError(f"acquisition_min_scans must be an integer, got {self.acquisition_min_scans!r}")
         if self.primary not in PRIMARY:
             raise ValueError(f"unknown primary analysis {self.primary!r}; choose one of {', '.join(PRIMARY)}")
+
+    @property
+    def adjusted_for(self) -> tuple[str, ...]:
+        """The covariates of the adjusted analyses: partial_covariates, with ``phase`` for ``contrast`` where
+        phase_covariate says so."""
+        if not self.phase_covariate:
+            return self.partial_covariates
+        return tuple(PHASE_COLUMN if name == "contrast" else name for name in self.partial_covariates)
 
     @classmethod
     def from_config(cls, section: Mapping) -> "StatisticsSettings":

@@ -22,6 +22,8 @@ rule aggregate:
         review_decisions=lambda wildcards: REVIEW_DECISIONS,  # [] where none; a new file re-runs the cohort rules
         duplicates=lambda wildcards: DUPLICATES_INPUT,  # rows dropped as the same scan; [] unless drop_later
         imported=lambda wildcards: expand("results/ct/{subject}.nii.gz", subject=DICOM_SUBJECTS),  # same image?
+        # the contrast covariate where the sheet is blank (statistics.contrast), and its check
+        phases="results/tables/contrast_phase.tsv",
     output:
         measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",
@@ -60,5 +62,6 @@ rule aggregate:
         measures=config["statistics"]["measures"],
         combined=config["statistics"]["combined"],
         duplicates=config["duplicates"],
+        contrast=config["statistics"]["contrast"],
     script:
         "../scripts/aggregate.py"

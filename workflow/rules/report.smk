@@ -40,6 +40,7 @@ rule methods:
         ),
         ct_age=rules.ct_age.output.summary,
         phases=rules.contrast_phase.output[0],
+        qc=rules.aggregate.output.qc_table,  # where each scan's contrast came from, and its check
         acquisition=rules.acquisition.output.association,
         sensitivity=rules.acquisition.output.sensitivity,
         versions=rules.software_versions.output[0],

@@ -4,6 +4,7 @@ failed scans; QC and summaries for the report."""
 import logging
 
 from ctcohort import aggregate
+from ctcohort.contrast_phase import read_phases, resolved_sheet
 from ctcohort.duplicate_scans import failures_with_duplicates
 from ctcohort.qc import QCSettings, apply_plausibility, load_plausible_volumes
 from ctcohort.review import apply_review_decisions, count_sentence, load_decisions
@@ -32,6 +33,8 @@ failures, n_dropped = failures_with_duplicates(
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
 paths = dict(zip(subjects, snakemake.input.measurements))
+# the contrast covariate resolved once, here, so that every analysis reading measurements.tsv adjusts for the same
+sheet, contrast = resolved_sheet(sheet, read_phases(snakemake.input.phases), snakemake.params.contrast)
 measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
 # the reviewer's exclusions (qc.review_decisions) override every other reason
@@ -47,7 +50,8 @@ study = aggregate.add_combined(measurements, snakemake.params.combined)
 write_tsv(study, snakemake.output.measurements, MEASUREMENT_DIGITS)
 study.to_parquet(snakemake.output.parquet, index=False)
 write_tsv(failures, snakemake.output.failures, missing=BLANK)
-qc_table = aggregate.cohort_qc(measured, checked, dict(zip(subjects, snakemake.input.qc)), settings, decisions)
+qc_paths = dict(zip(subjects, snakemake.input.qc))
+qc_table = aggregate.cohort_qc(measured, checked, qc_paths, settings, decisions, contrast)
 write_tsv(qc_table, snakemake.output.qc_table, MEASUREMENT_DIGITS)
 write_tsv(aggregate.qc_summary(measurements), snakemake.output.qc, missing=BLANK)
 write_tsv(aggregate.measurement_summary(study), snakemake.output.summary, STATS_DIGITS)

@@ -1,5 +1,6 @@
 """The Methods paragraph, from the configuration and the run's counts (results/methods.md and .html)."""
 
+from ctcohort.aggregate import read_contrast_record
 from ctcohort.methods import RunTables, methods_paragraphs, model_description, write_methods
 from ctcohort.runlog import log_to
 from ctcohort.tables import read_statistics
@@ -15,6 +16,7 @@ tables = RunTables(
     calibration=read_statistics(snakemake.input.calibration[0]) if snakemake.input.calibration else None,
     ct_age=read_statistics(snakemake.input.ct_age),
     phases=read_statistics(snakemake.input.phases),
+    contrast=read_contrast_record(snakemake.input.qc),
     acquisition=read_statistics(snakemake.input.acquisition),
     sensitivity=read_statistics(snakemake.input.sensitivity),
 )
