@@ -34,6 +34,7 @@ EVALUATED = ["s01", "s02"]
 # Not compared: logs and benchmarks hold times and process ids of the run that wrote them (and a rerun
 # appends to a killed job's log); the HTML report (not built here) embeds its creation date and run info.
 RUN_RECORDS = ("logs", "benchmarks")
+# both studies' targets (the docstring says why these); the review page reads every scan's QC table
 TARGETS = (
     "results/tables/measurements.parquet",
     "results/tables/contrast_phase.tsv",
