@@ -110,9 +110,8 @@ def study(planted, tmp_path_factory):
     pd.DataFrame(rows, columns=["subject", "ct", "seg", "age", "sex", "contrast"]).to_csv(sheet, sep="\t", index=False)
     workdir = tmp_path_factory.mktemp("dicom_study")
     config = {**STUDY, "cohort": str(sheet)}
-    run = run_workflow(workdir, config)
+    run = run_workflow(workdir, config, "--report", "results/report.html", "--report-after-run")
     again = run_workflow(workdir, config, "--dry-run")
-    run_workflow(workdir, config, "--report", "results/report.html")
     return workdir / "results", run, again
 
 

@@ -35,8 +35,7 @@ def demo_study(tmp_path_factory):
     # a thread per segmentation job: its two batches run side by side on two cores, sooner than one after the
     # other with two threads each (a setting of speed, not of what the study computes)
     config = {"demo": {"n_subjects": 40, "seed": 1}, "segmentation": {"threads": 1}}
-    run_workflow(workdir, config)
-    run_workflow(workdir, config, "--report", "results/report.html")
+    run_workflow(workdir, config, "--report", "results/report.html", "--report-after-run")
     # a second run with nothing changed has nothing to do
     again = run_workflow(workdir, config, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
