@@ -367,3 +367,24 @@ def test_a_site_intercept_on_the_log_median_of_a_box_cox_chart():
     new_age, new_scaled, new_site = site_draws(rng, rng.normal(0, 1, 400), 5, (25, 80))
     z, _ = model.z(np.exp(0.1 * new_scaled), new_age, sites=(new_site + 100).astype(str))
     assert 0.035 < np.mean(np.abs(z) > 1.96) < 0.07
+
+
+def test_the_bands_of_a_chart_with_sites_hold_the_population_intercepts_error(monkeypatch):
+    """The population median's band from a cluster bootstrap of 10 sites: about as wide as the normal
+    interval of the population intercept, 1.96 sqrt(tau^2 / sites + sigma^2 / n); resampling scans (within the
+    chart's sites) would draw it far narrower."""
+    rng = np.random.default_rng(5)
+    age, y, site = site_draws(rng, rng.normal(0, 1, 10), 40)
+    sites = site.astype(str)
+    model = fit_model(NORMAL, (1, 0), age, y, sites=sites)
+    settings = CentileSettings(percentiles=(50,), bootstrap_resamples=200)
+    middle = [float(np.mean(age))]
+    expected = 1.96 * np.sqrt(model.site_sd**2 / 10 + 1 / len(y))
+
+    def half_width() -> float:
+        low, high = centiles.bootstrap_centiles(model, age, y, ages=middle, settings=settings, sites=sites)
+        return float(high[0, 0] - low[0, 0]) / 2
+
+    assert 0.7 * expected < half_width() < 1.3 * expected
+    monkeypatch.setattr(centiles, "resample", lambda rng, n, sites: (pick := rng.integers(0, n, n), sites[pick]))
+    assert half_width() < 0.5 * expected

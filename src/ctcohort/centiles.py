@@ -119,7 +119,9 @@ refusal (``fit_centile_chart``)
     converged (``not_converged``) or failed calibration (``calibration_failed``).
 
 uncertainty (``bootstrap_centiles``)
-    Seeded nonparametric bootstrap: scans resampled with replacement, the chosen family, df and knots refitted
+    Seeded nonparametric bootstrap: scans resampled with replacement (with a site effect, sites: ``resample``;
+    10 sites of 40 scans, tau 1: the population median's 95% band covered the truth in 90% of 60 cohorts,
+    against 23% when scans were resampled within the sites), the chosen family, df and knots refitted
     (the selection is not repeated, so the bands leave out the uncertainty of the choice) from the chart's
     coefficients, percentile intervals of each centile curve on the chart's age grid.
 """
@@ -972,11 +974,26 @@ def _newton_refit(theta, y, matrices, family, hessian_inverse, precision=None, s
     return None
 
 
+def resample(rng: np.random.Generator, n: int, sites=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(indices, their sites) of a bootstrap resample of n scans: scans with replacement; or, where scans have
+    sites, sites with replacement and every scan of each (a cluster bootstrap), each drawn site under a name of
+    its own (the chart's site names in turn: the site effects are exchangeable), so that a site drawn twice
+    counts twice. Resampling scans within the chart's sites would leave out the population intercept's error
+    from few sites, about tau / sqrt(sites), and draw bands too narrow for a population curve."""
+    if sites is None:
+        return rng.integers(0, n, n), None
+    names, site_of_scan = np.unique(np.asarray(sites, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(site_of_scan == site) for site in range(len(names))]
+    drawn = [members[site] for site in rng.integers(0, len(names), len(names))]
+    return np.concatenate(drawn), np.repeat(names, [len(scans) for scans in drawn]).astype(object)
+
+
 def bootstrap_centiles(
     model: CentileModel, age, y, covariates=None, ages=None, settings: CentileSettings = DEFAULTS, sites=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) percentile-interval bounds (len(ages) x len(percentiles)) of the centile curves over
-    ``bootstrap_resamples`` seeded resamples (the site SD kept at the chart's); NaN where there are none. Each
+    ``bootstrap_resamples`` seeded resamples (``resample``: of sites where the chart has a site effect, its SD
+    kept at the chart's); NaN where there are none. Each
     resample is refitted with the chart's family, df and knots, from the chart's coefficients: by Newton steps
     with the chart's Hessian, or L-BFGS-B where those do not converge (the same optimum, five times faster at
     5,000 scans)."""
@@ -997,8 +1014,11 @@ def bootstrap_centiles(
     rng = np.random.default_rng(settings.seed)
     draws = []
     for _ in range(settings.bootstrap_resamples):
-        pick = rng.integers(0, len(y), len(y))
-        picked = [m[pick] for m in matrices]
+        pick, picked_sites = resample(rng, len(y), sites)
+        if picked_sites is None:
+            picked = [m[pick] for m in matrices]
+        else:
+            picked = model.design.matrices(age[pick], covariates[pick], picked_sites)
         theta = (
             None
             if hessian_inverse is None
@@ -1014,7 +1034,7 @@ def bootstrap_centiles(
                 model.covariates,
                 design=model.design,
                 start=model.coefficients,
-                sites=None if sites is None else np.asarray(sites)[pick],
+                sites=picked_sites,
                 site_sd=model.site_sd,
             )
             theta = refit.coefficients if refit.converged else None
