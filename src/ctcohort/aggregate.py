@@ -62,15 +62,22 @@ def failure_table(statuses: Sequence[ScanStatus]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
 
 
+def read_scan_measurements(measurement_paths: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """Every scan's own measurement table by subject (a failed scan's is empty), read once for the cohort."""
+    return {subject: read_measurements(path) for subject, path in measurement_paths.items()}
+
+
 def cohort_measurements(
-    sheet: pd.DataFrame, measurement_paths: dict[str, str | Path], failed: set[str]
+    sheet: pd.DataFrame, measurement_paths: Mapping[str, str | Path], failed: set[str]
 ) -> pd.DataFrame:
     """One row per subject x structure: covariates first, then the measures. Failed scans are left out."""
-    frames = [
-        read_measurements(path).assign(subject=subject)
-        for subject, path in measurement_paths.items()
-        if subject not in failed
-    ]
+    measured = {subject: path for subject, path in measurement_paths.items() if subject not in failed}
+    return join_covariates(sheet, read_scan_measurements(measured), failed)
+
+
+def join_covariates(sheet: pd.DataFrame, tables: Mapping[str, pd.DataFrame], failed: set[str]) -> pd.DataFrame:
+    """``cohort_measurements`` of tables already read (``read_scan_measurements``)."""
+    frames = [table.assign(subject=subject) for subject, table in tables.items() if subject not in failed]
     covariates = sheet[["subject", *covariate_columns(sheet)]].reset_index(drop=True)
     if not frames:
         return pd.DataFrame(columns=[*covariates.columns, *MEASURE_COLUMNS])

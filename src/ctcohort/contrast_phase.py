@@ -32,8 +32,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ctcohort.tables import read_tsv
-
 # in the classifier's feature order (totalseg_get_phase.py's ``organs`` then ``organs_hn``); total_v2 names
 PHASE_STRUCTURES = (
     "liver",
@@ -305,8 +303,3 @@ def contrast_counts(record: pd.DataFrame) -> dict[str, int]:
     sources = record["contrast_source"].value_counts()
     counts = {source: int(sources.get(source, 0)) for source in (SHEET, ESTIMATED, NO_SOURCE)}
     return counts | {"disagrees": int(record["contrast_disagrees"].astype(str).str.lower().eq("true").sum())}
-
-
-def read_phases(path) -> pd.DataFrame:
-    """contrast_phase.tsv as written: subjects and phases as text ("007" is an id)."""
-    return read_tsv(path, dtype={"subject": str, "phase": str})

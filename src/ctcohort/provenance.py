@@ -22,7 +22,7 @@ PACKAGES = (
     "dcm2niix",
     "torch",
     "nnunetv2",
-    # the contrast phase classifier (contrast_phase.py)
+    # the contrast phase classifier (ctcohort.contrast_phase)
     "totalsegmentator",
     "xgboost-cpu",
 )

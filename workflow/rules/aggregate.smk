@@ -1,6 +1,8 @@
 # Cohort tables: measurements joined with covariates, plausibility exclusions applied (qc.py), per-scan
 # failures, exclusion counts and the flow from scans in to scans analysed; the cohort's QC table. The
-# measurement table and its summary also hold the combined structures (statistics.combined).
+# measurement table and its summary also hold the combined structures (statistics.combined). Each scan's contrast
+# phase is estimated here, from the per-scan tables read once, and the contrast covariate resolved from it and the
+# sheet (statistics.contrast) before the join, so that every analysis adjusts for the same values.
 # The full measurement table is linked from the report, not embedded: at thousands of scans it is
 # half a million rows, and a report is shared more widely than the data.
 
@@ -22,8 +24,6 @@ rule aggregate:
         review_decisions=lambda wildcards: REVIEW_DECISIONS,  # [] where none; a new file re-runs the cohort rules
         duplicates=lambda wildcards: DUPLICATES_INPUT,  # rows dropped as the same scan; [] unless drop_later
         imported=lambda wildcards: expand("results/ct/{subject}.nii.gz", subject=DICOM_SUBJECTS),  # same image?
-        # the contrast covariate where the sheet is blank (statistics.contrast), and its check
-        phases="results/tables/contrast_phase.tsv",
     output:
         measurements="results/tables/measurements.tsv",
         parquet="results/tables/measurements.parquet",
@@ -48,6 +48,11 @@ rule aggregate:
             category="Quality control",
         ),
         qc_table="results/tables/qc.tsv",
+        # per scan: the contrast phase (seconds since injection, native / arterial / portal venous) that
+        # TotalSegmentator's classifier estimates from the scan's measurement (ctcohort.contrast_phase); rows say
+        # not_available, and why, where the structure table or the classifier's packages are missing. Per subject:
+        # not embedded in the report, as measurements.tsv is not.
+        phases="results/tables/contrast_phase.tsv",
         summary=report(
             "results/tables/measurement_summary.tsv",
             caption="../report/measurement_summary.rst",

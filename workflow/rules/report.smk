@@ -39,7 +39,7 @@ rule methods:
             [rules.normative_charts.output.calibration] if config["normative"]["panels"] else []
         ),
         ct_age=rules.ct_age.output.summary,
-        phases=rules.contrast_phase.output[0],
+        phases=rules.aggregate.output.phases,
         qc=rules.aggregate.output.qc_table,  # where each scan's contrast came from, and its check
         acquisition=rules.acquisition.output.association,
         sensitivity=rules.acquisition.output.sensitivity,

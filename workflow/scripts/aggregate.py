@@ -4,7 +4,7 @@ failed scans; QC and summaries for the report."""
 import logging
 
 from ctcohort import aggregate
-from ctcohort.contrast_phase import read_phases, resolved_sheet
+from ctcohort.contrast_phase import contrast_phase_table, resolved_sheet
 from ctcohort.duplicate_scans import failures_with_duplicates
 from ctcohort.qc import QCSettings, apply_plausibility, load_plausible_volumes
 from ctcohort.review import apply_review_decisions, count_sentence, load_decisions
@@ -32,10 +32,12 @@ failures, n_dropped = failures_with_duplicates(
 )
 # subjects from their status files: a 10,000-subject list in params would be copied into the report
 subjects = [status.subject for status in statuses]
-paths = dict(zip(subjects, snakemake.input.measurements))
-# the contrast covariate resolved once, here, so that every analysis reading measurements.tsv adjusts for the same
-sheet, contrast = resolved_sheet(sheet, read_phases(snakemake.input.phases), snakemake.params.contrast)
-measured = aggregate.cohort_measurements(sheet, paths, set(failures["subject"]))
+tables = aggregate.read_scan_measurements(dict(zip(subjects, snakemake.input.measurements)))
+# each scan's contrast phase from its own measurement; the contrast covariate resolved once, here, so that every
+# analysis reading measurements.tsv adjusts for the same
+phases = contrast_phase_table(tables)
+sheet, contrast = resolved_sheet(sheet, phases, snakemake.params.contrast)
+measured = aggregate.join_covariates(sheet, tables, set(failures["subject"]))
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
 # the reviewer's exclusions (qc.review_decisions) override every other reason
 decisions = load_decisions(snakemake.input.review_decisions[0] if snakemake.input.review_decisions else None, measured)
@@ -47,6 +49,7 @@ measurements = checked.drop(columns=["volume_implausible", "hu_implausible"])
 # tables below count the structures of the segmentation only
 study = aggregate.add_combined(measurements, snakemake.params.combined)
 
+write_tsv(phases, snakemake.output.phases, STATS_DIGITS)
 write_tsv(study, snakemake.output.measurements, MEASUREMENT_DIGITS)
 study.to_parquet(snakemake.output.parquet, index=False)
 write_tsv(failures, snakemake.output.failures, missing=BLANK)
