@@ -38,6 +38,7 @@ tables = aggregate.read_scan_measurements(dict(zip(subjects, snakemake.input.mea
 phases = contrast_phase_table(tables)
 sheet, contrast = resolved_sheet(sheet, phases, snakemake.params.contrast)
 measured = aggregate.join_covariates(sheet, tables, set(failures["subject"]))
+del tables  # joined: at 10,000 scans the separate tables are as big again
 volumes = load_plausible_volumes(snakemake.input.plausible_volumes[0] if snakemake.input.plausible_volumes else None)
 # the reviewer's exclusions (qc.review_decisions) override every other reason
 decisions = load_decisions(snakemake.input.review_decisions[0] if snakemake.input.review_decisions else None, measured)
