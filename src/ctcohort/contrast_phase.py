@@ -217,7 +217,7 @@ SHEET = "sheet"
 NO_SOURCE = "none"
 SHEET_ELSE_ESTIMATED = "sheet_else_estimated"
 CONTRAST_SOURCES = (SHEET, ESTIMATED, SHEET_ELSE_ESTIMATED)
-PHASES = (NATIVE, "arterial_early", "arterial_late", "portal_venous")
+PHASES = tuple(dict.fromkeys(phase for _, phase, _ in PHASE_BANDS))  # native, arterial_early, ..., in order
 PHASE_COLUMN = "phase"  # the estimated phase in the cohort tables, a covariate (statistics.phase_covariate)
 # per scan, where the contrast covariate is resolved (aggregate): its value, where that came from, the check
 CONTRAST_COLUMNS = ["subject", "contrast", "contrast_source", "contrast_disagrees", "phase"]
